@@ -1,0 +1,483 @@
+"""Reading a manifest (``id,label,<modality columns>``) into a Cohort.
+
+Every format of the seed is accepted: numeric ids zero-padded to 10 digits; vector cells as an
+inline JSON list, a ``.npy`` path or a one-row ``.csv`` path (or a separate labs table joined on
+id); image cells as one or more paths joined by ``;`` or ``|``; text cells inline or a ``.txt``
+path. An empty cell is a missing modality. Paths are relative to the manifest's folder and may use
+Windows backslashes. Problems are collected and reported together, naming the row as a spreadsheet
+shows it (header = row 1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path, PureWindowsPath
+
+import numpy as np
+import pandas as pd
+
+from omnifuse_cli.engine.config import ModalitySpec
+from omnifuse_cli.errors import DataError, ManifestError
+
+VSCODE_MARKER = "_vscodecontentref_"
+MAX_LISTED = 20
+
+
+@dataclass
+class Cohort:
+    """Patients, labels and every modality's raw cell values, with the presence mask."""
+
+    source: Path
+    ids: list[str]
+    labels: np.ndarray | None  # (N,) int64, None when the manifest has no label column
+    modalities: tuple[ModalitySpec, ...]
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)  # (N, D) float32, NaN = missing
+    vector_columns: dict[str, list[str]] = field(default_factory=dict)
+    images: dict[str, list[list[Path]]] = field(default_factory=dict)
+    texts: dict[str, list[str | None]] = field(default_factory=dict)
+    present: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=bool))  # (N, M)
+    notes: list[str] = field(default_factory=list)  # things the user should hear about
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.modalities]
+
+    def subset(self, index: np.ndarray) -> Cohort:
+        idx = np.asarray(index, dtype=np.int64)
+        return Cohort(
+            source=self.source,
+            ids=[self.ids[i] for i in idx],
+            labels=None if self.labels is None else self.labels[idx],
+            modalities=self.modalities,
+            vectors={k: v[idx] for k, v in self.vectors.items()},
+            vector_columns=self.vector_columns,
+            images={k: [v[i] for i in idx] for k, v in self.images.items()},
+            texts={k: [v[i] for i in idx] for k, v in self.texts.items()},
+            present=self.present[idx],
+            notes=list(self.notes),
+        )
+
+
+def normalize_id(raw: object) -> str:
+    """Numeric ids are zero-padded to 10 digits (as the seed does); others are kept stripped."""
+    text = str(raw).strip()
+    if text.endswith(".0") and text[:-2].isdigit():
+        text = text[:-2]
+    return text.zfill(10) if text.isdigit() else text
+
+
+def _row(i: int) -> int:
+    """Spreadsheet row number of data row i (the header is row 1)."""
+    return i + 2
+
+
+def _is_empty(cell: object) -> bool:
+    if cell is None:
+        return True
+    if isinstance(cell, float) and math.isnan(cell):
+        return True
+    return str(cell).strip() == ""
+
+
+def resolve_path(cell: str, base: Path) -> Path:
+    """A manifest path, relative to the manifest's folder, with Windows separators accepted."""
+    text = cell.strip().strip('"').strip("'")
+    if "\\" in text:
+        text = PureWindowsPath(text).as_posix()
+    path = Path(text)
+    return path if path.is_absolute() else base / path
+
+
+class _Problems:
+    """Collects per-row problems so the user sees all of them in one message."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+        self.items: list[str] = []
+
+    def add(self, row: int, column: str, message: str) -> None:
+        self.items.append(f"row {row}, column {column!r}: {message}")
+
+    def raise_if_any(self, title: str, hint: str) -> None:
+        if not self.items:
+            return
+        shown = "\n  ".join(self.items[:MAX_LISTED])
+        more = len(self.items) - MAX_LISTED
+        extra = f"\n  ... and {more} more" if more > 0 else ""
+        raise ManifestError(
+            f"{self.source}: {title} ({len(self.items)} problem(s)):\n  {shown}{extra}", hint=hint
+        )
+
+
+def read_table(path: Path, what: str) -> pd.DataFrame:
+    """A CSV read as strings, BOM-tolerant, with a clear error for files that are not CSV."""
+    if VSCODE_MARKER in str(path):
+        raise ManifestError(
+            f"{path} is a VS Code link, not a file path",
+            hint="VS Code copies clickable links as http://_vscodecontentref_/...; type the real "
+            "path instead, e.g. data_synth_raw/manifest.csv",
+        )
+    if not path.exists():
+        raise ManifestError(f"{what} {path} does not exist", hint="check the path and try again")
+    if path.is_dir():
+        raise ManifestError(f"{what} {path} is a folder, not a CSV file")
+    head = path.read_bytes()[:4096]
+    if b"\x00" in head:
+        raise ManifestError(f"{what} {path} is a binary file, not a CSV")
+    try:
+        frame = pd.read_csv(
+            path, dtype=str, keep_default_na=False, encoding="utf-8-sig", skipinitialspace=True
+        )
+    except pd.errors.EmptyDataError as err:
+        raise ManifestError(f"{what} {path} is empty", hint="it needs a header row") from err
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{what} {path} is not a readable UTF-8 CSV: {err}") from err
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame
+
+
+def parse_vector_cell(cell: str, base: Path) -> np.ndarray:
+    """One vector cell: inline JSON list, .npy path or one-row .csv path. Raises ValueError."""
+    text = cell.strip()
+    if text.startswith("["):
+        values = json.loads(text)
+        if not isinstance(values, list) or any(isinstance(v, (list, dict)) for v in values):
+            raise ValueError("inline vector must be a flat JSON list of numbers")
+        return _as_vector([math.nan if v is None else v for v in values])
+    path = resolve_path(text, base)
+    suffix = path.suffix.lower()
+    if suffix not in {".npy", ".csv"}:
+        raise ValueError(
+            f"{text!r} is neither a JSON list like [1.0, 2.5] nor a .npy/.csv file path"
+        )
+    if not path.exists():
+        raise ValueError(f"file {path} does not exist")
+    if suffix == ".npy":
+        array = np.load(path, allow_pickle=False)
+        if array.ndim == 2 and 1 in array.shape:
+            array = array.reshape(-1)
+        if array.ndim != 1:
+            raise ValueError(f"{path.name} has shape {array.shape}; a 1-D vector is needed")
+        if not np.issubdtype(array.dtype, np.number):
+            raise ValueError(f"{path.name} has dtype {array.dtype}; numbers are needed")
+        return _as_vector(array.tolist())
+    frame = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    rows = [r for r in frame.itertuples(index=False) if any(str(v).strip() for v in r)]
+    if rows and not _numeric_row(rows[0]) and len(rows) == 2:
+        rows = rows[1:]  # a header row above the values
+    if len(rows) != 1:
+        raise ValueError(f"{path.name} must hold one row of numbers, found {len(rows)} rows")
+    return _as_vector(list(rows[0]))
+
+
+def _numeric_row(row: tuple) -> bool:
+    try:
+        [float(v) for v in row if str(v).strip()]
+    except ValueError:
+        return False
+    return True
+
+
+def _as_vector(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=np.float64)
+    for j, v in enumerate(values):
+        if isinstance(v, str) and v.strip() == "":
+            out[j] = math.nan
+            continue
+        try:
+            out[j] = float(v)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"value {j + 1} ({v!r}) is not a number") from err
+    if np.isinf(out).any():
+        bad = int(np.flatnonzero(np.isinf(out))[0]) + 1
+        raise ValueError(f"value {bad} is infinite; write an empty value or null for missing")
+    if len(out) == 0:
+        raise ValueError("empty vector")
+    return out.astype(np.float32)
+
+
+def read_text_cell(cell: str, base: Path) -> str:
+    """Inline text, or the contents of a .txt path (UTF-8, falling back to GB18030)."""
+    text = cell.strip()
+    if text.lower().endswith(".txt") and "\n" not in text and len(text) < 1024:
+        path = resolve_path(text, base)
+        if not path.exists():
+            raise ValueError(f"note file {path} does not exist")
+        raw = path.read_bytes()
+        for encoding in ("utf-8-sig", "gb18030"):
+            try:
+                return raw.decode(encoding).strip()
+            except UnicodeDecodeError:
+                continue
+        raise ValueError(f"note file {path} is neither UTF-8 nor GB18030 text")
+    return text
+
+
+def split_image_cell(cell: str, base: Path) -> list[Path]:
+    parts = [p.strip() for p in cell.replace("|", ";").split(";")]
+    return [resolve_path(p, base) for p in parts if p]
+
+
+def read_labs_table(path: Path, id_col: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    frame = read_table(path, "labs table")
+    if id_col not in frame.columns:
+        raise ManifestError(
+            f"labs table {path} has no id column {id_col!r} (columns: {', '.join(frame.columns)})",
+            hint="name the id column with --labs-id-col",
+        )
+    ids = [normalize_id(v) for v in frame[id_col]]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ManifestError(
+            f"labs table {path} has duplicate ids: {', '.join(dupes[:MAX_LISTED])}",
+            hint="keep one row per patient",
+        )
+    columns = [c for c in frame.columns if c != id_col]
+    if not columns:
+        raise ManifestError(f"labs table {path} has no value columns besides {id_col!r}")
+    problems = _Problems(path)
+    table: dict[str, np.ndarray] = {}
+    for i, (pid, row) in enumerate(zip(ids, frame[columns].itertuples(index=False), strict=True)):
+        try:
+            table[pid] = _as_vector(list(row))
+        except ValueError as err:
+            problems.add(_row(i), "labs", str(err))
+    problems.raise_if_any("unreadable lab values", "lab values must be numbers or empty")
+    return table, columns
+
+
+def read_manifest(
+    path: Path,
+    modalities: tuple[ModalitySpec, ...],
+    *,
+    labs_table: Path | None = None,
+    labs_id_col: str = "id",
+    require_labels: bool = True,
+    num_classes: int | None = None,
+    check_files: bool = True,
+) -> Cohort:
+    """Parse and validate a manifest. Every problem found is reported in one ManifestError."""
+    path = Path(path)
+    frame = read_table(path, "manifest")
+    base = path.parent
+    if "id" not in frame.columns:
+        raise ManifestError(
+            f"manifest {path} has no 'id' column (columns: {', '.join(frame.columns)})",
+            hint="the header must be id,label,<modality columns>",
+        )
+    table_vectors: dict[str, np.ndarray] | None = None
+    table_columns: list[str] = []
+    table_modality = next((m.name for m in modalities if m.kind == "vector"), None)
+    if labs_table is not None:
+        if table_modality is None:
+            raise ManifestError("--labs-table was given but no modality is of kind vector")
+        table_vectors, table_columns = read_labs_table(Path(labs_table), labs_id_col)
+    needed = [m.name for m in modalities if not (m.name == table_modality and table_vectors)]
+    missing_cols = [c for c in needed if c not in frame.columns]
+    if missing_cols:
+        raise ManifestError(
+            f"manifest {path} lacks column(s) {', '.join(missing_cols)} "
+            f"(columns: {', '.join(frame.columns)})",
+            hint="declare the modality columns with --modality NAME=KIND, or add the columns "
+            "(an empty cell marks a missing modality)",
+        )
+    problems = _Problems(path)
+    ids = [normalize_id(v) for v in frame["id"]]
+    for i, pid in enumerate(ids):
+        if pid == "":
+            problems.add(_row(i), "id", "empty id")
+    seen: dict[str, int] = {}
+    for i, pid in enumerate(ids):
+        if pid and pid in seen:
+            problems.add(_row(i), "id", f"duplicate id {pid!r} (first at row {_row(seen[pid])})")
+        seen.setdefault(pid, i)
+
+    labels = _read_labels(frame, problems, require_labels, num_classes)
+    for column in frame.columns:
+        for i, cell in enumerate(frame[column]):
+            if VSCODE_MARKER in cell:
+                problems.add(
+                    _row(i),
+                    column,
+                    f"{cell!r} is a VS Code link, not a file path; paste the real relative path",
+                )
+    n = len(ids)
+    present = np.zeros((n, len(modalities)), dtype=bool)
+    cohort = Cohort(source=path, ids=ids, labels=labels, modalities=modalities, present=present)
+    for m_idx, spec in enumerate(modalities):
+        if spec.kind == "vector" and spec.name == table_modality and table_vectors is not None:
+            _fill_from_table(cohort, m_idx, table_vectors, table_columns, labs_table)
+        elif spec.kind == "vector":
+            _fill_vectors(cohort, m_idx, frame[spec.name].tolist(), base, problems)
+        elif spec.kind == "image":
+            _fill_images(cohort, m_idx, frame[spec.name].tolist(), base, problems, check_files)
+        else:
+            _fill_texts(cohort, m_idx, frame[spec.name].tolist(), base, problems)
+    problems.raise_if_any(
+        "the manifest has problems", "fix the listed cells (an empty cell marks a missing modality)"
+    )
+    none_present = np.flatnonzero(~present.any(axis=1))
+    if len(none_present):
+        rows = ", ".join(str(_row(int(i))) for i in none_present[:MAX_LISTED])
+        raise ManifestError(
+            f"{path}: {len(none_present)} patient(s) have no modality at all (rows {rows})",
+            hint="give each patient at least one modality, or remove those rows",
+        )
+    if n == 0:
+        raise ManifestError(f"manifest {path} has a header but no patients")
+    return cohort
+
+
+def _read_labels(
+    frame: pd.DataFrame, problems: _Problems, required: bool, num_classes: int | None
+) -> np.ndarray | None:
+    if "label" not in frame.columns:
+        if required:
+            raise ManifestError(
+                "the manifest has no 'label' column", hint="training needs id,label,<modalities>"
+            )
+        return None
+    labels = np.full(len(frame), -1, dtype=np.int64)
+    for i, cell in enumerate(frame["label"]):
+        text = str(cell).strip()
+        if text == "":
+            if required:
+                problems.add(_row(i), "label", "empty label")
+            continue
+        try:
+            value = float(text)
+            if not value.is_integer():
+                raise ValueError
+        except ValueError:
+            problems.add(_row(i), "label", f"{text!r} is not an integer class index")
+            continue
+        if num_classes is not None and not 0 <= value < num_classes:
+            problems.add(
+                _row(i), "label", f"{int(value)} is outside 0..{num_classes - 1} (--num-classes)"
+            )
+            continue
+        labels[i] = int(value)
+    if not required and (labels < 0).all():
+        return None
+    return labels
+
+
+def _fill_vectors(
+    cohort: Cohort, m_idx: int, cells: list[str], base: Path, problems: _Problems
+) -> None:
+    name = cohort.modalities[m_idx].name
+    rows: dict[int, np.ndarray] = {}
+    for i, cell in enumerate(cells):
+        if _is_empty(cell):
+            continue
+        try:
+            rows[i] = parse_vector_cell(cell, base)
+        except (ValueError, json.JSONDecodeError) as err:
+            problems.add(_row(i), name, str(err))
+    lengths = {len(v) for v in rows.values()}
+    if len(lengths) > 1:
+        counts = pd.Series([len(v) for v in rows.values()]).value_counts()
+        common = int(counts.index[0])
+        for i, v in rows.items():
+            if len(v) != common:
+                problems.add(
+                    _row(i), name, f"vector has {len(v)} values, most rows have {common}"
+                )
+        return
+    dim = lengths.pop() if lengths else 1
+    array = np.full((len(cells), dim), np.nan, dtype=np.float32)
+    for i, v in rows.items():
+        array[i] = v
+        cohort.present[i, m_idx] = True
+    cohort.vectors[name] = array
+    cohort.vector_columns[name] = [f"{name}_{j}" for j in range(dim)]
+
+
+def _fill_from_table(
+    cohort: Cohort,
+    m_idx: int,
+    table: dict[str, np.ndarray],
+    columns: list[str],
+    source: Path | None,
+) -> None:
+    name = cohort.modalities[m_idx].name
+    array = np.full((len(cohort), len(columns)), np.nan, dtype=np.float32)
+    matched = 0
+    for i, pid in enumerate(cohort.ids):
+        if pid in table:
+            array[i] = table[pid]
+            cohort.present[i, m_idx] = True
+            matched += 1
+    if matched == 0:
+        raise ManifestError(
+            f"labs table {source} matches none of the {len(cohort)} manifest ids",
+            hint="check --labs-id-col and that ids are written the same way (numeric ids are "
+            "zero-padded to 10 digits on both sides)",
+        )
+    if matched < len(cohort):
+        cohort.notes.append(
+            f"labs table matched {matched} of {len(cohort)} manifest ids; the other "
+            f"{len(cohort) - matched} patients are treated as missing {name}"
+        )
+    cohort.vectors[name] = array
+    cohort.vector_columns[name] = list(columns)
+
+
+def _fill_images(
+    cohort: Cohort,
+    m_idx: int,
+    cells: list[str],
+    base: Path,
+    problems: _Problems,
+    check_files: bool,
+) -> None:
+    name = cohort.modalities[m_idx].name
+    lists: list[list[Path]] = []
+    for i, cell in enumerate(cells):
+        paths = [] if _is_empty(cell) else split_image_cell(cell, base)
+        if check_files:
+            for p in paths:
+                if not p.is_file():
+                    problems.add(_row(i), name, f"image {p} does not exist")
+        lists.append(paths)
+        cohort.present[i, m_idx] = bool(paths)
+    cohort.images[name] = lists
+
+
+def _fill_texts(
+    cohort: Cohort, m_idx: int, cells: list[str], base: Path, problems: _Problems
+) -> None:
+    name = cohort.modalities[m_idx].name
+    texts: list[str | None] = []
+    for i, cell in enumerate(cells):
+        if _is_empty(cell):
+            texts.append(None)
+            continue
+        try:
+            note = read_text_cell(cell, base)
+        except ValueError as err:
+            problems.add(_row(i), name, str(err))
+            note = ""
+        texts.append(note or None)
+        cohort.present[i, m_idx] = bool(note)
+    cohort.texts[name] = texts
+
+
+def check_trainable(cohort: Cohort, num_classes: int) -> None:
+    """Labels must cover the classes well enough for a stratified three-way split."""
+    if cohort.labels is None:
+        raise DataError("training needs labels", hint="add a 'label' column")
+    counts = np.bincount(cohort.labels[cohort.labels >= 0], minlength=num_classes)
+    empty = [str(c) for c in range(num_classes) if counts[c] == 0]
+    if empty:
+        raise DataError(
+            f"class(es) {', '.join(empty)} have no patients (label counts: "
+            + ", ".join(f"{c}={counts[c]}" for c in range(num_classes))
+            + ")",
+            hint="check --num-classes: labels must be 0..num_classes-1",
+        )

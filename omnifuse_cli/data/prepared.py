@@ -1,0 +1,263 @@
+"""Fitted preprocessing (lab statistics, text vocabularies) and the batches the model eats.
+
+``Preprocessor.fit`` learns everything from the training split alone; ``state()`` is plain JSON
+for the bundle. ``prepare`` turns any Cohort (train, test, or new patients) into per-patient
+model inputs, and ``PatientDataset`` + ``collate`` batch them with explicit masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from omnifuse_cli.data import text as simple_text
+from omnifuse_cli.data.images import image_transform, load_image
+from omnifuse_cli.data.manifest import Cohort
+from omnifuse_cli.engine.config import ImageConfig, ModalitySpec, TextConfig
+from omnifuse_cli.errors import DataError
+
+
+@dataclass
+class Preprocessor:
+    """Fitted, saved state needed to turn raw cells into model inputs."""
+
+    modalities: tuple[ModalitySpec, ...]
+    image: ImageConfig
+    text: TextConfig
+    # vector modality -> {"columns": [...], "mean": [...], "std": [...]}
+    vector_stats: dict[str, dict[str, list]] = field(default_factory=dict)
+    vocabularies: dict[str, list[str]] = field(default_factory=dict)  # simple text modality
+    tokenizers: dict[str, Any] = field(default_factory=dict)  # hf text modality -> tokenizer
+
+    @classmethod
+    def fit(cls, train: Cohort, image: ImageConfig, text: TextConfig,
+            tokenizers: dict[str, Any] | None = None) -> Preprocessor:
+        pre = cls(train.modalities, image, text, tokenizers=dict(tokenizers or {}))
+        for spec in train.modalities:
+            if spec.kind == "vector":
+                values = train.vectors[spec.name].astype(np.float64)
+                counts = np.sum(~np.isnan(values), axis=0)
+                with np.errstate(invalid="ignore"):
+                    mean = np.where(counts > 0, np.nanmean(np.where(counts > 0, values, 0), 0), 0)
+                    std = np.where(counts > 1, np.nanstd(np.where(counts > 0, values, 0), 0), 1)
+                std = np.where(std > 1e-8, std, 1.0)
+                pre.vector_stats[spec.name] = {
+                    "columns": list(train.vector_columns[spec.name]),
+                    "mean": [float(v) for v in mean],
+                    "std": [float(v) for v in std],
+                }
+            elif spec.kind == "text" and text.encoder == "simple":
+                pre.vocabularies[spec.name] = simple_text.fit_vocabulary(
+                    train.texts[spec.name], size=text.vocab_size, min_freq=text.min_freq
+                )
+        return pre
+
+    def state(self) -> dict[str, Any]:
+        return {"vector_stats": self.vector_stats, "vocabularies": self.vocabularies}
+
+    @classmethod
+    def from_state(cls, modalities: tuple[ModalitySpec, ...], image: ImageConfig,
+                   text: TextConfig, state: dict[str, Any],
+                   tokenizers: dict[str, Any] | None = None) -> Preprocessor:
+        return cls(modalities, image, text, dict(state["vector_stats"]),
+                   dict(state["vocabularies"]), dict(tokenizers or {}))
+
+    def input_dim(self, spec: ModalitySpec) -> int:
+        """Size the encoder needs to be built: vector length or vocabulary size (0 otherwise)."""
+        if spec.kind == "vector":
+            return len(self.vector_stats[spec.name]["columns"])
+        if spec.kind == "text" and spec.name in self.vocabularies:
+            return len(self.vocabularies[spec.name])
+        return 0
+
+    def check_compatible(self, cohort: Cohort) -> None:
+        """New patients must carry the training data's modalities and lab columns."""
+        for spec in self.modalities:
+            if spec.kind != "vector":
+                continue
+            want = self.vector_stats[spec.name]["columns"]
+            got = cohort.vector_columns.get(spec.name, [])
+            if not cohort.present[:, cohort.names.index(spec.name)].any():
+                continue
+            if len(got) != len(want):
+                raise DataError(
+                    f"{spec.name} has {len(got)} values per patient, the model was trained on "
+                    f"{len(want)}",
+                    hint="give the same lab panel (same columns, same order) as in training",
+                )
+            named = [c for c in got if not c.startswith(f"{spec.name}_")]
+            if named and got != want:
+                diff = sorted(set(want) ^ set(got)) or ["(same names, different order)"]
+                raise DataError(
+                    f"{spec.name} columns differ from training: {', '.join(diff[:10])}",
+                    hint=f"use the training columns in this order: {', '.join(want)}",
+                )
+
+    def prepare(self, cohort: Cohort) -> PreparedCohort:
+        prepared = PreparedCohort(
+            ids=list(cohort.ids),
+            labels=None if cohort.labels is None else torch.as_tensor(cohort.labels),
+            present=torch.as_tensor(cohort.present),
+            names=cohort.names,
+            kinds=[m.kind for m in cohort.modalities],
+            image_size=self.image.image_size,
+        )
+        for spec in cohort.modalities:
+            name = spec.name
+            if spec.kind == "vector":
+                stats = self.vector_stats[name]
+                raw = cohort.vectors[name].astype(np.float64)
+                mask = ~np.isnan(raw)
+                x = (np.nan_to_num(raw) - np.asarray(stats["mean"])) / np.asarray(stats["std"])
+                prepared.vectors[name] = (
+                    torch.as_tensor(np.where(mask, x, 0.0), dtype=torch.float32),
+                    torch.as_tensor(mask),
+                )
+            elif spec.kind == "image":
+                prepared.images[name] = [p[: self.image.max_images] for p in cohort.images[name]]
+            elif name in self.vocabularies:
+                index = {t: i for i, t in enumerate(self.vocabularies[name])}
+                prepared.token_ids[name] = [
+                    simple_text.encode(t, index, self.text.max_length) for t in cohort.texts[name]
+                ]
+            else:
+                tokenizer = self.tokenizers[name]
+                prepared.token_ids[name] = [
+                    tokenizer(t, truncation=True, max_length=self.text.max_length)["input_ids"]
+                    if t else [] for t in cohort.texts[name]
+                ]
+                prepared.pad_ids[name] = int(tokenizer.pad_token_id or 0)
+        return prepared
+
+
+@dataclass
+class PreparedCohort:
+    """Per-patient model inputs for a whole cohort, plus caches of frozen-backbone features."""
+
+    ids: list[str]
+    labels: torch.Tensor | None  # (N,)
+    present: torch.Tensor  # (N, M) bool
+    names: list[str]
+    kinds: list[str]
+    image_size: int
+    vectors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    images: dict[str, list[list[Path]]] = field(default_factory=dict)
+    token_ids: dict[str, list[list[int]]] = field(default_factory=dict)
+    pad_ids: dict[str, int] = field(default_factory=dict)
+    # Frozen-backbone features: image modality -> per patient (n_images, F); hf text -> (N, H).
+    image_cache: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    text_cache: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class PatientDataset(Dataset):
+    """Patients of a PreparedCohort by index; images are read from disk unless cached."""
+
+    def __init__(self, data: PreparedCohort, indices: np.ndarray | list[int]) -> None:
+        self.data = data
+        self.indices = [int(i) for i in indices]
+        self.transform = image_transform(data.image_size) if data.images else None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        i = self.indices[k]
+        d = self.data
+        item: dict[str, Any] = {"index": i, "present": d.present[i]}
+        if d.labels is not None:
+            item["y"] = d.labels[i]
+        for name, kind in zip(d.names, d.kinds, strict=True):
+            if kind == "vector":
+                x, mask = d.vectors[name]
+                item[name] = (x[i], mask[i])
+            elif kind == "image":
+                if name in d.image_cache:
+                    item[name] = ("feats", d.image_cache[name][i])
+                else:
+                    item[name] = ("pixels", [load_image(p, self.transform) for p in d.images[name][i]])
+            elif name in d.text_cache:
+                item[name] = ("feats", d.text_cache[name][i])
+            else:
+                item[name] = ("ids", d.token_ids[name][i])
+        return item
+
+
+def make_collate(data: PreparedCohort):  # type: ignore[no-untyped-def]
+    """Batch patient items into the nested input dict the model takes, with explicit masks."""
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {
+            "index": torch.tensor([it["index"] for it in items]),
+            "present": torch.stack([it["present"] for it in items]),
+            "inputs": {},
+        }
+        if "y" in items[0]:
+            batch["y"] = torch.stack([it["y"] for it in items]).long()
+        for name, kind in zip(data.names, data.kinds, strict=True):
+            values = [it[name] for it in items]
+            if kind == "vector":
+                batch["inputs"][name] = {
+                    "x": torch.stack([v[0] for v in values]),
+                    "mask": torch.stack([v[1] for v in values]),
+                }
+            elif kind == "image":
+                batch["inputs"][name] = _collate_images([v[1] for v in values], values[0][0],
+                                                        data.image_size)
+            elif values[0][0] == "feats":
+                batch["inputs"][name] = {"feats": torch.stack([v[1] for v in values])}
+            else:
+                batch["inputs"][name] = collate_tokens(
+                    [v[1] for v in values], data.pad_ids.get(name, 0), hf=name in data.pad_ids
+                )
+        return batch
+
+    return collate
+
+
+def _collate_images(per_patient: list, mode: str, size: int) -> dict[str, torch.Tensor]:
+    n_max = max(1, max(len(p) for p in per_patient))
+    mask = torch.zeros(len(per_patient), n_max, dtype=torch.bool)
+    for b, p in enumerate(per_patient):
+        mask[b, : len(p)] = True
+    if mode == "feats":
+        dim = next((p.shape[1] for p in per_patient if len(p)), 1)
+        feats = torch.zeros(len(per_patient), n_max, dim)
+        for b, p in enumerate(per_patient):
+            if len(p):
+                feats[b, : len(p)] = p
+        return {"feats": feats, "mask": mask}
+    pixels = torch.zeros(len(per_patient), n_max, 3, size, size)
+    for b, p in enumerate(per_patient):
+        for j, img in enumerate(p):
+            pixels[b, j] = img
+    return {"pixels": pixels, "mask": mask}
+
+
+def collate_tokens(seqs: list[list[int]], pad: int, *, hf: bool) -> dict[str, torch.Tensor]:
+    length = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+    attention = torch.zeros(len(seqs), length, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attention[b, : len(s)] = 1
+    if hf:
+        # A patient without a note still needs one attended token for the transformer.
+        attention[:, 0] = 1
+        return {"input_ids": ids, "attention_mask": attention}
+    return {"ids": ids}
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    return batch

@@ -1,0 +1,32 @@
+"""Stratified train/val/test split by label (scikit-learn)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from omnifuse_cli.errors import DataError
+
+
+def stratified_split(labels: np.ndarray, *, train: float, val: float, test: float, seed: int
+                     ) -> dict[str, np.ndarray]:
+    """Indices of each split, stratified by label; a clear error when a class is too small."""
+    n = len(labels)
+    index = np.arange(n)
+    counts = np.bincount(labels)
+    smallest = int(np.argmin(np.where(counts > 0, counts, n + 1)))
+    try:
+        train_idx, rest = train_test_split(index, train_size=train, random_state=seed,
+                                           stratify=labels)
+        val_idx, test_idx = train_test_split(rest, train_size=val / (val + test),
+                                             random_state=seed, stratify=labels[rest])
+    except ValueError as err:
+        need = len(counts[counts > 0])
+        raise DataError(
+            f"cannot split {n} patients {train:g}/{val:g}/{test:g} stratified by label: class "
+            f"{smallest} has {counts[smallest]} patient(s) and val/test need at least {need} "
+            f"patients each ({err})",
+            hint=f"add patients to class {smallest}, or give val and test a larger share, e.g. "
+            f"--train-ratio 0.6 --val-ratio 0.2 --test-ratio 0.2",
+        ) from err
+    return {"train": np.sort(train_idx), "val": np.sort(val_idx), "test": np.sort(test_idx)}

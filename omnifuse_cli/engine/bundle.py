@@ -1,0 +1,174 @@
+"""Self-contained model bundles: safetensors weights + a JSON of primitives.
+
+A bundle folder holds ``model.safetensors`` (the whole state dict, backbones included),
+``bundle.json`` (configs, fitted preprocessing, class names, versions) and, for hf text
+modalities, ``text_<name>/`` with the tokenizer files and model config. Loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omnifuse_cli import __version__
+from omnifuse_cli.data.prepared import Preprocessor
+from omnifuse_cli.engine.config import (
+    ImageConfig,
+    ModelConfig,
+    TextConfig,
+    image_config_from_dict,
+    model_config_from_dict,
+    text_config_from_dict,
+    to_primitive,
+)
+from omnifuse_cli.engine.modelling import build_model, text_backbone_from_folder
+from omnifuse_cli.errors import BundleError
+from omnifuse_cli.model.omnifuse import OmniFuse
+
+FORMAT = "omnifuse-bundle"
+FORMAT_VERSION = 1
+BUNDLE_DIR = "model"
+
+
+@dataclass
+class LoadedBundle:
+    model: OmniFuse
+    preprocessor: Preprocessor
+    class_names: list[str]
+    meta: dict[str, Any]
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import sklearn
+    import torchvision
+
+    return {"omnifuse": __version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+            "scikit-learn": sklearn.__version__, "python": platform.python_version()}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path`` then rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_bundle(folder: Path, model: OmniFuse, preprocessor: Preprocessor, *,
+                class_names: list[str], extra: dict[str, Any] | None = None,
+                state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the bundle into ``folder`` (created/replaced atomically file by file)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone()
+               for k, v in (state or model.state_dict()).items()}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": FORMAT})
+        os.replace(tmp, folder / "model.safetensors")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    for name, tokenizer in preprocessor.tokenizers.items():
+        text_dir = folder / f"text_{name}"
+        if not text_dir.exists():
+            tokenizer.save_pretrained(text_dir)
+            model.encoders[name].backbone.config.save_pretrained(text_dir)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_config": to_primitive(model.config),
+        "image_config": to_primitive(preprocessor.image),
+        "text_config": to_primitive(preprocessor.text),
+        "preprocessor": preprocessor.state(),
+        "class_names": class_names,
+        "versions": versions(),
+        **(extra or {}),
+    }
+    write_text_atomic(folder / "bundle.json", json.dumps(meta, ensure_ascii=False, indent=1))
+
+
+def bundle_folder(run_or_bundle: Path) -> Path:
+    """Accept a run directory or the bundle folder itself."""
+    path = Path(run_or_bundle)
+    if (path / "bundle.json").is_file():
+        return path
+    if (path / BUNDLE_DIR / "bundle.json").is_file():
+        return path / BUNDLE_DIR
+    if not path.exists():
+        raise BundleError(f"run directory {path} does not exist")
+    raise BundleError(
+        f"{path} is not an omnifuse run (no {BUNDLE_DIR}/bundle.json inside)",
+        hint="pass the folder that `omnifuse train --out-dir` wrote",
+    )
+
+
+def load_bundle(run_or_bundle: Path, device: torch.device | str = "cpu") -> LoadedBundle:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = bundle_folder(run_or_bundle)
+    try:
+        meta = json.loads((folder / "bundle.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{folder / 'bundle.json'} is corrupted: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BundleError(f"{folder / 'bundle.json'} is not an omnifuse bundle")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise BundleError(
+            f"bundle format {meta['format_version']} is newer than this omnifuse understands "
+            f"({FORMAT_VERSION})",
+            hint="upgrade omnifuse: pip install --upgrade omnifuse",
+        )
+    try:
+        config: ModelConfig = model_config_from_dict(meta["model_config"])
+        image: ImageConfig = image_config_from_dict(meta["image_config"])
+        text: TextConfig = text_config_from_dict(meta["text_config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"{folder / 'bundle.json'} has an invalid config: {err}") from err
+    tokenizers: dict[str, Any] = {}
+    backbones: dict[str, torch.nn.Module] = {}
+    for spec in config.modalities:
+        text_dir = folder / f"text_{spec.name}"
+        if spec.kind == "text" and text_dir.is_dir():
+            tokenizers[spec.name], backbones[spec.name], _ = text_backbone_from_folder(text_dir)
+    model = build_model(config, image, backbones)
+    try:
+        state = load_file(str(folder / "model.safetensors"))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BundleError(
+            f"{folder / 'model.safetensors'} is missing or corrupted: {err}",
+            hint="re-run training, or copy the run folder again",
+        ) from err
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise BundleError(f"{folder / 'model.safetensors'} does not match its bundle.json: "
+                          f"{str(err).splitlines()[0]}") from err
+    model.to(device).eval()
+    preprocessor = Preprocessor.from_state(config.modalities, image, text, meta["preprocessor"],
+                                           tokenizers)
+    return LoadedBundle(model, preprocessor, list(meta["class_names"]), meta)
+
+
+def copy_text_folders(src: Path, dst: Path) -> None:
+    for sub in src.glob("text_*"):
+        if sub.is_dir() and not (dst / sub.name).exists():
+            shutil.copytree(sub, dst / sub.name)

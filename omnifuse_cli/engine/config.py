@@ -1,0 +1,271 @@
+"""Frozen, validated configuration objects.
+
+The CLI builds these from options, the engine consumes them and the bundle stores their
+``asdict()`` so a model can be rebuilt from primitives alone (no pickled objects).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from omnifuse_cli.errors import ConfigError
+
+MODALITY_KINDS = ("vector", "image", "text")
+IMAGE_BACKBONES = ("resnet18", "resnet34", "resnet50")
+FINETUNE_IMAGE_SCOPES = ("none", "layer4", "layer3+", "all")
+TEXT_ENCODERS = ("simple", "hf")
+INFERENCE_RULES = ("label-free", "joint", "mean")
+PRETRAINED_CHOICES = ("auto", "yes", "no")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+def _check(condition: bool, message: str, hint: str | None = None) -> None:
+    if not condition:
+        raise ConfigError(message, hint=hint)
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """One manifest column and how to read and encode it."""
+
+    name: str  # manifest column, also the name shown to users
+    kind: str  # vector | image | text
+
+    def __post_init__(self) -> None:
+        _check(
+            bool(_NAME_RE.match(self.name)),
+            f"modality name {self.name!r} is not a valid column name",
+            "use letters, digits, '_' or '-', starting with a letter",
+        )
+        _check(
+            self.kind in MODALITY_KINDS,
+            f"modality {self.name!r} has unknown kind {self.kind!r}",
+            f"choose one of {', '.join(MODALITY_KINDS)}",
+        )
+
+
+DEFAULT_MODALITIES: tuple[ModalitySpec, ...] = (
+    ModalitySpec("labs", "vector"),
+    ModalitySpec("us", "image"),
+    ModalitySpec("text", "text"),
+)
+
+
+def parse_modality_options(values: list[str] | None) -> tuple[ModalitySpec, ...]:
+    """Turn repeated ``--modality NAME=KIND`` options into specs (defaults when none given)."""
+    if not values:
+        return DEFAULT_MODALITIES
+    specs: list[ModalitySpec] = []
+    for raw in values:
+        name, sep, kind = raw.partition("=")
+        _check(
+            bool(sep) and bool(name.strip()) and bool(kind.strip()),
+            f"--modality {raw!r} is not NAME=KIND",
+            "write e.g. --modality labs=vector --modality ct=image --modality report=text",
+        )
+        specs.append(ModalitySpec(name.strip(), kind.strip().lower()))
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    _check(not dupes, f"--modality declares {', '.join(dupes)} more than once")
+    return tuple(specs)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """How image modalities are read and encoded."""
+
+    backbone: str = "resnet34"  # torchvision ResNet trunk, 512-d (2048-d for resnet50)
+    image_size: int = 224  # Resize(size) + CenterCrop(size), as the seed
+    max_images: int = 4  # views kept per patient (the first ones in the cell)
+    pretrained: str = "auto"  # auto: ImageNet weights if cached locally, else random init
+    weights_path: str | None = None  # local state dict, for offline hospital machines
+
+    def __post_init__(self) -> None:
+        _check(
+            self.backbone in IMAGE_BACKBONES,
+            f"--image-backbone {self.backbone!r} is not supported",
+            f"choose one of {', '.join(IMAGE_BACKBONES)}",
+        )
+        _check(self.image_size >= 16, f"--image-size must be >= 16, got {self.image_size}")
+        _check(self.max_images >= 1, f"--max-us-images must be >= 1, got {self.max_images}")
+        _check(self.pretrained in PRETRAINED_CHOICES, f"bad pretrained choice {self.pretrained!r}")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """How text modalities are tokenised and encoded."""
+
+    encoder: str = "simple"  # simple: offline char/word n-grams; hf: transformers AutoModel
+    model: str = "bert-base-chinese"  # hf: local folder or hub name
+    max_length: int = 256  # tokens per note (hf) or n-grams per note (simple)
+    vocab_size: int = 20000  # simple: most frequent training-split n-grams kept
+    min_freq: int = 1  # simple: n-grams seen fewer times in training are unknown
+
+    def __post_init__(self) -> None:
+        _check(
+            self.encoder in TEXT_ENCODERS,
+            f"--text-encoder {self.encoder!r} is not supported",
+            f"choose one of {', '.join(TEXT_ENCODERS)}",
+        )
+        _check(self.max_length >= 8, f"--text-max-length must be >= 8, got {self.max_length}")
+        _check(self.vocab_size >= 10, f"text vocabulary size must be >= 10, got {self.vocab_size}")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The OmniFuse objective and its ablation switches (method.md Sec. 4 defaults)."""
+
+    embed_dim: int = 128  # d, each modality's embedding (MMIN's 128)
+    ra_layers: tuple[int, ...] = (256, 128, 64)  # RA encoder widths; the last is the latent c_k
+    num_ra: int = 5  # K residual autoencoders in each cascade
+    head_hidden: int = 64  # hidden width of the per-modality and joint classifiers
+    dropout: float = 0.1
+    alpha: float = 0.1  # weight of the joint RA-latent head (Eq. 14)
+    beta: float = 0.5  # exponent of the DWFuse weights (Eq. 10)
+    lambda1: float = 1.0  # backward cycle loss (Eq. 18)
+    lambda2: float = 10.0  # DWFuse loss
+    lambda3: float = 0.5  # TLA loss
+    modality_drop: float = 0.3  # training-time drop rate that supervises imputation
+    use_imputation: bool = True
+    use_backward: bool = True
+    use_dwfuse: bool = True
+    use_tla: bool = True
+    inference_rule: str = "label-free"
+
+    def __post_init__(self) -> None:
+        _check(self.embed_dim >= 4, f"embed_dim must be >= 4, got {self.embed_dim}")
+        _check(self.num_ra >= 1, f"num_ra must be >= 1, got {self.num_ra}")
+        _check(len(self.ra_layers) >= 1, "ra_layers needs at least one width")
+        _check(0.0 <= self.modality_drop < 1.0, "--modality-drop must be in [0, 1)")
+        _check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        for name in ("alpha", "beta", "lambda1", "lambda2", "lambda3"):
+            _check(getattr(self, name) >= 0, f"--{name} must be >= 0")
+        _check(
+            self.inference_rule in INFERENCE_RULES,
+            f"--inference-rule {self.inference_rule!r} is not supported",
+            f"choose one of {', '.join(INFERENCE_RULES)}",
+        )
+        _check(
+            self.use_dwfuse or self.inference_rule == "label-free",
+            f"--inference-rule {self.inference_rule} needs DWFuse's heads (drop --no-dwfuse)",
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the model: data-derived sizes plus the method."""
+
+    modalities: tuple[ModalitySpec, ...]
+    num_classes: int
+    input_dims: tuple[int, ...]  # per modality: vector length, vocabulary size or feature width
+    method: MethodConfig = field(default_factory=MethodConfig)
+
+    def __post_init__(self) -> None:
+        _check(len(self.modalities) >= 1, "at least one modality is needed")
+        _check(
+            len(self.input_dims) == len(self.modalities),
+            "input_dims must give one size per modality",
+        )
+        _check(self.num_classes >= 2, f"--num-classes must be >= 2, got {self.num_classes}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, split and schedule."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3  # heads, encoders trained from scratch, CRA
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 5  # backbones frozen (features cached); then fine-tuning if asked
+    finetune_image_scope: str = "none"  # none keeps the image backbone frozen for the whole run
+    finetune_text_last_n: int = 0  # hf text: transformer layers unfrozen after warm-up
+    lr_image: float = 1e-4
+    lr_text: float = 2e-5
+    seed: int = 42
+    train_ratio: float = 0.8
+    val_ratio: float = 0.1
+    test_ratio: float = 0.1
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA only; CPU always runs fp32
+    tla_sample: int = 512  # training patients used to mine the lazy combination each epoch
+    encode_batch_size: int = 32
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _check(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        _check(
+            self.finetune_image_scope in FINETUNE_IMAGE_SCOPES,
+            f"--finetune-image-scope {self.finetune_image_scope!r} is not supported",
+            f"choose one of {', '.join(FINETUNE_IMAGE_SCOPES)}",
+        )
+        _check(
+            self.finetune_text_last_n >= 0,
+            f"--finetune-text-last-n must be >= 0, got {self.finetune_text_last_n}",
+        )
+        ratios = (self.train_ratio, self.val_ratio, self.test_ratio)
+        _check(
+            all(0.0 < r < 1.0 for r in ratios),
+            f"split ratios must each be in (0, 1), got {ratios}",
+        )
+        _check(
+            abs(sum(ratios) - 1.0) < 1e-6,
+            f"--train-ratio + --val-ratio + --test-ratio must be 1, got {sum(ratios):.3f}",
+        )
+        _check(
+            bool(re.match(r"^(auto|cpu|cuda(:\d+)?|mps)$", self.device)),
+            f"--device {self.device!r} is not understood",
+            "use auto, cpu, cuda or cuda:N",
+        )
+        _check(self.tla_sample >= 1, "tla_sample must be >= 1")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how to read the manifest."""
+
+    modalities: tuple[ModalitySpec, ...] = DEFAULT_MODALITIES
+    labs_table: str | None = None
+    labs_id_col: str = "id"
+    image: ImageConfig = field(default_factory=ImageConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+
+def to_primitive(obj: Any) -> Any:
+    """asdict() with tuples turned into lists, for JSON."""
+    raw = asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj
+    return _listify(raw)
+
+
+def _listify(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _listify(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_listify(v) for v in value]
+    return value
+
+
+def model_config_from_dict(raw: Mapping[str, Any]) -> ModelConfig:
+    """Rebuild a ModelConfig saved with to_primitive."""
+    method = dict(raw["method"])
+    method["ra_layers"] = tuple(int(v) for v in method["ra_layers"])
+    return ModelConfig(
+        modalities=tuple(ModalitySpec(**m) for m in raw["modalities"]),
+        num_classes=int(raw["num_classes"]),
+        input_dims=tuple(int(v) for v in raw["input_dims"]),
+        method=MethodConfig(**method),
+    )
+
+
+def image_config_from_dict(raw: Mapping[str, Any]) -> ImageConfig:
+    return ImageConfig(**dict(raw))
+
+
+def text_config_from_dict(raw: Mapping[str, Any]) -> TextConfig:
+    return TextConfig(**dict(raw))

@@ -1,0 +1,149 @@
+"""Building the model: encoders per modality kind, pretrained weights, text backbones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from omnifuse_cli.engine.config import ImageConfig, ModelConfig, TextConfig
+from omnifuse_cli.errors import WeightsError
+from omnifuse_cli.model.encoders import (
+    HFTextEncoder,
+    ImageEncoder,
+    SimpleTextEncoder,
+    VectorEncoder,
+    resnet_state_for_trunk,
+    resnet_trunk,
+)
+from omnifuse_cli.model.omnifuse import OmniFuse
+
+_WEIGHT_ENUMS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights",
+                 "resnet50": "ResNet50_Weights"}
+
+
+def image_feature_dim(backbone: str) -> int:
+    return 2048 if backbone == "resnet50" else 512
+
+
+def build_model(config: ModelConfig, image: ImageConfig,
+                text_backbones: dict[str, nn.Module]) -> OmniFuse:
+    """The full model, randomly initialised (image trunks included; see load_image_weights)."""
+    d, p = config.method.embed_dim, config.method.dropout
+    encoders: dict[str, nn.Module] = {}
+    for spec, dim in zip(config.modalities, config.input_dims, strict=True):
+        if spec.kind == "vector":
+            encoders[spec.name] = VectorEncoder(in_dim=dim, embed_dim=d, dropout=p)
+        elif spec.kind == "image":
+            trunk, feature_dim = resnet_trunk(image.backbone)
+            encoders[spec.name] = ImageEncoder(trunk=trunk, feature_dim=feature_dim,
+                                               embed_dim=d, dropout=p)
+        elif spec.name in text_backbones:
+            encoders[spec.name] = HFTextEncoder(backbone=text_backbones[spec.name],
+                                                hidden_size=dim, embed_dim=d, dropout=p)
+        else:
+            encoders[spec.name] = SimpleTextEncoder(vocab_size=dim, embed_dim=d, dropout=p)
+    return OmniFuse(config, encoders)
+
+
+def load_image_weights(model: OmniFuse, image: ImageConfig) -> str:
+    """Initialise every image trunk as asked; returns a description for meta.csv."""
+    trunks = [e.backbone for e in model.encoders.values() if isinstance(e, ImageEncoder)]
+    if not trunks:
+        return "none (no image modality)"
+    if image.weights_path:
+        state, source = _state_from_file(Path(image.weights_path)), f"file {image.weights_path}"
+    elif image.pretrained == "no":
+        return "random init (--no-pretrained-image)"
+    else:
+        state, source = _imagenet_state(image.backbone, download=image.pretrained == "yes")
+        if state is None:
+            return source
+    mapped = resnet_state_for_trunk(state)
+    for trunk in trunks:
+        try:
+            trunk.load_state_dict(mapped, strict=True)
+        except RuntimeError as err:
+            first = str(err).splitlines()[0]
+            raise WeightsError(
+                f"image weights from {source} do not fit {image.backbone}: {first}",
+                hint="pass a torchvision ResNet state dict of the same depth "
+                f"(--image-backbone {image.backbone})",
+            ) from err
+    return source
+
+
+def _state_from_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise WeightsError(f"--image-weights {path} does not exist",
+                           hint="give the path of a saved torchvision ResNet state dict (.pth)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable or unsafe file is the user's to replace
+        raise WeightsError(
+            f"--image-weights {path} could not be read as a state dict: {err}",
+            hint="save it with torch.save(model.state_dict(), path); pickled models are refused",
+        ) from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"--image-weights {path} holds no tensor state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _imagenet_state(backbone: str, *, download: bool) -> tuple[dict[str, Any] | None, str]:
+    import torchvision
+
+    weights = getattr(torchvision.models, _WEIGHT_ENUMS[backbone]).DEFAULT
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if cached.is_file():
+        state = torch.load(cached, map_location="cpu", weights_only=True)
+        return state, f"ImageNet {weights} (cached {cached})"
+    if not download:
+        return None, (
+            f"random init (ImageNet weights not in {cached.parent}; pass --pretrained-image to "
+            "download them or --image-weights PATH)"
+        )
+    try:
+        state = weights.get_state_dict(progress=False)
+    except Exception as err:  # network errors come in many types; all mean "not available"
+        raise WeightsError(
+            f"could not download ImageNet weights for {backbone}: {err}",
+            hint=f"offline? copy the file {Path(weights.url).name} to {cached.parent}, pass "
+            "--image-weights PATH to a local state dict, or use --no-pretrained-image",
+        ) from err
+    return state, f"ImageNet {weights} (downloaded)"
+
+
+def load_text_backbone(name: str) -> tuple[Any, nn.Module, int]:
+    """Tokenizer, AutoModel and hidden size from a local folder or a hub name (cached)."""
+    try:
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as err:  # pragma: no cover - transformers is a dependency
+        raise WeightsError("--text-encoder hf needs the transformers package") from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModel.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise WeightsError(
+            f"could not load text model {name!r}: {str(err).splitlines()[0]}",
+            hint="offline machines need --text-model PATH to a folder saved with "
+            "save_pretrained (config, weights, tokenizer files), or use --text-encoder simple",
+        ) from err
+    return tokenizer, model, int(model.config.hidden_size)
+
+
+def text_backbone_from_folder(folder: Path) -> tuple[Any, nn.Module, int]:
+    """Rebuild a bundle's text model skeleton (weights come from the bundle's state dict)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModel.from_config(config)
+    return AutoTokenizer.from_pretrained(folder), model, int(config.hidden_size)

@@ -1,0 +1,416 @@
+"""`omnifuse train`: split, fit preprocessing, cache frozen features, train, select, test.
+
+No printing here: progress goes through ``on_event`` and the result comes back as dataclasses.
+The run directory gets the seed's files (metrics.csv, test.csv, confusion_matrix.csv, split.csv,
+meta.csv) plus split_assignment.csv and the model bundle under ``model/``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from omnifuse_cli.data.manifest import Cohort, check_trainable, read_manifest
+from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor, move_to
+from omnifuse_cli.data.splits import stratified_split
+from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions, write_text_atomic
+from omnifuse_cli.engine.config import (
+    DataConfig,
+    MethodConfig,
+    ModelConfig,
+    TrainConfig,
+    to_primitive,
+)
+from omnifuse_cli.engine.inference import (
+    autocast,
+    cache_frozen_features,
+    infer,
+    loader,
+    resolve_device,
+)
+from omnifuse_cli.engine.metrics import classification_metrics, confusion
+from omnifuse_cli.engine.modelling import (
+    build_model,
+    image_feature_dim,
+    load_image_weights,
+    load_text_backbone,
+)
+from omnifuse_cli.errors import ConfigError
+from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder
+from omnifuse_cli.model.laziness import available, combinations, combo_mask, combo_name, pick_lazy
+from omnifuse_cli.model.omnifuse import OmniFuse
+
+LOSS_TERMS = ("forward", "backward", "dwfuse", "tla")
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    manifest: Path
+    num_classes: int
+    out_dir: Path
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    overwrite: bool = False
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    phase: str  # warmup (backbones frozen, features cached), frozen, or finetune
+    train_loss: float
+    losses: dict[str, float]  # each term of Eq. 18, mean over training patients
+    val_loss: float
+    val_acc: float
+    val_macro_f1: float
+    val_auroc: float
+    lazy_combo: str  # mined after this epoch, activated during the next
+    tla_distances: dict[str, float]
+    seconds: float
+    is_best: bool = False
+
+    def row(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "epoch": self.epoch, "phase": self.phase, "train_loss": self.train_loss,
+            "val_loss": self.val_loss, "val_acc": self.val_acc,
+            "val_macro_f1": self.val_macro_f1, "val_auroc": self.val_auroc,
+        }
+        out.update({f"loss_{k}": v for k, v in self.losses.items()})
+        out["lazy_combo"] = self.lazy_combo
+        out.update({f"tla_{k}": v for k, v in self.tla_distances.items()})
+        out["seconds"] = self.seconds
+        out["best"] = int(self.is_best)
+        return out
+
+
+@dataclass
+class TrainEvent:
+    kind: str  # message | encode | batch | epoch
+    done: int = 0
+    total: int = 0
+    text: str = ""
+    record: EpochRecord | None = None
+
+
+EventFn = Callable[[TrainEvent], None]
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    records: list[EpochRecord]
+    best_epoch: int
+    test: dict[str, float]
+    confusion: np.ndarray
+    split_counts: dict[str, int]
+    class_names: list[str]
+    encode_seconds: float
+    device: str
+    image_weights: str
+    notes: list[str]
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out-dir {out_dir} exists and is a file")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"--out-dir {out_dir} already exists and is not empty",
+            hint="choose another --out-dir, or pass --overwrite to replace its files",
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False, lineterminator="\n")
+    write_text_atomic(path, buffer.getvalue())
+
+
+def run_training(request: TrainRequest, on_event: EventFn | None = None) -> TrainResult:
+    emit = on_event or (lambda event: None)
+    cfg, data_cfg = request.train, request.data
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    cohort = read_manifest(
+        request.manifest, data_cfg.modalities,
+        labs_table=Path(data_cfg.labs_table) if data_cfg.labs_table else None,
+        labs_id_col=data_cfg.labs_id_col, num_classes=request.num_classes,
+    )
+    check_trainable(cohort, request.num_classes)
+    assert cohort.labels is not None
+    splits = stratified_split(cohort.labels, train=cfg.train_ratio, val=cfg.val_ratio,
+                              test=cfg.test_ratio, seed=cfg.seed)
+    prepare_out_dir(request.out_dir, request.overwrite)
+    for note in cohort.notes:
+        emit(TrainEvent("message", text=note))
+    _write_split_files(request.out_dir, cohort, splits)
+
+    model, pre, weights_desc = _build(cohort, splits["train"], request)
+    if not weights_desc.startswith(("file", "ImageNet", "none")):
+        emit(TrainEvent("message", text=f"image backbone: {weights_desc}"))
+    data = pre.prepare(cohort)
+    model.to(device)
+    frozen = _backbone_names(model)
+    for name in frozen:
+        for p in model.encoders[name].backbone.parameters():
+            p.requires_grad = False
+
+    t0 = time.perf_counter()
+    if frozen:
+        emit(TrainEvent("message", text="encoding images/notes once with the frozen backbones"))
+        cache_frozen_features(
+            model, data, frozen, device=device, batch_size=cfg.encode_batch_size, amp=cfg.amp,
+            progress=lambda d, t: emit(TrainEvent("encode", d, t)), num_workers=cfg.num_workers,
+        )
+    encode_seconds = time.perf_counter() - t0
+
+    optimizer = _optimizer(model, cfg)
+    class_names = [str(c) for c in range(request.num_classes)]
+    rng = np.random.default_rng(cfg.seed)
+    train_idx = splits["train"]
+    mining_idx = np.sort(rng.choice(train_idx, min(cfg.tla_sample, len(train_idx)), replace=False))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    records: list[EpochRecord] = []
+    best_key: tuple[float, float] | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch = 0
+    lazy: tuple[int, ...] | None = None
+    finetune = cfg.finetune_image_scope != "none" or cfg.finetune_text_last_n > 0
+    meta = _meta(request, cohort, device, weights_desc, splits)
+    for epoch in range(1, cfg.epochs + 1):
+        if finetune and epoch == cfg.warmup_epochs + 1:
+            emit(TrainEvent("message", text="warm-up done: fine-tuning backbones"))
+            _unfreeze(model, data, cfg)
+        phase = ("warmup" if epoch <= cfg.warmup_epochs else "finetune") if finetune else "frozen"
+        t_epoch = time.perf_counter()
+        losses = _train_epoch(model, data, train_idx, optimizer, lazy, cfg, device, generator,
+                              emit)
+        val = _evaluate(model, data, splits["val"], device, cfg, request.num_classes)
+        distances: dict[str, float] = {}
+        lazy_name = ""
+        if model.config.method.use_tla:
+            raw = mine_lazy(model, data, mining_idx, device=device,
+                            batch_size=cfg.batch_size, amp=cfg.amp)
+            lazy = pick_lazy(raw)
+            distances = {combo_name(k, model.names): v for k, v in raw.items()}
+            lazy_name = combo_name(lazy, model.names) if lazy is not None else ""
+        record = EpochRecord(
+            epoch=epoch, phase=phase, train_loss=losses.pop("total"), losses=losses,
+            val_loss=val["loss"], val_acc=val["acc"], val_macro_f1=val["macro_f1"],
+            val_auroc=val["auroc"], lazy_combo=lazy_name, tla_distances=distances,
+            seconds=time.perf_counter() - t_epoch,
+        )
+        key = (val["macro_f1"], -val["loss"])
+        if best_key is None or key > best_key:
+            best_key, best_epoch, record.is_best = key, epoch, True
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in
+                          model.state_dict().items()}
+            save_bundle(request.out_dir / BUNDLE_DIR, model, pre, class_names=class_names,
+                        extra={"best_epoch": epoch, "run": meta}, state=best_state)
+        records.append(record)
+        write_csv(request.out_dir / "metrics.csv", pd.DataFrame([r.row() for r in records]))
+        emit(TrainEvent("epoch", epoch, cfg.epochs, record=record))
+
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    result = infer(model, data, splits["test"], device=device, batch_size=cfg.batch_size,
+                   amp=cfg.amp)
+    probs = np.exp(result.log_probs)
+    y_test = cohort.labels[result.index]
+    test = classification_metrics(y_test, probs, request.num_classes)
+    cm = confusion(y_test, probs.argmax(1), request.num_classes)
+    _write_results(request.out_dir, test, cm, class_names, meta,
+                   {"best_epoch": best_epoch, "encode_seconds": round(encode_seconds, 3),
+                    "train_seconds": round(sum(r.seconds for r in records), 3)})
+    return TrainResult(
+        out_dir=request.out_dir, records=records, best_epoch=best_epoch, test=test,
+        confusion=cm, split_counts={k: len(v) for k, v in splits.items()},
+        class_names=class_names, encode_seconds=encode_seconds, device=str(device),
+        image_weights=weights_desc, notes=list(cohort.notes),
+    )
+
+
+def _build(cohort: Cohort, train_idx: np.ndarray, request: TrainRequest
+           ) -> tuple[OmniFuse, Preprocessor, str]:
+    data_cfg = request.data
+    tokenizers: dict[str, Any] = {}
+    backbones: dict[str, torch.nn.Module] = {}
+    hidden: dict[str, int] = {}
+    for spec in cohort.modalities:
+        if spec.kind == "text" and data_cfg.text.encoder == "hf":
+            tokenizers[spec.name], backbones[spec.name], hidden[spec.name] = (
+                load_text_backbone(data_cfg.text.model)
+            )
+    pre = Preprocessor.fit(cohort.subset(train_idx), data_cfg.image, data_cfg.text, tokenizers)
+    dims = []
+    for spec in cohort.modalities:
+        if spec.kind == "image":
+            dims.append(image_feature_dim(data_cfg.image.backbone))
+        elif spec.name in hidden:
+            dims.append(hidden[spec.name])
+        else:
+            dims.append(pre.input_dim(spec))
+    config = ModelConfig(cohort.modalities, request.num_classes, tuple(dims), request.method)
+    model = build_model(config, data_cfg.image, backbones)
+    return model, pre, load_image_weights(model, data_cfg.image)
+
+
+def _backbone_names(model: OmniFuse) -> list[str]:
+    return [n for n, e in model.encoders.items() if isinstance(e, (ImageEncoder, HFTextEncoder))]
+
+
+def _optimizer(model: OmniFuse, cfg: TrainConfig) -> torch.optim.Optimizer:
+    image_params, text_params = [], []
+    for encoder in model.encoders.values():
+        if isinstance(encoder, ImageEncoder):
+            image_params += list(encoder.backbone.parameters())
+        elif isinstance(encoder, HFTextEncoder):
+            text_params += list(encoder.backbone.parameters())
+    backbone_ids = {id(p) for p in image_params + text_params}
+    head_params = [p for p in model.parameters() if id(p) not in backbone_ids]
+    groups = [{"params": head_params, "lr": cfg.lr}]
+    if image_params:
+        groups.append({"params": image_params, "lr": cfg.lr_image})
+    if text_params:
+        groups.append({"params": text_params, "lr": cfg.lr_text})
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+def _unfreeze(model: OmniFuse, data: PreparedCohort, cfg: TrainConfig) -> None:
+    """After warm-up: unfreeze the asked-for backbone parts and stop using their cached features."""
+    for name, encoder in model.encoders.items():
+        if isinstance(encoder, ImageEncoder) and cfg.finetune_image_scope != "none":
+            encoder.set_trainable_scope(cfg.finetune_image_scope)
+            data.image_cache.pop(name, None)
+        elif isinstance(encoder, HFTextEncoder) and cfg.finetune_text_last_n > 0:
+            for p in encoder.trainable_tail(cfg.finetune_text_last_n):
+                p.requires_grad = True
+            data.text_cache.pop(name, None)
+
+
+def _set_train_mode(model: OmniFuse) -> None:
+    model.train()
+    # Backbone BatchNorm statistics stay frozen: patient batches are far too small to re-estimate
+    # ImageNet-scale statistics, and frozen features must match the cached ones.
+    for name in _backbone_names(model):
+        for module in model.encoders[name].backbone.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        if isinstance(model.encoders[name], HFTextEncoder):
+            model.encoders[name].backbone.eval()
+
+
+def _train_epoch(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray,
+                 optimizer: torch.optim.Optimizer, lazy: tuple[int, ...] | None,
+                 cfg: TrainConfig, device: torch.device, generator: torch.Generator,
+                 emit: EventFn) -> dict[str, float]:
+    _set_train_mode(model)
+    lazy_mask = combo_mask(lazy, len(model.names), device) if lazy is not None else None
+    sums = dict.fromkeys(("total", *LOSS_TERMS), 0.0)
+    seen = 0
+    batches = loader(data, train_idx, batch_size=cfg.batch_size, shuffle=True,
+                     generator=generator, num_workers=cfg.num_workers)
+    for k, batch in enumerate(batches):
+        batch = move_to(batch, device)
+        with autocast(device, cfg.amp):
+            terms = model.losses(batch["inputs"], batch["present"], batch["y"], lazy=lazy_mask,
+                                 generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        optimizer.step()
+        n = len(batch["y"])
+        seen += n
+        for key in sums:
+            sums[key] += float(terms[key].detach()) * n
+        emit(TrainEvent("batch", k + 1, len(batches)))
+    return {k: v / max(seen, 1) for k, v in sums.items()}
+
+
+def _evaluate(model: OmniFuse, data: PreparedCohort, idx: np.ndarray, device: torch.device,
+              cfg: TrainConfig, num_classes: int) -> dict[str, float]:
+    result = infer(model, data, idx, device=device, batch_size=cfg.batch_size, amp=cfg.amp)
+    assert data.labels is not None
+    return classification_metrics(data.labels[result.index].numpy(), np.exp(result.log_probs),
+                                   num_classes)
+
+
+@torch.no_grad()
+def mine_lazy(model: OmniFuse, data: PreparedCohort, indices: np.ndarray, *,
+              device: torch.device, batch_size: int, amp: bool = True
+              ) -> dict[tuple[int, ...], float]:
+    """Mean cross-entropy of the prediction made from each modality combination alone, over
+    the patients who have that whole combination (Eq. 15). NaN where nobody has it."""
+    model.eval()
+    m = len(model.names)
+    combos = combinations(m)
+    sums = np.zeros(len(combos))
+    counts = np.zeros(len(combos))
+    for batch in loader(data, indices, batch_size=batch_size):
+        batch = move_to(batch, device)
+        present, y = batch["present"], batch["y"]
+        with autocast(device, amp):
+            v = model.embed(batch["inputs"], present)
+            for k, combo in enumerate(combos):
+                cm = combo_mask(combo, m, device)
+                rows = available(present, cm)
+                n = int(rows.sum())
+                if n == 0:
+                    continue
+                out = model.fuse(v[rows], cm.unsqueeze(0).expand(n, -1))
+                log_probs = model.predict_from(out).log_probs.float()
+                sums[k] += float(-log_probs.gather(1, y[rows].view(-1, 1)).sum())
+                counts[k] += n
+    return {c: (sums[k] / counts[k] if counts[k] else math.nan) for k, c in enumerate(combos)}
+
+
+def _write_split_files(out_dir: Path, cohort: Cohort, splits: dict[str, np.ndarray]) -> None:
+    assert cohort.labels is not None
+    assignment = np.empty(len(cohort), dtype=object)
+    for name, idx in splits.items():
+        assignment[idx] = name
+    write_csv(out_dir / "split_assignment.csv", pd.DataFrame(
+        {"id": cohort.ids, "label": cohort.labels, "split": assignment}))
+    write_csv(out_dir / "split.csv", pd.DataFrame(
+        {"split": list(splits), "n": [len(v) for v in splits.values()]}))
+
+
+def _meta(request: TrainRequest, cohort: Cohort, device: torch.device, weights_desc: str,
+          splits: dict[str, np.ndarray]) -> dict[str, Any]:
+    data_cfg = request.data
+    return {
+        "manifest": str(Path(request.manifest).resolve()),
+        "labs_table": str(Path(data_cfg.labs_table).resolve()) if data_cfg.labs_table else "",
+        "labs_id_col": data_cfg.labs_id_col,
+        "num_classes": request.num_classes,
+        "modalities": ",".join(f"{m.name}={m.kind}" for m in data_cfg.modalities),
+        "n_patients": len(cohort),
+        **{f"n_{k}": len(v) for k, v in splits.items()},
+        "device": str(device),
+        "image_weights": weights_desc,
+        **{f"image_{k}": v for k, v in to_primitive(data_cfg.image).items()},
+        **{f"text_{k}": v for k, v in to_primitive(data_cfg.text).items()},
+        **to_primitive(request.method),
+        **to_primitive(request.train),
+        **{f"version_{k}": v for k, v in versions().items()},
+    }
+
+
+def _write_results(out_dir: Path, test: dict[str, float], cm: np.ndarray, class_names: list[str],
+                   meta: dict[str, Any], timings: dict[str, Any]) -> None:
+    write_csv(out_dir / "test.csv", pd.DataFrame([{f"test_{k}": v for k, v in test.items()}]))
+    frame = pd.DataFrame(cm, columns=[f"pred_{c}" for c in class_names])
+    frame.insert(0, "true", class_names)
+    write_csv(out_dir / "confusion_matrix.csv", frame)
+    rows = {**meta, **timings}
+    write_csv(out_dir / "meta.csv", pd.DataFrame(
+        {"key": list(rows), "value": [str(v) for v in rows.values()]}))
