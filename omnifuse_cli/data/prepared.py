@@ -182,7 +182,8 @@ class PatientDataset(Dataset):
                 if name in d.image_cache:
                     item[name] = ("feats", d.image_cache[name][i])
                 else:
-                    item[name] = ("pixels", [load_image(p, self.transform) for p in d.images[name][i]])
+                    pixels = [load_image(p, self.transform) for p in d.images[name][i]]
+                    item[name] = ("pixels", pixels)
             elif name in d.text_cache:
                 item[name] = ("feats", d.text_cache[name][i])
             else:

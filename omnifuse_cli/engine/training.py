@@ -174,28 +174,73 @@ def run_training(request: TrainRequest, on_event: EventFn | None = None) -> Trai
         )
     encode_seconds = time.perf_counter() - t0
 
-    optimizer = _optimizer(model, cfg)
     class_names = [str(c) for c in range(request.num_classes)]
+    meta = _meta(request, cohort, device, weights_desc, splits)
+
+    def on_best(epoch: int, state: dict[str, torch.Tensor]) -> None:
+        save_bundle(request.out_dir / BUNDLE_DIR, model, pre, class_names=class_names,
+                    extra={"best_epoch": epoch, "run": meta}, state=state)
+
+    def on_epoch(records: list[EpochRecord]) -> None:
+        write_csv(request.out_dir / "metrics.csv", pd.DataFrame([r.row() for r in records]))
+
+    records, best_epoch, best_state = fit_model(
+        model, data, splits, cfg, request.num_classes, emit, on_best=on_best, on_epoch=on_epoch
+    )
+    model.load_state_dict(best_state)
+    result = infer(model, data, splits["test"], device=device, batch_size=cfg.batch_size,
+                   amp=cfg.amp)
+    probs = np.exp(result.log_probs)
+    y_test = cohort.labels[result.index]
+    test = classification_metrics(y_test, probs, request.num_classes)
+    cm = confusion(y_test, probs.argmax(1), request.num_classes)
+    _write_results(request.out_dir, test, cm, class_names, meta,
+                   {"best_epoch": best_epoch, "encode_seconds": round(encode_seconds, 3),
+                    "train_seconds": round(sum(r.seconds for r in records), 3)})
+    return TrainResult(
+        out_dir=request.out_dir, records=records, best_epoch=best_epoch, test=test,
+        confusion=cm, split_counts={k: len(v) for k, v in splits.items()},
+        class_names=class_names, encode_seconds=encode_seconds, device=str(device),
+        image_weights=weights_desc, notes=list(cohort.notes),
+    )
+
+
+def fit_model(
+    model: OmniFuse,
+    data: PreparedCohort,
+    splits: dict[str, np.ndarray],
+    cfg: TrainConfig,
+    num_classes: int,
+    emit: EventFn,
+    *,
+    on_best: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+    on_epoch: Callable[[list[EpochRecord]], None] | None = None,
+) -> tuple[list[EpochRecord], int, dict[str, torch.Tensor]]:
+    """The epoch loop: train, validate, mine the lazy combination, keep the best state.
+
+    The best epoch has the highest validation macro-F1, ties going to the lower validation loss.
+    """
+    device = next(model.parameters()).device
+    optimizer = _optimizer(model, cfg)
     rng = np.random.default_rng(cfg.seed)
     train_idx = splits["train"]
     mining_idx = np.sort(rng.choice(train_idx, min(cfg.tla_sample, len(train_idx)), replace=False))
     generator = torch.Generator().manual_seed(cfg.seed)
     records: list[EpochRecord] = []
     best_key: tuple[float, float] | None = None
-    best_state: dict[str, torch.Tensor] | None = None
+    best_state: dict[str, torch.Tensor] = {}
     best_epoch = 0
     lazy: tuple[int, ...] | None = None
     finetune = cfg.finetune_image_scope != "none" or cfg.finetune_text_last_n > 0
-    meta = _meta(request, cohort, device, weights_desc, splits)
     for epoch in range(1, cfg.epochs + 1):
         if finetune and epoch == cfg.warmup_epochs + 1:
             emit(TrainEvent("message", text="warm-up done: fine-tuning backbones"))
             _unfreeze(model, data, cfg)
         phase = ("warmup" if epoch <= cfg.warmup_epochs else "finetune") if finetune else "frozen"
         t_epoch = time.perf_counter()
-        losses = _train_epoch(model, data, train_idx, optimizer, lazy, cfg, device, generator,
-                              emit)
-        val = _evaluate(model, data, splits["val"], device, cfg, request.num_classes)
+        losses = train_epoch(model, data, train_idx, optimizer, lazy, cfg, device, generator,
+                             emit)
+        val = evaluate_split(model, data, splits["val"], device, cfg, num_classes)
         distances: dict[str, float] = {}
         lazy_name = ""
         if model.config.method.use_tla:
@@ -215,29 +260,13 @@ def run_training(request: TrainRequest, on_event: EventFn | None = None) -> Trai
             best_key, best_epoch, record.is_best = key, epoch, True
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in
                           model.state_dict().items()}
-            save_bundle(request.out_dir / BUNDLE_DIR, model, pre, class_names=class_names,
-                        extra={"best_epoch": epoch, "run": meta}, state=best_state)
+            if on_best:
+                on_best(epoch, best_state)
         records.append(record)
-        write_csv(request.out_dir / "metrics.csv", pd.DataFrame([r.row() for r in records]))
+        if on_epoch:
+            on_epoch(records)
         emit(TrainEvent("epoch", epoch, cfg.epochs, record=record))
-
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    result = infer(model, data, splits["test"], device=device, batch_size=cfg.batch_size,
-                   amp=cfg.amp)
-    probs = np.exp(result.log_probs)
-    y_test = cohort.labels[result.index]
-    test = classification_metrics(y_test, probs, request.num_classes)
-    cm = confusion(y_test, probs.argmax(1), request.num_classes)
-    _write_results(request.out_dir, test, cm, class_names, meta,
-                   {"best_epoch": best_epoch, "encode_seconds": round(encode_seconds, 3),
-                    "train_seconds": round(sum(r.seconds for r in records), 3)})
-    return TrainResult(
-        out_dir=request.out_dir, records=records, best_epoch=best_epoch, test=test,
-        confusion=cm, split_counts={k: len(v) for k, v in splits.items()},
-        class_names=class_names, encode_seconds=encode_seconds, device=str(device),
-        image_weights=weights_desc, notes=list(cohort.notes),
-    )
+    return records, best_epoch, best_state
 
 
 def _build(cohort: Cohort, train_idx: np.ndarray, request: TrainRequest
@@ -310,7 +339,7 @@ def _set_train_mode(model: OmniFuse) -> None:
             model.encoders[name].backbone.eval()
 
 
-def _train_epoch(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray,
+def train_epoch(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray,
                  optimizer: torch.optim.Optimizer, lazy: tuple[int, ...] | None,
                  cfg: TrainConfig, device: torch.device, generator: torch.Generator,
                  emit: EventFn) -> dict[str, float]:
@@ -336,7 +365,7 @@ def _train_epoch(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray,
     return {k: v / max(seen, 1) for k, v in sums.items()}
 
 
-def _evaluate(model: OmniFuse, data: PreparedCohort, idx: np.ndarray, device: torch.device,
+def evaluate_split(model: OmniFuse, data: PreparedCohort, idx: np.ndarray, device: torch.device,
               cfg: TrainConfig, num_classes: int) -> dict[str, float]:
     result = infer(model, data, idx, device=device, batch_size=cfg.batch_size, amp=cfg.amp)
     assert data.labels is not None

@@ -1,0 +1,49 @@
+"""What every command shares: consoles, the known-error path, debug switch."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from omnifuse_cli.errors import OmnifuseError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+F = TypeVar("F", bound=Callable[..., Any])
+_state = {"debug": False}
+
+
+def set_debug(value: bool) -> None:
+    _state["debug"] = value
+
+
+def debug_enabled() -> bool:
+    return _state["debug"] or os.environ.get("OMNIFUSE_DEBUG", "") not in ("", "0")
+
+
+def report_error(error: OmnifuseError) -> None:
+    err_console.print(f"[bold red]error:[/] {error.message}", markup=True, soft_wrap=True,
+                      highlight=False)
+    if error.hint:
+        err_console.print(f"[yellow]hint:[/] {error.hint}", soft_wrap=True)
+
+
+def handle_errors(fn: F) -> F:
+    """Known errors become a short message on stderr and exit code 2 (traceback with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except OmnifuseError as error:
+            if debug_enabled():
+                raise
+            report_error(error)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]

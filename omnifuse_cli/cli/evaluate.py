@@ -1,0 +1,38 @@
+"""`omnifuse evaluate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from omnifuse_cli.cli import options
+from omnifuse_cli.cli.common import console, handle_errors
+
+
+@handle_errors
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by omnifuse train.")],
+    manifest: Annotated[Path | None, typer.Option(
+        "--manifest", help="External cohort to evaluate instead of the run's test split.")
+    ] = None,
+    labs_table: options.LabsTable = None,
+    labs_id_col: options.LabsIdCol = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out-dir", help="Where to write the CSVs [default: RUN_DIR/eval/<test|manifest>].")
+    ] = None,
+    device: options.Device = "auto",
+    batch_size: options.BatchSize = 32,
+) -> None:
+    """Accuracy, macro-F1, balanced accuracy, AUROC and confusion matrix of a trained run."""
+    from omnifuse_cli.cli.render import confusion_table, metrics_table
+    from omnifuse_cli.engine.evaluation import EvalRequest, evaluate_run
+
+    result = evaluate_run(EvalRequest(run_dir=run_dir, manifest=manifest, labs_table=labs_table,
+                                      labs_id_col=labs_id_col, out_dir=out_dir, device=device,
+                                      batch_size=batch_size))
+    console.print(metrics_table(result.metrics, f"{result.source} ({result.n} patients)"))
+    console.print(confusion_table(result.confusion, result.class_names,
+                                  "confusion matrix (rows = true)"))
+    console.print(f"written to [bold]{result.out_dir}[/] (metrics.csv, confusion_matrix.csv)")

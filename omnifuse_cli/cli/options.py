@@ -1,0 +1,27 @@
+"""Option aliases shared by several commands (one definition, one help text)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+LabsTable = Annotated[
+    Path | None,
+    typer.Option("--labs-table", help="One CSV of lab values for all patients (id column + one "
+                 "column per analyte); replaces the manifest's labs cells."),
+]
+LabsIdCol = Annotated[
+    str | None, typer.Option("--labs-id-col", help="Id column of --labs-table [default: id].")
+]
+Modality = Annotated[
+    list[str] | None,
+    typer.Option("--modality", help="Declare a manifest column as a modality, NAME=KIND with KIND "
+                 "vector, image or text; repeat for each [default: labs=vector us=image "
+                 "text=text]."),
+]
+Device = Annotated[
+    str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")
+]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Patients per batch.")]

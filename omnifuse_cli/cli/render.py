@@ -1,0 +1,92 @@
+"""Pure functions that turn engine results into rich renderables (tested by rendering to text)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from rich.table import Table
+
+METRIC_LABELS = {
+    "acc": "accuracy", "macro_f1": "macro-F1", "balanced_acc": "balanced accuracy",
+    "auroc": "AUROC (OvR macro)", "loss": "log loss",
+}
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def epoch_table(title: str = "training") -> Table:
+    """One row per epoch: each loss term of Eq. 18, validation metrics and the lazy combination.
+
+    ``*`` marks a new best epoch, ``ft`` an epoch that fine-tuned backbones."""
+    table = Table(title=title, title_justify="left", box=None, padding=(0, 1, 0, 0),
+                  header_style="bold underline")
+    for name in ("epoch", "loss", "fwd", "bwd", "dwfuse", "tla", "val_loss", "val_acc",
+                 "val_F1", "lazy", "s"):
+        table.add_column(name, justify="left" if name == "lazy" else "right", no_wrap=True)
+    return table
+
+
+def add_epoch_row(table: Table, record) -> None:  # type: ignore[no-untyped-def]
+    losses = record.losses
+    mark = ("*" if record.is_best else "") + (" ft" if record.phase == "finetune" else "")
+    table.add_row(
+        f"{record.epoch}{mark}", fmt(record.train_loss, 2), fmt(losses["forward"]),
+        fmt(losses["backward"]), fmt(losses["dwfuse"]), fmt(losses["tla"]),
+        fmt(record.val_loss), fmt(record.val_acc), fmt(record.val_macro_f1),
+        record.lazy_combo or "-", f"{record.seconds:.1f}",
+    )
+
+
+def metrics_table(metrics: Mapping[str, float], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(METRIC_LABELS.get(key, key), fmt(value))
+    return table
+
+
+def confusion_table(cm: np.ndarray, class_names: Sequence[str], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("true \\ pred")
+    for name in class_names:
+        table.add_column(str(name), justify="right")
+    for name, row in zip(class_names, cm, strict=True):
+        table.add_row(str(name), *(str(int(v)) for v in row))
+    return table
+
+
+def counts_table(counts: Mapping[str, object], title: str, key: str = "", value: str = "n"
+                 ) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column(key)
+    table.add_column(value, justify="right")
+    for k, v in counts.items():
+        table.add_row(str(k), str(v))
+    return table
+
+
+def predictions_table(frame: pd.DataFrame, class_names: Sequence[str],
+                      modality_names: Sequence[str], limit: int = 20) -> Table:
+    table = Table(title=f"predictions ({len(frame)} patients"
+                  + (f", first {limit} shown)" if len(frame) > limit else ")"),
+                  title_justify="left")
+    columns = ["id", *(["label"] if "label" in frame else []), "pred",
+               *(f"prob_{c}" for c in class_names), "modalities",
+               *(f"weight_{m}" for m in modality_names if f"weight_{m}" in frame)]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("id", "modalities") else "right")
+    for _, row in frame.head(limit).iterrows():
+        cells = []
+        for col in columns:
+            value = row[col]
+            cells.append(fmt(value) if isinstance(value, float) else str(value))
+        table.add_row(*cells)
+    return table

@@ -1,0 +1,176 @@
+"""`omnifuse train`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from omnifuse_cli.cli import options
+from omnifuse_cli.cli.common import console, handle_errors
+from omnifuse_cli.errors import ConfigError
+
+_RUNS_HELP = "Run directory for metrics, split and model [default: runs/run-YYYYmmdd-HHMMSS]."
+
+
+@handle_errors
+def train(
+    manifest: Annotated[Path | None, typer.Argument(
+        help="manifest.csv with columns id,label,<modalities>.", show_default=False)] = None,
+    manifest_opt: Annotated[Path | None, typer.Option(
+        "--manifest", help="Same as the MANIFEST argument (the seed's spelling).")] = None,
+    num_classes: Annotated[int, typer.Option("--num-classes", min=2,
+                                             help="Number of classes; labels are 0..C-1.")] = ...,
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help=_RUNS_HELP)] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Write into a non-empty --out-dir, replacing its files.")] = False,
+    labs_table: options.LabsTable = None,
+    labs_id_col: options.LabsIdCol = None,
+    modality: options.Modality = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 30,
+    batch_size: options.BatchSize = 32,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate of everything but "
+                                      "pretrained backbones.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-4,
+    seed: Annotated[int, typer.Option("--seed")] = 42,
+    train_ratio: Annotated[float, typer.Option("--train-ratio")] = 0.8,
+    val_ratio: Annotated[float, typer.Option("--val-ratio")] = 0.1,
+    test_ratio: Annotated[float, typer.Option("--test-ratio")] = 0.1,
+    device: options.Device = "auto",
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA "
+                                      "(CPU always runs fp32).")] = True,
+    image_backbone: Annotated[str, typer.Option(
+        "--image-backbone", help="resnet18, resnet34 or resnet50.")] = "resnet34",
+    image_size: Annotated[int, typer.Option("--image-size", help="Resize + CenterCrop side.")
+                          ] = 224,
+    max_us_images: Annotated[int, typer.Option("--max-us-images", min=1,
+                                               help="Images kept per patient.")] = 4,
+    pretrained_image: Annotated[bool | None, typer.Option(
+        "--pretrained-image/--no-pretrained-image",
+        help="ImageNet weights for the image backbone: --pretrained-image downloads them if "
+        "needed (error when offline); --no-pretrained-image starts from random weights; by "
+        "default they are used when already in the local torch cache.", show_default=False)
+    ] = None,
+    image_weights: Annotated[Path | None, typer.Option(
+        "--image-weights", help="Local torchvision ResNet state dict (.pth/.safetensors) for "
+        "offline machines.")] = None,
+    text_encoder: Annotated[str, typer.Option(
+        "--text-encoder", help="simple (offline n-grams, works for Chinese) or hf "
+        "(transformers).")] = "simple",
+    text_model: Annotated[str, typer.Option(
+        "--text-model", help="hf: local folder or hub name.")] = "bert-base-chinese",
+    text_max_length: Annotated[int, typer.Option("--text-max-length")] = 256,
+    freeze_text: Annotated[bool, typer.Option(
+        "--freeze-text", help="Keep the hf text model frozen for the whole run.")] = False,
+    warmup_epochs: Annotated[int, typer.Option(
+        "--warmup-epochs", min=0, help="Epochs with frozen backbones before fine-tuning.")] = 5,
+    finetune_image_scope: Annotated[str, typer.Option(
+        "--finetune-image-scope", help="After warm-up, unfreeze none, layer4, layer3+ or all "
+        "of the image backbone (none keeps features cached: fastest on CPU).")] = "none",
+    finetune_text_last_n: Annotated[int, typer.Option(
+        "--finetune-text-last-n", min=0, help="After warm-up, unfreeze the last N transformer "
+        "layers of the hf text model.")] = 0,
+    lr_image: Annotated[float, typer.Option("--lr-image")] = 1e-4,
+    lr_text: Annotated[float, typer.Option("--lr-text")] = 2e-5,
+    no_imputation: Annotated[bool, typer.Option(
+        "--no-imputation", help="Ablation: no CRA; missing slots keep the missing embedding.")
+    ] = False,
+    no_backward: Annotated[bool, typer.Option(
+        "--no-backward", help="Ablation: forward imputation only, no cycle.")] = False,
+    no_dwfuse: Annotated[bool, typer.Option(
+        "--no-dwfuse", help="Ablation: one classifier on the concatenation.")] = False,
+    no_tla: Annotated[bool, typer.Option("--no-tla", help="Ablation: no laziness activation.")
+                      ] = False,
+    inference_rule: Annotated[str, typer.Option(
+        "--inference-rule", help="label-free (DWFuse rule), joint (RA head only) or mean (of "
+        "modality heads).")] = "label-free",
+    modality_drop: Annotated[float, typer.Option(
+        "--modality-drop", help="Training-time drop rate that supervises imputation.")] = 0.3,
+    embed_dim: Annotated[int, typer.Option("--embed-dim")] = 128,
+    num_workers: Annotated[int, typer.Option("--num-workers", min=0,
+                                             help="DataLoader worker processes.")] = 0,
+) -> None:
+    """Train OmniFuse on a manifest: stratified split, best-on-validation model, test metrics."""
+    from omnifuse_cli.cli.render import add_epoch_row, confusion_table, epoch_table, metrics_table
+    from omnifuse_cli.engine.config import (
+        DataConfig,
+        ImageConfig,
+        MethodConfig,
+        TextConfig,
+        TrainConfig,
+        parse_modality_options,
+    )
+
+    path = _one_manifest(manifest, manifest_opt)
+    pretrained = "auto" if pretrained_image is None else ("yes" if pretrained_image else "no")
+    data = DataConfig(
+        modalities=parse_modality_options(modality),
+        labs_table=str(labs_table) if labs_table else None,
+        labs_id_col=labs_id_col or "id",
+        image=ImageConfig(backbone=image_backbone, image_size=image_size,
+                          max_images=max_us_images, pretrained=pretrained,
+                          weights_path=str(image_weights) if image_weights else None),
+        text=TextConfig(encoder=text_encoder, model=text_model, max_length=text_max_length),
+    )
+    method = MethodConfig(
+        embed_dim=embed_dim, modality_drop=modality_drop, use_imputation=not no_imputation,
+        use_backward=not no_backward, use_dwfuse=not no_dwfuse, use_tla=not no_tla,
+        inference_rule=inference_rule,
+    )
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs, finetune_image_scope=finetune_image_scope,
+        finetune_text_last_n=0 if freeze_text else finetune_text_last_n, lr_image=lr_image,
+        lr_text=lr_text, seed=seed, train_ratio=train_ratio, val_ratio=val_ratio,
+        test_ratio=test_ratio, device=device, amp=amp, num_workers=num_workers,
+    )
+    run_dir = out_dir or Path("runs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
+
+    from rich.console import Group
+    from rich.live import Live
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from omnifuse_cli.engine.training import TrainEvent, TrainRequest, run_training
+
+    table = epoch_table(f"training on {path}")
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=True)
+    task = progress.add_task("preparing", total=None)
+
+    def on_event(event: TrainEvent) -> None:
+        if event.kind == "message":
+            console.print(f"[dim]·[/] {event.text}")
+        elif event.kind == "encode":
+            progress.update(task, description="encoding (once)", completed=event.done,
+                            total=event.total)
+        elif event.kind == "batch":
+            progress.update(task, description="training", completed=event.done,
+                            total=event.total)
+        elif event.kind == "epoch" and event.record is not None:
+            add_epoch_row(table, event.record)
+
+    request = TrainRequest(manifest=path, num_classes=num_classes, out_dir=run_dir, data=data,
+                           method=method, train=cfg, overwrite=overwrite)
+    with Live(Group(table, progress), console=console, refresh_per_second=4):
+        result = run_training(request, on_event)
+    console.print()
+    console.print(f"best epoch: {result.best_epoch} (highest validation macro-F1); "
+                  f"split train/val/test = {result.split_counts['train']}/"
+                  f"{result.split_counts['val']}/{result.split_counts['test']}; "
+                  f"device {result.device}")
+    console.print(metrics_table(result.test, "test metrics (best checkpoint)"))
+    console.print(confusion_table(result.confusion, result.class_names,
+                                  "test confusion matrix (rows = true)"))
+    console.print(f"run saved to [bold]{result.out_dir}[/]  ·  next: omnifuse evaluate "
+                  f"{result.out_dir}  ·  omnifuse predict PATIENTS.csv --run {result.out_dir}")
+
+
+def _one_manifest(argument: Path | None, option: Path | None) -> Path:
+    if argument is not None and option is not None and argument != option:
+        raise ConfigError(f"two manifests given: {argument} and --manifest {option}")
+    path = argument or option
+    if path is None:
+        raise ConfigError("no manifest given", hint="omnifuse train MANIFEST --num-classes C")
+    return path

@@ -1,0 +1,38 @@
+"""Reading what a training run left behind: its meta.csv, split assignment and bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from omnifuse_cli.engine.bundle import BUNDLE_DIR, bundle_folder
+from omnifuse_cli.errors import BundleError
+
+
+def read_meta(run_dir: Path) -> dict[str, str]:
+    path = Path(run_dir) / "meta.csv"
+    if not path.is_file():
+        bundle_folder(run_dir)  # the clearer error when this is not a run at all
+        raise BundleError(f"{run_dir} has no meta.csv; was training interrupted before the end?")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return dict(zip(frame["key"], frame["value"], strict=True))
+
+
+def read_split_assignment(run_dir: Path) -> pd.DataFrame:
+    path = Path(run_dir) / "split_assignment.csv"
+    if not path.is_file():
+        raise BundleError(f"{run_dir} has no split_assignment.csv")
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def find_latest_run(root: Path = Path("runs")) -> Path:
+    """The most recently trained run under ``root`` (by its bundle's modification time)."""
+    bundles = sorted(Path(root).glob(f"*/{BUNDLE_DIR}/bundle.json"),
+                     key=lambda p: p.stat().st_mtime)
+    if not bundles:
+        raise BundleError(
+            f"no trained run found under {Path(root).resolve()}",
+            hint="train one with `omnifuse train MANIFEST --num-classes C`, or pass --run RUN_DIR",
+        )
+    return bundles[-1].parent.parent
