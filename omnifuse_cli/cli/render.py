@@ -75,14 +75,19 @@ def counts_table(counts: Mapping[str, object], title: str, key: str = "", value:
 
 def predictions_table(frame: pd.DataFrame, class_names: Sequence[str],
                       modality_names: Sequence[str], limit: int = 20) -> Table:
-    table = Table(title=f"predictions ({len(frame)} patients"
-                  + (f", first {limit} shown)" if len(frame) > limit else ")"),
-                  title_justify="left")
+    title = f"predictions ({len(frame)} patients" + (
+        f", first {limit} shown)" if len(frame) > limit else ")")
+    table = Table(title=title, title_justify="left", box=None, padding=(0, 1, 0, 0),
+                  header_style="bold underline",
+                  caption="pN = probability of class N; w_M = DWFuse weight of modality M at "
+                  "the predicted class", caption_justify="left")
     columns = ["id", *(["label"] if "label" in frame else []), "pred",
                *(f"prob_{c}" for c in class_names), "modalities",
                *(f"weight_{m}" for m in modality_names if f"weight_{m}" in frame)]
     for col in columns:
-        table.add_column(col, justify="left" if col in ("id", "modalities") else "right")
+        header = col.replace("prob_", "p").replace("weight_", "w_")
+        table.add_column(header, justify="left" if col in ("id", "modalities") else "right",
+                         no_wrap=True)
     for _, row in frame.head(limit).iterrows():
         cells = []
         for col in columns:
