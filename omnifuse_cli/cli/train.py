@@ -155,6 +155,7 @@ def train(
                            method=method, train=cfg, overwrite=overwrite)
     with Live(Group(table, progress), console=console, refresh_per_second=4):
         result = run_training(request, on_event)
+        progress.update(task, visible=False)
     console.print()
     console.print(f"best epoch: {result.best_epoch} (highest validation macro-F1); "
                   f"split train/val/test = {result.split_counts['train']}/"

@@ -166,7 +166,9 @@ def run_training(request: TrainRequest, on_event: EventFn | None = None) -> Trai
             p.requires_grad = False
 
     t0 = time.perf_counter()
-    if frozen:
+    finetune_now = cfg.warmup_epochs == 0 and (
+        cfg.finetune_image_scope != "none" or cfg.finetune_text_last_n > 0)
+    if frozen and not finetune_now:
         emit(TrainEvent("message", text="encoding images/notes once with the frozen backbones"))
         cache_frozen_features(
             model, data, frozen, device=device, batch_size=cfg.encode_batch_size, amp=cfg.amp,

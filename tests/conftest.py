@@ -1,0 +1,112 @@
+"""Shared fixtures: a tiny hand-built three-modality cohort and one small trained run.
+
+The cohort is written by the tests themselves (no generator): 30 patients, 3 classes, labs as
+inline JSON, ultrasound as small PNGs (``;``, ``|`` and Windows separators mixed), notes inline
+or as ``.txt`` files, and some modalities missing. Every patient has at least one modality.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+N_PATIENTS = 30
+NUM_CLASSES = 3
+LABS_DIM = 5
+CLASS_WORDS = ("良性结节，边界清楚", "可疑结节，边界模糊", "恶性肿瘤，钙化明显")
+
+
+def save_png(path: Path, value: float, *, size: int = 40, seed: int = 0) -> Path:
+    """A grayscale PNG whose mean brightness is ``value`` (0..1), plus a little noise."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(value + 0.1 * rng.standard_normal((size, size)), 0.0, 1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((pixels * 255).astype(np.uint8), mode="L").save(path)
+    return path
+
+
+@pytest.fixture
+def write_png() -> Callable[..., Path]:
+    return save_png
+
+
+def build_tiny_cohort(root: Path) -> Path:
+    """Write manifest.csv, us/*.png and notes/*.txt under ``root``; return the manifest path."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(N_PATIENTS) % NUM_CLASSES
+    lines = ["id,label,labs,us,text"]
+    for i, label in enumerate(labels):
+        pid = 1001 + i
+        # Presence pattern cycles so every combination of modalities occurs.
+        has_labs, has_us, has_text = [
+            (True, True, True), (True, True, True), (True, False, True), (False, True, True),
+            (True, True, False), (True, False, False), (False, True, False), (False, False, True),
+        ][i % 8]
+        labs = ""
+        if has_labs:
+            values: list[float | None] = list(np.round(label + rng.normal(0, 0.5, LABS_DIM), 3))
+            if i % 5 == 0:
+                values[1] = None  # a single missing analyte
+            labs = '"' + json.dumps(values).replace('"', '""') + '"'
+        us = ""
+        if has_us:
+            names = [f"us/{pid}_{k}.png" for k in range(1 + i % 2)]
+            for k, name in enumerate(names):
+                save_png(root / name, 0.2 + 0.3 * label, seed=100 * i + k)
+            sep = ";" if i % 3 else "|"
+            us = sep.join(n.replace("/", "\\") if i % 4 == 0 else n for n in names)
+        text = ""
+        if has_text:
+            note = f"{CLASS_WORDS[label]}。患者{pid}复查"
+            if i % 2:
+                note_path = root / "notes" / f"{pid}.txt"
+                note_path.parent.mkdir(exist_ok=True)
+                note_path.write_text(note, encoding="utf-8")
+                text = f"notes/{pid}.txt"
+            else:
+                text = note
+        lines.append(f"{pid},{label},{labs},{us},{text}")
+    manifest = root / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of the hand-built cohort's manifest.csv (read-only: copy before changing it)."""
+    return build_tiny_cohort(tmp_path_factory.mktemp("tiny_cohort"))
+
+
+def tiny_request(manifest: Path, out_dir: Path, *, epochs: int = 2, **data_kwargs):  # type: ignore[no-untyped-def]
+    """A small, fast TrainRequest: resnet18 at 32 px, CPU, 60/20/20 split."""
+    from omnifuse_cli.engine.config import DataConfig, ImageConfig, TrainConfig
+    from omnifuse_cli.engine.training import TrainRequest
+
+    image = data_kwargs.pop("image", ImageConfig(backbone="resnet18", image_size=32,
+                                                 pretrained="no"))
+    return TrainRequest(
+        manifest=manifest, num_classes=NUM_CLASSES, out_dir=out_dir,
+        data=DataConfig(image=image, **data_kwargs),
+        train=TrainConfig(epochs=epochs, device="cpu", batch_size=8, train_ratio=0.6,
+                          val_ratio=0.2, test_ratio=0.2, seed=0),
+    )
+
+
+@pytest.fixture
+def make_request() -> Callable[..., object]:
+    return tiny_request
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One 2-epoch run on the tiny cohort: (run_dir, TrainResult). Treat the folder as read-only."""
+    from omnifuse_cli.engine.training import run_training
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    result = run_training(tiny_request(tiny_manifest, out))
+    return out, result
