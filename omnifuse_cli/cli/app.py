@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from omnifuse_cli import __version__
-from omnifuse_cli.cli import evaluate, make_data, predict, synth, train
+from omnifuse_cli.cli import check, evaluate, make_data, predict, synth, train
 from omnifuse_cli.cli.common import set_debug
 
 app = typer.Typer(
@@ -37,6 +37,7 @@ def root(
 
 app.command("synth")(synth.synth)
 app.command("make-data")(make_data.make_data)
+app.command("check")(check.check)
 app.command("train")(train.train)
 app.command("evaluate")(evaluate.evaluate)
 app.command("predict")(predict.predict)

@@ -25,3 +25,9 @@ Device = Annotated[
     str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")
 ]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Patients per batch.")]
+OnBadFile = Annotated[
+    str,
+    typer.Option("--on-bad-file", help="Unreadable image files (missing, corrupt, truncated, "
+                 "unsupported): error lists them all; skip drops them and treats the modality "
+                 "as missing where none are left."),
+]

@@ -95,3 +95,27 @@ def predictions_table(frame: pd.DataFrame, class_names: Sequence[str],
             cells.append(fmt(value) if isinstance(value, float) else str(value))
         table.add_row(*cells)
     return table
+
+
+def audit_tables(report) -> list[Table]:  # type: ignore[no-untyped-def]
+    """The data audit of `omnifuse check`."""
+    n = report.n_patients
+    tables = []
+    if report.label_counts:
+        tables.append(counts_table(report.label_counts, f"{n} patients by label", key="label"))
+    presence = Table(title="modalities", title_justify="left")
+    for col in ("modality", "patients", "share", "detail"):
+        presence.add_column(col, justify="left" if col in ("modality", "detail") else "right")
+    for name, count in report.presence.items():
+        detail = ""
+        if name in report.images_per_patient:
+            s = report.images_per_patient[name]
+            detail = (f"{int(s['total'])} images, {int(s['min'])}-{int(s['max'])} per patient "
+                      f"(mean {s['mean']:.1f})")
+        elif name in report.vector_sizes:
+            detail = f"{report.vector_sizes[name]} values"
+        presence.add_row(name, str(count), f"{count / n:.0%}", detail)
+    tables.append(presence)
+    tables.append(counts_table(report.patterns, "missing patterns (modalities present)",
+                               key="present", value="patients"))
+    return tables

@@ -29,6 +29,7 @@ def train(
     labs_table: options.LabsTable = None,
     labs_id_col: options.LabsIdCol = None,
     modality: options.Modality = None,
+    on_bad_file: options.OnBadFile = "error",
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 30,
     batch_size: options.BatchSize = 32,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate of everything but "
@@ -109,6 +110,7 @@ def train(
         modalities=parse_modality_options(modality),
         labs_table=str(labs_table) if labs_table else None,
         labs_id_col=labs_id_col or "id",
+        on_bad_file=on_bad_file,
         image=ImageConfig(backbone=image_backbone, image_size=image_size,
                           max_images=max_us_images, pretrained=pretrained,
                           weights_path=str(image_weights) if image_weights else None),

@@ -30,6 +30,22 @@ def load_image(path: Path, transform) -> torch.Tensor:  # type: ignore[no-untype
         return transform(img.convert("RGB"))
 
 
+def image_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used as an image, or None when it decodes completely."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        return "does not exist"
+    try:
+        with Image.open(path) as img:
+            img.load()  # a full decode: verify() alone misses truncated files
+    except UnidentifiedImageError:
+        return "is not an image in a supported format (png, jpg, bmp, tif, ...)"
+    except (OSError, SyntaxError, ValueError) as err:
+        return f"is corrupt or truncated ({err})"
+    return None
+
+
 class ImageFiles(Dataset):
     """A flat list of image paths, streamed (never all held in memory)."""
 

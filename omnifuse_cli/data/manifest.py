@@ -18,8 +18,9 @@ from pathlib import Path, PureWindowsPath
 import numpy as np
 import pandas as pd
 
+from omnifuse_cli.data.images import image_problem
 from omnifuse_cli.engine.config import ModalitySpec
-from omnifuse_cli.errors import DataError, ManifestError
+from omnifuse_cli.errors import ConfigError, DataError, ManifestError
 
 VSCODE_MARKER = "_vscodecontentref_"
 MAX_LISTED = 20
@@ -260,8 +261,15 @@ def read_manifest(
     require_labels: bool = True,
     num_classes: int | None = None,
     check_files: bool = True,
+    on_bad_file: str = "error",
 ) -> Cohort:
-    """Parse and validate a manifest. Every problem found is reported in one ManifestError."""
+    """Parse and validate a manifest. Every problem found is reported in one ManifestError.
+
+    check_files decodes every image; on_bad_file="skip" drops unreadable images instead of
+    failing (a patient left without images has that modality missing) and says so in notes.
+    """
+    if on_bad_file not in ("error", "skip"):
+        raise ConfigError(f"--on-bad-file must be error or skip, got {on_bad_file!r}")
     path = Path(path)
     frame = read_table(path, "manifest")
     base = path.parent
@@ -315,7 +323,8 @@ def read_manifest(
         elif spec.kind == "vector":
             _fill_vectors(cohort, m_idx, frame[spec.name].tolist(), base, problems)
         elif spec.kind == "image":
-            _fill_images(cohort, m_idx, frame[spec.name].tolist(), base, problems, check_files)
+            _fill_images(cohort, m_idx, frame[spec.name].tolist(), base, problems,
+                         check_files, on_bad_file)
         else:
             _fill_texts(cohort, m_idx, frame[spec.name].tolist(), base, problems)
     problems.raise_if_any(
@@ -435,18 +444,32 @@ def _fill_images(
     base: Path,
     problems: _Problems,
     check_files: bool,
+    on_bad_file: str,
 ) -> None:
     name = cohort.modalities[m_idx].name
     lists: list[list[Path]] = []
+    skipped: list[str] = []
     for i, cell in enumerate(cells):
         paths = [] if _is_empty(cell) else split_image_cell(cell, base)
         if check_files:
+            good = []
             for p in paths:
-                if not p.is_file():
-                    problems.add(_row(i), name, f"image {p} does not exist")
+                problem = image_problem(p)
+                if problem is None:
+                    good.append(p)
+                elif on_bad_file == "skip":
+                    skipped.append(f"row {_row(i)}: {p} {problem}")
+                else:
+                    problems.add(_row(i), name, f"image {p} {problem}")
+            paths = good if on_bad_file == "skip" else paths
         lists.append(paths)
         cohort.present[i, m_idx] = bool(paths)
     cohort.images[name] = lists
+    if skipped:
+        listed = "; ".join(skipped[:MAX_LISTED])
+        more = f"; ... and {len(skipped) - MAX_LISTED} more" if len(skipped) > MAX_LISTED else ""
+        cohort.notes.append(f"skipped {len(skipped)} unreadable {name} image(s) "
+                            f"(--on-bad-file skip): {listed}{more}")
 
 
 def _fill_texts(

@@ -233,8 +233,15 @@ class DataConfig:
     modalities: tuple[ModalitySpec, ...] = DEFAULT_MODALITIES
     labs_table: str | None = None
     labs_id_col: str = "id"
+    on_bad_file: str = "error"  # unreadable image files: error, or skip (modality missing)
     image: ImageConfig = field(default_factory=ImageConfig)
     text: TextConfig = field(default_factory=TextConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.on_bad_file in ("error", "skip"),
+            f"--on-bad-file must be error or skip, got {self.on_bad_file!r}",
+        )
 
 
 def to_primitive(obj: Any) -> Any:

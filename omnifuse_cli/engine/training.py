@@ -145,6 +145,7 @@ def run_training(request: TrainRequest, on_event: EventFn | None = None) -> Trai
         request.manifest, data_cfg.modalities,
         labs_table=Path(data_cfg.labs_table) if data_cfg.labs_table else None,
         labs_id_col=data_cfg.labs_id_col, num_classes=request.num_classes,
+        on_bad_file=data_cfg.on_bad_file,
     )
     check_trainable(cohort, request.num_classes)
     assert cohort.labels is not None

@@ -1,0 +1,49 @@
+"""`omnifuse check`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from omnifuse_cli.cli import options
+from omnifuse_cli.cli.common import console, err_console, handle_errors
+
+
+@handle_errors
+def check(
+    manifest: Annotated[Path, typer.Argument(help="manifest.csv to validate.")],
+    num_classes: Annotated[int | None, typer.Option(
+        "--num-classes", min=2, help="Check labels against 0..C-1 [default: from the data].")
+    ] = None,
+    labs_table: options.LabsTable = None,
+    labs_id_col: options.LabsIdCol = None,
+    modality: options.Modality = None,
+    on_bad_file: options.OnBadFile = "error",
+    train_ratio: Annotated[float, typer.Option("--train-ratio")] = 0.8,
+    val_ratio: Annotated[float, typer.Option("--val-ratio")] = 0.1,
+    test_ratio: Annotated[float, typer.Option("--test-ratio")] = 0.1,
+    seed: Annotated[int, typer.Option("--seed")] = 42,
+) -> None:
+    """Validate a manifest without training and print a data audit (exit 0 when trainable)."""
+    from omnifuse_cli.cli.render import audit_tables
+    from omnifuse_cli.engine.audit import audit_manifest
+    from omnifuse_cli.engine.config import DataConfig, TrainConfig, parse_modality_options
+
+    data = DataConfig(modalities=parse_modality_options(modality),
+                      labs_table=str(labs_table) if labs_table else None,
+                      labs_id_col=labs_id_col or "id", on_bad_file=on_bad_file)
+    split = TrainConfig(train_ratio=train_ratio, val_ratio=val_ratio, test_ratio=test_ratio,
+                        seed=seed)
+    report = audit_manifest(manifest, data, num_classes=num_classes, split=split)
+    for table in audit_tables(report):
+        console.print(table)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    if not report.trainable:
+        for problem in report.problems:
+            err_console.print(f"[bold red]not trainable:[/] {problem}")
+        raise typer.Exit(code=2)
+    console.print(f"[green]ok:[/] {report.n_patients} patients, ready for "
+                  f"`omnifuse train {manifest} --num-classes {len(report.label_counts)}`")

@@ -1,0 +1,73 @@
+"""`omnifuse check`: validate a manifest without training and describe the data."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from omnifuse_cli.data.manifest import check_trainable, read_manifest
+from omnifuse_cli.data.splits import stratified_split
+from omnifuse_cli.engine.config import DataConfig, TrainConfig
+from omnifuse_cli.errors import DataError
+
+
+@dataclass
+class AuditReport:
+    manifest: Path
+    n_patients: int
+    label_counts: dict[str, int]
+    presence: dict[str, int]  # modality -> patients having it
+    patterns: dict[str, int]  # "labs+us" -> patients with exactly that set, most common first
+    images_per_patient: dict[str, dict[str, float]]  # image modality -> min/mean/max/total
+    vector_sizes: dict[str, int]
+    notes: list[str] = field(default_factory=list)  # skipped files, labs-table mismatches
+    problems: list[str] = field(default_factory=list)  # what stops training
+
+    @property
+    def trainable(self) -> bool:
+        return not self.problems
+
+
+def audit_manifest(manifest: Path, data: DataConfig, *, num_classes: int | None = None,
+                   split: TrainConfig | None = None) -> AuditReport:
+    """Read and validate like `train` does; unreadable input raises, as it would there."""
+    cohort = read_manifest(
+        manifest, data.modalities,
+        labs_table=Path(data.labs_table) if data.labs_table else None,
+        labs_id_col=data.labs_id_col, num_classes=num_classes, require_labels=False,
+        on_bad_file=data.on_bad_file,
+    )
+    names = cohort.names
+    patterns = Counter("+".join(n for n, p in zip(names, row, strict=True) if p)
+                       for row in cohort.present)
+    images = {}
+    for name, lists in cohort.images.items():
+        sizes = np.array([len(p) for p in lists if p])
+        if len(sizes):
+            images[name] = {"min": float(sizes.min()), "mean": float(sizes.mean()),
+                            "max": float(sizes.max()), "total": float(sizes.sum())}
+    report = AuditReport(
+        manifest=Path(manifest), n_patients=len(cohort),
+        label_counts={}, presence={n: int(cohort.present[:, i].sum())
+                                   for i, n in enumerate(names)},
+        patterns=dict(patterns.most_common()), images_per_patient=images,
+        vector_sizes={n: v.shape[1] for n, v in cohort.vectors.items()},
+        notes=list(cohort.notes),
+    )
+    if cohort.labels is None or (cohort.labels < 0).any():
+        report.problems.append("some or all patients have no label (training needs one each)")
+        return report
+    classes = num_classes or int(cohort.labels.max()) + 1
+    counts = np.bincount(cohort.labels, minlength=classes)
+    report.label_counts = {str(c): int(counts[c]) for c in range(classes)}
+    cfg = split or TrainConfig()
+    try:
+        check_trainable(cohort, classes)
+        stratified_split(cohort.labels, train=cfg.train_ratio, val=cfg.val_ratio,
+                         test=cfg.test_ratio, seed=cfg.seed)
+    except DataError as err:
+        report.problems.append(err.message + (f" ({err.hint})" if err.hint else ""))
+    return report
