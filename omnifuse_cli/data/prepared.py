@@ -151,6 +151,7 @@ class PreparedCohort:
     pad_ids: dict[str, int] = field(default_factory=dict)
     # Frozen-backbone features: image modality -> per patient (n_images, F); hf text -> (N, H).
     image_cache: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    image_feature_dims: dict[str, int] = field(default_factory=dict)
     text_cache: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -210,8 +211,10 @@ def make_collate(data: PreparedCohort):  # type: ignore[no-untyped-def]
                     "mask": torch.stack([v[1] for v in values]),
                 }
             elif kind == "image":
-                batch["inputs"][name] = _collate_images([v[1] for v in values], values[0][0],
-                                                        data.image_size)
+                batch["inputs"][name] = _collate_images(
+                    [v[1] for v in values], values[0][0], data.image_size,
+                    data.image_feature_dims.get(name, 0),
+                )
             elif values[0][0] == "feats":
                 batch["inputs"][name] = {"feats": torch.stack([v[1] for v in values])}
             else:
@@ -223,14 +226,14 @@ def make_collate(data: PreparedCohort):  # type: ignore[no-untyped-def]
     return collate
 
 
-def _collate_images(per_patient: list, mode: str, size: int) -> dict[str, torch.Tensor]:
+def _collate_images(per_patient: list, mode: str, size: int, feature_dim: int
+                    ) -> dict[str, torch.Tensor]:
     n_max = max(1, max(len(p) for p in per_patient))
     mask = torch.zeros(len(per_patient), n_max, dtype=torch.bool)
     for b, p in enumerate(per_patient):
         mask[b, : len(p)] = True
     if mode == "feats":
-        dim = next((p.shape[1] for p in per_patient if len(p)), 1)
-        feats = torch.zeros(len(per_patient), n_max, dim)
+        feats = torch.zeros(len(per_patient), n_max, feature_dim)
         for b, p in enumerate(per_patient):
             if len(p):
                 feats[b, : len(p)] = p

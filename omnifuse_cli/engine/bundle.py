@@ -88,9 +88,10 @@ def save_bundle(folder: Path, model: OmniFuse, preprocessor: Preprocessor, *,
         raise
     for name, tokenizer in preprocessor.tokenizers.items():
         text_dir = folder / f"text_{name}"
-        if not text_dir.exists():
-            tokenizer.save_pretrained(text_dir)
-            model.encoders[name].backbone.config.save_pretrained(text_dir)
+        if text_dir.exists():
+            shutil.rmtree(text_dir)  # an overwritten run may hold another model's files
+        tokenizer.save_pretrained(text_dir)
+        model.encoders[name].backbone.config.save_pretrained(text_dir)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -166,9 +167,3 @@ def load_bundle(run_or_bundle: Path, device: torch.device | str = "cpu") -> Load
     preprocessor = Preprocessor.from_state(config.modalities, image, text, meta["preprocessor"],
                                            tokenizers)
     return LoadedBundle(model, preprocessor, list(meta["class_names"]), meta)
-
-
-def copy_text_folders(src: Path, dst: Path) -> None:
-    for sub in src.glob("text_*"):
-        if sub.is_dir() and not (dst / sub.name).exists():
-            shutil.copytree(sub, dst / sub.name)

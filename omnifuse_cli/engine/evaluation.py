@@ -42,10 +42,10 @@ def evaluate_run(request: EvalRequest) -> EvalResult:
     run_dir = Path(request.run_dir)
     device = resolve_device(request.device)
     bundle = load_bundle(run_dir, device)
-    meta = read_meta(run_dir)
+    meta = read_meta(run_dir) if (run_dir / "meta.csv").is_file() else bundle.meta["run"]
     num_classes = bundle.model.config.num_classes
     external = request.manifest is not None
-    manifest = Path(request.manifest) if external else Path(meta["manifest"])
+    manifest = Path(request.manifest) if external else Path(meta.get("manifest", ""))
     if not manifest.is_file():
         raise BundleError(
             f"the run's manifest {manifest} is not on this machine",

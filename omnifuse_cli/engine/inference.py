@@ -96,6 +96,7 @@ def cache_frozen_features(model: OmniFuse, data: PreparedCohort, names: list[str
             flat = torch.cat(feats) if feats else torch.zeros(0, encoder.feature_dim)
             sizes = [len(patient) for patient in data.images[name]]
             data.image_cache[name] = list(torch.split(flat, sizes))
+            data.image_feature_dims[name] = encoder.feature_dim
         elif isinstance(encoder, HFTextEncoder):
             out = []
             seqs, pad = data.token_ids[name], data.pad_ids[name]

@@ -11,7 +11,6 @@ import pandas as pd
 from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.engine.bundle import load_bundle
 from omnifuse_cli.engine.inference import infer, resolve_device
-from omnifuse_cli.engine.runs import read_meta
 
 
 @dataclass(frozen=True)
@@ -35,11 +34,11 @@ class PredictResult:
 def predict_patients(request: PredictRequest) -> PredictResult:
     device = resolve_device(request.device)
     bundle = load_bundle(request.run_dir, device)
-    meta = read_meta(request.run_dir)
+    run_meta = bundle.meta.get("run", {})
     config = bundle.model.config
     cohort = read_manifest(
         Path(request.patients), config.modalities, labs_table=request.labs_table,
-        labs_id_col=request.labs_id_col or meta.get("labs_id_col", "id"),
+        labs_id_col=request.labs_id_col or run_meta.get("labs_id_col", "id"),
         require_labels=False, num_classes=config.num_classes,
     )
     bundle.preprocessor.check_compatible(cohort)

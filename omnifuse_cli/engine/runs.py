@@ -11,10 +11,12 @@ from omnifuse_cli.errors import BundleError
 
 
 def read_meta(run_dir: Path) -> dict[str, str]:
+    """The run's meta.csv as key -> value (users may edit paths in it after moving data)."""
     path = Path(run_dir) / "meta.csv"
     if not path.is_file():
         bundle_folder(run_dir)  # the clearer error when this is not a run at all
-        raise BundleError(f"{run_dir} has no meta.csv; was training interrupted before the end?")
+        raise BundleError(f"{run_dir} has no meta.csv; was training interrupted before the end?",
+                          hint="evaluate an external cohort with --manifest instead")
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     return dict(zip(frame["key"], frame["value"], strict=True))
 
