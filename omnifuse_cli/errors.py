@@ -10,6 +10,8 @@ from __future__ import annotations
 class OmnifuseError(Exception):
     """A problem with the user's input or environment, explained in words they can act on."""
 
+    exit_code = 2
+
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -37,3 +39,9 @@ class BundleError(OmnifuseError):
 
 class WeightsError(OmnifuseError):
     """Pretrained weights were asked for but cannot be had (offline, wrong file, wrong shape)."""
+
+
+class TrainingInterrupted(OmnifuseError):
+    """Ctrl-C during training: the run directory holds everything up to the last full epoch."""
+
+    exit_code = 130

@@ -27,7 +27,8 @@ def debug_enabled() -> bool:
 
 
 def report_error(error: OmnifuseError) -> None:
-    err_console.print(f"[bold red]error:[/] {error.message}", markup=True, soft_wrap=True,
+    label = "interrupted" if error.exit_code == 130 else "error"
+    err_console.print(f"[bold red]{label}:[/] {error.message}", markup=True, soft_wrap=True,
                       highlight=False)
     if error.hint:
         err_console.print(f"[yellow]hint:[/] {error.hint}", soft_wrap=True)
@@ -44,6 +45,6 @@ def handle_errors(fn: F) -> F:
             if debug_enabled():
                 raise
             report_error(error)
-            raise typer.Exit(code=2) from None
+            raise typer.Exit(code=error.exit_code) from None
 
     return wrapper  # type: ignore[return-value]

@@ -21,8 +21,12 @@ def train(
         help="manifest.csv with columns id,label,<modalities>.", show_default=False)] = None,
     manifest_opt: Annotated[Path | None, typer.Option(
         "--manifest", help="Same as the MANIFEST argument (the seed's spelling).")] = None,
-    num_classes: Annotated[int, typer.Option("--num-classes", min=2,
-                                             help="Number of classes; labels are 0..C-1.")] = ...,
+    num_classes: Annotated[int | None, typer.Option(
+        "--num-classes", min=2, help="Number of classes; labels are 0..C-1. Required.",
+        show_default=False)] = None,
+    resume: Annotated[Path | None, typer.Option(
+        "--resume", help="Continue an interrupted run from its last complete epoch (all other "
+        "settings come from the run).", show_default=False)] = None,
     out_dir: Annotated[Path | None, typer.Option("--out-dir", help=_RUNS_HELP)] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Write into a non-empty --out-dir, replacing its files.")] = False,
@@ -103,40 +107,48 @@ def train(
         TrainConfig,
         parse_modality_options,
     )
+    from omnifuse_cli.engine.training import TrainEvent, TrainRequest, load_request, run_training
 
-    path = _one_manifest(manifest, manifest_opt)
-    pretrained = "auto" if pretrained_image is None else ("yes" if pretrained_image else "no")
-    data = DataConfig(
-        modalities=parse_modality_options(modality),
-        labs_table=str(labs_table) if labs_table else None,
-        labs_id_col=labs_id_col or "id",
-        on_bad_file=on_bad_file,
-        image=ImageConfig(backbone=image_backbone, image_size=image_size,
-                          max_images=max_us_images, pretrained=pretrained,
-                          weights_path=str(image_weights) if image_weights else None),
-        text=TextConfig(encoder=text_encoder, model=text_model, max_length=text_max_length),
-    )
-    method = MethodConfig(
-        embed_dim=embed_dim, modality_drop=modality_drop, use_imputation=not no_imputation,
-        use_backward=not no_backward, use_dwfuse=not no_dwfuse, use_tla=not no_tla,
-        inference_rule=inference_rule,
-    )
-    cfg = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs, finetune_image_scope=finetune_image_scope,
-        finetune_text_last_n=0 if freeze_text else finetune_text_last_n, lr_image=lr_image,
-        lr_text=lr_text, seed=seed, train_ratio=train_ratio, val_ratio=val_ratio,
-        test_ratio=test_ratio, device=device, amp=amp, num_workers=num_workers,
-    )
-    run_dir = out_dir or Path("runs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    if resume is not None:
+        request = load_request(resume)
+        console.print(f"resuming {resume} (settings from its request.json)")
+    else:
+        path = _one_manifest(manifest, manifest_opt)
+        if num_classes is None:
+            raise ConfigError("--num-classes is required",
+                              hint=f"omnifuse train {path} --num-classes C")
+        pretrained = "auto" if pretrained_image is None else ("yes" if pretrained_image else "no")
+        data = DataConfig(
+            modalities=parse_modality_options(modality),
+            labs_table=str(labs_table) if labs_table else None,
+            labs_id_col=labs_id_col or "id",
+            on_bad_file=on_bad_file,
+            image=ImageConfig(backbone=image_backbone, image_size=image_size,
+                              max_images=max_us_images, pretrained=pretrained,
+                              weights_path=str(image_weights) if image_weights else None),
+            text=TextConfig(encoder=text_encoder, model=text_model, max_length=text_max_length),
+        )
+        method = MethodConfig(
+            embed_dim=embed_dim, modality_drop=modality_drop, use_imputation=not no_imputation,
+            use_backward=not no_backward, use_dwfuse=not no_dwfuse, use_tla=not no_tla,
+            inference_rule=inference_rule,
+        )
+        cfg = TrainConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs, finetune_image_scope=finetune_image_scope,
+            finetune_text_last_n=0 if freeze_text else finetune_text_last_n, lr_image=lr_image,
+            lr_text=lr_text, seed=seed, train_ratio=train_ratio, val_ratio=val_ratio,
+            test_ratio=test_ratio, device=device, amp=amp, num_workers=num_workers,
+        )
+        run_dir = out_dir or Path("runs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
+        request = TrainRequest(manifest=path, num_classes=num_classes, out_dir=run_dir,
+                               data=data, method=method, train=cfg, overwrite=overwrite)
 
     from rich.console import Group
     from rich.live import Live
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from omnifuse_cli.engine.training import TrainEvent, TrainRequest, run_training
-
-    table = epoch_table(f"training on {path}")
+    table = epoch_table(f"training on {request.manifest}")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, transient=True)
     task = progress.add_task("preparing", total=None)
@@ -153,10 +165,8 @@ def train(
         elif event.kind == "epoch" and event.record is not None:
             add_epoch_row(table, event.record)
 
-    request = TrainRequest(manifest=path, num_classes=num_classes, out_dir=run_dir, data=data,
-                           method=method, train=cfg, overwrite=overwrite)
     with Live(Group(table, progress), console=console, refresh_per_second=4):
-        result = run_training(request, on_event)
+        result = run_training(request, on_event, resume=resume is not None)
         progress.update(task, visible=False)
     console.print()
     console.print(f"best epoch: {result.best_epoch} (highest validation macro-F1); "

@@ -8,7 +8,9 @@ meta.csv) plus split_assignment.csv and the model bundle under ``model/``.
 from __future__ import annotations
 
 import io
+import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,8 +27,11 @@ from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions, write_text_atomic
 from omnifuse_cli.engine.config import (
     DataConfig,
+    ImageConfig,
     MethodConfig,
+    ModalitySpec,
     ModelConfig,
+    TextConfig,
     TrainConfig,
     to_primitive,
 )
@@ -44,7 +49,7 @@ from omnifuse_cli.engine.modelling import (
     load_image_weights,
     load_text_backbone,
 )
-from omnifuse_cli.errors import ConfigError
+from omnifuse_cli.errors import BundleError, ConfigError, TrainingInterrupted
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder
 from omnifuse_cli.model.laziness import available, combinations, combo_mask, combo_name, pick_lazy
 from omnifuse_cli.model.omnifuse import OmniFuse
@@ -136,11 +141,53 @@ def write_csv(path: Path, frame: pd.DataFrame) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
-def run_training(request: TrainRequest, on_event: EventFn | None = None) -> TrainResult:
+CHECKPOINT = "checkpoint.pt"  # state after the last complete epoch, for --resume
+REQUEST = "request.json"  # every setting of the run, so --resume needs nothing else
+
+
+def save_request(request: TrainRequest) -> None:
+    raw = to_primitive(request)
+    raw["manifest"] = str(Path(request.manifest).resolve())
+    if request.data.labs_table:
+        raw["data"]["labs_table"] = str(Path(request.data.labs_table).resolve())
+    write_text_atomic(request.out_dir / REQUEST,
+                      json.dumps(raw, ensure_ascii=False, indent=1, default=str))
+
+
+def load_request(run_dir: Path) -> TrainRequest:
+    """The request a run was started with (for --resume)."""
+    path = Path(run_dir) / REQUEST
+    if not path.is_file():
+        raise BundleError(f"{run_dir} is not a resumable run (no {REQUEST})",
+                          hint="pass the folder that `omnifuse train --out-dir` wrote")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        data = raw["data"]
+        method = dict(raw["method"])
+        method["ra_layers"] = tuple(method["ra_layers"])
+        return TrainRequest(
+            manifest=Path(raw["manifest"]), num_classes=int(raw["num_classes"]),
+            out_dir=Path(run_dir),
+            data=DataConfig(
+                modalities=tuple(ModalitySpec(**m) for m in data["modalities"]),
+                labs_table=data["labs_table"], labs_id_col=data["labs_id_col"],
+                on_bad_file=data["on_bad_file"], image=ImageConfig(**data["image"]),
+                text=TextConfig(**data["text"]),
+            ),
+            method=MethodConfig(**method), train=TrainConfig(**raw["train"]), overwrite=True,
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"{path} is damaged: {err}") from err
+
+
+def run_training(request: TrainRequest, on_event: EventFn | None = None, *,
+                 resume: bool = False) -> TrainResult:
+    """Train a run from scratch, or (resume=True) continue one from its last complete epoch."""
     emit = on_event or (lambda event: None)
     cfg, data_cfg = request.train, request.data
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    resume_state = _load_resume_state(request.out_dir) if resume else None
     cohort = read_manifest(
         request.manifest, data_cfg.modalities,
         labs_table=Path(data_cfg.labs_table) if data_cfg.labs_table else None,
@@ -151,10 +198,12 @@ def run_training(request: TrainRequest, on_event: EventFn | None = None) -> Trai
     assert cohort.labels is not None
     splits = stratified_split(cohort.labels, train=cfg.train_ratio, val=cfg.val_ratio,
                               test=cfg.test_ratio, seed=cfg.seed)
-    prepare_out_dir(request.out_dir, request.overwrite)
+    if not resume:
+        prepare_out_dir(request.out_dir, request.overwrite)
+        save_request(request)
+        _write_split_files(request.out_dir, cohort, splits)
     for note in cohort.notes:
         emit(TrainEvent("message", text=note))
-    _write_split_files(request.out_dir, cohort, splits)
 
     model, pre, weights_desc = _build(cohort, splits["train"], request)
     if not weights_desc.startswith(("file", "ImageNet", "none")):
@@ -184,11 +233,12 @@ def run_training(request: TrainRequest, on_event: EventFn | None = None) -> Trai
         save_bundle(request.out_dir / BUNDLE_DIR, model, pre, class_names=class_names,
                     extra={"best_epoch": epoch, "run": meta}, state=state)
 
-    def on_epoch(records: list[EpochRecord]) -> None:
-        write_csv(request.out_dir / "metrics.csv", pd.DataFrame([r.row() for r in records]))
+    def on_epoch(rows: list[dict[str, Any]]) -> None:
+        write_csv(request.out_dir / "metrics.csv", pd.DataFrame(rows))
 
     records, best_epoch, best_state = fit_model(
-        model, data, splits, cfg, request.num_classes, emit, on_best=on_best, on_epoch=on_epoch
+        model, data, splits, cfg, request.num_classes, emit, on_best=on_best, on_epoch=on_epoch,
+        checkpoint=request.out_dir / CHECKPOINT, resume=resume_state,
     )
     model.load_state_dict(best_state)
     result = infer(model, data, splits["test"], device=device, batch_size=cfg.batch_size,
@@ -208,6 +258,18 @@ def run_training(request: TrainRequest, on_event: EventFn | None = None) -> Trai
     )
 
 
+def _load_resume_state(run_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise BundleError(f"{run_dir} has no {CHECKPOINT}: no epoch was completed, nothing to "
+                          "resume", hint="start the run again (with --overwrite)")
+    state = load_checkpoint(path)
+    state["best_state"] = load_file(str(run_dir / BUNDLE_DIR / "model.safetensors"))
+    return state
+
+
 def fit_model(
     model: OmniFuse,
     data: PreparedCohort,
@@ -217,11 +279,17 @@ def fit_model(
     emit: EventFn,
     *,
     on_best: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
-    on_epoch: Callable[[list[EpochRecord]], None] | None = None,
+    on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
+    checkpoint: Path | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> tuple[list[EpochRecord], int, dict[str, torch.Tensor]]:
     """The epoch loop: train, validate, mine the lazy combination, keep the best state.
 
     The best epoch has the highest validation macro-F1, ties going to the lower validation loss.
+    With ``checkpoint``, the state after every epoch (model, optimizer, random generators) is
+    saved there; ``resume`` (a loaded checkpoint plus the best state so far) continues from it
+    exactly as if the run had never stopped. Ctrl-C raises TrainingInterrupted after the last
+    complete epoch's files are on disk.
     """
     device = next(model.parameters()).device
     optimizer = _optimizer(model, cfg)
@@ -230,46 +298,97 @@ def fit_model(
     mining_idx = np.sort(rng.choice(train_idx, min(cfg.tla_sample, len(train_idx)), replace=False))
     generator = torch.Generator().manual_seed(cfg.seed)
     records: list[EpochRecord] = []
+    rows: list[dict[str, Any]] = []
     best_key: tuple[float, float] | None = None
     best_state: dict[str, torch.Tensor] = {}
     best_epoch = 0
     lazy: tuple[int, ...] | None = None
     finetune = cfg.finetune_image_scope != "none" or cfg.finetune_text_last_n > 0
-    for epoch in range(1, cfg.epochs + 1):
-        if finetune and epoch == cfg.warmup_epochs + 1:
-            emit(TrainEvent("message", text="warm-up done: fine-tuning backbones"))
+    unfrozen = False
+    first = 1
+    if resume is not None:
+        if finetune and resume["epoch"] > cfg.warmup_epochs:
             _unfreeze(model, data, cfg)
-        phase = ("warmup" if epoch <= cfg.warmup_epochs else "finetune") if finetune else "frozen"
-        t_epoch = time.perf_counter()
-        losses = train_epoch(model, data, train_idx, optimizer, lazy, cfg, device, generator,
-                             emit)
-        val = evaluate_split(model, data, splits["val"], device, cfg, num_classes)
-        distances: dict[str, float] = {}
-        lazy_name = ""
-        if model.config.method.use_tla:
-            raw = mine_lazy(model, data, mining_idx, device=device,
-                            batch_size=cfg.batch_size, amp=cfg.amp)
-            lazy = pick_lazy(raw)
-            distances = {combo_name(k, model.names): v for k, v in raw.items()}
-            lazy_name = combo_name(lazy, model.names) if lazy is not None else ""
-        record = EpochRecord(
-            epoch=epoch, phase=phase, train_loss=losses.pop("total"), losses=losses,
-            val_loss=val["loss"], val_acc=val["acc"], val_macro_f1=val["macro_f1"],
-            val_auroc=val["auroc"], lazy_combo=lazy_name, tla_distances=distances,
-            seconds=time.perf_counter() - t_epoch,
-        )
-        key = (val["macro_f1"], -val["loss"])
-        if best_key is None or key > best_key:
-            best_key, best_epoch, record.is_best = key, epoch, True
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in
-                          model.state_dict().items()}
-            if on_best:
-                on_best(epoch, best_state)
-        records.append(record)
-        if on_epoch:
-            on_epoch(records)
-        emit(TrainEvent("epoch", epoch, cfg.epochs, record=record))
+            unfrozen = True
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        torch.set_rng_state(resume["torch_rng"])
+        generator.set_state(resume["loader_rng"])
+        lazy = tuple(resume["lazy"]) or None
+        best_key = (resume["best_f1"], resume["best_neg_loss"])
+        best_epoch, best_state = resume["best_epoch"], resume["best_state"]
+        rows = list(resume["rows"])
+        first = resume["epoch"] + 1
+    epoch = first - 1
+    try:
+        for epoch in range(first, cfg.epochs + 1):
+            if finetune and epoch > cfg.warmup_epochs and not unfrozen:
+                emit(TrainEvent("message", text="warm-up done: fine-tuning backbones"))
+                _unfreeze(model, data, cfg)
+                unfrozen = True
+            phase = ("warmup" if not unfrozen else "finetune") if finetune else "frozen"
+            t_epoch = time.perf_counter()
+            losses = train_epoch(model, data, train_idx, optimizer, lazy, cfg, device, generator,
+                                 emit)
+            val = evaluate_split(model, data, splits["val"], device, cfg, num_classes)
+            distances: dict[str, float] = {}
+            lazy_name = ""
+            if model.config.method.use_tla:
+                raw = mine_lazy(model, data, mining_idx, device=device,
+                                batch_size=cfg.batch_size, amp=cfg.amp)
+                lazy = pick_lazy(raw)
+                distances = {combo_name(k, model.names): v for k, v in raw.items()}
+                lazy_name = combo_name(lazy, model.names) if lazy is not None else ""
+            record = EpochRecord(
+                epoch=epoch, phase=phase, train_loss=losses.pop("total"), losses=losses,
+                val_loss=val["loss"], val_acc=val["acc"], val_macro_f1=val["macro_f1"],
+                val_auroc=val["auroc"], lazy_combo=lazy_name, tla_distances=distances,
+                seconds=time.perf_counter() - t_epoch,
+            )
+            key = (val["macro_f1"], -val["loss"])
+            if best_key is None or key > best_key:
+                best_key, best_epoch, record.is_best = key, epoch, True
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in
+                              model.state_dict().items()}
+                if on_best:
+                    on_best(epoch, best_state)
+            records.append(record)
+            rows.append(record.row())
+            if on_epoch:
+                on_epoch(rows)
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, {
+                    "epoch": epoch, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "loader_rng": generator.get_state(), "lazy": list(lazy or ()),
+                    "best_f1": best_key[0], "best_neg_loss": best_key[1],
+                    "best_epoch": best_epoch, "rows": rows,
+                })
+            emit(TrainEvent("epoch", epoch, cfg.epochs, record=record))
+    except KeyboardInterrupt:
+        done = epoch - 1 if not records or records[-1].epoch != epoch else epoch
+        raise TrainingInterrupted(
+            f"training stopped during epoch {done + 1}; {done} epoch(s) are complete and saved "
+            f"(best so far: epoch {best_epoch})",
+            hint="continue with: omnifuse train --resume RUN_DIR",
+        ) from None
     return records, best_epoch, best_state
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Tensors and primitives only, so it loads with weights_only=True; written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling refused or file damaged: either way, not resumable
+        raise BundleError(f"{path} is not a readable omnifuse checkpoint: {err}",
+                          hint="start the run again without --resume") from err
 
 
 def _build(cohort: Cohort, train_idx: np.ndarray, request: TrainRequest
@@ -402,7 +521,8 @@ def mine_lazy(model: OmniFuse, data: PreparedCohort, indices: np.ndarray, *,
                 log_probs = model.predict_from(out).log_probs.float()
                 sums[k] += float(-log_probs.gather(1, y[rows].view(-1, 1)).sum())
                 counts[k] += n
-    return {c: (sums[k] / counts[k] if counts[k] else math.nan) for k, c in enumerate(combos)}
+    return {c: (float(sums[k] / counts[k]) if counts[k] else math.nan)
+            for k, c in enumerate(combos)}
 
 
 def _write_split_files(out_dir: Path, cohort: Cohort, splits: dict[str, np.ndarray]) -> None:
