@@ -10,10 +10,19 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from omnifuse_cli.engine.config import DataConfig, ImageConfig, TrainConfig
+from omnifuse_cli.engine.training import TrainRequest, TrainResult, run_training
+
+# The models here are tiny: one intra-op thread is as fast, and it keeps the suite quick when
+# other processes share the CPU (two spinning OpenMP threads on two busy cores slow it 10x+).
+torch.set_num_threads(1)
 
 N_PATIENTS = 30
 NUM_CLASSES = 3
@@ -82,31 +91,29 @@ def tiny_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_cohort(tmp_path_factory.mktemp("tiny_cohort"))
 
 
-def tiny_request(manifest: Path, out_dir: Path, *, epochs: int = 2, **data_kwargs):  # type: ignore[no-untyped-def]
+def tiny_request(manifest: Path, out_dir: Path, *, epochs: int = 2, batch_size: int = 8,
+                 overwrite: bool = False, **data_kwargs: Any) -> TrainRequest:
     """A small, fast TrainRequest: resnet18 at 32 px, CPU, 60/20/20 split."""
-    from omnifuse_cli.engine.config import DataConfig, ImageConfig, TrainConfig
-    from omnifuse_cli.engine.training import TrainRequest
-
     image = data_kwargs.pop("image", ImageConfig(backbone="resnet18", image_size=32,
                                                  pretrained="no"))
     return TrainRequest(
         manifest=manifest, num_classes=NUM_CLASSES, out_dir=out_dir,
         data=DataConfig(image=image, **data_kwargs),
-        train=TrainConfig(epochs=epochs, device="cpu", batch_size=8, train_ratio=0.6,
+        train=TrainConfig(epochs=epochs, device="cpu", batch_size=batch_size, train_ratio=0.6,
                           val_ratio=0.2, test_ratio=0.2, seed=0),
+        overwrite=overwrite,
     )
 
 
 @pytest.fixture
-def make_request() -> Callable[..., object]:
+def make_request() -> Callable[..., TrainRequest]:
     return tiny_request
 
 
 @pytest.fixture(scope="session")
-def trained_run(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def trained_run(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> tuple[Path, TrainResult]:
     """One 2-epoch run on the tiny cohort: (run_dir, TrainResult). Treat the folder as read-only."""
-    from omnifuse_cli.engine.training import run_training
-
     out = tmp_path_factory.mktemp("runs") / "run"
     result = run_training(tiny_request(tiny_manifest, out))
     return out, result

@@ -236,10 +236,14 @@ def run_training(request: TrainRequest, on_event: EventFn | None = None, *,
     def on_epoch(rows: list[dict[str, Any]]) -> None:
         write_csv(request.out_dir / "metrics.csv", pd.DataFrame(rows))
 
-    records, best_epoch, best_state = fit_model(
-        model, data, splits, cfg, request.num_classes, emit, on_best=on_best, on_epoch=on_epoch,
-        checkpoint=request.out_dir / CHECKPOINT, resume=resume_state,
-    )
+    try:
+        records, best_epoch, best_state = fit_model(
+            model, data, splits, cfg, request.num_classes, emit, on_best=on_best,
+            on_epoch=on_epoch, checkpoint=request.out_dir / CHECKPOINT, resume=resume_state,
+        )
+    except TrainingInterrupted as stop:
+        stop.hint = f"continue with: omnifuse train --resume {request.out_dir}"
+        raise
     model.load_state_dict(best_state)
     result = infer(model, data, splits["test"], device=device, batch_size=cfg.batch_size,
                    amp=cfg.amp)
