@@ -153,10 +153,17 @@ def train(
                         TimeElapsedColumn(), console=console, transient=True)
     task = progress.add_task("preparing", total=None)
 
+    # The live display starts with the first progress event, so input errors (raised before any
+    # work starts) print alone, without an empty table above them.
+    live = Live(Group(table, progress), console=console, refresh_per_second=4)
+
     def on_event(event: TrainEvent) -> None:
         if event.kind == "message":
             console.print(f"[dim]·[/] {event.text}")
-        elif event.kind == "encode":
+            return
+        if not live.is_started:
+            live.start()
+        if event.kind == "encode":
             progress.update(task, description="encoding (once)", completed=event.done,
                             total=event.total)
         elif event.kind == "batch":
@@ -165,9 +172,11 @@ def train(
         elif event.kind == "epoch" and event.record is not None:
             add_epoch_row(table, event.record)
 
-    with Live(Group(table, progress), console=console, refresh_per_second=4):
+    try:
         result = run_training(request, on_event, resume=resume is not None)
+    finally:
         progress.update(task, visible=False)
+        live.stop()
     console.print()
     console.print(f"best epoch: {result.best_epoch} (highest validation macro-F1); "
                   f"split train/val/test = {result.split_counts['train']}/"
