@@ -462,20 +462,33 @@ def test_tokenize_chinese_characters_bigrams_and_latin_words() -> None:
 
 def test_fit_vocabulary_is_deterministic_frequency_then_alphabetical() -> None:
     texts = ["b a", "a c", None, "c a", "", "d"]
-    vocab = fit_vocabulary(texts, size=10, min_freq=1)
+    vocab, _ = fit_vocabulary(texts, size=10, min_freq=1)
     assert vocab == [PAD, UNK, "a", "c", "b", "d"]
-    assert fit_vocabulary(list(reversed(texts)), size=10, min_freq=1) == vocab
-    assert fit_vocabulary(texts, size=4, min_freq=1) == [PAD, UNK, "a", "c"]
-    assert fit_vocabulary(texts, size=10, min_freq=2) == [PAD, UNK, "a", "c"]
+    assert fit_vocabulary(list(reversed(texts)), size=10, min_freq=1)[0] == vocab
+    assert fit_vocabulary(texts, size=4, min_freq=1)[0] == [PAD, UNK, "a", "c"]
+    assert fit_vocabulary(texts, size=10, min_freq=2)[0] == [PAD, UNK, "a", "c"]
+
+
+def test_fit_vocabulary_idf_matches_scikit_learn() -> None:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts = ["b a", "a c", "c a", "d a b"]
+    vocab, idf = fit_vocabulary(texts, size=10, min_freq=1)
+    reference = TfidfVectorizer(token_pattern=r"\S+").fit(texts)
+    expected = dict(zip(reference.get_feature_names_out(), reference.idf_, strict=True))
+    assert idf[:2] == [0.0, 1.0]
+    for token, value in zip(vocab[2:], idf[2:], strict=True):
+        assert value == pytest.approx(expected[token])
 
 
 def test_encode_maps_unknown_tokens_and_truncates() -> None:
-    vocab = fit_vocabulary(["结节 nodule"], size=10, min_freq=1)
+    vocab, idf = fit_vocabulary(["结节 nodule"], size=10, min_freq=1)
     index = {t: i for i, t in enumerate(vocab)}
-    ids = encode("结节 cyst", index, max_length=10)
-    assert ids == [index["结"], index["节"], index["结节"], index[UNK]]
-    assert encode("结节 cyst", index, max_length=2) == ids[:2]
-    assert encode(None, index, max_length=10) == []
+    ids, weights = encode("结节 cyst 结节", index, idf, max_length=10)
+    assert ids == sorted([index["结"], index["节"], index["结节"], index[UNK]])
+    assert sum(w * w for w in weights) == pytest.approx(1.0)
+    assert encode("结节 cyst", index, idf, max_length=2)[0] == ids[:2]
+    assert encode(None, index, idf, max_length=10) == ([], [])
 
 
 # -- unreadable image files -------------------------------------------------------------------

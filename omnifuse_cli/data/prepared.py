@@ -32,6 +32,7 @@ class Preprocessor:
     # vector modality -> {"columns": [...], "mean": [...], "std": [...]}
     vector_stats: dict[str, dict[str, list]] = field(default_factory=dict)
     vocabularies: dict[str, list[str]] = field(default_factory=dict)  # simple text modality
+    idf: dict[str, list[float]] = field(default_factory=dict)  # simple text: per vocabulary entry
     tokenizers: dict[str, Any] = field(default_factory=dict)  # hf text modality -> tokenizer
 
     @classmethod
@@ -52,20 +53,21 @@ class Preprocessor:
                     "std": [float(v) for v in std],
                 }
             elif spec.kind == "text" and text.encoder == "simple":
-                pre.vocabularies[spec.name] = simple_text.fit_vocabulary(
+                pre.vocabularies[spec.name], pre.idf[spec.name] = simple_text.fit_vocabulary(
                     train.texts[spec.name], size=text.vocab_size, min_freq=text.min_freq
                 )
         return pre
 
     def state(self) -> dict[str, Any]:
-        return {"vector_stats": self.vector_stats, "vocabularies": self.vocabularies}
+        return {"vector_stats": self.vector_stats, "vocabularies": self.vocabularies,
+                "idf": self.idf}
 
     @classmethod
     def from_state(cls, modalities: tuple[ModalitySpec, ...], image: ImageConfig,
                    text: TextConfig, state: dict[str, Any],
                    tokenizers: dict[str, Any] | None = None) -> Preprocessor:
         return cls(modalities, image, text, dict(state["vector_stats"]),
-                   dict(state["vocabularies"]), dict(tokenizers or {}))
+                   dict(state["vocabularies"]), dict(state["idf"]), dict(tokenizers or {}))
 
     def input_dim(self, spec: ModalitySpec) -> int:
         """Size the encoder needs to be built: vector length or vocabulary size (0 otherwise)."""
@@ -122,9 +124,10 @@ class Preprocessor:
                 prepared.images[name] = [p[: self.image.max_images] for p in cohort.images[name]]
             elif name in self.vocabularies:
                 index = {t: i for i, t in enumerate(self.vocabularies[name])}
-                prepared.token_ids[name] = [
-                    simple_text.encode(t, index, self.text.max_length) for t in cohort.texts[name]
-                ]
+                encoded = [simple_text.encode(t, index, self.idf[name], self.text.max_length)
+                           for t in cohort.texts[name]]
+                prepared.token_ids[name] = [ids for ids, _ in encoded]
+                prepared.token_weights[name] = [w for _, w in encoded]
             else:
                 tokenizer = self.tokenizers[name]
                 prepared.token_ids[name] = [
@@ -148,6 +151,7 @@ class PreparedCohort:
     vectors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     images: dict[str, list[list[Path]]] = field(default_factory=dict)
     token_ids: dict[str, list[list[int]]] = field(default_factory=dict)
+    token_weights: dict[str, list[list[float]]] = field(default_factory=dict)  # simple text
     pad_ids: dict[str, int] = field(default_factory=dict)
     # Frozen-backbone features: image modality -> per patient (n_images, F); hf text -> (N, H).
     image_cache: dict[str, list[torch.Tensor]] = field(default_factory=dict)
@@ -187,8 +191,10 @@ class PatientDataset(Dataset):
                     item[name] = ("pixels", pixels)
             elif name in d.text_cache:
                 item[name] = ("feats", d.text_cache[name][i])
+            elif name in d.token_weights:
+                item[name] = ("ids", (d.token_ids[name][i], d.token_weights[name][i]))
             else:
-                item[name] = ("ids", d.token_ids[name][i])
+                item[name] = ("ids", (d.token_ids[name][i], None))
         return item
 
 
@@ -219,7 +225,8 @@ def make_collate(data: PreparedCohort):  # type: ignore[no-untyped-def]
                 batch["inputs"][name] = {"feats": torch.stack([v[1] for v in values])}
             else:
                 batch["inputs"][name] = collate_tokens(
-                    [v[1] for v in values], data.pad_ids.get(name, 0), hf=name in data.pad_ids
+                    [v[1][0] for v in values], data.pad_ids.get(name, 0), hf=name in data.pad_ids,
+                    weights=None if name in data.pad_ids else [v[1][1] for v in values],
                 )
         return batch
 
@@ -245,7 +252,8 @@ def _collate_images(per_patient: list, mode: str, size: int, feature_dim: int
     return {"pixels": pixels, "mask": mask}
 
 
-def collate_tokens(seqs: list[list[int]], pad: int, *, hf: bool) -> dict[str, torch.Tensor]:
+def collate_tokens(seqs: list[list[int]], pad: int, *, hf: bool,
+                   weights: list[list[float]] | None = None) -> dict[str, torch.Tensor]:
     length = max(1, max(len(s) for s in seqs))
     ids = torch.full((len(seqs), length), pad, dtype=torch.long)
     attention = torch.zeros(len(seqs), length, dtype=torch.long)
@@ -256,7 +264,10 @@ def collate_tokens(seqs: list[list[int]], pad: int, *, hf: bool) -> dict[str, to
         # A patient without a note still needs one attended token for the transformer.
         attention[:, 0] = 1
         return {"input_ids": ids, "attention_mask": attention}
-    return {"ids": ids}
+    per_token = torch.zeros(len(seqs), length)
+    for b, w in enumerate(weights or []):
+        per_token[b, : len(w)] = torch.tensor(w, dtype=torch.float32)
+    return {"ids": ids, "weights": per_token}
 
 
 def move_to(batch: Any, device: torch.device) -> Any:

@@ -216,9 +216,7 @@ def run_training(request: TrainRequest, on_event: EventFn | None = None, *,
             p.requires_grad = False
 
     t0 = time.perf_counter()
-    finetune_now = cfg.warmup_epochs == 0 and (
-        cfg.finetune_image_scope != "none" or cfg.finetune_text_last_n > 0)
-    if frozen and not finetune_now:
+    if frozen:
         emit(TrainEvent("message", text="encoding images/notes once with the frozen backbones"))
         cache_frozen_features(
             model, data, frozen, device=device, batch_size=cfg.encode_batch_size, amp=cfg.amp,
@@ -323,6 +321,8 @@ def fit_model(
         best_epoch, best_state = resume["best_epoch"], resume["best_state"]
         rows = list(resume["rows"])
         first = resume["epoch"] + 1
+    else:
+        _fit_feature_stats(model, data, train_idx)
     epoch = first - 1
     try:
         for epoch in range(first, cfg.epochs + 1):
@@ -377,6 +377,15 @@ def fit_model(
             hint="continue with: omnifuse train --resume RUN_DIR",
         ) from None
     return records, best_epoch, best_state
+
+
+def _fit_feature_stats(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray) -> None:
+    """Image feature standardisation from the cached features of training patients."""
+    for name, encoder in model.encoders.items():
+        if isinstance(encoder, ImageEncoder) and name in data.image_cache:
+            feats = [data.image_cache[name][i] for i in train_idx]
+            if any(len(f) for f in feats):
+                encoder.set_feature_stats(torch.cat(feats).to(encoder.feat_mean.device))
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

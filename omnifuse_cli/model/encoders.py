@@ -33,19 +33,20 @@ class VectorEncoder(nn.Module):
 
 
 class SimpleTextEncoder(nn.Module):
-    """Mean of trained n-gram embeddings (vocabulary fitted on the training split), then MLP."""
+    """tf-idf weighted sum of trained n-gram embeddings (vocabulary and idf fitted on the
+    training split), then an MLP."""
 
     cacheable = False
 
     def __init__(self, *, vocab_size: int, embed_dim: int, dropout: float) -> None:
         super().__init__()
-        self.bag = nn.EmbeddingBag(vocab_size, embed_dim, mode="mean", padding_idx=0)
+        self.bag = nn.EmbeddingBag(vocab_size, embed_dim, mode="sum", padding_idx=0)
         self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(embed_dim, embed_dim), nn.ReLU(),
                                  nn.Linear(embed_dim, embed_dim))
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        ids = inputs["ids"]  # (B, L), 0 = padding
-        return self.net(self.bag(ids))  # (B, d)
+        ids, weights = inputs["ids"], inputs["weights"]  # (B, L) 0 = padding, (B, L) tf-idf
+        return self.net(self.bag(ids, per_sample_weights=weights.to(self.bag.weight.dtype)))
 
 
 def _masked_mean(hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -106,8 +107,13 @@ class ImageEncoder(nn.Module):
         super().__init__()
         self.backbone = trunk
         self.feature_dim = feature_dim
-        self.proj = nn.Sequential(nn.LayerNorm(feature_dim), nn.Dropout(dropout),
-                                  nn.Linear(feature_dim, embed_dim), nn.GELU())
+        # Backbone features are standardised with training-split statistics (set_feature_stats),
+        # not per image: a per-image LayerNorm would erase overall activation strength, which is
+        # where lesion area and echogenicity show up.
+        self.register_buffer("feat_mean", torch.zeros(feature_dim))
+        self.register_buffer("feat_std", torch.ones(feature_dim))
+        self.proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, embed_dim),
+                                  nn.GELU())
         self.attn = nn.Sequential(nn.Linear(embed_dim, embed_dim // 2), nn.Tanh(),
                                   nn.Linear(embed_dim // 2, 1))
 
@@ -116,7 +122,7 @@ class ImageEncoder(nn.Module):
 
     def forward_head(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         feats, mask = inputs["feats"], inputs["mask"]  # (B, I, F), (B, I) bool
-        h = self.proj(feats)  # (B, I, d)
+        h = self.proj((feats - self.feat_mean) / self.feat_std)  # (B, I, d)
         scores = self.attn(h).squeeze(-1)  # (B, I)
         # A patient without images gets uniform weights over padding; the slot is masked upstream.
         scores = scores.masked_fill(~mask, -1e4)
@@ -132,6 +138,14 @@ class ImageEncoder(nn.Module):
                 feats[mask] = self.forward_features(pixels[mask]).to(feats.dtype)
             inputs = {"feats": feats, "mask": mask}
         return self.forward_head(inputs)
+
+    @torch.no_grad()
+    def set_feature_stats(self, feats: torch.Tensor) -> None:
+        """Standardisation statistics from backbone features of training images (N, F)."""
+        if len(feats) < 2:
+            return
+        self.feat_mean.copy_(feats.mean(0))
+        self.feat_std.copy_(feats.std(0).clamp(min=1e-4))
 
     def set_trainable_scope(self, scope: str) -> None:
         """Unfreeze none, layer4, layer3+ (layer3 and layer4) or all of the trunk."""
