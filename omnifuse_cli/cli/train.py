@@ -37,7 +37,7 @@ def train(
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 30,
     batch_size: options.BatchSize = 32,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate of everything but "
-                                      "pretrained backbones.")] = 1e-3,
+                                      "pretrained backbones.")] = 3e-4,
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-4,
     seed: Annotated[int, typer.Option("--seed")] = 42,
     train_ratio: Annotated[float, typer.Option("--train-ratio")] = 0.8,

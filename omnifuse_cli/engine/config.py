@@ -178,7 +178,7 @@ class TrainConfig:
 
     epochs: int = 30
     batch_size: int = 32
-    lr: float = 1e-3  # heads, encoders trained from scratch, CRA
+    lr: float = 3e-4  # heads, encoders trained from scratch, CRA (chosen on validation)
     weight_decay: float = 1e-4
     warmup_epochs: int = 5  # backbones frozen (features cached); then fine-tuning if asked
     finetune_image_scope: str = "none"  # none keeps the image backbone frozen for the whole run
