@@ -205,7 +205,7 @@ def run_training(request: TrainRequest, on_event: EventFn | None = None, *,
     for note in cohort.notes:
         emit(TrainEvent("message", text=note))
 
-    model, pre, weights_desc = _build(cohort, splits["train"], request)
+    model, pre, weights_desc = build_for_cohort(cohort, splits["train"], request)
     if not weights_desc.startswith(("file", "ImageNet", "none")):
         emit(TrainEvent("message", text=f"image backbone: {weights_desc}"))
     data = pre.prepare(cohort)
@@ -404,7 +404,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                           hint="start the run again without --resume") from err
 
 
-def _build(cohort: Cohort, train_idx: np.ndarray, request: TrainRequest
+def build_for_cohort(cohort: Cohort, train_idx: np.ndarray, request: TrainRequest
            ) -> tuple[OmniFuse, Preprocessor, str]:
     data_cfg = request.data
     tokenizers: dict[str, Any] = {}
