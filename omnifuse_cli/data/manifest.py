@@ -146,7 +146,14 @@ def parse_vector_cell(cell: str, base: Path) -> np.ndarray:
     """One vector cell: inline JSON list, .npy path or one-row .csv path. Raises ValueError."""
     text = cell.strip()
     if text.startswith("["):
-        values = json.loads(text)
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            shown = text if len(text) <= 60 else text[:57] + "..."
+            raise ValueError(
+                f"{shown!r} is not a JSON list of numbers ({err.msg} at character {err.pos + 1}); "
+                "write a missing value as null, and no inf or nan"
+            ) from None
         if not isinstance(values, list) or any(isinstance(v, (list, dict)) for v in values):
             raise ValueError("inline vector must be a flat JSON list of numbers")
         return _as_vector([math.nan if v is None else v for v in values])
@@ -158,8 +165,14 @@ def parse_vector_cell(cell: str, base: Path) -> np.ndarray:
         )
     if not path.exists():
         raise ValueError(f"file {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file")
     if suffix == ".npy":
-        array = np.load(path, allow_pickle=False)
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, EOFError, ValueError) as err:
+            raise ValueError(f"{path.name} is not a readable .npy array ({err or 'empty file'}); "
+                             "pickled object arrays are refused") from None
         if array.ndim == 2 and 1 in array.shape:
             array = array.reshape(-1)
         if array.ndim != 1:
@@ -184,6 +197,17 @@ def _numeric_row(row: tuple) -> bool:
     return True
 
 
+class BadValue(ValueError):
+    """One value of a vector is unusable: ``index`` says which, ``detail`` why."""
+
+    def __init__(self, index: int, value: object, detail: str) -> None:
+        shown = "" if detail.startswith("is infinite") else f" ({value!r})"
+        super().__init__(f"value {index + 1}{shown} {detail}")
+        self.index = index
+        self.value = value
+        self.detail = detail
+
+
 def _as_vector(values: list) -> np.ndarray:
     out = np.empty(len(values), dtype=np.float64)
     for j, v in enumerate(values):
@@ -193,10 +217,10 @@ def _as_vector(values: list) -> np.ndarray:
         try:
             out[j] = float(v)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"value {j + 1} ({v!r}) is not a number") from err
+            raise BadValue(j, v, "is not a number") from err
     if np.isinf(out).any():
-        bad = int(np.flatnonzero(np.isinf(out))[0]) + 1
-        raise ValueError(f"value {bad} is infinite; write an empty value or null for missing")
+        bad = int(np.flatnonzero(np.isinf(out))[0])
+        raise BadValue(bad, values[bad], "is infinite; write an empty value or null for missing")
     if len(out) == 0:
         raise ValueError("empty vector")
     return out.astype(np.float32)
@@ -246,8 +270,8 @@ def read_labs_table(path: Path, id_col: str) -> tuple[dict[str, np.ndarray], lis
     for i, (pid, row) in enumerate(zip(ids, frame[columns].itertuples(index=False), strict=True)):
         try:
             table[pid] = _as_vector(list(row))
-        except ValueError as err:
-            problems.add(_row(i), "labs", str(err))
+        except BadValue as err:
+            problems.add(_row(i), columns[err.index], f"{err.value!r} {err.detail}")
     problems.raise_if_any("unreadable lab values", "lab values must be numbers or empty")
     return table, columns
 
@@ -348,7 +372,9 @@ def _read_labels(
     if "label" not in frame.columns:
         if required:
             raise ManifestError(
-                "the manifest has no 'label' column", hint="training needs id,label,<modalities>"
+                f"manifest {problems.source} has no 'label' column "
+                f"(columns: {', '.join(frame.columns)})",
+                hint="training and evaluation need id,label,<modalities>",
             )
         return None
     labels = np.full(len(frame), -1, dtype=np.int64)
@@ -386,7 +412,7 @@ def _fill_vectors(
             continue
         try:
             rows[i] = parse_vector_cell(cell, base)
-        except (ValueError, json.JSONDecodeError) as err:
+        except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
             problems.add(_row(i), name, str(err))
     lengths = {len(v) for v in rows.values()}
     if len(lengths) > 1:

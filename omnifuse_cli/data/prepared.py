@@ -88,15 +88,16 @@ class Preprocessor:
                 continue
             if len(got) != len(want):
                 raise DataError(
-                    f"{spec.name} has {len(got)} values per patient, the model was trained on "
-                    f"{len(want)}",
+                    f"{cohort.source}: {spec.name} has {len(got)} values per patient, the model "
+                    f"was trained on {len(want)}",
                     hint="give the same lab panel (same columns, same order) as in training",
                 )
             named = [c for c in got if not c.startswith(f"{spec.name}_")]
             if named and got != want:
                 diff = sorted(set(want) ^ set(got)) or ["(same names, different order)"]
                 raise DataError(
-                    f"{spec.name} columns differ from training: {', '.join(diff[:10])}",
+                    f"{cohort.source}: {spec.name} columns differ from training: "
+                    f"{', '.join(diff[:10])}",
                     hint=f"use the training columns in this order: {', '.join(want)}",
                 )
 

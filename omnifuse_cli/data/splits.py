@@ -29,4 +29,20 @@ def stratified_split(labels: np.ndarray, *, train: float, val: float, test: floa
             hint=f"add patients to class {smallest}, or give val and test a larger share, e.g. "
             f"--train-ratio 0.6 --val-ratio 0.2 --test-ratio 0.2",
         ) from err
-    return {"train": np.sort(train_idx), "val": np.sort(val_idx), "test": np.sort(test_idx)}
+    splits = {"train": np.sort(train_idx), "val": np.sort(val_idx), "test": np.sort(test_idx)}
+    classes = np.flatnonzero(counts)
+    for name in ("val", "test"):
+        missing = np.setdiff1d(classes, labels[splits[name]])
+        if len(missing):
+            # scikit-learn only needs two patients per class; a class absent from validation or
+            # test would make model selection and test metrics silently meaningless.
+            c = int(missing[0])
+            share = min(0.45, max(val, test, 1.0 / counts[c] + 0.01))
+            share = float(np.ceil(share * 20) / 20)
+            raise DataError(
+                f"class {c} has {counts[c]} patient(s): none lands in the {name} split with "
+                f"--train-ratio {train:g} --val-ratio {val:g} --test-ratio {test:g}",
+                hint=f"try --train-ratio {1 - 2 * share:.2f} --val-ratio {share:.2f} "
+                f"--test-ratio {share:.2f}, or add patients to class {c}",
+            )
+    return splits

@@ -324,6 +324,7 @@ def fit_model(
     else:
         _fit_feature_stats(model, data, train_idx)
     epoch = first - 1
+    saved = first - 1  # last epoch whose checkpoint is on disk
     try:
         for epoch in range(first, cfg.epochs + 1):
             if finetune and epoch > cfg.warmup_epochs and not unfrozen:
@@ -368,11 +369,11 @@ def fit_model(
                     "best_f1": best_key[0], "best_neg_loss": best_key[1],
                     "best_epoch": best_epoch, "rows": rows,
                 })
+            saved = epoch
             emit(TrainEvent("epoch", epoch, cfg.epochs, record=record))
     except KeyboardInterrupt:
-        done = epoch - 1 if not records or records[-1].epoch != epoch else epoch
         raise TrainingInterrupted(
-            f"training stopped during epoch {done + 1}; {done} epoch(s) are complete and saved "
+            f"training stopped during epoch {saved + 1}; {saved} epoch(s) are complete and saved "
             f"(best so far: epoch {best_epoch})",
             hint="continue with: omnifuse train --resume RUN_DIR",
         ) from None
@@ -392,16 +393,24 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Tensors and primitives only, so it loads with weights_only=True; written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # Ctrl-C mid-write keeps the previous checkpoint, no debris
+        raise
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling refused or file damaged: either way, not resumable
-        raise BundleError(f"{path} is not a readable omnifuse checkpoint: {err}",
-                          hint="start the run again without --resume") from err
+        raise BundleError(
+            f"{path} is not a readable omnifuse checkpoint (damaged, or holding something "
+            "other than tensors and plain values); it was not loaded",
+            hint="start the run again without --resume",
+        ) from err
+
 
 
 def build_for_cohort(cohort: Cohort, train_idx: np.ndarray, request: TrainRequest
