@@ -49,7 +49,7 @@ def omnifuse(*args: str) -> None:
 def demo() -> None:
     data, run_dir = Path("demo") / "data_synth_raw", Path("demo") / "run"
     start = time.perf_counter()
-    omnifuse("make-data", "--out-dir", str(data), "--n", "60", "--overwrite")
+    omnifuse("make-data", "--out-dir", str(data), "--n", "240", "--overwrite")
     omnifuse("train", str(data / "manifest.csv"), "--num-classes", "3", "--out-dir",
              str(run_dir), "--overwrite")
     omnifuse("evaluate", str(run_dir))
