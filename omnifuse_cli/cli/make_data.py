@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from omnifuse_cli.cli.common import console, handle_errors
-from omnifuse_cli.errors import ConfigError
 
 
 @handle_errors
@@ -41,11 +40,9 @@ def make_data(
     the fused model. Signal and noise defaults are documented in `omnifuse_cli.engine.synthesis`.
     """
     from omnifuse_cli.cli.render import counts_table
+    from omnifuse_cli.engine.files import prepare_out_dir
     from omnifuse_cli.engine.synthesis import CohortSpec, make_cohort
 
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"--out-dir {out_dir} already exists and is not empty",
-                          hint="choose another --out-dir, or pass --overwrite")
     knobs = {"labs_signal": labs_signal, "us_signal": us_signal, "text_signal": text_signal,
              "labs_noise": labs_noise, "us_noise": us_noise, "text_noise": text_noise}
     spec = CohortSpec(n=n, seed=seed, num_classes=num_classes, labs_dim=labs_dim,
@@ -53,6 +50,7 @@ def make_data(
                       missing_labs=missing_labs, missing_us=missing_us,
                       missing_text=missing_text,
                       **{k: v for k, v in knobs.items() if v is not None})
+    prepare_out_dir(out_dir, overwrite)
     from rich.progress import Progress
 
     with Progress(console=console, transient=True) as progress:

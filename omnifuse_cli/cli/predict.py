@@ -26,9 +26,9 @@ def predict(
 ) -> None:
     """Predict classes for new patients, with each modality's DWFuse weight."""
     from omnifuse_cli.cli.render import predictions_table
+    from omnifuse_cli.engine.files import write_csv
     from omnifuse_cli.engine.prediction import PredictRequest, predict_patients
     from omnifuse_cli.engine.runs import find_latest_run
-    from omnifuse_cli.engine.training import write_csv
 
     if run is None:
         run = find_latest_run()

@@ -29,6 +29,7 @@ from omnifuse_cli.engine.config import (
     text_config_from_dict,
     to_primitive,
 )
+from omnifuse_cli.engine.files import write_text_atomic
 from omnifuse_cli.engine.modelling import build_model, text_backbone_from_folder
 from omnifuse_cli.errors import BundleError
 from omnifuse_cli.model.omnifuse import OmniFuse
@@ -54,19 +55,6 @@ def versions() -> dict[str, str]:
     return {"omnifuse": __version__, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "numpy": numpy.__version__,
             "scikit-learn": sklearn.__version__, "python": platform.python_version()}
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path`` then rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_bundle(folder: Path, model: OmniFuse, preprocessor: Preprocessor, *,

@@ -10,10 +10,10 @@ import pandas as pd
 
 from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.engine.bundle import load_bundle
+from omnifuse_cli.engine.files import write_csv
 from omnifuse_cli.engine.inference import infer, resolve_device
 from omnifuse_cli.engine.metrics import classification_metrics, confusion
 from omnifuse_cli.engine.runs import read_meta, read_split_assignment
-from omnifuse_cli.engine.training import write_csv
 from omnifuse_cli.errors import BundleError, DataError
 
 

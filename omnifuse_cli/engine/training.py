@@ -7,7 +7,6 @@ meta.csv) plus split_assignment.csv and the model bundle under ``model/``.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -24,7 +23,7 @@ import torch
 from omnifuse_cli.data.manifest import Cohort, check_trainable, read_manifest
 from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor, move_to
 from omnifuse_cli.data.splits import stratified_split
-from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions, write_text_atomic
+from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions
 from omnifuse_cli.engine.config import (
     DataConfig,
     ImageConfig,
@@ -35,6 +34,7 @@ from omnifuse_cli.engine.config import (
     TrainConfig,
     to_primitive,
 )
+from omnifuse_cli.engine.files import prepare_out_dir, write_csv, write_text_atomic
 from omnifuse_cli.engine.inference import (
     autocast,
     cache_frozen_features,
@@ -49,7 +49,7 @@ from omnifuse_cli.engine.modelling import (
     load_image_weights,
     load_text_backbone,
 )
-from omnifuse_cli.errors import BundleError, ConfigError, TrainingInterrupted
+from omnifuse_cli.errors import BundleError, TrainingInterrupted
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder
 from omnifuse_cli.model.laziness import available, combinations, combo_mask, combo_name, pick_lazy
 from omnifuse_cli.model.omnifuse import OmniFuse
@@ -122,23 +122,6 @@ class TrainResult:
     device: str
     image_weights: str
     notes: list[str]
-
-
-def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out-dir {out_dir} exists and is a file")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"--out-dir {out_dir} already exists and is not empty",
-            hint="choose another --out-dir, or pass --overwrite to replace its files",
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
-def write_csv(path: Path, frame: pd.DataFrame) -> None:
-    buffer = io.StringIO()
-    frame.to_csv(buffer, index=False, lineterminator="\n")
-    write_text_atomic(path, buffer.getvalue())
 
 
 CHECKPOINT = "checkpoint.pt"  # state after the last complete epoch, for --resume
