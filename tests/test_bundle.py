@@ -503,3 +503,35 @@ def test_image_weights_that_are_not_a_state_dict(
     image = ImageConfig(backbone="resnet18", image_size=32, weights_path=str(junk))
     with pytest.raises(WeightsError, match="could not be read as a state dict"):
         run_training(make_request(tiny_manifest, tmp_path / "r2", image=image))
+
+
+# -- default ("auto") image weights ---------------------------------------------------------------
+def test_auto_image_weights_use_the_local_torch_cache_only(tmp_path: Path) -> None:
+    import torchvision
+
+    from omnifuse_cli.engine.config import ImageConfig, MethodConfig, ModalitySpec, ModelConfig
+    from omnifuse_cli.engine.modelling import build_model, load_image_weights
+
+    config = ModelConfig((ModalitySpec("us", "image"),), 2, (512,), MethodConfig())
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        model = build_model(config, ImageConfig(backbone="resnet18"), {})
+        assert load_image_weights(model, ImageConfig(backbone="resnet18")).startswith(
+            "random init")
+        reference = torchvision.models.resnet18(weights=None)
+        url = torchvision.models.ResNet18_Weights.DEFAULT.url
+        cached = tmp_path / "hub" / "checkpoints" / Path(url).name
+        cached.parent.mkdir(parents=True)
+        torch.save(reference.state_dict(), cached)
+        described = load_image_weights(model, ImageConfig(backbone="resnet18"))
+        assert described.startswith("ImageNet") and str(cached) in described
+        trunk = model.encoders["us"].backbone
+        assert torch.equal(trunk[0].weight, reference.conv1.weight)
+        assert torch.equal(trunk[7][1].conv2.weight, reference.layer4[1].conv2.weight)
+        fresh = build_model(config, ImageConfig(backbone="resnet18"), {})
+        assert load_image_weights(fresh, ImageConfig(backbone="resnet18", pretrained="no")) == (
+            "random init (--no-pretrained-image)")
+        assert not torch.equal(fresh.encoders["us"].backbone[0].weight, reference.conv1.weight)
+    finally:
+        torch.hub.set_dir(previous)
