@@ -17,6 +17,7 @@ from omnifuse_cli.data.prepared import (
     make_collate,
     move_to,
 )
+from omnifuse_cli.errors import ConfigError
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder
 from omnifuse_cli.model.omnifuse import OmniFuse
 
@@ -24,8 +25,6 @@ ProgressFn = Callable[[int, int], None]
 
 
 def resolve_device(name: str) -> torch.device:
-    from omnifuse_cli.errors import ConfigError
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
