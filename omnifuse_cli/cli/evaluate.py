@@ -22,17 +22,34 @@ def evaluate(
     out_dir: Annotated[Path | None, typer.Option(
         "--out-dir", help="Where to write the CSVs [default: RUN_DIR/eval/<test|manifest>].")
     ] = None,
+    drop_modality: Annotated[list[str] | None, typer.Option(
+        "--drop-modality", help="Simulate a missing modality for every patient (repeatable).")
+    ] = None,
+    missing_rate: Annotated[float, typer.Option(
+        "--missing-rate", help="Hide each present modality with this probability, keeping one "
+        "per patient (seeded).")] = 0.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of --missing-rate and the "
+                                      "bootstrap.")] = 42,
+    bootstrap: Annotated[int, typer.Option(
+        "--bootstrap", min=0, help="Bootstrap resamples for 95% intervals (0 = none).")] = 1000,
     device: options.Device = "auto",
     batch_size: options.BatchSize = 32,
 ) -> None:
-    """Accuracy, macro-F1, balanced accuracy, AUROC and confusion matrix of a trained run."""
-    from omnifuse_cli.cli.render import confusion_table, metrics_table
+    """Metrics with 95% bootstrap intervals, per missing pattern, and the confusion matrix."""
+    from omnifuse_cli.cli.render import confusion_table, metrics_table, patterns_table
     from omnifuse_cli.engine.evaluation import EvalRequest, evaluate_run
 
     result = evaluate_run(EvalRequest(run_dir=run_dir, manifest=manifest, labs_table=labs_table,
                                       labs_id_col=labs_id_col, out_dir=out_dir, device=device,
-                                      batch_size=batch_size))
-    console.print(metrics_table(result.metrics, f"{result.source} ({result.n} patients)"))
+                                      batch_size=batch_size,
+                                      drop_modalities=tuple(drop_modality or ()),
+                                      missing_rate=missing_rate, seed=seed, bootstrap=bootstrap))
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(metrics_table(result.metrics, f"{result.source} ({result.n} patients)",
+                                result.intervals))
+    console.print(patterns_table(result.patterns))
     console.print(confusion_table(result.confusion, result.class_names,
                                   "confusion matrix (rows = true)"))
-    console.print(f"written to [bold]{result.out_dir}[/] (metrics.csv, confusion_matrix.csv)")
+    console.print(f"written to [bold]{result.out_dir}[/] (metrics.csv, confusion_matrix.csv, "
+                  "patterns.csv)")

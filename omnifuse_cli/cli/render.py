@@ -11,7 +11,8 @@ from rich.table import Table
 
 METRIC_LABELS = {
     "acc": "accuracy", "macro_f1": "macro-F1", "balanced_acc": "balanced accuracy",
-    "auroc": "AUROC (OvR macro)", "loss": "log loss",
+    "auroc": "AUROC (OvR macro)", "loss": "log loss", "auprc": "AUPRC (OvR macro)",
+    "ece": "calibration error (ECE)", "brier": "Brier score",
 }
 
 
@@ -44,12 +45,29 @@ def add_epoch_row(table: Table, record) -> None:  # type: ignore[no-untyped-def]
     )
 
 
-def metrics_table(metrics: Mapping[str, float], title: str) -> Table:
+def metrics_table(metrics: Mapping[str, float], title: str,
+                  intervals: Mapping[str, tuple[float, float]] | None = None) -> Table:
     table = Table(title=title, title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    if intervals:
+        table.add_column("95% CI (bootstrap)", justify="right")
     for key, value in metrics.items():
-        table.add_row(METRIC_LABELS.get(key, key), fmt(value))
+        cells = [METRIC_LABELS.get(key, key), fmt(value)]
+        if intervals:
+            low, high = intervals.get(key, (None, None))
+            cells.append(f"{fmt(low)} - {fmt(high)}" if low is not None else "")
+        table.add_row(*cells)
+    return table
+
+
+def patterns_table(frame: pd.DataFrame) -> Table:
+    table = Table(title="by missing pattern (modalities present)", title_justify="left")
+    for col in ("present", "n", "acc", "macro_f1", "auroc"):
+        table.add_column(col, justify="left" if col == "present" else "right")
+    for _, row in frame.iterrows():
+        table.add_row(str(row["present"]), str(int(row["n"])), fmt(row["acc"]),
+                      fmt(row["macro_f1"]), fmt(row["auroc"]))
     return table
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +14,14 @@ from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.engine.bundle import load_bundle
 from omnifuse_cli.engine.files import write_csv
 from omnifuse_cli.engine.inference import infer, resolve_device
-from omnifuse_cli.engine.metrics import classification_metrics, confusion
+from omnifuse_cli.engine.metrics import (
+    bootstrap_ci,
+    classification_metrics,
+    confusion,
+    full_metrics,
+)
 from omnifuse_cli.engine.runs import read_meta, read_split_assignment
-from omnifuse_cli.errors import BundleError, DataError
+from omnifuse_cli.errors import BundleError, ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,10 @@ class EvalRequest:
     out_dir: Path | None = None  # default RUN_DIR/eval/<test|manifest stem>
     device: str = "auto"
     batch_size: int = 32
+    drop_modalities: tuple[str, ...] = ()  # hide these modalities for every patient
+    missing_rate: float = 0.0  # hide each present modality with this probability (keep one)
+    seed: int = 42  # for --missing-rate and the bootstrap
+    bootstrap: int = 1000  # resamples for the 95% intervals (0 = none)
 
 
 @dataclass
@@ -33,9 +44,38 @@ class EvalResult:
     source: str
     n: int
     metrics: dict[str, float]
+    intervals: dict[str, tuple[float, float]]  # 95% bootstrap CI of auroc, macro_f1, acc
     confusion: np.ndarray
     class_names: list[str]
+    patterns: pd.DataFrame  # one row per missing pattern: present, n, acc, macro_f1, auroc
     out_dir: Path
+    notes: list[str]
+
+
+def simulate_missing(present: np.ndarray, names: list[str], drop: tuple[str, ...], rate: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hide modalities at test time. Returns the new presence mask and the patients left with
+    nothing (they cannot be scored and are excluded)."""
+    unknown = [d for d in drop if d not in names]
+    if unknown:
+        raise ConfigError(f"--drop-modality {', '.join(unknown)} is not a modality of this model",
+                          hint=f"the model's modalities: {', '.join(names)}")
+    if not 0.0 <= rate < 1.0:
+        raise ConfigError(f"--missing-rate must be in [0, 1), got {rate}")
+    out = present.copy()
+    for name in drop:
+        out[:, names.index(name)] = False
+    empty = ~out.any(axis=1)
+    if rate > 0:
+        rng = np.random.default_rng(seed)
+        draws = rng.random(out.shape)
+        hidden = out & (draws >= rate)
+        lost = ~hidden.any(axis=1) & ~empty
+        # Keep the present modality with the highest draw for patients who would lose all.
+        keep = np.where(out, draws, -1.0).argmax(axis=1)
+        hidden[lost, keep[lost]] = True
+        out = hidden
+    return out, empty
 
 
 def evaluate_run(request: EvalRequest) -> EvalResult:
@@ -74,16 +114,57 @@ def evaluate_run(request: EvalRequest) -> EvalResult:
             )
         source, tag = f"test split of {run_dir}", "test"
     assert cohort.labels is not None
+    notes: list[str] = []
+    if request.drop_modalities or request.missing_rate > 0:
+        cohort.present, empty = simulate_missing(
+            cohort.present, cohort.names, request.drop_modalities, request.missing_rate,
+            request.seed)
+        if empty[rows].any():
+            notes.append(f"{int(empty[rows].sum())} patient(s) had only the dropped modalities "
+                         "and are not scored")
+            rows = rows[~empty[rows]]
+        if not len(rows):
+            raise DataError("no patient keeps a modality after --drop-modality")
+        if request.drop_modalities:
+            source += f" with {'+'.join(request.drop_modalities)} dropped"
+            tag += f"-drop-{'+'.join(request.drop_modalities)}"
+        if request.missing_rate:
+            source += f", missing rate {request.missing_rate:g} (seed {request.seed})"
+            tag += f"-missing{request.missing_rate:g}-seed{request.seed}"
     data = bundle.preprocessor.prepare(cohort)
     result = infer(bundle.model, data, rows, device=device, batch_size=request.batch_size)
     probs = np.exp(result.log_probs)
     y = cohort.labels[result.index]
-    metrics = classification_metrics(y, probs, num_classes)
+    metrics = full_metrics(y, probs, num_classes)
+    intervals = bootstrap_ci(y, probs, num_classes, n=request.bootstrap, seed=request.seed)
     cm = confusion(y, probs.argmax(1), num_classes)
+    patterns = _pattern_table(cohort.present[result.index], cohort.names, y, probs, num_classes)
     out_dir = Path(request.out_dir) if request.out_dir else run_dir / "eval" / tag
-    write_csv(out_dir / "metrics.csv", pd.DataFrame(
-        {"metric": list(metrics), "value": list(metrics.values())}))
+    write_csv(out_dir / "metrics.csv", pd.DataFrame({
+        "metric": list(metrics), "value": list(metrics.values()),
+        "ci_low": [intervals.get(k, (math.nan, math.nan))[0] for k in metrics],
+        "ci_high": [intervals.get(k, (math.nan, math.nan))[1] for k in metrics],
+    }))
     frame = pd.DataFrame(cm, columns=[f"pred_{c}" for c in bundle.class_names])
     frame.insert(0, "true", bundle.class_names)
     write_csv(out_dir / "confusion_matrix.csv", frame)
-    return EvalResult(source, len(rows), metrics, cm, bundle.class_names, out_dir)
+    write_csv(out_dir / "patterns.csv", patterns)
+    return EvalResult(source, len(rows), metrics, intervals, cm, bundle.class_names, patterns,
+                      out_dir, notes)
+
+
+def _pattern_table(present: np.ndarray, names: list[str], y: np.ndarray, probs: np.ndarray,
+                   num_classes: int) -> pd.DataFrame:
+    """Metrics per missing pattern (which modalities were present), most common first."""
+    labels = np.array(["+".join(n for n, p in zip(names, row, strict=True) if p)
+                       for row in present])
+    rows = []
+    for pattern in pd.Series(labels).value_counts().index:
+        mask = labels == pattern
+        with warnings.catch_warnings():
+            # Small pattern groups often hold one class; the metrics say n/a where undefined.
+            warnings.simplefilter("ignore", UserWarning)
+            m = classification_metrics(y[mask], probs[mask], num_classes)
+        rows.append({"present": pattern, "n": int(mask.sum()), "acc": m["acc"],
+                     "macro_f1": m["macro_f1"], "auroc": m["auroc"]})
+    return pd.DataFrame(rows)
