@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from omnifuse_cli.data.images import image_problem
-from omnifuse_cli.engine.config import ModalitySpec
+from omnifuse_cli.engine.config import ON_BAD_FILE, ModalitySpec
 from omnifuse_cli.errors import ConfigError, DataError, ManifestError
 
 VSCODE_MARKER = "_vscodecontentref_"
@@ -292,7 +292,7 @@ def read_manifest(
     check_files decodes every image; on_bad_file="skip" drops unreadable images instead of
     failing (a patient left without images has that modality missing) and says so in notes.
     """
-    if on_bad_file not in ("error", "skip"):
+    if on_bad_file not in ON_BAD_FILE:
         raise ConfigError(f"--on-bad-file must be error or skip, got {on_bad_file!r}")
     path = Path(path)
     frame = read_table(path, "manifest")

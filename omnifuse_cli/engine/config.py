@@ -19,12 +19,18 @@ FINETUNE_IMAGE_SCOPES = ("none", "layer4", "layer3+", "all")
 TEXT_ENCODERS = ("simple", "hf")
 INFERENCE_RULES = ("label-free", "joint", "mean")
 PRETRAINED_CHOICES = ("auto", "yes", "no")
+ON_BAD_FILE = ("error", "skip")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
 def _check(condition: bool, message: str, hint: str | None = None) -> None:
     if not condition:
         raise ConfigError(message, hint=hint)
+
+
+def _check_choice(value: str, choices: tuple[str, ...], option: str) -> None:
+    _check(value in choices, f"{option} {value!r} is not supported",
+           f"choose one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -84,14 +90,10 @@ class ImageConfig:
     weights_path: str | None = None  # local state dict, for offline hospital machines
 
     def __post_init__(self) -> None:
-        _check(
-            self.backbone in IMAGE_BACKBONES,
-            f"--image-backbone {self.backbone!r} is not supported",
-            f"choose one of {', '.join(IMAGE_BACKBONES)}",
-        )
+        _check_choice(self.backbone, IMAGE_BACKBONES, "--image-backbone")
         _check(self.image_size >= 16, f"--image-size must be >= 16, got {self.image_size}")
         _check(self.max_images >= 1, f"--max-us-images must be >= 1, got {self.max_images}")
-        _check(self.pretrained in PRETRAINED_CHOICES, f"bad pretrained choice {self.pretrained!r}")
+        _check_choice(self.pretrained, PRETRAINED_CHOICES, "pretrained")
 
 
 @dataclass(frozen=True)
@@ -105,11 +107,7 @@ class TextConfig:
     min_freq: int = 1  # simple: n-grams seen fewer times in training are unknown
 
     def __post_init__(self) -> None:
-        _check(
-            self.encoder in TEXT_ENCODERS,
-            f"--text-encoder {self.encoder!r} is not supported",
-            f"choose one of {', '.join(TEXT_ENCODERS)}",
-        )
+        _check_choice(self.encoder, TEXT_ENCODERS, "--text-encoder")
         _check(self.max_length >= 8, f"--text-max-length must be >= 8, got {self.max_length}")
         _check(self.vocab_size >= 10, f"text vocabulary size must be >= 10, got {self.vocab_size}")
 
@@ -143,11 +141,7 @@ class MethodConfig:
         _check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
         for name in ("alpha", "beta", "lambda1", "lambda2", "lambda3"):
             _check(getattr(self, name) >= 0, f"--{name} must be >= 0")
-        _check(
-            self.inference_rule in INFERENCE_RULES,
-            f"--inference-rule {self.inference_rule!r} is not supported",
-            f"choose one of {', '.join(INFERENCE_RULES)}",
-        )
+        _check_choice(self.inference_rule, INFERENCE_RULES, "--inference-rule")
         _check(
             self.use_dwfuse or self.inference_rule == "label-free",
             f"--inference-rule {self.inference_rule} needs DWFuse's heads (drop --no-dwfuse)",
@@ -200,11 +194,7 @@ class TrainConfig:
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         _check(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
-        _check(
-            self.finetune_image_scope in FINETUNE_IMAGE_SCOPES,
-            f"--finetune-image-scope {self.finetune_image_scope!r} is not supported",
-            f"choose one of {', '.join(FINETUNE_IMAGE_SCOPES)}",
-        )
+        _check_choice(self.finetune_image_scope, FINETUNE_IMAGE_SCOPES, "--finetune-image-scope")
         _check(
             self.finetune_text_last_n >= 0,
             f"--finetune-text-last-n must be >= 0, got {self.finetune_text_last_n}",
@@ -238,10 +228,8 @@ class DataConfig:
     text: TextConfig = field(default_factory=TextConfig)
 
     def __post_init__(self) -> None:
-        _check(
-            self.on_bad_file in ("error", "skip"),
-            f"--on-bad-file must be error or skip, got {self.on_bad_file!r}",
-        )
+        _check(self.on_bad_file in ON_BAD_FILE,
+               f"--on-bad-file must be error or skip, got {self.on_bad_file!r}")
 
 
 def to_primitive(obj: Any) -> Any:
