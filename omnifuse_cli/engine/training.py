@@ -295,7 +295,11 @@ def fit_model(
         if finetune and resume["epoch"] > cfg.warmup_epochs:
             _unfreeze(model, data, cfg)
             unfrozen = True
-        model.load_state_dict(resume["model"])
+        missing, unexpected = model.load_state_dict(resume["model"], strict=False)
+        frozen = _frozen_prefixes(model)
+        if unexpected or any(not k.startswith(frozen) for k in missing):
+            raise BundleError("checkpoint.pt does not match this run's model",
+                              hint="start the run again without --resume")
         optimizer.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["torch_rng"])
         generator.set_state(resume["loader_rng"])
@@ -346,7 +350,7 @@ def fit_model(
                 on_epoch(rows)
             if checkpoint is not None:
                 save_checkpoint(checkpoint, {
-                    "epoch": epoch, "model": model.state_dict(),
+                    "epoch": epoch, "model": _trained_state(model, unfrozen),
                     "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                     "loader_rng": generator.get_state(), "lazy": list(lazy or ()),
                     "best_f1": best_key[0], "best_neg_loss": best_key[1],
@@ -361,6 +365,17 @@ def fit_model(
             hint="continue with: omnifuse train --resume RUN_DIR",
         ) from None
     return records, best_epoch, best_state
+
+
+def _frozen_prefixes(model: OmniFuse) -> tuple[str, ...]:
+    return tuple(f"encoders.{name}.backbone." for name in _backbone_names(model))
+
+
+def _trained_state(model: OmniFuse, unfrozen: bool) -> dict[str, torch.Tensor]:
+    """The state a checkpoint needs: backbones that were never unfrozen are left out (tens of MB
+    per epoch saved); they are rebuilt identically from the run's request on --resume."""
+    skip = () if unfrozen else _frozen_prefixes(model)
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
 
 
 def _fit_feature_stats(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray) -> None:
