@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""One entry point for a fresh machine: `python3 dev.py demo` or `python3 dev.py test`.
+"""One entry point for a fresh machine: `python3 dev.py demo`, `test` or `bench`.
 
 Creates a virtual environment in .venv (or $OMNIFUSE_VENV), installs omnifuse with its test
 dependencies into it, then runs the demo (make-data -> train -> evaluate -> predict) or the
-tests. Only the standard library is used here, so it runs on Linux, macOS and Windows with any
+tests, or the evidence study (benchmarks/study.py, which writes benchmarks/RESULTS.md). Only
+the standard library is used here, so it runs on Linux, macOS and Windows with any
 Python >= 3.10.
 """
 
@@ -38,7 +39,7 @@ def ensure_env() -> None:
         print(f"creating virtual environment {VENV}", flush=True)
         venv.create(VENV, with_pip=True)
     run(PYTHON, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
-    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[dev]")
+    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[dev,bench]")
     STAMP.write_text(wanted)
 
 
@@ -63,15 +64,21 @@ def test(extra: list[str]) -> None:
     run(PYTHON, "-m", "pytest", *extra)
 
 
+def bench(extra: list[str]) -> None:
+    run(PYTHON, ROOT / "benchmarks" / "study.py", *extra)
+
+
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else ""
-    if command not in {"demo", "test", "setup"}:
-        sys.exit("usage: python3 dev.py demo | test [pytest args] | setup")
+    if command not in {"demo", "test", "bench", "setup"}:
+        sys.exit("usage: python3 dev.py demo | test [pytest args] | bench [study args] | setup")
     ensure_env()
     if command == "demo":
         demo()
     elif command == "test":
         test(sys.argv[2:])
+    elif command == "bench":
+        bench(sys.argv[2:])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""The evidence study's own machinery (benchmarks/study.py): missingness injection, the
+classical baselines, one OmniFuse run on cached features, and the goal verdicts."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from omnifuse_cli.engine.config import TrainConfig
+
+STUDY_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("omnifuse_study", STUDY_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["omnifuse_study"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def wdbc(study):
+    return study.wdbc_dataset()
+
+
+def test_wdbc_is_three_vector_modalities_of_ten(wdbc):
+    cohort = wdbc.cohort
+    assert cohort.names == ["mean", "error", "worst"]
+    assert len(cohort) == 569 and set(cohort.labels) == {0, 1}
+    assert all(cohort.vectors[n].shape == (569, 10) for n in cohort.names)
+    assert cohort.vector_columns["worst"][0] == "worst_radius"
+
+
+def test_inject_missing_hides_values_keeps_one_and_is_seeded(study, wdbc):
+    cohort = wdbc.cohort
+    out = study.inject_missing(cohort, 0.6, seed=3)
+    assert out.present.any(axis=1).all()  # nobody loses every modality
+    hidden_share = 1 - out.present.mean()
+    assert 0.45 < hidden_share < 0.65  # 0.6 per modality, minus the kept ones
+    for k, name in enumerate(cohort.names):
+        gone = ~out.present[:, k]
+        assert np.isnan(out.vectors[name][gone]).all()
+        assert not np.isnan(out.vectors[name][~gone]).any()
+    assert cohort.present.all() and not np.isnan(cohort.vectors["mean"]).any()  # untouched
+    again = study.inject_missing(cohort, 0.6, seed=3)
+    assert (again.present == out.present).all()
+    assert (study.inject_missing(cohort, 0.6, seed=4).present != out.present).any()
+    assert study.inject_missing(cohort, 0.0, seed=3) is cohort
+
+
+@pytest.mark.parametrize("variant", ["hgb", "logreg"])
+def test_classical_baselines_learn_wdbc_with_missing_values(study, wdbc, variant):
+    rows = study.classical_run(wdbc, variant, seed=0, rate=0.5)
+    assert [r["split"] for r in rows] == ["val", "test"]
+    test = rows[1]
+    assert test["n"] == 57
+    assert test["auroc"] > 0.9  # WDBC is easy even with half of every modality hidden
+
+
+def test_omnifuse_run_on_cached_image_features(study, tmp_path):
+    ds = study.synth_dataset("tiny", "tiny", tmp_path, 30, image_size=64)
+    assert ds.n_images > 0 and len(ds.image_cache["us"]) == 30
+    cfg = TrainConfig(seed=0, device="cpu", epochs=2)
+    rows = study.omnifuse_run(ds, "full OmniFuse", 0, 0.5, train=cfg)
+    assert {(r["split"], r["rule"]) for r in rows} == {
+        (s, r) for s in ("val", "test") for r in study.RULES}
+    assert all(0.0 <= r["acc"] <= 1.0 and r["best_epoch"] in (1, 2) for r in rows)
+    concat = study.omnifuse_run(ds, "concat", 0, 0.5, train=cfg)
+    assert {r["rule"] for r in concat} == {"joint"}  # no modality heads without DWFuse
+
+
+def test_goal_table_says_no_when_omnifuse_falls_behind(study):
+    def row(method, rate, auc, std=0.01):
+        return {"method": method, "rate": rate, "seeds": 5, "auroc_mean": auc,
+                "auroc_std": std, "f1_mean": auc, "f1_std": std}
+
+    curves = pd.DataFrame([
+        row("OmniFuse (full)", 0.0, 0.90), row("HistGradientBoosting (NaN)", 0.0, 0.89),
+        row("mean-impute + indicators + LogReg", 0.0, 0.80), row("concat fusion", 0.0, 0.88),
+        row("OmniFuse (full)", 0.6, 0.80), row("HistGradientBoosting (NaN)", 0.6, 0.85),
+        row("mean-impute + indicators + LogReg", 0.6, 0.70), row("concat fusion", 0.6, 0.795),
+    ])
+    goal = study.goal_table(curves).set_index("rate")
+    assert goal.loc["0.0", "matches (within spread)"] == "yes"
+    assert goal.loc["0.6", "matches (within spread)"] == "NO"
+    assert goal.loc["0.6", "beats concat clearly (r ≥ 0.5)"] == "NO"  # +0.005 is within spread
+    assert goal.loc["0.6", "best classical"].startswith("0.850 (HistGradientBoosting")
