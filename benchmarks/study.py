@@ -713,10 +713,12 @@ def write_report(out: Path, report: Path) -> None:
         shown["rate"] = shown["rate"].map(lambda r: f"{r:.1f}")
         f1 = curves.pivot(index="rate", columns="method", values="f1_mean")
         f1 = f1[[m for m in CURVE_METHODS if m in f1.columns]].reset_index()
+        for col in f1.columns[1:]:
+            f1[col] = f1[col].map(lambda v: f"{v:.3f}")
         f1["rate"] = f1["rate"].map(lambda r: f"{r:.1f}")
         lines += [f"### {d}", "", f"![curves {d}]({rel}/curves_{d}.png)", "",
                   "Test AUROC:", "", _md(shown), "", "Test macro-F1 (means):", "",
-                  _md(f1.round(3)), ""]
+                  _md(f1), ""]
         goal = goal_table(curves)
         if not goal.empty:
             goals.append((d, goal))
