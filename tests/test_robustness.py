@@ -418,7 +418,7 @@ def test_omnifuse_debug_env_shows_the_traceback(tmp_path: Path, value: str, debu
 
 # == 2. Ctrl-C and --resume ===================================================================
 
-EPOCHS = 10  # ~0.3 s each with the saves: Ctrl-C after epoch 2 lands well before the end
+EPOCHS = 40  # ~0.1-0.3 s each with the saves: Ctrl-C after epoch 2 lands well before the end
 
 
 def read_metrics(run: Path) -> pd.DataFrame:
