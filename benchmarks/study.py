@@ -60,7 +60,14 @@ from omnifuse_cli.engine.evaluation import simulate_missing
 from omnifuse_cli.engine.inference import cache_frozen_features, infer
 from omnifuse_cli.engine.metrics import classification_metrics
 from omnifuse_cli.engine.synthesis import CohortSpec, make_cohort
-from omnifuse_cli.engine.training import TrainRequest, build_for_cohort, fit_model, train_epoch
+from omnifuse_cli.engine.training import (
+    TrainRequest,
+    _optimizer,  # the fine-tuning measurement times train_epoch exactly as fit_model sets it up
+    _unfreeze,
+    build_for_cohort,
+    fit_model,
+    train_epoch,
+)
 from omnifuse_cli.model.encoders import ImageEncoder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,8 +192,11 @@ def inject_missing(cohort: Cohort, rate: float, seed: int) -> Cohort:
 
 
 def split_for(cohort: Cohort, seed: int) -> dict[str, np.ndarray]:
+    """`omnifuse train`'s split for this seed (its default ratios)."""
     assert cohort.labels is not None
-    return stratified_split(cohort.labels, train=0.8, val=0.1, test=0.1, seed=seed)
+    cfg = TrainConfig()
+    return stratified_split(cohort.labels, train=cfg.train_ratio, val=cfg.val_ratio,
+                            test=cfg.test_ratio, seed=seed)
 
 
 # -- one run ----------------------------------------------------------------------------------
@@ -220,6 +230,8 @@ def omnifuse_run(ds: Dataset, variant: str, seed: int, rate: float,
     seconds = time.perf_counter() - t0
     model.load_state_dict(best)
     assert cohort.labels is not None
+    timing = {"best_epoch": best_epoch, "train_seconds": round(seconds, 2),
+              "epoch_seconds": round(float(np.mean([r.seconds for r in records])), 3)}
     rows = []
     rules = RULES if model.config.method.use_dwfuse else ("joint",)
     for split in ("val", "test"):
@@ -227,9 +239,7 @@ def omnifuse_run(ds: Dataset, variant: str, seed: int, rate: float,
             result = infer(model, data, splits[split], device=CPU, rule=rule)
             rows.append({"rule": rule, "split": split, "n": len(result.index),
                          **_scores(cohort.labels[result.index], np.exp(result.log_probs),
-                                   ds.num_classes),
-                         "best_epoch": best_epoch, "train_seconds": round(seconds, 2),
-                         "epoch_seconds": round(float(np.mean([r.seconds for r in records])), 3)})
+                                   ds.num_classes), **timing})
     return rows
 
 
@@ -252,10 +262,11 @@ def classical_features(ds: Dataset, cohort: Cohort, train_idx: np.ndarray, seed:
             texts = [t or "" for t in cohort.texts[spec.name]]
             fit_on = [texts[i] for i in train_idx if has[i]]
             tfidf = TfidfVectorizer(tokenizer=tokenize, lowercase=False, token_pattern=None)
-            matrix = tfidf.fit(fit_on).transform(texts)
-            svd = TruncatedSVD(n_components=min(64, matrix.shape[1] - 1), random_state=seed)
-            svd.fit(tfidf.transform(fit_on))
-            block = svd.transform(matrix)
+            train_matrix = tfidf.fit_transform(fit_on)
+            svd = TruncatedSVD(n_components=min(64, train_matrix.shape[1] - 1),
+                               random_state=seed)
+            svd.fit(train_matrix)
+            block = svd.transform(tfidf.transform(texts))
         block = block.copy()
         block[~has] = np.nan
         blocks.append(block)
@@ -392,8 +403,6 @@ def speed_study(work: Path, out: Path, quick: bool) -> pd.DataFrame:
     torch.manual_seed(0)
     model, pre, _ = build_for_cohort(cohort, splits["train"], request)
     data = pre.prepare(cohort)
-    from omnifuse_cli.engine.training import _optimizer, _unfreeze
-
     _unfreeze(model, data, tcfg)
     optimizer = _optimizer(model, tcfg)
     n_img = sum(len(data.images["us"][i]) for i in splits["train"])
@@ -475,7 +484,7 @@ def _default_rule_rows(runs: pd.DataFrame, rule: str = "label-free") -> pd.DataF
     otherwise, the only output concat has; the classical baselines have no rule)."""
     has_rule = runs.groupby(KEY)["rule"].transform(lambda r: (r == rule).any())
     keep = (runs.rule == rule) | (~has_rule & runs.rule.isin(["joint", ""]))
-    return runs[keep | runs.rule.isna()]
+    return runs[keep]
 
 
 def ablation_table(runs: pd.DataFrame, dataset: str, split: str) -> pd.DataFrame:
@@ -596,7 +605,7 @@ def goal_table(curves: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _paired(val: pd.DataFrame, option: pd.Series, default: pd.Series) -> tuple[float, float]:
+def _paired(option: pd.Series, default: pd.Series) -> tuple[float, float]:
     """Mean and standard error of option - default over the (dataset, seed) runs both have."""
     diff = (option - default).dropna()
     if len(diff) < 2:
@@ -628,7 +637,7 @@ def defaults_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         for name, series in options.items():
             if series.empty:
                 continue
-            diff, se = _paired(val, series, default)
+            diff, se = _paired(series, default)
             table.append({"choice": choice, "option": name, "val macro-F1":
                           f"{series.mean():.3f}", "paired difference": f"{diff:+.3f} ± {se:.3f}",
                           "runs": len(series.dropna())})
@@ -642,8 +651,8 @@ def defaults_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
                            f"**{best}** beats the default {default_name} by more than two "
                            "standard errors: it should be the default"))
 
+    default = by_run.xs("full OmniFuse", level="variant")
     for choice, default_name, options in groups:
-        default = by_run.xs("full OmniFuse", level="variant")
         add(choice, default_name, default,
             {o: by_run.xs(o, level="variant") if o in set(val.variant) else pd.Series(dtype=float)
              for o in options})
