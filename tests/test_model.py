@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
 from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.engine.config import (
+    PAPER_OPTIONS,
     ImageConfig,
     MethodConfig,
     ModalitySpec,
@@ -39,10 +40,12 @@ B, M, D, C = 16, 3, 8, 3
 
 
 def tiny_model(**method: object) -> OmniFuse:
-    """Three vector modalities, small CRA (K=2, 16-4), no dropout so train/eval agree."""
+    """Three vector modalities, small CRA (K=2, 16-4), no dropout so train/eval agree; the
+    paper's equations unless an option says otherwise."""
     torch.manual_seed(0)
-    cfg = MethodConfig(embed_dim=D, ra_layers=(16, 4), num_ra=2, head_hidden=8, dropout=0.0,
-                       **method)  # type: ignore[arg-type]
+    cfg = MethodConfig(**{"embed_dim": D, "ra_layers": (16, 4), "num_ra": 2, "head_hidden": 8,
+                          "dropout": 0.0, "cra_dropout": 0.0, **PAPER_OPTIONS,
+                          **method})  # type: ignore[arg-type]
     specs = tuple(ModalitySpec(n, "vector") for n in NAMES)
     return build_model(ModelConfig(specs, C, DIMS, cfg), ImageConfig(), {})
 
@@ -465,4 +468,4 @@ def test_tla_mining_finds_the_noise_modality(noisy: int) -> None:
                           batch_size=64)
     assert laziness.pick_lazy(distances) == (noisy,)
     others = [v for k, v in distances.items() if k != (noisy,)]
-    assert distances[(noisy,)] > max(others) + 0.02
+    assert distances[(noisy,)] > max(others) + 0.01

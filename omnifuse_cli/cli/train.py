@@ -92,7 +92,39 @@ def train(
         "--inference-rule", help="label-free (DWFuse rule), joint (RA head only) or mean (of "
         "modality heads).")] = "label-free",
     modality_drop: Annotated[float, typer.Option(
-        "--modality-drop", help="Training-time drop rate that supervises imputation.")] = 0.3,
+        "--modality-drop", help="Training-time modality dropout (every variant): each present "
+        "modality hidden with this probability, one always kept.")] = 0.3,
+    drop_full_view: Annotated[bool, typer.Option(
+        "--drop-full-view/--no-drop-full-view", help="Supervise the undropped view of each "
+        "batch as well as the dropped one.")] = True,
+    reliability: Annotated[str, typer.Option(
+        "--reliability", help="Gate of imputed slots: auto (each modality's imputation R^2 on "
+        "validation, re-estimated every epoch), or a fixed number in [0, 1]: 0 = imputed "
+        "slots never count (as --no-imputation), 1 = the paper's rule.")] = "auto",
+    slot_flags: Annotated[bool, typer.Option(
+        "--slot-flags/--no-slot-flags", help="Modality heads see whether their slot is "
+        "observed or imputed.")] = True,
+    joint_input: Annotated[str, typer.Option(
+        "--joint-input", help="Joint head input: latents (CRA latents, the paper), slots "
+        "(fused slots) or both.")] = "latents",
+    imputation_loss: Annotated[str, typer.Option(
+        "--imputation-loss", help="normalized (standardised slots, dropped slots only) or "
+        "paper (Eq. 7 with the complementary target).")] = "normalized",
+    lambda0: Annotated[float, typer.Option(
+        "--lambda0", help="Weight of the forward imputation loss (the paper's is 1).")] = 10.0,
+    ra_layers: Annotated[str, typer.Option(
+        "--ra-layers", help="Residual autoencoder widths, comma-separated; the last is the "
+        "latent.")] = "256,128,64",
+    num_ra: Annotated[int, typer.Option("--num-ra", min=1, help="Residual autoencoders per "
+                                        "cascade (K).")] = 5,
+    cra_dropout: Annotated[float, typer.Option(
+        "--cra-dropout", help="Dropout inside the residual autoencoders.")] = 0.1,
+    tla_min_patients: Annotated[int, typer.Option(
+        "--tla-min-patients", min=1, help="TLA only picks a combination that at least this "
+        "many mined training patients have.")] = 20,
+    select_by: Annotated[str, typer.Option(
+        "--select-by", help="Validation score that picks the best epoch: macro_f1, loss "
+        "(log loss) or auroc.")] = "macro_f1",
     embed_dim: Annotated[int, typer.Option("--embed-dim")] = 128,
     num_workers: Annotated[int, typer.Option("--num-workers", min=0,
                                              help="DataLoader worker processes.")] = 0,
@@ -106,6 +138,7 @@ def train(
         TextConfig,
         TrainConfig,
         parse_modality_options,
+        parse_widths,
     )
     from omnifuse_cli.engine.training import TrainEvent, TrainRequest, load_request, run_training
 
@@ -131,7 +164,11 @@ def train(
         method = MethodConfig(
             embed_dim=embed_dim, modality_drop=modality_drop, use_imputation=not no_imputation,
             use_backward=not no_backward, use_dwfuse=not no_dwfuse, use_tla=not no_tla,
-            inference_rule=inference_rule,
+            inference_rule=inference_rule, drop_full_view=drop_full_view,
+            reliability=reliability.strip().lower(), slot_flags=slot_flags,
+            joint_input=joint_input, imputation_loss=imputation_loss, lambda0=lambda0,
+            ra_layers=parse_widths(ra_layers), num_ra=num_ra, cra_dropout=cra_dropout,
+            tla_min_patients=tla_min_patients,
         )
         cfg = TrainConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
@@ -139,6 +176,7 @@ def train(
             finetune_text_last_n=0 if freeze_text else finetune_text_last_n, lr_image=lr_image,
             lr_text=lr_text, seed=seed, train_ratio=train_ratio, val_ratio=val_ratio,
             test_ratio=test_ratio, device=device, amp=amp, num_workers=num_workers,
+            select_metric=select_by,
         )
         run_dir = out_dir or Path("runs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
         request = TrainRequest(manifest=path, num_classes=num_classes, out_dir=run_dir,
@@ -178,7 +216,8 @@ def train(
         progress.update(task, visible=False)
         live.stop()
     console.print()
-    console.print(f"best epoch: {result.best_epoch} (highest validation macro-F1); "
+    console.print(f"best epoch: {result.best_epoch} (best validation "
+                  f"{request.train.select_metric.replace('_', '-')}); "
                   f"split train/val/test = {result.split_counts['train']}/"
                   f"{result.split_counts['val']}/{result.split_counts['test']}; "
                   f"device {result.device}")

@@ -18,6 +18,9 @@ IMAGE_BACKBONES = ("resnet18", "resnet34", "resnet50")
 FINETUNE_IMAGE_SCOPES = ("none", "layer4", "layer3+", "all")
 TEXT_ENCODERS = ("simple", "hf")
 INFERENCE_RULES = ("label-free", "joint", "mean")
+JOINT_INPUTS = ("latents", "slots", "both")
+IMPUTATION_LOSSES = ("normalized", "paper")
+SELECT_METRICS = ("macro_f1", "loss", "auroc")
 PRETRAINED_CHOICES = ("auto", "yes", "no")
 ON_BAD_FILE = ("error", "skip")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -114,19 +117,32 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """The OmniFuse objective and its ablation switches (method.md Sec. 4 defaults)."""
+    """The OmniFuse objective, its ablation switches and the options of method.md Sec. 5.
+
+    The paper's own settings: imputation_loss="paper", lambda0=1, reliability="1",
+    slot_flags=False, joint_input="latents", drop_full_view=False, tla_min_patients=1.
+    """
 
     embed_dim: int = 128  # d, each modality's embedding (MMIN's 128)
     ra_layers: tuple[int, ...] = (256, 128, 64)  # RA encoder widths; the last is the latent c_k
     num_ra: int = 5  # K residual autoencoders in each cascade
     head_hidden: int = 64  # hidden width of the per-modality and joint classifiers
     dropout: float = 0.1
+    cra_dropout: float = 0.1  # dropout inside the residual autoencoders
     alpha: float = 0.1  # weight of the joint RA-latent head (Eq. 14)
     beta: float = 0.5  # exponent of the DWFuse weights (Eq. 10)
+    lambda0: float = 10.0  # L_forward (the paper's 1; the normalized loss is on the CE's scale)
     lambda1: float = 1.0  # backward cycle loss (Eq. 18)
     lambda2: float = 10.0  # DWFuse loss
     lambda3: float = 0.5  # TLA loss
-    modality_drop: float = 0.3  # training-time drop rate that supervises imputation
+    modality_drop: float = 0.3  # training-time drop rate (every variant; supervises imputation)
+    drop_full_view: bool = True  # also supervise the undropped view of each batch
+    imputation_loss: str = "normalized"  # normalized: dropped slots, standardised; paper: Eq. 7
+    reliability: str = "auto"  # gate of imputed slots: auto (estimated) or a fixed 0..1
+    slot_flags: bool = True  # heads see whether their slot is observed or imputed
+    joint_input: str = "latents"  # joint head on CRA latents, fused slots, or both (without
+    # imputation there are no latents: the joint head always takes the slots)
+    tla_min_patients: int = 20  # fewer patients with a combination: TLA may not pick it
     use_imputation: bool = True
     use_backward: bool = True
     use_dwfuse: bool = True
@@ -135,17 +151,64 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         _check(self.embed_dim >= 4, f"embed_dim must be >= 4, got {self.embed_dim}")
-        _check(self.num_ra >= 1, f"num_ra must be >= 1, got {self.num_ra}")
-        _check(len(self.ra_layers) >= 1, "ra_layers needs at least one width")
+        _check(self.num_ra >= 1, f"--num-ra must be >= 1, got {self.num_ra}")
+        _check(len(self.ra_layers) >= 1 and all(w >= 1 for w in self.ra_layers),
+               f"--ra-layers needs positive widths, got {self.ra_layers}")
         _check(0.0 <= self.modality_drop < 1.0, "--modality-drop must be in [0, 1)")
         _check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
-        for name in ("alpha", "beta", "lambda1", "lambda2", "lambda3"):
+        _check(0.0 <= self.cra_dropout < 1.0, "--cra-dropout must be in [0, 1)")
+        for name in ("alpha", "beta", "lambda0", "lambda1", "lambda2", "lambda3"):
             _check(getattr(self, name) >= 0, f"--{name} must be >= 0")
         _check_choice(self.inference_rule, INFERENCE_RULES, "--inference-rule")
+        _check_choice(self.joint_input, JOINT_INPUTS, "--joint-input")
+        _check_choice(self.imputation_loss, IMPUTATION_LOSSES, "--imputation-loss")
+        _check(self.tla_min_patients >= 1, "--tla-min-patients must be >= 1")
+        _check(self.reliability == "auto" or _unit_number(self.reliability),
+               f"--reliability must be auto or a number in [0, 1], got {self.reliability!r}")
         _check(
             self.use_dwfuse or self.inference_rule == "label-free",
             f"--inference-rule {self.inference_rule} needs DWFuse's heads (drop --no-dwfuse)",
         )
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """``--ra-layers 128,32`` -> (128, 32)."""
+    try:
+        widths = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        widths = ()
+    _check(bool(widths) and all(w >= 1 for w in widths),
+           f"--ra-layers {text!r} is not a list of positive widths", "write e.g. --ra-layers 128,32")
+    return widths
+
+
+def _unit_number(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return 0.0 <= value <= 1.0
+
+
+# The paper's reading of every option added in method.md Sec. 5 (Eqs. 1-18 untouched).
+PAPER_OPTIONS: dict[str, Any] = {
+    "lambda0": 1.0, "drop_full_view": False, "imputation_loss": "paper", "reliability": "1",
+    "slot_flags": False, "joint_input": "latents", "tla_min_patients": 1,
+}
+# What bundles and run requests written before these options existed were trained with
+# (cra_dropout None: the model's dropout, which the CRA used then).
+LEGACY_METHOD: dict[str, Any] = {**PAPER_OPTIONS, "cra_dropout": None}
+
+
+def method_config_from_dict(raw: Mapping[str, Any]) -> MethodConfig:
+    """Rebuild a MethodConfig saved with to_primitive; older files get the settings they were
+    trained with, not today's defaults."""
+    method = dict(raw)
+    for key, value in LEGACY_METHOD.items():
+        if key not in method:
+            method[key] = method.get("dropout", 0.1) if value is None else value
+    method["ra_layers"] = tuple(int(v) for v in method["ra_layers"])
+    return MethodConfig(**method)
 
 
 @dataclass(frozen=True)
@@ -186,6 +249,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA only; CPU always runs fp32
     tla_sample: int = 512  # training patients used to mine the lazy combination each epoch
+    select_metric: str = "macro_f1"  # validation score that picks the best epoch
     encode_batch_size: int = 32
     num_workers: int = 0
 
@@ -214,6 +278,7 @@ class TrainConfig:
             "use auto, cpu, cuda or cuda:N",
         )
         _check(self.tla_sample >= 1, "tla_sample must be >= 1")
+        _check_choice(self.select_metric, SELECT_METRICS, "--select-by")
 
 
 @dataclass(frozen=True)
@@ -248,13 +313,11 @@ def _listify(value: Any) -> Any:
 
 def model_config_from_dict(raw: Mapping[str, Any]) -> ModelConfig:
     """Rebuild a ModelConfig saved with to_primitive."""
-    method = dict(raw["method"])
-    method["ra_layers"] = tuple(int(v) for v in method["ra_layers"])
     return ModelConfig(
         modalities=tuple(ModalitySpec(**m) for m in raw["modalities"]),
         num_classes=int(raw["num_classes"]),
         input_dims=tuple(int(v) for v in raw["input_dims"]),
-        method=MethodConfig(**method),
+        method=method_config_from_dict(raw["method"]),
     )
 
 

@@ -32,6 +32,7 @@ from omnifuse_cli.engine.config import (
     ModelConfig,
     TextConfig,
     TrainConfig,
+    method_config_from_dict,
     to_primitive,
 )
 from omnifuse_cli.engine.files import prepare_out_dir, write_csv, write_text_atomic
@@ -146,8 +147,6 @@ def load_request(run_dir: Path) -> TrainRequest:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         data = raw["data"]
-        method = dict(raw["method"])
-        method["ra_layers"] = tuple(method["ra_layers"])
         return TrainRequest(
             manifest=Path(raw["manifest"]), num_classes=int(raw["num_classes"]),
             out_dir=Path(run_dir),
@@ -157,7 +156,8 @@ def load_request(run_dir: Path) -> TrainRequest:
                 on_bad_file=data["on_bad_file"], image=ImageConfig(**data["image"]),
                 text=TextConfig(**data["text"]),
             ),
-            method=MethodConfig(**method), train=TrainConfig(**raw["train"]), overwrite=True,
+            method=method_config_from_dict(raw["method"]), train=TrainConfig(**raw["train"]),
+            overwrite=True,
         )
     except (KeyError, TypeError, ValueError) as err:
         raise BundleError(f"{path} is damaged: {err}") from err
@@ -270,7 +270,10 @@ def fit_model(
 ) -> tuple[list[EpochRecord], int, dict[str, torch.Tensor]]:
     """The epoch loop: train, validate, mine the lazy combination, keep the best state.
 
-    The best epoch has the highest validation macro-F1, ties going to the lower validation loss.
+    The best epoch has the best validation score (``cfg.select_metric``: macro-F1 or AUROC, ties
+    going to the lower validation loss, or the lowest log loss). With the reliability gate on
+    "auto", each imputed modality's reliability is re-estimated on the validation split after
+    every epoch (estimate_reliability), before that epoch is scored.
     With ``checkpoint``, the state after every epoch (model, optimizer, random generators) is
     saved there; ``resume`` (a loaded checkpoint plus the best state so far) continues from it
     exactly as if the run had never stopped. Ctrl-C raises TrainingInterrupted after the last
@@ -284,7 +287,7 @@ def fit_model(
     generator = torch.Generator().manual_seed(cfg.seed)
     records: list[EpochRecord] = []
     rows: list[dict[str, Any]] = []
-    best_key: tuple[float, float] | None = None
+    best_key: tuple[float, ...] | None = None
     best_state: dict[str, torch.Tensor] = {}
     best_epoch = 0
     lazy: tuple[int, ...] | None = None
@@ -304,7 +307,9 @@ def fit_model(
         torch.set_rng_state(resume["torch_rng"])
         generator.set_state(resume["loader_rng"])
         lazy = tuple(resume["lazy"]) or None
-        best_key = (resume["best_f1"], resume["best_neg_loss"])
+        # Checkpoints written before --select-by stored the macro-F1 key as two numbers.
+        best_key = tuple(resume["best_key"] if "best_key" in resume
+                         else (resume["best_f1"], resume["best_neg_loss"]))
         best_epoch, best_state = resume["best_epoch"], resume["best_state"]
         rows = list(resume["rows"])
         first = resume["epoch"] + 1
@@ -322,12 +327,16 @@ def fit_model(
             t_epoch = time.perf_counter()
             losses = train_epoch(model, data, train_idx, optimizer, lazy, cfg, device, generator,
                                  emit)
+            if model.cra_forward is not None and model.config.method.reliability == "auto":
+                estimate_reliability(model, data, splits["val"], device=device,
+                                     batch_size=cfg.batch_size, amp=cfg.amp)
             val = evaluate_split(model, data, splits["val"], device, cfg, num_classes)
             distances: dict[str, float] = {}
             lazy_name = ""
             if model.config.method.use_tla:
                 raw = mine_lazy(model, data, mining_idx, device=device,
-                                batch_size=cfg.batch_size, amp=cfg.amp)
+                                batch_size=cfg.batch_size, amp=cfg.amp,
+                                min_patients=model.config.method.tla_min_patients)
                 lazy = pick_lazy(raw)
                 distances = {combo_name(k, model.names): v for k, v in raw.items()}
                 lazy_name = combo_name(lazy, model.names) if lazy is not None else ""
@@ -337,7 +346,7 @@ def fit_model(
                 val_auroc=val["auroc"], lazy_combo=lazy_name, tla_distances=distances,
                 seconds=time.perf_counter() - t_epoch,
             )
-            key = (val["macro_f1"], -val["loss"])
+            key = selection_key(val, cfg.select_metric)
             if best_key is None or key > best_key:
                 best_key, best_epoch, record.is_best = key, epoch, True
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in
@@ -353,7 +362,7 @@ def fit_model(
                     "epoch": epoch, "model": _trained_state(model, unfrozen),
                     "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                     "loader_rng": generator.get_state(), "lazy": list(lazy or ()),
-                    "best_f1": best_key[0], "best_neg_loss": best_key[1],
+                    "best_key": list(best_key),
                     "best_epoch": best_epoch, "rows": rows,
                 })
             saved = epoch
@@ -365,6 +374,58 @@ def fit_model(
             hint="continue with: omnifuse train --resume RUN_DIR",
         ) from None
     return records, best_epoch, best_state
+
+
+def selection_key(val: dict[str, float], metric: str) -> tuple[float, ...]:
+    """Larger is better. Log loss and AUROC vary less between epochs on small validation
+    splits than macro-F1, whose every patient moves it by a step."""
+    if metric == "loss":
+        return (-val["loss"],)
+    return (val[metric], -val["loss"])
+
+
+@torch.no_grad()
+def estimate_reliability(model: OmniFuse, data: PreparedCohort, indices: np.ndarray, *,
+                         device: torch.device, batch_size: int, amp: bool = True,
+                         min_patients: int = 10) -> np.ndarray:
+    """r_m = clip(R^2, 0, 1) of the forward imputation of modality m on held-out patients who
+    have m and another modality: m is hidden, imputed from the rest, and compared with its
+    real embedding (method.md Sec. 5.1). Sets and returns the model's reliability buffer; a
+    modality with fewer than ``min_patients`` such patients keeps its previous value."""
+    assert model.cra_forward is not None
+    model.eval()
+    m = len(model.names)
+    sse, total, sq, count = np.zeros(m), None, np.zeros(m), np.zeros(m)
+    for batch in loader(data, indices, batch_size=batch_size):
+        batch = move_to(batch, device)
+        present = batch["present"]
+        with autocast(device, amp):
+            v = model.embed(batch["inputs"], present).float()
+            for k in range(m):
+                rows = present[:, k] & (present.sum(dim=1) >= 2)
+                if not rows.any():
+                    continue
+                mask = present[rows].clone()
+                mask[:, k] = False
+                out = model.fuse(v[rows], mask)
+                assert out.v_fwd is not None
+                real, imputed = v[rows, k], out.v_fwd[:, k].float()
+                sse[k] += float(((imputed - real) ** 2).sum())
+                sums = real.sum(dim=0).double().cpu().numpy()
+                if total is None:
+                    total = np.zeros((m, len(sums)))
+                total[k] += sums
+                sq[k] += float((real.double() ** 2).sum())
+                count[k] += int(rows.sum())
+    reliability = model.reliability.detach().cpu().numpy().copy()
+    for k in range(m):
+        if count[k] < min_patients or total is None:
+            continue
+        sst = sq[k] - float((total[k] ** 2).sum()) / count[k]  # sum ||v - mean v||^2
+        if sst > 0:
+            reliability[k] = float(np.clip(1.0 - sse[k] / sst, 0.0, 1.0))
+    model.reliability.copy_(torch.as_tensor(reliability, dtype=model.reliability.dtype))
+    return reliability
 
 
 def _frozen_prefixes(model: OmniFuse) -> tuple[str, ...]:
@@ -517,10 +578,11 @@ def evaluate_split(model: OmniFuse, data: PreparedCohort, idx: np.ndarray, devic
 
 @torch.no_grad()
 def mine_lazy(model: OmniFuse, data: PreparedCohort, indices: np.ndarray, *,
-              device: torch.device, batch_size: int, amp: bool = True
+              device: torch.device, batch_size: int, amp: bool = True, min_patients: int = 1
               ) -> dict[tuple[int, ...], float]:
     """Mean cross-entropy of the prediction made from each modality combination alone, over
-    the patients who have that whole combination (Eq. 15). NaN where nobody has it."""
+    the patients who have that whole combination (Eq. 15). NaN where fewer than
+    ``min_patients`` have it: a mean over a handful of patients is noise, not laziness."""
     model.eval()
     m = len(model.names)
     combos = combinations(m)
@@ -541,7 +603,7 @@ def mine_lazy(model: OmniFuse, data: PreparedCohort, indices: np.ndarray, *,
                 log_probs = model.predict_from(out).log_probs.float()
                 sums[k] += float(-log_probs.gather(1, y[rows].view(-1, 1)).sum())
                 counts[k] += n
-    return {c: (float(sums[k] / counts[k]) if counts[k] else math.nan)
+    return {c: (float(sums[k] / counts[k]) if counts[k] >= max(min_patients, 1) else math.nan)
             for k, c in enumerate(combos)}
 
 

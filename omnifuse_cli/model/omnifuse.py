@@ -25,7 +25,8 @@ class FuseOutput:
 
     v_in: torch.Tensor  # (B, M, d) observed embeddings, missing embeddings in masked slots
     v_fwd: torch.Tensor | None  # (B, M, d) forward imputation v' (None without imputation)
-    h: torch.Tensor  # (B, M, d) observed slots where fed, imputed (or missing emb.) elsewhere
+    h: torch.Tensor  # (B, M, d) observed slots where fed, gated imputations elsewhere
+    gate: torch.Tensor  # (B, M) how much each slot counts: 1 fed, reliability when imputed
     modality_log_probs: torch.Tensor | None  # (B, M, C) log p_m (None without DWFuse)
     joint_log_probs: torch.Tensor  # (B, C) joint head o (or the concat head without DWFuse)
 
@@ -48,21 +49,29 @@ class OmniFuse(nn.Module):
         # The paper's e_m(0) is a constant per modality; a learned constant is the cheap
         # equivalent for image and text encoders (method.md Sec. 1, decided).
         self.missing = nn.Parameter(torch.randn(m, d) * 0.02)
+        # Reliability r_m of each modality's imputation (method.md Sec. 5.1): an imputed slot is
+        # r_m v'_m + (1 - r_m) missing_m and counts r_m in DWFuse. "auto" starts at 0 (no
+        # evidence yet) and is re-estimated after every epoch; a number fixes it.
+        fixed = 0.0 if method.reliability == "auto" else float(method.reliability)
+        self.register_buffer("reliability", torch.full((m,), fixed))
         if method.use_imputation:
             kwargs = {"in_dim": m * d, "layers": method.ra_layers, "num_ra": method.num_ra,
-                      "dropout": method.dropout}
+                      "dropout": method.cra_dropout}
             self.cra_forward = CascadeResidualAutoencoder(**kwargs)
             self.cra_backward = (
                 CascadeResidualAutoencoder(**kwargs) if method.use_backward else None
             )
-            joint_in = self.cra_forward.latent_dim
+            latent_dim = self.cra_forward.latent_dim
+            joint_in = {"latents": latent_dim, "slots": m * d,
+                        "both": latent_dim + m * d}[method.joint_input]
         else:
             self.cra_forward = None
             self.cra_backward = None
             joint_in = m * d
         h, p = method.head_hidden, method.dropout
         if method.use_dwfuse:
-            self.modality_heads = nn.ModuleList(classifier(d, h, c, p) for _ in names)
+            head_in = d + 1 if method.slot_flags else d
+            self.modality_heads = nn.ModuleList(classifier(head_in, h, c, p) for _ in names)
             self.joint_head = classifier(joint_in, h, c, p)
         else:
             # Concat fusion: one classifier on the concatenated (imputed) representation.
@@ -79,26 +88,38 @@ class OmniFuse(nn.Module):
 
     # -- imputation + fusion ------------------------------------------------------------------
     def fuse(self, v: torch.Tensor, mask: torch.Tensor) -> FuseOutput:
+        cfg = self.config.method
         b, m, d = v.shape
         miss = self.missing.unsqueeze(0).expand(b, m, d)
-        v_in = torch.where(mask.unsqueeze(-1), v, miss)  # Eq. 2
+        fed = mask.unsqueeze(-1)
+        v_in = torch.where(fed, v, miss)  # Eq. 2
         if self.cra_forward is not None:
             flat, latents = self.cra_forward(v_in.reshape(b, m * d))  # Eqs. 4-5
             v_fwd = flat.view(b, m, d)
-            h = torch.where(mask.unsqueeze(-1), v_in, v_fwd)
-            joint_in = latents
+            r = self.reliability.to(v.dtype)
+            # Reliability gate: r = 1 is the paper's imputed slot, r = 0 the missing embedding
+            # of the model without imputation (method.md Sec. 5.1); both exactly, in floats.
+            rr = r.view(1, m, 1)
+            h = torch.where(fed, v_in, rr * v_fwd + (1 - rr) * miss)
+            gate = torch.where(mask, torch.ones_like(mask, dtype=v.dtype), r.unsqueeze(0))
+            slots = h.reshape(b, m * d)
+            joint_in = {"latents": latents, "slots": slots,
+                        "both": torch.cat([latents, slots], dim=1)}[cfg.joint_input]
         else:
             v_fwd = None
             h = v_in
+            gate = mask.to(v.dtype)  # nothing is imputed: a missing slot never votes
             joint_in = h.reshape(b, m * d)
         if self.modality_heads is not None:
-            logits = torch.stack([g(h[:, i]) for i, g in enumerate(self.modality_heads)], dim=1)
+            head_in = torch.cat([h, (~fed).to(h.dtype)], dim=-1) if cfg.slot_flags else h
+            logits = torch.stack([g(head_in[:, i]) for i, g in enumerate(self.modality_heads)],
+                                 dim=1)
             modality_log_probs = torch.log_softmax(logits.float(), dim=-1)  # Eq. 9
             joint = torch.log_softmax(self.joint_head(joint_in).float(), dim=-1)  # Eq. 11
         else:
             modality_log_probs = None
             joint = torch.log_softmax(self.joint_head(h.reshape(b, m * d)).float(), dim=-1)
-        return FuseOutput(v_in, v_fwd, h, modality_log_probs, joint)
+        return FuseOutput(v_in, v_fwd, h, gate, modality_log_probs, joint)
 
     def predict_from(self, out: FuseOutput, rule: str | None = None) -> Prediction:
         """Class log-probabilities without labels (method.md Sec. 2, inference)."""
@@ -106,14 +127,28 @@ class OmniFuse(nn.Module):
         rule = rule or cfg.inference_rule
         if out.modality_log_probs is None:
             return Prediction(out.joint_log_probs, None)
+        gate = self._vote_gate(out)
         log_probs, weights = label_free_log_probs(
-            out.modality_log_probs, out.joint_log_probs, alpha=cfg.alpha, beta=cfg.beta
+            out.modality_log_probs, out.joint_log_probs, alpha=cfg.alpha, beta=cfg.beta,
+            gate=gate,
         )
         if rule == "joint":
             log_probs = out.joint_log_probs
         elif rule == "mean":
-            log_probs = torch.log(out.modality_log_probs.exp().mean(dim=1).clamp(min=1e-12))
+            probs = out.modality_log_probs.exp()
+            if gate is None:
+                probs = probs.mean(dim=1)
+            else:
+                share = gate / gate.sum(dim=1, keepdim=True)  # fed slots count 1: sum >= 1
+                probs = (share.unsqueeze(-1) * probs).sum(dim=1)
+            log_probs = torch.log(probs.clamp(min=1e-12))
         return Prediction(log_probs, weights)
+
+    def _vote_gate(self, out: FuseOutput) -> torch.Tensor | None:
+        """Reliability fixed at 1 is the paper's rule: Eq. 10 untouched, every slot votes."""
+        if self.config.method.reliability == "1":
+            return None
+        return out.gate.float()
 
     def forward(self, inputs: dict[str, dict[str, torch.Tensor]], present: torch.Tensor,
                 mask: torch.Tensor | None = None) -> Prediction:
@@ -136,30 +171,19 @@ class OmniFuse(nn.Module):
         """
         cfg = self.config.method
         v = self.embed(inputs, present)
-        if self.cra_forward is not None:
-            mask = drop_modalities(present, cfg.modality_drop, generator)
-        else:
-            mask = present
+        mask = drop_modalities(present, cfg.modality_drop, generator)
         out = self.fuse(v, mask)
+        # Modality dropout serves every variant (method.md Sec. 5.2): the dropped view trains
+        # the heads for the patterns seen at test time and supervises imputation; the full view
+        # keeps the patient's real pattern in training too.
+        views = [out]
+        if cfg.drop_full_view and cfg.modality_drop > 0 and bool((mask != present).any()):
+            views.append(self.fuse(v, present))
         zero = v.new_zeros(())
         terms: dict[str, torch.Tensor] = {"forward": zero, "backward": zero, "tla": zero}
         if out.v_fwd is not None:
-            # Complementary target (Eq. 3): missing embedding where fed, the true embedding where
-            # dropped; slots the patient never had carry no target. Targets are detached.
-            target = torch.where(mask.unsqueeze(-1), self.missing.expand_as(v), v).detach()
-            slot_err = ((out.v_fwd - target) ** 2).mean(dim=-1)  # (B, M)
-            weight = present.to(slot_err.dtype)
-            terms["forward"] = (slot_err * weight).sum() / weight.sum().clamp(min=1.0)  # Eq. 7
-            if self.cra_backward is not None:
-                b, m, d = v.shape
-                back, _ = self.cra_backward(out.v_fwd.reshape(b, m * d))  # Eq. 6
-                terms["backward"] = F.mse_loss(back, out.v_in.reshape(b, m * d).detach())  # Eq. 8
-        if out.modality_log_probs is not None:
-            terms["dwfuse"], _ = dwfuse_loss(
-                out.modality_log_probs, out.joint_log_probs, y, alpha=cfg.alpha, beta=cfg.beta
-            )
-        else:
-            terms["dwfuse"] = F.nll_loss(out.joint_log_probs, y)
+            terms["forward"], terms["backward"] = self._imputation_losses(v, present, mask, out)
+        terms["dwfuse"] = torch.stack([self._classification_loss(o, y) for o in views]).mean()
         if cfg.use_tla and lazy is not None:
             rows = available(present, lazy)
             if rows.any():
@@ -167,10 +191,53 @@ class OmniFuse(nn.Module):
                 sub = self.fuse(v[rows], lazy_mask)
                 terms["tla"] = F.nll_loss(self.predict_from(sub).log_probs, y[rows])  # Eq. 17
         terms["total"] = (
-            terms["forward"] + cfg.lambda1 * terms["backward"] + cfg.lambda2 * terms["dwfuse"]
-            + cfg.lambda3 * terms["tla"]
+            cfg.lambda0 * terms["forward"] + cfg.lambda1 * terms["backward"]
+            + cfg.lambda2 * terms["dwfuse"] + cfg.lambda3 * terms["tla"]
         )
         return terms
+
+    def _classification_loss(self, out: FuseOutput, y: torch.Tensor) -> torch.Tensor:
+        if out.modality_log_probs is None:
+            return F.nll_loss(out.joint_log_probs, y)
+        cfg = self.config.method
+        loss, _ = dwfuse_loss(out.modality_log_probs, out.joint_log_probs, y, alpha=cfg.alpha,
+                              beta=cfg.beta, gate=self._vote_gate(out))
+        return loss
+
+    def _imputation_losses(self, v: torch.Tensor, present: torch.Tensor, mask: torch.Tensor,
+                           out: FuseOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_forward (Eq. 7) and L_backward (Eq. 8). Targets are detached."""
+        assert out.v_fwd is not None
+        b, m, d = v.shape
+        if self.config.method.imputation_loss == "paper":
+            # Complementary target (Eq. 3): missing embedding where fed, the true embedding
+            # where dropped; slots the patient never had carry no target.
+            target = torch.where(mask.unsqueeze(-1), self.missing.expand_as(v), v).detach()
+            slot_err = ((out.v_fwd - target) ** 2).mean(dim=-1)  # (B, M)
+            weight = present.to(slot_err.dtype)
+            forward = (slot_err * weight).sum() / weight.sum().clamp(min=1.0)
+            backward = v.new_zeros(())
+            if self.cra_backward is not None:
+                back, _ = self.cra_backward(out.v_fwd.reshape(b, m * d))  # Eq. 6
+                backward = F.mse_loss(back, out.v_in.reshape(b, m * d).detach())
+            return forward, backward
+        # normalized (method.md Sec. 5.3): each slot standardised over its d features, so the
+        # error is on the cross-entropy's scale whatever the encoders' output scale, and only
+        # where a target exists (the dropped slots).
+        slot_err = ((_standardise(out.v_fwd) - _standardise(v.detach())) ** 2).mean(dim=-1)
+        weight = (present & ~mask).to(slot_err.dtype)
+        forward = (slot_err * weight).sum() / weight.sum().clamp(min=1.0)
+        backward = v.new_zeros(())
+        if self.cra_backward is not None:
+            back, _ = self.cra_backward(out.v_fwd.reshape(b, m * d))
+            cycle = (_standardise(back.view(b, m, d))
+                     - _standardise(out.v_in.detach())) ** 2  # (B, M, d)
+            backward = cycle.mean()
+        return forward, backward
+
+
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:])
 
 
 def drop_modalities(present: torch.Tensor, rate: float,
