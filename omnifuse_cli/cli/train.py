@@ -47,7 +47,11 @@ def train(
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA "
                                       "(CPU always runs fp32).")] = True,
     image_backbone: Annotated[str, typer.Option(
-        "--image-backbone", help="resnet18, resnet34 or resnet50.")] = "resnet34",
+        "--image-backbone", help="Any torchvision classification model by name (resnet18, "
+        "resnet50, densenet121, efficientnet_b0, convnext_tiny, mobilenet_v2, "
+        "mobilenet_v3_large, ...; not googlenet, inception_v3 or squeezenet), without its "
+        "classifier. For non-ResNets, --finetune-image-scope layer4 means the last block of "
+        "its features and layer3+ the last two.")] = "resnet34",
     image_size: Annotated[int, typer.Option("--image-size", help="Resize + CenterCrop side.")
                           ] = 224,
     max_us_images: Annotated[int, typer.Option("--max-us-images", min=1,
@@ -59,8 +63,8 @@ def train(
         "default they are used when already in the local torch cache.", show_default=False)
     ] = None,
     image_weights: Annotated[Path | None, typer.Option(
-        "--image-weights", help="Local torchvision ResNet state dict (.pth/.safetensors) for "
-        "offline machines.")] = None,
+        "--image-weights", help="Local state dict of that torchvision model (.pth/.safetensors) "
+        "for offline machines.")] = None,
     text_encoder: Annotated[str, typer.Option(
         "--text-encoder", help="simple (offline n-grams, works for Chinese) or hf "
         "(transformers).")] = "simple",

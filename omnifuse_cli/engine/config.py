@@ -14,7 +14,12 @@ from typing import Any
 from omnifuse_cli.errors import ConfigError
 
 MODALITY_KINDS = ("vector", "image", "text")
+# Backbones accepted without importing torchvision, so checking a default config stays instant.
 IMAGE_BACKBONES = ("resnet18", "resnet34", "resnet50")
+# torchvision classifiers that are no image trunk here: squeezenet ends in a convolution (no
+# Linear layer to drop); googlenet and inception_v3 are built differently for ImageNet weights
+# (auxiliary heads, an input transform).
+_NOT_IMAGE_TRUNKS = ("googlenet", "inception_v3", "squeezenet1_0", "squeezenet1_1")
 FINETUNE_IMAGE_SCOPES = ("none", "layer4", "layer3+", "all")
 TEXT_ENCODERS = ("simple", "hf")
 INFERENCE_RULES = ("label-free", "joint", "mean")
@@ -82,18 +87,27 @@ def parse_modality_options(values: list[str] | None) -> tuple[ModalitySpec, ...]
     return tuple(specs)
 
 
+def image_backbones() -> tuple[str, ...]:
+    """Every torchvision classification model that --image-backbone accepts."""
+    import torchvision  # here, not at the top: `omnifuse --help` must not wait for it
+
+    return tuple(name for name in torchvision.models.list_models(module=torchvision.models)
+                 if name not in _NOT_IMAGE_TRUNKS)
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     """How image modalities are read and encoded."""
 
-    backbone: str = "resnet34"  # torchvision ResNet trunk, 512-d (2048-d for resnet50)
+    backbone: str = "resnet34"  # torchvision classification model without its classifier
     image_size: int = 224  # Resize(size) + CenterCrop(size), as the seed
     max_images: int = 4  # views kept per patient (the first ones in the cell)
     pretrained: str = "auto"  # auto: ImageNet weights if cached locally, else random init
     weights_path: str | None = None  # local state dict, for offline hospital machines
 
     def __post_init__(self) -> None:
-        _check_choice(self.backbone, IMAGE_BACKBONES, "--image-backbone")
+        if self.backbone not in IMAGE_BACKBONES:
+            _check_choice(self.backbone, image_backbones(), "--image-backbone")
         _check(self.image_size >= 16, f"--image-size must be >= 16, got {self.image_size}")
         _check(self.max_images >= 1, f"--max-us-images must be >= 1, got {self.max_images}")
         _check_choice(self.pretrained, PRETRAINED_CHOICES, "pretrained")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +16,21 @@ from omnifuse_cli.model.encoders import (
     ImageEncoder,
     SimpleTextEncoder,
     VectorEncoder,
-    resnet_state_for_trunk,
-    resnet_trunk,
+    image_trunk,
+    trunk_state,
 )
 from omnifuse_cli.model.omnifuse import OmniFuse
 
-_WEIGHT_ENUMS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights",
-                 "resnet50": "ResNet50_Weights"}
 
-
+@functools.cache
 def image_feature_dim(backbone: str) -> int:
-    return 2048 if backbone == "resnet50" else 512
+    """Width of the backbone's features, read from a trunk built for the purpose: the model
+    config holds it before the model exists (cached, as each build initialises every weight)."""
+    # The throwaway build must not draw from the seeded stream: the real model's initial weights
+    # would then depend on whether an earlier call filled the cache (a resumed run in the same
+    # process would rebuild different frozen backbones).
+    with torch.random.fork_rng(devices=[]):
+        return image_trunk(backbone)[1]
 
 
 def build_model(config: ModelConfig, image: ImageConfig,
@@ -37,7 +42,7 @@ def build_model(config: ModelConfig, image: ImageConfig,
         if spec.kind == "vector":
             encoders[spec.name] = VectorEncoder(in_dim=dim, embed_dim=d, dropout=p)
         elif spec.kind == "image":
-            trunk, feature_dim = resnet_trunk(image.backbone)
+            trunk, feature_dim = image_trunk(image.backbone)
             encoders[spec.name] = ImageEncoder(trunk=trunk, feature_dim=feature_dim,
                                                embed_dim=d, dropout=p)
         elif spec.name in text_backbones:
@@ -61,7 +66,7 @@ def load_image_weights(model: OmniFuse, image: ImageConfig) -> str:
         state, source = _imagenet_state(image.backbone, download=image.pretrained == "yes")
         if state is None:
             return source
-    mapped = resnet_state_for_trunk(state)
+    mapped = trunk_state(trunks[0], state)  # every image modality has the same backbone
     for trunk in trunks:
         try:
             trunk.load_state_dict(mapped, strict=True)
@@ -69,8 +74,8 @@ def load_image_weights(model: OmniFuse, image: ImageConfig) -> str:
             first = str(err).splitlines()[0]
             raise WeightsError(
                 f"image weights from {source} do not fit {image.backbone}: {first}",
-                hint="pass a torchvision ResNet state dict of the same depth "
-                f"(--image-backbone {image.backbone})",
+                hint=f"pass a state dict of torchvision's {image.backbone} (same model, same "
+                f"depth as --image-backbone {image.backbone})",
             ) from err
     return source
 
@@ -78,7 +83,7 @@ def load_image_weights(model: OmniFuse, image: ImageConfig) -> str:
 def _state_from_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise WeightsError(f"--image-weights {path} does not exist",
-                           hint="give the path of a saved torchvision ResNet state dict (.pth)")
+                           hint="give the path of a saved torchvision model state dict (.pth)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -101,22 +106,27 @@ def _state_from_file(path: Path) -> dict[str, Any]:
 def _imagenet_state(backbone: str, *, download: bool) -> tuple[dict[str, Any] | None, str]:
     import torchvision
 
-    weights = getattr(torchvision.models, _WEIGHT_ENUMS[backbone]).DEFAULT
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if cached.is_file():
-        state = torch.load(cached, map_location="cpu", weights_only=True)
-        return state, f"ImageNet {weights} (cached {cached})"
+    available = torchvision.models.get_model_weights(backbone)
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    # DEFAULT first, then every other entry: an offline machine may hold an older file (the
+    # DEFAULT of mobilenet_v2 is IMAGENET1K_V2, but IMAGENET1K_V1's file is the common one).
+    for candidate in (available.DEFAULT, *(w for w in available if w is not available.DEFAULT)):
+        cached = folder / Path(candidate.url).name
+        if cached.is_file():
+            state = torch.load(cached, map_location="cpu", weights_only=True)
+            return state, f"ImageNet {candidate} (cached {cached})"
+    weights = available.DEFAULT
     if not download:
         return None, (
-            f"random init (ImageNet weights not in {cached.parent}; pass --pretrained-image to "
-            "download them or --image-weights PATH)"
+            f"random init (ImageNet weights for {backbone} not in {folder}; pass "
+            "--pretrained-image to download them or --image-weights PATH)"
         )
     try:
         state = weights.get_state_dict(progress=False)
     except Exception as err:  # network errors come in many types; all mean "not available"
         raise WeightsError(
             f"could not download ImageNet weights for {backbone}: {err}",
-            hint=f"offline? copy the file {Path(weights.url).name} to {cached.parent}, pass "
+            hint=f"offline? copy the file {Path(weights.url).name} to {folder}, pass "
             "--image-weights PATH to a local state dict, or use --no-pretrained-image",
         ) from err
     return state, f"ImageNet {weights} (downloaded)"

@@ -7,6 +7,8 @@ without a heavy backbone (vectors, the simple text encoder) have an identity fea
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -98,7 +100,8 @@ def _largest_module_list(module: nn.Module) -> nn.ModuleList | None:
 
 
 class ImageEncoder(nn.Module):
-    """ResNet trunk per image, projection, then masked attention pooling over a patient's views."""
+    """torchvision trunk per image (see image_trunk), projection, then masked attention pooling
+    over a patient's views."""
 
     cacheable = True
 
@@ -148,23 +151,76 @@ class ImageEncoder(nn.Module):
         self.feat_std.copy_(feats.std(0).clamp(min=1e-4))
 
     def set_trainable_scope(self, scope: str) -> None:
-        """Unfreeze none, layer4, layer3+ (layer3 and layer4) or all of the trunk."""
-        names = {"none": (), "layer4": ("7",), "layer3+": ("6", "7"), "all": None}[scope]
+        """Unfreeze none, layer4, layer3+ or all of the trunk.
+
+        The trunk's blocks are the children of its ``features`` (torchvision's convolutional
+        body in mobilenet, efficientnet, convnext, densenet, vgg, swin) or else its own
+        children, counting only those with parameters. layer4 unfreezes the last block and
+        layer3+ the last two: for a ResNet exactly layer4, or layer3 and layer4. Parameters
+        outside ``features`` (convnext's final LayerNorm) come after every block, so they train
+        with layer4 and layer3+ too.
+        """
+        if scope in ("none", "all"):
+            self.backbone.requires_grad_(scope == "all")
+            return
+        features = getattr(self.backbone, "features", None)
+        root, prefix = ((features, "features.") if isinstance(features, nn.Sequential)
+                        else (self.backbone, ""))
+        blocks = [f"{prefix}{name}." for name, child in root.named_children()
+                  if any(True for _ in child.parameters())]
+        tail = tuple(blocks[-{"layer4": 1, "layer3+": 2}[scope]:])
         for name, param in self.backbone.named_parameters():
-            param.requires_grad = names is None or name.split(".")[0] in names
+            param.requires_grad = name.startswith(tail) or not name.startswith(prefix)
 
 
-def resnet_trunk(name: str) -> tuple[nn.Module, int]:
-    """A torchvision ResNet without its fc layer (children up to avgpool), randomly initialised."""
+class DroppedClassifier(nn.Identity):
+    """Stands where a torchvision model's last Linear layer was: marks the weights that a
+    full-model state dict holds and the trunk does not (see trunk_state)."""
+
+
+def image_trunk(name: str) -> tuple[nn.Module, int]:
+    """A torchvision classification model without its classifier, randomly initialised, and
+    the width of the features it returns.
+
+    ResNets become the Sequential of their children up to avgpool, so bundles and checkpoints
+    saved when only ResNets were supported still load. Any other model keeps torchvision's own
+    structure and key names, its last Linear layer replaced by a DroppedClassifier; the feature
+    width is that layer's in_features.
+    """
     import torchvision
 
-    net = getattr(torchvision.models, name)(weights=None)
-    feature_dim = net.fc.in_features
-    trunk = nn.Sequential(*list(net.children())[:-1])  # ... layer4, avgpool -> (N, F, 1, 1)
-    return trunk, feature_dim
+    net = torchvision.models.get_model(name, weights=None)
+    if isinstance(net, torchvision.models.ResNet):
+        # ... layer4, avgpool -> (N, F, 1, 1)
+        return nn.Sequential(*list(net.children())[:-1]), net.fc.in_features
+    linears = [(key, m) for key, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"torchvision model {name!r} has no Linear classifier to remove")
+    key, head = linears[-1]
+    parent, _, attr = key.rpartition(".")
+    setattr(net.get_submodule(parent), attr, DroppedClassifier())
+    return net, head.in_features
 
 
-def resnet_state_for_trunk(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+# torchvision's densenet ImageNet files still use the key names of torchvision < 0.3
+# (denselayer1.norm.1.weight); its own loader renames them the same way.
+_DENSENET_LEGACY_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def trunk_state(trunk: nn.Module, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Map a full torchvision state dict (an ImageNet file or the user's) onto a trunk from
+    image_trunk, leaving out the classifier the trunk dropped."""
+    if isinstance(trunk, nn.Sequential):  # image_trunk returns a Sequential for ResNets only
+        return resnet_state_for_trunk(state)
+    dropped = tuple(f"{key}." for key, m in trunk.named_modules()
+                    if isinstance(m, DroppedClassifier))
+    return {_DENSENET_LEGACY_KEY.sub(r"\1\2", key): value for key, value in state.items()
+            if not key.startswith(dropped)}
+
+
+def resnet_state_for_trunk(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Map a torchvision ResNet state dict (conv1.*, layer1.*, ...) onto the Sequential trunk."""
     order = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
     out: dict[str, torch.Tensor] = {}
