@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -10,13 +12,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from omnifuse_cli.cli.app import app
 from omnifuse_cli.data.manifest import read_manifest
+from omnifuse_cli.engine import synthesis
 from omnifuse_cli.engine.config import DEFAULT_MODALITIES
-from omnifuse_cli.engine.synthesis import CohortSpec, CohortSummary, make_cohort
+from omnifuse_cli.engine.synthesis import (
+    _FINDINGS,
+    CohortSpec,
+    CohortSummary,
+    DrawnCohort,
+    draw_cohort,
+    make_cohort,
+)
 from omnifuse_cli.errors import ConfigError
 
 SMALL = {"image_size": 64}
+# The signal-knob tests measure one knob's class signal alone: no within-class severity spread
+# shared across modalities, no corrupted patients.
+ISOLATED = {"shared_severity": 0.0, "corrupt_rate": 0.0}
 # Findings that only the severe sentence pool uses (C=3 maps class 2 to it).
 SEVERE_WORDS = re.compile("团块|恶性|癌栓|淋巴结|积液|消瘦")
 
@@ -190,6 +205,13 @@ def test_other_class_counts_and_panel_sizes(tmp_path: Path, num_classes: int,
     ({"labs_dim": 0}, r"--labs-dim"),
     ({"image_size": 8}, r"--image-size"),
     ({"images_per_patient": 0}, r"--images-per-patient"),
+    ({"shared_severity": 1.5}, r"--shared-severity must be in \[0, 1\], got 1\.5"),
+    ({"shared_severity": -0.1}, r"--shared-severity"),
+    ({"shared_severity": float("nan")}, r"--shared-severity"),
+    ({"corrupt_rate": 1.0}, r"--corrupt-rate must be in \[0, 1\), got 1\.0"),
+    ({"corrupt_rate": -0.01}, r"--corrupt-rate"),
+    ({"missing_mode": "random"}, r"--missing-mode must be mcar or mnar, got 'random'"),
+    ({"missing_mode": 1}, r"--missing-mode must be mcar or mnar"),
 ])
 def test_invalid_specs_name_the_option(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
@@ -206,7 +228,8 @@ def signal_gap(values: np.ndarray, labels: np.ndarray) -> float:
 def test_labs_signal_moves_the_signal_analytes(tmp_path: Path) -> None:
     gaps = []
     for k, strength in enumerate((0.0, 3.0)):
-        spec = CohortSpec(n=90, seed=2, image_size=32, missing_labs=0.0, labs_signal=strength)
+        spec = CohortSpec(n=90, seed=2, image_size=32, missing_labs=0.0, labs_signal=strength,
+                          **ISOLATED)
         summary = make_cohort(spec, tmp_path / str(k))
         rows = read_rows(summary.labs_table)
         labels = {r["id"]: int(r["label"]) for r in read_rows(summary.manifest)}
@@ -220,7 +243,7 @@ def test_us_signal_darkens_severe_livers(tmp_path: Path) -> None:
     gaps = []
     for k, strength in enumerate((0.0, 1.0)):
         spec = CohortSpec(n=90, seed=6, image_size=48, images_per_patient=1, missing_us=0.0,
-                          us_signal=strength)
+                          us_signal=strength, **ISOLATED)
         rows = read_rows(make_cohort(spec, tmp_path / str(k)).manifest)
         images = np.stack([np.asarray(Image.open(tmp_path / str(k) / r["us"]), np.float64)
                            for r in rows])
@@ -234,7 +257,7 @@ def test_text_signal_decides_which_findings_appear(tmp_path: Path) -> None:
     shares = []
     for k, strength in enumerate((0.0, 1.0)):
         spec = CohortSpec(n=60, seed=8, image_size=32, missing_text=0.0, text_noise=0.0,
-                          text_signal=strength)
+                          text_signal=strength, **ISOLATED)
         out = tmp_path / str(k)
         rows = read_rows(make_cohort(spec, out).manifest)
         normal = [(out / r["text"]).read_text(encoding="utf-8") for r in rows
@@ -242,3 +265,231 @@ def test_text_signal_decides_which_findings_appear(tmp_path: Path) -> None:
         shares.append(np.mean([bool(SEVERE_WORDS.search(note)) for note in normal]))
     assert shares[1] == 0.0
     assert shares[0] > 0.2, shares
+
+
+# ---------------------------------------------------------------------------------------------
+# Patient severity, corruption, missing-not-at-random
+
+# make_cohort(CohortSpec(n=24, seed=5, image_size=64)) as written before shared_severity,
+# corrupt_rate and missing_mode existed: sha256 of the CSVs, and of "<name> <sha256>\n" lines
+# over the notes' bytes and over the PNGs' decoded pixels (PNG encoders may change their bytes).
+REFERENCE = {
+    "manifest.csv": "665c438f803b0a92e598a13444b6ecfbc0ee45f00fccca383af37963a35e6844",
+    "labs_table.csv": "f2f5de515d2b42eee94252a60b680c3d04ebc07a8acbaf8112bba946d8cbb6af",
+    "text": "7159ba5fc5d93f440f2f3c1dcca9a468cf12ca6442bc0c227f2d516c2e1a4808",
+    "us": "13f0278229a4c76e9c6e5888cc261448a1227387a82a35e3e23ba1133e3c9c4c",
+}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def folder_digest(root: Path, folder: str) -> str:
+    lines = []
+    for path in sorted((root / folder).iterdir()):
+        data = (np.asarray(Image.open(path)).tobytes() if path.suffix == ".png"
+                else path.read_bytes())
+        lines.append(f"{folder}/{path.name} {sha256(data)}\n")
+    return sha256("".join(lines).encode())
+
+
+def test_old_settings_reproduce_earlier_cohorts(tmp_path: Path) -> None:
+    spec = CohortSpec(n=24, seed=5, image_size=64, shared_severity=0.0, corrupt_rate=0.0,
+                      missing_mode="mcar")
+    make_cohort(spec, tmp_path)
+    found = {name: sha256((tmp_path / name).read_bytes())
+             for name in ("manifest.csv", "labs_table.csv")}
+    found.update({folder: folder_digest(tmp_path, folder) for folder in ("text", "us")})
+    assert found == REFERENCE
+
+
+def within_class_correlation(x: np.ndarray, y: np.ndarray, labels: np.ndarray) -> float:
+    """Pearson correlation after removing each class's mean from both: what the class leaves."""
+    x, y = x.astype(float), y.astype(float)
+    for c in np.unique(labels):
+        x[labels == c] -= x[labels == c].mean()
+        y[labels == c] -= y[labels == c].mean()
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+FINDING_PATTERNS = [
+    [re.compile(re.escape(t).replace(r"\{size\}", r"[\d.]+").replace(r"\{kg\}", r"\d+"))
+     for t in pool] for pool in _FINDINGS]
+
+
+def findings_level(note: str) -> float:
+    """Mean severity level (0-4) of the note's findings sentences; NaN without findings."""
+    levels = [k for k, pool in enumerate(FINDING_PATTERNS) for p in pool if p.search(note)]
+    return float(np.mean(levels)) if levels else float("nan")
+
+
+@pytest.mark.parametrize("shared, low, high", [(0.0, -0.1, 0.1), (1.0, 0.15, 1.0)])
+def test_shared_severity_correlates_labs_and_notes_within_a_class(
+        shared: float, low: float, high: float) -> None:
+    spec = CohortSpec(n=900, seed=1, shared_severity=shared, corrupt_rate=0.0, labs_noise=0.5,
+                      text_signal=0.8, text_noise=0.0)
+    cohort = draw_cohort(spec)  # no images: the correlation needs many patients
+    level = np.array([findings_level(note) for note in cohort.notes])
+    names = cohort.lab_names
+    # The liver axis: ALT follows the early "abnormal" driver, TBIL the "advanced" one.
+    liver = (np.log(cohort.labs[:, names.index("ALT")])
+             + np.log(cohort.labs[:, names.index("TBIL")]))
+    ok = ~np.isnan(level) & ~np.isnan(liver)
+    assert ok.sum() > 800
+    r = within_class_correlation(liver[ok], level[ok], cohort.labels[ok])
+    assert low < r < high, r
+
+
+def test_shared_severity_moves_ultrasound_with_the_patient() -> None:
+    drawn = {a: draw_cohort(CohortSpec(n=300, seed=2, shared_severity=a, corrupt_rate=0.0))
+             for a in (0.0, 0.5, 1.0)}
+    classes = synthesis.severities(3)[drawn[0.0].labels]
+    np.testing.assert_array_equal(drawn[0.0].us_severity, classes)
+    patient = drawn[1.0].severity
+    np.testing.assert_array_equal(drawn[1.0].us_severity, patient)
+    np.testing.assert_allclose(drawn[0.5].us_severity, (classes + patient) / 2)
+    # About 0.35 class gaps around the class (less at the clipped ends), different per patient.
+    spread = np.std(patient[drawn[1.0].labels == 1] - 0.5)
+    assert 0.12 < spread < 0.23, spread
+
+
+def test_truth_csv_and_corruption_leave_the_rest_alone(tmp_path: Path) -> None:
+    base = CohortSpec(n=40, seed=7, image_size=32, images_per_patient=2, corrupt_rate=0.0)
+    clean = make_cohort(base, tmp_path / "clean")
+    bad = make_cohort(dataclasses.replace(base, corrupt_rate=0.5), tmp_path / "bad")
+    truth = read_rows(bad.truth)
+    assert list(truth[0]) == ["id", "label", "severity", "corrupted", "corruption"]
+    manifest = read_rows(bad.manifest)
+    assert [(r["id"], r["label"]) for r in truth] == [(r["id"], r["label"]) for r in manifest]
+    assert all(0 <= float(r["severity"]) <= 1 for r in truth)
+    kinds = {r["corruption"] for r in truth if r["corrupted"]}
+    assert kinds == {"uninformative", "other_patient"}
+    assert all(not r["corruption"] for r in truth if not r["corrupted"])
+    assert bad.corrupted_counts == {m: sum(r["corrupted"] == m for r in truth)
+                                    for m in ("labs", "us", "text")}
+    assert sum(bad.corrupted_counts.values()) >= 10
+    assert not any(r["corrupted"] for r in read_rows(clean.truth))
+    assert [r["severity"] for r in read_rows(clean.truth)] == [r["severity"] for r in truth]
+
+    clean_rows = read_rows(clean.manifest)
+    clean_labs = {r["id"]: r for r in read_rows(clean.labs_table)}
+    bad_labs = {r["id"]: r for r in read_rows(bad.labs_table)}
+
+    def views(root: Path, row: dict[str, str]) -> list[bytes]:
+        return [(root / p).read_bytes() for p in row["us"].split(";") if p]
+
+    for row, before, after in zip(truth, clean_rows, manifest, strict=True):
+        pid, modality = row["id"], row["corrupted"]
+        assert [bool(before[m]) for m in ("labs", "us", "text")] == [
+            bool(after[m]) for m in ("labs", "us", "text")]
+        assert not modality or after[modality], "a missing modality was corrupted"
+        if after["labs"]:
+            assert (bad_labs[pid] == clean_labs[pid]) == (modality != "labs"), pid
+        if after["us"]:
+            same = views(tmp_path / "clean", before) == views(tmp_path / "bad", after)
+            assert same == (modality != "us"), pid
+        if after["text"]:
+            same = ((tmp_path / "clean" / before["text"]).read_bytes()
+                    == (tmp_path / "bad" / after["text"]).read_bytes())
+            assert same == (modality != "text"), pid
+
+
+def modality_counts(cohort: DrawnCohort) -> np.ndarray:
+    return cohort.present.sum(axis=1)
+
+
+def test_corrupt_rate_is_the_share_of_patients_with_two_modalities() -> None:
+    spec = CohortSpec(n=3000, seed=3, corrupt_rate=0.2, missing_labs=0.5, missing_us=0.5,
+                      missing_text=0.5)
+    cohort = draw_cohort(spec)
+    corrupted = np.array([bool(m) for m in cohort.corrupted])
+    eligible = modality_counts(cohort) >= 2
+    assert not corrupted[~eligible].any()
+    assert (~eligible).sum() > 500  # the rule was really exercised
+    assert 0.17 < corrupted[eligible].mean() < 0.23, corrupted[eligible].mean()
+    kinds = [k for k in cohort.corruption if k]
+    assert 0.4 < kinds.count("uninformative") / len(kinds) < 0.6
+    for j, modality in enumerate(("labs", "us", "text")):
+        rows = [i for i, m in enumerate(cohort.corrupted) if m == modality]
+        assert cohort.present[rows, j].all()
+        assert 0.25 < len(rows) / len(kinds) < 0.42
+
+
+def test_other_patient_corruption_copies_someone_elses_data() -> None:
+    spec = CohortSpec(n=200, seed=4, corrupt_rate=0.6, missing_labs=0.0, missing_us=0.0,
+                      missing_text=0.0)
+    clean = draw_cohort(dataclasses.replace(spec, corrupt_rate=0.0))
+    bad = draw_cohort(spec)
+    for i, (modality, kind) in enumerate(zip(bad.corrupted, bad.corruption, strict=True)):
+        if kind != "other_patient":
+            continue
+        others = [j for j in range(spec.n) if j != i]
+        if modality == "labs":
+            assert any(np.array_equal(bad.labs[i], clean.labs[j], equal_nan=True)
+                       for j in others)
+        elif modality == "text":
+            assert bad.notes[i] in [clean.notes[j] for j in others]
+        else:
+            j = bad.us_seeds[i].spawn_key[-1]
+            assert j != i and bad.us_seeds[i].spawn_key == clean.us_seeds[j].spawn_key
+            assert bad.us_severity[i] == clean.us_severity[j]
+
+
+def test_mnar_makes_milder_patients_skip_ultrasound() -> None:
+    rates = {"missing_labs": 0.2, "missing_us": 0.3, "missing_text": 0.3}
+    result = {}
+    for mode in ("mcar", "mnar"):
+        cohort = draw_cohort(CohortSpec(n=4000, seed=6, missing_mode=mode, **rates))
+        mild, severe = cohort.severity < 1 / 3, cohort.severity > 2 / 3
+        lacks = ~cohort.present
+        for j, name in enumerate(("labs", "us", "text")):
+            # The rescue of patients who lost everything lowers the overall rate a little.
+            assert abs(lacks[:, j].mean() - rates[f"missing_{name}"]) < 0.025, (mode, name)
+        result[mode] = [lacks[mild, j].mean() / lacks[severe, j].mean() for j in range(3)]
+    assert all(0.7 < ratio < 1.3 for ratio in result["mcar"]), result
+    labs, us, text = result["mnar"]
+    assert labs > 2 and us > 2, result
+    # Notes stay MCAR; the rescue of patients left with nothing, more often mild ones under
+    # mnar, gives a few mild patients their note back.
+    assert 0.7 < text < 1.3, result
+
+
+def test_mnar_caps_the_probability() -> None:
+    # Uncapped, weight 1.5 times 0.9 would remove every mildest patient's ultrasound; with
+    # notes always present no rescue blurs the count.
+    spec = CohortSpec(n=3000, seed=8, missing_mode="mnar", missing_us=0.9, missing_text=0.0)
+    cohort = draw_cohort(spec)
+    mildest = cohort.severity == 0
+    assert mildest.sum() > 300
+    assert 0.9 < (~cohort.present[mildest, 1]).mean() < 0.99
+
+
+def test_cli_options_reach_the_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    specs: list[CohortSpec] = []
+    real = synthesis.make_cohort
+
+    def spy(spec: CohortSpec, out_dir: Path, **kwargs: object) -> CohortSummary:
+        specs.append(spec)
+        return real(spec, out_dir, **kwargs)
+
+    monkeypatch.setattr(synthesis, "make_cohort", spy)
+    runner = CliRunner()
+    common = ["make-data", "--n", "12", "--image-size", "32"]
+    result = runner.invoke(app, [*common, "--out-dir", str(tmp_path / "a"), "--shared-severity",
+                                 "0.25", "--corrupt-rate", "0.5", "--missing-mode", "mnar"],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert (specs[0].shared_severity, specs[0].corrupt_rate, specs[0].missing_mode) == (
+        0.25, 0.5, "mnar")
+    assert "listed in truth.csv" in result.output
+    assert (tmp_path / "a" / "truth.csv").is_file()
+    result = runner.invoke(app, [*common, "--out-dir", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    defaults = CohortSpec()
+    assert (specs[1].shared_severity, specs[1].corrupt_rate, specs[1].missing_mode) == (
+        defaults.shared_severity, defaults.corrupt_rate, defaults.missing_mode)
+    result = runner.invoke(app, [*common, "--out-dir", str(tmp_path / "c"), "--missing-mode",
+                                 "sometimes"])
+    assert result.exit_code == 2
+    assert "--missing-mode must be mcar or mnar" in result.stderr

@@ -30,14 +30,28 @@ def make_data(
     labs_noise: Annotated[float | None, typer.Option("--labs-noise")] = None,
     us_noise: Annotated[float | None, typer.Option("--us-noise")] = None,
     text_noise: Annotated[float | None, typer.Option("--text-noise")] = None,
+    shared_severity: Annotated[float, typer.Option(
+        "--shared-severity", help="Share of each modality's signal that follows the patient's "
+        "own severity rather than the class's: 0 = modalities independent given the class, "
+        "1 = all follow the patient.")] = 0.5,
+    corrupt_rate: Annotated[float, typer.Option(
+        "--corrupt-rate", help="Share of patients (among those with 2+ modalities) with one "
+        "modality replaced by uninformative data or another patient's; listed in truth.csv."
+    )] = 0.05,
+    missing_mode: Annotated[str, typer.Option(
+        "--missing-mode", help="mcar: --missing-* regardless of the patient; mnar: milder "
+        "patients skip labs and ultrasound more often, same overall rates.")] = "mcar",
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Write into a non-empty --out-dir.")] = False,
 ) -> None:
     """Generate a synthetic three-modality cohort (labs, ultrasound PNGs, Chinese notes).
 
     Every modality carries a controllable amount of label signal (--*-signal, --*-noise) and
-    can be missing (--missing-*); defaults make each modality alone informative but weaker than
-    the fused model. Signal and noise defaults are documented in `omnifuse_cli.engine.synthesis`.
+    can be missing (--missing-*, --missing-mode); defaults make each modality alone informative
+    but weaker than the fused model. Patients vary in severity within their class, partly shared
+    by all their modalities (--shared-severity), and a few have one corrupted modality
+    (--corrupt-rate); truth.csv records both. Every default is explained in
+    `omnifuse_cli.engine.synthesis`.
     """
     from omnifuse_cli.cli.render import counts_table
     from omnifuse_cli.engine.files import prepare_out_dir
@@ -48,7 +62,8 @@ def make_data(
     spec = CohortSpec(n=n, seed=seed, num_classes=num_classes, labs_dim=labs_dim,
                       image_size=image_size, images_per_patient=images_per_patient,
                       missing_labs=missing_labs, missing_us=missing_us,
-                      missing_text=missing_text,
+                      missing_text=missing_text, shared_severity=shared_severity,
+                      corrupt_rate=corrupt_rate, missing_mode=missing_mode,
                       **{k: v for k, v in knobs.items() if v is not None})
     prepare_out_dir(out_dir, overwrite)
     from rich.progress import Progress
@@ -61,6 +76,9 @@ def make_data(
                                "patients per class", key="label"))
     console.print(counts_table(summary.present_counts, "patients with each modality",
                                key="modality"))
+    corrupted = ", ".join(f"{m} {k}" for m, k in summary.corrupted_counts.items())
+    console.print(f"{sum(summary.corrupted_counts.values())} patients with one corrupted "
+                  f"modality ({corrupted}), listed in {summary.truth.name}")
     console.print(f"{summary.n_patients} patients, {summary.n_images} images written to "
                   f"[bold]{summary.out_dir}[/]\nnext: omnifuse train {summary.manifest} "
                   f"--num-classes {num_classes}")

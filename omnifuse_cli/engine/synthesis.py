@@ -2,23 +2,32 @@
 
 The layout is the reference implementation's (``manifest.csv`` with ``id,label,labs,us,text``,
 ``labs_table.csv``, ``us/<id>_<k>.png``, ``text/<id>.txt``), so a generated cohort exercises the
-same reading code as real hospital data.
+same reading code as real hospital data. ``truth.csv`` (``id,label,severity,corrupted,
+corruption``) holds what no real cohort has: each patient's latent severity and which modality,
+if any, was corrupted and how. Training never reads it.
 
 How the label reaches each modality
 -----------------------------------
-Class ``c`` of ``C`` has severity ``s = c / (C - 1)`` (0 = normal, 1 = most severe). The
-modalities see severity through different curves, so each one has its own blind spot and only
-their combination tells every class apart, which is what makes fusion matter:
+Class ``c`` of ``C`` has severity ``s_class = c / (C - 1)`` (0 = normal, 1 = most severe). Each
+patient's own severity varies around it: ``s_patient = clip(s_class + SEVERITY_SPREAD / (C - 1)
+* z, 0, 1)`` with ``z ~ N(0, 1)`` and ``SEVERITY_SPREAD = 0.35`` class gaps, so neighbouring
+classes overlap a little, as real disease stages do. Every modality sees ``s = (1 -
+shared_severity) * s_class + shared_severity * s_patient``. The modalities see ``s`` through
+different curves, so each one has its own blind spot and only their combination tells every
+class apart, which is what makes fusion matter:
 
 - labs react early and saturate (``1 - (1 - s)^4``, plus a weaker linear "advanced" axis): they
   tell healthy from diseased well, mild from severe poorly;
 - ultrasound masses appear late (dark-mass burden ``s^3``, plus a few bright nodules peaking at
   mid severity): it tells severe from the rest well, normal from mild poorly;
-- notes describe one of five severity levels (C=3: normal, mild, severe): no blind spot, but
-  findings are often wrong or absent.
+- notes describe the nearest of five severity levels (C=3: normal, mild, severe): no blind
+  spot, but findings are often wrong or absent.
 
 With the defaults, n=240 and three classes, each modality alone scores about 0.7 accuracy with
-simple classifiers (5-fold logistic regression) and the three together about 0.9.
+simple classifiers (5-fold logistic regression per modality, probabilities multiplied to fuse)
+and the three together about 0.85 on patients who have all three; about 0.9 at
+shared_severity 0 and corrupt_rate 0, because modalities that share the patient's severity
+also share their mistakes.
 
 Knobs (defaults in brackets; each ``*_signal`` at 0 removes the class signal entirely):
 
@@ -33,8 +42,8 @@ Knobs (defaults in brackets; each ``*_signal`` at 0 removes the class signal ent
     organ groups (inflammation, liver, kidney, coagulation), as in real panels. About 3% of
     single values are missing (``null``) whatever the knob.
 ``us_signal`` [0.75], in [0, 1]
-    How far each view's lesion pattern moves from the class-average pattern towards its
-    patient's class pattern (0 = every class looks alike). Class patterns: normal livers are
+    How far each view's lesion pattern moves from the class-average pattern towards the
+    pattern of its patient's ``s`` (0 = every class looks alike). Patterns: normal livers are
     nearly lesion-free, mid classes show a few small hyperechoic (bright) nodules and the odd
     small dark mass, severe classes several large, dark, ill-defined masses. Lesion counts are
     Poisson draws and the views of one patient are drawn independently (other lesions,
@@ -44,17 +53,43 @@ Knobs (defaults in brackets; each ``*_signal`` at 0 removes the class signal ent
     Rayleigh speckle; larger values add no more speckle), parenchymal heterogeneity, per-view
     gain changes and anechoic vessels, which look like small dark masses. 0 gives clean images.
 ``text_signal`` [0.6], in [0, 1]
-    Probability that each findings sentence (1-4 per note) describes the patient's class;
+    Probability that each findings sentence (1-4 per note) describes the patient's ``s``;
     otherwise it describes a class drawn uniformly at random.
 ``text_noise`` [1.0]
     Scales the number of neutral sentences (history, general condition), the share of notes
     without any finding (10% at 1.0) and character-level typos (substitutions, deletions,
     repeats; 3% of characters at 1.0).
+``shared_severity`` [0.5], in [0, 1]
+    Share of each modality's signal that follows the patient's own severity rather than the
+    class's (the ``s`` above). At 0 the modalities are independent given the class; at 1 a mild
+    case of a severe class looks milder in labs, images and note alike. The default is 0.5
+    because real patients show their disease in every modality at once (a large tumour raises
+    the enzymes, shows on ultrasound and fills the note), while each test also varies for
+    reasons of its own.
+``corrupt_rate`` [0.05], in [0, 1)
+    Share of the patients with two or more modalities who get one present modality (chosen at
+    random) replaced by low-quality data: half the time uninformative (labs with the patient's
+    own noise but the disease signal of a uniformly random severity, views rendered at a random
+    severity, a note written for a random severity), half the time another random patient's
+    (their panel, their whole set of views, their note copied verbatim). Patients with a single
+    modality are spared so that every patient keeps some genuine evidence. The default 0.05
+    because mixed-up records, failed examinations and copy-pasted notes are a few percent of
+    real records, and a model should meet some of them.
+``missing_mode`` [mcar]
+    ``mcar``: each modality is missing with its ``missing_*`` probability, whoever the patient.
+    ``mnar``: labs and ultrasound are skipped more often by milder patients, with probability
+    proportional to ``1.5 - s_patient``, normalised so that the cohort-wide rates stay
+    ``missing_labs`` and ``missing_us`` (the mildest skip three times as often as the most
+    severe; no probability above 0.95); notes stay MCAR. The default is mcar so that the
+    ``missing_*`` options mean exactly what they say; mnar tests whether a model reads the
+    missingness pattern itself as evidence.
 
 Missingness (``missing_labs/us/text``) removes a whole modality for a patient, independently
 per modality; a patient who loses all three keeps one at random. Labels and missingness, labs,
-images and notes each draw from their own random stream (every patient's images from their
-own), so changing one modality's knobs leaves the other modalities' values unchanged.
+images, notes, patient severities and corruption each draw from their own random stream (every
+patient's images from their own), so changing one modality's knobs leaves the other
+modalities' values unchanged, and at shared_severity 0, corrupt_rate 0 and mcar a seed gives
+the same files as versions before those knobs existed.
 """
 
 from __future__ import annotations
@@ -80,6 +115,11 @@ US_ONSET = 3.0  # dark masses appear late: burden s^US_ONSET
 US_DARK_RATE = 4.0  # expected dark masses per view at the most severe class
 US_BRIGHT_RATE = 0.5  # expected extra bright nodules per view at mid severity
 US_VESSEL_RATE = 0.8  # expected vessels per view at us_noise 1
+SEVERITY_SPREAD = 0.35  # SD of a patient's severity around the class's, in class gaps 1/(C-1)
+MNAR_BASE = 1.5  # mnar skip weight 1.5 - s: the mildest skip 3x as often as the most severe
+MAX_MISSING_PROBABILITY = 0.95  # mnar never makes a modality certain to be missing
+MISSING_MODES = ("mcar", "mnar")
+CORRUPTIONS = ("uninformative", "other_patient")  # kinds written to truth.csv
 
 DEFAULT_LABS_SIGNAL = 3.0
 DEFAULT_US_SIGNAL = 0.75
@@ -87,6 +127,9 @@ DEFAULT_TEXT_SIGNAL = 0.6
 DEFAULT_LABS_NOISE = 1.0
 DEFAULT_US_NOISE = 1.0
 DEFAULT_TEXT_NOISE = 1.0
+DEFAULT_SHARED_SEVERITY = 0.5
+DEFAULT_CORRUPT_RATE = 0.05
+DEFAULT_MISSING_MODE = "mcar"
 
 # name, reference mean (median when log-normal), sd (log-sd when log-normal), decimals,
 # log-normal, correlation group. Signal-bearing analytes come first so small panels keep them.
@@ -235,9 +278,18 @@ class CohortSpec:
     labs_noise: float = DEFAULT_LABS_NOISE
     us_noise: float = DEFAULT_US_NOISE
     text_noise: float = DEFAULT_TEXT_NOISE
+    shared_severity: float = DEFAULT_SHARED_SEVERITY  # share of signal from the patient's own
+    corrupt_rate: float = DEFAULT_CORRUPT_RATE  # share of patients with one low-quality modality
+    missing_mode: str = DEFAULT_MISSING_MODE  # mcar or mnar (milder patients skip labs and us)
 
     def __post_init__(self) -> None:
+        if self.missing_mode not in MISSING_MODES:
+            _bad("missing_mode", repr(self.missing_mode), " or ".join(MISSING_MODES),
+                 "mcar: missing at random; mnar: milder patients skip labs and ultrasound "
+                 "more often")
         for f in fields(self):
+            if f.name == "missing_mode":
+                continue
             value = getattr(self, f.name)
             kind = int if f.name in _INT_FIELDS else (int, float)
             if isinstance(value, bool) or not isinstance(value, kind):
@@ -266,6 +318,12 @@ class CohortSpec:
         for name in ("us_signal", "text_signal"):
             _check(self, name, lambda v: 0 <= v <= 1, "in [0, 1]",
                    "0 = no class signal, 1 = the full class signal")
+        _check(self, "shared_severity", lambda v: 0 <= v <= 1, "in [0, 1]",
+               "it is the share of each modality's signal that follows the patient's own "
+               "severity: 0 = the class's only, 1 = the patient's only")
+        _check(self, "corrupt_rate", lambda v: 0 <= v < 1, "in [0, 1)",
+               "it is the share of patients (with two or more modalities) who get one "
+               "low-quality modality")
         for name in ("labs_signal", "labs_noise", "us_noise", "text_noise"):
             _check(self, name, lambda v: v >= 0, ">= 0", "0 turns it off")
 
@@ -290,10 +348,114 @@ class CohortSummary:
     out_dir: Path
     manifest: Path
     labs_table: Path
+    truth: Path
     n_patients: int
     n_images: int
     label_counts: dict[int, int]
     present_counts: dict[str, int]  # modality name -> patients having it
+    corrupted_counts: dict[str, int]  # modality name -> patients whose copy of it is corrupted
+
+
+@dataclass(frozen=True)
+class DrawnCohort:
+    """Everything make-data writes except the pixels, which are only rendered while writing, so
+    the generator can be studied on thousands of patients in seconds. Per-patient arrays cover
+    every patient, also those who lack the modality (their values are simply not written)."""
+
+    labels: np.ndarray  # (n,) class
+    severity: np.ndarray  # (n,) the patient's latent severity in [0, 1]
+    present: np.ndarray  # (n, 3) bool, columns in MODALITIES order
+    lab_names: list[str]
+    labs: np.ndarray  # (n, labs_dim) as written, physical units; NaN = analyte not measured
+    notes: list[str]  # as written
+    us_severity: np.ndarray  # (n,) severity the patient's views are rendered at
+    us_seeds: list[np.random.SeedSequence]  # stream the patient's views are drawn from
+    corrupted: list[str]  # modality replaced by low-quality data, or ""
+    corruption: list[str]  # its kind (one of CORRUPTIONS), or ""
+
+
+def draw_cohort(spec: CohortSpec) -> DrawnCohort:
+    """Labels, severities, missingness, corruption, lab values and notes of the cohort."""
+    n, classes = spec.n, spec.num_classes
+    # One independent stream per concern, so e.g. --missing-us or --text-noise never changes
+    # the lab values or the labels drawn for the same seed. Children are numbered, so the first
+    # four are the streams of versions without patient severity and corruption: at
+    # shared_severity 0, corrupt_rate 0 and mcar, those versions' cohorts come out unchanged.
+    streams = np.random.SeedSequence(spec.seed).spawn(6)
+    s_design, s_labs, s_us, s_text, s_patient, s_corrupt = streams
+    design = np.random.default_rng(s_design)
+    labels = design.permutation(np.arange(n) % classes)
+    class_severity = severities(classes)[labels]
+    spread = SEVERITY_SPREAD / (classes - 1)
+    severity = np.clip(class_severity
+                       + spread * np.random.default_rng(s_patient).standard_normal(n), 0, 1)
+    present = design.random((n, len(MODALITIES))) >= _missing_probabilities(spec, severity)
+    empty = np.flatnonzero(~present.any(axis=1))
+    present[empty, design.integers(0, len(MODALITIES), len(empty))] = True
+    # At shared_severity 0 this is the class severity bit for bit.
+    seen = (1 - spec.shared_severity) * class_severity + spec.shared_severity * severity
+
+    rng = np.random.default_rng(s_corrupt)
+    # Every patient gets the same draws whatever the knobs: raising corrupt_rate only adds
+    # patients, and presence only decides which of them qualify.
+    hit = (rng.random(n) < spec.corrupt_rate) & (present.sum(axis=1) >= 2)
+    pick = rng.random(n)
+    uninformative = rng.random(n) < 0.5
+    random_severity = rng.random(n)
+    donor = (np.arange(n) + rng.integers(1, n, n)) % n  # anyone but the patient
+    target = np.full(n, -1)  # index of the corrupted modality
+    for i in np.flatnonzero(hit):
+        options = np.flatnonzero(present[i])
+        target[i] = options[int(pick[i] * len(options))]
+    junk = {m: np.flatnonzero((target == j) & uninformative) for j, m in enumerate(MODALITIES)}
+    swap = {m: np.flatnonzero((target == j) & ~uninformative) for j, m in enumerate(MODALITIES)}
+
+    names, clean_labs = lab_values(spec, seen, np.random.default_rng(s_labs))
+    labs = clean_labs.copy()
+    if len(junk["labs"]):
+        # The same stream again: the patient keeps their own noise and unmeasured analytes,
+        # only the disease signal comes from a random severity.
+        shifted = seen.copy()
+        shifted[junk["labs"]] = random_severity[junk["labs"]]
+        _, redrawn = lab_values(spec, shifted, np.random.default_rng(s_labs))
+        labs[junk["labs"]] = redrawn[junk["labs"]]
+    labs[swap["labs"]] = clean_labs[donor[swap["labs"]]]
+
+    text_rng = np.random.default_rng(s_text)
+    clean_notes = [_note(spec, float(s), text_rng) for s in seen]
+    notes = list(clean_notes)
+    for i in junk["text"]:
+        # From the corruption stream, so every other note stays as it was.
+        notes[i] = _note(spec, float(random_severity[i]), rng)
+    for i in swap["text"]:
+        notes[i] = clean_notes[donor[i]]
+
+    patient_seeds = s_us.spawn(n)  # per patient: a patient's views ignore everyone else's
+    source = np.arange(n)  # whose views each patient shows: a mixed-up set is the donor's own
+    source[swap["us"]] = donor[swap["us"]]
+    us_severity = seen[source]
+    us_severity[junk["us"]] = random_severity[junk["us"]]
+
+    return DrawnCohort(
+        labels=labels, severity=severity, present=present, lab_names=names, labs=labs,
+        notes=notes, us_severity=us_severity, us_seeds=[patient_seeds[j] for j in source],
+        corrupted=[MODALITIES[j] if j >= 0 else "" for j in target],
+        corruption=["" if j < 0 else CORRUPTIONS[0 if u else 1]
+                    for j, u in zip(target, uninformative, strict=True)],
+    )
+
+
+def _missing_probabilities(spec: CohortSpec, severity: np.ndarray) -> np.ndarray:
+    """(n, 3): probability that each patient lacks each modality."""
+    rates = np.array([spec.missing_labs, spec.missing_us, spec.missing_text])
+    probabilities = np.tile(rates, (len(severity), 1))
+    if spec.missing_mode == "mnar":
+        # Normalised to mean 1 over the cohort, so --missing-labs/--missing-us stay the
+        # cohort-wide rates. Text stays MCAR: every visit gets a note, however mild the case.
+        weight = MNAR_BASE - severity
+        weight /= weight.mean()
+        probabilities[:, :2] = np.minimum(rates[:2] * weight[:, None], MAX_MISSING_PROBABILITY)
+    return probabilities
 
 
 def make_cohort(spec: CohortSpec, out_dir: Path, *,
@@ -305,44 +467,36 @@ def make_cohort(spec: CohortSpec, out_dir: Path, *,
     out_dir = Path(out_dir)
     (out_dir / "us").mkdir(parents=True, exist_ok=True)
     (out_dir / "text").mkdir(parents=True, exist_ok=True)
-    # One independent stream per concern, so e.g. --missing-us or --text-noise never changes
-    # the lab values or the labels drawn for the same seed.
-    s_design, s_labs, s_us, s_text = np.random.SeedSequence(spec.seed).spawn(4)
-    design = np.random.default_rng(s_design)
-    labels = design.permutation(np.arange(spec.n) % spec.num_classes)
-    rates = np.array([spec.missing_labs, spec.missing_us, spec.missing_text])
-    present = design.random((spec.n, len(MODALITIES))) >= rates
-    empty = np.flatnonzero(~present.any(axis=1))
-    present[empty, design.integers(0, len(MODALITIES), len(empty))] = True
-
-    names, labs = lab_values(spec, labels, np.random.default_rng(s_labs))
-    text_rng = np.random.default_rng(s_text)
-    notes = [_note(spec, int(c), text_rng) for c in labels]
+    cohort = draw_cohort(spec)
+    labels, present, names = cohort.labels, cohort.present, cohort.lab_names
     renderer = _UltrasoundRenderer(spec)
-    us_seeds = s_us.spawn(spec.n)  # per patient: a patient's views ignore everyone else's
 
     ids = [f"{i + 1:010d}" for i in range(spec.n)]
     rows: list[list[str]] = []
     table_rows: list[list[str]] = []
+    truth_rows: list[list[str]] = []
     n_images = 0
     if progress is not None:
         progress(0, spec.n)
     for i, pid in enumerate(ids):
         labs_cell = us_cell = text_cell = ""
         if present[i, 0]:
-            cells = [_format_value(v, names[j]) for j, v in enumerate(labs[i])]
+            cells = [_format_value(v, names[j]) for j, v in enumerate(cohort.labs[i])]
             # The JSON cell is built from the same strings as the table, so both agree exactly.
             labs_cell = "[" + ", ".join(c or "null" for c in cells) + "]"
             table_rows.append([pid, *cells])
         if present[i, 1]:
-            paths = renderer.write_patient(int(labels[i]), np.random.default_rng(us_seeds[i]),
+            paths = renderer.write_patient(float(cohort.us_severity[i]),
+                                           np.random.default_rng(cohort.us_seeds[i]),
                                            out_dir, pid)
             n_images += len(paths)
             us_cell = ";".join(paths)
         if present[i, 2]:
             text_cell = f"text/{pid}.txt"
-            (out_dir / text_cell).write_text(notes[i], encoding="utf-8")
+            (out_dir / text_cell).write_text(cohort.notes[i], encoding="utf-8")
         rows.append([pid, str(int(labels[i])), labs_cell, us_cell, text_cell])
+        truth_rows.append([pid, str(int(labels[i])), f"{cohort.severity[i]:.4f}",
+                           cohort.corrupted[i], cohort.corruption[i]])
         if progress is not None:
             progress(i + 1, spec.n)
 
@@ -350,11 +504,15 @@ def make_cohort(spec: CohortSpec, out_dir: Path, *,
     _write_csv(manifest, ["id", "label", *MODALITIES], rows)
     labs_table = out_dir / "labs_table.csv"
     _write_csv(labs_table, ["id", *names], table_rows)
+    truth = out_dir / "truth.csv"
+    _write_csv(truth, ["id", "label", "severity", "corrupted", "corruption"], truth_rows)
     counts = np.bincount(labels, minlength=spec.num_classes)
     return CohortSummary(
-        out_dir=out_dir, manifest=manifest, labs_table=labs_table, n_patients=spec.n,
-        n_images=n_images, label_counts={c: int(k) for c, k in enumerate(counts)},
+        out_dir=out_dir, manifest=manifest, labs_table=labs_table, truth=truth,
+        n_patients=spec.n, n_images=n_images,
+        label_counts={c: int(k) for c, k in enumerate(counts)},
         present_counts={m: int(present[:, j].sum()) for j, m in enumerate(MODALITIES)},
+        corrupted_counts={m: cohort.corrupted.count(m) for m in MODALITIES},
     )
 
 
@@ -370,16 +528,16 @@ def severities(num_classes: int) -> np.ndarray:
     return np.arange(num_classes) / (num_classes - 1)
 
 
-def lab_drivers(num_classes: int) -> np.ndarray:
-    """(C, 2): how abnormal a panel is (early, saturating) and how advanced (linear)."""
-    s = severities(num_classes)
-    return np.stack([1 - (1 - s) ** LAB_ONSET, s], axis=1)
+def lab_drivers(severity: np.ndarray) -> np.ndarray:
+    """(n, 2) for severities (n,): how abnormal a panel is (early, saturating) and how
+    advanced (linear)."""
+    return np.stack([1 - (1 - severity) ** LAB_ONSET, severity], axis=1)
 
 
-def us_drivers(num_classes: int) -> np.ndarray:
-    """(C, 3): mass size, dark-mass burden (late, convex) and bright-nodule burden (mid)."""
-    s = severities(num_classes)
-    return np.stack([s, s**US_ONSET, np.sin(np.pi * s)], axis=1)
+def us_drivers(severity: np.ndarray) -> np.ndarray:
+    """(n, 3) for severities (n,): mass size, dark-mass burden (late, convex) and
+    bright-nodule burden (mid)."""
+    return np.stack([severity, severity**US_ONSET, np.sin(np.pi * severity)], axis=1)
 
 
 def analyte_names(labs_dim: int) -> list[str]:
@@ -391,12 +549,13 @@ def analyte_names(labs_dim: int) -> list[str]:
 # Labs
 
 
-def lab_values(spec: CohortSpec, labels: np.ndarray, rng: np.random.Generator
+def lab_values(spec: CohortSpec, severity: np.ndarray, rng: np.random.Generator
                ) -> tuple[list[str], np.ndarray]:
-    """(names, values): values (n, labs_dim) in physical units, NaN for a missing analyte."""
-    drivers = lab_drivers(spec.num_classes)
+    """(names, values) for the severity (n,) each patient's labs show: values (n, labs_dim) in
+    physical units, NaN for a missing analyte. The draws do not depend on ``severity``."""
+    drivers = lab_drivers(severity)
     names = analyte_names(spec.labs_dim)
-    n, dim = len(labels), spec.labs_dim
+    n, dim = len(severity), spec.labs_dim
     table = {a[0]: a[1:] for a in _ANALYTES}
     loadings = np.zeros((dim, drivers.shape[1]))
     for name, row in _LAB_LOADINGS.items():
@@ -410,7 +569,7 @@ def lab_values(spec: CohortSpec, labels: np.ndarray, rng: np.random.Generator
         if group:
             z[:, j] = math.sqrt(1 - _GROUP_LOADING**2) * z[:, j] + _GROUP_LOADING * shared[group]
     personal = np.clip(1 + 0.25 * rng.standard_normal(n), 0.2, None)  # how marked a case is
-    z = spec.labs_noise * z + spec.labs_signal * personal[:, None] * (drivers[labels] @ loadings.T)
+    z = spec.labs_noise * z + spec.labs_signal * personal[:, None] * (drivers @ loadings.T)
 
     values = np.empty((n, dim))
     for j, name in enumerate(names):
@@ -449,7 +608,7 @@ class _UltrasoundRenderer:
 
     def __init__(self, spec: CohortSpec) -> None:
         self.spec = spec
-        self.drivers = us_drivers(spec.num_classes)
+        self.centre = us_drivers(severities(spec.num_classes)).mean(axis=0)  # class average
         size = spec.image_size
         self.size = size
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -468,26 +627,26 @@ class _UltrasoundRenderer:
         self.psf_axial = _gaussian_taps(0.7 * scale)
         self.psf_lateral = _gaussian_taps(1.4 * scale)
 
-    def write_patient(self, label: int, rng: np.random.Generator, out_dir: Path,
+    def write_patient(self, severity: float, rng: np.random.Generator, out_dir: Path,
                       pid: str) -> list[str]:
         most = self.spec.images_per_patient
         count = most if rng.random() < 0.7 else int(rng.integers(1, most + 1))
         paths = []
         for k in range(1, count + 1):
             relative = f"us/{pid}_{k}.png"
-            pixels = self.render(label, self.spec.us_signal, rng)
+            pixels = self.render(severity, self.spec.us_signal, rng)
             Image.fromarray(pixels, mode="L").save(out_dir / relative)
             paths.append(relative)
         return paths
 
-    def render(self, label: int, signal: float, rng: np.random.Generator) -> np.ndarray:
+    def render(self, severity: float, signal: float, rng: np.random.Generator) -> np.ndarray:
         """One view (uint8) whose lesion pattern lies ``signal`` of the way from the
-        class-average pattern to the pattern of ``label``."""
+        class-average pattern to the pattern of ``severity``."""
         size, noise = self.size, self.spec.us_noise
         # Interpolating (rather than showing another class's pattern now and then) keeps the
         # evidence graded: a weak view is ambiguous, not confidently wrong.
-        centre = self.drivers.mean(axis=0)
-        mass_size, dark, bright = centre + signal * (self.drivers[label] - centre)
+        drivers = us_drivers(np.array([severity]))[0]
+        mass_size, dark, bright = self.centre + signal * (drivers - self.centre)
 
         tissue = np.full((size, size), 0.5, dtype=np.float32)
         tissue *= np.exp(0.15 * noise * self._smooth_noise(rng, 6)
@@ -599,7 +758,8 @@ def _blur(field: np.ndarray, taps: np.ndarray, axis: int) -> np.ndarray:
 # Notes
 
 
-def _note(spec: CohortSpec, label: int, rng: np.random.Generator) -> str:
+def _note(spec: CohortSpec, severity: float, rng: np.random.Generator) -> str:
+    """A note whose correct findings describe ``severity``'s level (of five)."""
     classes, noise = spec.num_classes, spec.text_noise
     opener = _OPENERS[rng.integers(len(_OPENERS))].format(
         sex="男" if rng.random() < 0.5 else "女", age=int(rng.integers(25, 80)))
@@ -610,17 +770,16 @@ def _note(spec: CohortSpec, label: int, rng: np.random.Generator) -> str:
     if rng.random() >= min(0.9, NO_FINDINGS_SHARE * noise):  # else a note without findings
         used: set[str] = set()
         for _ in range(1 + rng.binomial(3, 0.5)):
-            shown = label
+            shown = severity
             if rng.random() >= spec.text_signal:
-                shown = int(rng.integers(0, classes))
-            severity = shown / (classes - 1)
-            pool = _FINDINGS[round(severity * (len(_FINDINGS) - 1))]
+                shown = int(rng.integers(0, classes)) / (classes - 1)
+            pool = _FINDINGS[round(shown * (len(_FINDINGS) - 1))]
             template = pool[rng.integers(len(pool))]
             if template in used:
                 continue
             used.add(template)
             # Lesion sizes grow with severity, which separates classes sharing a level (C > 5).
-            size_cm = (0.6 + 5.0 * severity) * rng.uniform(0.7, 1.3)
+            size_cm = (0.6 + 5.0 * shown) * rng.uniform(0.7, 1.3)
             findings.append(template.format(size=f"{size_cm:.1f}", kg=int(rng.integers(3, 12))))
 
     closer = [_CLOSERS[rng.integers(len(_CLOSERS))]] if rng.random() < 0.5 else []
