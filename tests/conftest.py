@@ -117,3 +117,44 @@ def trained_run(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory
     out = tmp_path_factory.mktemp("runs") / "run"
     result = run_training(tiny_request(tiny_manifest, out))
     return out, result
+
+
+CV_ARGS = ["--num-classes", "3", "--folds", "3", "--epochs", "2", "--batch-size", "8",
+           "--image-backbone", "resnet18", "--image-size", "32", "--device", "cpu",
+           "--no-pretrained-image", "--train-ratio", "0.6", "--val-ratio", "0.2",
+           "--test-ratio", "0.2", "--seed", "0", "--bootstrap", "50"]
+
+
+@pytest.fixture(scope="session")
+def cv_run(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """`omnifuse cv` of the tiny cohort, once: 3 folds, a variant without DWFuse, --refit.
+
+    Returns the folder ("dir", read-only), the CLI result ("result"), how often frozen features
+    were encoded ("encodes") and the patients each model's preprocessing was fitted on
+    ("fitted": one index array per build_for_cohort call, in call order)."""
+    from typer.testing import CliRunner
+
+    from omnifuse_cli.cli.app import app
+    from omnifuse_cli.engine import crossval
+
+    out = tmp_path_factory.mktemp("cv") / "cv"
+    encodes: list[int] = []
+    fitted: list[np.ndarray] = []
+    real_cache, real_build = crossval.cache_frozen_features, crossval.build_for_cohort
+
+    def cache(*args: Any, **kwargs: Any) -> None:
+        encodes.append(1)
+        real_cache(*args, **kwargs)
+
+    def build(cohort: Any, train_idx: np.ndarray, request: Any) -> Any:
+        fitted.append(np.asarray(train_idx))
+        return real_build(cohort, train_idx, request)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(crossval, "cache_frozen_features", cache)
+        patch.setattr(crossval, "build_for_cohort", build)
+        result = CliRunner().invoke(
+            app, ["cv", str(tiny_manifest), "--out-dir", str(out), *CV_ARGS, "--refit",
+                  "--variant", "nodw=--no-dwfuse"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return {"dir": out, "result": result, "encodes": len(encodes), "fitted": fitted}

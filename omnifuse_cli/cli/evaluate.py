@@ -52,4 +52,4 @@ def evaluate(
     console.print(confusion_table(result.confusion, result.class_names,
                                   "confusion matrix (rows = true)"))
     console.print(f"written to [bold]{result.out_dir}[/] (metrics.csv, confusion_matrix.csv, "
-                  "patterns.csv)")
+                  "patterns.csv, predictions.csv)")

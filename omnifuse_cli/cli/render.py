@@ -137,3 +137,55 @@ def audit_tables(report) -> list[Table]:  # type: ignore[no-untyped-def]
     tables.append(counts_table(report.patterns, "missing patterns (modalities present)",
                                key="present", value="patients"))
     return tables
+
+
+def fold_table(title: str) -> Table:
+    """One row per completed fold fit of `omnifuse cv` (``r`` marks one read from an earlier,
+    interrupted invocation)."""
+    table = Table(title=title, title_justify="left", box=None, padding=(0, 1, 0, 0),
+                  header_style="bold underline")
+    for name in ("variant", "rep", "fold", "train/val/test", "best", "macro-F1", "AUROC", "s"):
+        table.add_column(name, justify="left" if name == "variant" else "right", no_wrap=True)
+    return table
+
+
+def add_fold_row(table: Table, fold) -> None:  # type: ignore[no-untyped-def]
+    table.add_row(fold.variant, str(fold.repeat), f"{fold.fold}{' r' if fold.resumed else ''}",
+                  f"{fold.n_train}/{fold.n_val}/{fold.n_test}", str(fold.best_epoch),
+                  fmt(fold.metrics["macro_f1"]), fmt(fold.metrics["auroc"]),
+                  f"{fold.seconds:.1f}")
+
+
+def _interval(low: float, high: float) -> str:
+    return "" if math.isnan(low) else f"{fmt(low)} - {fmt(high)}"
+
+
+def _mean_sd(mean: float, sd: float) -> str:
+    return f"{fmt(mean)} ± {fmt(sd)}"
+
+
+def cv_metrics_table(frame: pd.DataFrame, title: str) -> Table:
+    """Pooled out-of-fold metrics of one variant: value, 95% CI and per-fold mean ± SD."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("pooled", justify="right")
+    table.add_column("95% CI (bootstrap)", justify="right")
+    table.add_column("folds: mean ± SD", justify="right")
+    for _, row in frame.iterrows():
+        table.add_row(METRIC_LABELS.get(row["metric"], row["metric"]), fmt(row["value"]),
+                      _interval(row["ci_low"], row["ci_high"]),
+                      _mean_sd(row["fold_mean"], row["fold_sd"]))
+    return table
+
+
+def differences_table(frame: pd.DataFrame, title: str) -> Table:
+    """Paired differences of each variant from the base model, pooled and per fold."""
+    table = Table(title=title, title_justify="left")
+    for name in ("variant", "metric", "difference", "95% CI (paired bootstrap)",
+                 "folds: mean ± SD"):
+        table.add_column(name, justify="left" if name in ("variant", "metric") else "right")
+    for _, row in frame.iterrows():
+        table.add_row(row["variant"], METRIC_LABELS.get(row["metric"], row["metric"]),
+                      f"{row['difference']:+.3f}", _interval(row["ci_low"], row["ci_high"]),
+                      _mean_sd(row["fold_mean"], row["fold_sd"]))
+    return table

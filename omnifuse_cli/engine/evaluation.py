@@ -20,6 +20,7 @@ from omnifuse_cli.engine.metrics import (
     confusion,
     full_metrics,
 )
+from omnifuse_cli.engine.prediction import prediction_frame
 from omnifuse_cli.engine.runs import read_meta, read_split_assignment
 from omnifuse_cli.errors import BundleError, ConfigError, DataError
 
@@ -44,7 +45,7 @@ class EvalResult:
     source: str
     n: int
     metrics: dict[str, float]
-    intervals: dict[str, tuple[float, float]]  # 95% bootstrap CI of auroc, macro_f1, acc
+    intervals: dict[str, tuple[float, float]]  # 95% bootstrap CI of every metric
     confusion: np.ndarray
     class_names: list[str]
     patterns: pd.DataFrame  # one row per missing pattern: present, n, acc, macro_f1, auroc
@@ -136,9 +137,10 @@ def evaluate_run(request: EvalRequest) -> EvalResult:
     probs = np.exp(result.log_probs)
     y = cohort.labels[result.index]
     metrics = full_metrics(y, probs, num_classes)
-    intervals = bootstrap_ci(y, probs, num_classes, n=request.bootstrap, seed=request.seed)
+    intervals = bootstrap_ci(y, probs, num_classes, n=request.bootstrap, seed=request.seed,
+                             names=tuple(metrics))
     cm = confusion(y, probs.argmax(1), num_classes)
-    patterns = _pattern_table(cohort.present[result.index], cohort.names, y, probs, num_classes)
+    patterns = pattern_table(cohort.present[result.index], cohort.names, y, probs, num_classes)
     out_dir = Path(request.out_dir) if request.out_dir else run_dir / "eval" / tag
     write_csv(out_dir / "metrics.csv", pd.DataFrame({
         "metric": list(metrics), "value": list(metrics.values()),
@@ -149,11 +151,14 @@ def evaluate_run(request: EvalRequest) -> EvalResult:
     frame.insert(0, "true", bundle.class_names)
     write_csv(out_dir / "confusion_matrix.csv", frame)
     write_csv(out_dir / "patterns.csv", patterns)
+    write_csv(out_dir / "predictions.csv", prediction_frame(
+        [cohort.ids[i] for i in result.index], y, probs, cohort.present[result.index],
+        cohort.names, bundle.class_names, result.weights))
     return EvalResult(source, len(rows), metrics, intervals, cm, bundle.class_names, patterns,
                       out_dir, notes)
 
 
-def _pattern_table(present: np.ndarray, names: list[str], y: np.ndarray, probs: np.ndarray,
+def pattern_table(present: np.ndarray, names: list[str], y: np.ndarray, probs: np.ndarray,
                    num_classes: int) -> pd.DataFrame:
     """Metrics per missing pattern (which modalities were present), most common first."""
     labels = np.array(["+".join(n for n, p in zip(names, row, strict=True) if p)

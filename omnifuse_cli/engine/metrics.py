@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.metrics import (
@@ -84,29 +86,82 @@ def full_metrics(y: np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str
     return out
 
 
+def metric_value(name: str, y: np.ndarray, probs: np.ndarray, num_classes: int) -> float:
+    """One metric of full_metrics by name (for resampling, where computing all would be waste)."""
+    labels = list(range(num_classes))
+    pred = probs.argmax(axis=1)
+    if name == "acc":
+        return float(accuracy_score(y, pred))
+    if name == "macro_f1":
+        return float(f1_score(y, pred, average="macro", labels=labels, zero_division=0))
+    if name == "balanced_acc":
+        return float(balanced_accuracy_score(y, pred))
+    if name == "auroc":
+        return auroc(y, probs)
+    if name == "auprc":
+        return auprc(y, probs)
+    if name == "loss":
+        return float(log_loss(y, np.clip(probs, 1e-12, 1.0), labels=labels))
+    if name == "ece":
+        return expected_calibration_error(y, probs)
+    if name == "brier":
+        from sklearn.metrics import brier_score_loss
+
+        return float(brier_score_loss(y, probs, labels=labels))
+    raise KeyError(f"unknown metric {name!r}")
+
+
+def bootstrap_draws(y: np.ndarray, probs_sets: Sequence[np.ndarray], num_classes: int, *,
+                    n: int, seed: int, names: Sequence[str]) -> np.ndarray:
+    """Metrics of every prediction set on the same patient resamples: (n, sets, names).
+
+    A set is (N, C) probabilities, or (R, N, C) for R repeated cross-validations of the same
+    patients (the metric is then the mean over repeats). Sharing the resamples between sets
+    is what makes their differences paired. NaN where a metric is undefined on a resample.
+    """
+    rng = np.random.default_rng(seed)
+    sets = [p[None] if p.ndim == 2 else p for p in probs_sets]
+    out = np.full((n, len(sets), len(names)), np.nan)
+    with warnings.catch_warnings():
+        # A resample can miss a class; the metric is then NaN or scikit-learn's documented value.
+        warnings.simplefilter("ignore")
+        for b in range(n):
+            idx = rng.integers(0, len(y), len(y))
+            for s, repeats in enumerate(sets):
+                for k, name in enumerate(names):
+                    out[b, s, k] = np.mean([metric_value(name, y[idx], p[idx], num_classes)
+                                            for p in repeats])
+    return out
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the finite values (NaN, NaN when there are none)."""
+    finite = values[np.isfinite(values)]
+    if not len(finite):
+        return (math.nan, math.nan)
+    tail = (1 - level) / 2 * 100
+    return (float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail)))
+
+
 def bootstrap_ci(y: np.ndarray, probs: np.ndarray, num_classes: int, *, n: int, seed: int,
-                 names: tuple[str, ...] = ("auroc", "macro_f1", "acc"), level: float = 0.95
+                 names: Sequence[str] = ("auroc", "macro_f1", "acc"), level: float = 0.95
                  ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals over patients (resampled with replacement)."""
+    """Percentile bootstrap intervals over patients (resampled with replacement).
+
+    ``probs`` is (N, C), or (R, N, C) for repeated cross-validation (see bootstrap_draws)."""
     if n <= 0:
         return {}
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {k: [] for k in names}
-    for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        values = {"acc": float(accuracy_score(y[idx], probs[idx].argmax(1)))}
-        if "macro_f1" in names:
-            values["macro_f1"] = float(f1_score(y[idx], probs[idx].argmax(1), average="macro",
-                                                labels=list(range(num_classes)),
-                                                zero_division=0))
-        if "auroc" in names:
-            values["auroc"] = auroc(y[idx], probs[idx])
-        for k in names:
-            draws[k].append(values[k])
-    tail = (1 - level) / 2 * 100
-    out = {}
-    for k, values in draws.items():
-        finite = np.array([v for v in values if not math.isnan(v)])
-        out[k] = ((float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail)))
-                  if len(finite) else (math.nan, math.nan))
-    return out
+    draws = bootstrap_draws(y, [probs], num_classes, n=n, seed=seed, names=names)
+    return {k: percentile_interval(draws[:, 0, j], level) for j, k in enumerate(names)}
+
+
+def paired_bootstrap_diff(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray,
+                          num_classes: int, *, n: int, seed: int, names: Sequence[str],
+                          level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of metric(b) - metric(a), both scored on the same resampled patients
+    (the paired bootstrap: patient-level noise shared by the two models cancels)."""
+    if n <= 0:
+        return {}
+    draws = bootstrap_draws(y, [probs_a, probs_b], num_classes, n=n, seed=seed, names=names)
+    diff = draws[:, 1] - draws[:, 0]
+    return {k: percentile_interval(diff[:, j], level) for j, k in enumerate(names)}

@@ -45,21 +45,32 @@ def predict_patients(request: PredictRequest) -> PredictResult:
     data = bundle.preprocessor.prepare(cohort)
     result = infer(bundle.model, data, np.arange(len(cohort)), device=device,
                    batch_size=request.batch_size)
-    probs = np.exp(result.log_probs)
-    pred = probs.argmax(1)
     names = [m.name for m in config.modalities]
-    frame = pd.DataFrame({"id": [cohort.ids[i] for i in result.index]})
-    if cohort.labels is not None:
-        frame["label"] = [int(v) if v >= 0 else None for v in cohort.labels[result.index]]
-    frame["pred"] = [bundle.class_names[c] for c in pred]
-    for c, cname in enumerate(bundle.class_names):
+    labels = None if cohort.labels is None else cohort.labels[result.index]
+    frame = prediction_frame([cohort.ids[i] for i in result.index], labels,
+                             np.exp(result.log_probs), cohort.present[result.index], names,
+                             bundle.class_names, result.weights)
+    return PredictResult(Path(request.run_dir), frame, bundle.class_names, names)
+
+
+def prediction_frame(ids: list[str], labels: np.ndarray | None, probs: np.ndarray,
+                     present: np.ndarray, names: list[str], class_names: list[str],
+                     weights: np.ndarray | None) -> pd.DataFrame:
+    """One row per patient: id, label (if known), pred, prob_<class>, modalities present and
+    weight_<modality>, each modality's DWFuse weight at the predicted class (predictions.csv of
+    predict, evaluate and cv)."""
+    pred = probs.argmax(1)
+    frame = pd.DataFrame({"id": ids})
+    if labels is not None:
+        frame["label"] = [int(v) if v >= 0 else None for v in labels]
+    frame["pred"] = [class_names[c] for c in pred]
+    for c, cname in enumerate(class_names):
         frame[f"prob_{cname}"] = probs[:, c]
-    present = cohort.present[result.index]
     frame["modalities"] = ["+".join(n for n, p in zip(names, row, strict=True) if p)
                            for row in present]
-    if result.weights is not None:
+    if weights is not None:
         # w_m at the predicted class: how much each modality's own head counts for this patient.
-        at_pred = np.take_along_axis(result.weights, pred[:, None, None], axis=2)[:, :, 0]
+        at_pred = np.take_along_axis(weights, pred[:, None, None], axis=2)[:, :, 0]
         for m, name in enumerate(names):
             frame[f"weight_{name}"] = at_pred[:, m]
-    return PredictResult(Path(request.run_dir), frame, bundle.class_names, names)
+    return frame
