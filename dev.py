@@ -39,7 +39,7 @@ def ensure_env() -> None:
         print(f"creating virtual environment {VENV}", flush=True)
         venv.create(VENV, with_pip=True)
     run(PYTHON, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
-    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[dev,bench]")
+    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[dev]")
     STAMP.write_text(wanted)
 
 

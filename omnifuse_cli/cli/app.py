@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from omnifuse_cli import __version__
-from omnifuse_cli.cli import check, cv, evaluate, make_data, predict, synth, train
+from omnifuse_cli.cli import check, cv, evaluate, make_data, predict, report, synth, train
 from omnifuse_cli.cli.common import set_debug
 
 app = typer.Typer(
@@ -42,6 +42,7 @@ app.command("train")(train.train)
 app.command("evaluate")(evaluate.evaluate)
 app.command("predict")(predict.predict)
 app.command("cv")(cv.cv)
+app.command("report")(report.report)
 
 
 def main() -> None:

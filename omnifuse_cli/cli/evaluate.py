@@ -53,3 +53,4 @@ def evaluate(
                                   "confusion matrix (rows = true)"))
     console.print(f"written to [bold]{result.out_dir}[/] (metrics.csv, confusion_matrix.csv, "
                   "patterns.csv, predictions.csv)")
+    console.print(f"figures and a paper-ready page: omnifuse report {run_dir}")

@@ -1,0 +1,230 @@
+"""What a report shows, read from the files a run (`train` + `evaluate`) or a cross-validation
+(`cv`) folder holds. Nothing here trains or predicts."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from omnifuse_cli.errors import BundleError
+
+KINDS = ("run", "cv")
+
+
+@dataclass
+class ReportInputs:
+    kind: str  # run | cv
+    source: Path
+    meta: dict[str, str]
+    class_names: list[str]
+    modalities: list[str]  # names, in model order
+    cohort: pd.DataFrame | None  # one row per patient: id, label, group (split or fold), modalities
+    group_name: str  # "split" or "fold"
+    metrics: pd.DataFrame  # metric, value, ci_low, ci_high (+ fold_mean, fold_sd for cv)
+    evaluated_on: str  # the patients the metrics and curves are computed on, in words
+    predictions: pd.DataFrame | None  # id, label, pred, prob_*, modalities, weight_*
+    confusion: np.ndarray | None
+    patterns: pd.DataFrame | None  # present, n, acc, macro_f1, auroc
+    curves: dict[str, pd.DataFrame]  # training metrics.csv per run or fold
+    variant_metrics: pd.DataFrame | None = None  # cv: every variant's pooled metrics
+    fold_metrics: pd.DataFrame | None = None  # cv
+    differences: pd.DataFrame | None = None  # cv with variants
+    variants: dict[str, str] = field(default_factory=dict)  # cv: name -> flags
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def probabilities(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(labels, probabilities) of the predictions with a known label."""
+        if self.predictions is None or "label" not in self.predictions:
+            return None
+        frame = self.predictions[self.predictions["label"].astype(str) != ""]
+        columns = [f"prob_{c}" for c in self.class_names]
+        return (frame["label"].to_numpy(dtype=np.int64), frame[columns].to_numpy(dtype=float))
+
+
+_TEXT = ("id", "pred", "present", "modalities", "variant", "split", "phase", "lazy_combo",
+         "metric", "true", "label")
+
+
+def _csv(path: Path) -> pd.DataFrame:
+    """A result CSV: text columns as written, the others numeric with empty cells as NaN (the
+    files write an undefined metric as an empty cell)."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for column in frame.columns:
+        if column in _TEXT:
+            continue
+        filled = frame[column] != ""
+        numbers = pd.to_numeric(frame[column].where(filled), errors="coerce")
+        if int(numbers.notna().sum()) == int(filled.sum()):
+            frame[column] = numbers
+    return frame
+
+
+def _key_values(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return dict(zip(frame["key"], frame["value"], strict=True))
+
+
+def load_inputs(source: Path) -> ReportInputs:
+    """Read a run or cv folder; a clear error for anything else (before anything is written)."""
+    source = Path(source)
+    if not source.exists():
+        raise BundleError(f"{source} does not exist",
+                          hint="pass a folder written by omnifuse train or omnifuse cv")
+    if not source.is_dir():
+        raise BundleError(f"{source} is a file, not a run or cross-validation folder",
+                          hint="pass a folder written by omnifuse train or omnifuse cv")
+    if (source / "cv.json").is_file():
+        if not (source / "metrics.csv").is_file():
+            raise BundleError(f"the cross-validation in {source} has not finished (no "
+                              "metrics.csv)", hint=f"finish it: omnifuse cv --resume {source}")
+        return _load_cv(source)
+    if (source / "model" / "bundle.json").is_file() and (source / "metrics.csv").is_file():
+        if (source.parent / "cv.json").is_file():
+            raise BundleError(f"{source} is the final model of a cross-validation; its results "
+                              "are in the cross-validation folder",
+                              hint=f"omnifuse report {source.parent}")
+        if not (source / "test.csv").is_file():
+            raise BundleError(f"the run in {source} has not finished (no test.csv)",
+                              hint=f"finish it: omnifuse train --resume {source}")
+        return _load_run(source)
+    raise BundleError(
+        f"{source} is not an omnifuse run or cross-validation folder (neither model/bundle.json "
+        "with metrics.csv nor cv.json inside)",
+        hint="pass a folder written by omnifuse train or omnifuse cv",
+    )
+
+
+def _modality_names(meta: dict[str, str]) -> list[str]:
+    spec = meta.get("modalities", "")
+    return [part.split("=")[0] for part in spec.split(",") if part]
+
+
+def _load_run(source: Path) -> ReportInputs:
+    meta = _key_values(source / "meta.csv")
+    bundle = json.loads((source / "model" / "bundle.json").read_text(encoding="utf-8"))
+    class_names = [str(c) for c in bundle.get("class_names", [])] or [
+        str(c) for c in range(int(meta.get("num_classes", 2)))]
+    notes: list[str] = []
+    eval_dir = source / "eval" / "test"
+    if (eval_dir / "metrics.csv").is_file():
+        metrics = _csv(eval_dir / "metrics.csv")
+    else:
+        test = _csv(source / "test.csv")
+        metrics = pd.DataFrame({"metric": [c.removeprefix("test_") for c in test.columns],
+                                "value": [float(v) for v in test.iloc[0]]})
+        metrics["ci_low"] = math.nan
+        metrics["ci_high"] = math.nan
+        notes.append("the run has not been evaluated: run `omnifuse evaluate "
+                     f"{source}` first for intervals, ROC/PR and calibration curves, DWFuse "
+                     "weights and metrics per missing pattern")
+    predictions = _csv(eval_dir / "predictions.csv") if (eval_dir / "predictions.csv"
+                                                         ).is_file() else None
+    if predictions is None and (eval_dir / "metrics.csv").is_file():
+        notes.append(f"{eval_dir} has no predictions.csv (evaluated by an older omnifuse): "
+                     f"run `omnifuse evaluate {source}` again for the curves")
+    cm_path = eval_dir / "confusion_matrix.csv"
+    cm_path = cm_path if cm_path.is_file() else source / "confusion_matrix.csv"
+    confusion = _csv(cm_path).drop(columns=["true"]).to_numpy(dtype=np.int64)
+    patterns = (_csv(eval_dir / "patterns.csv")
+                if (eval_dir / "patterns.csv").is_file() else None)
+    modalities = _modality_names(meta)
+    cohort = _run_cohort(source, meta, modalities, notes)
+    curves = {"run": _csv(source / "metrics.csv")}
+    return ReportInputs(
+        kind="run", source=source, meta=meta, class_names=class_names, modalities=modalities,
+        cohort=cohort, group_name="split", metrics=metrics,
+        evaluated_on="the run's test split", predictions=predictions, confusion=confusion,
+        patterns=patterns, curves=curves, notes=notes,
+    )
+
+
+def _run_cohort(source: Path, meta: dict[str, str], modalities: list[str],
+                notes: list[str]) -> pd.DataFrame | None:
+    """split_assignment.csv plus each patient's modalities, read from the run's manifest when it
+    is on this machine (without decoding images)."""
+    path = source / "split_assignment.csv"
+    if not path.is_file():
+        return None
+    frame = _csv(path)
+    frame["label"] = frame["label"].astype(int)
+    frame = frame.rename(columns={"split": "group"})
+    frame["modalities"] = ""
+    manifest = Path(meta.get("manifest", ""))
+    if not manifest.is_file():
+        notes.append(f"the run's manifest {manifest} is not on this machine: modality presence "
+                     "is shown for evaluated patients only")
+        return frame
+    from omnifuse_cli.data.manifest import read_manifest
+    from omnifuse_cli.engine.config import ModalitySpec
+    from omnifuse_cli.errors import OmnifuseError
+
+    specs = tuple(ModalitySpec(*part.split("=", 1)) for part in
+                  meta.get("modalities", "").split(",") if part)
+    try:
+        cohort = read_manifest(
+            manifest, specs,
+            labs_table=Path(meta["labs_table"]) if meta.get("labs_table") else None,
+            labs_id_col=meta.get("labs_id_col", "id") or "id", check_files=False,
+        )
+    except OmnifuseError as err:
+        notes.append(f"could not read the run's manifest for modality presence: {err.message}")
+        return frame
+    present = {pid: "+".join(n for n, p in zip(modalities, row, strict=True) if p)
+               for pid, row in zip(cohort.ids, cohort.present, strict=True)}
+    frame["modalities"] = frame["id"].map(present).fillna("")
+    return frame
+
+
+def _load_cv(source: Path) -> ReportInputs:
+    request = json.loads((source / "cv.json").read_text(encoding="utf-8"))
+    meta = _key_values(source / "meta.csv")
+    num_classes = int(request["num_classes"])
+    class_names = [str(c) for c in range(num_classes)]
+    base = "base"
+    variants = {v["name"]: v.get("flags", "") for v in request.get("variants", [])}
+    all_metrics = _csv(source / "metrics.csv")
+    metrics = all_metrics[all_metrics["variant"] == base].drop(columns=["variant"])
+    predictions = _csv(source / "predictions.csv")
+    predictions = predictions[predictions["variant"] == base]
+    notes = []
+    repeats = int(request.get("repeats", 1))
+    if repeats > 1:
+        predictions = predictions[predictions["repeat"].astype(int) == 1]
+        notes.append(f"curves show repeat 1 of {repeats}; metrics are means over the repeats")
+    cm = _csv(source / "confusion_matrix.csv")
+    confusion = cm[cm["variant"] == base].drop(columns=["variant", "true"]).to_numpy(np.int64)
+    patterns = _csv(source / "patterns.csv")
+    patterns = patterns[patterns["variant"] == base].drop(columns=["variant"])
+    folds = _csv(source / "folds.csv")
+    folds = folds[folds["repeat"].astype(int) == 1]
+    cohort = pd.DataFrame({"id": folds["id"], "label": folds["label"].astype(int),
+                           "group": "fold " + folds["fold"].astype(str),
+                           "modalities": folds["modalities"]})
+    curves = {}
+    for path in sorted((source / "folds" / base).glob("rep*-fold*/metrics.csv")):
+        curves[path.parent.name] = _csv(path)
+    fold_metrics = _csv(source / "fold_metrics.csv")
+    diff_path = source / "differences.csv"
+    differences = _csv(diff_path) if diff_path.is_file() else None
+    spec = ",".join(f"{m['name']}={m['kind']}" for m in request["base"]["data"]["modalities"])
+    meta.setdefault("modalities", spec)
+    meta.setdefault("manifest", request.get("manifest", ""))
+    meta.setdefault("n_patients", str(len(cohort)))
+    return ReportInputs(
+        kind="cv", source=source, meta=meta, class_names=class_names,
+        modalities=_modality_names(meta), cohort=cohort, group_name="fold", metrics=metrics,
+        evaluated_on="out-of-fold predictions of every patient", predictions=predictions,
+        confusion=confusion, patterns=patterns, curves=curves, variant_metrics=all_metrics,
+        fold_metrics=fold_metrics, differences=differences, variants=variants, notes=notes,
+    )
