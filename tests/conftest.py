@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from omnifuse_cli.engine.config import DataConfig, ImageConfig, TrainConfig
+from omnifuse_cli.engine.config import DataConfig, ImageConfig, MethodConfig, TrainConfig
 from omnifuse_cli.engine.training import TrainRequest, TrainResult, run_training
 
 # The models here are tiny: one intra-op thread is as fast, and it keeps the suite quick when
@@ -99,6 +99,8 @@ def tiny_request(manifest: Path, out_dir: Path, *, epochs: int = 2, batch_size: 
     return TrainRequest(
         manifest=manifest, num_classes=NUM_CLASSES, out_dir=out_dir,
         data=DataConfig(image=image, **data_kwargs),
+        # 18 training patients: under the default minimum TLA would never pick a combination.
+        method=MethodConfig(tla_min_patients=1),
         train=TrainConfig(epochs=epochs, device="cpu", batch_size=batch_size, train_ratio=0.6,
                           val_ratio=0.2, test_ratio=0.2, seed=0),
         overwrite=overwrite,

@@ -72,7 +72,7 @@ def test_metrics_csv_has_one_row_per_epoch_with_every_term(trained_run: Run) -> 
     # No lazy combination is known during epoch 1, so L_TLA is 0 then and positive after.
     assert metrics["loss_tla"].tolist()[0] == 0.0 and metrics["loss_tla"].tolist()[1] > 0
     assert metrics["loss_forward"].gt(0).all() and metrics["loss_dwfuse"].gt(0).all()
-    total = (metrics["loss_forward"] + 1.0 * metrics["loss_backward"]
+    total = (10.0 * metrics["loss_forward"] + 1.0 * metrics["loss_backward"]
              + 10.0 * metrics["loss_dwfuse"] + 0.5 * metrics["loss_tla"])
     np.testing.assert_allclose(metrics["train_loss"], total, rtol=1e-5)
     assert metrics["best"].sum() >= 1
@@ -202,7 +202,11 @@ def test_predict_without_labels_and_with_missing_modalities(
                 for _, r in rows.iterrows()]
     assert frame["modalities"].tolist() == expected
     weights = frame[["weight_labs", "weight_us", "weight_text"]].to_numpy()
-    assert ((weights > 0) & (weights <= 1)).all()
+    # Observed modalities always count; an imputed slot counts its reliability (0 when
+    # imputation has not earned it, method.md Sec. 5.1).
+    observed = np.array([[m in str(s).split("+") for m in ("labs", "us", "text")]
+                         for s in frame["modalities"]])
+    assert ((weights >= 0) & (weights <= 1)).all() and (weights[observed] > 0).all()
 
 
 def test_predict_rejects_a_different_lab_panel(trained_run: Run, tmp_path: Path) -> None:

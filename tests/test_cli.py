@@ -118,7 +118,11 @@ def test_predictions_csv(flow: dict[str, Any]) -> None:
     expected = ["+".join(m for m in columns if row[m].strip()) for _, row in manifest.iterrows()]
     assert preds["modalities"].tolist() == expected
     weights = preds[["weight_labs", "weight_us", "weight_text"]].to_numpy(dtype=float)
-    assert ((weights > 0) & (weights <= 1)).all()
+    # Observed modalities always count; an imputed slot counts its reliability (0 when
+    # imputation has not earned it, method.md Sec. 5.1).
+    observed = np.array([[m in str(s).split("+") for m in ("labs", "us", "text")]
+                         for s in preds["modalities"]])
+    assert ((weights >= 0) & (weights <= 1)).all() and (weights[observed] > 0).all()
     assert "predictions (45 patients, first 20 shown)" in flat(flow["predict"].output)
 
 

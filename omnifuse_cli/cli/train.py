@@ -118,11 +118,11 @@ def train(
         "--lambda0", help="Weight of the forward imputation loss (the paper's is 1).")] = 10.0,
     ra_layers: Annotated[str, typer.Option(
         "--ra-layers", help="Residual autoencoder widths, comma-separated; the last is the "
-        "latent.")] = "256,128,64",
+        "latent (MMIN's: 256,128,64).")] = "128,32",
     num_ra: Annotated[int, typer.Option("--num-ra", min=1, help="Residual autoencoders per "
                                         "cascade (K).")] = 5,
     cra_dropout: Annotated[float, typer.Option(
-        "--cra-dropout", help="Dropout inside the residual autoencoders.")] = 0.1,
+        "--cra-dropout", help="Dropout inside the residual autoencoders.")] = 0.2,
     tla_min_patients: Annotated[int, typer.Option(
         "--tla-min-patients", min=1, help="TLA only picks a combination that at least this "
         "many mined training patients have.")] = 20,

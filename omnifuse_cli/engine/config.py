@@ -138,11 +138,13 @@ class MethodConfig:
     """
 
     embed_dim: int = 128  # d, each modality's embedding (MMIN's 128)
-    ra_layers: tuple[int, ...] = (256, 128, 64)  # RA encoder widths; the last is the latent c_k
+    # RA encoder widths, the last is the latent c_k. MMIN's 256-128-64 (2.8M parameters in the
+    # two cascades) is sized for thousands of patients; 128-32 (0.9M) suits a few hundred.
+    ra_layers: tuple[int, ...] = (128, 32)
     num_ra: int = 5  # K residual autoencoders in each cascade
     head_hidden: int = 64  # hidden width of the per-modality and joint classifiers
     dropout: float = 0.1
-    cra_dropout: float = 0.1  # dropout inside the residual autoencoders
+    cra_dropout: float = 0.2  # dropout inside the residual autoencoders
     alpha: float = 0.1  # weight of the joint RA-latent head (Eq. 14)
     beta: float = 0.5  # exponent of the DWFuse weights (Eq. 10)
     lambda0: float = 10.0  # L_forward (the paper's 1; the normalized loss is on the CE's scale)

@@ -396,7 +396,7 @@ def estimate_reliability(model: OmniFuse, data: PreparedCohort, indices: np.ndar
     model.eval()
     m = len(model.names)
     sse, total, sq, count = np.zeros(m), None, np.zeros(m), np.zeros(m)
-    for batch in loader(data, indices, batch_size=batch_size):
+    for batch in loader(data, indices, batch_size=max(batch_size, 256)):
         batch = move_to(batch, device)
         present = batch["present"]
         with autocast(device, amp):
@@ -515,7 +515,8 @@ def _optimizer(model: OmniFuse, cfg: TrainConfig) -> torch.optim.Optimizer:
         groups.append({"params": image_params, "lr": cfg.lr_image})
     if text_params:
         groups.append({"params": text_params, "lr": cfg.lr_text})
-    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    # foreach: one kernel per group instead of one per tensor (the CRA has many small ones).
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, foreach=True)
 
 
 def _unfreeze(model: OmniFuse, data: PreparedCohort, cfg: TrainConfig) -> None:
@@ -570,7 +571,8 @@ def train_epoch(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray,
 
 def evaluate_split(model: OmniFuse, data: PreparedCohort, idx: np.ndarray, device: torch.device,
               cfg: TrainConfig, num_classes: int) -> dict[str, float]:
-    result = infer(model, data, idx, device=device, batch_size=cfg.batch_size, amp=cfg.amp)
+    result = infer(model, data, idx, device=device, batch_size=max(cfg.batch_size, 256),
+                   amp=cfg.amp)
     assert data.labels is not None
     return classification_metrics(data.labels[result.index].numpy(), np.exp(result.log_probs),
                                    num_classes)
@@ -588,21 +590,23 @@ def mine_lazy(model: OmniFuse, data: PreparedCohort, indices: np.ndarray, *,
     combos = combinations(m)
     sums = np.zeros(len(combos))
     counts = np.zeros(len(combos))
-    for batch in loader(data, indices, batch_size=batch_size):
+    masks = torch.stack([combo_mask(c, m, device) for c in combos])  # (K, M)
+    # Large no-grad batches with every combination stacked into one fuse call: mining runs
+    # after every epoch and would otherwise cost more than the epoch itself.
+    for batch in loader(data, indices, batch_size=max(batch_size, 256)):
         batch = move_to(batch, device)
         present, y = batch["present"], batch["y"]
         with autocast(device, amp):
             v = model.embed(batch["inputs"], present)
-            for k, combo in enumerate(combos):
-                cm = combo_mask(combo, m, device)
-                rows = available(present, cm)
-                n = int(rows.sum())
-                if n == 0:
-                    continue
-                out = model.fuse(v[rows], cm.unsqueeze(0).expand(n, -1))
-                log_probs = model.predict_from(out).log_probs.float()
-                sums[k] += float(-log_probs.gather(1, y[rows].view(-1, 1)).sum())
-                counts[k] += n
+            ok = (present.unsqueeze(0) | ~masks.unsqueeze(1)).all(dim=2)  # (K, B) available
+            combo_idx, rows = ok.nonzero(as_tuple=True)
+            if len(rows) == 0:
+                continue
+            out = model.fuse(v[rows], masks[combo_idx])
+            log_probs = model.predict_from(out).log_probs.float()
+            nll = -log_probs.gather(1, y[rows].view(-1, 1)).squeeze(1)
+        sums += torch.zeros(len(combos)).index_add_(0, combo_idx.cpu(), nll.cpu()).numpy()
+        counts += ok.sum(dim=1).cpu().numpy()
     return {c: (float(sums[k] / counts[k]) if counts[k] >= max(min_patients, 1) else math.nan)
             for k, c in enumerate(combos)}
 
