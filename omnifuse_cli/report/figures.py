@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from omnifuse_cli.report.curves import Curve, Reliability
+from omnifuse_cli.report.inputs import group_order
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
           "#17becf", "#bcbd22", "#7f7f7f")
@@ -33,8 +34,7 @@ def _figure(width: float, height: float) -> Figure:
 
 def class_counts(cohort: pd.DataFrame, class_names: Sequence[str], group_name: str) -> Figure:
     """Patients per class in every split or fold (stacked bars)."""
-    groups = list(dict.fromkeys(sorted(cohort["group"].astype(str),
-                                       key=lambda g: (len(g), g))))
+    groups = group_order(cohort["group"])
     fig = _figure(max(4.0, 1.1 * len(groups) + 2), 3.2)
     ax = fig.subplots()
     bottom = np.zeros(len(groups))

@@ -54,6 +54,13 @@ _TEXT = ("id", "pred", "present", "modalities", "variant", "split", "phase", "la
          "metric", "true", "label")
 
 
+def group_order(groups: pd.Series) -> list[str]:
+    """Splits in the order train, val, test; folds by number."""
+    splits = ["train", "val", "test"]
+    return sorted({str(g) for g in groups},
+                  key=lambda g: (splits.index(g) if g in splits else 3, len(g), g))
+
+
 def _csv(path: Path) -> pd.DataFrame:
     """A result CSV: text columns as written, the others numeric with empty cells as NaN (the
     files write an undefined metric as an empty cell)."""

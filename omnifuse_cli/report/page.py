@@ -17,7 +17,7 @@ import pandas as pd
 from omnifuse_cli import __version__
 from omnifuse_cli.report import figures
 from omnifuse_cli.report.curves import pr_curves, reliability_bins, roc_curves
-from omnifuse_cli.report.inputs import ReportInputs, load_inputs
+from omnifuse_cli.report.inputs import ReportInputs, group_order, load_inputs
 from omnifuse_cli.report.tripod import checklist
 
 METRIC_LABELS = {
@@ -115,7 +115,8 @@ def _metrics_table(table_id: str, frame: pd.DataFrame, keys: tuple[str, ...],
                    cv: bool) -> str:
     header = ["metric", "value", "95% CI (bootstrap)"] + (["folds: mean ± SD"] if cv else [])
     rows = []
-    for _, row in frame[frame["metric"].isin(keys)].iterrows():
+    ordered = frame.set_index("metric").reindex([k for k in keys if k in set(frame["metric"])])
+    for _, row in ordered.reset_index().iterrows():
         cells = [_e(METRIC_LABELS.get(row["metric"], row["metric"])), _num(row["value"]),
                  _interval(row.get("ci_low"), row.get("ci_high"))]
         if cv:
@@ -208,7 +209,7 @@ def _cohort(inputs: ReportInputs, add) -> str:  # type: ignore[no-untyped-def]
                  + ".</p>")
     if cohort is None:
         return "".join(parts)
-    groups = sorted(cohort["group"].astype(str).unique(), key=lambda g: (len(g), g))
+    groups = group_order(cohort["group"])
     rows = []
     for c, name in enumerate(inputs.class_names):
         counts = [int(((cohort["group"].astype(str) == g) & (cohort["label"] == c)).sum())
