@@ -2,8 +2,8 @@
 """One entry point for a fresh machine: `python3 dev.py demo`, `test` or `bench`.
 
 Creates a virtual environment in .venv (or $OMNIFUSE_VENV), installs omnifuse with its test
-dependencies into it, then runs the demo (make-data -> train -> evaluate -> predict) or the
-tests, or the evidence study (benchmarks/study.py, which writes benchmarks/RESULTS.md). Only
+dependencies into it, then runs the demo (make-data -> train -> evaluate -> predict -> report)
+or the tests, or the evidence study (benchmarks/study.py, which writes benchmarks/RESULTS.md). Only
 the standard library is used here, so it runs on Linux, macOS and Windows with any
 Python >= 3.10.
 """
@@ -56,8 +56,10 @@ def demo() -> None:
     omnifuse("evaluate", str(run_dir))
     omnifuse("predict", str(data / "manifest.csv"), "--run", str(run_dir), "--out",
              str(Path("demo") / "predictions.csv"))
+    omnifuse("report", str(run_dir))
     print(f"demo finished in {time.perf_counter() - start:.0f} s; everything is under "
           f"{ROOT / 'demo'}", flush=True)
+    print(f"report: {ROOT / run_dir / 'report.html'} (open it in a browser)", flush=True)
 
 
 def test(extra: list[str]) -> None:
