@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from omnifuse_cli.data.prepared import Preprocessor
-from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.engine.config import (
     PAPER_OPTIONS,
     ImageConfig,

@@ -194,7 +194,8 @@ def parse_widths(text: str) -> tuple[int, ...]:
     except ValueError:
         widths = ()
     _check(bool(widths) and all(w >= 1 for w in widths),
-           f"--ra-layers {text!r} is not a list of positive widths", "write e.g. --ra-layers 128,32")
+           f"--ra-layers {text!r} is not a list of positive widths",
+           "write e.g. --ra-layers 128,32")
     return widths
 
 

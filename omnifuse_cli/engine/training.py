@@ -52,7 +52,7 @@ from omnifuse_cli.engine.modelling import (
 )
 from omnifuse_cli.errors import BundleError, TrainingInterrupted
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder
-from omnifuse_cli.model.laziness import available, combinations, combo_mask, combo_name, pick_lazy
+from omnifuse_cli.model.laziness import combinations, combo_mask, combo_name, pick_lazy
 from omnifuse_cli.model.omnifuse import OmniFuse
 
 LOSS_TERMS = ("forward", "backward", "dwfuse", "tla")
