@@ -6,8 +6,14 @@ command the same options (same names, types, defaults and help) by reading that 
 `build_configs` maps option values to DataConfig/MethodConfig/TrainConfig: an option named like a
 config field (`--lr` -> TrainConfig.lr, `--embed-dim` -> MethodConfig.embed_dim,
 `--image-backbone` -> ImageConfig.backbone, `--no-tla` -> MethodConfig.use_tla negated) needs no
-entry anywhere; one that needs converting has a line in CONVERTERS. tests/test_cv.py compares
-the configs built here with the request `omnifuse train` itself builds, option by option.
+entry anywhere; one that needs converting has a line in CONVERTERS.
+
+Adding a train option: define it in `train`'s signature and use it there as usual; `cv` and
+`--variant` take it from then on. When train passes it on unchanged to a config field of the same
+name, that is all; otherwise add its line to CONVERTERS; when it decides which patients or values
+are read, add it to DATA_READING (variants may not change it). tests/test_cv.py compares, option
+by option, the configs built here with the request `omnifuse train` itself builds (a new text
+option needs an example value in its EXAMPLES).
 """
 
 from __future__ import annotations
@@ -170,13 +176,6 @@ def with_train_options(command: Callable[..., Any]) -> Callable[..., Any]:
     wrapper.__annotations__ = {p.name: p.annotation for p in params}
     del wrapper.__wrapped__  # typer must see the merged signature, not the command's own
     return wrapper
-
-
-def split_values(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the command's own values, the train option values) of a with_train_options call."""
-    shared = {p.name for p in train_parameters()}
-    own = {k: v for k, v in kwargs.items() if k not in shared}
-    return own, {k: v for k, v in kwargs.items() if k in shared}
 
 
 def parse_variant(spec: str, base: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]:
