@@ -32,9 +32,7 @@ Design, fixed before any result was looked at
 from __future__ import annotations
 
 import math
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,23 +311,9 @@ def plan(datasets: list[str], seeds: list[int], quick: bool = False
 
 
 def run(keys: list[tuple], csv: Path, jobs: int) -> None:
-    done: set[tuple] = set()
-    if csv.is_file():
-        old = pd.read_csv(csv)
-        done = {(d, r, v, int(s)) for d, r, v, s in old[KEY].itertuples(index=False)}
-    todo = [k for k in keys if k not in done]
-    print(f"power study: {len(keys)} runs planned, {len(keys) - len(todo)} already in {csv}, "
-          f"{len(todo)} to do with {jobs} worker(s)", flush=True)
-    t0 = time.perf_counter()
-    context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = {pool.submit(run_one, k): k for k in todo}
-        for k, future in enumerate(as_completed(futures), 1):
-            rows = pd.DataFrame(future.result()).reindex(columns=COLUMNS)
-            rows.to_csv(csv, mode="a", header=not csv.is_file(), index=False)
-            first = rows[rows.split == "test"].iloc[0]
-            print(f"[{k}/{len(todo)} {time.perf_counter() - t0:.0f} s] {futures[future]}: "
-                  f"test AUROC {first.auroc:.3f} at rate {first.rate}", flush=True)
+    from study import run_resumable
+
+    run_resumable(keys, csv, KEY, COLUMNS, run_one, jobs)
 
 
 # -- analysis ---------------------------------------------------------------------------------

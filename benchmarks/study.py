@@ -37,6 +37,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,24 +356,41 @@ def plan(datasets: list[str], seeds: list[int], rates: list[float],
     return list(dict.fromkeys(keys))
 
 
-def run_study(keys: list[tuple], runs_csv: Path, jobs: int) -> None:
+def run_resumable(keys: list[tuple], csv: Path, key_columns: list[str], columns: list[str],
+                  runner: Callable[[tuple], list[dict]], jobs: int) -> None:
+    """Run every key not yet in ``csv`` in a pool of forked workers, appending each run's rows
+    as soon as it ends (so an interrupted study continues where it stopped)."""
     done: set[tuple] = set()
-    if runs_csv.is_file():
-        old = pd.read_csv(runs_csv)
-        done = {(d, v, int(s), float(r)) for d, v, s, r in old[KEY].itertuples(index=False)}
+    if csv.is_file():
+        old = pd.read_csv(csv)
+        done = {tuple(_plain(v) for v in row)
+                for row in old[key_columns].itertuples(index=False)}
     todo = [k for k in keys if k not in done]
-    print(f"{len(keys)} runs planned, {len(keys) - len(todo)} already in {runs_csv}, "
+    print(f"{csv.name}: {len(keys)} runs planned, {len(keys) - len(todo)} already done, "
           f"{len(todo)} to do with {jobs} worker(s)", flush=True)
     t0 = time.perf_counter()
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = {pool.submit(run_one, k): k for k in todo}
+        futures = {pool.submit(runner, k): k for k in todo}
         for k, future in enumerate(as_completed(futures), 1):
-            rows = pd.DataFrame(future.result()).reindex(columns=COLUMNS)
-            rows.to_csv(runs_csv, mode="a", header=not runs_csv.is_file(), index=False)
+            rows = pd.DataFrame(future.result()).reindex(columns=columns)
+            rows.to_csv(csv, mode="a", header=not csv.is_file(), index=False)
             test = rows[rows.split == "test"].iloc[0]
             print(f"[{k}/{len(todo)} {time.perf_counter() - t0:.0f} s] {futures[future]}: "
-                  f"test AUROC {test.auroc:.3f} macro-F1 {test.macro_f1:.3f}", flush=True)
+                  f"test AUROC {test.auroc:.3f}", flush=True)
+
+
+def _plain(value: object) -> object:
+    """CSV values as the keys were written: ints stay ints, other numbers floats."""
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value)
+    return value
+
+
+def run_study(keys: list[tuple], runs_csv: Path, jobs: int) -> None:
+    run_resumable(keys, runs_csv, KEY, COLUMNS, run_one, jobs)
 
 
 # -- speed and memory -------------------------------------------------------------------------
@@ -841,7 +859,6 @@ def main() -> None:
     meta_extra: dict = {}
     if "power" in parts:
         import power
-
         from mobilenet_weights import ensure_mobilenet_v2_weights
 
         print(f"torchvision MobileNetV2 ImageNet weights: {ensure_mobilenet_v2_weights()}",

@@ -92,3 +92,69 @@ def test_goal_table_says_no_when_omnifuse_falls_behind(study):
     assert goal.loc["0.6", "matches (within spread)"] == "NO"
     assert goal.loc["0.6", "beats concat clearly (r ≥ 0.5)"] == "NO"  # +0.005 is within spread
     assert goal.loc["0.6", "best classical"].startswith("0.850 (HistGradientBoosting")
+
+
+# -- the powered study (benchmarks/power.py) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def power(study):
+    sys.path.insert(0, str(STUDY_PATH.parent))  # power imports study's helpers by name
+    spec = importlib.util.spec_from_file_location("omnifuse_power", STUDY_PATH.parent / "power.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["omnifuse_power"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_holm_matches_hand_computation(power):
+    # p sorted: 0.01 (x4 -> 0.04), 0.02 (x3 -> 0.06), 0.03 (x2 -> 0.06, monotone), 0.5 (x1)
+    assert power.holm([0.03, 0.01, 0.5, 0.02]) == pytest.approx([0.06, 0.04, 0.5, 0.06])
+    assert power.holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])
+
+
+def test_paired_difference_interval(power):
+    a = pd.Series([0.80, 0.82, 0.81, 0.83], index=[0, 1, 2, 3])
+    b = pd.Series([0.79, 0.80, 0.80, 0.81, 0.5], index=[0, 1, 2, 3, 9])  # seed 9 unpaired
+    d = power.paired(a, b)
+    diff = np.array([0.01, 0.02, 0.01, 0.02])
+    half = 3.182446 * diff.std(ddof=1) / 2  # t(0.975, 3) * SE
+    assert d["seeds"] == 4 and d["diff"] == pytest.approx(0.015)
+    assert d["low"] == pytest.approx(0.015 - half) and d["high"] == pytest.approx(0.015 + half)
+    assert 0 < d["p"] < 0.05
+
+
+def test_test_masks_are_nested_and_keep_one_modality(power):
+    rng = np.random.default_rng(0)
+    present = rng.random((500, 3)) > 0.3
+    present[~present.any(axis=1), 0] = True
+    masks = power.test_masks(present, ["a", "b", "c"], seed=1)
+    assert (masks[0.0] == present).all()
+    for low, high in zip(power.RATES[:-1], power.RATES[1:], strict=True):
+        assert (masks[high] <= masks[low]).all()  # hidden at a rate stays hidden above it
+        assert masks[high].any(axis=1).all()
+    hidden = 1 - masks[0.5][present].mean()
+    assert 0.35 < hidden < 0.5  # 0.5 per present modality, minus those kept
+    again = power.test_masks(present, ["a", "b", "c"], seed=1)
+    assert all((again[r] == masks[r]).all() for r in power.RATES)
+
+
+def test_contrasts_and_verdicts_on_made_up_runs(power):
+    rows = []
+    for seed in range(10):
+        for rate in power.RATES:
+            for variant, auc in (("full", 0.90 + 0.03 * (rate >= 0.7)), (power.NO_IMP, 0.90),
+                                 ("concat", 0.90), ("hgb", 0.80), ("logreg", 0.85)):
+                rows.append({"dataset": "shared", "regime": "own", "variant": variant,
+                             "seed": seed, "split": "test", "rate": rate,
+                             "auroc": auc + 0.002 * ((seed * 7 + len(variant)) % 3)})
+    table = power.contrast_table(pd.DataFrame(rows)).set_index("contrast")
+    imputation = table.loc["imputation at high missing rates"]
+    assert imputation["diff"] == pytest.approx(0.03, abs=0.003)
+    assert imputation["verdict"] == "met" and imputation["p_holm"] < 0.05
+    classical = table.loc["full vs best classical, rates >= 0.5"]
+    assert classical["b"] == "best classical (logreg)" and classical["verdict"] == "met"
+    # Only the declared contrasts whose variants were run appear.
+    assert set(table.index) == {"imputation at high missing rates",
+                                "full vs best classical, rates >= 0.5",
+                                "full vs best classical (own missingness)"}
