@@ -125,9 +125,9 @@ def checklist(inputs: ReportInputs) -> list[Item]:
         Item("11", "Missing data", "how missing data were handled", _missing(inputs)),
         Item("12", "Analytical methods", "data use, model, tuning, internal validation, "
              "performance measures",
-             f"{method}. Validation: {_validation(inputs)}. Measures: accuracy, macro-F1, "
-             "balanced accuracy, AUROC and AUPRC (one-vs-rest macro), log loss, ECE, Brier "
-             "score, with percentile bootstrap 95% intervals over patients"
+             f"{method}. Validation: {_validation(inputs).rstrip('.')}. Measures: accuracy, "
+             "macro-F1, balanced accuracy, AUROC and AUPRC (one-vs-rest macro), log loss, ECE, "
+             "Brier score, with percentile bootstrap 95% intervals over patients"
              + (f" ({meta['bootstrap']} resamples)" if meta.get("bootstrap") else "") + "."),
         Item("13", "Class imbalance", "methods for class imbalance",
              "no resampling or class weights; splits stratified by class; macro-F1 and balanced "
