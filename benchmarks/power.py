@@ -583,8 +583,9 @@ def report_lines(out: Path, rel: str, meta: dict) -> list[str]:
         "",
         f"- Date: {meta.get('date', '?')}; machine: {meta.get('machine', '?')}; "
         f"versions: {meta.get('versions', '?')}",
-        f"- Wall time: {meta.get('minutes', {})} minutes; {len(runs.groupby(KEY))} runs; "
-        f"seeds {seeds}",
+        f"- Wall time: {meta.get('minutes', {}).get('power', '?')} minutes on 2 CPU cores (two "
+        f"worker processes, other jobs sharing the machine part of the time); "
+        f"{len(runs.groupby(KEY))} runs; seeds {seeds}",
         f"- Image features: {meta.get('power_image_weights', '?')}, frozen, every view encoded "
         "once per cohort",
         "- Cohorts:",
