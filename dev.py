@@ -47,7 +47,7 @@ def omnifuse(*args: str) -> None:
     run(PYTHON, "-m", "omnifuse_cli", *args)
 
 
-DEMO_N = 1500  # patients: a 600-patient test split, so the demo's number means something
+DEMO_N = 1500  # patients: a 601-patient test split, so the demo's number means something
 
 
 def demo(seed: int) -> None:
@@ -66,14 +66,20 @@ def demo(seed: int) -> None:
     omnifuse("predict", str(data / "manifest.csv"), "--run", str(run_dir), "--out",
              str(Path("demo") / "predictions.csv"))
     omnifuse("report", str(run_dir))
-    test_csv = (ROOT / run_dir / "test.csv").read_text(encoding="utf-8").splitlines()
-    scores = dict(zip(test_csv[0].split(","), test_csv[1].split(","), strict=True))
+    scores = _one_row_csv(ROOT / run_dir / "test.csv")
+    split = (ROOT / run_dir / "split.csv").read_text(encoding="utf-8").splitlines()[1:]
+    n_test = dict(line.split(",") for line in split)["test"]
     print(f"demo finished in {time.perf_counter() - start:.0f} s; everything is under "
           f"{ROOT / 'demo'}", flush=True)
     print(f"test macro-F1 {float(scores['test_macro_f1']):.3f}, AUROC "
-          f"{float(scores['test_auroc']):.3f} on {round(0.4 * DEMO_N)} test patients "
+          f"{float(scores['test_auroc']):.3f} on {n_test} test patients "
           f"(--seed {seed})", flush=True)
     print(f"report: {ROOT / run_dir / 'report.html'} (open it in a browser)", flush=True)
+
+
+def _one_row_csv(path: Path) -> dict[str, str]:
+    header, row = path.read_text(encoding="utf-8").splitlines()[:2]
+    return dict(zip(header.split(","), row.split(","), strict=True))
 
 
 def test(extra: list[str]) -> None:
