@@ -221,6 +221,8 @@ def _infer_masks(model, data, idx: np.ndarray, masks: dict[float, np.ndarray]
 
 
 def omnifuse_run(ds: PowerData, regime: str, variant: str, seed: int) -> list[dict]:
+    from study import use_cached_images
+
     cohort = cohort_for(ds, regime, seed)
     splits = draw(ds, seed)
     method_over, train_over = VARIANTS[variant]
@@ -231,12 +233,7 @@ def omnifuse_run(ds: PowerData, regime: str, variant: str, seed: int) -> list[di
     torch.manual_seed(seed)
     model, pre, _ = build_for_cohort(cohort, splits["train"], request)
     data = pre.prepare(cohort)
-    for name, feats in ds.image_cache.items():
-        k = cohort.names.index(name)
-        data.image_cache[name] = [f if cohort.present[i, k] else f[:0]
-                                  for i, f in enumerate(feats)]
-        data.image_feature_dims[name] = feats[0].shape[1]
-        model.encoders[name].backbone.requires_grad_(False)
+    use_cached_images(model, data, cohort, ds.image_cache)
     t0 = time.perf_counter()
     _, best_epoch, best = fit_model(model, data, splits, cfg, ds.num_classes, lambda e: None)
     seconds = round(time.perf_counter() - t0, 2)

@@ -206,6 +206,18 @@ def _scores(y: np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str, flo
     return {"auroc": m["auroc"], "macro_f1": m["macro_f1"], "acc": m["acc"], "loss": m["loss"]}
 
 
+def use_cached_images(model, data, cohort: Cohort,  # type: ignore[no-untyped-def]
+                      image_cache: dict[str, list[torch.Tensor]]) -> None:
+    """Give a run the cohort's once-encoded view features (none for hidden modalities) and
+    freeze its image backbones, as `omnifuse train` does with frozen backbones."""
+    for name, feats in image_cache.items():
+        k = cohort.names.index(name)
+        data.image_cache[name] = [f if cohort.present[i, k] else f[:0]
+                                  for i, f in enumerate(feats)]
+        data.image_feature_dims[name] = feats[0].shape[1]
+        model.encoders[name].backbone.requires_grad_(False)
+
+
 def omnifuse_run(ds: Dataset, variant: str, seed: int, rate: float,
                  train: TrainConfig | None = None) -> list[dict]:
     cohort = inject_missing(ds.cohort, rate, seed)
@@ -219,12 +231,7 @@ def omnifuse_run(ds: Dataset, variant: str, seed: int, rate: float,
     torch.manual_seed(seed)
     model, pre, _ = build_for_cohort(cohort, splits["train"], request)
     data = pre.prepare(cohort)
-    for name, feats in ds.image_cache.items():
-        k = cohort.names.index(name)
-        data.image_cache[name] = [f if cohort.present[i, k] else f[:0]
-                                  for i, f in enumerate(feats)]
-        data.image_feature_dims[name] = feats[0].shape[1]
-        model.encoders[name].backbone.requires_grad_(False)
+    use_cached_images(model, data, cohort, ds.image_cache)
     t0 = time.perf_counter()
     records, best_epoch, best = fit_model(model, data, splits, cfg, ds.num_classes,
                                           lambda event: None)
