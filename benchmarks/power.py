@@ -42,7 +42,7 @@ import torch
 
 from omnifuse_cli.data.manifest import Cohort, read_manifest
 from omnifuse_cli.data.prepared import move_to
-from omnifuse_cli.engine.config import (
+from omnifuse_cli.config import (
     DEFAULT_MODALITIES,
     PAPER_OPTIONS,
     DataConfig,

@@ -50,7 +50,7 @@ from omnifuse_cli import __version__
 from omnifuse_cli.data.manifest import Cohort, read_manifest
 from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.data.text import tokenize
-from omnifuse_cli.engine.config import (
+from omnifuse_cli.config import (
     DEFAULT_MODALITIES,
     DataConfig,
     MethodConfig,

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from omnifuse_cli.engine.config import DataConfig, ImageConfig, MethodConfig, TrainConfig
+from omnifuse_cli.config import DataConfig, ImageConfig, MethodConfig, TrainConfig
 from omnifuse_cli.engine.training import TrainRequest, TrainResult, run_training
 
 # The models here are tiny: one intra-op thread is as fast, and it keeps the suite quick when

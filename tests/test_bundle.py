@@ -14,7 +14,7 @@ import torch
 
 from omnifuse_cli.data.manifest import normalize_id, read_manifest
 from omnifuse_cli.engine.bundle import FORMAT_VERSION, load_bundle
-from omnifuse_cli.engine.config import ImageConfig, TextConfig
+from omnifuse_cli.config import ImageConfig, TextConfig
 from omnifuse_cli.engine.evaluation import EvalRequest, evaluate_run
 from omnifuse_cli.engine.inference import cache_frozen_features, infer
 from omnifuse_cli.engine.prediction import PredictRequest, predict_patients
@@ -513,7 +513,7 @@ def test_image_weights_that_are_not_a_state_dict(
 def test_auto_image_weights_use_the_local_torch_cache_only(tmp_path: Path) -> None:
     import torchvision
 
-    from omnifuse_cli.engine.config import ImageConfig, MethodConfig, ModalitySpec, ModelConfig
+    from omnifuse_cli.config import ImageConfig, MethodConfig, ModalitySpec, ModelConfig
     from omnifuse_cli.engine.modelling import build_model, load_image_weights
 
     config = ModelConfig((ModalitySpec("us", "image"),), 2, (512,), MethodConfig())

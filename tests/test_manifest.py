@@ -12,7 +12,7 @@ import pytest
 from omnifuse_cli.data.manifest import Cohort, normalize_id, read_manifest
 from omnifuse_cli.data.prepared import Preprocessor
 from omnifuse_cli.data.text import PAD, UNK, encode, fit_vocabulary, tokenize
-from omnifuse_cli.engine.config import (
+from omnifuse_cli.config import (
     DEFAULT_MODALITIES,
     ImageConfig,
     ModalitySpec,
@@ -537,7 +537,7 @@ def test_skipping_every_image_of_an_image_only_patient_is_still_an_error(
 
 def test_audit_of_the_tiny_cohort(tiny_manifest: Path) -> None:
     from omnifuse_cli.engine.audit import audit_manifest
-    from omnifuse_cli.engine.config import DataConfig, TrainConfig
+    from omnifuse_cli.config import DataConfig, TrainConfig
 
     split = TrainConfig(train_ratio=0.6, val_ratio=0.2, test_ratio=0.2)
     report = audit_manifest(tiny_manifest, DataConfig(), num_classes=3, split=split)
@@ -556,7 +556,7 @@ def test_audit_of_the_tiny_cohort(tiny_manifest: Path) -> None:
 
 def test_audit_reports_what_stops_training(tmp_path: Path) -> None:
     from omnifuse_cli.engine.audit import audit_manifest
-    from omnifuse_cli.engine.config import DataConfig
+    from omnifuse_cli.config import DataConfig
 
     data = DataConfig(modalities=LABS)
     unlabelled = write(tmp_path, 'id,label,labs\n1,0,"[1]"\n2,,"[2]"\n', "a.csv")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from omnifuse_cli.data.prepared import Preprocessor
-from omnifuse_cli.engine.config import (
+from omnifuse_cli.config import (
     PAPER_OPTIONS,
     ImageConfig,
     MethodConfig,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
 from omnifuse_cli.data.splits import stratified_split
-from omnifuse_cli.engine.config import (
+from omnifuse_cli.config import (
     PAPER_OPTIONS,
     ImageConfig,
     MethodConfig,

@@ -33,7 +33,7 @@ from typer.testing import CliRunner, Result
 
 from omnifuse_cli.cli.app import app
 from omnifuse_cli.data.manifest import read_manifest
-from omnifuse_cli.engine.config import DEFAULT_MODALITIES
+from omnifuse_cli.config import DEFAULT_MODALITIES
 from omnifuse_cli.engine.training import TrainResult, run_training
 from omnifuse_cli.errors import ManifestError, TrainingInterrupted
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from omnifuse_cli.engine.config import TrainConfig
+from omnifuse_cli.config import TrainConfig
 
 STUDY_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "study.py"
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from omnifuse_cli.cli.app import app
 from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.engine import synthesis
-from omnifuse_cli.engine.config import DEFAULT_MODALITIES
+from omnifuse_cli.config import DEFAULT_MODALITIES
 from omnifuse_cli.engine.synthesis import (
     _FINDINGS,
     CohortSpec,

@@ -29,7 +29,7 @@ def check(
     """Validate a manifest without training and print a data audit (exit 0 when trainable)."""
     from omnifuse_cli.cli.render import audit_tables
     from omnifuse_cli.engine.audit import audit_manifest
-    from omnifuse_cli.engine.config import DataConfig, TrainConfig, parse_modality_options
+    from omnifuse_cli.config import DataConfig, TrainConfig, parse_modality_options
 
     data = DataConfig(modalities=parse_modality_options(modality),
                       labs_table=str(labs_table) if labs_table else None,

@@ -23,7 +23,7 @@ def synth(
 ) -> None:
     """Feature-level demo in memory: watch every term of the OmniFuse objective fall."""
     from omnifuse_cli.cli.render import add_epoch_row, epoch_table, metrics_table
-    from omnifuse_cli.engine.config import MethodConfig
+    from omnifuse_cli.config import MethodConfig
     from omnifuse_cli.engine.demo import SynthConfig, run_synth
     from omnifuse_cli.engine.training import TrainEvent
 

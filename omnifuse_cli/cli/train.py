@@ -135,7 +135,7 @@ def train(
 ) -> None:
     """Train OmniFuse on a manifest: stratified split, best-on-validation model, test metrics."""
     from omnifuse_cli.cli.render import add_epoch_row, confusion_table, epoch_table, metrics_table
-    from omnifuse_cli.engine.config import (
+    from omnifuse_cli.config import (
         DataConfig,
         ImageConfig,
         MethodConfig,

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, get_args, get_origin
 
-from omnifuse_cli.engine.config import (
+from omnifuse_cli.config import (
     DataConfig,
     ImageConfig,
     MethodConfig,
@@ -47,7 +47,7 @@ HELP_PANEL = "Model and training options (as omnifuse train)"
 
 
 def _widths(value: Any, _: Mapping[str, Any]) -> tuple[int, ...]:
-    from omnifuse_cli.engine import config
+    from omnifuse_cli import config
 
     if isinstance(value, str):
         return config.parse_widths(value)  # type: ignore[attr-defined]

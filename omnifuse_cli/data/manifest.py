@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from omnifuse_cli.data.images import image_problem
-from omnifuse_cli.engine.config import ON_BAD_FILE, ModalitySpec
+from omnifuse_cli.config import ON_BAD_FILE, ModalitySpec
 from omnifuse_cli.errors import ConfigError, DataError, ManifestError
 
 VSCODE_MARKER = "_vscodecontentref_"

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from omnifuse_cli.data import text as simple_text
 from omnifuse_cli.data.images import image_transform, load_image
 from omnifuse_cli.data.manifest import Cohort
-from omnifuse_cli.engine.config import ImageConfig, ModalitySpec, TextConfig
+from omnifuse_cli.config import ImageConfig, ModalitySpec, TextConfig
 from omnifuse_cli.errors import DataError
 
 

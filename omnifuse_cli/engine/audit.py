@@ -10,7 +10,7 @@ import numpy as np
 
 from omnifuse_cli.data.manifest import check_trainable, read_manifest
 from omnifuse_cli.data.splits import stratified_split
-from omnifuse_cli.engine.config import DataConfig, TrainConfig
+from omnifuse_cli.config import DataConfig, TrainConfig
 from omnifuse_cli.errors import DataError
 
 

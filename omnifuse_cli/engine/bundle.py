@@ -20,7 +20,7 @@ import torch
 
 from omnifuse_cli import __version__
 from omnifuse_cli.data.prepared import Preprocessor
-from omnifuse_cli.engine.config import (
+from omnifuse_cli.config import (
     ImageConfig,
     ModelConfig,
     TextConfig,

@@ -44,7 +44,7 @@ import torch
 from omnifuse_cli.data.manifest import Cohort, check_trainable, read_manifest, read_table
 from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
 from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions
-from omnifuse_cli.engine.config import (
+from omnifuse_cli.config import (
     DataConfig,
     MethodConfig,
     TrainConfig,

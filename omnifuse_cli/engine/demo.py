@@ -15,7 +15,7 @@ import numpy as np
 from omnifuse_cli.data.manifest import Cohort
 from omnifuse_cli.data.prepared import Preprocessor
 from omnifuse_cli.data.splits import stratified_split
-from omnifuse_cli.engine.config import (
+from omnifuse_cli.config import (
     ImageConfig,
     MethodConfig,
     ModalitySpec,

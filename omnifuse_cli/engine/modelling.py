@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from omnifuse_cli.engine.config import ImageConfig, ModelConfig
+from omnifuse_cli.config import ImageConfig, ModelConfig
 from omnifuse_cli.errors import WeightsError
 from omnifuse_cli.model.encoders import (
     HFTextEncoder,

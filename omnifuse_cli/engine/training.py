@@ -24,7 +24,7 @@ from omnifuse_cli.data.manifest import Cohort, check_trainable, read_manifest
 from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor, move_to
 from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions
-from omnifuse_cli.engine.config import (
+from omnifuse_cli.config import (
     DataConfig,
     ImageConfig,
     MethodConfig,

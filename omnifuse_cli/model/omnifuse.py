@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnifuse_cli.engine.config import ModelConfig
+from omnifuse_cli.config import ModelConfig
 from omnifuse_cli.model.fusion import classifier, dwfuse_loss, label_free_log_probs
 from omnifuse_cli.model.imputation import CascadeResidualAutoencoder
 from omnifuse_cli.model.laziness import available
