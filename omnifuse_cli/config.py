@@ -181,9 +181,14 @@ class MethodConfig:
         _check(self.tla_min_patients >= 1, "--tla-min-patients must be >= 1")
         _check(self.reliability == "auto" or _unit_number(self.reliability),
                f"--reliability must be auto or a number in [0, 1], got {self.reliability!r}")
+        # Without DWFuse the one classifier on the concatenation is the joint head, so "joint"
+        # names what label-free does then; only "mean" needs the per-modality heads.
         _check(
-            self.use_dwfuse or self.inference_rule == "label-free",
-            f"--inference-rule {self.inference_rule} needs DWFuse's heads (drop --no-dwfuse)",
+            self.use_dwfuse or self.inference_rule in ("label-free", "joint"),
+            f"--inference-rule {self.inference_rule} needs DWFuse's modality heads "
+            "(drop --no-dwfuse)",
+            "without DWFuse the concatenation's classifier is the joint head: "
+            "--inference-rule joint or label-free",
         )
 
 
