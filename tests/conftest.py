@@ -85,6 +85,26 @@ def build_tiny_cohort(root: Path) -> Path:
     return manifest
 
 
+def tiny_bert(folder: Path, hidden: int = 32, extra_chars: str = "") -> Path:
+    """A 2-layer, 32-wide BERT with a character vocabulary, saved like a hub download."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder.mkdir(parents=True)
+    chars = sorted({ch for words in CLASS_WORDS for ch in words} | set("患者复查" + extra_chars))
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars]) + "\n",
+                     encoding="utf-8")
+    tokenizer = BertTokenizer(str(vocab))
+    config = BertConfig(vocab_size=5 + len(chars), hidden_size=hidden, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = BertModel(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert tokenizer("良性结节")["input_ids"][1] != tokenizer.unk_token_id
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of the hand-built cohort's manifest.csv (read-only: copy before changing it)."""

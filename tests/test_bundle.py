@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
+from omnifuse_cli.config import ImageConfig, TextConfig
 from omnifuse_cli.data.manifest import normalize_id, read_manifest
 from omnifuse_cli.engine.bundle import FORMAT_VERSION, load_bundle
-from omnifuse_cli.config import ImageConfig, TextConfig
 from omnifuse_cli.engine.evaluation import EvalRequest, evaluate_run
 from omnifuse_cli.engine.inference import cache_frozen_features, infer
 from omnifuse_cli.engine.prediction import PredictRequest, predict_patients
@@ -22,7 +22,7 @@ from omnifuse_cli.engine.training import TrainRequest, TrainResult, run_training
 from omnifuse_cli.errors import BundleError, DataError, WeightsError
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder, resnet_state_for_trunk
 
-from .conftest import N_PATIENTS, NUM_CLASSES
+from .conftest import N_PATIENTS, NUM_CLASSES, tiny_bert
 
 Run = tuple[Path, TrainResult]
 MakeRequest = Callable[..., TrainRequest]
@@ -383,28 +383,6 @@ def test_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
 
 
 # -- hf text encoder --------------------------------------------------------------------------
-
-
-def tiny_bert(folder: Path, hidden: int = 32, extra_chars: str = "") -> Path:
-    """A 2-layer, 32-wide BERT with a character vocabulary, saved like a hub download."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    from .conftest import CLASS_WORDS
-
-    folder.mkdir(parents=True)
-    chars = sorted({ch for words in CLASS_WORDS for ch in words} | set("患者复查" + extra_chars))
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars]) + "\n",
-                     encoding="utf-8")
-    tokenizer = BertTokenizer(str(vocab))
-    config = BertConfig(vocab_size=5 + len(chars), hidden_size=hidden, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = BertModel(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    assert tokenizer("良性结节")["input_ids"][1] != tokenizer.unk_token_id
-    return folder
 
 
 def test_hf_text_encoder_bundle_loads_offline(
