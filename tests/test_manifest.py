@@ -9,9 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omnifuse_cli.data.manifest import Cohort, normalize_id, read_manifest
-from omnifuse_cli.data.prepared import Preprocessor
-from omnifuse_cli.data.text import PAD, UNK, encode, fit_vocabulary, tokenize
 from omnifuse_cli.config import (
     DEFAULT_MODALITIES,
     ImageConfig,
@@ -19,6 +16,9 @@ from omnifuse_cli.config import (
     TextConfig,
     parse_modality_options,
 )
+from omnifuse_cli.data.manifest import Cohort, normalize_id, read_manifest
+from omnifuse_cli.data.prepared import Preprocessor
+from omnifuse_cli.data.text import PAD, UNK, encode, fit_vocabulary, tokenize
 from omnifuse_cli.errors import ConfigError, ManifestError
 
 PngFn = Callable[..., Path]
@@ -101,7 +101,8 @@ def test_npy_path_labs(tmp_path: Path, shape: tuple[int, ...]) -> None:
 def test_npy_of_wrong_shape_is_reported(tmp_path: Path) -> None:
     np.save(tmp_path / "p1.npy", np.ones((2, 3)))
     path = write(tmp_path, "id,label,labs\n1,0,p1.npy\n")
-    with pytest.raises(ManifestError, match=r"row 2, column 'labs': p1\.npy has shape \(2, 3\)"):
+    with pytest.raises(ManifestError, match=r"row 2 \(id 0000000001\), column 'labs': "
+                       r"p1\.npy has shape \(2, 3\)"):
         read_manifest(path, LABS)
 
 
@@ -219,8 +220,8 @@ def test_missing_image_files_all_listed_in_one_error(tmp_path: Path, write_png: 
         read_manifest(path, US)
     message = str(info.value)
     assert "(2 problem(s))" in message
-    assert "row 3, column 'us'" in message and "gone1.png does not exist" in message
-    assert "row 4, column 'us'" in message and "gone2.png does not exist" in message
+    assert "row 3 (id 0000000002), column 'us'" in message and "gone1.png does not exist" in message
+    assert "row 4 (id 0000000003), column 'us'" in message and "gone2.png does not exist" in message
     # check_files=False (prediction of patients whose images are elsewhere) does not look.
     assert len(read_manifest(path, US, check_files=False)) == 3
 
@@ -245,7 +246,8 @@ def test_inline_text_and_txt_paths_utf8_and_gb18030(tmp_path: Path) -> None:
 
 def test_missing_note_file_is_reported(tmp_path: Path) -> None:
     path = write(tmp_path, "id,label,text\n1,0,notes/none.txt\n")
-    with pytest.raises(ManifestError, match=r"row 2, column 'text': note file .*none\.txt does"):
+    with pytest.raises(ManifestError, match=r"row 2 \(id 0000000001\), column 'text': "
+                       r"note file .*none\.txt does"):
         read_manifest(path, TEXT)
 
 
@@ -276,7 +278,7 @@ def test_utf8_bom_at_file_start(tmp_path: Path) -> None:
 
 def test_vscode_link_cell_mentions_vs_code(tmp_path: Path) -> None:
     path = write(tmp_path, "id,label,us\n1,0,http://_vscodecontentref_/3\n")
-    with pytest.raises(ManifestError, match=r"row 2, column 'us'.*VS Code link"):
+    with pytest.raises(ManifestError, match=r"row 2 \(id 0000000001\), column 'us'.*VS Code link"):
         read_manifest(path, US)
 
 
@@ -356,14 +358,16 @@ def test_missing_label_column_only_matters_when_labels_are_required(tmp_path: Pa
 def test_duplicate_id_after_zero_padding(tmp_path: Path) -> None:
     path = write(tmp_path, 'id,label,labs\n7,0,"[1]"\n8,1,"[1]"\n0000000007,1,"[2]"\n')
     with pytest.raises(ManifestError,
-                       match=r"row 4, column 'id': duplicate id '0000000007' \(first at row 2\)"):
+                       match=r"row 4 \(id 0000000007\), column 'id': duplicate id '0000000007' "
+                       r"\(first at row 2\)"):
         read_manifest(path, LABS)
 
 
 @pytest.mark.parametrize("bad", ["1.5", "abc", "one"])
 def test_non_integer_label(tmp_path: Path, bad: str) -> None:
     path = write(tmp_path, f'id,label,labs\n1,0,"[1]"\n2,{bad},"[1]"\n')
-    with pytest.raises(ManifestError, match=rf"row 3, column 'label': '{bad}' is not an integer"):
+    with pytest.raises(ManifestError, match=rf"row 3 \(id 0000000002\), column 'label': "
+                       rf"'{bad}' is not an integer"):
         read_manifest(path, LABS)
 
 
@@ -377,21 +381,43 @@ def test_label_out_of_range(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as info:
         read_manifest(path, LABS, num_classes=2)
     message = str(info.value)
-    assert "row 3, column 'label': 2 is outside 0..1 (--num-classes)" in message
-    assert "row 4, column 'label': -1 is outside 0..1" in message
+    assert "row 3 (id 0000000002), column 'label': 2 is outside 0..1 (--num-classes)" in message
+    assert "row 4 (id 0000000003), column 'label': -1 is outside 0..1" in message
 
 
 def test_patient_with_no_modality(tmp_path: Path) -> None:
     path = write(tmp_path, 'id,label,labs,text\n1,0,"[1]",a\n2,1,,\n3,0,,b\n4,1,, \n')
-    with pytest.raises(ManifestError, match=r"2 patient\(s\) have no modality at all \(rows 3, 5\)"
-                       ):
+    with pytest.raises(ManifestError, match=r"2 patient\(s\) have no modality at all: "
+                       r"row 3 \(id 0000000002\), row 5 \(id 0000000004\)"):
         read_manifest(path, parse_modality_options(["labs=vector", "text=text"]))
+
+
+def test_keep_bad_rows_marks_each_unusable_patient_and_keeps_the_rest(
+    tmp_path: Path, write_png: PngFn
+) -> None:
+    write_png(tmp_path / "us" / "ok.png", 0.5)
+    path = write(tmp_path, 'id,label,labs,us\n1,0,"[1, 2]",us/ok.png\n2,1,,\n'
+                 '3,0,"[1, 2]",us/gone.png\n4,1,"[1]",\n5,0,,us/ok.png\n')
+    modalities = parse_modality_options(["labs=vector", "us=image"])
+    with pytest.raises(ManifestError):
+        read_manifest(path, modalities)  # train/evaluate: the whole file fails
+    cohort = read_manifest(path, modalities, keep_bad_rows=True)
+    assert sorted(cohort.bad_rows) == [1, 2, 3]
+    assert cohort.bad_rows[1] == ["no modality present"]
+    assert cohort.bad_rows[2][0].startswith("row 4, column 'us': image ")
+    assert "gone.png does not exist" in cohort.bad_rows[2][0]
+    assert cohort.bad_rows[3] == ["row 5, column 'labs': vector has 1 values, most rows have 2"]
+    # Unusable rows carry nothing that could be loaded later; the others are intact.
+    assert not cohort.present[[1, 2, 3]].any() and cohort.images["us"][2] == []
+    assert cohort.present[[0, 4]].tolist() == [[True, True], [False, True]]
+    np.testing.assert_array_equal(cohort.vectors["labs"][0], [1, 2])
 
 
 def test_vectors_of_differing_lengths(tmp_path: Path) -> None:
     path = write(tmp_path, 'id,label,labs\n1,0,"[1, 2, 3]"\n2,1,"[1, 2]"\n3,0,"[4, 5, 6]"\n')
     with pytest.raises(ManifestError,
-                       match=r"row 3, column 'labs': vector has 2 values, most rows have 3"):
+                       match=r"row 3 \(id 0000000002\), column 'labs': vector has 2 values, "
+                       r"most rows have 3"):
         read_manifest(path, LABS)
 
 
@@ -416,7 +442,8 @@ def test_infinite_lab_value(tmp_path: Path, cell: str) -> None:
 )
 def test_unreadable_vector_cells(tmp_path: Path, cell: str, message: str) -> None:
     path = write(tmp_path, f"id,label,labs\n1,0,{cell}\n")
-    with pytest.raises(ManifestError, match=rf"row 2, column 'labs': .*{message}"):
+    with pytest.raises(ManifestError,
+                       match=rf"row 2 \(id 0000000001\), column 'labs': .*{message}"):
         read_manifest(path, LABS)
 
 
@@ -508,8 +535,9 @@ def test_unreadable_images_are_errors_by_default(tmp_path: Path, write_png: PngF
     with pytest.raises(ManifestError, match=r"\(2 problem\(s\)\)") as info:
         read_manifest(path, DEFAULT_MODALITIES[1:])
     message = str(info.value)
-    assert "row 2, column 'us'" in message and "cut.png is corrupt or truncated" in message
-    assert "row 3, column 'us'" in message and "text.png is not an image" in message
+    assert "row 2 (id 0000000001), column 'us'" in message
+    assert "cut.png is corrupt or truncated" in message
+    assert "row 3 (id 0000000002), column 'us'" in message and "text.png is not an image" in message
 
 
 def test_unreadable_images_can_be_skipped(tmp_path: Path, write_png: PngFn) -> None:
@@ -528,7 +556,7 @@ def test_skipping_every_image_of_an_image_only_patient_is_still_an_error(
 ) -> None:
     bad_images(tmp_path, write_png)
     path = write(tmp_path, "id,label,us\n1,0,us/good.png\n2,1,us/text.png\n", "only_us.csv")
-    with pytest.raises(ManifestError, match=r"have no modality at all \(rows 3\)"):
+    with pytest.raises(ManifestError, match=r"have no modality at all: row 3 \(id 0000000002\)"):
         read_manifest(path, US, on_bad_file="skip")
 
 
@@ -536,8 +564,8 @@ def test_skipping_every_image_of_an_image_only_patient_is_still_an_error(
 
 
 def test_audit_of_the_tiny_cohort(tiny_manifest: Path) -> None:
-    from omnifuse_cli.engine.audit import audit_manifest
     from omnifuse_cli.config import DataConfig, TrainConfig
+    from omnifuse_cli.engine.audit import audit_manifest
 
     split = TrainConfig(train_ratio=0.6, val_ratio=0.2, test_ratio=0.2)
     report = audit_manifest(tiny_manifest, DataConfig(), num_classes=3, split=split)
@@ -555,8 +583,8 @@ def test_audit_of_the_tiny_cohort(tiny_manifest: Path) -> None:
 
 
 def test_audit_reports_what_stops_training(tmp_path: Path) -> None:
-    from omnifuse_cli.engine.audit import audit_manifest
     from omnifuse_cli.config import DataConfig
+    from omnifuse_cli.engine.audit import audit_manifest
 
     data = DataConfig(modalities=LABS)
     unlabelled = write(tmp_path, 'id,label,labs\n1,0,"[1]"\n2,,"[2]"\n', "a.csv")

@@ -32,8 +32,8 @@ import torch
 from typer.testing import CliRunner, Result
 
 from omnifuse_cli.cli.app import app
-from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.config import DEFAULT_MODALITIES
+from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.engine.training import TrainResult, run_training
 from omnifuse_cli.errors import ManifestError, TrainingInterrupted
 
@@ -149,7 +149,8 @@ def test_duplicate_ids(data: Path, tmp_path: Path) -> None:
     edit(data, 3, "id", "01001")  # the same patient as row 2 once zero-padded
     result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args())
     assert_user_error(result, str(data),
-                      "row 5, column 'id': duplicate id '0000001001' (first at row 2)")
+                      "row 5 (id 0000001001), column 'id': duplicate id '0000001001' "
+                      "(first at row 2)")
 
 
 def test_labels_that_are_not_integers_are_all_listed(data: Path, tmp_path: Path) -> None:
@@ -157,8 +158,8 @@ def test_labels_that_are_not_integers_are_all_listed(data: Path, tmp_path: Path)
     edit(data, 6, "label", "1.5")
     result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args())
     assert_user_error(result, str(data), "(2 problem(s))",
-                      "row 6, column 'label': 'abc' is not an integer class index",
-                      "row 8, column 'label': '1.5' is not an integer class index")
+                      "row 6 (id 0000001005), column 'label': 'abc' is not an integer class",
+                      "row 8 (id 0000001007), column 'label': '1.5' is not an integer class")
 
 
 @pytest.mark.parametrize(
@@ -252,7 +253,7 @@ def test_npy_vectors_that_are_not_numbers(data: Path, tmp_path: Path, kind: str,
         np.save(path, arrays[kind], allow_pickle=True)
     edit(data, 0, "labs", "labs/1001.npy")
     result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args())
-    assert_user_error(result, str(data), f"row 2, column 'labs': {expected}")
+    assert_user_error(result, str(data), f"row 2 (id 0000001001), column 'labs': {expected}")
     assert "pwned" not in result.output  # allow_pickle=False: the payload is never unpickled
 
 
@@ -272,10 +273,11 @@ def test_bad_lab_vectors(data: Path, tmp_path: Path, cell: str, expected: str) -
     (data.parent / "labs" / "1003.csv").write_text("1,inf,3,4,5\n", encoding="utf-8")
     edit(data, 2, "labs", cell)
     result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args())
-    stderr = assert_user_error(result, str(data), "row 4, column 'labs': ")
-    line = next(x for x in stderr.splitlines() if "row 4, column 'labs': " in x)
+    where = "row 4 (id 0000001003), column 'labs': "
+    stderr = assert_user_error(result, str(data), where)
+    line = next(x for x in stderr.splitlines() if where in x)
     # The bad value itself (or what is wrong with it) is named, not only a parser position.
-    assert expected in line.split("row 4, column 'labs': ", 1)[1], line
+    assert expected in line.split(where, 1)[1], line
 
 
 @pytest.mark.parametrize(
@@ -285,8 +287,9 @@ def test_bad_lab_vectors(data: Path, tmp_path: Path, cell: str, expected: str) -
                                       "--labs-id-col"]),
         ("id,ALT,AST\n1001,1,2\n01001,3,4\n", ["has duplicate ids: 0000001001"]),
         ("id,ALT,AST\n5,1,2\n6,3,4\n", [f"matches none of the {N_PATIENTS} manifest ids"]),
-        ("id,ALT,AST\n1001,1,2\n1002,3,abc\n", ["row 3, column 'AST'", "'abc' is not a number"]),
-        ("id,ALT,AST\n1001,inf,2\n", ["row 2, column 'ALT'", "is infinite"]),
+        ("id,ALT,AST\n1001,1,2\n1002,3,abc\n", ["row 3 (id 0000001002), column 'AST'",
+                                                "'abc' is not a number"]),
+        ("id,ALT,AST\n1001,inf,2\n", ["row 2 (id 0000001001), column 'ALT'", "is infinite"]),
     ],
     ids=["no-id-column", "duplicate-ids", "no-match", "non-numeric", "inf"],
 )
@@ -320,15 +323,16 @@ def test_a_note_of_invalid_bytes(data: Path, tmp_path: Path) -> None:
     note_path = data.parent / "notes" / "1002.txt"
     note_path.write_bytes(garbage)
     result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args())
-    assert_user_error(result, str(data), f"row 3, column 'text': note file {note_path} is "
-                      "neither UTF-8 nor GB18030 text")
+    assert_user_error(result, str(data), f"row 3 (id 0000001002), column 'text': note file "
+                      f"{note_path} is neither UTF-8 nor GB18030 text")
 
 
 def test_a_patient_with_no_modality(data: Path, tmp_path: Path) -> None:
     for column in ("labs", "us", "text"):
         edit(data, 1, column, "")
     result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args())
-    assert_user_error(result, str(data), "1 patient(s) have no modality at all (rows 3)")
+    assert_user_error(result, str(data),
+                      "1 patient(s) have no modality at all: row 3 (id 0000001002)")
 
 
 def test_vscode_links(data: Path, tmp_path: Path) -> None:
@@ -338,8 +342,8 @@ def test_vscode_links(data: Path, tmp_path: Path) -> None:
                       "_vscodecontentref_")
     edit(data, 3, "us", "http://_vscodecontentref_/5")
     result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args())
-    assert_user_error(result, str(data), "row 5, column 'us': 'http://_vscodecontentref_/5' "
-                      "is a VS Code link")
+    assert_user_error(result, str(data), "row 5 (id 0000001004), column 'us': "
+                      "'http://_vscodecontentref_/5' is a VS Code link")
 
 
 def test_predict_with_a_different_lab_panel(trained_run: Run, tmp_path: Path) -> None:

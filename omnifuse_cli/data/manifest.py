@@ -18,8 +18,8 @@ from pathlib import Path, PureWindowsPath
 import numpy as np
 import pandas as pd
 
-from omnifuse_cli.data.images import image_problem
 from omnifuse_cli.config import ON_BAD_FILE, ModalitySpec
+from omnifuse_cli.data.images import image_problem
 from omnifuse_cli.errors import ConfigError, DataError, ManifestError
 
 VSCODE_MARKER = "_vscodecontentref_"
@@ -40,6 +40,8 @@ class Cohort:
     texts: dict[str, list[str | None]] = field(default_factory=dict)
     present: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=bool))  # (N, M)
     notes: list[str] = field(default_factory=list)  # things the user should hear about
+    # Only with read_manifest(keep_bad_rows=True): row index -> why that patient cannot be used.
+    bad_rows: dict[int, list[str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -94,15 +96,26 @@ def resolve_path(cell: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _where(row: int, ids: list[str] | None) -> str:
+    """``row 7 (id P0042)``: the spreadsheet row to scroll to and the id to search for."""
+    if ids is None or not 0 <= row - 2 < len(ids):
+        return f"row {row}"
+    pid = ids[row - 2]
+    return f"row {row} (id {pid})" if pid else f"row {row} (no id)"
+
+
 class _Problems:
     """Collects per-row problems so the user sees all of them in one message."""
 
-    def __init__(self, source: Path) -> None:
+    def __init__(self, source: Path, ids: list[str] | None = None) -> None:
         self.source = source
+        self.ids = ids  # normalised ids of the data rows, to name each row by its id as well
         self.items: list[str] = []
+        self.by_index: dict[int, list[str]] = {}  # data row index -> its problems (no id)
 
     def add(self, row: int, column: str, message: str) -> None:
-        self.items.append(f"row {row}, column {column!r}: {message}")
+        self.items.append(f"{_where(row, self.ids)}, column {column!r}: {message}")
+        self.by_index.setdefault(row - 2, []).append(f"row {row}, column {column!r}: {message}")
 
     def raise_if_any(self, title: str, hint: str) -> None:
         if not self.items:
@@ -265,7 +278,7 @@ def read_labs_table(path: Path, id_col: str) -> tuple[dict[str, np.ndarray], lis
     columns = [c for c in frame.columns if c != id_col]
     if not columns:
         raise ManifestError(f"labs table {path} has no value columns besides {id_col!r}")
-    problems = _Problems(path)
+    problems = _Problems(path, ids)
     table: dict[str, np.ndarray] = {}
     for i, (pid, row) in enumerate(zip(ids, frame[columns].itertuples(index=False), strict=True)):
         try:
@@ -286,11 +299,14 @@ def read_manifest(
     num_classes: int | None = None,
     check_files: bool = True,
     on_bad_file: str = "error",
+    keep_bad_rows: bool = False,
 ) -> Cohort:
     """Parse and validate a manifest. Every problem found is reported in one ManifestError.
 
     check_files decodes every image; on_bad_file="skip" drops unreadable images instead of
     failing (a patient left without images has that modality missing) and says so in notes.
+    keep_bad_rows (predict) records the rows with a problem or without any modality in
+    ``cohort.bad_rows`` instead of failing the whole file; problems of the file itself still raise.
     """
     if on_bad_file not in ON_BAD_FILE:
         raise ConfigError(f"--on-bad-file must be error or skip, got {on_bad_file!r}")
@@ -318,8 +334,8 @@ def read_manifest(
             hint="declare the modality columns with --modality NAME=KIND, or add the columns "
             "(an empty cell marks a missing modality)",
         )
-    problems = _Problems(path)
     ids = [normalize_id(v) for v in frame["id"]]
+    problems = _Problems(path, ids)
     for i, pid in enumerate(ids):
         if pid == "":
             problems.add(_row(i), "id", "empty id")
@@ -351,19 +367,48 @@ def read_manifest(
                          check_files, on_bad_file)
         else:
             _fill_texts(cohort, m_idx, frame[spec.name].tolist(), base, problems)
+    if keep_bad_rows:
+        _keep_bad_rows(cohort, problems)
     problems.raise_if_any(
         "the manifest has problems", "fix the listed cells (an empty cell marks a missing modality)"
     )
-    none_present = np.flatnonzero(~present.any(axis=1))
-    if len(none_present):
-        rows = ", ".join(str(_row(int(i))) for i in none_present[:MAX_LISTED])
+    none_present = np.flatnonzero(~present.any(axis=1) & ~_bad_mask(cohort))
+    if keep_bad_rows:
+        for i in none_present:
+            cohort.bad_rows[int(i)] = ["no modality present"]
+    elif len(none_present):
+        rows = ", ".join(_where(_row(int(i)), ids) for i in none_present[:MAX_LISTED])
+        extra = len(none_present) - MAX_LISTED
+        more = f" and {extra} more" if extra > 0 else ""
         raise ManifestError(
-            f"{path}: {len(none_present)} patient(s) have no modality at all (rows {rows})",
+            f"{path}: {len(none_present)} patient(s) have no modality at all: {rows}{more}",
             hint="give each patient at least one modality, or remove those rows",
         )
     if n == 0:
         raise ManifestError(f"manifest {path} has a header but no patients")
     return cohort
+
+
+def _bad_mask(cohort: Cohort) -> np.ndarray:
+    mask = np.zeros(len(cohort), dtype=bool)
+    mask[list(cohort.bad_rows)] = True
+    return mask
+
+
+def _keep_bad_rows(cohort: Cohort, problems: _Problems) -> None:
+    """Move per-row problems into ``cohort.bad_rows`` and blank those rows, so the rest of the
+    file can be used and nothing unreadable is ever loaded."""
+    for i, reasons in problems.by_index.items():
+        cohort.bad_rows[i] = reasons
+        cohort.present[i] = False
+        for lists in cohort.images.values():
+            lists[i] = []
+        for texts in cohort.texts.values():
+            texts[i] = None
+        for array in cohort.vectors.values():
+            array[i] = np.nan
+    problems.by_index.clear()
+    problems.items.clear()
 
 
 def _read_labels(
@@ -418,12 +463,13 @@ def _fill_vectors(
     if len(lengths) > 1:
         counts = pd.Series([len(v) for v in rows.values()]).value_counts()
         common = int(counts.index[0])
-        for i, v in rows.items():
+        for i, v in list(rows.items()):
             if len(v) != common:
                 problems.add(
                     _row(i), name, f"vector has {len(v)} values, most rows have {common}"
                 )
-        return
+                del rows[i]  # the other rows stay usable under keep_bad_rows
+        lengths = {common}
     dim = lengths.pop() if lengths else 1
     array = np.full((len(cells), dim), np.nan, dtype=np.float32)
     for i, v in rows.items():
@@ -484,7 +530,7 @@ def _fill_images(
                 if problem is None:
                     good.append(p)
                 elif on_bad_file == "skip":
-                    skipped.append(f"row {_row(i)}: {p} {problem}")
+                    skipped.append(f"{_where(_row(i), cohort.ids)}: {p} {problem}")
                 else:
                     problems.add(_row(i), name, f"image {p} {problem}")
             paths = good if on_bad_file == "skip" else paths
