@@ -15,9 +15,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from omnifuse_cli.cli.app import app
+from omnifuse_cli.config import DEFAULT_MODALITIES
 from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.engine import synthesis
-from omnifuse_cli.config import DEFAULT_MODALITIES
 from omnifuse_cli.engine.synthesis import (
     _FINDINGS,
     CohortSpec,
@@ -493,3 +493,35 @@ def test_cli_options_reach_the_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPa
                                  "sometimes"])
     assert result.exit_code == 2
     assert "--missing-mode must be mcar or mnar" in result.stderr
+
+
+def test_no_images_inline_notes_keep_labs_and_notes(tmp_path: Path) -> None:
+    """The fast large-cohort layout: no us column or PNGs, notes in the manifest; the labs and
+    notes are the ones the full layout writes for the same seed."""
+    runner = CliRunner()
+    args = ["make-data", "--n", "30", "--seed", "4", "--image-size", "32"]
+    result = runner.invoke(app, [*args, "--out-dir", str(tmp_path / "fast"), "--no-images",
+                                 "--inline-notes"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "--modality labs=vector --modality text=text" in result.output
+    full = make_cohort(CohortSpec(n=30, seed=4, image_size=32), tmp_path / "full")
+    fast = tmp_path / "fast"
+    assert not (fast / "us").exists() and not (fast / "text").exists()
+    assert (fast / "manifest.csv").read_text(encoding="utf-8").splitlines()[0] == (
+        "id,label,labs,text")
+    full_rows = {r["id"]: r for r in read_rows(full.manifest)}
+    fast_rows = read_rows(fast / "manifest.csv")
+    assert all(r["labs"] or r["text"] for r in fast_rows)
+    compared = 0
+    for row in fast_rows:
+        other = full_rows[row["id"]]
+        assert row["label"] == other["label"]
+        if row["labs"] and other["labs"]:
+            assert row["labs"] == other["labs"]
+        if row["text"] and other["text"]:
+            assert row["text"] == (full.out_dir / other["text"]).read_text(encoding="utf-8")
+            compared += 1
+    assert compared > 5
+    modalities = (DEFAULT_MODALITIES[0], DEFAULT_MODALITIES[2])
+    cohort = read_manifest(fast / "manifest.csv", modalities, num_classes=3)
+    assert cohort.texts["text"][0] is None or "患者" in cohort.texts["text"][0]

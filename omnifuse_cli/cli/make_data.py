@@ -41,6 +41,12 @@ def make_data(
     missing_mode: Annotated[str, typer.Option(
         "--missing-mode", help="mcar: --missing-* regardless of the patient; mnar: milder "
         "patients skip labs and ultrasound more often, same overall rates.")] = "mcar",
+    no_images: Annotated[bool, typer.Option(
+        "--no-images", help="No ultrasound modality (no us column, no PNGs): labs and notes "
+        "only, the fast way to a large cohort.")] = False,
+    inline_notes: Annotated[bool, typer.Option(
+        "--inline-notes", help="Write each note into the manifest's text cell instead of "
+        "text/<id>.txt (one file instead of one per patient).")] = False,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Write into a non-empty --out-dir.")] = False,
 ) -> None:
@@ -64,6 +70,7 @@ def make_data(
                       missing_labs=missing_labs, missing_us=missing_us,
                       missing_text=missing_text, shared_severity=shared_severity,
                       corrupt_rate=corrupt_rate, missing_mode=missing_mode,
+                      ultrasound=not no_images, inline_notes=inline_notes,
                       **{k: v for k, v in knobs.items() if v is not None})
     prepare_out_dir(out_dir, overwrite)
     from rich.progress import Progress
@@ -76,9 +83,10 @@ def make_data(
                                "patients per class", key="label"))
     console.print(counts_table(summary.present_counts, "patients with each modality",
                                key="modality"))
+    modalities = " --modality labs=vector --modality text=text" if no_images else ""
     corrupted = ", ".join(f"{m} {k}" for m, k in summary.corrupted_counts.items())
     console.print(f"{sum(summary.corrupted_counts.values())} patients with one corrupted "
                   f"modality ({corrupted}), listed in {summary.truth.name}")
     console.print(f"{summary.n_patients} patients, {summary.n_images} images written to "
                   f"[bold]{summary.out_dir}[/]\nnext: omnifuse train {summary.manifest} "
-                  f"--num-classes {num_classes}")
+                  f"--num-classes {num_classes}{modalities}")

@@ -257,6 +257,8 @@ _TYPO_CHARS = "的一是了不在有人这中大为上个我以要时来用们�
 
 _INT_FIELDS = frozenset({"n", "seed", "num_classes", "labs_dim", "image_size",
                          "images_per_patient"})
+_FLAG_FIELDS = frozenset({"ultrasound", "inline_notes"})
+WRITE_CHUNK = 20_000  # patients formatted and written at a time: bounded memory at any n
 
 
 @dataclass(frozen=True)
@@ -281,6 +283,10 @@ class CohortSpec:
     shared_severity: float = DEFAULT_SHARED_SEVERITY  # share of signal from the patient's own
     corrupt_rate: float = DEFAULT_CORRUPT_RATE  # share of patients with one low-quality modality
     missing_mode: str = DEFAULT_MISSING_MODE  # mcar or mnar (milder patients skip labs and us)
+    # False: no ultrasound modality at all (no us column, no PNGs): large lab+note cohorts in
+    # minutes, since rendering views is by far the slowest part of the generator.
+    ultrasound: bool = True
+    inline_notes: bool = False  # notes in the manifest's text cells instead of text/<id>.txt
 
     def __post_init__(self) -> None:
         if self.missing_mode not in MISSING_MODES:
@@ -288,6 +294,10 @@ class CohortSpec:
                  "mcar: missing at random; mnar: milder patients skip labs and ultrasound "
                  "more often")
         for f in fields(self):
+            if f.name in _FLAG_FIELDS:
+                if not isinstance(getattr(self, f.name), bool):
+                    _bad(f.name, repr(getattr(self, f.name)), "True or False", "a switch")
+                continue
             if f.name == "missing_mode":
                 continue
             value = getattr(self, f.name)
@@ -369,7 +379,8 @@ class DrawnCohort:
     labs: np.ndarray  # (n, labs_dim) as written, physical units; NaN = analyte not measured
     notes: list[str]  # as written
     us_severity: np.ndarray  # (n,) severity the patient's views are rendered at
-    us_seeds: list[np.random.SeedSequence]  # stream the patient's views are drawn from
+    us_seeds: list[np.random.SeedSequence]  # stream the patient's views are drawn from ([]
+    # when the cohort has no ultrasound)
     corrupted: list[str]  # modality replaced by low-quality data, or ""
     corruption: list[str]  # its kind (one of CORRUPTIONS), or ""
 
@@ -391,7 +402,11 @@ def draw_cohort(spec: CohortSpec) -> DrawnCohort:
                        + spread * np.random.default_rng(s_patient).standard_normal(n), 0, 1)
     present = design.random((n, len(MODALITIES))) >= _missing_probabilities(spec, severity)
     empty = np.flatnonzero(~present.any(axis=1))
-    present[empty, design.integers(0, len(MODALITIES), len(empty))] = True
+    if spec.ultrasound:
+        present[empty, design.integers(0, len(MODALITIES), len(empty))] = True
+    else:  # rescued patients get labs or a note, never the absent ultrasound
+        kept = np.array([j for j, m in enumerate(MODALITIES) if m != "us"])
+        present[empty, kept[design.integers(0, len(kept), len(empty))]] = True
     # At shared_severity 0 this is the class severity bit for bit.
     seen = (1 - spec.shared_severity) * class_severity + spec.shared_severity * severity
 
@@ -430,7 +445,9 @@ def draw_cohort(spec: CohortSpec) -> DrawnCohort:
     for i in swap["text"]:
         notes[i] = clean_notes[donor[i]]
 
-    patient_seeds = s_us.spawn(n)  # per patient: a patient's views ignore everyone else's
+    # Per patient: a patient's views ignore everyone else's. A million SeedSequences cost
+    # seconds and hundreds of MB, so a cohort without ultrasound spawns none.
+    patient_seeds = s_us.spawn(n) if spec.ultrasound else []
     source = np.arange(n)  # whose views each patient shows: a mixed-up set is the donor's own
     source[swap["us"]] = donor[swap["us"]]
     us_severity = seen[source]
@@ -438,7 +455,8 @@ def draw_cohort(spec: CohortSpec) -> DrawnCohort:
 
     return DrawnCohort(
         labels=labels, severity=severity, present=present, lab_names=names, labs=labs,
-        notes=notes, us_severity=us_severity, us_seeds=[patient_seeds[j] for j in source],
+        notes=notes, us_severity=us_severity,
+        us_seeds=[patient_seeds[j] for j in source] if spec.ultrasound else [],
         corrupted=[MODALITIES[j] if j >= 0 else "" for j in target],
         corruption=["" if j < 0 else CORRUPTIONS[0 if u else 1]
                     for j, u in zip(target, uninformative, strict=True)],
@@ -455,6 +473,8 @@ def _missing_probabilities(spec: CohortSpec, severity: np.ndarray) -> np.ndarray
         weight = MNAR_BASE - severity
         weight /= weight.mean()
         probabilities[:, :2] = np.minimum(rates[:2] * weight[:, None], MAX_MISSING_PROBABILITY)
+    if not spec.ultrasound:
+        probabilities[:, 1] = 1.0  # uniform draws are < 1: nobody has ultrasound
     return probabilities
 
 
@@ -462,65 +482,96 @@ def make_cohort(spec: CohortSpec, out_dir: Path, *,
                 progress: Callable[[int, int], None] | None = None) -> CohortSummary:
     """Write the cohort under ``out_dir`` (created if needed; existing files are overwritten).
 
-    ``progress(done, total)`` is called with 0 first and then after every patient.
+    ``progress(done, total)`` is called with 0 first, then after every patient with views to
+    render and at least every WRITE_CHUNK patients. Rows are formatted and written a chunk at a
+    time, so memory does not grow with the CSVs (a million patients are ~1 GB of text).
     """
     out_dir = Path(out_dir)
-    (out_dir / "us").mkdir(parents=True, exist_ok=True)
-    (out_dir / "text").mkdir(parents=True, exist_ok=True)
+    if spec.ultrasound:
+        (out_dir / "us").mkdir(parents=True, exist_ok=True)
+    if not spec.inline_notes:
+        (out_dir / "text").mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     cohort = draw_cohort(spec)
     labels, present, names = cohort.labels, cohort.present, cohort.lab_names
-    renderer = _UltrasoundRenderer(spec)
-
-    ids = [f"{i + 1:010d}" for i in range(spec.n)]
-    rows: list[list[str]] = []
-    table_rows: list[list[str]] = []
-    truth_rows: list[list[str]] = []
+    renderer = _UltrasoundRenderer(spec) if spec.ultrasound else None
+    columns = [m for m in MODALITIES if m != "us" or spec.ultrasound]
+    manifest, labs_table, truth = (out_dir / "manifest.csv", out_dir / "labs_table.csv",
+                                   out_dir / "truth.csv")
     n_images = 0
     if progress is not None:
         progress(0, spec.n)
-    for i, pid in enumerate(ids):
-        labs_cell = us_cell = text_cell = ""
-        if present[i, 0]:
-            cells = [_format_value(v, names[j]) for j, v in enumerate(cohort.labs[i])]
-            # The JSON cell is built from the same strings as the table, so both agree exactly.
-            labs_cell = "[" + ", ".join(c or "null" for c in cells) + "]"
-            table_rows.append([pid, *cells])
-        if present[i, 1]:
-            paths = renderer.write_patient(float(cohort.us_severity[i]),
-                                           np.random.default_rng(cohort.us_seeds[i]),
-                                           out_dir, pid)
-            n_images += len(paths)
-            us_cell = ";".join(paths)
-        if present[i, 2]:
-            text_cell = f"text/{pid}.txt"
-            (out_dir / text_cell).write_text(cohort.notes[i], encoding="utf-8")
-        rows.append([pid, str(int(labels[i])), labs_cell, us_cell, text_cell])
-        truth_rows.append([pid, str(int(labels[i])), f"{cohort.severity[i]:.4f}",
-                           cohort.corrupted[i], cohort.corruption[i]])
-        if progress is not None:
-            progress(i + 1, spec.n)
+    with _CsvFile(manifest, ["id", "label", *columns]) as rows, \
+            _CsvFile(labs_table, ["id", *names]) as table_rows, \
+            _CsvFile(truth, ["id", "label", "severity", "corrupted", "corruption"]) as truth_rows:
+        for start in range(0, spec.n, WRITE_CHUNK):
+            stop = min(start + WRITE_CHUNK, spec.n)
+            cells = _format_labs(cohort.labs[start:stop], names)
+            for i in range(start, stop):
+                pid = f"{i + 1:010d}"
+                labs_cell = us_cell = text_cell = ""
+                if present[i, 0]:
+                    values = cells[i - start]
+                    # The JSON cell is built from the same strings as the table, so both agree.
+                    labs_cell = "[" + ", ".join(c or "null" for c in values) + "]"
+                    table_rows.append([pid, *values])
+                if renderer is not None and present[i, 1]:
+                    paths = renderer.write_patient(float(cohort.us_severity[i]),
+                                                   np.random.default_rng(cohort.us_seeds[i]),
+                                                   out_dir, pid)
+                    n_images += len(paths)
+                    us_cell = ";".join(paths)
+                if present[i, 2] and spec.inline_notes:
+                    text_cell = cohort.notes[i]
+                elif present[i, 2]:
+                    text_cell = f"text/{pid}.txt"
+                    (out_dir / text_cell).write_text(cohort.notes[i], encoding="utf-8")
+                middle = [labs_cell, us_cell] if renderer is not None else [labs_cell]
+                rows.append([pid, str(int(labels[i])), *middle, text_cell])
+                truth_rows.append([pid, str(int(labels[i])), f"{cohort.severity[i]:.4f}",
+                                   cohort.corrupted[i], cohort.corruption[i]])
+                if progress is not None and renderer is not None:
+                    progress(i + 1, spec.n)
+            for writer in (rows, table_rows, truth_rows):
+                writer.flush()
+            if progress is not None and renderer is None:
+                progress(stop, spec.n)
 
-    manifest = out_dir / "manifest.csv"
-    _write_csv(manifest, ["id", "label", *MODALITIES], rows)
-    labs_table = out_dir / "labs_table.csv"
-    _write_csv(labs_table, ["id", *names], table_rows)
-    truth = out_dir / "truth.csv"
-    _write_csv(truth, ["id", "label", "severity", "corrupted", "corruption"], truth_rows)
     counts = np.bincount(labels, minlength=spec.num_classes)
     return CohortSummary(
         out_dir=out_dir, manifest=manifest, labs_table=labs_table, truth=truth,
         n_patients=spec.n, n_images=n_images,
         label_counts={c: int(k) for c, k in enumerate(counts)},
-        present_counts={m: int(present[:, j].sum()) for j, m in enumerate(MODALITIES)},
-        corrupted_counts={m: cohort.corrupted.count(m) for m in MODALITIES},
+        present_counts={m: int(present[:, j].sum()) for j, m in enumerate(MODALITIES)
+                        if m in columns},
+        corrupted_counts={m: cohort.corrupted.count(m) for m in columns},
     )
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
+class _CsvFile:
+    """A CSV written in chunks: ``append`` rows, ``flush`` writes them out and forgets them."""
+
+    def __init__(self, path: Path, header: list[str]) -> None:
+        self.path, self.header = path, header
+        self.pending: list[list[str]] = []
+
+    def __enter__(self) -> _CsvFile:
+        self.handle = self.path.open("w", encoding="utf-8", newline="")
+        self.writer = csv.writer(self.handle, lineterminator="\n")
+        self.writer.writerow(self.header)
+        return self
+
+    def append(self, row: list[str]) -> None:
+        self.pending.append(row)
+
+    def flush(self) -> None:
+        self.writer.writerows(self.pending)
+        self.pending.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.flush()
+        self.handle.close()
 
 
 def severities(num_classes: int) -> np.ndarray:
@@ -586,14 +637,24 @@ def lab_values(spec: CohortSpec, severity: np.ndarray, rng: np.random.Generator
     return names, values
 
 
-def _format_value(value: float, name: str) -> str:
-    """The value as written in both CSVs, at the analyte's usual precision; '' when missing."""
-    if math.isnan(value):
-        return ""
-    decimals = next((a[3] for a in _ANALYTES if a[0] == name), _EXTRA_ANALYTE[2])
-    if decimals == 0:
-        return str(int(round(value)))
-    text = f"{value:.{decimals}f}".rstrip("0")
+def _format_labs(values: np.ndarray, names: list[str]) -> list[list[str]]:
+    """Rows of ``values`` (n, dim) as written in both CSVs: one format per column instead of a
+    look-up per value (a million patients have twenty million values)."""
+    decimals = {a[0]: a[3] for a in _ANALYTES}
+    columns = []
+    for j, name in enumerate(names):
+        digits = decimals.get(name, _EXTRA_ANALYTE[2])
+        column = values[:, j].tolist()
+        if digits == 0:
+            columns.append(["" if v != v else str(int(round(v))) for v in column])
+        else:
+            pattern = f"{{:.{digits}f}}"
+            columns.append(["" if v != v else _trim(pattern.format(v)) for v in column])
+    return [list(row) for row in zip(*columns, strict=True)] if columns else []
+
+
+def _trim(text: str) -> str:
+    text = text.rstrip("0")
     return text + "0" if text.endswith(".") else text
 
 
@@ -798,12 +859,15 @@ def _typos(text: str, rate: float, rng: np.random.Generator) -> str:
     kinds = rng.integers(0, 3, len(text))
     subs = rng.integers(0, len(_TYPO_CHARS), len(text))
     out: list[str] = []
-    for ch, hit, kind, sub in zip(text, hits, kinds, subs, strict=True):
-        if not hit:
-            out.append(ch)
-        elif kind == 0:
-            out.append(_TYPO_CHARS[sub])
-        elif kind == 2:
-            out.append(ch + ch)
+    start = 0
+    # Only the few hit characters are visited; the text between them is copied in slices.
+    for i in np.flatnonzero(hits).tolist():
+        out.append(text[start:i])
+        if kinds[i] == 0:
+            out.append(_TYPO_CHARS[subs[i]])
+        elif kinds[i] == 2:
+            out.append(text[i] * 2)
         # kind 1: the character is dropped
+        start = i + 1
+    out.append(text[start:])
     return "".join(out)
