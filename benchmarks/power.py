@@ -40,8 +40,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from omnifuse_cli.data.manifest import Cohort, read_manifest
-from omnifuse_cli.data.prepared import move_to
 from omnifuse_cli.config import (
     DEFAULT_MODALITIES,
     PAPER_OPTIONS,
@@ -50,6 +48,9 @@ from omnifuse_cli.config import (
     MethodConfig,
     TrainConfig,
 )
+from omnifuse_cli.data.cache import FeatureArray
+from omnifuse_cli.data.manifest import Cohort, read_manifest
+from omnifuse_cli.data.prepared import move_to
 from omnifuse_cli.engine.evaluation import simulate_missing
 from omnifuse_cli.engine.inference import cache_frozen_features, loader
 from omnifuse_cli.engine.metrics import classification_metrics
@@ -113,7 +114,7 @@ class PowerData:
     dev_idx: np.ndarray
     test_idx: np.ndarray
     sizes: tuple[int, int]  # train, val drawn per seed
-    image_cache: dict[str, list[torch.Tensor]]
+    image_cache: dict[str, FeatureArray]
     image_weights: str = ""
     encode_seconds: float = 0.0
 

@@ -47,9 +47,6 @@ import pandas as pd
 import torch
 
 from omnifuse_cli import __version__
-from omnifuse_cli.data.manifest import Cohort, read_manifest
-from omnifuse_cli.data.splits import stratified_split
-from omnifuse_cli.data.text import tokenize
 from omnifuse_cli.config import (
     DEFAULT_MODALITIES,
     DataConfig,
@@ -57,6 +54,10 @@ from omnifuse_cli.config import (
     ModalitySpec,
     TrainConfig,
 )
+from omnifuse_cli.data.cache import FeatureArray
+from omnifuse_cli.data.manifest import Cohort, read_manifest
+from omnifuse_cli.data.splits import stratified_split
+from omnifuse_cli.data.text import tokenize
 from omnifuse_cli.engine.evaluation import simulate_missing
 from omnifuse_cli.engine.inference import cache_frozen_features, infer
 from omnifuse_cli.engine.metrics import classification_metrics
@@ -113,7 +114,7 @@ class Dataset:
     description: str
     cohort: Cohort
     num_classes: int
-    image_cache: dict[str, list[torch.Tensor]]
+    image_cache: dict[str, FeatureArray]
     encode_seconds: float = 0.0
     n_images: int = 0
     image_weights: str = ""
@@ -207,13 +208,13 @@ def _scores(y: np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str, flo
 
 
 def use_cached_images(model, data, cohort: Cohort,  # type: ignore[no-untyped-def]
-                      image_cache: dict[str, list[torch.Tensor]]) -> None:
+                      image_cache: dict[str, FeatureArray]) -> None:
     """Give a run the cohort's once-encoded view features (none for hidden modalities) and
     freeze its image backbones, as `omnifuse train` does with frozen backbones."""
     for name, feats in image_cache.items():
         k = cohort.names.index(name)
-        data.image_cache[name] = [f if cohort.present[i, k] else f[:0]
-                                  for i, f in enumerate(feats)]
+        kept = [f if cohort.present[i, k] else f[:0] for i, f in enumerate(feats)]
+        data.image_cache[name] = FeatureArray.from_rows(torch.cat(kept), [len(f) for f in kept])
         data.image_feature_dims[name] = feats[0].shape[1]
         model.encoders[name].backbone.requires_grad_(False)
 

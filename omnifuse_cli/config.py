@@ -274,6 +274,8 @@ class TrainConfig:
     select_metric: str = "macro_f1"  # validation score that picks the best epoch
     encode_batch_size: int = 32
     num_workers: int = 0
+    cache: bool = True  # frozen features on disk (data/cache.py), reused by later runs
+    cache_dir: str | None = None  # None: $OMNIFUSE_CACHE_DIR or ~/.cache/omnifuse/features
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")

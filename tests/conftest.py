@@ -8,7 +8,7 @@ or as ``.txt`` files, and some modalities missing. Every patient has at least on
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,16 @@ def save_png(path: Path, value: float, *, size: int = 40, seed: int = 0) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((pixels * 255).astype(np.uint8), mode="L").save(path)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The default feature cache ($OMNIFUSE_CACHE_DIR) of the whole session: never the user's
+    ~/.cache. Tests that inspect the cache give their own --cache-dir."""
+    folder = tmp_path_factory.mktemp("feature_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMNIFUSE_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture

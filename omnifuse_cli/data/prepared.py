@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from omnifuse_cli.data import text as simple_text
+from omnifuse_cli.data.cache import FeatureArray
 from omnifuse_cli.data.images import image_transform, load_image
 from omnifuse_cli.data.manifest import Cohort
 from omnifuse_cli.config import ImageConfig, ModalitySpec, TextConfig
@@ -115,6 +116,10 @@ class Preprocessor:
             if spec.kind == "vector":
                 stats = self.vector_stats[name]
                 raw = cohort.vectors[name].astype(np.float64)
+                if not cohort.present[:, cohort.names.index(name)].any():
+                    # Nobody has it (e.g. no --labs-table at predict): the manifest cannot tell
+                    # the panel's size, the training statistics can.
+                    raw = np.full((len(cohort), len(stats["mean"])), np.nan)
                 mask = ~np.isnan(raw)
                 x = (np.nan_to_num(raw) - np.asarray(stats["mean"])) / np.asarray(stats["std"])
                 prepared.vectors[name] = (
@@ -154,10 +159,11 @@ class PreparedCohort:
     token_ids: dict[str, list[list[int]]] = field(default_factory=dict)
     token_weights: dict[str, list[list[float]]] = field(default_factory=dict)  # simple text
     pad_ids: dict[str, int] = field(default_factory=dict)
-    # Frozen-backbone features: image modality -> per patient (n_images, F); hf text -> (N, H).
-    image_cache: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    # Frozen-backbone features, indexed by patient (in memory or memory-mapped from the cache):
+    # image modality -> [i] is (n_images, F); hf text -> [i] is (H,).
+    image_cache: dict[str, FeatureArray] = field(default_factory=dict)
     image_feature_dims: dict[str, int] = field(default_factory=dict)
-    text_cache: dict[str, torch.Tensor] = field(default_factory=dict)
+    text_cache: dict[str, FeatureArray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from omnifuse_cli.data.cache import (
+    FEATURES_FILE,
+    FeatureArray,
+    FeatureCache,
+    assemble_shards,
+    commit,
+    create_rows,
+    default_cache_dir,
+    discard,
+    entry_key,
+    files_fingerprint,
+    offsets_from_sizes,
+    shard_path,
+    state_fingerprint,
+    tokens_fingerprint,
+)
 from omnifuse_cli.data.images import ImageFiles
 from omnifuse_cli.data.prepared import (
     PatientDataset,
@@ -17,7 +36,8 @@ from omnifuse_cli.data.prepared import (
     make_collate,
     move_to,
 )
-from omnifuse_cli.errors import ConfigError
+from omnifuse_cli.engine import distributed
+from omnifuse_cli.errors import ConfigError, DataError
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder
 from omnifuse_cli.model.omnifuse import OmniFuse
 
@@ -74,35 +94,219 @@ def infer(model: OmniFuse, data: PreparedCohort, indices, *, device: torch.devic
                      torch.cat(index).numpy())
 
 
+def feature_cache(cache_dir: str | Path | None, enabled: bool = True) -> FeatureCache | None:
+    """The cache folder a command uses: --cache-dir, else the default; None with --no-cache."""
+    if not enabled:
+        return None
+    return FeatureCache(Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+
+
+@dataclass
+class _Job:
+    """One modality's frozen encoding: what decides its features and how to compute a subset."""
+
+    name: str
+    rows: int  # images (all patients' views, flat) or notes (one per patient)
+    dim: int
+    offsets: np.ndarray | None  # images: where each patient's rows start
+    parts: dict[str, Any]  # the cache key's ingredients
+    encode: Callable[[range, np.ndarray, ProgressFn | None], None]  # rows -> out, in order
+
+
 @torch.no_grad()
 def cache_frozen_features(model: OmniFuse, data: PreparedCohort, names: list[str], *,
                           device: torch.device, batch_size: int, amp: bool,
-                          progress: ProgressFn | None = None, num_workers: int = 0) -> None:
-    """Encode every image and hf note once with the frozen backbones (streamed from disk)."""
+                          progress: ProgressFn | None = None, num_workers: int = 0,
+                          cache: FeatureCache | None = None,
+                          notify: Callable[[str], None] | None = None) -> None:
+    """Encode every image and hf note once with the frozen backbones (streamed from disk).
+
+    With a ``cache`` the features are written to, or reused from, an entry keyed by the data and
+    the backbone's weights, and read memory-mapped; without, they are held in memory. Under
+    torchrun each rank encodes every world_size-th item and rank 0 assembles the entry.
+    """
     model.eval()
+    say = notify or (lambda text: None)
+    precision = "bf16" if amp and device.type == "cuda" else "fp32"
     for name in names:
         encoder = model.encoders[name]
+        common = {"modality": name, "backbone": type(encoder.backbone).__name__,
+                  "weights": state_fingerprint(encoder.backbone.state_dict()),
+                  "feature_dim": encoder.feature_dim, "precision": precision}
         if isinstance(encoder, ImageEncoder):
             paths = [p for patient in data.images[name] for p in patient]
-            feats = []
-            files = DataLoader(ImageFiles(paths, data.image_size), batch_size=batch_size,
-                               num_workers=num_workers)
-            for k, pixels in enumerate(files):
-                with autocast(device, amp):
-                    feats.append(encoder.forward_features(pixels.to(device)).float().cpu())
-                if progress:
-                    progress(k + 1, len(files))
-            flat = torch.cat(feats) if feats else torch.zeros(0, encoder.feature_dim)
             sizes = [len(patient) for patient in data.images[name]]
-            data.image_cache[name] = list(torch.split(flat, sizes))
+            offsets = offsets_from_sizes(sizes)
+            parts = {**common, "kind": "image", "files": files_fingerprint(paths),
+                     "views": tokens_fingerprint([sizes]), "image_size": data.image_size,
+                     "transform": "resize+center-crop+imagenet-normalize"}
+
+            def encode_images(items: range, out: np.ndarray, report: ProgressFn | None,
+                              encoder: ImageEncoder = encoder, paths: list = paths) -> None:
+                files = DataLoader(ImageFiles([paths[i] for i in items], data.image_size),
+                                   batch_size=batch_size, num_workers=num_workers)
+                row = 0
+                for k, pixels in enumerate(files):
+                    with autocast(device, amp):
+                        feats = encoder.forward_features(pixels.to(device))
+                    out[row:row + len(feats)] = feats.float().cpu().numpy()
+                    row += len(feats)
+                    if report:
+                        report(k + 1, len(files))
+
+            job = _Job(name, len(paths), encoder.feature_dim, offsets, parts, encode_images)
+            data.image_cache[name] = _features(job, cache, say, progress)
             data.image_feature_dims[name] = encoder.feature_dim
         elif isinstance(encoder, HFTextEncoder):
-            out = []
             seqs, pad = data.token_ids[name], data.pad_ids[name]
-            for k in range(0, len(seqs), batch_size):
-                tokens = collate_tokens(seqs[k:k + batch_size], pad, hf=True)
-                with autocast(device, amp):
-                    out.append(encoder.forward_features(move_to(tokens, device)).float().cpu())
-                if progress:
-                    progress(min(k + batch_size, len(seqs)), len(seqs))
-            data.text_cache[name] = torch.cat(out)
+            parts = {**common, "kind": "text", "tokens": tokens_fingerprint(seqs), "pad": pad}
+
+            def encode_notes(items: range, out: np.ndarray, report: ProgressFn | None,
+                             encoder: HFTextEncoder = encoder, seqs: list = seqs,
+                             pad: int = pad) -> None:
+                chosen = [seqs[i] for i in items]
+                for k in range(0, len(chosen), batch_size):
+                    tokens = collate_tokens(chosen[k:k + batch_size], pad, hf=True)
+                    with autocast(device, amp):
+                        feats = encoder.forward_features(move_to(tokens, device))
+                    out[k:k + len(feats)] = feats.float().cpu().numpy()
+                    if report:
+                        report(min(k + batch_size, len(chosen)), len(chosen))
+
+            job = _Job(name, len(seqs), encoder.feature_dim, None, parts, encode_notes)
+            data.text_cache[name] = _features(job, cache, say, progress)
+
+
+def _in_memory(job: _Job, progress: ProgressFn | None) -> FeatureArray:
+    out = np.empty((job.rows, job.dim), dtype=np.float32)
+    job.encode(range(job.rows), out, progress)
+    return FeatureArray(out, job.offsets)
+
+
+def _describe(job: _Job) -> dict[str, Any]:
+    from omnifuse_cli import __version__
+
+    keep = ("modality", "kind", "backbone", "feature_dim", "image_size", "precision")
+    return {**{k: job.parts[k] for k in keep if k in job.parts}, "rows": job.rows,
+            "patients": len(job.offsets) - 1 if job.offsets is not None else job.rows,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "omnifuse": __version__}
+
+
+def _write_failed(cache: FeatureCache, err: OSError) -> DataError:
+    return DataError(f"could not write the feature cache under {cache.root}: {err}",
+                     hint="free disk space, choose another folder with --cache-dir, or run with "
+                     "--no-cache")
+
+
+def _features(job: _Job, cache: FeatureCache | None, say: Callable[[str], None],
+              progress: ProgressFn | None) -> FeatureArray:
+    key = entry_key(job.parts)
+    if distributed.active():
+        return _features_distributed(job, key, cache, say, progress)
+    if cache is None or job.rows == 0:
+        return _in_memory(job, progress)
+    folder = cache.entry_dir(job.name, key)
+    found, damaged = cache.open(job.name, key)
+    if found is not None:
+        say(f"reusing cached {job.name} features from {folder}")
+        return found
+    if damaged:
+        say(f"cached {job.name} features in {folder} are damaged or stale ({damaged}); "
+            "encoding them again")
+    problem = cache.unwritable()
+    if problem:
+        say(f"feature cache folder {cache.root} is not writable ({problem}): {job.name} "
+            "features are kept in memory for this run only (choose a writable folder with "
+            "--cache-dir, or silence this with --no-cache)")
+        return _in_memory(job, progress)
+    build = cache.new_build_dir(job.name, key)
+    try:
+        out = create_rows(build / FEATURES_FILE, job.rows, job.dim)
+        job.encode(range(job.rows), out, progress)
+        out.flush()
+        del out
+        entry = commit(cache, build, job.name, key, job.offsets, _describe(job))
+    except OSError as err:
+        discard(build)
+        raise _write_failed(cache, err) from err
+    except BaseException:
+        discard(build)  # Ctrl-C or a failing file: no half-built entry is left behind
+        raise
+    say(f"cached {job.name} features in {folder}")
+    return entry
+
+
+def _features_distributed(job: _Job, key: str, cache: FeatureCache | None,
+                          say: Callable[[str], None], progress: ProgressFn | None
+                          ) -> FeatureArray:
+    """Rank 0 looks the entry up; on a miss rank r encodes items r, r+W, ... into its shard,
+    rank 0 interleaves the shards into the entry and every rank then maps it.
+
+    Rank 0's key names the entry (nodes may mount the same files under other paths; that the
+    ranks read the same data is checked before, by distributed.check_same_data). A failure on
+    any rank is raised on every rank, so none waits in a collective for the others.
+    """
+    world, rank = distributed.world_size(), distributed.rank()
+    key = distributed.broadcast_object(key)
+    if rank != 0:
+        say = lambda text: None  # noqa: E731 - rank 0 alone reports
+    if cache is None or job.rows == 0:
+        return _in_memory(job, progress)
+    decision: list[Any] = [None, None, None]
+    if rank == 0:
+        found, damaged = cache.open(job.name, key)
+        problem = None if found is not None else cache.unwritable()
+        if found is not None:
+            decision = ["hit", None, None]
+        elif problem:
+            decision = ["memory", problem, damaged]
+        else:
+            decision = ["build", str(cache.new_build_dir(job.name, key)), damaged]
+    action, detail, damaged = distributed.broadcast_object(decision)
+    folder = cache.entry_dir(job.name, key)
+    shared_hint = ("every rank must see the same --cache-dir (a folder shared by all nodes), or "
+                   "run with --no-cache")
+    if action == "memory":
+        say(f"feature cache folder {cache.root} is not writable ({detail}): every rank keeps "
+            f"its own {job.name} features in memory (choose a writable shared folder with "
+            "--cache-dir, or silence this with --no-cache)")
+        return _in_memory(job, progress)
+    if action == "build":
+        if damaged:
+            say(f"cached {job.name} features in {folder} are damaged or stale ({damaged}); "
+                "encoding them again")
+        build = Path(detail)
+        mine = range(rank, job.rows, world)
+        error: Exception | None = None
+        try:
+            shard = create_rows(shard_path(build, rank), len(mine), job.dim)
+            job.encode(mine, shard, progress)
+            shard.flush()
+            del shard
+        except Exception as err:  # reported to every rank below, then raised
+            error = err
+        failures = distributed.all_gather_object(None if error is None else str(error))
+        failed = [f"rank {r}: {f}" for r, f in enumerate(failures) if f]
+        if rank == 0 and not failed:
+            try:
+                assemble_shards(build, [len(range(r, job.rows, world)) for r in range(world)],
+                                job.dim)
+                commit(cache, build, job.name, key, job.offsets, _describe(job))
+            except (OSError, ValueError) as err:
+                failed.append(f"rank 0: {err}")
+        if rank == 0 and failed:
+            discard(build)
+        failed = distributed.broadcast_object(failed)
+        if error is not None:
+            raise error
+        if failed:
+            raise DataError(f"could not build the shared feature cache under {cache.root} "
+                            f"({'; '.join(failed)})", hint=shared_hint)
+        say(f"cached {job.name} features in {folder} (encoded by {world} processes)")
+    else:
+        say(f"reusing cached {job.name} features from {folder}")
+    found, reason = cache.open(job.name, key, verify=False)
+    if found is None:
+        raise DataError(f"rank {rank} cannot read the feature cache entry {folder} "
+                        f"({reason or 'it is not there'})", hint=shared_hint)
+    return found

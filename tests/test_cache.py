@@ -1,0 +1,215 @@
+"""The on-disk frozen-feature cache (data/cache.py, engine/inference.cache_frozen_features)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from omnifuse_cli.config import ImageConfig
+from omnifuse_cli.data.cache import (
+    ENTRY_FILE,
+    FEATURES_FILE,
+    FeatureArray,
+    FeatureCache,
+    default_cache_dir,
+)
+from omnifuse_cli.data.manifest import read_manifest
+from omnifuse_cli.engine.inference import cache_frozen_features
+from omnifuse_cli.engine.training import build_for_cohort
+from omnifuse_cli.model.encoders import ImageEncoder
+from tests.conftest import tiny_request
+
+CPU = torch.device("cpu")
+SMALL = ImageConfig(backbone="resnet18", image_size=32, pretrained="no")
+N_IMAGES = 27  # views in the tiny cohort (conftest.build_tiny_cohort)
+
+
+class Encoded:
+    """One cache_frozen_features call: the messages it sent and how many images it encoded."""
+
+    def __init__(self, manifest: Path, cache: FeatureCache | None, monkeypatch: pytest.MonkeyPatch,
+                 *, image: ImageConfig = SMALL, model: Any = None, tamper: Any = None) -> None:
+        request = tiny_request(manifest, manifest.parent / "unused", image=image)
+        cohort = read_manifest(manifest, request.data.modalities, num_classes=3)
+        torch.manual_seed(0)
+        built, pre, _ = build_for_cohort(cohort, np.arange(len(cohort)), request)
+        self.model = model or built
+        if tamper:
+            tamper(self.model)
+        self.data = pre.prepare(cohort)
+        self.messages: list[str] = []
+        self.encoded = 0
+        real = ImageEncoder.forward_features
+
+        def counting(encoder: ImageEncoder, pixels: torch.Tensor) -> torch.Tensor:
+            self.encoded += len(pixels)
+            return real(encoder, pixels)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(ImageEncoder, "forward_features", counting)
+            cache_frozen_features(self.model, self.data, ["us"], device=CPU, batch_size=8,
+                                  amp=False, cache=cache, notify=self.messages.append)
+        self.features = self.data.image_cache["us"]
+
+    def said(self, text: str) -> bool:
+        return any(text in m for m in self.messages)
+
+    def flat(self) -> np.ndarray:
+        return np.asarray(self.features.array)
+
+
+def entries(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if not p.name.startswith("."))
+
+
+def test_a_second_encode_reuses_the_entry_and_equals_encoding_in_memory(
+        tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = FeatureCache(tmp_path / "cache")
+    first = Encoded(tiny_manifest, cache, monkeypatch)
+    assert first.encoded == N_IMAGES and first.said("cached us features in")
+    assert [len(f) for f in first.features] == [len(p) for p in first.data.images["us"]]
+    (entry,) = entries(cache.root)
+    assert {p.name for p in entry.iterdir()} == {FEATURES_FILE, "offsets.npy", ENTRY_FILE}
+    assert isinstance(first.features.array, np.memmap)  # read from disk, not held in RAM
+
+    second = Encoded(tiny_manifest, cache, monkeypatch)
+    assert second.encoded == 0
+    assert second.messages == [f"reusing cached us features from {entry}"]
+    memory = Encoded(tiny_manifest, None, monkeypatch)
+    assert memory.encoded == N_IMAGES and memory.messages == []
+    np.testing.assert_array_equal(second.flat(), first.flat())
+    np.testing.assert_allclose(memory.flat(), first.flat(), rtol=1e-5, atol=1e-6)
+    for i in range(len(memory.features)):
+        torch.testing.assert_close(second.features[i], memory.features[i])
+
+
+def test_the_key_follows_image_size_backbone_weights_and_files(
+        tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = FeatureCache(tmp_path / "cache")
+    Encoded(tiny_manifest, cache, monkeypatch)
+    bigger = Encoded(tiny_manifest, cache, monkeypatch,
+                     image=ImageConfig(backbone="resnet18", image_size=40, pretrained="no"))
+    assert bigger.encoded == N_IMAGES and len(entries(cache.root)) == 2
+
+    def nudge(model: Any) -> None:
+        with torch.no_grad():
+            next(model.encoders["us"].backbone.parameters()).view(-1)[0] += 1.0
+
+    other_weights = Encoded(tiny_manifest, cache, monkeypatch, tamper=nudge)
+    assert other_weights.encoded == N_IMAGES and len(entries(cache.root)) == 3
+
+    copy = tmp_path / "cohort"
+    shutil.copytree(tiny_manifest.parent, copy)
+    moved = Encoded(copy / "manifest.csv", cache, monkeypatch)  # same pixels, other paths
+    assert moved.encoded == N_IMAGES and len(entries(cache.root)) == 4
+    again = Encoded(copy / "manifest.csv", cache, monkeypatch)
+    assert again.encoded == 0
+    image = next((copy / "us").glob("*.png"))
+    os.utime(image, ns=(1_000_000_000, 1_000_000_000))  # an edited (re-saved) image
+    edited = Encoded(copy / "manifest.csv", cache, monkeypatch)
+    assert edited.encoded == N_IMAGES and len(entries(cache.root)) == 5
+
+
+def _truncate(entry: Path) -> None:
+    path = entry / FEATURES_FILE
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size - 100)
+
+
+def _flip(entry: Path) -> None:
+    path = entry / FEATURES_FILE
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF  # same size and shape: only the checksum can tell
+    path.write_bytes(bytes(raw))
+
+
+def _no_manifest(entry: Path) -> None:
+    (entry / ENTRY_FILE).unlink()  # as if Ctrl-C had hit before the entry was complete
+
+
+def _wrong_shape(entry: Path) -> None:
+    info = json.loads((entry / ENTRY_FILE).read_text())
+    info["files"][FEATURES_FILE]["shape"][0] += 1
+    (entry / ENTRY_FILE).write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip, _no_manifest, _wrong_shape])
+def test_a_damaged_entry_is_rebuilt_not_used(tiny_manifest: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch, damage: Any
+                                             ) -> None:
+    cache = FeatureCache(tmp_path / "cache")
+    first = Encoded(tiny_manifest, cache, monkeypatch)
+    want = first.flat().copy()
+    (entry,) = entries(cache.root)
+    del first
+    damage(entry)
+    rebuilt = Encoded(tiny_manifest, cache, monkeypatch)
+    assert rebuilt.encoded == N_IMAGES
+    assert rebuilt.said(f"cached us features in {entry} are damaged or stale")
+    np.testing.assert_array_equal(rebuilt.flat(), want)
+    assert entries(cache.root) == [entry] and not list(cache.root.glob(".*"))
+    assert Encoded(tiny_manifest, cache, monkeypatch).encoded == 0  # whole again
+
+
+def test_an_unwritable_folder_warns_and_runs_without_cache(
+        tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    run = Encoded(tiny_manifest, FeatureCache(blocker / "cache"), monkeypatch)
+    assert run.encoded == N_IMAGES
+    (message,) = run.messages
+    assert message.startswith(f"feature cache folder {blocker / 'cache'} is not writable (")
+    assert "--cache-dir" in message and "--no-cache" in message
+    assert not isinstance(run.features.array, np.memmap)
+    memory = Encoded(tiny_manifest, None, monkeypatch)
+    np.testing.assert_array_equal(run.flat(), memory.flat())
+
+
+def test_an_interrupted_build_leaves_no_entry(tiny_manifest: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = FeatureCache(tmp_path / "cache")
+    calls = []
+
+    def stop(self: Any, pixels: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return torch.zeros(len(pixels), 512)
+
+    monkeypatch.setattr(ImageEncoder, "forward_features", stop)
+    with pytest.raises(KeyboardInterrupt):
+        Encoded(tiny_manifest, cache, monkeypatch)
+    monkeypatch.undo()
+    assert list(cache.root.iterdir()) == []
+    assert Encoded(tiny_manifest, cache, monkeypatch).encoded == N_IMAGES
+
+
+def test_features_pickle_as_a_path_for_dataloader_workers(
+        tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = Encoded(tiny_manifest, FeatureCache(tmp_path / "cache"), monkeypatch)
+    raw = pickle.dumps(run.features)
+    assert len(raw) < run.flat().nbytes / 4
+    back = pickle.loads(raw)
+    assert isinstance(back.array, np.memmap)
+    for i in range(len(back)):
+        torch.testing.assert_close(back[i], run.features[i])
+    memory = FeatureArray.from_rows(np.ones((3, 2)), [2, 0, 1])
+    assert [tuple(f.shape) for f in pickle.loads(pickle.dumps(memory))] == [(2, 2), (0, 2),
+                                                                              (1, 2)]
+    assert tuple(memory.rows([0, 2]).shape) == (3, 2)
+
+
+def test_default_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("OMNIFUSE_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("OMNIFUSE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "omnifuse" / "features"
