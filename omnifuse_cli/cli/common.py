@@ -12,7 +12,16 @@ from rich.console import Console
 
 from omnifuse_cli.errors import OmnifuseError
 
-console = Console(highlight=False)
+
+def _other_rank() -> bool:
+    """Under torchrun only rank 0 talks: the other processes would repeat every line."""
+    try:
+        return int(os.environ.get("RANK", "0")) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+console = Console(highlight=False, quiet=_other_rank())
 err_console = Console(stderr=True, highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])
 _state = {"debug": False}
@@ -28,6 +37,10 @@ def debug_enabled() -> bool:
 
 def report_error(error: OmnifuseError) -> None:
     label = "interrupted" if error.exit_code == 130 else "error"
+    if _other_rank():
+        if getattr(error, "all_ranks", False):
+            return  # rank 0 prints the same error
+        label = f"{label} (rank {os.environ['RANK']})"
     err_console.print(f"[bold red]{label}:[/] {error.message}", markup=True, soft_wrap=True,
                       highlight=False)
     if error.hint:

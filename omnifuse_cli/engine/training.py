@@ -7,10 +7,12 @@ meta.csv) plus split_assignment.csv and the model bundle under ``model/``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from omnifuse_cli.data.manifest import Cohort, check_trainable, read_manifest
-from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor, move_to
-from omnifuse_cli.data.splits import stratified_split
-from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions
 from omnifuse_cli.config import (
     DataConfig,
     ImageConfig,
@@ -35,10 +34,23 @@ from omnifuse_cli.config import (
     method_config_from_dict,
     to_primitive,
 )
+from omnifuse_cli.data.manifest import Cohort, check_trainable, read_manifest
+from omnifuse_cli.data.prepared import (
+    PatientDataset,
+    PreparedCohort,
+    Preprocessor,
+    make_collate,
+    move_to,
+)
+from omnifuse_cli.data.splits import stratified_split
+from omnifuse_cli.engine import distributed
+from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions
 from omnifuse_cli.engine.files import prepare_out_dir, write_csv, write_text_atomic
 from omnifuse_cli.engine.inference import (
+    Inference,
     autocast,
     cache_frozen_features,
+    feature_cache,
     infer,
     loader,
     resolve_device,
@@ -52,7 +64,13 @@ from omnifuse_cli.engine.modelling import (
 )
 from omnifuse_cli.errors import BundleError, TrainingInterrupted
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder
-from omnifuse_cli.model.laziness import combinations, combo_mask, combo_name, pick_lazy
+from omnifuse_cli.model.laziness import (
+    available,
+    combinations,
+    combo_mask,
+    combo_name,
+    pick_lazy,
+)
 from omnifuse_cli.model.omnifuse import OmniFuse
 
 LOSS_TERMS = ("forward", "backward", "dwfuse", "tla")
@@ -67,6 +85,9 @@ class TrainRequest:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     overwrite: bool = False
+    # The CLI's resolved settings as YAML, saved beside request.json as config.yaml (the
+    # --config format, so a run can be repeated from it); None writes no config.yaml.
+    config_yaml: str | None = None
 
 
 @dataclass
@@ -127,10 +148,14 @@ class TrainResult:
 
 CHECKPOINT = "checkpoint.pt"  # state after the last complete epoch, for --resume
 REQUEST = "request.json"  # every setting of the run, so --resume needs nothing else
+CONFIG_YAML = "config.yaml"  # the same settings in the CLI's --config format
 
 
 def save_request(request: TrainRequest) -> None:
+    if request.config_yaml is not None:
+        write_text_atomic(request.out_dir / CONFIG_YAML, request.config_yaml)
     raw = to_primitive(request)
+    del raw["config_yaml"]
     raw["manifest"] = str(Path(request.manifest).resolve())
     if request.data.labs_table:
         raw["data"]["labs_table"] = str(Path(request.data.labs_table).resolve())
@@ -165,33 +190,47 @@ def load_request(run_dir: Path) -> TrainRequest:
 
 def run_training(request: TrainRequest, on_event: EventFn | None = None, *,
                  resume: bool = False) -> TrainResult:
-    """Train a run from scratch, or (resume=True) continue one from its last complete epoch."""
-    emit = on_event or (lambda event: None)
+    """Train a run from scratch, or (resume=True) continue one from its last complete epoch.
+
+    Started by torchrun, every process runs this: they join one process group, train one
+    DistributedDataParallel model and only rank 0 writes files (see engine/distributed.py).
+    """
+    with distributed.session(resolve_device(request.train.device)) as device:
+        return _run_training(request, on_event or (lambda event: None), device, resume)
+
+
+def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
+                  resume: bool) -> TrainResult:
     cfg, data_cfg = request.train, request.data
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    resume_state = _load_resume_state(request.out_dir) if resume else None
-    cohort = read_manifest(
-        request.manifest, data_cfg.modalities,
-        labs_table=Path(data_cfg.labs_table) if data_cfg.labs_table else None,
-        labs_id_col=data_cfg.labs_id_col, num_classes=request.num_classes,
-        on_bad_file=data_cfg.on_bad_file,
-    )
-    check_trainable(cohort, request.num_classes)
-    assert cohort.labels is not None
-    splits = stratified_split(cohort.labels, train=cfg.train_ratio, val=cfg.val_ratio,
-                              test=cfg.test_ratio, seed=cfg.seed)
-    if not resume:
-        prepare_out_dir(request.out_dir, request.overwrite)
-        save_request(request)
-        _write_split_files(request.out_dir, cohort, splits)
+    with distributed.together("reading the data"):
+        resume_state = _load_resume_state(request.out_dir) if resume else None
+        cohort = read_manifest(
+            request.manifest, data_cfg.modalities,
+            labs_table=Path(data_cfg.labs_table) if data_cfg.labs_table else None,
+            labs_id_col=data_cfg.labs_id_col, num_classes=request.num_classes,
+            on_bad_file=data_cfg.on_bad_file,
+        )
+        check_trainable(cohort, request.num_classes)
+        assert cohort.labels is not None
+        splits = stratified_split(cohort.labels, train=cfg.train_ratio, val=cfg.val_ratio,
+                                  test=cfg.test_ratio, seed=cfg.seed)
+        distributed.check_world_fits(len(splits["train"]), cfg.batch_size)
+        digests = data_digests(request) if distributed.active() else {}
+    distributed.check_same_data(digests)
+    with distributed.together("preparing the run folder"):
+        if not resume and distributed.is_main():
+            prepare_out_dir(request.out_dir, request.overwrite)
+            save_request(request)
+            _write_split_files(request.out_dir, cohort, splits)
     for note in cohort.notes:
         emit(TrainEvent("message", text=note))
 
-    model, pre, weights_desc = build_for_cohort(cohort, splits["train"], request)
+    with distributed.together("building the model"):
+        model, pre, weights_desc = build_for_cohort(cohort, splits["train"], request)
+        data = pre.prepare(cohort)
     if not weights_desc.startswith(("file", "ImageNet", "none")):
         emit(TrainEvent("message", text=f"image backbone: {weights_desc}"))
-    data = pre.prepare(cohort)
     model.to(device)
     frozen = _backbone_names(model)
     for name in frozen:
@@ -201,10 +240,13 @@ def run_training(request: TrainRequest, on_event: EventFn | None = None, *,
     t0 = time.perf_counter()
     if frozen:
         emit(TrainEvent("message", text="encoding images/notes once with the frozen backbones"))
-        cache_frozen_features(
-            model, data, frozen, device=device, batch_size=cfg.encode_batch_size, amp=cfg.amp,
-            progress=lambda d, t: emit(TrainEvent("encode", d, t)), num_workers=cfg.num_workers,
-        )
+        with distributed.together("encoding images/notes"):
+            cache_frozen_features(
+                model, data, frozen, device=device, batch_size=cfg.encode_batch_size,
+                amp=cfg.amp, progress=lambda d, t: emit(TrainEvent("encode", d, t)),
+                num_workers=cfg.num_workers, cache=feature_cache(cfg.cache_dir, cfg.cache),
+                notify=lambda text: emit(TrainEvent("message", text=text)),
+            )
     encode_seconds = time.perf_counter() - t0
 
     class_names = [str(c) for c in range(request.num_classes)]
@@ -226,21 +268,39 @@ def run_training(request: TrainRequest, on_event: EventFn | None = None, *,
         stop.hint = f"continue with: omnifuse train --resume {request.out_dir}"
         raise
     model.load_state_dict(best_state)
-    result = infer(model, data, splits["test"], device=device, batch_size=cfg.batch_size,
-                   amp=cfg.amp)
+    result = infer_all(model, data, splits["test"], device=device, batch_size=cfg.batch_size,
+                       amp=cfg.amp)
     probs = np.exp(result.log_probs)
     y_test = cohort.labels[result.index]
     test = classification_metrics(y_test, probs, request.num_classes)
     cm = confusion(y_test, probs.argmax(1), request.num_classes)
-    _write_results(request.out_dir, test, cm, class_names, meta,
-                   {"best_epoch": best_epoch, "encode_seconds": round(encode_seconds, 3),
-                    "train_seconds": round(sum(r.seconds for r in records), 3)})
+    if distributed.is_main():
+        _write_results(request.out_dir, test, cm, class_names, meta,
+                       {"best_epoch": best_epoch, "encode_seconds": round(encode_seconds, 3),
+                        "train_seconds": round(sum(r.seconds for r in records), 3)})
+    distributed.barrier()  # no rank reports success before the run's last file is written
     return TrainResult(
         out_dir=request.out_dir, records=records, best_epoch=best_epoch, test=test,
         confusion=cm, split_counts={k: len(v) for k, v in splits.items()},
         class_names=class_names, encode_seconds=encode_seconds, device=str(device),
         image_weights=weights_desc, notes=list(cohort.notes),
     )
+
+
+def data_digests(request: TrainRequest) -> dict[str, str]:
+    """What every process must agree on: the manifest's and labs table's bytes and every
+    setting (paths left out: nodes may mount the same files under different names)."""
+    parts = {f"manifest {Path(request.manifest).name}": distributed.file_digest(request.manifest)}
+    if request.data.labs_table:
+        parts[f"labs table {Path(request.data.labs_table).name}"] = distributed.file_digest(
+            request.data.labs_table)
+    settings = to_primitive(request)
+    for key in ("manifest", "out_dir", "overwrite", "config_yaml"):
+        settings.pop(key, None)
+    settings["data"].pop("labs_table", None)
+    text = json.dumps(settings, sort_keys=True, default=str)
+    parts["settings"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return parts
 
 
 def _load_resume_state(run_dir: Path) -> dict[str, Any]:
@@ -278,6 +338,10 @@ def fit_model(
     saved there; ``resume`` (a loaded checkpoint plus the best state so far) continues from it
     exactly as if the run had never stopped. Ctrl-C raises TrainingInterrupted after the last
     complete epoch's files are on disk.
+    Under torchrun the model trains as DistributedDataParallel on each rank's share of every
+    global batch (train_epoch); validation, reliability and mining see the full sets on every
+    rank, rank 0's decisions are broadcast, and only rank 0 calls ``on_best``/``on_epoch`` and
+    writes the checkpoint.
     """
     device = next(model.parameters()).device
     optimizer = _optimizer(model, cfg)
@@ -315,6 +379,8 @@ def fit_model(
         first = resume["epoch"] + 1
     else:
         _fit_feature_stats(model, data, train_idx)
+    ddp = _wrap_ddp(model, device)
+    main = distributed.is_main()
     epoch = first - 1
     saved = first - 1  # last epoch whose checkpoint is on disk
     try:
@@ -323,20 +389,27 @@ def fit_model(
                 emit(TrainEvent("message", text="warm-up done: fine-tuning backbones"))
                 _unfreeze(model, data, cfg)
                 unfrozen = True
+                ddp = _wrap_ddp(model, device)  # DDP registers the trainable parameters anew
             phase = ("warmup" if not unfrozen else "finetune") if finetune else "frozen"
             t_epoch = time.perf_counter()
+            noise = None
+            if ddp is not None:
+                noise = torch.Generator().manual_seed(_rank_seed(cfg.seed, epoch))
+                torch.manual_seed(_rank_seed(cfg.seed + 1, epoch))  # nn.Dropout, per rank
             losses = train_epoch(model, data, train_idx, optimizer, lazy, cfg, device, generator,
-                                 emit)
+                                 emit, ddp=ddp, noise=noise)
             if model.cra_forward is not None and model.config.method.reliability == "auto":
                 estimate_reliability(model, data, splits["val"], device=device,
                                      batch_size=cfg.batch_size, amp=cfg.amp)
-            val = evaluate_split(model, data, splits["val"], device, cfg, num_classes)
+                model.reliability.copy_(distributed.broadcast_object(model.reliability.cpu()))
+            val = distributed.broadcast_object(
+                evaluate_split(model, data, splits["val"], device, cfg, num_classes))
             distances: dict[str, float] = {}
             lazy_name = ""
             if model.config.method.use_tla:
-                raw = mine_lazy(model, data, mining_idx, device=device,
-                                batch_size=cfg.batch_size, amp=cfg.amp,
-                                min_patients=model.config.method.tla_min_patients)
+                raw = distributed.broadcast_object(mine_lazy(
+                    model, data, mining_idx, device=device, batch_size=cfg.batch_size,
+                    amp=cfg.amp, min_patients=model.config.method.tla_min_patients))
                 lazy = pick_lazy(raw)
                 distances = {combo_name(k, model.names): v for k, v in raw.items()}
                 lazy_name = combo_name(lazy, model.names) if lazy is not None else ""
@@ -351,13 +424,13 @@ def fit_model(
                 best_key, best_epoch, record.is_best = key, epoch, True
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in
                               model.state_dict().items()}
-                if on_best:
+                if on_best and main:
                     on_best(epoch, best_state)
             records.append(record)
             rows.append(record.row())
-            if on_epoch:
+            if on_epoch and main:
                 on_epoch(rows)
-            if checkpoint is not None:
+            if checkpoint is not None and main:
                 save_checkpoint(checkpoint, {
                     "epoch": epoch, "model": _trained_state(model, unfrozen),
                     "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -368,12 +441,47 @@ def fit_model(
             saved = epoch
             emit(TrainEvent("epoch", epoch, cfg.epochs, record=record))
     except KeyboardInterrupt:
-        raise TrainingInterrupted(
+        stop = TrainingInterrupted(
             f"training stopped during epoch {saved + 1}; {saved} epoch(s) are complete and saved "
             f"(best so far: epoch {best_epoch})",
             hint="continue with: omnifuse train --resume RUN_DIR",
-        ) from None
+        )
+        stop.all_ranks = True  # type: ignore[attr-defined]  # every rank got the Ctrl-C
+        raise stop from None
     return records, best_epoch, best_state
+
+
+class _LossModule(torch.nn.Module):
+    """DDP synchronises gradients through ``forward``; the training loss is ``losses``."""
+
+    def __init__(self, model: OmniFuse) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: dict[str, dict[str, torch.Tensor]], present: torch.Tensor,
+                y: torch.Tensor, lazy: torch.Tensor | None,
+                generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        return self.model.losses(inputs, present, y, lazy=lazy, generator=generator)
+
+
+def _wrap_ddp(model: OmniFuse, device: torch.device) -> torch.nn.Module | None:
+    """The model as DistributedDataParallel under torchrun (None in one process).
+
+    find_unused_parameters: a batch share without some modality, the first epoch without a
+    lazy combination, or an ablation leave parts of the graph unused on some ranks."""
+    if not distributed.active():
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        _LossModule(model), device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True)
+
+
+def _rank_seed(seed: int, epoch: int) -> int:
+    """A seed per (run, epoch, rank): random draws that are rank-local under DDP (modality
+    dropout, nn.Dropout) are then reproducible on --resume without saving every rank's state."""
+    return int(np.random.SeedSequence([seed, epoch, distributed.rank()]).generate_state(1)[0])
 
 
 def selection_key(val: dict[str, float], metric: str) -> tuple[float, ...]:
@@ -443,9 +551,9 @@ def _fit_feature_stats(model: OmniFuse, data: PreparedCohort, train_idx: np.ndar
     """Image feature standardisation from the cached features of training patients."""
     for name, encoder in model.encoders.items():
         if isinstance(encoder, ImageEncoder) and name in data.image_cache:
-            feats = [data.image_cache[name][i] for i in train_idx]
-            if any(len(f) for f in feats):
-                encoder.set_feature_stats(torch.cat(feats).to(encoder.feat_mean.device))
+            feats = data.image_cache[name].rows(train_idx)
+            if len(feats):
+                encoder.set_feature_stats(feats.to(encoder.feat_mean.device))
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -546,7 +654,17 @@ def _set_train_mode(model: OmniFuse) -> None:
 def train_epoch(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray,
                  optimizer: torch.optim.Optimizer, lazy: tuple[int, ...] | None,
                  cfg: TrainConfig, device: torch.device, generator: torch.Generator,
-                 emit: EventFn) -> dict[str, float]:
+                 emit: EventFn, *, ddp: torch.nn.Module | None = None,
+                 noise: torch.Generator | None = None) -> dict[str, float]:
+    """One epoch; returns each loss term's mean over the training patients.
+
+    With ``ddp`` (torchrun) every rank draws the same shuffled global batches from
+    ``generator``, exactly as one process would, and trains on its own slice of each; ``noise``
+    drives this rank's modality dropout so that ``generator`` stays identical on all ranks.
+    """
+    if ddp is not None:
+        return _train_epoch_ddp(model, ddp, data, train_idx, optimizer, lazy, cfg, device,
+                                generator, noise, emit)
     _set_train_mode(model)
     lazy_mask = combo_mask(lazy, len(model.names), device) if lazy is not None else None
     sums = dict.fromkeys(("total", *LOSS_TERMS), 0.0)
@@ -569,10 +687,106 @@ def train_epoch(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray,
     return {k: v / max(seen, 1) for k, v in sums.items()}
 
 
+def _train_epoch_ddp(model: OmniFuse, ddp: torch.nn.Module, data: PreparedCohort,
+                     train_idx: np.ndarray, optimizer: torch.optim.Optimizer,
+                     lazy: tuple[int, ...] | None, cfg: TrainConfig, device: torch.device,
+                     generator: torch.Generator, noise: torch.Generator | None,
+                     emit: EventFn) -> dict[str, float]:
+    """The DDP epoch: the global batch of ``--batch-size`` patients is cut into one slice per
+    rank (sizes differ by at most one), and each loss term is weighted by this rank's share of
+    the rows it averages over (share of the batch; for TLA, share of the batch's patients who
+    have the lazy combination), times the world size: DDP's gradient average is then the
+    gradient of the global batch's loss, as in one process. A rank left without patients (last
+    batch smaller than the world) repeats one patient with weight 0, so every rank still joins
+    the gradient all-reduce. The normalized imputation loss averages over dropped slots, which
+    depend on rank-local draws: it is weighted like a batch mean (exact without modality
+    dropout, the case where one process and DDP can match at all)."""
+    _set_train_mode(model)
+    method = model.config.method
+    lazy_mask = combo_mask(lazy, len(model.names), device) if lazy is not None else None
+    world, me = distributed.world_size(), distributed.rank()
+    lambdas = {"forward": method.lambda0, "backward": method.lambda1, "dwfuse": method.lambda2,
+               "tla": method.lambda3}
+    sums = dict.fromkeys(("total", *LOSS_TERMS), 0.0)
+    # The same sampler and generator as one process's DataLoader(shuffle=True), so every rank
+    # draws that process's permutation.
+    dataset = PatientDataset(data, train_idx)
+    slices = _RankSlices(BatchSampler(RandomSampler(dataset, generator=generator),
+                                      cfg.batch_size, drop_last=False), world, me)
+    batches = DataLoader(dataset, batch_sampler=slices, generator=generator,
+                         collate_fn=make_collate(data), num_workers=cfg.num_workers)
+    for k, batch in enumerate(batches):
+        rows, n = slices.taken.popleft()  # DataLoader fetches in sampler order
+        share = dict.fromkeys(LOSS_TERMS, n / len(rows))
+        if lazy is not None and method.use_tla:
+            has = available(data.present[train_idx[rows]],
+                            combo_mask(lazy, len(model.names), torch.device("cpu")))
+            mine = has[_rank_part(len(rows), world, me)].sum() if n else 0
+            share["tla"] = float(mine) / max(float(has.sum()), 1.0)
+        batch = move_to(batch, device)
+        with autocast(device, cfg.amp):
+            terms = ddp(batch["inputs"], batch["present"], batch["y"], lazy_mask, noise)
+        loss = sum(lambdas[key] * share[key] * terms[key] for key in LOSS_TERMS)
+        optimizer.zero_grad(set_to_none=True)
+        (world * loss).backward()
+        optimizer.step()
+        for key in LOSS_TERMS:
+            value = float(terms[key].detach()) * share[key] * len(rows)
+            sums[key] += value
+            sums["total"] += lambdas[key] * value
+        emit(TrainEvent("batch", k + 1, len(slices)))
+    totals = distributed.all_reduce_sum(np.array(list(sums.values()), dtype=np.float64))
+    return {key: float(totals[i]) / max(len(train_idx), 1) for i, key in enumerate(sums)}
+
+
+def _rank_part(n: int, world: int, rank: int) -> slice:
+    """Rows of a global batch of ``n`` that a rank trains on (np.array_split's cut)."""
+    size, extra = divmod(n, world)
+    start = rank * size + min(rank, extra)
+    return slice(start, start + size + (rank < extra))
+
+
+class _RankSlices:
+    """This rank's slice of each global batch; an empty slice is replaced by the batch's first
+    patient (trained with weight 0). ``taken`` queues (global batch, rows of this rank) in the
+    order the DataLoader asks for them."""
+
+    def __init__(self, batches: BatchSampler, world: int, rank: int) -> None:
+        self.batches, self.world, self.rank = batches, world, rank
+        self.taken: deque[tuple[np.ndarray, int]] = deque()
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for batch in self.batches:
+            rows = np.asarray(batch)
+            part = rows[_rank_part(len(rows), self.world, self.rank)]
+            self.taken.append((rows, len(part)))
+            yield [int(i) for i in part] if len(part) else [int(rows[0])]
+
+
+def infer_all(model: OmniFuse, data: PreparedCohort, indices: np.ndarray, *,
+              device: torch.device, batch_size: int, amp: bool = True) -> Inference:
+    """``infer`` on every patient of ``indices``; under torchrun each rank predicts its
+    interleaved share and the shares are gathered back in order (no padding, so no patient is
+    counted twice). Every rank returns the full result."""
+    if not distributed.active():
+        return infer(model, data, indices, device=device, batch_size=batch_size, amp=amp)
+    indices = np.asarray(indices)
+    part = distributed.shard(indices)
+    mine = (infer(model, data, part, device=device, batch_size=batch_size, amp=amp)
+            if len(part) else None)
+    log_probs = distributed.gather_rows(None if mine is None else mine.log_probs, len(indices))
+    weights = distributed.gather_rows(None if mine is None else mine.weights, len(indices))
+    assert log_probs is not None
+    return Inference(log_probs, weights, indices)
+
+
 def evaluate_split(model: OmniFuse, data: PreparedCohort, idx: np.ndarray, device: torch.device,
               cfg: TrainConfig, num_classes: int) -> dict[str, float]:
-    result = infer(model, data, idx, device=device, batch_size=max(cfg.batch_size, 256),
-                   amp=cfg.amp)
+    result = infer_all(model, data, idx, device=device, batch_size=max(cfg.batch_size, 256),
+                       amp=cfg.amp)
     assert data.labels is not None
     return classification_metrics(data.labels[result.index].numpy(), np.exp(result.log_probs),
                                    num_classes)
@@ -634,6 +848,7 @@ def _meta(request: TrainRequest, cohort: Cohort, device: torch.device, weights_d
         "n_patients": len(cohort),
         **{f"n_{k}": len(v) for k, v in splits.items()},
         "device": str(device),
+        "processes": distributed.world_size(),
         "image_weights": weights_desc,
         **{f"image_{k}": v for k, v in to_primitive(data_cfg.image).items()},
         **{f"text_{k}": v for k, v in to_primitive(data_cfg.text).items()},
