@@ -213,3 +213,71 @@ def test_default_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     monkeypatch.delenv("OMNIFUSE_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "omnifuse" / "features"
+
+
+# -- the commands -------------------------------------------------------------------------------
+
+TRAIN_ARGS = ["--num-classes", "3", "--epochs", "2", "--batch-size", "8", "--image-backbone",
+              "resnet18", "--image-size", "32", "--device", "cpu", "--no-pretrained-image",
+              "--train-ratio", "0.6", "--val-ratio", "0.2", "--test-ratio", "0.2", "--seed", "0",
+              "--tla-min-patients", "1"]
+
+
+def invoke(*args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from omnifuse_cli.cli.app import app
+
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def test_train_reuses_the_cache_and_matches_a_run_without_it(
+        tiny_manifest: Path, tmp_path: Path) -> None:
+    import pandas as pd
+
+    cache = tmp_path / "cache"
+    first = invoke("train", str(tiny_manifest), "--out-dir", str(tmp_path / "a"), *TRAIN_ARGS,
+                   "--cache-dir", str(cache))
+    (entry,) = entries(cache)
+    assert f"cached us features in {entry}" in first.output
+    second = invoke("train", str(tiny_manifest), "--out-dir", str(tmp_path / "b"), *TRAIN_ARGS,
+                    "--cache-dir", str(cache))
+    assert f"reusing cached us features from {entry}" in second.output
+    unused = tmp_path / "unused"
+    plain = invoke("train", str(tiny_manifest), "--out-dir", str(tmp_path / "c"), *TRAIN_ARGS,
+                   "--no-cache", "--cache-dir", str(unused))
+    assert "cached" not in plain.output and not unused.exists()
+    metrics = [pd.read_csv(tmp_path / run / "metrics.csv").drop(columns="seconds")
+               for run in "abc"]
+    pd.testing.assert_frame_equal(metrics[0], metrics[1])
+    pd.testing.assert_frame_equal(metrics[0], metrics[2], rtol=1e-4)
+
+    evaluated = invoke("evaluate", str(tmp_path / "a"), "--bootstrap", "0", "--device", "cpu",
+                       "--cache-dir", str(cache))
+    assert f"reusing cached us features from {entry}" in evaluated.output
+    again = invoke("evaluate", str(tmp_path / "a"), "--bootstrap", "0", "--device", "cpu",
+                   "--no-cache", "--out-dir", str(tmp_path / "eval-plain"))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "a" / "eval" / "test" / "predictions.csv"),
+        pd.read_csv(tmp_path / "eval-plain" / "predictions.csv"), rtol=1e-4)
+    assert "cached" not in again.output
+    predicted = invoke("predict", str(tiny_manifest), "--run", str(tmp_path / "a"), "--out",
+                       str(tmp_path / "p.csv"), "--device", "cpu", "--cache-dir", str(cache))
+    assert f"reusing cached us features from {entry}" in predicted.output
+    assert len(entries(cache)) == 1
+
+
+def test_cv_encodes_once_into_one_entry_for_every_fold(tiny_manifest: Path,
+                                                         tmp_path: Path) -> None:
+    from tests.conftest import CV_ARGS
+
+    cache = tmp_path / "cache"
+    args = [*CV_ARGS, "--epochs", "1", "--bootstrap", "0", "--cache-dir", str(cache)]
+    first = invoke("cv", str(tiny_manifest), "--out-dir", str(tmp_path / "cv1"), *args)
+    (entry,) = entries(cache)
+    assert first.output.count("cached us features in") == 1
+    second = invoke("cv", str(tiny_manifest), "--out-dir", str(tmp_path / "cv2"), *args)
+    assert f"reusing cached us features from {entry}" in second.output
+    assert entries(cache) == [entry]

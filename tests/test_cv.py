@@ -344,6 +344,7 @@ EXAMPLES: dict[str, list[str]] = {
     "device": ["--device", "cpu"],
     "image_backbone": ["--image-backbone", "resnet18"],
     "image_weights": ["--image-weights", "w.pth"],
+    "cache_dir": ["--cache-dir", "features"],
     "text_encoder": ["--text-encoder", "hf"],
     "text_model": ["--text-model", "some/model"],
     "inference_rule": ["--inference-rule", "joint"],

@@ -9,18 +9,24 @@ import typer
 
 from omnifuse_cli.cli import options
 from omnifuse_cli.cli.common import console, handle_errors
+from omnifuse_cli.cli.config_file import with_config_file
+from omnifuse_cli.errors import ConfigError
 
 
 @handle_errors
+@with_config_file
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by omnifuse train.")],
+    run_dir: Annotated[Path | None, typer.Argument(
+        help="A run directory written by omnifuse train (or run-dir in --config).",
+        show_default=False)] = None,
     manifest: Annotated[Path | None, typer.Option(
         "--manifest", help="External cohort to evaluate instead of the run's test split.")
     ] = None,
     labs_table: options.LabsTable = None,
     labs_id_col: options.LabsIdCol = None,
     out_dir: Annotated[Path | None, typer.Option(
-        "--out-dir", help="Where to write the CSVs [default: RUN_DIR/eval/<test|manifest>].")
+        "--out-dir", help="Where to write the CSVs.",
+        show_default="RUN_DIR/eval/<test|manifest>")
     ] = None,
     drop_modality: Annotated[list[str] | None, typer.Option(
         "--drop-modality", help="Simulate a missing modality for every patient (repeatable).")
@@ -34,16 +40,21 @@ def evaluate(
         "--bootstrap", min=0, help="Bootstrap resamples for 95% intervals (0 = none).")] = 1000,
     device: options.Device = "auto",
     batch_size: options.BatchSize = 32,
+    cache: options.Cache = True,
+    cache_dir: options.CacheDir = None,
 ) -> None:
     """Metrics with 95% bootstrap intervals, per missing pattern, and the confusion matrix."""
     from omnifuse_cli.cli.render import confusion_table, metrics_table, patterns_table
     from omnifuse_cli.engine.evaluation import EvalRequest, evaluate_run
 
+    if run_dir is None:
+        raise ConfigError("no run directory given", hint="omnifuse evaluate RUN_DIR")
     result = evaluate_run(EvalRequest(run_dir=run_dir, manifest=manifest, labs_table=labs_table,
                                       labs_id_col=labs_id_col, out_dir=out_dir, device=device,
                                       batch_size=batch_size,
                                       drop_modalities=tuple(drop_modality or ()),
-                                      missing_rate=missing_rate, seed=seed, bootstrap=bootstrap))
+                                      missing_rate=missing_rate, seed=seed, bootstrap=bootstrap,
+                                      cache=cache, cache_dir=cache_dir))
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(metrics_table(result.metrics, f"{result.source} ({result.n} patients)",

@@ -13,13 +13,15 @@ LabsTable = Annotated[
                  "column per analyte); replaces the manifest's labs cells."),
 ]
 LabsIdCol = Annotated[
-    str | None, typer.Option("--labs-id-col", help="Id column of --labs-table [default: id].")
+    str | None,
+    typer.Option("--labs-id-col", help="Id column of --labs-table.",
+                 show_default="id; evaluate and predict: the run's"),
 ]
 Modality = Annotated[
     list[str] | None,
     typer.Option("--modality", help="Declare a manifest column as a modality, NAME=KIND with KIND "
-                 "vector, image or text; repeat for each [default: labs=vector us=image "
-                 "text=text]."),
+                 "vector, image or text; repeat for each.",
+                 show_default="labs=vector us=image text=text"),
 ]
 Device = Annotated[
     str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")
@@ -30,4 +32,16 @@ OnBadFile = Annotated[
     typer.Option("--on-bad-file", help="Unreadable image files (missing, corrupt, truncated, "
                  "unsupported): error lists them all; skip drops them and treats the modality "
                  "as missing where none are left."),
+]
+CacheDir = Annotated[
+    Path | None,
+    typer.Option("--cache-dir", help="Folder of the frozen-feature cache: images and hf notes "
+                 "encoded once by a frozen backbone, reused by later runs, cv folds, --resume, "
+                 "evaluate and predict on the same files.",
+                 show_default="$OMNIFUSE_CACHE_DIR, else ~/.cache/omnifuse/features"),
+]
+Cache = Annotated[
+    bool,
+    typer.Option("--cache/--no-cache", help="Keep frozen-backbone features in the cache folder "
+                 "and reuse them; --no-cache encodes them again, in memory, for this run only."),
 ]

@@ -8,34 +8,50 @@ from typing import Annotated
 import typer
 
 from omnifuse_cli.cli import options
-from omnifuse_cli.cli.common import console, handle_errors
+from omnifuse_cli.cli.common import console, err_console, handle_errors
+from omnifuse_cli.cli.config_file import with_config_file
+from omnifuse_cli.errors import ConfigError
 
 
 @handle_errors
+@with_config_file
 def predict(
-    patients: Annotated[Path, typer.Argument(
-        help="CSV in the manifest format (id,<modalities>; label optional).")],
+    patients: Annotated[Path | None, typer.Argument(
+        help="CSV in the manifest format (id,<modalities>; label optional), or patients in "
+        "--config.", show_default=False)] = None,
     run: Annotated[Path | None, typer.Option(
-        "--run", help="Run directory to use [default: the newest run under ./runs].")] = None,
+        "--run", help="Run directory to use.", show_default="the newest run under ./runs")
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Where to write the predictions CSV.")
                    ] = Path("predictions.csv"),
     labs_table: options.LabsTable = None,
     labs_id_col: options.LabsIdCol = None,
     device: options.Device = "auto",
     batch_size: options.BatchSize = 32,
+    cache: options.Cache = True,
+    cache_dir: options.CacheDir = None,
 ) -> None:
     """Predict classes for new patients, with each modality's DWFuse weight."""
+    from rich.markup import escape
+
     from omnifuse_cli.cli.render import predictions_table
     from omnifuse_cli.engine.files import write_csv
     from omnifuse_cli.engine.prediction import PredictRequest, predict_patients
     from omnifuse_cli.engine.runs import find_latest_run
 
+    if patients is None:
+        raise ConfigError("no patients file given", hint="omnifuse predict PATIENTS.csv --run RUN")
     if run is None:
         run = find_latest_run()
         console.print(f"using the newest run: [bold]{run}[/] (choose another with --run)")
     result = predict_patients(PredictRequest(run_dir=run, patients=patients,
                                              labs_table=labs_table, labs_id_col=labs_id_col,
-                                             device=device, batch_size=batch_size))
+                                             device=device, batch_size=batch_size,
+                                             cache=cache, cache_dir=cache_dir))
+    for note in result.notes:
+        console.print(f"[dim]·[/] {escape(note)}")
     write_csv(out, result.frame)
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     console.print(predictions_table(result.frame, result.class_names, result.modality_names))
-    console.print(f"written to [bold]{out}[/]")
+    console.print(f"written to [bold]{escape(str(out))}[/]")

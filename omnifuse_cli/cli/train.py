@@ -10,12 +10,15 @@ import typer
 
 from omnifuse_cli.cli import options
 from omnifuse_cli.cli.common import console, handle_errors
+from omnifuse_cli.cli.config_file import with_config_file
 from omnifuse_cli.errors import ConfigError
 
-_RUNS_HELP = "Run directory for metrics, split and model [default: runs/run-YYYYmmdd-HHMMSS]."
+_RUNS_HELP = "Run directory for metrics, split and model."
+_RUNS_DEFAULT = "runs/run-YYYYmmdd-HHMMSS"
 
 
 @handle_errors
+@with_config_file
 def train(
     manifest: Annotated[Path | None, typer.Argument(
         help="manifest.csv with columns id,label,<modalities>.", show_default=False)] = None,
@@ -27,7 +30,8 @@ def train(
     resume: Annotated[Path | None, typer.Option(
         "--resume", help="Continue an interrupted run from its last complete epoch (all other "
         "settings come from the run).", show_default=False)] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out-dir", help=_RUNS_HELP)] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help=_RUNS_HELP,
+                                                 show_default=_RUNS_DEFAULT)] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Write into a non-empty --out-dir, replacing its files.")] = False,
     labs_table: options.LabsTable = None,
@@ -132,18 +136,14 @@ def train(
     embed_dim: Annotated[int, typer.Option("--embed-dim")] = 128,
     num_workers: Annotated[int, typer.Option("--num-workers", min=0,
                                              help="DataLoader worker processes.")] = 0,
+    cache: options.Cache = True,
+    cache_dir: options.CacheDir = None,
 ) -> None:
     """Train OmniFuse on a manifest: stratified split, best-on-validation model, test metrics."""
+    values = dict(locals())  # every parameter by name (nothing else is defined yet)
+    from omnifuse_cli.cli.config_file import run_settings
     from omnifuse_cli.cli.render import add_epoch_row, confusion_table, epoch_table, metrics_table
-    from omnifuse_cli.config import (
-        DataConfig,
-        ImageConfig,
-        MethodConfig,
-        TextConfig,
-        TrainConfig,
-        parse_modality_options,
-        parse_widths,
-    )
+    from omnifuse_cli.cli.train_options import build_configs
     from omnifuse_cli.engine.training import TrainEvent, TrainRequest, load_request, run_training
 
     if resume is not None:
@@ -154,37 +154,12 @@ def train(
         if num_classes is None:
             raise ConfigError("--num-classes is required",
                               hint=f"omnifuse train {path} --num-classes C")
-        pretrained = "auto" if pretrained_image is None else ("yes" if pretrained_image else "no")
-        data = DataConfig(
-            modalities=parse_modality_options(modality),
-            labs_table=str(labs_table) if labs_table else None,
-            labs_id_col=labs_id_col or "id",
-            on_bad_file=on_bad_file,
-            image=ImageConfig(backbone=image_backbone, image_size=image_size,
-                              max_images=max_us_images, pretrained=pretrained,
-                              weights_path=str(image_weights) if image_weights else None),
-            text=TextConfig(encoder=text_encoder, model=text_model, max_length=text_max_length),
-        )
-        method = MethodConfig(
-            embed_dim=embed_dim, modality_drop=modality_drop, use_imputation=not no_imputation,
-            use_backward=not no_backward, use_dwfuse=not no_dwfuse, use_tla=not no_tla,
-            inference_rule=inference_rule, drop_full_view=drop_full_view,
-            reliability=reliability.strip().lower(), slot_flags=slot_flags,
-            joint_input=joint_input, imputation_loss=imputation_loss, lambda0=lambda0,
-            ra_layers=parse_widths(ra_layers), num_ra=num_ra, cra_dropout=cra_dropout,
-            tla_min_patients=tla_min_patients,
-        )
-        cfg = TrainConfig(
-            epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs, finetune_image_scope=finetune_image_scope,
-            finetune_text_last_n=0 if freeze_text else finetune_text_last_n, lr_image=lr_image,
-            lr_text=lr_text, seed=seed, train_ratio=train_ratio, val_ratio=val_ratio,
-            test_ratio=test_ratio, device=device, amp=amp, num_workers=num_workers,
-            select_metric=select_by,
-        )
+        settings = build_configs(values)
         run_dir = out_dir or Path("runs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
         request = TrainRequest(manifest=path, num_classes=num_classes, out_dir=run_dir,
-                               data=data, method=method, train=cfg, overwrite=overwrite)
+                               data=settings.data, method=settings.method, train=settings.train,
+                               overwrite=overwrite,
+                               config_yaml=run_settings("train", {**values, "manifest": path}))
 
     from rich.console import Group
     from rich.live import Live

@@ -40,6 +40,8 @@ from omnifuse_cli.errors import ConfigError
 # train's own parameters: which data, where the run goes, resuming. Commands that share the
 # training options define these themselves.
 TRAIN_ONLY = ("manifest", "manifest_opt", "num_classes", "resume", "out_dir", "overwrite")
+# What cli/config_file.with_config_file gives every command that takes --config.
+CONFIG_PARAMS = ("ctx", "config")
 # Options that decide which patients and values are read: a variant compared with the base model
 # on the same folds must not change them.
 DATA_READING = ("modality", "labs_table", "labs_id_col", "on_bad_file")
@@ -66,6 +68,7 @@ CONVERTERS: dict[str, tuple[str, str, Callable[[Any, Mapping[str, Any]], Any]]] 
     "labs_id_col": ("data", "labs_id_col", lambda v, _: v or "id"),
     "pretrained_image": ("image", "pretrained", _pretrained),
     "image_weights": ("image", "weights_path", lambda v, _: str(v) if v else None),
+    "cache_dir": ("train", "cache_dir", lambda v, _: str(v) if v else None),
     "max_us_images": ("image", "max_images", lambda v, _: v),
     "finetune_text_last_n": ("train", "finetune_text_last_n",
                              lambda v, values: 0 if values.get("freeze_text") else v),
@@ -138,7 +141,8 @@ def train_parameters() -> list[inspect.Parameter]:
     from omnifuse_cli.cli.train import train
 
     signature = inspect.signature(train, eval_str=True)
-    return [p for p in signature.parameters.values() if p.name not in TRAIN_ONLY]
+    return [p for p in signature.parameters.values()
+            if p.name not in TRAIN_ONLY and p.name not in CONFIG_PARAMS]
 
 
 def train_defaults() -> dict[str, Any]:

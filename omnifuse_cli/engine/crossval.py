@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from omnifuse_cli.data.cache import FeatureArray
 from omnifuse_cli.data.manifest import Cohort, check_trainable, read_manifest, read_table
 from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
 from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions
@@ -52,7 +53,12 @@ from omnifuse_cli.config import (
 )
 from omnifuse_cli.engine.evaluation import pattern_table
 from omnifuse_cli.engine.files import prepare_out_dir, write_csv, write_text_atomic
-from omnifuse_cli.engine.inference import cache_frozen_features, infer, resolve_device
+from omnifuse_cli.engine.inference import (
+    cache_frozen_features,
+    feature_cache,
+    infer,
+    resolve_device,
+)
 from omnifuse_cli.engine.metrics import (
     bootstrap_draws,
     confusion,
@@ -71,6 +77,7 @@ from omnifuse_cli.errors import BundleError, ConfigError, DataError, TrainingInt
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder
 from omnifuse_cli.model.omnifuse import OmniFuse
 
+CONFIG_YAML = "config.yaml"  # the request in the CLI's --config format
 CV_FILE = "cv.json"  # the request (for --resume); also what marks a folder as cv output
 BASE = "base"
 FOLDS_DIR = "folds"
@@ -106,6 +113,9 @@ class CVRequest:
     refit: bool = False
     bootstrap: int = 1000  # resamples for the 95% intervals (0 = none)
     overwrite: bool = False
+    # The CLI's resolved settings as YAML, saved as config.yaml (the --config format); None
+    # writes none.
+    config_yaml: str | None = None
 
     def __post_init__(self) -> None:
         if self.folds < 2:
@@ -288,7 +298,10 @@ def fold_dir(out_dir: Path, variant: str, repeat: int, fold: int) -> Path:
 
 
 def save_cv_request(request: CVRequest) -> None:
+    if request.config_yaml is not None:
+        write_text_atomic(Path(request.out_dir) / CONFIG_YAML, request.config_yaml)
     raw = to_primitive(request)
+    del raw["config_yaml"]
     raw["manifest"] = str(Path(request.manifest).resolve())
     for part in (raw["base"], *raw["variants"]):
         if part["data"]["labs_table"]:
@@ -362,9 +375,9 @@ class _Encoded:
     """Frozen backbones' weights and the features they gave, shared by every fold."""
 
     states: dict[str, dict[str, torch.Tensor]]
-    image_cache: dict[str, list[torch.Tensor]]
+    image_cache: dict[str, FeatureArray]  # memory-mapped from the feature cache, or in memory
     image_dims: dict[str, int]
-    text_cache: dict[str, torch.Tensor]
+    text_cache: dict[str, FeatureArray]
     weights: str
     seconds: float
 
@@ -390,7 +403,9 @@ def _encode(cohort: Cohort, request: CVRequest, variant: Variant, device: torch.
     t0 = time.perf_counter()
     cache_frozen_features(model, data, names, device=device, batch_size=cfg.encode_batch_size,
                           amp=cfg.amp, progress=lambda d, t: emit(CVEvent("encode", d, t)),
-                          num_workers=cfg.num_workers)
+                          num_workers=cfg.num_workers,
+                          cache=feature_cache(cfg.cache_dir, cfg.cache),
+                          notify=lambda text: emit(CVEvent("message", text=text)))
     states = {n: {k: v.detach().to("cpu", copy=True)
                   for k, v in model.encoders[n].backbone.state_dict().items()} for n in names}
     return _Encoded(states, dict(data.image_cache), dict(data.image_feature_dims),

@@ -10,17 +10,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from omnifuse_cli.data.manifest import read_manifest
+from omnifuse_cli.data.manifest import read_manifest, row_name
 from omnifuse_cli.engine.bundle import load_bundle
 from omnifuse_cli.engine.files import write_csv
-from omnifuse_cli.engine.inference import infer, resolve_device
+from omnifuse_cli.engine.inference import (
+    feature_cache,
+    infer,
+    resolve_device,
+    reuse_frozen_features,
+)
 from omnifuse_cli.engine.metrics import (
     bootstrap_ci,
     classification_metrics,
     confusion,
     full_metrics,
 )
-from omnifuse_cli.engine.prediction import prediction_frame
+from omnifuse_cli.engine.prediction import MAX_NAMED, labs_table_hint, prediction_frame
 from omnifuse_cli.engine.runs import read_meta, read_split_assignment
 from omnifuse_cli.errors import BundleError, ConfigError, DataError
 
@@ -38,6 +43,8 @@ class EvalRequest:
     missing_rate: float = 0.0  # hide each present modality with this probability (keep one)
     seed: int = 42  # for --missing-rate and the bootstrap
     bootstrap: int = 1000  # resamples for the 95% intervals (0 = none)
+    cache: bool = True  # frozen-backbone features from/to the feature cache
+    cache_dir: Path | None = None  # None: the default folder (data/cache.default_cache_dir)
 
 
 @dataclass
@@ -98,9 +105,16 @@ def evaluate_run(request: EvalRequest) -> EvalResult:
     cohort = read_manifest(
         manifest, bundle.model.config.modalities, labs_table=labs_table,
         labs_id_col=request.labs_id_col or meta.get("labs_id_col", "id"),
-        num_classes=num_classes,
+        num_classes=num_classes, keep_empty_rows=True,
     )
     bundle.preprocessor.check_compatible(cohort)
+    notes: list[str] = []
+    labs_hint = labs_table_hint(meta, labs_table)
+    vector = next((m.name for m in cohort.modalities if m.kind == "vector"), None)
+    if labs_hint and vector is not None:
+        have = int(cohort.present[:, cohort.names.index(vector)].sum())
+        notes.append(f"{labs_hint}; without one, {vector} come from the manifest's {vector!r} "
+                     f"column ({have} of {len(cohort)} patients have them)")
     if external:
         rows = np.arange(len(cohort))
         source, tag = str(manifest), manifest.stem
@@ -115,7 +129,18 @@ def evaluate_run(request: EvalRequest) -> EvalResult:
             )
         source, tag = f"test split of {run_dir}", "test"
     assert cohort.labels is not None
-    notes: list[str] = []
+    # Patients without any modality cannot be scored by any model: they are left out, loudly,
+    # as --drop-modality does; a broken cell is still an error to fix before reporting metrics.
+    empty_rows = [int(i) for i in rows if int(i) in cohort.bad_rows]
+    if empty_rows:
+        named = ", ".join(row_name(i, cohort.ids) for i in empty_rows[:MAX_NAMED])
+        more = f" and {len(empty_rows) - MAX_NAMED} more" if len(empty_rows) > MAX_NAMED else ""
+        notes.append(f"{len(empty_rows)} patient(s) have no modality and are not scored: "
+                     f"{named}{more}" + (f" ({labs_hint})" if labs_hint else ""))
+        rows = rows[~np.isin(rows, empty_rows)]
+        if not len(rows):
+            raise DataError(f"{manifest}: no patient has a modality to score",
+                            hint=labs_hint or "give each patient at least one modality")
     if request.drop_modalities or request.missing_rate > 0:
         cohort.present, empty = simulate_missing(
             cohort.present, cohort.names, request.drop_modalities, request.missing_rate,
@@ -133,6 +158,9 @@ def evaluate_run(request: EvalRequest) -> EvalResult:
             source += f", missing rate {request.missing_rate:g} (seed {request.seed})"
             tag += f"-missing{request.missing_rate:g}-seed{request.seed}"
     data = bundle.preprocessor.prepare(cohort)
+    reuse_frozen_features(bundle.model, data, device=device, batch_size=request.batch_size,
+                          cache=feature_cache(request.cache_dir, request.cache),
+                          notify=notes.append)
     result = infer(bundle.model, data, rows, device=device, batch_size=request.batch_size)
     probs = np.exp(result.log_probs)
     y = cohort.labels[result.index]

@@ -124,7 +124,20 @@ def cache_frozen_features(model: OmniFuse, data: PreparedCohort, names: list[str
     With a ``cache`` the features are written to, or reused from, an entry keyed by the data and
     the backbone's weights, and read memory-mapped; without, they are held in memory. Under
     torchrun each rank encodes every world_size-th item and rank 0 assembles the entry.
+    The global random state is left as it was (a DataLoader draws its seed from it): a run that
+    reuses the cache trains exactly like one that encoded.
     """
+    with torch.random.fork_rng(devices=[]):
+        _cache_frozen_features(model, data, names, device=device, batch_size=batch_size, amp=amp,
+                               progress=progress, num_workers=num_workers, cache=cache,
+                               notify=notify)
+
+
+def _cache_frozen_features(model: OmniFuse, data: PreparedCohort, names: list[str], *,
+                           device: torch.device, batch_size: int, amp: bool,
+                           progress: ProgressFn | None, num_workers: int,
+                           cache: FeatureCache | None, notify: Callable[[str], None] | None
+                           ) -> None:
     model.eval()
     say = notify or (lambda text: None)
     precision = "bf16" if amp and device.type == "cuda" else "fp32"
@@ -310,3 +323,15 @@ def _features_distributed(job: _Job, key: str, cache: FeatureCache | None,
         raise DataError(f"rank {rank} cannot read the feature cache entry {folder} "
                         f"({reason or 'it is not there'})", hint=shared_hint)
     return found
+
+
+def reuse_frozen_features(model: OmniFuse, data: PreparedCohort, *, device: torch.device,
+                          batch_size: int, cache: FeatureCache | None,
+                          notify: Callable[[str], None] | None = None) -> None:
+    """evaluate/predict: take the backbones' features from the cache (a run's own test split
+    finds the entry its training wrote), encoding and storing them on a miss. Without a cache
+    nothing happens: infer encodes batch by batch, holding no features."""
+    names = [n for n, e in model.encoders.items() if isinstance(e, (ImageEncoder, HFTextEncoder))]
+    if cache is not None and names:
+        cache_frozen_features(model, data, names, device=device, batch_size=batch_size, amp=True,
+                              cache=cache, notify=notify)

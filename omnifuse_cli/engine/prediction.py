@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from omnifuse_cli.data.manifest import read_manifest
+from omnifuse_cli.data.manifest import NO_MODALITY, Cohort, read_manifest, row_name
 from omnifuse_cli.engine.bundle import load_bundle
-from omnifuse_cli.engine.inference import infer, resolve_device
+from omnifuse_cli.engine.inference import (
+    feature_cache,
+    infer,
+    resolve_device,
+    reuse_frozen_features,
+)
+from omnifuse_cli.errors import DataError
+
+MAX_NAMED = 5  # unscored patients named in a warning (all of them are in the reason column)
 
 
 @dataclass(frozen=True)
@@ -21,36 +30,101 @@ class PredictRequest:
     labs_id_col: str | None = None
     device: str = "auto"
     batch_size: int = 32
+    cache: bool = True  # frozen-backbone features from/to the feature cache
+    cache_dir: Path | None = None  # None: the default folder (data/cache.default_cache_dir)
 
 
 @dataclass
 class PredictResult:
     run_dir: Path
-    frame: pd.DataFrame  # one row per patient
+    frame: pd.DataFrame  # one row per patient of the input, in its order; `reason` last
     class_names: list[str]
     modality_names: list[str]
+    n_unscored: int = 0  # patients with an empty prediction (their `reason` says why)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # information (the feature cache used)
+
+
+def labs_table_hint(run_meta: dict[str, Any], given: Path | None) -> str | None:
+    """When a run learnt its labs from a table and none is given now, say so with the flags:
+    the labs of every patient would otherwise silently come from the manifest column only."""
+    trained = str(run_meta.get("labs_table") or "")
+    if not trained or given is not None:
+        return None
+    id_col = run_meta.get("labs_id_col") or "id"
+    return (f"this run was trained with --labs-table {trained} --labs-id-col {id_col}; "
+            f"pass --labs-table LABS.csv --labs-id-col {id_col} to give these patients their "
+            "labs from a table")
+
+
+def unscored_summary(cohort: Cohort, rows: list[int]) -> str:
+    """``row 3 (id X): no modality present; ...`` for the first few unscored rows."""
+    named = "; ".join(f"{row_name(i, cohort.ids)}: {', '.join(cohort.bad_rows[i])}"
+                      for i in rows[:MAX_NAMED])
+    more = f"; ... and {len(rows) - MAX_NAMED} more" if len(rows) > MAX_NAMED else ""
+    return named + more
 
 
 def predict_patients(request: PredictRequest) -> PredictResult:
+    """Score every patient that can be scored; the others keep their row, with a reason."""
     device = resolve_device(request.device)
     bundle = load_bundle(request.run_dir, device)
-    run_meta = bundle.meta.get("run", {})
     config = bundle.model.config
+    run_meta = bundle.meta.get("run", {})
     cohort = read_manifest(
         Path(request.patients), config.modalities, labs_table=request.labs_table,
         labs_id_col=request.labs_id_col or run_meta.get("labs_id_col", "id"),
-        require_labels=False, num_classes=config.num_classes,
+        require_labels=False, num_classes=config.num_classes, keep_bad_rows=True,
+        keep_empty_rows=True,
     )
-    bundle.preprocessor.check_compatible(cohort)
-    data = bundle.preprocessor.prepare(cohort)
-    result = infer(bundle.model, data, np.arange(len(cohort)), device=device,
-                   batch_size=request.batch_size)
+    labs_hint = labs_table_hint(run_meta, request.labs_table)
     names = [m.name for m in config.modalities]
-    labels = None if cohort.labels is None else cohort.labels[result.index]
-    frame = prediction_frame([cohort.ids[i] for i in result.index], labels,
-                             np.exp(result.log_probs), cohort.present[result.index], names,
-                             bundle.class_names, result.weights)
-    return PredictResult(Path(request.run_dir), frame, bundle.class_names, names)
+    bad = sorted(cohort.bad_rows)
+    reasons = [""] * len(cohort)
+    for i in bad:
+        why = "; ".join(cohort.bad_rows[i])
+        if labs_hint and cohort.bad_rows[i] == [NO_MODALITY]:
+            why += f" ({labs_hint})"
+        reasons[i] = why
+    warnings = []
+    if labs_hint:
+        vector = next((m.name for m in config.modalities if m.kind == "vector"), None)
+        if vector is not None:
+            have = int(cohort.present[:, names.index(vector)].sum())
+            warnings.append(f"{labs_hint}; without one, {vector} come from the manifest's "
+                            f"{vector!r} column ({have} of {len(cohort)} patients have them)")
+    if len(bad) == len(cohort):
+        raise DataError(
+            f"{request.patients}: none of the {len(cohort)} patient(s) can be scored: "
+            f"{unscored_summary(cohort, bad)}",
+            hint=labs_hint or "give each patient at least one readable modality",
+        )
+    if bad:
+        warnings.append(f"{len(bad)} of {len(cohort)} patient(s) could not be scored and have an "
+                        f"empty prediction (see the reason column): "
+                        f"{unscored_summary(cohort, bad)}")
+    ok = np.setdiff1d(np.arange(len(cohort)), np.array(bad, dtype=np.int64))
+    scored = cohort.subset(ok)
+    bundle.preprocessor.check_compatible(scored)
+    data = bundle.preprocessor.prepare(scored)
+    notes: list[str] = []
+    reuse_frozen_features(bundle.model, data, device=device, batch_size=request.batch_size,
+                          cache=feature_cache(request.cache_dir, request.cache),
+                          notify=notes.append)
+    result = infer(bundle.model, data, np.arange(len(scored)), device=device,
+                   batch_size=request.batch_size)
+    rows = ok[result.index]
+    probs = np.full((len(cohort), len(bundle.class_names)), np.nan, dtype=np.float64)
+    probs[rows] = np.exp(result.log_probs)
+    weights = None
+    if result.weights is not None:
+        weights = np.full((len(cohort), *result.weights.shape[1:]), np.nan)
+        weights[rows] = result.weights
+    frame = prediction_frame(cohort.ids, cohort.labels, probs, cohort.present, names,
+                             bundle.class_names, weights)
+    frame["reason"] = reasons
+    return PredictResult(Path(request.run_dir), frame, bundle.class_names, names,
+                         n_unscored=len(bad), warnings=warnings, notes=notes)
 
 
 def prediction_frame(ids: list[str], labels: np.ndarray | None, probs: np.ndarray,
@@ -58,12 +132,14 @@ def prediction_frame(ids: list[str], labels: np.ndarray | None, probs: np.ndarra
                      weights: np.ndarray | None) -> pd.DataFrame:
     """One row per patient: id, label (if known), pred, prob_<class>, modalities present and
     weight_<modality>, each modality's DWFuse weight at the predicted class (predictions.csv of
-    predict, evaluate and cv)."""
-    pred = probs.argmax(1)
+    predict, evaluate and cv). A row of NaN probabilities (a patient predict could not score)
+    gets an empty pred and empty probabilities and weights."""
+    scored = ~np.isnan(probs).any(axis=1)
+    pred = np.where(scored, np.nan_to_num(probs, nan=-1.0).argmax(1), 0)
     frame = pd.DataFrame({"id": ids})
     if labels is not None:
         frame["label"] = [int(v) if v >= 0 else None for v in labels]
-    frame["pred"] = [class_names[c] for c in pred]
+    frame["pred"] = [class_names[c] if ok else None for c, ok in zip(pred, scored, strict=True)]
     for c, cname in enumerate(class_names):
         frame[f"prob_{cname}"] = probs[:, c]
     frame["modalities"] = ["+".join(n for n, p in zip(names, row, strict=True) if p)
