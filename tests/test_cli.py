@@ -105,7 +105,8 @@ def test_evaluate_reproduces_test_csv(flow: dict[str, Any]) -> None:
 def test_predictions_csv(flow: dict[str, Any]) -> None:
     preds = pd.read_csv(flow["preds"], dtype={"id": str, "pred": str},
                         keep_default_na=False)
-    assert list(preds.columns) == PRED_COLUMNS
+    assert list(preds.columns) == [*PRED_COLUMNS, "reason"]  # reason: why a row has no pred
+    assert (preds["reason"] == "").all()
     manifest = pd.read_csv(flow["data"] / "manifest.csv", dtype=str, keep_default_na=False)
     assert len(preds) == len(manifest) == 45
     assert preds["id"].tolist() == [normalize_id(i) for i in manifest["id"]]

@@ -15,7 +15,8 @@ from omnifuse_cli.cli.common import console, err_console, handle_errors
 def check(
     manifest: Annotated[Path, typer.Argument(help="manifest.csv to validate.")],
     num_classes: Annotated[int | None, typer.Option(
-        "--num-classes", min=2, help="Check labels against 0..C-1 [default: from the data].")
+        "--num-classes", min=2, help="Check labels against 0..C-1.",
+        show_default="from the data")
     ] = None,
     labs_table: options.LabsTable = None,
     labs_id_col: options.LabsIdCol = None,
@@ -28,8 +29,8 @@ def check(
 ) -> None:
     """Validate a manifest without training and print a data audit (exit 0 when trainable)."""
     from omnifuse_cli.cli.render import audit_tables
-    from omnifuse_cli.engine.audit import audit_manifest
     from omnifuse_cli.config import DataConfig, TrainConfig, parse_modality_options
+    from omnifuse_cli.engine.audit import audit_manifest
 
     data = DataConfig(modalities=parse_modality_options(modality),
                       labs_table=str(labs_table) if labs_table else None,

@@ -44,6 +44,8 @@ def evaluate(
     cache_dir: options.CacheDir = None,
 ) -> None:
     """Metrics with 95% bootstrap intervals, per missing pattern, and the confusion matrix."""
+    from rich.markup import escape
+
     from omnifuse_cli.cli.render import confusion_table, metrics_table, patterns_table
     from omnifuse_cli.engine.evaluation import EvalRequest, evaluate_run
 
@@ -56,7 +58,7 @@ def evaluate(
                                       missing_rate=missing_rate, seed=seed, bootstrap=bootstrap,
                                       cache=cache, cache_dir=cache_dir))
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
     console.print(metrics_table(result.metrics, f"{result.source} ({result.n} patients)",
                                 result.intervals))
     console.print(patterns_table(result.patterns))

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from rich.markup import escape
 from rich.table import Table
 
 METRIC_LABELS = {
@@ -91,27 +92,35 @@ def counts_table(counts: Mapping[str, object], title: str, key: str = "", value:
     return table
 
 
+def _cell(value: object) -> str:
+    """A predictions cell: floats to 3 digits, and nothing where predict could not score."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return fmt(value) if isinstance(value, float) else str(value)
+
+
 def predictions_table(frame: pd.DataFrame, class_names: Sequence[str],
                       modality_names: Sequence[str], limit: int = 20) -> Table:
-    title = f"predictions ({len(frame)} patients" + (
-        f", first {limit} shown)" if len(frame) > limit else ")")
+    reasons = frame["reason"] if "reason" in frame else pd.Series([], dtype=str)
+    unscored = int((reasons.fillna("") != "").sum())
+    title = (f"predictions ({len(frame)} patients"
+             + (f", {unscored} not scored" if unscored else "")
+             + (f", first {limit} shown)" if len(frame) > limit else ")"))
     table = Table(title=title, title_justify="left", box=None, padding=(0, 1, 0, 0),
                   header_style="bold underline",
                   caption="pN = probability of class N; w_M = DWFuse weight of modality M at "
                   "the predicted class", caption_justify="left")
     columns = ["id", *(["label"] if "label" in frame else []), "pred",
                *(f"prob_{c}" for c in class_names), "modalities",
-               *(f"weight_{m}" for m in modality_names if f"weight_{m}" in frame)]
+               *(f"weight_{m}" for m in modality_names if f"weight_{m}" in frame),
+               *(["reason"] if unscored else [])]
     for col in columns:
         header = col.replace("prob_", "p").replace("weight_", "w_")
-        table.add_column(header, justify="left" if col in ("id", "modalities") else "right",
-                         no_wrap=True)
+        left = col in ("id", "modalities", "reason")
+        table.add_column(header, justify="left" if left else "right",
+                         no_wrap=col != "reason", overflow="fold")
     for _, row in frame.head(limit).iterrows():
-        cells = []
-        for col in columns:
-            value = row[col]
-            cells.append(fmt(value) if isinstance(value, float) else str(value))
-        table.add_row(*cells)
+        table.add_row(*(escape(_cell(row[col])) for col in columns))
     return table
 
 

@@ -15,8 +15,8 @@ def report(
     source: Annotated[Path, typer.Argument(help="A run folder (omnifuse train) or a "
                                            "cross-validation folder (omnifuse cv).")],
     out: Annotated[Path | None, typer.Option(
-        "--out", help="The HTML file [default: SOURCE/report.html]; figures go to a folder "
-        "beside it (<name>-figures/, PNG and PDF).", show_default=False)] = None,
+        "--out", help="The HTML file; figures go to a folder beside it (<name>-figures/, PNG "
+        "and PDF).", show_default="SOURCE/report.html")] = None,
 ) -> None:
     """One self-contained HTML page (figures embedded) plus the figures as PNG and PDF."""
     from omnifuse_cli.report import build_report

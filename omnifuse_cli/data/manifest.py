@@ -10,6 +10,7 @@ shows it (header = row 1).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from omnifuse_cli.errors import ConfigError, DataError, ManifestError
 
 VSCODE_MARKER = "_vscodecontentref_"
 MAX_LISTED = 20
+NO_MODALITY = "no modality present"  # the reason of a patient who has nothing to score
 
 
 @dataclass
@@ -74,6 +76,13 @@ def normalize_id(raw: object) -> str:
     return text.zfill(10) if text.isdigit() else text
 
 
+def normalize_ids(values: pd.Series) -> list[str]:
+    """normalize_id over a column; ids already written as 10 digits (make-data's, and most
+    exports) skip the full rules, which keeps a million rows well under a second."""
+    return [v if len(v) == 10 and v.isdigit() else normalize_id(v)
+            for v in values.astype(str).tolist()]
+
+
 def _row(i: int) -> int:
     """Spreadsheet row number of data row i (the header is row 1)."""
     return i + 2
@@ -102,6 +111,11 @@ def _where(row: int, ids: list[str] | None) -> str:
         return f"row {row}"
     pid = ids[row - 2]
     return f"row {row} (id {pid})" if pid else f"row {row} (no id)"
+
+
+def row_name(index: int, ids: list[str]) -> str:
+    """How messages name data row ``index``: ``row 7 (id P0042)``."""
+    return _where(_row(index), ids)
 
 
 class _Problems:
@@ -261,16 +275,18 @@ def split_image_cell(cell: str, base: Path) -> list[Path]:
     return [resolve_path(p, base) for p in parts if p]
 
 
-def read_labs_table(path: Path, id_col: str) -> tuple[dict[str, np.ndarray], list[str]]:
+def read_labs_table(path: Path, id_col: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """(ids, values (rows, columns) float32 with NaN = missing, column names) of a labs table."""
     frame = read_table(path, "labs table")
     if id_col not in frame.columns:
         raise ManifestError(
             f"labs table {path} has no id column {id_col!r} (columns: {', '.join(frame.columns)})",
             hint="name the id column with --labs-id-col",
         )
-    ids = [normalize_id(v) for v in frame[id_col]]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
-    if dupes:
+    ids = normalize_ids(frame[id_col])
+    repeated = pd.Series(ids).duplicated(keep=False).to_numpy()
+    if repeated.any():
+        dupes = sorted({ids[i] for i in np.flatnonzero(repeated)})
         raise ManifestError(
             f"labs table {path} has duplicate ids: {', '.join(dupes[:MAX_LISTED])}",
             hint="keep one row per patient",
@@ -279,14 +295,27 @@ def read_labs_table(path: Path, id_col: str) -> tuple[dict[str, np.ndarray], lis
     if not columns:
         raise ManifestError(f"labs table {path} has no value columns besides {id_col!r}")
     problems = _Problems(path, ids)
-    table: dict[str, np.ndarray] = {}
-    for i, (pid, row) in enumerate(zip(ids, frame[columns].itertuples(index=False), strict=True)):
-        try:
-            table[pid] = _as_vector(list(row))
-        except BadValue as err:
-            problems.add(_row(i), columns[err.index], f"{err.value!r} {err.detail}")
+    values = np.empty((len(frame), len(columns)), dtype=np.float32)
+    for j, column in enumerate(columns):
+        values[:, j] = _numeric_column(frame[column], column, problems)
     problems.raise_if_any("unreadable lab values", "lab values must be numbers or empty")
-    return table, columns
+    return ids, values, columns
+
+
+def _numeric_column(cells: pd.Series, column: str, problems: _Problems) -> np.ndarray:
+    """One labs-table column as float64, NaN where empty. pandas parses the plain numbers; the
+    few cells it cannot (or that are infinite) get the per-value rules and messages."""
+    text = cells.str.strip()
+    empty = (text == "").to_numpy()
+    parsed = np.array(pd.to_numeric(text.where(~empty, None), errors="coerce"), np.float64)
+    for i in np.flatnonzero(~empty & ~np.isfinite(parsed)):
+        cell = cells.iat[i]
+        try:
+            parsed[i] = _as_vector([cell])[0]
+        except BadValue as err:
+            problems.add(_row(int(i)), column, f"{cell!r} {err.detail}")
+    parsed[empty] = math.nan
+    return parsed
 
 
 def read_manifest(
@@ -300,13 +329,15 @@ def read_manifest(
     check_files: bool = True,
     on_bad_file: str = "error",
     keep_bad_rows: bool = False,
+    keep_empty_rows: bool = False,
 ) -> Cohort:
     """Parse and validate a manifest. Every problem found is reported in one ManifestError.
 
     check_files decodes every image; on_bad_file="skip" drops unreadable images instead of
     failing (a patient left without images has that modality missing) and says so in notes.
-    keep_bad_rows (predict) records the rows with a problem or without any modality in
-    ``cohort.bad_rows`` instead of failing the whole file; problems of the file itself still raise.
+    keep_bad_rows (predict) records the rows with a problem in ``cohort.bad_rows`` instead of
+    failing the whole file; problems of the file itself still raise. keep_empty_rows (predict,
+    evaluate) does the same for patients without any modality (reason "no modality present").
     """
     if on_bad_file not in ON_BAD_FILE:
         raise ConfigError(f"--on-bad-file must be error or skip, got {on_bad_file!r}")
@@ -318,13 +349,12 @@ def read_manifest(
             f"manifest {path} has no 'id' column (columns: {', '.join(frame.columns)})",
             hint="the header must be id,label,<modality columns>",
         )
-    table_vectors: dict[str, np.ndarray] | None = None
-    table_columns: list[str] = []
+    table_vectors: tuple[list[str], np.ndarray, list[str]] | None = None
     table_modality = next((m.name for m in modalities if m.kind == "vector"), None)
     if labs_table is not None:
         if table_modality is None:
             raise ManifestError("--labs-table was given but no modality is of kind vector")
-        table_vectors, table_columns = read_labs_table(Path(labs_table), labs_id_col)
+        table_vectors = read_labs_table(Path(labs_table), labs_id_col)
     needed = [m.name for m in modalities if not (m.name == table_modality and table_vectors)]
     missing_cols = [c for c in needed if c not in frame.columns]
     if missing_cols:
@@ -334,20 +364,15 @@ def read_manifest(
             hint="declare the modality columns with --modality NAME=KIND, or add the columns "
             "(an empty cell marks a missing modality)",
         )
-    ids = [normalize_id(v) for v in frame["id"]]
+    ids = normalize_ids(frame["id"])
     problems = _Problems(path, ids)
-    for i, pid in enumerate(ids):
-        if pid == "":
-            problems.add(_row(i), "id", "empty id")
-    seen: dict[str, int] = {}
-    for i, pid in enumerate(ids):
-        if pid and pid in seen:
-            problems.add(_row(i), "id", f"duplicate id {pid!r} (first at row {_row(seen[pid])})")
-        seen.setdefault(pid, i)
+    _check_ids(ids, problems)
 
     labels = _read_labels(frame, problems, require_labels, num_classes)
     for column in frame.columns:
-        for i, cell in enumerate(frame[column]):
+        hits = frame[column].str.contains(VSCODE_MARKER, regex=False).to_numpy()
+        for i in np.flatnonzero(hits).tolist():
+            cell = frame[column].iat[i]
             if VSCODE_MARKER in cell:
                 problems.add(
                     _row(i),
@@ -359,23 +384,23 @@ def read_manifest(
     cohort = Cohort(source=path, ids=ids, labels=labels, modalities=modalities, present=present)
     for m_idx, spec in enumerate(modalities):
         if spec.kind == "vector" and spec.name == table_modality and table_vectors is not None:
-            _fill_from_table(cohort, m_idx, table_vectors, table_columns, labs_table)
+            _fill_from_table(cohort, m_idx, *table_vectors, labs_table)
         elif spec.kind == "vector":
-            _fill_vectors(cohort, m_idx, frame[spec.name].tolist(), base, problems)
+            _fill_vectors(cohort, m_idx, frame[spec.name], base, problems)
         elif spec.kind == "image":
             _fill_images(cohort, m_idx, frame[spec.name].tolist(), base, problems,
                          check_files, on_bad_file)
         else:
-            _fill_texts(cohort, m_idx, frame[spec.name].tolist(), base, problems)
+            _fill_texts(cohort, m_idx, frame[spec.name], base, problems)
     if keep_bad_rows:
         _keep_bad_rows(cohort, problems)
     problems.raise_if_any(
         "the manifest has problems", "fix the listed cells (an empty cell marks a missing modality)"
     )
     none_present = np.flatnonzero(~present.any(axis=1) & ~_bad_mask(cohort))
-    if keep_bad_rows:
+    if keep_bad_rows or keep_empty_rows:
         for i in none_present:
-            cohort.bad_rows[int(i)] = ["no modality present"]
+            cohort.bad_rows[int(i)] = [NO_MODALITY]
     elif len(none_present):
         rows = ", ".join(_where(_row(int(i)), ids) for i in none_present[:MAX_LISTED])
         extra = len(none_present) - MAX_LISTED
@@ -411,6 +436,20 @@ def _keep_bad_rows(cohort: Cohort, problems: _Problems) -> None:
     problems.items.clear()
 
 
+def _check_ids(ids: list[str], problems: _Problems) -> None:
+    """Empty and repeated ids (after zero-padding), found with pandas rather than a row loop."""
+    series = pd.Series(ids, dtype=object)
+    for i in np.flatnonzero((series == "").to_numpy()).tolist():
+        problems.add(_row(i), "id", "empty id")
+    repeated = (series.duplicated() & (series != "")).to_numpy()
+    if repeated.any():
+        codes, _ = pd.factorize(series)
+        first = np.unique(codes, return_index=True)[1]  # codes number ids by first appearance
+        for i in np.flatnonzero(repeated).tolist():
+            problems.add(_row(i), "id",
+                         f"duplicate id {ids[i]!r} (first at row {_row(int(first[codes[i]]))})")
+
+
 def _read_labels(
     frame: pd.DataFrame, problems: _Problems, required: bool, num_classes: int | None
 ) -> np.ndarray | None:
@@ -423,44 +462,68 @@ def _read_labels(
             )
         return None
     labels = np.full(len(frame), -1, dtype=np.int64)
-    for i, cell in enumerate(frame["label"]):
-        text = str(cell).strip()
-        if text == "":
-            if required:
-                problems.add(_row(i), "label", "empty label")
-            continue
-        try:
-            value = float(text)
-            if not value.is_integer():
-                raise ValueError
-        except ValueError:
-            problems.add(_row(i), "label", f"{text!r} is not an integer class index")
-            continue
-        if num_classes is not None and not 0 <= value < num_classes:
-            problems.add(
-                _row(i), "label", f"{int(value)} is outside 0..{num_classes - 1} (--num-classes)"
-            )
-            continue
-        labels[i] = int(value)
+    text = frame["label"].astype(str).str.strip()
+    empty = (text == "").to_numpy()
+    values = pd.to_numeric(text.where(~empty, None), errors="coerce").to_numpy(np.float64)
+    with np.errstate(invalid="ignore"):
+        good = ~empty & np.isfinite(values) & (values == np.round(values))
+        if num_classes is not None:
+            good &= (values >= 0) & (values < num_classes)
+    labels[good] = values[good].astype(np.int64)
+    # The rest (empty, not a number, out of range) one by one, for the messages.
+    for i in np.flatnonzero(~good).tolist():
+        _read_label(text.iat[i], i, labels, problems, required, num_classes)
     if not required and (labels < 0).all():
         return None
     return labels
 
 
+def _read_label(text: str, i: int, labels: np.ndarray, problems: _Problems, required: bool,
+                num_classes: int | None) -> None:
+    if text == "":
+        if required:
+            problems.add(_row(i), "label", "empty label")
+        return
+    try:
+        value = float(text)
+        if not value.is_integer():
+            raise ValueError
+    except ValueError:
+        problems.add(_row(i), "label", f"{text!r} is not an integer class index")
+        return
+    if num_classes is not None and not 0 <= value < num_classes:
+        problems.add(
+            _row(i), "label", f"{int(value)} is outside 0..{num_classes - 1} (--num-classes)"
+        )
+        return
+    labels[i] = int(value)
+
+
 def _fill_vectors(
-    cohort: Cohort, m_idx: int, cells: list[str], base: Path, problems: _Problems
+    cohort: Cohort, m_idx: int, cells: pd.Series, base: Path, problems: _Problems
 ) -> None:
     name = cohort.modalities[m_idx].name
+    text = cells.str.strip()
+    filled = (text != "").to_numpy()
+    inline = filled & text.str.startswith("[").to_numpy()
+    block_idx = np.flatnonzero(inline)
+    block = _parse_inline_block(text.to_numpy()[block_idx])
+    if block is None:  # something unusual inline: every cell gets the per-cell rules
+        block_idx = block_idx[:0]
+        block = np.zeros((0, 0), dtype=np.float32)
     rows: dict[int, np.ndarray] = {}
-    for i, cell in enumerate(cells):
-        if _is_empty(cell):
-            continue
+    per_cell = filled.copy()
+    per_cell[block_idx] = False
+    for i in np.flatnonzero(per_cell).tolist():
         try:
-            rows[i] = parse_vector_cell(cell, base)
+            rows[i] = parse_vector_cell(cells.iat[i], base)
         except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
             problems.add(_row(i), name, str(err))
-    lengths = {len(v) for v in rows.values()}
+    lengths = {len(v) for v in rows.values()} | ({block.shape[1]} if len(block_idx) else set())
     if len(lengths) > 1:
+        rows.update({int(i): v for i, v in zip(block_idx, block, strict=True)})
+        rows = dict(sorted(rows.items()))
+        block_idx, block = block_idx[:0], block[:0]
         counts = pd.Series([len(v) for v in rows.values()]).value_counts()
         common = int(counts.index[0])
         for i, v in list(rows.items()):
@@ -472,6 +535,9 @@ def _fill_vectors(
         lengths = {common}
     dim = lengths.pop() if lengths else 1
     array = np.full((len(cells), dim), np.nan, dtype=np.float32)
+    if len(block_idx):
+        array[block_idx] = block
+        cohort.present[block_idx, m_idx] = True
     for i, v in rows.items():
         array[i] = v
         cohort.present[i, m_idx] = True
@@ -479,21 +545,99 @@ def _fill_vectors(
     cohort.vector_columns[name] = [f"{name}_{j}" for j in range(dim)]
 
 
+_BLOCK = 200_000  # inline vector cells parsed per pandas call (bounds the temporary copies)
+def _byte_table(chars: bytes) -> np.ndarray:
+    """Look-up table: table[byte] is True for the given characters (fast per-byte tests)."""
+    table = np.zeros(256, dtype=bool)
+    table[np.frombuffer(chars, dtype=np.uint8)] = True
+    return table
+
+
+_ALLOWED = _byte_table(b"0123456789eE+-.,nul \t\n")
+_DIGIT, _EXP, _SIGN = _byte_table(b"0123456789"), _byte_table(b"eE"), _byte_table(b"+-")
+
+
+def _parse_inline_block(cells: np.ndarray) -> np.ndarray | None:
+    """Inline vector cells (stripped, each starting with '[') parsed by pandas' C reader:
+    (k, dim) float32, or None when any cell is not a flat JSON list of numbers and nulls of one
+    common length (then the per-cell rules decide, with their messages). A million cells take
+    seconds instead of a minute of json.loads and per-value float()."""
+    parts = []
+    for start in range(0, len(cells), _BLOCK):
+        part = _parse_cells(cells[start:start + _BLOCK])
+        if part is None or (parts and part.shape[1] != parts[0].shape[1]):
+            return None
+        parts.append(part)
+    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+
+def _parse_cells(cells: np.ndarray) -> np.ndarray | None:
+    k = len(cells)
+    joined = "\n".join(cells.tolist())
+    # Exactly one '[' and one ']' per cell, the ']' last: every cell is one flat list.
+    if (joined.count("[") != k or joined.count("]") != k or joined.count("]\n") != k - 1
+            or not joined.endswith("]")):
+        return None
+    body = joined.replace("[", "").replace("]", "")
+    if body.count("\n") != k - 1 or "\n\n" in body or not _plain_json_numbers(body):
+        return None
+    try:
+        frame = pd.read_csv(io.StringIO(body), header=None, na_values=["null"],
+                            keep_default_na=False, dtype=np.float64, skipinitialspace=True,
+                            skip_blank_lines=False)
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return None  # a letter salad, an empty value, more values than the first row has
+    values = frame.to_numpy(np.float64)
+    if len(values) != k or body.count(",") != k * (values.shape[1] - 1):
+        return None  # a row with fewer values (pandas pads those with NaN)
+    if np.isinf(values).any():
+        return None
+    return values.astype(np.float32)
+
+
+def _plain_json_numbers(body: str) -> bool:
+    """True when ``body`` (cells without brackets) holds nothing that json.loads would refuse in
+    a list of numbers: checked on the bytes with numpy, since regular expressions with
+    look-arounds crawl over a hundred megabytes. pandas refuses the rest (empty values, stray
+    letters)."""
+    try:
+        raw = np.frombuffer(body.encode("ascii"), dtype=np.uint8)
+    except UnicodeEncodeError:
+        return False
+    if len(raw) == 0 or not _ALLOWED[raw].all():
+        return False
+    pad = np.full(2, ord(","), dtype=np.uint8)
+    b = np.concatenate([pad, raw, pad])
+    digit, exp, sign = _DIGIT[b], _EXP[b], _SIGN[b]
+    # Each test looks at a byte (index 2 ...) and its neighbours, by slicing the padded arrays.
+    cur, here = b[2:-2], slice(2, -2)
+    prev, nxt, nxt2, prev2 = slice(1, -3), slice(3, -1), slice(4, None), slice(0, -4)
+    bad = (cur == ord("+")) & ~exp[prev]  # '+' only in an exponent
+    bad |= (cur == ord(".")) & ~(digit[prev] & digit[nxt])  # digits on both sides of a '.'
+    bad |= exp[here] & ~digit[prev]
+    bad |= exp[here] & ~(digit[nxt] | (sign[nxt] & digit[nxt2]))
+    bad |= sign[here] & ~digit[nxt]
+    # A leading zero of an integer part ('01', '-01'), not of an exponent ('1e-05').
+    bad |= ((cur == ord("0")) & digit[nxt] & ~digit[prev] & (b[prev] != ord("."))
+            & ~exp[prev] & ~(sign[prev] & exp[prev2]))
+    return not bad.any()
+
+
 def _fill_from_table(
     cohort: Cohort,
     m_idx: int,
-    table: dict[str, np.ndarray],
+    table_ids: list[str],
+    values: np.ndarray,
     columns: list[str],
     source: Path | None,
 ) -> None:
     name = cohort.modalities[m_idx].name
     array = np.full((len(cohort), len(columns)), np.nan, dtype=np.float32)
-    matched = 0
-    for i, pid in enumerate(cohort.ids):
-        if pid in table:
-            array[i] = table[pid]
-            cohort.present[i, m_idx] = True
-            matched += 1
+    position = pd.Index(table_ids).get_indexer(cohort.ids)  # -1: not in the table
+    found = position >= 0
+    array[found] = values[position[found]]
+    cohort.present[found, m_idx] = True
+    matched = int(found.sum())
     if matched == 0:
         raise ManifestError(
             f"labs table {source} matches none of the {len(cohort)} manifest ids",
@@ -545,20 +689,24 @@ def _fill_images(
 
 
 def _fill_texts(
-    cohort: Cohort, m_idx: int, cells: list[str], base: Path, problems: _Problems
+    cohort: Cohort, m_idx: int, cells: pd.Series, base: Path, problems: _Problems
 ) -> None:
     name = cohort.modalities[m_idx].name
-    texts: list[str | None] = []
-    for i, cell in enumerate(cells):
-        if _is_empty(cell):
-            texts.append(None)
-            continue
+    text = cells.str.strip()
+    filled = (text != "").to_numpy()
+    # Cells that read_text_cell takes for a note file; every other filled cell is the note.
+    files = filled & (text.str.slice(-4).str.lower() == ".txt").to_numpy()
+    for i in np.flatnonzero(files).tolist():  # candidates only: usually all or none
+        files[i] = "\n" not in text.iat[i] and len(text.iat[i]) < 1024
+    texts: list[str | None] = np.where(filled, text.to_numpy(), None).tolist()
+    cohort.present[:, m_idx] = filled
+    for i in np.flatnonzero(files).tolist():
         try:
-            note = read_text_cell(cell, base)
+            note = read_text_cell(cells.iat[i], base)
         except ValueError as err:
             problems.add(_row(i), name, str(err))
             note = ""
-        texts.append(note or None)
+        texts[i] = note or None
         cohort.present[i, m_idx] = bool(note)
     cohort.texts[name] = texts
 
