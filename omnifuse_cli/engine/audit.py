@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from omnifuse_cli.config import DataConfig, TrainConfig
 from omnifuse_cli.data.manifest import check_trainable, read_manifest
 from omnifuse_cli.data.splits import stratified_split
-from omnifuse_cli.config import DataConfig, TrainConfig
 from omnifuse_cli.errors import DataError
 
 
@@ -41,8 +41,12 @@ def audit_manifest(manifest: Path, data: DataConfig, *, num_classes: int | None 
         on_bad_file=data.on_bad_file,
     )
     names = cohort.names
-    patterns = Counter("+".join(n for n, p in zip(names, row, strict=True) if p)
-                       for row in cohort.present)
+    # One count per distinct presence row, not a string per patient (a million patients).
+    # Ties keep the order of first appearance, as counting patient by patient did.
+    rows, first, counts = np.unique(cohort.present, axis=0, return_index=True,
+                                    return_counts=True)
+    patterns = Counter({"+".join(n for n, p in zip(names, rows[k], strict=True) if p):
+                        int(counts[k]) for k in np.argsort(first)})
     images = {}
     for name, lists in cohort.images.items():
         sizes = np.array([len(p) for p in lists if p])

