@@ -4,8 +4,10 @@ labs-table hint, row + id in errors, file modes, the split summary and whole tab
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +189,30 @@ def test_help_shows_the_defaults() -> None:
         output = one_line(invoke(name, "--help", width=1000).output)
         for fragment in fragments:
             assert fragment in output, (name, fragment)
+
+
+# -- file modes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_run_files_follow_the_umask(tiny_manifest: Path, tmp_path: Path, umask: int) -> None:
+    """Atomic writes used to leave every run file 0600 (mkstemp's mode): a colleague in the
+    group could not read a shared run's metrics."""
+    from omnifuse_cli.engine.files import write_csv
+    from omnifuse_cli.engine.prediction import PredictRequest, predict_patients
+
+    old = os.umask(umask)
+    try:
+        run = tmp_path / "run"
+        run_training(tiny_request(tiny_manifest, run, epochs=1))
+        result = predict_patients(PredictRequest(run_dir=run, patients=tiny_manifest,
+                                                 device="cpu"))
+        write_csv(tmp_path / "predictions.csv", result.frame)
+    finally:
+        os.umask(old)
+    files = [p for p in run.rglob("*") if p.is_file()] + [tmp_path / "predictions.csv"]
+    assert {"model.safetensors", "bundle.json", "metrics.csv", "meta.csv",
+            "checkpoint.pt"} <= {p.name for p in files}
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in files}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+    assert not [p for p in run.rglob("*.tmp")]

@@ -11,7 +11,7 @@ import json
 import os
 import platform
 import shutil
-import tempfile
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from omnifuse_cli import __version__
-from omnifuse_cli.data.prepared import Preprocessor
 from omnifuse_cli.config import (
     ImageConfig,
     ModelConfig,
@@ -29,7 +28,8 @@ from omnifuse_cli.config import (
     text_config_from_dict,
     to_primitive,
 )
-from omnifuse_cli.engine.files import write_text_atomic
+from omnifuse_cli.data.prepared import Preprocessor
+from omnifuse_cli.engine.files import temp_file_beside, write_text_atomic
 from omnifuse_cli.engine.modelling import build_model, text_backbone_from_folder
 from omnifuse_cli.errors import BundleError
 from omnifuse_cli.model.omnifuse import OmniFuse
@@ -66,13 +66,14 @@ def save_bundle(folder: Path, model: OmniFuse, preprocessor: Preprocessor, *,
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone()
                for k, v in (state or model.state_dict()).items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_file_beside(folder / "model.safetensors")
     try:
-        save_file(tensors, tmp, metadata={"format": FORMAT})
+        mode = stat.S_IMODE(tmp.stat().st_mode)  # what the user's umask allows
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        os.chmod(tmp, mode)  # safetensors recreates the file 0600
         os.replace(tmp, folder / "model.safetensors")
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     for name, tokenizer in preprocessor.tokenizers.items():
         text_dir = folder / f"text_{name}"

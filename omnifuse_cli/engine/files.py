@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import pandas as pd
@@ -12,16 +12,31 @@ import pandas as pd
 from omnifuse_cli.errors import ConfigError
 
 
+def temp_file_beside(path: Path) -> Path:
+    """Create an empty, uniquely named file next to ``path`` to write and then rename over it.
+
+    Unlike mkstemp's 0o600 it gets the permissions a plain open() would give (0o666 less the
+    user's umask, applied by the kernel), so colleagues in the group can read a shared run."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside ``path`` then rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_file_beside(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
