@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from omnifuse_cli.config import DataConfig, TrainConfig
-from omnifuse_cli.data.manifest import check_trainable, read_manifest
+from omnifuse_cli.data.manifest import Cohort, check_trainable, read_manifest
 from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.errors import DataError
 
@@ -25,6 +26,7 @@ class AuditReport:
     vector_sizes: dict[str, int]
     notes: list[str] = field(default_factory=list)  # skipped files, labs-table mismatches
     problems: list[str] = field(default_factory=list)  # what stops training
+    split_summary: pd.DataFrame | None = None  # the split train would make (split_summary)
 
     @property
     def trainable(self) -> bool:
@@ -70,8 +72,40 @@ def audit_manifest(manifest: Path, data: DataConfig, *, num_classes: int | None 
     cfg = split or TrainConfig()
     try:
         check_trainable(cohort, classes)
-        stratified_split(cohort.labels, train=cfg.train_ratio, val=cfg.val_ratio,
-                         test=cfg.test_ratio, seed=cfg.seed)
+        splits = stratified_split(cohort.labels, train=cfg.train_ratio, val=cfg.val_ratio,
+                                  test=cfg.test_ratio, seed=cfg.seed)
     except DataError as err:
         report.problems.append(err.message + (f" ({err.hint})" if err.hint else ""))
+        return report
+    report.split_summary = split_summary(cohort, splits, [str(c) for c in range(classes)])
     return report
+
+
+def split_summary(cohort: Cohort, splits: dict[str, np.ndarray],
+                  class_names: list[str]) -> pd.DataFrame:
+    """Patients per class and per missing pattern in each split (train, val, test, all).
+
+    One row per class (``kind`` class) then one per presence pattern (``kind`` pattern, most
+    common first): researchers check that every class and every pattern reached each split."""
+    assert cohort.labels is not None
+    split_of = np.full(len(cohort), -1, dtype=np.int64)
+    for k, idx in enumerate(splits.values()):
+        split_of[idx] = k
+    rows, first, code = np.unique(cohort.present, axis=0, return_index=True,
+                                  return_inverse=True)
+    code = code.reshape(-1)
+    names = ["+".join(n for n, p in zip(cohort.names, row, strict=True) if p) or "(none)"
+             for row in rows]
+    groups = [("class", class_names, cohort.labels), ("pattern", names, code)]
+    records = []
+    for kind, values, key in groups:
+        table = np.zeros((len(values), len(splits)), dtype=np.int64)
+        for k in range(len(splits)):
+            table[:, k] = np.bincount(key[split_of == k], minlength=len(values))
+        order = range(len(values)) if kind == "class" else sorted(
+            range(len(values)), key=lambda v: (-table[v].sum(), first[v]))
+        for v in order:
+            records.append({"kind": kind, "value": values[v],
+                            **{name: int(table[v, k]) for k, name in enumerate(splits)},
+                            "total": int(table[v].sum())})
+    return pd.DataFrame(records)

@@ -44,6 +44,7 @@ from omnifuse_cli.data.prepared import (
 )
 from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.engine import distributed
+from omnifuse_cli.engine.audit import split_summary
 from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions
 from omnifuse_cli.engine.files import prepare_out_dir, write_csv, write_text_atomic
 from omnifuse_cli.engine.inference import (
@@ -144,6 +145,8 @@ class TrainResult:
     device: str
     image_weights: str
     notes: list[str]
+    # Patients per class and per missing pattern in each split (engine.audit.split_summary).
+    split_summary: pd.DataFrame | None = None
 
 
 CHECKPOINT = "checkpoint.pt"  # state after the last complete epoch, for --resume
@@ -216,6 +219,7 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
         splits = stratified_split(cohort.labels, train=cfg.train_ratio, val=cfg.val_ratio,
                                   test=cfg.test_ratio, seed=cfg.seed)
         distributed.check_world_fits(len(splits["train"]), cfg.batch_size)
+        summary = split_summary(cohort, splits, [str(c) for c in range(request.num_classes)])
         digests = data_digests(request) if distributed.active() else {}
     distributed.check_same_data(digests)
     with distributed.together("preparing the run folder"):
@@ -223,6 +227,7 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
             prepare_out_dir(request.out_dir, request.overwrite)
             save_request(request)
             _write_split_files(request.out_dir, cohort, splits)
+            write_csv(request.out_dir / "splits_summary.csv", summary)
     for note in cohort.notes:
         emit(TrainEvent("message", text=note))
 
@@ -283,7 +288,7 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
         out_dir=request.out_dir, records=records, best_epoch=best_epoch, test=test,
         confusion=cm, split_counts={k: len(v) for k, v in splits.items()},
         class_names=class_names, encode_seconds=encode_seconds, device=str(device),
-        image_weights=weights_desc, notes=list(cohort.notes),
+        image_weights=weights_desc, notes=list(cohort.notes), split_summary=summary,
     )
 
 
