@@ -9,6 +9,7 @@ import typer
 from omnifuse_cli import __version__
 from omnifuse_cli.cli import check, cv, evaluate, make_data, predict, report, synth, train
 from omnifuse_cli.cli.common import set_debug
+from omnifuse_cli.cli.config_commands import config_app
 
 app = typer.Typer(
     name="omnifuse",
@@ -43,6 +44,7 @@ app.command("evaluate")(evaluate.evaluate)
 app.command("predict")(predict.predict)
 app.command("cv")(cv.cv)
 app.command("report")(report.report)
+app.add_typer(config_app, name="config")
 
 
 def main() -> None:

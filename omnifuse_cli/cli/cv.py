@@ -9,11 +9,13 @@ from typing import Annotated, Any
 import typer
 
 from omnifuse_cli.cli.common import console, handle_errors
+from omnifuse_cli.cli.config_file import with_config_file
 from omnifuse_cli.cli.train_options import with_train_options
 from omnifuse_cli.errors import ConfigError
 
 
 @handle_errors
+@with_config_file
 @with_train_options
 def cv(
     manifest: Annotated[Path | None, typer.Argument(
@@ -60,6 +62,7 @@ def cv(
     --val-ratio) of it) picks the epoch; the test fold chooses nothing. Frozen backbones encode
     every image once for the whole cross-validation.
     """
+    from omnifuse_cli.cli.config_file import run_settings
     from omnifuse_cli.cli.train_options import build_configs, parse_variant
     from omnifuse_cli.engine.crossval import BASE, CVRequest, Variant, load_cv_request
 
@@ -74,7 +77,8 @@ def cv(
                               hint=f"omnifuse cv {manifest} --num-classes C")
         settings = build_configs(train_options)
         variants = []
-        for spec in [*(variant or []), *_read_variants_file(variants_file)]:
+        specs = [*(variant or []), *_read_variants_file(variants_file)]
+        for spec in specs:
             name, flags, values = parse_variant(spec, train_options)
             try:
                 made = build_configs(values)
@@ -87,6 +91,10 @@ def cv(
             base=Variant(BASE, settings.data, settings.method, settings.train),
             variants=tuple(variants), folds=folds, repeats=repeats, group_col=group_col,
             refit=refit, bootstrap=bootstrap, overwrite=overwrite,
+            config_yaml=run_settings("cv", {
+                "manifest": manifest, "num_classes": num_classes, "folds": folds,
+                "repeats": repeats, "group_col": group_col, "variant": specs, "refit": refit,
+                "bootstrap": bootstrap, **train_options}),
         )
     _run(request, resume is not None)
 
