@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner, Result
@@ -216,3 +217,76 @@ def test_run_files_follow_the_umask(tiny_manifest: Path, tmp_path: Path, umask: 
     modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in files}
     assert modes == dict.fromkeys(modes, 0o666 & ~umask)
     assert not [p for p in run.rglob("*.tmp")]
+
+
+# -- split summary and table titles -----------------------------------------------------------
+
+
+def expected_split_rows(manifest: Path, ratios: tuple[float, float, float], seed: int
+                        ) -> dict[str, list[int]]:
+    """Patients per class / presence pattern in train, val, test, all, counted independently
+    of the engine's summary (from the manifest's cells and the split function)."""
+    from omnifuse_cli.data.splits import stratified_split
+
+    frame = read(manifest)
+    labels = frame["label"].astype(int).to_numpy()
+    splits = stratified_split(labels, train=ratios[0], val=ratios[1], test=ratios[2], seed=seed)
+    pattern = np.array(["+".join(m for m in ("labs", "us", "text") if row[m].strip())
+                        for _, row in frame.iterrows()])
+    keys = {f"class {c}": labels == c for c in range(3)}
+    keys.update({p: pattern == p for p in sorted(set(pattern))})
+    return {key: [int(mask[splits[s]].sum()) for s in ("train", "val", "test")]
+            + [int(mask.sum())] for key, mask in keys.items()}
+
+
+def assert_split_table(output: str, expected: dict[str, list[int]]) -> None:
+    assert "patients per split, by class and missing pattern" in output
+    for key, counts in expected.items():
+        cells = r"\s*│\s*".join(str(n) for n in counts)
+        assert re.search(rf"│ {re.escape(key)}\s*│\s*{cells}\s*│", output), (key, counts)
+
+
+def test_check_prints_the_split_summary(tiny_manifest: Path) -> None:
+    result = invoke("check", tiny_manifest, "--num-classes", 3, "--train-ratio", 0.6,
+                    "--val-ratio", 0.2, "--test-ratio", 0.2, "--seed", 3)
+    assert result.exit_code == 0, result.output
+    expected = expected_split_rows(tiny_manifest, (0.6, 0.2, 0.2), 3)
+    assert len(expected) == 3 + 7  # three classes, seven presence patterns
+    assert_split_table(result.output, expected)
+
+
+def test_train_prints_and_writes_the_split_summary(tiny_manifest: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = invoke("train", tiny_manifest, "--out-dir", run, "--num-classes", 3, "--epochs", 1,
+                    "--image-backbone", "resnet18", "--image-size", 32, "--device", "cpu",
+                    "--no-pretrained-image", "--train-ratio", 0.6, "--val-ratio", 0.2,
+                    "--test-ratio", 0.2, "--seed", 0, "--no-cache")
+    assert result.exit_code == 0, result.output
+    expected = expected_split_rows(tiny_manifest, (0.6, 0.2, 0.2), 0)
+    assert_split_table(result.output, expected)
+    written = read(run / "splits_summary.csv")
+    assert list(written.columns) == ["kind", "value", "train", "val", "test", "total"]
+    as_rows = {(f"class {v}" if k == "class" else v): [int(n) for n in rest]
+               for k, v, *rest in written.itertuples(index=False)}
+    assert as_rows == expected
+
+
+@pytest.mark.parametrize("width", [40, 60])
+def test_table_titles_stay_whole_on_a_narrow_terminal(width: int) -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from omnifuse_cli.cli.render import confusion_table, counts_table, metrics_table
+
+    tables = {
+        "test metrics (best checkpoint)": metrics_table({"acc": 0.5}, "test metrics (best "
+                                                        "checkpoint)"),
+        "patients per class": counts_table({"0": 3}, "patients per class"),
+        "confusion matrix (rows = true)": confusion_table(np.eye(2), ["0", "1"],
+                                                          "confusion matrix (rows = true)"),
+    }
+    for title, table in tables.items():
+        buffer = StringIO()
+        Console(file=buffer, width=width, force_terminal=False).print(table)
+        assert title in buffer.getvalue().splitlines()[0], buffer.getvalue()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from rich.cells import cell_len
 from rich.markup import escape
 from rich.table import Table
 
@@ -23,11 +25,17 @@ def fmt(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def titled(title: str, **kwargs: Any) -> Table:
+    """A left-titled table at least as wide as its title: rich wraps a title to the table's
+    width, which broke short tables' titles mid-phrase ("test metrics (best" / "checkpoint)")."""
+    return Table(title=title, title_justify="left", min_width=cell_len(title), **kwargs)
+
+
 def epoch_table(title: str = "training") -> Table:
     """One row per epoch: each loss term of Eq. 18, validation metrics and the lazy combination.
 
     ``*`` marks a new best epoch, ``ft`` an epoch that fine-tuned backbones."""
-    table = Table(title=title, title_justify="left", box=None, padding=(0, 1, 0, 0),
+    table = titled(title, box=None, padding=(0, 1, 0, 0),
                   header_style="bold underline")
     for name in ("epoch", "loss", "fwd", "bwd", "dwfuse", "tla", "val_loss", "val_acc",
                  "val_F1", "lazy", "s"):
@@ -48,7 +56,7 @@ def add_epoch_row(table: Table, record) -> None:  # type: ignore[no-untyped-def]
 
 def metrics_table(metrics: Mapping[str, float], title: str,
                   intervals: Mapping[str, tuple[float, float]] | None = None) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = titled(title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     if intervals:
@@ -63,7 +71,7 @@ def metrics_table(metrics: Mapping[str, float], title: str,
 
 
 def patterns_table(frame: pd.DataFrame) -> Table:
-    table = Table(title="by missing pattern (modalities present)", title_justify="left")
+    table = titled("by missing pattern (modalities present)")
     for col in ("present", "n", "acc", "macro_f1", "auroc"):
         table.add_column(col, justify="left" if col == "present" else "right")
     for _, row in frame.iterrows():
@@ -73,7 +81,7 @@ def patterns_table(frame: pd.DataFrame) -> Table:
 
 
 def confusion_table(cm: np.ndarray, class_names: Sequence[str], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = titled(title)
     table.add_column("true \\ pred")
     for name in class_names:
         table.add_column(str(name), justify="right")
@@ -84,7 +92,7 @@ def confusion_table(cm: np.ndarray, class_names: Sequence[str], title: str) -> T
 
 def counts_table(counts: Mapping[str, object], title: str, key: str = "", value: str = "n"
                  ) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = titled(title)
     table.add_column(key)
     table.add_column(value, justify="right")
     for k, v in counts.items():
@@ -106,7 +114,7 @@ def predictions_table(frame: pd.DataFrame, class_names: Sequence[str],
     title = (f"predictions ({len(frame)} patients"
              + (f", {unscored} not scored" if unscored else "")
              + (f", first {limit} shown)" if len(frame) > limit else ")"))
-    table = Table(title=title, title_justify="left", box=None, padding=(0, 1, 0, 0),
+    table = titled(title, box=None, padding=(0, 1, 0, 0),
                   header_style="bold underline",
                   caption="pN = probability of class N; w_M = DWFuse weight of modality M at "
                   "the predicted class", caption_justify="left")
@@ -130,7 +138,7 @@ def audit_tables(report) -> list[Table]:  # type: ignore[no-untyped-def]
     tables = []
     if report.label_counts:
         tables.append(counts_table(report.label_counts, f"{n} patients by label", key="label"))
-    presence = Table(title="modalities", title_justify="left")
+    presence = titled("modalities")
     for col in ("modality", "patients", "share", "detail"):
         presence.add_column(col, justify="left" if col in ("modality", "detail") else "right")
     for name, count in report.presence.items():
@@ -145,13 +153,34 @@ def audit_tables(report) -> list[Table]:  # type: ignore[no-untyped-def]
     tables.append(presence)
     tables.append(counts_table(report.patterns, "missing patterns (modalities present)",
                                key="present", value="patients"))
+    if report.split_summary is not None:
+        tables.append(split_summary_table(report.split_summary))
     return tables
+
+
+def split_summary_table(frame: pd.DataFrame,
+                        title: str = "patients per split, by class and missing pattern") -> Table:
+    """engine.audit.split_summary as a table; a class or pattern missing from a split shows a
+    yellow 0 (it cannot be learnt, tuned or tested there)."""
+    splits = [c for c in frame.columns if c not in ("kind", "value", "total")]
+    table = titled(title)
+    table.add_column("")
+    for name in [*splits, "all"]:
+        table.add_column(name, justify="right")
+    for kind in ("class", "pattern"):
+        part = frame[frame["kind"] == kind]
+        for _, row in part.iterrows():
+            label = f"class {row['value']}" if kind == "class" else str(row["value"])
+            cells = [str(row[n]) if row[n] else "[yellow]0[/]" for n in splits]
+            table.add_row(escape(label), *cells, str(row["total"]),
+                          end_section=kind == "class" and row.name == part.index[-1])
+    return table
 
 
 def fold_table(title: str) -> Table:
     """One row per completed fold fit of `omnifuse cv` (``r`` marks one read from an earlier,
     interrupted invocation)."""
-    table = Table(title=title, title_justify="left", box=None, padding=(0, 1, 0, 0),
+    table = titled(title, box=None, padding=(0, 1, 0, 0),
                   header_style="bold underline")
     for name in ("variant", "rep", "fold", "train/val/test", "best", "macro-F1", "AUROC", "s"):
         table.add_column(name, justify="left" if name == "variant" else "right", no_wrap=True)
@@ -175,7 +204,7 @@ def _mean_sd(mean: float, sd: float) -> str:
 
 def cv_metrics_table(frame: pd.DataFrame, title: str) -> Table:
     """Pooled out-of-fold metrics of one variant: value, 95% CI and per-fold mean ± SD."""
-    table = Table(title=title, title_justify="left")
+    table = titled(title)
     table.add_column("metric")
     table.add_column("pooled", justify="right")
     table.add_column("95% CI (bootstrap)", justify="right")
@@ -189,7 +218,7 @@ def cv_metrics_table(frame: pd.DataFrame, title: str) -> Table:
 
 def differences_table(frame: pd.DataFrame, title: str) -> Table:
     """Paired differences of each variant from the base model, pooled and per fold."""
-    table = Table(title=title, title_justify="left")
+    table = titled(title)
     for name in ("variant", "metric", "difference", "95% CI (paired bootstrap)",
                  "folds: mean ± SD"):
         table.add_column(name, justify="left" if name in ("variant", "metric") else "right")

@@ -142,7 +142,13 @@ def train(
     """Train OmniFuse on a manifest: stratified split, best-on-validation model, test metrics."""
     values = dict(locals())  # every parameter by name (nothing else is defined yet)
     from omnifuse_cli.cli.config_file import run_settings
-    from omnifuse_cli.cli.render import add_epoch_row, confusion_table, epoch_table, metrics_table
+    from omnifuse_cli.cli.render import (
+        add_epoch_row,
+        confusion_table,
+        epoch_table,
+        metrics_table,
+        split_summary_table,
+    )
     from omnifuse_cli.cli.train_options import build_configs
     from omnifuse_cli.engine.training import TrainEvent, TrainRequest, load_request, run_training
 
@@ -200,6 +206,8 @@ def train(
                   f"split train/val/test = {result.split_counts['train']}/"
                   f"{result.split_counts['val']}/{result.split_counts['test']}; "
                   f"device {result.device}")
+    if result.split_summary is not None:
+        console.print(split_summary_table(result.split_summary))
     console.print(metrics_table(result.test, "test metrics (best checkpoint)"))
     console.print(confusion_table(result.confusion, result.class_names,
                                   "test confusion matrix (rows = true)"))
