@@ -281,3 +281,57 @@ def test_cv_encodes_once_into_one_entry_for_every_fold(tiny_manifest: Path,
     second = invoke("cv", str(tiny_manifest), "--out-dir", str(tmp_path / "cv2"), *args)
     assert f"reusing cached us features from {entry}" in second.output
     assert entries(cache) == [entry]
+
+
+# -- torchrun: two processes share the encoding -------------------------------------------------
+
+
+_FORKED: dict[str, Any] = {}  # what the forked ranks inherit: the model and the cohort
+
+
+def _rank_worker(rank: int, cache_dir: str, out: str) -> None:
+    """One process of a 2-process gloo group (as torchrun would start): encode through the
+    cache and save what this rank got."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank,
+                            world_size=2)
+    try:
+        model, data = _FORKED["model"], _FORKED["data"]
+        messages: list[str] = []
+        cache_frozen_features(model, data, ["us"], device=CPU, batch_size=4, amp=False,
+                              cache=FeatureCache(Path(cache_dir)), notify=messages.append)
+        np.save(Path(out) / f"rank{rank}.npy", np.asarray(data.image_cache["us"].array))
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(messages))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(run: Encoded, cache: Path, out: Path) -> list[list[str]]:
+    import torch.multiprocessing as mp
+
+    out.mkdir()
+    _FORKED.update(model=run.model, data=run.data)
+    # fork: the ranks start at once with the same model instead of importing torch and
+    # building it again (tens of seconds on a busy 2-core machine); the parent holds no
+    # process group and runs one intra-op thread.
+    mp.start_processes(_rank_worker, args=(str(cache), str(out)), nprocs=2, join=True,
+                       start_method="fork")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_two_processes_encode_half_each_and_share_one_entry(
+        tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    memory = Encoded(tiny_manifest, None, monkeypatch)
+    said = _spawn(memory, cache, tmp_path / "first")
+    (entry,) = entries(cache)
+    assert said == [[f"cached us features in {entry} (encoded by 2 processes)"], []]
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no shards, no debris
+    ranks = [np.load(tmp_path / "first" / f"rank{r}.npy") for r in range(2)]
+    np.testing.assert_array_equal(ranks[0], ranks[1])
+    np.testing.assert_allclose(ranks[0], memory.flat(), rtol=1e-5, atol=1e-6)
+    alone = Encoded(tiny_manifest, FeatureCache(cache), monkeypatch)  # one process, same entry
+    assert alone.encoded == 0 and alone.said("reusing cached us features")
+    again = _spawn(memory, cache, tmp_path / "again")
+    assert again == [[f"reusing cached us features from {entry}"], []]
