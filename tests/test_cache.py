@@ -263,6 +263,10 @@ def test_train_reuses_the_cache_and_matches_a_run_without_it(
         pd.read_csv(tmp_path / "a" / "eval" / "test" / "predictions.csv"),
         pd.read_csv(tmp_path / "eval-plain" / "predictions.csv"), rtol=1e-4)
     assert "cached" not in again.output
+    fresh = tmp_path / "fresh"  # a test split alone is not worth encoding the whole cohort for
+    split_only = invoke("evaluate", str(tmp_path / "a"), "--bootstrap", "0", "--device", "cpu",
+                        "--cache-dir", str(fresh), "--out-dir", str(tmp_path / "eval-fresh"))
+    assert "cached" not in split_only.output and not fresh.exists()
     predicted = invoke("predict", str(tiny_manifest), "--run", str(tmp_path / "a"), "--out",
                        str(tmp_path / "p.csv"), "--device", "cpu", "--cache-dir", str(cache))
     assert f"reusing cached us features from {entry}" in predicted.output

@@ -158,7 +158,7 @@ def evaluate_run(request: EvalRequest) -> EvalResult:
             source += f", missing rate {request.missing_rate:g} (seed {request.seed})"
             tag += f"-missing{request.missing_rate:g}-seed{request.seed}"
     data = bundle.preprocessor.prepare(cohort)
-    reuse_frozen_features(bundle.model, data, device=device, batch_size=request.batch_size,
+    reuse_frozen_features(bundle.model, data, rows, device=device, batch_size=request.batch_size,
                           cache=feature_cache(request.cache_dir, request.cache),
                           notify=notes.append)
     result = infer(bundle.model, data, rows, device=device, batch_size=request.batch_size)

@@ -118,26 +118,28 @@ def cache_frozen_features(model: OmniFuse, data: PreparedCohort, names: list[str
                           device: torch.device, batch_size: int, amp: bool,
                           progress: ProgressFn | None = None, num_workers: int = 0,
                           cache: FeatureCache | None = None,
-                          notify: Callable[[str], None] | None = None) -> None:
+                          notify: Callable[[str], None] | None = None,
+                          reuse_only: bool = False) -> None:
     """Encode every image and hf note once with the frozen backbones (streamed from disk).
 
     With a ``cache`` the features are written to, or reused from, an entry keyed by the data and
     the backbone's weights, and read memory-mapped; without, they are held in memory. Under
     torchrun each rank encodes every world_size-th item and rank 0 assembles the entry.
     The global random state is left as it was (a DataLoader draws its seed from it): a run that
-    reuses the cache trains exactly like one that encoded.
+    reuses the cache trains exactly like one that encoded. ``reuse_only``: take complete
+    entries, encode nothing (modalities without one keep reading their raw inputs).
     """
     with torch.random.fork_rng(devices=[]):
         _cache_frozen_features(model, data, names, device=device, batch_size=batch_size, amp=amp,
                                progress=progress, num_workers=num_workers, cache=cache,
-                               notify=notify)
+                               notify=notify, reuse_only=reuse_only)
 
 
 def _cache_frozen_features(model: OmniFuse, data: PreparedCohort, names: list[str], *,
                            device: torch.device, batch_size: int, amp: bool,
                            progress: ProgressFn | None, num_workers: int,
-                           cache: FeatureCache | None, notify: Callable[[str], None] | None
-                           ) -> None:
+                           cache: FeatureCache | None, notify: Callable[[str], None] | None,
+                           reuse_only: bool) -> None:
     model.eval()
     say = notify or (lambda text: None)
     precision = "bf16" if amp and device.type == "cuda" else "fp32"
@@ -168,8 +170,10 @@ def _cache_frozen_features(model: OmniFuse, data: PreparedCohort, names: list[st
                         report(k + 1, len(files))
 
             job = _Job(name, len(paths), encoder.feature_dim, offsets, parts, encode_images)
-            data.image_cache[name] = _features(job, cache, say, progress)
-            data.image_feature_dims[name] = encoder.feature_dim
+            feats = _features(job, cache, say, progress, reuse_only)
+            if feats is not None:
+                data.image_cache[name] = feats
+                data.image_feature_dims[name] = encoder.feature_dim
         elif isinstance(encoder, HFTextEncoder):
             seqs, pad = data.token_ids[name], data.pad_ids[name]
             parts = {**common, "kind": "text", "tokens": tokens_fingerprint(seqs), "pad": pad}
@@ -187,7 +191,9 @@ def _cache_frozen_features(model: OmniFuse, data: PreparedCohort, names: list[st
                         report(min(k + batch_size, len(chosen)), len(chosen))
 
             job = _Job(name, len(seqs), encoder.feature_dim, None, parts, encode_notes)
-            data.text_cache[name] = _features(job, cache, say, progress)
+            feats = _features(job, cache, say, progress, reuse_only)
+            if feats is not None:
+                data.text_cache[name] = feats
 
 
 def _in_memory(job: _Job, progress: ProgressFn | None) -> FeatureArray:
@@ -212,7 +218,7 @@ def _write_failed(cache: FeatureCache, err: OSError) -> DataError:
 
 
 def _features(job: _Job, cache: FeatureCache | None, say: Callable[[str], None],
-              progress: ProgressFn | None) -> FeatureArray:
+              progress: ProgressFn | None, reuse_only: bool = False) -> FeatureArray | None:
     key = entry_key(job.parts)
     if distributed.active():
         return _features_distributed(job, key, cache, say, progress)
@@ -223,6 +229,8 @@ def _features(job: _Job, cache: FeatureCache | None, say: Callable[[str], None],
     if found is not None:
         say(f"reusing cached {job.name} features from {folder}")
         return found
+    if reuse_only:
+        return None
     if damaged:
         say(f"cached {job.name} features in {folder} are damaged or stale ({damaged}); "
             "encoding them again")
@@ -325,13 +333,15 @@ def _features_distributed(job: _Job, key: str, cache: FeatureCache | None,
     return found
 
 
-def reuse_frozen_features(model: OmniFuse, data: PreparedCohort, *, device: torch.device,
-                          batch_size: int, cache: FeatureCache | None,
+def reuse_frozen_features(model: OmniFuse, data: PreparedCohort, rows: np.ndarray, *,
+                          device: torch.device, batch_size: int, cache: FeatureCache | None,
                           notify: Callable[[str], None] | None = None) -> None:
     """evaluate/predict: take the backbones' features from the cache (a run's own test split
-    finds the entry its training wrote), encoding and storing them on a miss. Without a cache
-    nothing happens: infer encodes batch by batch, holding no features."""
+    finds the entry its training wrote). When every patient is scored a missing entry is
+    encoded and stored; when only some ``rows`` are (a test split) it is not, since that would
+    encode the whole cohort to score a tenth of it. Without a cache nothing happens: infer
+    encodes batch by batch, holding no features."""
     names = [n for n, e in model.encoders.items() if isinstance(e, (ImageEncoder, HFTextEncoder))]
     if cache is not None and names:
         cache_frozen_features(model, data, names, device=device, batch_size=batch_size, amp=True,
-                              cache=cache, notify=notify)
+                              cache=cache, notify=notify, reuse_only=len(rows) < len(data))

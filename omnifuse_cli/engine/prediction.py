@@ -108,7 +108,8 @@ def predict_patients(request: PredictRequest) -> PredictResult:
     bundle.preprocessor.check_compatible(scored)
     data = bundle.preprocessor.prepare(scored)
     notes: list[str] = []
-    reuse_frozen_features(bundle.model, data, device=device, batch_size=request.batch_size,
+    reuse_frozen_features(bundle.model, data, np.arange(len(data)), device=device,
+                          batch_size=request.batch_size,
                           cache=feature_cache(request.cache_dir, request.cache),
                           notify=notes.append)
     result = infer(bundle.model, data, np.arange(len(scored)), device=device,
