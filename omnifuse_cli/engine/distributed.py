@@ -224,7 +224,7 @@ def file_digest(path: Path | str) -> str:
 def check_same_data(parts: dict[str, str]) -> None:
     """Every rank must train on the same data and settings.
 
-    ``parts`` maps a name the user recognises ("manifest data.csv", "settings") to a digest of
+    ``parts`` maps a name the user recognises ("the manifest", "the settings") to a digest of
     it; the first part on which a rank differs from rank 0 is named in the error, raised on
     every rank before any training step (a rank on other data would silently train another
     model, and DDP would average their gradients)."""
@@ -237,8 +237,8 @@ def check_same_data(parts: dict[str, str]) -> None:
             mine, theirs = reference.get(name, "(none)"), report.get(name, "(none)")
             if mine != theirs:
                 error = DataError(
-                    f"the processes disagree on the data: {name} on rank {r} differs from "
-                    f"rank 0 (sha256 {theirs[:12]} vs {mine[:12]})",
+                    f"the processes disagree on {name}: rank {r} has sha256 {theirs[:12]}, "
+                    f"rank 0 has {mine[:12]}",
                     hint="every node must see the same manifest, labs table and options "
                     "(copy the files, or put them on a shared filesystem)")
                 error.all_ranks = True  # type: ignore[attr-defined]

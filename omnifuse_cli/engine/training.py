@@ -295,16 +295,15 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
 def data_digests(request: TrainRequest) -> dict[str, str]:
     """What every process must agree on: the manifest's and labs table's bytes and every
     setting (paths left out: nodes may mount the same files under different names)."""
-    parts = {f"manifest {Path(request.manifest).name}": distributed.file_digest(request.manifest)}
+    parts = {"the manifest": distributed.file_digest(request.manifest)}
     if request.data.labs_table:
-        parts[f"labs table {Path(request.data.labs_table).name}"] = distributed.file_digest(
-            request.data.labs_table)
+        parts["the labs table"] = distributed.file_digest(request.data.labs_table)
     settings = to_primitive(request)
     for key in ("manifest", "out_dir", "overwrite", "config_yaml"):
         settings.pop(key, None)
     settings["data"].pop("labs_table", None)
     text = json.dumps(settings, sort_keys=True, default=str)
-    parts["settings"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    parts["the settings"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return parts
 
 
