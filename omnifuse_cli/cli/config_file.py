@@ -360,6 +360,9 @@ def template(command_name: str) -> str:
             param = next(p for p in command.params if p.name == name)
             key = first[name]
             help_text = " ".join((getattr(param, "help", None) or "").split())
+            shown = getattr(param, "show_default", None)
+            if isinstance(shown, str) and param.default is None:
+                help_text += f" (null: {shown})"  # what the option's --help says it defaults to
             for row in textwrap.wrap(help_text, 96):
                 lines.append(f"# {row}")
             if (command_name, key) in _NEEDED:

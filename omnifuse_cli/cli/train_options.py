@@ -8,12 +8,14 @@ config field (`--lr` -> TrainConfig.lr, `--embed-dim` -> MethodConfig.embed_dim,
 `--image-backbone` -> ImageConfig.backbone, `--no-tla` -> MethodConfig.use_tla negated) needs no
 entry anywhere; one that needs converting has a line in CONVERTERS.
 
-Adding a train option: define it in `train`'s signature and use it there as usual; `cv` and
-`--variant` take it from then on. When train passes it on unchanged to a config field of the same
+`omnifuse train` builds its own configs here too, so one mapping serves train, cv, `--variant`
+and `--config` files (whose keys are the same options, see cli/config_file.py).
+
+Adding a train option: define it in `train`'s signature; `cv`, `--variant`, config files and
+`omnifuse config init` take it from then on. When it goes unchanged to a config field of the same
 name, that is all; otherwise add its line to CONVERTERS; when it decides which patients or values
-are read, add it to DATA_READING (variants may not change it). tests/test_cv.py compares, option
-by option, the configs built here with the request `omnifuse train` itself builds (a new text
-option needs an example value in its EXAMPLES).
+are read, add it to DATA_READING (variants may not change it). tests/test_cv.py builds every
+option through train and cv (a new text option needs an example value in its EXAMPLES).
 """
 
 from __future__ import annotations
