@@ -41,22 +41,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from omnifuse_cli.data.cache import FeatureArray
-from omnifuse_cli.data.manifest import Cohort, check_trainable, read_manifest, read_table
-from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
-from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions
 from omnifuse_cli.config import (
     DataConfig,
     MethodConfig,
     TrainConfig,
     to_primitive,
 )
+from omnifuse_cli.data.cache import FeatureArray
+from omnifuse_cli.data.manifest import Cohort, check_trainable, read_manifest, read_table
+from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
+from omnifuse_cli.engine import distributed
+from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions
 from omnifuse_cli.engine.evaluation import pattern_table
 from omnifuse_cli.engine.files import prepare_out_dir, write_csv, write_text_atomic
 from omnifuse_cli.engine.inference import (
     cache_frozen_features,
     feature_cache,
-    infer,
     resolve_device,
 )
 from omnifuse_cli.engine.metrics import (
@@ -72,6 +72,7 @@ from omnifuse_cli.engine.training import (
     TrainRequest,
     build_for_cohort,
     fit_model,
+    infer_all,
 )
 from omnifuse_cli.errors import BundleError, ConfigError, DataError, TrainingInterrupted
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder
@@ -471,26 +472,137 @@ def _plan(request: CVRequest, labels: np.ndarray, assignment: np.ndarray,
 
 def run_cv(request: CVRequest, on_event: CVEventFn | None = None, *, resume: bool = False
            ) -> CVResult:
-    """Cross-validate (resume=True: continue after the last complete fold)."""
-    emit = on_event or (lambda event: None)
+    """Cross-validate (resume=True: continue after the last complete fold).
+
+    Under torchrun every fold fit trains with DDP on all processes (engine/training.py); rank 0
+    alone writes files and pools the results, and the other ranks get its summary."""
+    with distributed.session(resolve_device(request.base.train.device)) as device:
+        return _run_cv(request, on_event or (lambda event: None), device, resume)
+
+
+def _run_cv(request: CVRequest, emit: CVEventFn, device: torch.device, resume: bool
+            ) -> CVResult:
     t_start = time.perf_counter()
     base = request.base
-    device = resolve_device(base.train.device)
-    cohort = read_manifest(
-        request.manifest, base.data.modalities,
-        labs_table=Path(base.data.labs_table) if base.data.labs_table else None,
-        labs_id_col=base.data.labs_id_col, num_classes=request.num_classes,
-        on_bad_file=base.data.on_bad_file,
-    )
-    check_trainable(cohort, request.num_classes)
-    assert cohort.labels is not None
-    labels = cohort.labels
-    groups = (read_groups(request.manifest, request.group_col, len(cohort))
-              if request.group_col else None)
-    assignment = assign_folds(labels, request.folds, request.repeats, base.train.seed, groups,
-                              request.group_col or "")
-    plans = _plan(request, labels, assignment, groups)
+    main = distributed.is_main()
+    with distributed.together("reading the data"):
+        cohort = read_manifest(
+            request.manifest, base.data.modalities,
+            labs_table=Path(base.data.labs_table) if base.data.labs_table else None,
+            labs_id_col=base.data.labs_id_col, num_classes=request.num_classes,
+            on_bad_file=base.data.on_bad_file,
+        )
+        check_trainable(cohort, request.num_classes)
+        assert cohort.labels is not None
+        labels = cohort.labels
+        groups = (read_groups(request.manifest, request.group_col, len(cohort))
+                  if request.group_col else None)
+        assignment = assign_folds(labels, request.folds, request.repeats, base.train.seed,
+                                  groups, request.group_col or "")
+        plans = _plan(request, labels, assignment, groups)
+        for plan in plans:
+            distributed.check_world_fits(len(plan.train), plan.variant.train.batch_size)
+        digests = cv_digests(request) if distributed.active() else {}
+    distributed.check_same_data(digests)
     folds_frame = _folds_frame(cohort, assignment, groups)
+    out_dir = Path(request.out_dir)
+    with distributed.together("preparing the cv folder"):
+        if main:
+            _prepare_cv_dir(request, resume, folds_frame)
+    for note in cohort.notes:
+        emit(CVEvent("message", text=note))
+
+    class_names = [str(c) for c in range(request.num_classes)]
+    total = len(plans) + int(request.refit)
+    results: list[FoldResult] = []
+    encoded: dict[str, _Encoded] = {}
+    current = ""
+    try:
+        for i, plan in enumerate(plans):
+            out = fold_dir(out_dir, plan.variant.name, plan.repeat, plan.fold)
+            current = f"{plan.variant.name} rep {plan.repeat} fold {plan.fold}"
+            saved = distributed.broadcast_object(
+                _read_fold(out) if main and (out / FOLD_DONE).is_file() else None)
+            if saved is not None:
+                results.append(saved)
+                emit(CVEvent("fold-done", i + 1, total, fold=saved))
+                continue
+            emit(CVEvent("fold", i, total, text=current))
+            enc = _encoded_for(encoded, cohort, request, plan.variant, device, emit)
+            cfg = dataclasses.replace(plan.variant.train,
+                                      seed=fold_seed(plan.variant.train, plan.repeat, plan.fold))
+            t0 = time.perf_counter()
+            model, _, data, _, best_epoch = _fit(cohort, request, plan.variant, enc, cfg,
+                                                 plan.train, plan.val, device, emit, out)
+            inference = infer_all(model, data, plan.test, device=device,
+                                  batch_size=cfg.batch_size, amp=cfg.amp)
+            probs = np.exp(inference.log_probs)
+            y = labels[inference.index]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a small fold may miss a class: metrics say n/a
+                metrics = full_metrics(y, probs, request.num_classes)
+            result = FoldResult(plan.variant.name, plan.repeat, plan.fold, len(plan.train),
+                                len(plan.val), len(plan.test), best_epoch, metrics,
+                                time.perf_counter() - t0)
+            if main:
+                frame = prediction_frame([cohort.ids[j] for j in inference.index], y, probs,
+                                         cohort.present[inference.index], cohort.names,
+                                         class_names, inference.weights)
+                for position, (key, value) in enumerate(
+                        (("variant", plan.variant.name), ("repeat", plan.repeat),
+                         ("fold", plan.fold))):
+                    frame.insert(position, key, value)
+                write_csv(out / "predictions.csv", frame)
+                _write_split(out, cohort, {"train": plan.train, "val": plan.val,
+                                           "test": plan.test})
+                write_text_atomic(out / FOLD_DONE,
+                                  json.dumps(dataclasses.asdict(result), indent=1))
+            results.append(result)
+            emit(CVEvent("fold-done", i + 1, total, fold=result))
+        current = "the summary"
+        summary = distributed.broadcast_object(summarise(request, cohort) if main else None)
+        refit_dir = None
+        if request.refit:
+            current = "the final --refit model"
+            refit_dir = _refit(cohort, request, groups, encoded, device, emit, total)
+    except (KeyboardInterrupt, TrainingInterrupted):
+        done = sum(1 for p in plans if (fold_dir(out_dir, p.variant.name, p.repeat, p.fold)
+                                        / FOLD_DONE).is_file())
+        stop = TrainingInterrupted(
+            f"cross-validation stopped during {current}; {done} of {len(plans)} fold fits are "
+            f"complete and saved in {out_dir}",
+            hint=f"continue with: omnifuse cv --resume {out_dir}",
+        )
+        stop.all_ranks = True  # type: ignore[attr-defined]  # every rank got the Ctrl-C
+        raise stop from None
+    encoding = distributed.broadcast_object(
+        _encoding_record(out_dir, encoded) if main else None)
+    encode_seconds = encoding["encode_seconds"]
+    seconds = time.perf_counter() - t_start
+    weights = encoding["image_weights"]
+    if main:
+        _write_meta(out_dir, request, cohort, device, weights, encode_seconds, seconds)
+    distributed.barrier()  # no rank reports success before the last file is written
+    return CVResult(
+        out_dir=out_dir, n_patients=len(cohort), class_names=class_names,
+        variants=[v.name for v in request.all_variants], metrics=summary["metrics"],
+        patterns=summary["patterns"], confusion=summary["confusion"],
+        differences=summary["differences"], folds=results, encode_seconds=encode_seconds,
+        seconds=seconds, refit_dir=refit_dir, notes=list(cohort.notes),
+    )
+
+
+def cv_digests(request: CVRequest) -> dict[str, str]:
+    """What every torchrun process must agree on (see training.data_digests)."""
+    settings = to_primitive(request)
+    for key in ("manifest", "out_dir", "overwrite", "config_yaml"):
+        settings.pop(key, None)
+    for variant in (settings["base"], *settings["variants"]):
+        variant["data"].pop("labs_table", None)
+    return distributed.digests(request.manifest, request.base.data.labs_table, settings)
+
+
+def _prepare_cv_dir(request: CVRequest, resume: bool, folds_frame: pd.DataFrame) -> None:
     out_dir = Path(request.out_dir)
     if resume:
         saved = out_dir / "folds.csv"
@@ -505,78 +617,6 @@ def run_cv(request: CVRequest, on_event: CVEventFn | None = None, *, resume: boo
         prepare_out_dir(out_dir, request.overwrite)
         save_cv_request(request)
     write_csv(out_dir / "folds.csv", folds_frame)
-    for note in cohort.notes:
-        emit(CVEvent("message", text=note))
-
-    class_names = [str(c) for c in range(request.num_classes)]
-    total = len(plans) + int(request.refit)
-    results: list[FoldResult] = []
-    encoded: dict[str, _Encoded] = {}
-    current = ""
-    try:
-        for i, plan in enumerate(plans):
-            out = fold_dir(out_dir, plan.variant.name, plan.repeat, plan.fold)
-            current = f"{plan.variant.name} rep {plan.repeat} fold {plan.fold}"
-            if (out / FOLD_DONE).is_file():
-                result = _read_fold(out)
-                results.append(result)
-                emit(CVEvent("fold-done", i + 1, total, fold=result))
-                continue
-            emit(CVEvent("fold", i, total, text=current))
-            enc = _encoded_for(encoded, cohort, request, plan.variant, device, emit)
-            cfg = dataclasses.replace(plan.variant.train,
-                                      seed=fold_seed(plan.variant.train, plan.repeat, plan.fold))
-            t0 = time.perf_counter()
-            model, _, data, _, best_epoch = _fit(cohort, request, plan.variant, enc, cfg,
-                                                 plan.train, plan.val, device, emit, out)
-            inference = infer(model, data, plan.test, device=device, batch_size=cfg.batch_size,
-                              amp=cfg.amp)
-            probs = np.exp(inference.log_probs)
-            y = labels[inference.index]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a small fold may miss a class: metrics say n/a
-                metrics = full_metrics(y, probs, request.num_classes)
-            frame = prediction_frame([cohort.ids[j] for j in inference.index], y, probs,
-                                     cohort.present[inference.index], cohort.names, class_names,
-                                     inference.weights)
-            for position, (key, value) in enumerate(
-                    (("variant", plan.variant.name), ("repeat", plan.repeat),
-                     ("fold", plan.fold))):
-                frame.insert(position, key, value)
-            result = FoldResult(plan.variant.name, plan.repeat, plan.fold, len(plan.train),
-                                len(plan.val), len(plan.test), best_epoch, metrics,
-                                time.perf_counter() - t0)
-            write_csv(out / "predictions.csv", frame)
-            _write_split(out, cohort, {"train": plan.train, "val": plan.val, "test": plan.test})
-            write_text_atomic(out / FOLD_DONE, json.dumps(dataclasses.asdict(result), indent=1))
-            results.append(result)
-            emit(CVEvent("fold-done", i + 1, total, fold=result))
-        current = "the summary"
-        summary = summarise(request, cohort)
-        refit_dir = None
-        if request.refit:
-            current = "the final --refit model"
-            refit_dir = _refit(cohort, request, groups, encoded, device, emit, total)
-    except (KeyboardInterrupt, TrainingInterrupted):
-        done = sum(1 for p in plans if (fold_dir(out_dir, p.variant.name, p.repeat, p.fold)
-                                        / FOLD_DONE).is_file())
-        raise TrainingInterrupted(
-            f"cross-validation stopped during {current}; {done} of {len(plans)} fold fits are "
-            f"complete and saved in {out_dir}",
-            hint=f"continue with: omnifuse cv --resume {out_dir}",
-        ) from None
-    encoding = _encoding_record(out_dir, encoded)
-    encode_seconds = encoding["encode_seconds"]
-    seconds = time.perf_counter() - t_start
-    weights = encoding["image_weights"]
-    _write_meta(out_dir, request, cohort, device, weights, encode_seconds, seconds)
-    return CVResult(
-        out_dir=out_dir, n_patients=len(cohort), class_names=class_names,
-        variants=[v.name for v in request.all_variants], metrics=summary["metrics"],
-        patterns=summary["patterns"], confusion=summary["confusion"],
-        differences=summary["differences"], folds=results, encode_seconds=encode_seconds,
-        seconds=seconds, refit_dir=refit_dir, notes=list(cohort.notes),
-    )
 
 
 def _encoded_for(cache: dict[str, _Encoded], cohort: Cohort, request: CVRequest,
@@ -647,7 +687,7 @@ def _refit(cohort: Cohort, request: CVRequest, groups: np.ndarray | None,
     """The base model trained on every patient (an inner validation split picks the epoch),
     saved as a run folder for `omnifuse predict`."""
     out = Path(request.out_dir) / FINAL_DIR
-    if (out / REFIT_DONE).is_file():
+    if distributed.broadcast_object((out / REFIT_DONE).is_file()):
         emit(CVEvent("refit", total, total, text="final model (already trained)"))
         return out
     assert cohort.labels is not None
@@ -659,6 +699,8 @@ def _refit(cohort: Cohort, request: CVRequest, groups: np.ndarray | None,
     enc = _encoded_for(encoded, cohort, request, base, device, emit)
     model, pre, _, _, best_epoch = _fit(cohort, request, base, enc, base.train, train_idx,
                                         val_idx, device, emit, out)
+    if not distributed.is_main():
+        return out
     _write_split(out, cohort, {"train": train_idx, "val": val_idx})
     meta = _meta(request, cohort, device, enc.weights)
     meta.update({"n_train": len(train_idx), "n_val": len(val_idx), "n_test": 0,

@@ -221,6 +221,22 @@ def file_digest(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def digests(manifest: Path | str, labs_table: Path | str | None, settings: dict[str, Any]
+            ) -> dict[str, str]:
+    """What every process must agree on: the manifest's and labs table's bytes and the
+    settings, given without paths (nodes may mount the same files under different names).
+    Files the manifest points to (images, notes) are not read: hashing every image would cost
+    as much as encoding it."""
+    import json
+
+    parts = {"the manifest": file_digest(manifest)}
+    if labs_table:
+        parts["the labs table"] = file_digest(labs_table)
+    text = json.dumps(settings, sort_keys=True, default=str)
+    parts["the settings"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return parts
+
+
 def check_same_data(parts: dict[str, str]) -> None:
     """Every rank must train on the same data and settings.
 

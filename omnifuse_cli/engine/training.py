@@ -7,7 +7,6 @@ meta.csv) plus split_assignment.csv and the model bundle under ``model/``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -293,18 +292,12 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
 
 
 def data_digests(request: TrainRequest) -> dict[str, str]:
-    """What every process must agree on: the manifest's and labs table's bytes and every
-    setting (paths left out: nodes may mount the same files under different names)."""
-    parts = {"the manifest": distributed.file_digest(request.manifest)}
-    if request.data.labs_table:
-        parts["the labs table"] = distributed.file_digest(request.data.labs_table)
+    """What every torchrun process must agree on (distributed.digests): data and settings."""
     settings = to_primitive(request)
     for key in ("manifest", "out_dir", "overwrite", "config_yaml"):
         settings.pop(key, None)
     settings["data"].pop("labs_table", None)
-    text = json.dumps(settings, sort_keys=True, default=str)
-    parts["the settings"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return parts
+    return distributed.digests(request.manifest, request.data.labs_table, settings)
 
 
 def _load_resume_state(run_dir: Path) -> dict[str, Any]:
