@@ -93,3 +93,85 @@ def test_duplicate_ids_in_a_long_labs_table_are_named(tmp_path: Path) -> None:
     with pytest.raises(manifest.ManifestError,
                        match=r"duplicate ids: 0000000017, 0000004999$"):
         read_manifest(tmp_path / "m.csv", LABS_TEXT[:1], labs_table=tmp_path / "t.csv")
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary, compact tokens, batched dataset
+
+NOTES = ["肝内见一低回声小结节，大小约1.2cm。", None, "", "CDFI: no flow 血流信号丰富",
+         "肝脏形态大小正常，包膜光滑。肝脏形态大小正常。", "unknown 词汇 only", "随诊。"]
+
+
+def test_streamed_vocabulary_and_compact_encoding_match_note_by_note() -> None:
+    from omnifuse_cli.data import text
+
+    listed = text.fit_vocabulary(NOTES, size=40, min_freq=1)
+    streamed = text.fit_vocabulary((n for n in NOTES * 1), size=40, min_freq=1)
+    assert streamed == listed
+    vocab, idf = listed
+    index = {t: i for i, t in enumerate(vocab)}
+    new = NOTES + ["完全陌生的字"]
+    ids, weights, offsets = text.encode_many(iter(new), index, idf, max_length=12)
+    assert ids.dtype == np.int32 and weights.dtype == np.float32 and len(offsets) == len(new) + 1
+    for k, note in enumerate(new):
+        want_ids, want_weights = text.encode(note, index, idf, 12)
+        assert ids[offsets[k]:offsets[k + 1]].tolist() == want_ids
+        assert weights[offsets[k]:offsets[k + 1]].tolist() == (
+            np.asarray(want_weights, dtype=np.float32).tolist())
+    assert offsets[2] == offsets[1] == offsets[3] - 0  # no note, empty note: empty rows
+
+
+def test_ragged_round_trip_and_padded_batches() -> None:
+    from omnifuse_cli.data.prepared import Ragged
+
+    rows = [[3, 1, 2], [], [7], [5, 5, 5, 5]]
+    store = Ragged.from_lists(rows, np.int32)
+    assert len(store) == 4 and [r.tolist() for r in store] == rows
+    assert [r.tolist() for r in store[1:3]] == [[], [7]]
+    padded, mask = store.batch(np.array([3, 1, 0]), fill=-1)
+    assert padded.tolist() == [[5, 5, 5, 5], [-1, -1, -1, -1], [3, 1, 2, -1]]
+    assert mask.sum(axis=1).tolist() == [4, 0, 3]
+    empty, mask = store.batch(np.array([1]))
+    assert empty.shape == (1, 1) and not mask.any()
+
+
+def test_batched_dataset_equals_the_per_patient_collate(tmp_path: Path) -> None:
+    import torch
+
+    from omnifuse_cli.config import ImageConfig, TextConfig
+    from omnifuse_cli.data.cache import FeatureArray
+    from omnifuse_cli.data.prepared import PatientDataset, Preprocessor, make_collate
+
+    summary = make_cohort(CohortSpec(n=40, seed=3, ultrasound=False, inline_notes=True),
+                          tmp_path / "c")
+    cohort = read_manifest(summary.manifest, LABS_TEXT, num_classes=3)
+    pre = Preprocessor.fit(cohort, ImageConfig(), TextConfig(max_length=16))
+    data = pre.prepare(cohort)
+    # An image modality with cached features (0-3 views per patient) rides along.
+    sizes = [k % 4 for k in range(len(cohort))]
+    data.names, data.kinds = [*data.names, "us"], [*data.kinds, "image"]
+    data.present = torch.cat([data.present, torch.tensor(sizes).bool()[:, None]], dim=1)
+    rows = np.random.default_rng(0).standard_normal((sum(sizes), 6)).astype(np.float32)
+    data.image_cache["us"] = FeatureArray.from_rows(rows, sizes)
+    data.image_feature_dims["us"] = 6
+
+    picked = [5, 0, 17, 3, 39, 22]
+    dataset = PatientDataset(data, np.arange(len(cohort)))
+    fast = make_collate(data)(dataset.__getitems__(picked))
+    slow = make_collate(data)([dataset[k] for k in picked])
+
+    def flat(batch: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = value
+        return out
+
+    fast_t, slow_t = flat(fast), flat(slow)
+    assert sorted(fast_t) == sorted(slow_t)
+    for key, value in slow_t.items():
+        assert fast_t[key].dtype == value.dtype, key
+        assert torch.equal(fast_t[key], value), key
+    assert fast_t["inputs.text.weights"].abs().sum() > 0

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from omnifuse_cli.config import ImageConfig, ModalitySpec, TextConfig
 from omnifuse_cli.data import text as simple_text
 from omnifuse_cli.data.cache import FeatureArray
 from omnifuse_cli.data.images import image_transform, load_image
 from omnifuse_cli.data.manifest import Cohort
-from omnifuse_cli.config import ImageConfig, ModalitySpec, TextConfig
 from omnifuse_cli.errors import DataError
 
 
@@ -130,18 +130,66 @@ class Preprocessor:
                 prepared.images[name] = [p[: self.image.max_images] for p in cohort.images[name]]
             elif name in self.vocabularies:
                 index = {t: i for i, t in enumerate(self.vocabularies[name])}
-                encoded = [simple_text.encode(t, index, self.idf[name], self.text.max_length)
-                           for t in cohort.texts[name]]
-                prepared.token_ids[name] = [ids for ids, _ in encoded]
-                prepared.token_weights[name] = [w for _, w in encoded]
+                ids, weights, offsets = simple_text.encode_many(
+                    cohort.texts[name], index, self.idf[name], self.text.max_length)
+                prepared.token_ids[name] = Ragged(ids, offsets)
+                prepared.token_weights[name] = Ragged(weights, offsets)
             else:
                 tokenizer = self.tokenizers[name]
-                prepared.token_ids[name] = [
+                prepared.token_ids[name] = Ragged.from_lists([
                     tokenizer(t, truncation=True, max_length=self.text.max_length)["input_ids"]
                     if t else [] for t in cohort.texts[name]
-                ]
+                ], np.int64)
                 prepared.pad_ids[name] = int(tokenizer.pad_token_id or 0)
         return prepared
+
+
+class Ragged:
+    """Rows of different lengths stored flat (row i is ``values[offsets[i]:offsets[i + 1]]``):
+    a million patients' token ids are two numpy arrays, not a million Python lists. Indexing
+    gives a row as a numpy view; ``batch`` pads a whole batch of rows with numpy."""
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray) -> None:
+        self.values = values
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+
+    @classmethod
+    def from_lists(cls, rows: list, dtype: Any) -> Ragged:
+        lengths = [len(r) for r in rows]
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = [v for r in rows for v in r]
+        return cls(np.array(flat, dtype=dtype), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return (self[i] for i in range(len(self)))
+
+    def lengths(self, rows: np.ndarray) -> np.ndarray:
+        return self.offsets[rows + 1] - self.offsets[rows]
+
+    def batch(self, rows: np.ndarray, fill: float | int = 0
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """(len(rows), max(1, longest)) padded with ``fill``, and the (B, L) mask of real
+        entries, gathered with one fancy index instead of a loop over patients."""
+        positions, mask = self.positions(rows)
+        out = np.full(mask.shape, fill, dtype=self.values.dtype)
+        out[mask] = self.values[positions[mask]]
+        return out, mask
+
+    def positions(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each entry of the padded batch lives in ``values`` (B, L), and the mask."""
+        lengths = self.lengths(rows)
+        width = max(1, int(lengths.max()) if len(lengths) else 1)
+        mask = np.arange(width) < lengths[:, None]
+        return self.offsets[rows][:, None] + np.arange(width), mask
 
 
 @dataclass
@@ -156,8 +204,8 @@ class PreparedCohort:
     image_size: int
     vectors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     images: dict[str, list[list[Path]]] = field(default_factory=dict)
-    token_ids: dict[str, list[list[int]]] = field(default_factory=dict)
-    token_weights: dict[str, list[list[float]]] = field(default_factory=dict)  # simple text
+    token_ids: dict[str, Ragged] = field(default_factory=dict)  # per patient, flat storage
+    token_weights: dict[str, Ragged] = field(default_factory=dict)  # simple text, same layout
     pad_ids: dict[str, int] = field(default_factory=dict)
     # Frozen-backbone features, indexed by patient (in memory or memory-mapped from the cache):
     # image modality -> [i] is (n_images, F); hf text -> [i] is (H,).
@@ -174,14 +222,52 @@ class PatientDataset(Dataset):
 
     def __init__(self, data: PreparedCohort, indices: np.ndarray | list[int]) -> None:
         self.data = data
-        self.indices = [int(i) for i in indices]
+        self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         self.transform = image_transform(data.image_size) if data.images else None
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def __getitems__(self, ks: list[int]) -> dict[str, Any]:
+        """A whole batch at once (the DataLoader calls this instead of ``__getitem__`` per
+        patient): numpy/torch fancy indexing, so an epoch over a million patients does not
+        spend its time in per-patient Python. Images read from disk take the per-patient
+        path."""
+        d = self.data
+        if any(kind == "image" and name not in d.image_cache
+               for name, kind in zip(d.names, d.kinds, strict=True)):
+            return make_collate(d)([self[k] for k in ks])
+        rows = self.indices[np.asarray(ks, dtype=np.int64)]
+        index = torch.from_numpy(rows)
+        batch: dict[str, Any] = {"index": index, "present": d.present[index], "inputs": {}}
+        if d.labels is not None:
+            batch["y"] = d.labels[index].long()
+        for name, kind in zip(d.names, d.kinds, strict=True):
+            if kind == "vector":
+                x, mask = d.vectors[name]
+                batch["inputs"][name] = {"x": x[index], "mask": mask[index]}
+            elif kind == "image":
+                batch["inputs"][name] = _batch_image_features(d, name, rows)
+            elif name in d.text_cache:
+                cache = d.text_cache[name]
+                feats = (torch.from_numpy(np.asarray(cache.array[rows], dtype=np.float32))
+                         if hasattr(cache, "array") else torch.stack([cache[int(i)] for i in rows]))
+                batch["inputs"][name] = {"feats": feats}
+            else:
+                ids, real = d.token_ids[name].batch(rows, d.pad_ids.get(name, 0))
+                if name in d.pad_ids:
+                    attention = torch.from_numpy(real.astype(np.int64))
+                    attention[:, 0] = 1  # see collate_tokens
+                    batch["inputs"][name] = {"input_ids": torch.from_numpy(ids.astype(np.int64)),
+                                             "attention_mask": attention}
+                else:
+                    weights, _ = d.token_weights[name].batch(rows, 0.0)
+                    batch["inputs"][name] = {"ids": torch.from_numpy(ids.astype(np.int64)),
+                                             "weights": torch.from_numpy(weights)}
+        return batch
+
     def __getitem__(self, k: int) -> dict[str, Any]:
-        i = self.indices[k]
+        i = int(self.indices[k])
         d = self.data
         item: dict[str, Any] = {"index": i, "present": d.present[i]}
         if d.labels is not None:
@@ -208,7 +294,9 @@ class PatientDataset(Dataset):
 def make_collate(data: PreparedCohort):  # type: ignore[no-untyped-def]
     """Batch patient items into the nested input dict the model takes, with explicit masks."""
 
-    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    def collate(items: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
+        if isinstance(items, dict):  # PatientDataset.__getitems__ batched it already
+            return items
         batch: dict[str, Any] = {
             "index": torch.tensor([it["index"] for it in items]),
             "present": torch.stack([it["present"] for it in items]),
@@ -240,6 +328,20 @@ def make_collate(data: PreparedCohort):  # type: ignore[no-untyped-def]
     return collate
 
 
+def _batch_image_features(data: PreparedCohort, name: str, rows: np.ndarray
+                          ) -> dict[str, torch.Tensor]:
+    """Cached image features of a batch: (B, n_max, F) and the (B, n_max) view mask."""
+    cache = data.image_cache[name]
+    offsets = getattr(cache, "offsets", None)
+    if offsets is None:  # a per-patient list of tensors
+        return _collate_images([cache[int(i)] for i in rows], "feats", data.image_size,
+                               data.image_feature_dims.get(name, 0))
+    position, mask = Ragged(cache.array, offsets).positions(rows)  # rows of the views
+    feats = np.zeros((*mask.shape, cache.array.shape[1]), dtype=np.float32)
+    feats[mask] = cache.array[position[mask]]
+    return {"feats": torch.from_numpy(feats), "mask": torch.from_numpy(mask)}
+
+
 def _collate_images(per_patient: list, mode: str, size: int, feature_dim: int
                     ) -> dict[str, torch.Tensor]:
     n_max = max(1, max(len(p) for p in per_patient))
@@ -265,7 +367,7 @@ def collate_tokens(seqs: list[list[int]], pad: int, *, hf: bool,
     ids = torch.full((len(seqs), length), pad, dtype=torch.long)
     attention = torch.zeros(len(seqs), length, dtype=torch.long)
     for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        ids[b, : len(s)] = torch.as_tensor(s, dtype=torch.long)
         attention[b, : len(s)] = 1
     if hf:
         # A patient without a note still needs one attended token for the transformer.
@@ -273,7 +375,7 @@ def collate_tokens(seqs: list[list[int]], pad: int, *, hf: bool,
         return {"input_ids": ids, "attention_mask": attention}
     per_token = torch.zeros(len(seqs), length)
     for b, w in enumerate(weights or []):
-        per_token[b, : len(w)] = torch.tensor(w, dtype=torch.float32)
+        per_token[b, : len(w)] = torch.as_tensor(w, dtype=torch.float32)
     return {"ids": ids, "weights": per_token}
 
 

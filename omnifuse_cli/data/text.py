@@ -12,6 +12,8 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 
+import numpy as np
+
 PAD, UNK = "<pad>", "<unk>"
 _CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _PIECES = re.compile(rf"[{_CJK}]+|[^\W{_CJK}]+", re.UNICODE)
@@ -23,7 +25,7 @@ def tokenize(text: str) -> list[str]:
     for piece in _PIECES.findall(text.lower()):
         if _IS_CJK.match(piece):
             tokens.extend(piece)
-            tokens.extend(piece[i : i + 2] for i in range(len(piece) - 1))
+            tokens.extend(map(str.__add__, piece, piece[1:]))  # character pairs
         else:
             tokens.append(piece)
     return tokens
@@ -32,7 +34,10 @@ def tokenize(text: str) -> list[str]:
 def fit_vocabulary(texts: Iterable[str | None], *, size: int, min_freq: int
                    ) -> tuple[list[str], list[float]]:
     """Most frequent tokens (ties broken alphabetically, so the result is deterministic) and
-    their smoothed inverse document frequency, as scikit-learn's TfidfVectorizer computes it."""
+    their smoothed inverse document frequency, as scikit-learn's TfidfVectorizer computes it.
+
+    One streaming pass: ``texts`` may be a generator, and only the two counters (one entry per
+    distinct token) are kept, never the tokens of all notes."""
     counts: Counter[str] = Counter()
     docs: Counter[str] = Counter()
     n_docs = 0
@@ -59,3 +64,36 @@ def encode(text: str | None, index: dict[str, int], idf: list[float], max_length
     weights = [idf[i] for i in ids]
     norm = math.sqrt(sum(w * w for w in weights)) or 1.0
     return ids, [w / norm for w in weights]
+
+
+TOKEN_CHUNK = 1_000_000  # token ids gathered in a list before they move to numpy
+
+
+def encode_many(texts: Iterable[str | None], index: dict[str, int], idf: list[float],
+                max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``encode`` for a whole cohort, stored flat: (ids int32, weights float32, offsets int64)
+    with note i's ids at ``ids[offsets[i]:offsets[i + 1]]`` (an empty range without a note).
+    The same numbers as ``encode`` note by note, at 4 + 4 bytes per token instead of two
+    Python lists per patient."""
+    unk = index[UNK]
+    idf_array = np.asarray(idf, dtype=np.float64)
+    id_parts: list[np.ndarray] = []
+    lengths: list[int] = []
+    chunk: list[int] = []
+    for text in texts:
+        ids = sorted({index.get(t, unk) for t in tokenize(text)})[:max_length] if text else []
+        chunk.extend(ids)
+        lengths.append(len(ids))
+        if len(chunk) >= TOKEN_CHUNK:  # never a Python list of every patient's ids
+            id_parts.append(np.array(chunk, dtype=np.int32))
+            chunk = []
+    id_parts.append(np.array(chunk, dtype=np.int32))
+    flat = np.concatenate(id_parts)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    weights = idf_array[flat]
+    # Unit length per note; bincount adds each note's squares in order, like encode's sum.
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    norms = np.sqrt(np.bincount(owner, weights=weights * weights, minlength=len(lengths)))
+    norms[norms == 0] = 1.0
+    return flat, (weights / norms[owner]).astype(np.float32), offsets
