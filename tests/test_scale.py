@@ -175,3 +175,53 @@ def test_batched_dataset_equals_the_per_patient_collate(tmp_path: Path) -> None:
         assert fast_t[key].dtype == value.dtype, key
         assert torch.equal(fast_t[key], value), key
     assert fast_t["inputs.text.weights"].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress in log files
+
+STAMP = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] "
+
+
+def test_train_writes_timestamped_progress_lines_without_a_terminal(tmp_path: Path) -> None:
+    import re
+
+    from typer.testing import CliRunner
+
+    from omnifuse_cli.cli.app import app
+
+    summary = make_cohort(CohortSpec(n=60, seed=1, ultrasound=False, inline_notes=True),
+                          tmp_path / "c")
+    result = CliRunner().invoke(app, [
+        "train", str(summary.manifest), "--num-classes", "3", "--modality", "labs=vector",
+        "--modality", "text=text", "--epochs", "2", "--batch-size", "16", "--no-cache",
+        "--out-dir", str(tmp_path / "run")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    passes = [ln for ln in lines if re.match(STAMP + r"training: (\d+)/\1 \(100%\)", ln)]
+    assert len(passes) == 2, result.output  # the end of each epoch's pass
+    epochs = [ln for ln in lines if re.match(STAMP + r"epoch [12]\*? ", ln)]
+    assert len(epochs) == 2, result.output
+
+
+def test_plain_lines_are_rationed_within_a_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from omnifuse_cli.cli import progress as module
+
+    clock = iter(float(t) for t in range(0, 10_000, 10))
+    monkeypatch.setattr(module.time, "monotonic", lambda: next(clock))
+    out = io.StringIO()
+    plain = module.PlainProgress(Console(file=out, width=200), Table("epoch"))
+    task = plain.add_task("training", total=None)
+    for done in range(1, 101):  # 10 s per batch: 30 s and 10% pass every 10 batches
+        plain.update(task, description="training", completed=done, total=100)
+    printed = out.getvalue().splitlines()
+    assert len(printed) == 10 and printed[-1].endswith("training: 100/100 (100%), 1000.0 s")
+    monkeypatch.setenv("OMNIFUSE_PROGRESS", "live")
+    assert not module.plain_wanted(Console(file=io.StringIO()))
+    monkeypatch.setenv("OMNIFUSE_PROGRESS", "plain")
+    assert module.plain_wanted(Console(file=io.StringIO(), force_terminal=True))

@@ -109,10 +109,7 @@ def _read_variants_file(path: Path | None) -> list[str]:
 
 
 def _run(request: Any, resume: bool) -> None:
-    from rich.console import Group
-    from rich.live import Live
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    from omnifuse_cli.cli.progress import live_progress
     from omnifuse_cli.cli.render import (
         add_fold_row,
         confusion_table,
@@ -125,11 +122,9 @@ def _run(request: Any, resume: bool) -> None:
 
     table = fold_table(f"cross-validation of {request.manifest}: {request.folds} folds"
                        + (f" x {request.repeats} repeats" if request.repeats > 1 else ""))
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, transient=True)
+    live, progress = live_progress(table, console)  # plain timestamped lines without a TTY
     overall = progress.add_task("folds", total=None)
     inner = progress.add_task("preparing", total=None)
-    live = Live(Group(table, progress), console=console, refresh_per_second=4)
 
     def on_event(event: CVEvent) -> None:
         if event.kind == "message":

@@ -167,18 +167,13 @@ def train(
                                overwrite=overwrite,
                                config_yaml=run_settings("train", {**values, "manifest": path}))
 
-    from rich.console import Group
-    from rich.live import Live
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from omnifuse_cli.cli.progress import live_progress
 
     table = epoch_table(f"training on {request.manifest}")
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, transient=True)
-    task = progress.add_task("preparing", total=None)
-
     # The live display starts with the first progress event, so input errors (raised before any
-    # work starts) print alone, without an empty table above them.
-    live = Live(Group(table, progress), console=console, refresh_per_second=4)
+    # work starts) print alone, without an empty table above them. Plain lines without a TTY.
+    live, progress = live_progress(table, console)
+    task = progress.add_task("preparing", total=None)
 
     def on_event(event: TrainEvent) -> None:
         if event.kind == "message":

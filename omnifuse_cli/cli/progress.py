@@ -1,0 +1,119 @@
+"""Progress of long commands: a rich live display in a terminal, plain timestamped lines in a
+log file or a cluster queue's output (where a live display prints nothing until it stops).
+
+``live_progress(table)`` gives a (live, progress) pair with the rich API the commands use
+(``live.start/stop/is_started``, ``progress.add_task/update``). OMNIFUSE_PROGRESS=plain or live
+forces a mode; the default (auto) is plain whenever stdout is not a terminal.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from rich.console import Console, Group
+from rich.table import Table
+
+from omnifuse_cli.cli.common import console as default_console
+
+MODES = ("auto", "live", "plain")
+INTERVAL_SECONDS = 30.0  # a progress line at most this often ...
+INTERVAL_SHARE = 0.1  # ... and only after this share of the pass; the end of a pass always
+
+
+def plain_wanted(console: Console) -> bool:
+    mode = os.environ.get("OMNIFUSE_PROGRESS", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        mode = "auto"
+    return mode == "plain" or (mode == "auto" and not console.is_terminal)
+
+
+def live_progress(table: Table, console: Console | None = None) -> tuple[Any, Any]:
+    """(live, progress): rich's Live + Progress, or one PlainProgress playing both parts."""
+    out = console or default_console
+    if plain_wanted(out):
+        plain = PlainProgress(out, table)
+        return plain, plain
+    from rich.live import Live
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=out, transient=True)
+    return Live(Group(table, progress), console=out, refresh_per_second=4), progress
+
+
+class _Task:
+    def __init__(self, description: str, total: float | None) -> None:
+        self.description, self.total = description, total
+        self.completed = 0.0
+        self.started = time.monotonic()
+        self.printed_at = self.started
+        self.printed_done = 0.0
+
+
+class PlainProgress:
+    """Timestamped lines: each new table row (an epoch, a fold) as it arrives, a task's progress
+    when both INTERVAL_SECONDS and INTERVAL_SHARE have passed since its last line, and the end
+    of every pass (so at least one line per epoch)."""
+
+    def __init__(self, console: Console, table: Table) -> None:
+        self.console, self.table = console, table
+        self.tasks: list[_Task] = []
+        self.rows_printed = 0
+        self.is_started = False
+
+    # The Live side.
+    def start(self) -> None:
+        self.is_started = True
+        self._new_rows()
+
+    def stop(self) -> None:
+        self._new_rows()
+        self.is_started = False
+
+    # The Progress side.
+    def add_task(self, description: str, total: float | None = None) -> int:
+        self.tasks.append(_Task(description, total))
+        return len(self.tasks) - 1
+
+    def update(self, task_id: int, *, description: str | None = None,
+               completed: float | None = None, total: float | None = None,
+               visible: bool | None = None) -> None:
+        self._new_rows()
+        task = self.tasks[task_id]
+        now = time.monotonic()
+        restarted = (description is not None and description != task.description) or (
+            completed is not None and completed < task.completed)
+        if restarted:  # a new phase or the next epoch's pass
+            task.started = task.printed_at = now
+            task.printed_done = 0.0
+        if description is not None:
+            task.description = description
+        if total is not None:
+            task.total = total
+        if completed is None:
+            return
+        task.completed = completed
+        if task.total:
+            finished = completed >= task.total
+            due = (now - task.printed_at >= INTERVAL_SECONDS
+                   and completed - task.printed_done >= INTERVAL_SHARE * task.total)
+            if finished or due:
+                self._line(f"{task.description}: {completed:g}/{task.total:g} "
+                           f"({100 * completed / task.total:.0f}%), {now - task.started:.1f} s")
+                task.printed_at, task.printed_done = now, completed
+
+    def _new_rows(self) -> None:
+        rows = self.table.row_count
+        if rows <= self.rows_printed:
+            return
+        headers = [str(c.header) for c in self.table.columns]
+        for r in range(self.rows_printed, rows):
+            cells = [str(list(c.cells)[r]) for c in self.table.columns]
+            self._line("  ".join(f"{h} {v}" for h, v in zip(headers, cells, strict=True)))
+        self.rows_printed = rows
+
+    def _line(self, text: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.console.print(f"[{stamp}] {text}", markup=False, highlight=False, soft_wrap=True)
