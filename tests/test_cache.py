@@ -339,3 +339,35 @@ def test_two_processes_encode_half_each_and_share_one_entry(
     assert alone.encoded == 0 and alone.said("reusing cached us features")
     again = _spawn(memory, cache, tmp_path / "again")
     assert again == [[f"reusing cached us features from {entry}"], []]
+
+
+def test_hf_notes_are_cached_one_row_per_patient(tiny_manifest: Path, tmp_path: Path) -> None:
+    from omnifuse_cli.config import TextConfig
+    from tests.conftest import tiny_bert
+
+    folder = tiny_bert(tmp_path / "bert")
+    cache = FeatureCache(tmp_path / "cache")
+
+    def encode(max_length: int, use: FeatureCache | None) -> tuple[FeatureArray, list[str]]:
+        request = tiny_request(tiny_manifest, tmp_path / "unused", image=SMALL,
+                               text=TextConfig(encoder="hf", model=str(folder),
+                                               max_length=max_length))
+        cohort = read_manifest(tiny_manifest, request.data.modalities, num_classes=3)
+        torch.manual_seed(0)
+        model, pre, _ = build_for_cohort(cohort, np.arange(len(cohort)), request)
+        data = pre.prepare(cohort)
+        said: list[str] = []
+        cache_frozen_features(model, data, ["text"], device=CPU, batch_size=8, amp=False,
+                              cache=use, notify=said.append)
+        return data.text_cache["text"], said
+
+    first, said = encode(32, cache)
+    assert len(first) == 30 and tuple(first[0].shape) == (32,) and first.offsets is None
+    assert said[0].startswith("cached text features in")
+    second, said = encode(32, cache)
+    assert said[0].startswith("reusing cached text features from")
+    memory, _ = encode(32, None)
+    np.testing.assert_allclose(np.asarray(second.array), np.asarray(memory.array), rtol=1e-5,
+                               atol=1e-6)
+    _, said = encode(8, cache)  # shorter notes: other tokens, another entry
+    assert said[0].startswith("cached text features in") and len(entries(cache.root)) == 2

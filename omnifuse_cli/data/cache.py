@@ -65,12 +65,15 @@ def files_fingerprint(paths: Iterable[Path | str]) -> str:
 
 
 def tokens_fingerprint(seqs: Sequence[Sequence[int]]) -> str:
-    """Hash of every note's token ids (content, cheap: they are already in memory)."""
-    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-    flat = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=int(lengths.sum()))
+    """Hash of every note's token ids (content, cheap: they are already in memory), a block of
+    notes at a time so a million notes never become one huge array."""
     digest = hashlib.blake2b(digest_size=20)
-    digest.update(lengths.tobytes())
-    digest.update(flat.tobytes())
+    for start in range(0, len(seqs), _CHUNK_ROWS):
+        block = seqs[start:start + _CHUNK_ROWS]
+        lengths = np.fromiter((len(s) for s in block), dtype=np.int64, count=len(block))
+        digest.update(lengths.tobytes())
+        digest.update(np.fromiter((t for s in block for t in s), dtype=np.int64,
+                                  count=int(lengths.sum())).tobytes())
     return digest.hexdigest()
 
 
