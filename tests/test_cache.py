@@ -270,6 +270,8 @@ def test_train_reuses_the_cache_and_matches_a_run_without_it(
     predicted = invoke("predict", str(tiny_manifest), "--run", str(tmp_path / "a"), "--out",
                        str(tmp_path / "p.csv"), "--device", "cpu", "--cache-dir", str(cache))
     assert f"reusing cached us features from {entry}" in predicted.output
+    resumed = invoke("train", "--resume", str(tmp_path / "a"))  # its --cache-dir is in the run
+    assert f"reusing cached us features from {entry}" in resumed.output
     assert len(entries(cache)) == 1
 
 
