@@ -81,7 +81,8 @@ def encode_many(texts: Iterable[str | None], index: dict[str, int], idf: list[fl
     lengths: list[int] = []
     chunk: list[int] = []
     for text in texts:
-        ids = sorted({index.get(t, unk) for t in tokenize(text)})[:max_length] if text else []
+        # Distinct tokens first: a note repeats many characters, each looked up once.
+        ids = sorted({index.get(t, unk) for t in set(tokenize(text))})[:max_length] if text else []
         chunk.extend(ids)
         lengths.append(len(ids))
         if len(chunk) >= TOKEN_CHUNK:  # never a Python list of every patient's ids
