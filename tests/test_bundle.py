@@ -197,7 +197,8 @@ def test_predict_without_labels_and_with_missing_modalities(
     frame = predict(run_dir, patients)
     assert "label" not in frame.columns
     assert list(frame.columns) == ["id", "pred", "prob_0", "prob_1", "prob_2", "modalities",
-                                   "weight_labs", "weight_us", "weight_text"]
+                                   "weight_labs", "weight_us", "weight_text", "reason"]
+    assert frame["reason"].fillna("").eq("").all()  # every patient here can be scored
     expected = ["+".join(n for n in ("labs", "us", "text") if str(r[n]).strip())
                 for _, r in rows.iterrows()]
     assert frame["modalities"].tolist() == expected

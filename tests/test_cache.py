@@ -373,3 +373,14 @@ def test_hf_notes_are_cached_one_row_per_patient(tiny_manifest: Path, tmp_path: 
                                atol=1e-6)
     _, said = encode(8, cache)  # shorter notes: other tokens, another entry
     assert said[0].startswith("cached text features in") and len(entries(cache.root)) == 2
+
+
+def test_token_fingerprint_of_flat_storage_equals_the_list_form():
+    from omnifuse_cli.data.cache import tokens_fingerprint
+    from omnifuse_cli.data.prepared import Ragged
+
+    rows = [[3, 1, 4], [], [1, 5, 9, 2, 6], [5]]
+    flat = Ragged.from_lists(rows, np.int32)
+    assert tokens_fingerprint(flat) == tokens_fingerprint(rows)
+    assert tokens_fingerprint(Ragged.from_lists([[3, 1, 4], [1], [5, 9, 2, 6], [5]], np.int32)) \
+        != tokens_fingerprint(flat)  # same tokens, other note boundaries

@@ -85,6 +85,14 @@ def row(i: int) -> int:
     return i + 2
 
 
+def where(manifest: Path, i: int) -> str:
+    """How messages name patient i of a manifest: its spreadsheet row and its (normalised) id."""
+    from omnifuse_cli.data.manifest import normalize_id
+
+    ids = pd.read_csv(manifest, dtype=str, keep_default_na=False)["id"]
+    return f"row {row(i)} (id {normalize_id(ids[i])})"
+
+
 @pytest.fixture
 def data(tiny_manifest: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny cohort; returns its manifest.csv."""
@@ -196,7 +204,7 @@ def break_images(data: Path) -> dict[int, tuple[Path, str]]:
 def test_unreadable_images_are_all_listed_in_one_message(data: Path, tmp_path: Path) -> None:
     broken = break_images(data)
     result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args())
-    fragments = [f"row {row(i)}, column 'us': image {path} {problem}"
+    fragments = [f"{where(data, i)}, column 'us': image {path} {problem}"
                  for i, (path, problem) in broken.items()]
     assert_user_error(result, str(data), "(4 problem(s))", *fragments, "hint: ")
     assert not (tmp_path / "run").exists()
@@ -212,7 +220,7 @@ def test_on_bad_file_skip_trains_anyway_and_says_what_it_skipped(
     output = squash(result.output)
     assert squash("skipped 4 unreadable us image(s) (--on-bad-file skip)") in output
     for i, (path, problem) in broken.items():
-        assert squash(f"row {row(i)}: {path} {problem}") in output
+        assert squash(f"{where(data, i)}: {path} {problem}") in output
     split = pd.read_csv(run / "split.csv")
     assert split["n"].sum() == N_PATIENTS  # every patient kept, only the bad files dropped
     assert (run / "model" / "model.safetensors").is_file()
@@ -626,9 +634,9 @@ def test_check_lists_every_problem_of_a_broken_cohort(made: Path, tmp_path: Path
     result = invoke("check", data, "--num-classes", 3)
     assert_user_error(
         result, str(data), "(3 problem(s))",
-        f"row {row(gone_i)}, column 'us': image {gone} does not exist",
-        f"row {row(corrupt_i)}, column 'us': image {corrupt} is not an image",
-        f"row {row(label_i)}, column 'label': 7 is outside 0..2 (--num-classes)",
+        f"{where(data, gone_i)}, column 'us': image {gone} does not exist",
+        f"{where(data, corrupt_i)}, column 'us': image {corrupt} is not an image",
+        f"{where(data, label_i)}, column 'label': 7 is outside 0..2 (--num-classes)",
     )
 
 

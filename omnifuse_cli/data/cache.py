@@ -68,6 +68,14 @@ def tokens_fingerprint(seqs: Sequence[Sequence[int]]) -> str:
     """Hash of every note's token ids (content, cheap: they are already in memory), a block of
     notes at a time so a million notes never become one huge array."""
     digest = hashlib.blake2b(digest_size=20)
+    offsets = getattr(seqs, "offsets", None)
+    if offsets is not None:  # data.prepared.Ragged: the same bytes straight from its arrays
+        values = seqs.values  # type: ignore[attr-defined]
+        for start in range(0, len(seqs), _CHUNK_ROWS):
+            bounds = offsets[start:start + _CHUNK_ROWS + 1]
+            digest.update(np.diff(bounds).astype(np.int64).tobytes())
+            digest.update(values[bounds[0]:bounds[-1]].astype(np.int64).tobytes())
+        return digest.hexdigest()
     for start in range(0, len(seqs), _CHUNK_ROWS):
         block = seqs[start:start + _CHUNK_ROWS]
         lengths = np.fromiter((len(s) for s in block), dtype=np.int64, count=len(block))
