@@ -204,6 +204,32 @@ def test_train_writes_timestamped_progress_lines_without_a_terminal(tmp_path: Pa
     assert len(epochs) == 2, result.output
 
 
+def test_evaluate_and_predict_write_timestamped_pass_lines_without_a_terminal(
+        tmp_path: Path) -> None:
+    import re
+
+    from typer.testing import CliRunner
+
+    from omnifuse_cli.cli.app import app
+
+    summary = make_cohort(CohortSpec(n=60, seed=1, ultrasound=False, inline_notes=True),
+                          tmp_path / "c")
+    run = tmp_path / "run"
+    runner = CliRunner()
+    trained = runner.invoke(app, [
+        "train", str(summary.manifest), "--num-classes", "3", "--modality", "labs=vector",
+        "--modality", "text=text", "--epochs", "1", "--no-cache", "--out-dir", str(run)])
+    assert trained.exit_code == 0, trained.output
+    for command in (["predict", str(summary.manifest), "--run", str(run), "--out",
+                     str(tmp_path / "p.csv"), "--batch-size", "16"],
+                    ["evaluate", str(run), "--batch-size", "4", "--bootstrap", "10"]):
+        result = runner.invoke(app, command, env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        done = [ln for ln in result.output.splitlines()
+                if re.match(STAMP + r"scoring: (\d+)/\1 \(100%\)", ln)]
+        assert len(done) == 1, (command[0], result.output)
+
+
 def test_plain_lines_are_rationed_within_a_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 

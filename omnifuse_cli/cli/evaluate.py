@@ -46,17 +46,19 @@ def evaluate(
     """Metrics with 95% bootstrap intervals, per missing pattern, and the confusion matrix."""
     from rich.markup import escape
 
+    from omnifuse_cli.cli.progress import pass_progress
     from omnifuse_cli.cli.render import confusion_table, metrics_table, patterns_table
     from omnifuse_cli.engine.evaluation import EvalRequest, evaluate_run
 
     if run_dir is None:
         raise ConfigError("no run directory given", hint="omnifuse evaluate RUN_DIR")
-    result = evaluate_run(EvalRequest(run_dir=run_dir, manifest=manifest, labs_table=labs_table,
-                                      labs_id_col=labs_id_col, out_dir=out_dir, device=device,
-                                      batch_size=batch_size,
-                                      drop_modalities=tuple(drop_modality or ()),
-                                      missing_rate=missing_rate, seed=seed, bootstrap=bootstrap,
-                                      cache=cache, cache_dir=cache_dir))
+    request = EvalRequest(run_dir=run_dir, manifest=manifest, labs_table=labs_table,
+                          labs_id_col=labs_id_col, out_dir=out_dir, device=device,
+                          batch_size=batch_size, drop_modalities=tuple(drop_modality or ()),
+                          missing_rate=missing_rate, seed=seed, bootstrap=bootstrap,
+                          cache=cache, cache_dir=cache_dir)
+    with pass_progress(console) as progress:
+        result = evaluate_run(request, progress)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     console.print(metrics_table(result.metrics, f"{result.source} ({result.n} patients)",

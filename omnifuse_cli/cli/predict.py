@@ -34,6 +34,7 @@ def predict(
     """Predict classes for new patients, with each modality's DWFuse weight."""
     from rich.markup import escape
 
+    from omnifuse_cli.cli.progress import pass_progress
     from omnifuse_cli.cli.render import predictions_table
     from omnifuse_cli.engine.files import write_csv
     from omnifuse_cli.engine.prediction import PredictRequest, predict_patients
@@ -44,10 +45,11 @@ def predict(
     if run is None:
         run = find_latest_run()
         console.print(f"using the newest run: [bold]{run}[/] (choose another with --run)")
-    result = predict_patients(PredictRequest(run_dir=run, patients=patients,
-                                             labs_table=labs_table, labs_id_col=labs_id_col,
-                                             device=device, batch_size=batch_size,
-                                             cache=cache, cache_dir=cache_dir))
+    request = PredictRequest(run_dir=run, patients=patients, labs_table=labs_table,
+                             labs_id_col=labs_id_col, device=device, batch_size=batch_size,
+                             cache=cache, cache_dir=cache_dir)
+    with pass_progress(console) as progress:
+        result = predict_patients(request, progress)
     for note in result.notes:
         console.print(f"[dim]·[/] {escape(note)}")
     write_csv(out, result.frame)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console, Group
@@ -117,3 +119,34 @@ class PlainProgress:
     def _line(self, text: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self.console.print(f"[{stamp}] {text}", markup=False, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def pass_progress(console: Console | None = None) -> Iterator[Callable[[str, int, int], None]]:
+    """A callback ``(phase, done, total)`` for evaluate/predict's passes over the patients: a
+    transient rich bar in a terminal, timestamped lines (PlainProgress's rules) otherwise."""
+    out = console or default_console
+    if plain_wanted(out):
+        plain = PlainProgress(out, Table())
+        ids: dict[str, int] = {}
+
+        def plain_update(phase: str, done: int, total: int) -> None:
+            if phase not in ids:
+                ids[phase] = plain.add_task(phase, total=total)
+            plain.update(ids[phase], completed=done, total=total)
+
+        yield plain_update
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=out, transient=True)
+    tasks: dict[str, Any] = {}
+
+    def live_update(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bars.add_task(phase, total=total)
+        bars.update(tasks[phase], completed=done, total=total)
+
+    with bars:
+        yield live_update

@@ -25,7 +25,13 @@ from omnifuse_cli.engine.metrics import (
     confusion,
     full_metrics,
 )
-from omnifuse_cli.engine.prediction import MAX_NAMED, labs_table_hint, prediction_frame
+from omnifuse_cli.engine.prediction import (
+    MAX_NAMED,
+    PassProgress,
+    labs_table_hint,
+    phase,
+    prediction_frame,
+)
 from omnifuse_cli.engine.runs import read_meta, read_split_assignment
 from omnifuse_cli.errors import BundleError, ConfigError, DataError
 
@@ -86,7 +92,7 @@ def simulate_missing(present: np.ndarray, names: list[str], drop: tuple[str, ...
     return out, empty
 
 
-def evaluate_run(request: EvalRequest) -> EvalResult:
+def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> EvalResult:
     run_dir = Path(request.run_dir)
     device = resolve_device(request.device)
     bundle = load_bundle(run_dir, device)
@@ -160,8 +166,9 @@ def evaluate_run(request: EvalRequest) -> EvalResult:
     data = bundle.preprocessor.prepare(cohort)
     reuse_frozen_features(bundle.model, data, rows, device=device, batch_size=request.batch_size,
                           cache=feature_cache(request.cache_dir, request.cache),
-                          notify=notes.append)
-    result = infer(bundle.model, data, rows, device=device, batch_size=request.batch_size)
+                          notify=notes.append, progress=phase(progress, "encoding"))
+    result = infer(bundle.model, data, rows, device=device, batch_size=request.batch_size,
+                   progress=phase(progress, "scoring"))
     probs = np.exp(result.log_probs)
     y = cohort.labels[result.index]
     metrics = full_metrics(y, probs, num_classes)

@@ -335,7 +335,8 @@ def _features_distributed(job: _Job, key: str, cache: FeatureCache | None,
 
 def reuse_frozen_features(model: OmniFuse, data: PreparedCohort, rows: np.ndarray, *,
                           device: torch.device, batch_size: int, cache: FeatureCache | None,
-                          notify: Callable[[str], None] | None = None) -> None:
+                          notify: Callable[[str], None] | None = None,
+                          progress: ProgressFn | None = None) -> None:
     """evaluate/predict: take the backbones' features from the cache (a run's own test split
     finds the entry its training wrote). When every patient is scored a missing entry is
     encoded and stored; when only some ``rows`` are (a test split) it is not, since that would
@@ -344,4 +345,5 @@ def reuse_frozen_features(model: OmniFuse, data: PreparedCohort, rows: np.ndarra
     names = [n for n, e in model.encoders.items() if isinstance(e, (ImageEncoder, HFTextEncoder))]
     if cache is not None and names:
         cache_frozen_features(model, data, names, device=device, batch_size=batch_size, amp=True,
-                              cache=cache, notify=notify, reuse_only=len(rows) < len(data))
+                              cache=cache, notify=notify, reuse_only=len(rows) < len(data),
+                              progress=progress)

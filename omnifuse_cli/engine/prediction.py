@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ from omnifuse_cli.engine.inference import (
     reuse_frozen_features,
 )
 from omnifuse_cli.errors import DataError
+
+# (phase, done, total) of a pass over the patients: "encoding" (frozen backbones), "scoring".
+PassProgress = Callable[[str, int, int], None]
 
 MAX_NAMED = 5  # unscored patients named in a warning (all of them are in the reason column)
 
@@ -65,7 +69,8 @@ def unscored_summary(cohort: Cohort, rows: list[int]) -> str:
     return named + more
 
 
-def predict_patients(request: PredictRequest) -> PredictResult:
+def predict_patients(request: PredictRequest,
+                     progress: PassProgress | None = None) -> PredictResult:
     """Score every patient that can be scored; the others keep their row, with a reason."""
     device = resolve_device(request.device)
     bundle = load_bundle(request.run_dir, device)
@@ -111,9 +116,9 @@ def predict_patients(request: PredictRequest) -> PredictResult:
     reuse_frozen_features(bundle.model, data, np.arange(len(data)), device=device,
                           batch_size=request.batch_size,
                           cache=feature_cache(request.cache_dir, request.cache),
-                          notify=notes.append)
+                          notify=notes.append, progress=phase(progress, "encoding"))
     result = infer(bundle.model, data, np.arange(len(scored)), device=device,
-                   batch_size=request.batch_size)
+                   batch_size=request.batch_size, progress=phase(progress, "scoring"))
     rows = ok[result.index]
     probs = np.full((len(cohort), len(bundle.class_names)), np.nan, dtype=np.float64)
     probs[rows] = np.exp(result.log_probs)
@@ -151,3 +156,10 @@ def prediction_frame(ids: list[str], labels: np.ndarray | None, probs: np.ndarra
         for m, name in enumerate(names):
             frame[f"weight_{name}"] = at_pred[:, m]
     return frame
+
+
+def phase(progress: PassProgress | None, name: str) -> Callable[[int, int], None] | None:
+    """The engine's (done, total) callbacks, named for the command's progress display."""
+    if progress is None:
+        return None
+    return lambda done, total: progress(name, done, total)
