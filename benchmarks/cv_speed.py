@@ -33,9 +33,9 @@ from typing import Any
 import pandas as pd
 import torch
 
+from omnifuse_cli.config import DataConfig, ImageConfig, TrainConfig
 from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.data.splits import stratified_split
-from omnifuse_cli.config import DataConfig, ImageConfig, TrainConfig
 from omnifuse_cli.engine.crossval import CVRequest, Variant, run_cv
 from omnifuse_cli.engine.evaluation import EvalRequest, evaluate_run
 from omnifuse_cli.engine.inference import cache_frozen_features, infer

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torchvision
 
-from omnifuse_cli.engine.bundle import load_bundle
 from omnifuse_cli.config import ImageConfig, MethodConfig, ModalitySpec, ModelConfig
+from omnifuse_cli.engine.bundle import load_bundle
 from omnifuse_cli.engine.modelling import build_model, image_feature_dim, load_image_weights
 from omnifuse_cli.engine.training import CHECKPOINT, load_checkpoint
 from omnifuse_cli.errors import ConfigError, WeightsError

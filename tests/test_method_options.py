@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omnifuse_cli.data.prepared import Preprocessor
 from omnifuse_cli.config import (
     PAPER_OPTIONS,
     ImageConfig,
@@ -23,6 +22,7 @@ from omnifuse_cli.config import (
     parse_widths,
     to_primitive,
 )
+from omnifuse_cli.data.prepared import Preprocessor
 from omnifuse_cli.engine.demo import SynthConfig, synth_cohort
 from omnifuse_cli.engine.modelling import build_model
 from omnifuse_cli.engine.training import estimate_reliability, mine_lazy, selection_key

@@ -10,8 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
-from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.config import (
     PAPER_OPTIONS,
     ImageConfig,
@@ -21,6 +19,8 @@ from omnifuse_cli.config import (
     TextConfig,
     TrainConfig,
 )
+from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
+from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.engine.demo import SynthConfig, synth_cohort
 from omnifuse_cli.engine.inference import infer
 from omnifuse_cli.engine.modelling import build_model

@@ -12,9 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from omnifuse_cli.data.manifest import Cohort
-from omnifuse_cli.data.prepared import Preprocessor
-from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.config import (
     ImageConfig,
     MethodConfig,
@@ -23,6 +20,9 @@ from omnifuse_cli.config import (
     TextConfig,
     TrainConfig,
 )
+from omnifuse_cli.data.manifest import Cohort
+from omnifuse_cli.data.prepared import Preprocessor
+from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.engine.inference import infer
 from omnifuse_cli.engine.metrics import classification_metrics
 from omnifuse_cli.engine.modelling import build_model

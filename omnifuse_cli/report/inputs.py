@@ -172,8 +172,8 @@ def _run_cohort(source: Path, meta: dict[str, str], modalities: list[str],
         notes.append(f"the run's manifest {manifest} is not on this machine: modality presence "
                      "is shown for evaluated patients only")
         return frame
-    from omnifuse_cli.data.manifest import read_manifest
     from omnifuse_cli.config import ModalitySpec
+    from omnifuse_cli.data.manifest import read_manifest
     from omnifuse_cli.errors import OmnifuseError
 
     specs = tuple(ModalitySpec(*part.split("=", 1)) for part in
