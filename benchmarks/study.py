@@ -706,12 +706,28 @@ def defaults_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return pd.DataFrame(table), verdicts
 
 
+OTHER_RESULTS = ("scale.md",)  # written by other benchmarks (scale.py), carried into RESULTS.md
+
+
+def other_results(folder: Path) -> list[str]:
+    """The other benchmarks' result pages (their own top headings), appended as they are."""
+    lines: list[str] = []
+    for name in OTHER_RESULTS:
+        path = folder / name
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            lines += [*text.rstrip().splitlines(), "",
+                      f"(from [`results/{name}`](results/{name}); rerun with "
+                      f"`python benchmarks/{name[:-3]}.py`)", ""]
+    return lines
+
+
 def write_report(out: Path, report: Path) -> None:
     import power
 
     meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
     rel = out.relative_to(report.parent).as_posix()
-    head = power.report_lines(out, rel, meta)
+    head = [*power.report_lines(out, rel, meta), *other_results(report.parent / "results")]
     if not (out / "runs.csv").is_file():
         report.write_text("\n".join(head), encoding="utf-8")
         print(f"wrote {report}", flush=True)

@@ -102,8 +102,12 @@ NOTES = ["肝内见一低回声小结节，大小约1.2cm。", None, "", "CDFI: 
          "肝脏形态大小正常，包膜光滑。肝脏形态大小正常。", "unknown 词汇 only", "随诊。"]
 
 
-def test_streamed_vocabulary_and_compact_encoding_match_note_by_note() -> None:
+@pytest.mark.parametrize("note_chunk", [65_536, 3, 1])  # one chunk, several, one note each
+def test_streamed_vocabulary_and_compact_encoding_match_note_by_note(
+        note_chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
     from omnifuse_cli.data import text
+
+    monkeypatch.setattr(text, "NOTE_CHUNK", note_chunk)
 
     listed = text.fit_vocabulary(NOTES, size=40, min_freq=1)
     streamed = text.fit_vocabulary((n for n in NOTES * 1), size=40, min_freq=1)

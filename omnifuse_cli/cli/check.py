@@ -28,6 +28,8 @@ def check(
     seed: Annotated[int, typer.Option("--seed")] = 42,
 ) -> None:
     """Validate a manifest without training and print a data audit (exit 0 when trainable)."""
+    from rich.markup import escape
+
     from omnifuse_cli.cli.render import audit_tables
     from omnifuse_cli.config import DataConfig, TrainConfig, parse_modality_options
     from omnifuse_cli.engine.audit import audit_manifest
@@ -46,5 +48,10 @@ def check(
         for problem in report.problems:
             err_console.print(f"[bold red]not trainable:[/] {problem}")
         raise typer.Exit(code=2)
-    console.print(f"[green]ok:[/] {report.n_patients} patients, ready for "
-                  f"`omnifuse train {manifest} --num-classes {len(report.label_counts)}`")
+    given = [*(f"--modality {m}" for m in modality or ()),
+             *([f"--labs-table {labs_table}"] if labs_table else []),
+             *([f"--labs-id-col {labs_id_col}"] if labs_id_col else []),
+             *([f"--on-bad-file {on_bad_file}"] if on_bad_file != "error" else [])]
+    command = " ".join([f"omnifuse train {manifest} --num-classes {len(report.label_counts)}",
+                        *given])
+    console.print(f"[green]ok:[/] {report.n_patients} patients, ready for `{escape(command)}`")

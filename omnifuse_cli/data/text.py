@@ -66,7 +66,7 @@ def encode(text: str | None, index: dict[str, int], idf: list[float], max_length
     return ids, [w / norm for w in weights]
 
 
-TOKEN_CHUNK = 1_000_000  # token ids gathered in a list before they move to numpy
+NOTE_CHUNK = 65_536  # notes encoded and normalised together before they move to numpy
 
 
 def encode_many(texts: Iterable[str | None], index: dict[str, int], idf: list[float],
@@ -74,27 +74,43 @@ def encode_many(texts: Iterable[str | None], index: dict[str, int], idf: list[fl
     """``encode`` for a whole cohort, stored flat: (ids int32, weights float32, offsets int64)
     with note i's ids at ``ids[offsets[i]:offsets[i + 1]]`` (an empty range without a note).
     The same numbers as ``encode`` note by note, at 4 + 4 bytes per token instead of two
-    Python lists per patient."""
+    Python lists per patient. Notes are normalised a chunk at a time, so the float64 and
+    index temporaries of the arithmetic never span the cohort (at a million notes they would
+    add gigabytes to the peak)."""
     unk = index[UNK]
     idf_array = np.asarray(idf, dtype=np.float64)
     id_parts: list[np.ndarray] = []
+    weight_parts: list[np.ndarray] = []
     lengths: list[int] = []
     chunk: list[int] = []
+    chunk_lengths: list[int] = []
+
+    def flush() -> None:
+        ids = np.array(chunk, dtype=np.int32)
+        weights = idf_array[ids]
+        # Unit length per note; bincount adds each note's squares in order, like encode's sum.
+        owner = np.repeat(np.arange(len(chunk_lengths)), chunk_lengths)
+        norms = np.sqrt(np.bincount(owner, weights=weights * weights,
+                                    minlength=len(chunk_lengths)))
+        norms[norms == 0] = 1.0
+        id_parts.append(ids)
+        weight_parts.append((weights / norms[owner]).astype(np.float32))
+        lengths.extend(chunk_lengths)
+        chunk.clear()
+        chunk_lengths.clear()
+
     for text in texts:
         # Distinct tokens first: a note repeats many characters, each looked up once.
         ids = sorted({index.get(t, unk) for t in set(tokenize(text))})[:max_length] if text else []
         chunk.extend(ids)
-        lengths.append(len(ids))
-        if len(chunk) >= TOKEN_CHUNK:  # never a Python list of every patient's ids
-            id_parts.append(np.array(chunk, dtype=np.int32))
-            chunk = []
-    id_parts.append(np.array(chunk, dtype=np.int32))
-    flat = np.concatenate(id_parts)
+        chunk_lengths.append(len(ids))
+        if len(chunk_lengths) >= NOTE_CHUNK:
+            flush()
+    flush()
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    weights = idf_array[flat]
-    # Unit length per note; bincount adds each note's squares in order, like encode's sum.
-    owner = np.repeat(np.arange(len(lengths)), lengths)
-    norms = np.sqrt(np.bincount(owner, weights=weights * weights, minlength=len(lengths)))
-    norms[norms == 0] = 1.0
-    return flat, (weights / norms[owner]).astype(np.float32), offsets
+    flat = np.concatenate(id_parts)
+    id_parts.clear()  # the parts go as soon as their copy exists: one array's worth extra
+    weights = np.concatenate(weight_parts)
+    weight_parts.clear()
+    return flat, weights, offsets
