@@ -187,12 +187,16 @@ def test_batched_dataset_equals_the_per_patient_collate(tmp_path: Path) -> None:
 STAMP = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] "
 
 
-def test_train_writes_timestamped_progress_lines_without_a_terminal(tmp_path: Path) -> None:
+def test_train_writes_timestamped_progress_lines_without_a_terminal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import re
 
     from typer.testing import CliRunner
 
     from omnifuse_cli.cli.app import app
+    from omnifuse_cli.engine import training
+
+    monkeypatch.setattr(training, "SLOW_STEP_SECONDS", 0.0)  # report every step's time
 
     summary = make_cohort(CohortSpec(n=60, seed=1, ultrasound=False, inline_notes=True),
                           tmp_path / "c")
@@ -206,6 +210,10 @@ def test_train_writes_timestamped_progress_lines_without_a_terminal(tmp_path: Pa
     assert len(passes) == 2, result.output  # the end of each epoch's pass
     epochs = [ln for ln in lines if re.match(STAMP + r"epoch [12]\*? ", ln)]
     assert len(epochs) == 2, result.output
+    # What happened before the first batch, with its time (at 1M patients: minutes).
+    assert any(re.match(r"· " + STAMP + r"read 60 patients in \d+ s$", ln) for ln in lines)
+    assert any(re.match(r"· " + STAMP + r"built the model and prepared the inputs", ln)
+               for ln in lines), result.output
 
 
 def test_evaluate_and_predict_write_timestamped_pass_lines_without_a_terminal(

@@ -150,3 +150,13 @@ def pass_progress(console: Console | None = None) -> Iterator[Callable[[str, int
 
     with bars:
         yield live_update
+
+
+def stamp(console: Console | None = None) -> str:
+    """``[YYYY-MM-DD HH:MM:SS] `` (escaped for rich markup) before a message in plain mode, so
+    a log file tells when each step happened; nothing in a terminal."""
+    if not plain_wanted(console or default_console):
+        return ""
+    from rich.markup import escape
+
+    return escape(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] ")

@@ -167,7 +167,9 @@ def train(
                                overwrite=overwrite,
                                config_yaml=run_settings("train", {**values, "manifest": path}))
 
-    from omnifuse_cli.cli.progress import live_progress
+    from rich.markup import escape
+
+    from omnifuse_cli.cli.progress import live_progress, stamp
 
     table = epoch_table(f"training on {request.manifest}")
     # The live display starts with the first progress event, so input errors (raised before any
@@ -177,7 +179,7 @@ def train(
 
     def on_event(event: TrainEvent) -> None:
         if event.kind == "message":
-            console.print(f"[dim]·[/] {event.text}")
+            console.print(f"[dim]·[/] {stamp(console)}{escape(event.text)}")
             return
         if not live.is_started:
             live.start()

@@ -205,6 +205,7 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
                   resume: bool) -> TrainResult:
     cfg, data_cfg = request.train, request.data
     torch.manual_seed(cfg.seed)
+    t_read = time.perf_counter()
     with distributed.together("reading the data"):
         resume_state = _load_resume_state(request.out_dir) if resume else None
         cohort = read_manifest(
@@ -229,10 +230,14 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
             write_csv(request.out_dir / "splits_summary.csv", summary)
     for note in cohort.notes:
         emit(TrainEvent("message", text=note))
+    _say_if_slow(emit, t_read, f"read {len(cohort):,} patients")
 
+    t_prepare = time.perf_counter()
     with distributed.together("building the model"):
         model, pre, weights_desc = build_for_cohort(cohort, splits["train"], request)
         data = pre.prepare(cohort)
+    _say_if_slow(emit, t_prepare, "built the model and prepared the inputs (vocabulary, "
+                 "tokens, standardised labs)")
     if not weights_desc.startswith(("file", "ImageNet", "none")):
         emit(TrainEvent("message", text=f"image backbone: {weights_desc}"))
     model.to(device)
@@ -289,6 +294,17 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
         class_names=class_names, encode_seconds=encode_seconds, device=str(device),
         image_weights=weights_desc, notes=list(cohort.notes), split_summary=summary,
     )
+
+
+SLOW_STEP_SECONDS = 10.0  # steps before training that took longer are reported with their time
+
+
+def _say_if_slow(emit: EventFn, started: float, what: str) -> None:
+    """On a large cohort reading and preparing take minutes before the first batch: say what
+    was done and how long it took, so a log file shows where the time went."""
+    seconds = time.perf_counter() - started
+    if seconds >= SLOW_STEP_SECONDS:
+        emit(TrainEvent("message", text=f"{what} in {seconds:.0f} s"))
 
 
 def data_digests(request: TrainRequest) -> dict[str, str]:
