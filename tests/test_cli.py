@@ -274,10 +274,10 @@ def test_check_audits_a_manifest(tiny_manifest: Path, tmp_path: Path) -> None:
         result.output)
     # The suggested command carries the data flags check was given, ready to paste.
     result = invoke("check", tiny_manifest, "--num-classes", 3, "--modality", "labs=vector",
-                    "--modality", "text=text", "--on-bad-file", "skip")
+                    "--modality", "us=image", "--modality", "text=text", "--on-bad-file", "skip")
     assert_ok(result)
     assert (f"ready for `omnifuse train {tiny_manifest} --num-classes 3 --modality labs=vector "
-            "--modality text=text --on-bad-file skip`") in flat(result.output)
+            "--modality us=image --modality text=text --on-bad-file skip`") in flat(result.output)
     unlabelled = tmp_path / "m.csv"
     unlabelled.write_text('id,label,labs\n1,0,"[1]"\n2,,"[2]"\n', encoding="utf-8")
     result = invoke("check", unlabelled, "--modality", "labs=vector")
