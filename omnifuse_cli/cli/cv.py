@@ -109,7 +109,9 @@ def _read_variants_file(path: Path | None) -> list[str]:
 
 
 def _run(request: Any, resume: bool) -> None:
-    from omnifuse_cli.cli.progress import live_progress
+    from rich.markup import escape
+
+    from omnifuse_cli.cli.progress import live_progress, stamp
     from omnifuse_cli.cli.render import (
         add_fold_row,
         confusion_table,
@@ -128,7 +130,7 @@ def _run(request: Any, resume: bool) -> None:
 
     def on_event(event: CVEvent) -> None:
         if event.kind == "message":
-            console.print(f"[dim]·[/] {event.text}")
+            console.print(f"[dim]·[/] {stamp(console)}{escape(event.text)}")
             return
         if not live.is_started:
             live.start()

@@ -38,11 +38,21 @@ def live_progress(table: Table, console: Console | None = None) -> tuple[Any, An
         plain = PlainProgress(out, table)
         return plain, plain
     from rich.live import Live
+
+    progress = _bars(out)
+    return Live(Group(table, progress), console=out, refresh_per_second=4), progress
+
+
+def _bars(console: Console) -> Any:
+    """The terminal's transient progress bars: description, bar, done/total, elapsed time."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=out, transient=True)
-    return Live(Group(table, progress), console=out, refresh_per_second=4), progress
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True)
+
+
+def _timestamp() -> str:
+    return f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] "
 
 
 class _Task:
@@ -117,8 +127,7 @@ class PlainProgress:
         self.rows_printed = rows
 
     def _line(self, text: str) -> None:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        self.console.print(f"[{stamp}] {text}", markup=False, highlight=False, soft_wrap=True)
+        self.console.print(_timestamp() + text, markup=False, highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -137,10 +146,7 @@ def pass_progress(console: Console | None = None) -> Iterator[Callable[[str, int
 
         yield plain_update
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=out, transient=True)
+    bars = _bars(out)
     tasks: dict[str, Any] = {}
 
     def live_update(phase: str, done: int, total: int) -> None:
@@ -159,4 +165,4 @@ def stamp(console: Console | None = None) -> str:
         return ""
     from rich.markup import escape
 
-    return escape(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] ")
+    return escape(_timestamp())
