@@ -730,12 +730,15 @@ def _train_epoch_ddp(model: OmniFuse, ddp: torch.nn.Module, data: PreparedCohort
     batches = DataLoader(dataset, batch_sampler=slices, generator=generator,
                          collate_fn=make_collate(data), num_workers=cfg.num_workers)
     trainable = [p for p in ddp.parameters() if p.requires_grad]
+    # Which training patients have the lazy combination: fixed for the epoch, looked up per batch.
+    has_lazy = (available(data.present[train_idx],
+                          combo_mask(lazy, len(model.names), torch.device("cpu")))
+                if lazy is not None and method.use_tla else None)
     for k, batch in enumerate(batches):
         rows, n = slices.taken.popleft()  # DataLoader fetches in sampler order
         share = dict.fromkeys(LOSS_TERMS, n / len(rows))
-        if lazy is not None and method.use_tla:
-            has = available(data.present[train_idx[rows]],
-                            combo_mask(lazy, len(model.names), torch.device("cpu")))
+        if has_lazy is not None:
+            has = has_lazy[rows]
             mine = has[_rank_part(len(rows), world, me)].sum() if n else 0
             share["tla"] = float(mine) / max(float(has.sum()), 1.0)
         batch = move_to(batch, device)
