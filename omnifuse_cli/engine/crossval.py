@@ -67,6 +67,7 @@ from omnifuse_cli.engine.metrics import (
 )
 from omnifuse_cli.engine.prediction import prediction_frame
 from omnifuse_cli.engine.training import (
+    CONFIG_YAML,
     EpochRecord,
     TrainEvent,
     TrainRequest,
@@ -78,7 +79,6 @@ from omnifuse_cli.errors import BundleError, ConfigError, DataError, TrainingInt
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder
 from omnifuse_cli.model.omnifuse import OmniFuse
 
-CONFIG_YAML = "config.yaml"  # the request in the CLI's --config format
 CV_FILE = "cv.json"  # the request (for --resume); also what marks a folder as cv output
 BASE = "base"
 FOLDS_DIR = "folds"
