@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from omnifuse_cli.config import ImageConfig, ModalitySpec, TextConfig
 from omnifuse_cli.data import text as simple_text
-from omnifuse_cli.data.cache import FeatureArray
+from omnifuse_cli.data.cache import FeatureArray, offsets_from_sizes
 from omnifuse_cli.data.images import image_transform, load_image
 from omnifuse_cli.data.manifest import Cohort
 from omnifuse_cli.errors import DataError
@@ -155,11 +155,8 @@ class Ragged:
 
     @classmethod
     def from_lists(cls, rows: list, dtype: Any) -> Ragged:
-        lengths = [len(r) for r in rows]
-        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
         flat = [v for r in rows for v in r]
-        return cls(np.array(flat, dtype=dtype), offsets)
+        return cls(np.array(flat, dtype=dtype), offsets_from_sizes([len(r) for r in rows]))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -249,10 +246,8 @@ class PatientDataset(Dataset):
             elif kind == "image":
                 batch["inputs"][name] = _batch_image_features(d, name, rows)
             elif name in d.text_cache:
-                cache = d.text_cache[name]
-                feats = (torch.from_numpy(np.asarray(cache.array[rows], dtype=np.float32))
-                         if hasattr(cache, "array") else torch.stack([cache[int(i)] for i in rows]))
-                batch["inputs"][name] = {"feats": feats}
+                feats = np.asarray(d.text_cache[name].array[rows], dtype=np.float32)
+                batch["inputs"][name] = {"feats": torch.from_numpy(feats)}
             else:
                 ids, real = d.token_ids[name].batch(rows, d.pad_ids.get(name, 0))
                 if name in d.pad_ids:
@@ -332,11 +327,7 @@ def _batch_image_features(data: PreparedCohort, name: str, rows: np.ndarray
                           ) -> dict[str, torch.Tensor]:
     """Cached image features of a batch: (B, n_max, F) and the (B, n_max) view mask."""
     cache = data.image_cache[name]
-    offsets = getattr(cache, "offsets", None)
-    if offsets is None:  # a per-patient list of tensors
-        return _collate_images([cache[int(i)] for i in rows], "feats", data.image_size,
-                               data.image_feature_dims.get(name, 0))
-    position, mask = Ragged(cache.array, offsets).positions(rows)  # rows of the views
+    position, mask = Ragged(cache.array, cache.offsets).positions(rows)  # rows of the views
     feats = np.zeros((*mask.shape, cache.array.shape[1]), dtype=np.float32)
     feats[mask] = cache.array[position[mask]]
     return {"feats": torch.from_numpy(feats), "mask": torch.from_numpy(mask)}
