@@ -28,6 +28,7 @@ from omnifuse_cli.engine.metrics import (
 from omnifuse_cli.engine.prediction import (
     MAX_NAMED,
     PassProgress,
+    labs_column_note,
     labs_table_hint,
     phase,
     prediction_frame,
@@ -114,13 +115,9 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
         num_classes=num_classes, keep_empty_rows=True,
     )
     bundle.preprocessor.check_compatible(cohort)
-    notes: list[str] = []
     labs_hint = labs_table_hint(meta, labs_table)
-    vector = next((m.name for m in cohort.modalities if m.kind == "vector"), None)
-    if labs_hint and vector is not None:
-        have = int(cohort.present[:, cohort.names.index(vector)].sum())
-        notes.append(f"{labs_hint}; without one, {vector} come from the manifest's {vector!r} "
-                     f"column ({have} of {len(cohort)} patients have them)")
+    labs_note = labs_column_note(labs_hint, cohort)
+    notes: list[str] = [labs_note] if labs_note else []
     if external:
         rows = np.arange(len(cohort))
         source, tag = str(manifest), manifest.stem

@@ -61,6 +61,16 @@ def labs_table_hint(run_meta: dict[str, Any], given: Path | None) -> str | None:
             "labs from a table")
 
 
+def labs_column_note(labs_hint: str | None, cohort: Cohort) -> str | None:
+    """The labs hint, with how many patients have labs from the manifest's column instead."""
+    vector = next((m.name for m in cohort.modalities if m.kind == "vector"), None)
+    if not labs_hint or vector is None:
+        return None
+    have = int(cohort.present[:, cohort.names.index(vector)].sum())
+    return (f"{labs_hint}; without one, {vector} come from the manifest's {vector!r} column "
+            f"({have} of {len(cohort)} patients have them)")
+
+
 def unscored_summary(cohort: Cohort, rows: list[int]) -> str:
     """``row 3 (id X): no modality present; ...`` for the first few unscored rows."""
     named = "; ".join(f"{row_name(i, cohort.ids)}: {', '.join(cohort.bad_rows[i])}"
@@ -91,13 +101,8 @@ def predict_patients(request: PredictRequest,
         if labs_hint and cohort.bad_rows[i] == [NO_MODALITY]:
             why += f" ({labs_hint})"
         reasons[i] = why
-    warnings = []
-    if labs_hint:
-        vector = next((m.name for m in config.modalities if m.kind == "vector"), None)
-        if vector is not None:
-            have = int(cohort.present[:, names.index(vector)].sum())
-            warnings.append(f"{labs_hint}; without one, {vector} come from the manifest's "
-                            f"{vector!r} column ({have} of {len(cohort)} patients have them)")
+    labs_note = labs_column_note(labs_hint, cohort)
+    warnings = [labs_note] if labs_note else []
     if len(bad) == len(cohort):
         raise DataError(
             f"{request.patients}: none of the {len(cohort)} patient(s) can be scored: "
