@@ -402,7 +402,7 @@ def read_manifest(
         for i in none_present:
             cohort.bad_rows[int(i)] = [NO_MODALITY]
     elif len(none_present):
-        rows = ", ".join(_where(_row(int(i)), ids) for i in none_present[:MAX_LISTED])
+        rows = ", ".join(row_name(int(i), ids) for i in none_present[:MAX_LISTED])
         extra = len(none_present) - MAX_LISTED
         more = f" and {extra} more" if extra > 0 else ""
         raise ManifestError(
@@ -674,7 +674,7 @@ def _fill_images(
                 if problem is None:
                     good.append(p)
                 elif on_bad_file == "skip":
-                    skipped.append(f"{_where(_row(i), cohort.ids)}: {p} {problem}")
+                    skipped.append(f"{row_name(i, cohort.ids)}: {p} {problem}")
                 else:
                     problems.add(_row(i), name, f"image {p} {problem}")
             paths = good if on_bad_file == "skip" else paths
