@@ -165,6 +165,12 @@ class MethodConfig:
     use_tla: bool = True
     inference_rule: str = "label-free"
 
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """Eq. 18's weight of each loss term, in the order the total adds them."""
+        return {"forward": self.lambda0, "backward": self.lambda1, "dwfuse": self.lambda2,
+                "tla": self.lambda3}
+
     def __post_init__(self) -> None:
         _check(self.embed_dim >= 4, f"embed_dim must be >= 4, got {self.embed_dim}")
         _check(self.num_ra >= 1, f"--num-ra must be >= 1, got {self.num_ra}")

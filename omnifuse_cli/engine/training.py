@@ -719,8 +719,7 @@ def _train_epoch_ddp(model: OmniFuse, ddp: torch.nn.Module, data: PreparedCohort
     method = model.config.method
     lazy_mask = combo_mask(lazy, len(model.names), device) if lazy is not None else None
     world, me = distributed.world_size(), distributed.rank()
-    lambdas = {"forward": method.lambda0, "backward": method.lambda1, "dwfuse": method.lambda2,
-               "tla": method.lambda3}
+    lambdas = method.loss_weights
     sums = dict.fromkeys(("total", *LOSS_TERMS), 0.0)
     # The same sampler and generator as one process's DataLoader(shuffle=True), so every rank
     # draws that process's permutation.

@@ -204,10 +204,7 @@ class OmniFuse(nn.Module):
                                        for o in outs[:n_views]]).mean()
         if rows is not None:
             terms["tla"] = F.nll_loss(self.predict_from(outs[-1]).log_probs, y[rows])  # Eq. 17
-        terms["total"] = (
-            cfg.lambda0 * terms["forward"] + cfg.lambda1 * terms["backward"]
-            + cfg.lambda2 * terms["dwfuse"] + cfg.lambda3 * terms["tla"]
-        )
+        terms["total"] = sum(w * terms[k] for k, w in cfg.loss_weights.items())
         return terms
 
     def _classification_loss(self, out: FuseOutput, y: torch.Tensor) -> torch.Tensor:
