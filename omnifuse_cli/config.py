@@ -28,6 +28,9 @@ IMPUTATION_LOSSES = ("normalized", "paper")
 SELECT_METRICS = ("macro_f1", "loss", "auroc")
 PRETRAINED_CHOICES = ("auto", "yes", "no")
 ON_BAD_FILE = ("error", "skip")
+ON_EMPTY_PATIENT = ("skip", "error")
+LABS_FORMATS = ("auto", "wide", "long")
+LABS_AGGS = ("last", "first", "mean", "min", "max")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
@@ -282,8 +285,11 @@ class TrainConfig:
     num_workers: int = 0
     cache: bool = True  # frozen features on disk (data/cache.py), reused by later runs
     cache_dir: str | None = None  # None: $OMNIFUSE_CACHE_DIR or ~/.cache/omnifuse/features
+    threads: int | None = None  # torch's CPU threads; None: the usable cores (engine.machine)
 
     def __post_init__(self) -> None:
+        _check(self.threads is None or self.threads >= 1,
+               f"--threads must be >= 1, got {self.threads}")
         _check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
@@ -295,8 +301,9 @@ class TrainConfig:
         )
         ratios = (self.train_ratio, self.val_ratio, self.test_ratio)
         _check(
-            all(0.0 < r < 1.0 for r in ratios),
-            f"split ratios must each be in (0, 1), got {ratios}",
+            0.0 < self.train_ratio < 1.0 and 0.0 < self.val_ratio < 1.0
+            and 0.0 <= self.test_ratio < 1.0,
+            f"split ratios must each be in (0, 1) (--test-ratio may be 0), got {ratios}",
         )
         _check(
             abs(sum(ratios) - 1.0) < 1e-6,
@@ -319,12 +326,19 @@ class DataConfig:
     labs_table: str | None = None
     labs_id_col: str = "id"
     on_bad_file: str = "error"  # unreadable image files: error, or skip (modality missing)
+    labs_format: str = "auto"  # labs table layout: wide (a column per analyte), long, or auto
+    labs_agg: str = "last"  # long labs: one value per patient and analyte (last by time, ...)
+    encoding: str = "auto"  # note files and the manifest: auto (BOM, UTF-8, detected) or a name
+    on_empty_patient: str = "skip"  # patients without any modality: skip (left out) or error
     image: ImageConfig = field(default_factory=ImageConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
     def __post_init__(self) -> None:
         _check(self.on_bad_file in ON_BAD_FILE,
                f"--on-bad-file must be error or skip, got {self.on_bad_file!r}")
+        _check_choice(self.labs_format, LABS_FORMATS, "--labs-format")
+        _check_choice(self.labs_agg, LABS_AGGS, "--labs-agg")
+        _check_choice(self.on_empty_patient, ON_EMPTY_PATIENT, "--on-empty-patient")
 
 
 def to_primitive(obj: Any) -> Any:

@@ -8,6 +8,7 @@ or as ``.txt`` files, and some modalities missing. Every patient has at least on
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from omnifuse_cli.engine.training import TrainRequest, TrainResult, run_training
 # The models here are tiny: one intra-op thread is as fast, and it keeps the suite quick when
 # other processes share the CPU (two spinning OpenMP threads on two busy cores slow it 10x+).
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # what train/cv/evaluate/predict's --threads reads
 
 N_PATIENTS = 30
 NUM_CLASSES = 3

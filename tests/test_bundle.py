@@ -304,9 +304,13 @@ def test_labs_table_run_predicts_with_the_table_and_checks_its_columns(
                                                            index=False)
     swapped = PredictRequest(run_dir=run_dir, patients=data / "manifest_no_labs.csv",
                              labs_table=data / "labs_swapped.csv", device="cpu")
-    with pytest.raises(DataError, match="labs columns differ from training") as info:
-        predict_patients(swapped)
-    assert "a0, a1, a2, a3, a4" in (info.value.hint or "")
+    # A table is read by analyte name into the run's columns and order.
+    pd.testing.assert_frame_equal(predict_patients(swapped).frame, frame_out)
+    table[["patient", "a1", "a0", "a2", "a4"]].to_csv(data / "labs_short.csv", index=False)
+    short = PredictRequest(run_dir=run_dir, patients=data / "manifest_no_labs.csv",
+                           labs_table=data / "labs_short.csv", device="cpu")
+    assert ("1 analyte(s) of the run missing from this lab table (empty for every patient): a3"
+            in predict_patients(short).notes)
 
 
 # -- broken bundles ---------------------------------------------------------------------------

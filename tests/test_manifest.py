@@ -244,11 +244,14 @@ def test_inline_text_and_txt_paths_utf8_and_gb18030(tmp_path: Path) -> None:
     assert cohort.texts["text"] == [note, note, note, note]
 
 
-def test_missing_note_file_is_reported(tmp_path: Path) -> None:
-    path = write(tmp_path, "id,label,text\n1,0,notes/none.txt\n")
-    with pytest.raises(ManifestError, match=r"row 2 \(id 0000000001\), column 'text': "
-                       r"note file .*none\.txt does"):
-        read_manifest(path, TEXT)
+def test_a_note_that_looks_like_a_missing_file_is_inline_text_with_a_note(tmp_path: Path
+                                                                         ) -> None:
+    path = write(tmp_path, "id,label,text\n1,0,notes/none.txt\n2,1,see report.txt\n")
+    cohort = read_manifest(path, TEXT)
+    assert cohort.texts["text"] == ["notes/none.txt", "see report.txt"]
+    assert cohort.note_stats["text"].path_like == ["row 2 (id 0000000001): 'notes/none.txt'",
+                                                   "row 3 (id 0000000002): 'see report.txt'"]
+    assert any("look like a file path but no such file exists" in n for n in cohort.notes)
 
 
 # -- presence ---------------------------------------------------------------------------------
@@ -387,9 +390,19 @@ def test_label_out_of_range(tmp_path: Path) -> None:
 
 def test_patient_with_no_modality(tmp_path: Path) -> None:
     path = write(tmp_path, 'id,label,labs,text\n1,0,"[1]",a\n2,1,,\n3,0,,b\n4,1,, \n')
+    modalities = parse_modality_options(["labs=vector", "text=text"])
     with pytest.raises(ManifestError, match=r"2 patient\(s\) have no modality at all: "
                        r"row 3 \(id 0000000002\), row 5 \(id 0000000004\)"):
-        read_manifest(path, parse_modality_options(["labs=vector", "text=text"]))
+        read_manifest(path, modalities, on_empty_patient="error")
+    cohort = read_manifest(path, modalities)  # the default: left out, with a note
+    assert cohort.ids == ["0000000001", "0000000003"]
+    assert cohort.labels.tolist() == [0, 0]
+    assert cohort.excluded == [("0000000002", 1), ("0000000004", 1)]
+    assert cohort.notes == ["left out 2 patient(s) with no modality at all (--on-empty-patient "
+                            "skip): row 3 (id 0000000002), row 5 (id 0000000004)"]
+    nothing = write(tmp_path, "id,label,labs,text\n1,0,,\n", "nothing.csv")
+    with pytest.raises(ManifestError, match="none of the 1 patients has any modality"):
+        read_manifest(nothing, modalities)
 
 
 def test_keep_bad_rows_marks_each_unusable_patient_and_keeps_the_rest(
@@ -466,8 +479,9 @@ def test_files_that_are_not_manifests(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="is empty"):
         read_manifest(tmp_path / "empty.csv", LABS)
     (tmp_path / "gb.csv").write_bytes("id,label,text\n1,0,甲状腺结节\n".encode("gb18030"))
-    with pytest.raises(ManifestError, match="not a readable UTF-8 CSV"):
-        read_manifest(tmp_path / "gb.csv", TEXT)
+    assert read_manifest(tmp_path / "gb.csv", TEXT).texts["text"] == ["甲状腺结节"]
+    with pytest.raises(ManifestError, match="not a readable CSV"):
+        read_manifest(tmp_path / "gb.csv", TEXT, encoding="utf-8")
     header_only = write(tmp_path, "id,label,labs\n", "header.csv")
     with pytest.raises(ManifestError, match="has a header but no patients"):
         read_manifest(header_only, LABS)
@@ -557,7 +571,9 @@ def test_skipping_every_image_of_an_image_only_patient_is_still_an_error(
     bad_images(tmp_path, write_png)
     path = write(tmp_path, "id,label,us\n1,0,us/good.png\n2,1,us/text.png\n", "only_us.csv")
     with pytest.raises(ManifestError, match=r"have no modality at all: row 3 \(id 0000000002\)"):
-        read_manifest(path, US, on_bad_file="skip")
+        read_manifest(path, US, on_bad_file="skip", on_empty_patient="error")
+    cohort = read_manifest(path, US, on_bad_file="skip")
+    assert cohort.ids == ["0000000001"] and cohort.excluded == [("0000000002", 1)]
 
 
 # -- data audit (`omnifuse check`) ------------------------------------------------------------

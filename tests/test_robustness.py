@@ -332,15 +332,30 @@ def test_a_note_of_invalid_bytes(data: Path, tmp_path: Path) -> None:
     note_path.write_bytes(garbage)
     result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args())
     assert_user_error(result, str(data), f"row 3 (id 0000001002), column 'text': note file "
-                      f"{note_path} is neither UTF-8 nor GB18030 text")
+                      f"{note_path} is not text in utf-16: it decodes to the character U+")
 
 
 def test_a_patient_with_no_modality(data: Path, tmp_path: Path) -> None:
     for column in ("labs", "us", "text"):
         edit(data, 1, column, "")
-    result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args())
+    result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args(),
+                    "--on-empty-patient", "error")
     assert_user_error(result, str(data),
-                      "1 patient(s) have no modality at all: row 3 (id 0000001002)")
+                      "1 patient(s) have no modality at all: row 3 (id 0000001002)",
+                      "--on-empty-patient skip")
+    # By default the patient is left out, said once, and recorded as excluded.
+    result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args())
+    assert_ok(result)
+    assert ("left out 1 patient(s) with no modality at all (--on-empty-patient skip): row 3 "
+            "(id 0000001002)") in " ".join(result.output.split())
+    assignment = pd.read_csv(tmp_path / "run" / "split_assignment.csv", dtype={"id": str})
+    assert assignment.loc[assignment["split"] == "excluded", "id"].tolist() == ["0000001002"]
+    assert len(assignment) == 30
+    split = pd.read_csv(tmp_path / "run" / "split.csv")
+    assert dict(zip(split["split"], split["n"], strict=True))["excluded"] == 1
+    checked = invoke("check", data, "--num-classes", "3")
+    assert_ok(checked)
+    assert "left out 1 patient(s)" in " ".join(checked.output.split())
 
 
 def test_vscode_links(data: Path, tmp_path: Path) -> None:

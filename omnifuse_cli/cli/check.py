@@ -22,9 +22,13 @@ def check(
     labs_id_col: options.LabsIdCol = None,
     modality: options.Modality = None,
     on_bad_file: options.OnBadFile = "error",
+    labs_format: options.LabsFormat = "auto",
+    labs_agg: options.LabsAgg = "last",
+    encoding: options.Encoding = "auto",
+    on_empty_patient: options.OnEmptyPatient = "skip",
     train_ratio: Annotated[float, typer.Option("--train-ratio")] = 0.8,
     val_ratio: Annotated[float, typer.Option("--val-ratio")] = 0.1,
-    test_ratio: Annotated[float, typer.Option("--test-ratio")] = 0.1,
+    test_ratio: Annotated[float, typer.Option("--test-ratio", help="0: no test split.")] = 0.1,
     seed: Annotated[int, typer.Option("--seed")] = 42,
 ) -> None:
     """Validate a manifest without training and print a data audit (exit 0 when trainable)."""
@@ -32,18 +36,28 @@ def check(
 
     from omnifuse_cli.cli.render import audit_tables
     from omnifuse_cli.config import DataConfig, TrainConfig, parse_modality_options
+    from omnifuse_cli.data.text import check_encoding
     from omnifuse_cli.engine.audit import audit_manifest
 
     data = DataConfig(modalities=parse_modality_options(modality),
                       labs_table=str(labs_table) if labs_table else None,
-                      labs_id_col=labs_id_col or "id", on_bad_file=on_bad_file)
+                      labs_id_col=labs_id_col or "id", on_bad_file=on_bad_file,
+                      labs_format=labs_format, labs_agg=labs_agg,
+                      encoding=check_encoding(encoding), on_empty_patient=on_empty_patient)
     split = TrainConfig(train_ratio=train_ratio, val_ratio=val_ratio, test_ratio=test_ratio,
                         seed=seed)
     report = audit_manifest(manifest, data, num_classes=num_classes, split=split)
     for table in audit_tables(report):
         console.print(table)
     for note in report.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    for name, stats in report.note_stats.items():
+        if stats.guessed:
+            shown = "; ".join(stats.guessed[:20])
+            more = f"; ... and {len(stats.guessed) - 20} more" if len(stats.guessed) > 20 else ""
+            console.print(f"[yellow]note:[/] the encoding of {len(stats.guessed)} {name} note "
+                          f"file(s) was guessed (no BOM, not UTF-8); check them or pass "
+                          f"--encoding: {escape(shown + more)}")
     if not report.trainable:
         for problem in report.problems:
             err_console.print(f"[bold red]not trainable:[/] {problem}")
@@ -51,7 +65,11 @@ def check(
     given = [*(f"--modality {m}" for m in modality or ()),
              *([f"--labs-table {labs_table}"] if labs_table else []),
              *([f"--labs-id-col {labs_id_col}"] if labs_id_col else []),
-             *([f"--on-bad-file {on_bad_file}"] if on_bad_file != "error" else [])]
+             *([f"--on-bad-file {on_bad_file}"] if on_bad_file != "error" else []),
+             *([f"--labs-format {labs_format}"] if labs_format != "auto" else []),
+             *([f"--labs-agg {labs_agg}"] if labs_agg != "last" else []),
+             *([f"--encoding {encoding}"] if encoding != "auto" else []),
+             *([f"--on-empty-patient {on_empty_patient}"] if on_empty_patient != "skip" else [])]
     command = " ".join([f"omnifuse train {manifest} --num-classes {len(report.label_counts)}",
                         *given])
     console.print(f"[green]ok:[/] {report.n_patients} patients, ready for `{escape(command)}`")

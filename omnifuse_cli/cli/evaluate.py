@@ -24,6 +24,9 @@ def evaluate(
     ] = None,
     labs_table: options.LabsTable = None,
     labs_id_col: options.LabsIdCol = None,
+    labs_format: options.RunLabsFormat = None,
+    labs_agg: options.RunLabsAgg = None,
+    encoding: options.RunEncoding = None,
     out_dir: Annotated[Path | None, typer.Option(
         "--out-dir", help="Where to write the CSVs.",
         show_default="RUN_DIR/eval/<test|manifest>")
@@ -42,12 +45,14 @@ def evaluate(
     batch_size: options.BatchSize = 32,
     cache: options.Cache = True,
     cache_dir: options.CacheDir = None,
+    threads: options.Threads = None,
 ) -> None:
     """Metrics with 95% bootstrap intervals, per missing pattern, and the confusion matrix."""
     from rich.markup import escape
 
     from omnifuse_cli.cli.progress import pass_progress
     from omnifuse_cli.cli.render import confusion_table, metrics_table, patterns_table
+    from omnifuse_cli.data.text import check_encoding
     from omnifuse_cli.engine.evaluation import EvalRequest, evaluate_run
 
     if run_dir is None:
@@ -56,7 +61,9 @@ def evaluate(
                           labs_id_col=labs_id_col, out_dir=out_dir, device=device,
                           batch_size=batch_size, drop_modalities=tuple(drop_modality or ()),
                           missing_rate=missing_rate, seed=seed, bootstrap=bootstrap,
-                          cache=cache, cache_dir=cache_dir)
+                          cache=cache, cache_dir=cache_dir, threads=threads,
+                          encoding=encoding and check_encoding(encoding),
+                          labs_format=labs_format, labs_agg=labs_agg)
     with pass_progress(console) as progress:
         result = evaluate_run(request, progress)
     for note in result.notes:

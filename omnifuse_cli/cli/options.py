@@ -45,3 +45,47 @@ Cache = Annotated[
     typer.Option("--cache/--no-cache", help="Keep frozen-backbone features in the cache folder "
                  "and reuse them; --no-cache encodes them again, in memory, for this run only."),
 ]
+Encoding = Annotated[
+    str,
+    typer.Option("--encoding", help="Encoding of note files (and of the manifest): auto (a BOM "
+                 "decides, else UTF-8, else UTF-16, Windows-1252 or GB18030 by what the text "
+                 "looks like; check names every guessed file) or a name such as utf-8, "
+                 "gb18030, cp1252, latin-1, utf-16."),
+]
+LabsFormat = Annotated[
+    str,
+    typer.Option("--labs-format", help="Layout of --labs-table: wide (one row per patient, a "
+                 "column per analyte), long (one row per measurement: id, analyte, value, "
+                 "optional time and unit) or auto (from the columns)."),
+]
+LabsAgg = Annotated[
+    str,
+    typer.Option("--labs-agg", help="Long labs with several values of one analyte for a "
+                 "patient: last or first (by time, else by row order), mean, min or max."),
+]
+OnEmptyPatient = Annotated[
+    str,
+    typer.Option("--on-empty-patient", help="Patients without any modality: skip leaves them "
+                 "out with a warning (recorded as excluded in split_assignment.csv); error "
+                 "refuses the manifest."),
+]
+Threads = Annotated[
+    int | None,
+    typer.Option("--threads", min=1, help="CPU threads torch may use.",
+                 show_default="the usable cores (CPU affinity, cgroup limit, OMP_NUM_THREADS)"),
+]
+RunEncoding = Annotated[
+    str | None,
+    typer.Option("--encoding", help="Encoding of note files (and of the manifest): auto or a "
+                 "name such as utf-8, gb18030, cp1252.", show_default="the run's"),
+]
+RunLabsFormat = Annotated[
+    str | None,
+    typer.Option("--labs-format", help="Layout of --labs-table: wide, long or auto.",
+                 show_default="the run's"),
+]
+RunLabsAgg = Annotated[
+    str | None,
+    typer.Option("--labs-agg", help="Long labs: last, first, mean, min or max of a patient's "
+                 "values of one analyte.", show_default="the run's"),
+]

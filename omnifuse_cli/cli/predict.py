@@ -26,16 +26,21 @@ def predict(
                    ] = Path("predictions.csv"),
     labs_table: options.LabsTable = None,
     labs_id_col: options.LabsIdCol = None,
+    labs_format: options.RunLabsFormat = None,
+    labs_agg: options.RunLabsAgg = None,
+    encoding: options.RunEncoding = None,
     device: options.Device = "auto",
     batch_size: options.BatchSize = 32,
     cache: options.Cache = True,
     cache_dir: options.CacheDir = None,
+    threads: options.Threads = None,
 ) -> None:
     """Predict classes for new patients, with each modality's DWFuse weight."""
     from rich.markup import escape
 
     from omnifuse_cli.cli.progress import pass_progress
     from omnifuse_cli.cli.render import predictions_table
+    from omnifuse_cli.data.text import check_encoding
     from omnifuse_cli.engine.files import write_csv
     from omnifuse_cli.engine.prediction import PredictRequest, predict_patients
     from omnifuse_cli.engine.runs import find_latest_run
@@ -47,7 +52,9 @@ def predict(
         console.print(f"using the newest run: [bold]{run}[/] (choose another with --run)")
     request = PredictRequest(run_dir=run, patients=patients, labs_table=labs_table,
                              labs_id_col=labs_id_col, device=device, batch_size=batch_size,
-                             cache=cache, cache_dir=cache_dir)
+                             cache=cache, cache_dir=cache_dir, threads=threads,
+                          encoding=encoding and check_encoding(encoding),
+                          labs_format=labs_format, labs_agg=labs_agg)
     with pass_progress(console) as progress:
         result = predict_patients(request, progress)
     for note in result.notes:

@@ -153,6 +153,25 @@ def audit_tables(report) -> list[Table]:  # type: ignore[no-untyped-def]
     tables.append(presence)
     tables.append(counts_table(report.patterns, "missing patterns (modalities present)",
                                key="present", value="patients"))
+    for name, kinds in report.image_files.items():
+        if kinds:
+            files = titled(f"{name} files")
+            for col in ("format", "photometric", "frames", "size", "files"):
+                files.add_column(col, justify="right" if col in ("frames", "files") else "left")
+            for kind in kinds:
+                files.add_row(*(escape(str(kind.get(c, "-"))) for c in
+                                ("format", "photometric", "frames", "size", "files")))
+            tables.append(files)
+    for name, stats in report.note_stats.items():
+        if stats.encodings or stats.empty:
+            notes = titled(f"{name} notes")
+            notes.add_column("read as")
+            notes.add_column("notes", justify="right")
+            for encoding, count in stats.encodings.most_common():
+                notes.add_row(f"{encoding} file", str(count))
+            if stats.empty:
+                notes.add_row("empty (missing text)", str(stats.empty))
+            tables.append(notes)
     if report.split_summary is not None:
         tables.append(split_summary_table(report.split_summary))
     return tables

@@ -38,6 +38,10 @@ def train(
     labs_id_col: options.LabsIdCol = None,
     modality: options.Modality = None,
     on_bad_file: options.OnBadFile = "error",
+    labs_format: options.LabsFormat = "auto",
+    labs_agg: options.LabsAgg = "last",
+    encoding: options.Encoding = "auto",
+    on_empty_patient: options.OnEmptyPatient = "skip",
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 30,
     batch_size: options.BatchSize = 32,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate of everything but "
@@ -46,8 +50,11 @@ def train(
     seed: Annotated[int, typer.Option("--seed")] = 42,
     train_ratio: Annotated[float, typer.Option("--train-ratio")] = 0.8,
     val_ratio: Annotated[float, typer.Option("--val-ratio")] = 0.1,
-    test_ratio: Annotated[float, typer.Option("--test-ratio")] = 0.1,
+    test_ratio: Annotated[float, typer.Option(
+        "--test-ratio", help="0: no internal test split (evaluate an external cohort with "
+        "omnifuse evaluate RUN --manifest TEST.csv).")] = 0.1,
     device: options.Device = "auto",
+    threads: options.Threads = None,
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA "
                                       "(CPU always runs fp32).")] = True,
     image_backbone: Annotated[str, typer.Option(
@@ -205,9 +212,13 @@ def train(
                   f"device {result.device}")
     if result.split_summary is not None:
         console.print(split_summary_table(result.split_summary))
-    console.print(metrics_table(result.test, "test metrics (best checkpoint)"))
-    console.print(confusion_table(result.confusion, result.class_names,
-                                  "test confusion matrix (rows = true)"))
+    if result.confusion is None:
+        console.print("no internal test split (--test-ratio 0): evaluate an external cohort "
+                      f"with omnifuse evaluate {result.out_dir} --manifest TEST.csv")
+    else:
+        console.print(metrics_table(result.test, "test metrics (best checkpoint)"))
+        console.print(confusion_table(result.confusion, result.class_names,
+                                      "test confusion matrix (rows = true)"))
     console.print(f"run saved to [bold]{result.out_dir}[/]  ·  next: omnifuse evaluate "
                   f"{result.out_dir}  ·  omnifuse predict PATIENTS.csv --run {result.out_dir}")
 

@@ -46,7 +46,8 @@ TRAIN_ONLY = ("manifest", "manifest_opt", "num_classes", "resume", "out_dir", "o
 CONFIG_PARAMS = ("ctx", "config")
 # Options that decide which patients and values are read: a variant compared with the base model
 # on the same folds must not change them.
-DATA_READING = ("modality", "labs_table", "labs_id_col", "on_bad_file")
+DATA_READING = ("modality", "labs_table", "labs_id_col", "on_bad_file", "labs_format",
+                "labs_agg", "encoding", "on_empty_patient")
 HELP_PANEL = "Model and training options (as omnifuse train)"
 
 
@@ -56,6 +57,12 @@ def _widths(value: Any, _: Mapping[str, Any]) -> tuple[int, ...]:
     if isinstance(value, str):
         return config.parse_widths(value)  # type: ignore[attr-defined]
     return tuple(int(v) for v in value)
+
+
+def _encoding(value: str) -> str:
+    from omnifuse_cli.data.text import check_encoding
+
+    return check_encoding(value)
 
 
 def _pretrained(value: bool | None, _: Mapping[str, Any]) -> str:
@@ -77,6 +84,7 @@ CONVERTERS: dict[str, tuple[str, str, Callable[[Any, Mapping[str, Any]], Any]]] 
     "select_by": ("train", "select_metric", lambda v, _: v),
     "ra_layers": ("method", "ra_layers", _widths),
     "reliability": ("method", "reliability", lambda v, _: str(v).strip().lower()),
+    "encoding": ("data", "encoding", lambda v, _: _encoding(v)),
 }
 FOLDED = ("freeze_text",)  # read by another option's converter (finetune_text_last_n)
 

@@ -49,12 +49,16 @@ def default_cache_dir() -> Path:
 # -- fingerprints -------------------------------------------------------------------------------
 
 
-def files_fingerprint(paths: Iterable[Path | str]) -> str:
+def files_fingerprint(paths: Iterable[os.PathLike | str]) -> str:
     """Hash of absolute paths with their size and modification time: a replaced or edited image
-    changes the key without reading any pixels."""
+    changes the key without reading any pixels. A frame of a multi-frame file (an os.PathLike
+    with an ``index``, data.images.DicomFrame) is the file plus its frame number."""
     digest = hashlib.blake2b(digest_size=20)
     for path in paths:
         name = os.path.abspath(path)
+        frame = getattr(path, "index", None)
+        if frame is not None:
+            digest.update(f"#{frame}".encode())
         try:
             st = os.stat(name)
             stamp = f"{st.st_size}:{st.st_mtime_ns}"

@@ -1,11 +1,20 @@
-"""Image reading with the seed's preprocessing: Resize + CenterCrop + ImageNet normalisation."""
+"""Image reading with the seed's preprocessing: Resize + CenterCrop + ImageNet normalisation.
+
+A view is an image file (PNG, JPEG, ..., or a single-frame DICOM) or one frame of a multi-frame
+DICOM (an ultrasound cine loop), named by a DicomFrame.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+
+from omnifuse_cli.data.dicom import dicom_info, dicom_problem, frame_indices, is_dicom, read_frame
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -22,11 +31,51 @@ def image_transform(size: int):  # type: ignore[no-untyped-def]
     ])
 
 
-def load_image(path: Path, transform) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """One image as a normalised (3, S, S) tensor; grayscale ultrasound is replicated to RGB."""
+@dataclass(frozen=True)
+class DicomFrame:
+    """Frame ``index`` (from 0) of the multi-frame DICOM ``path``. As an os.PathLike it is the
+    file, so the feature cache's key sees the file's size and modification time."""
+
+    path: Path
+    index: int
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __str__(self) -> str:
+        return f"{self.path} (frame {self.index + 1})"
+
+
+View = Path | DicomFrame
+
+
+def dicom_views(path: Path) -> list[View]:
+    """A DICOM file's views: the file itself, or each of its frames when it has several."""
+    frames = dicom_info(path).frames
+    return [DicomFrame(path, k) for k in range(frames)] if frames > 1 else [path]
+
+
+def select_views(views: Sequence[View], max_views: int) -> list[View]:
+    """The views a patient keeps: the first ``max_views`` images of the cell (the seed's rule),
+    but evenly spaced ones (first and last included) when frames of a cine loop are among them,
+    so a loop is seen across its length rather than in its first fraction of a second."""
+    if len(views) <= max_views:
+        return list(views)
+    if not any(isinstance(v, DicomFrame) for v in views):
+        return list(views[:max_views])
+    return [views[k] for k in frame_indices(len(views), max_views)]
+
+
+def load_image(view: View, transform) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """One view as a normalised (3, S, S) tensor; grayscale is replicated to RGB and DICOM
+    pixels go through their header's LUTs and window first (data.dicom.read_frame)."""
     from PIL import Image
 
-    with Image.open(path) as img:
+    if isinstance(view, DicomFrame):
+        return transform(read_frame(view.path, view.index))
+    if is_dicom(view):
+        return transform(read_frame(view, 0))
+    with Image.open(view) as img:
         return transform(img.convert("RGB"))
 
 
@@ -36,20 +85,22 @@ def image_problem(path: Path) -> str | None:
 
     if not path.is_file():
         return "does not exist"
+    if is_dicom(path):
+        return dicom_problem(path)
     try:
         with Image.open(path) as img:
             img.load()  # a full decode: verify() alone misses truncated files
     except UnidentifiedImageError:
-        return "is not an image in a supported format (png, jpg, bmp, tif, ...)"
+        return "is not an image in a supported format (DICOM, png, jpg, bmp, tif, ...)"
     except (OSError, SyntaxError, ValueError) as err:
         return f"is corrupt or truncated ({err})"
     return None
 
 
 class ImageFiles(Dataset):
-    """A flat list of image paths, streamed (never all held in memory)."""
+    """A flat list of views, streamed (never all held in memory)."""
 
-    def __init__(self, paths: list[Path], size: int) -> None:
+    def __init__(self, paths: list[View], size: int) -> None:
         self.paths = paths
         self.transform = image_transform(size)
 

@@ -13,19 +13,37 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import pandas as pd
 
-from omnifuse_cli.config import ON_BAD_FILE, ModalitySpec
-from omnifuse_cli.data.images import image_problem
+from omnifuse_cli.config import ON_BAD_FILE, ON_EMPTY_PATIENT, DataConfig, ModalitySpec
+from omnifuse_cli.data.dicom import is_dicom, order_files
+from omnifuse_cli.data.images import View, dicom_views, image_problem
+from omnifuse_cli.data.text import AUTO, Decoded, decode_note
 from omnifuse_cli.errors import ConfigError, DataError, ManifestError
 
 VSCODE_MARKER = "_vscodecontentref_"
 MAX_LISTED = 20
 NO_MODALITY = "no modality present"  # the reason of a patient who has nothing to score
+# A text cell names a note file only when it looks like a path (a folder separator or a file
+# extension, one line) and that file exists; anything else is the note itself.
+_PATH_LIKE = re.compile(r"^[^\n]{0,1023}([\\/]|\.[A-Za-z0-9]{1,5})$")
+
+
+@dataclass
+class NoteStats:
+    """How one text modality's notes were read, for `check`."""
+
+    encodings: Counter[str] = field(default_factory=Counter)  # note files per encoding
+    guessed: list[str] = field(default_factory=list)  # "path (encoding)" of guessed files
+    empty: int = 0  # empty or whitespace-only notes (cells or files): missing text
+    path_like: list[str] = field(default_factory=list)  # inline notes that look like a path
 
 
 @dataclass
@@ -38,12 +56,16 @@ class Cohort:
     modalities: tuple[ModalitySpec, ...]
     vectors: dict[str, np.ndarray] = field(default_factory=dict)  # (N, D) float32, NaN = missing
     vector_columns: dict[str, list[str]] = field(default_factory=dict)
-    images: dict[str, list[list[Path]]] = field(default_factory=dict)
+    images: dict[str, list[list[View]]] = field(default_factory=dict)  # file or frame
     texts: dict[str, list[str | None]] = field(default_factory=dict)
     present: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=bool))  # (N, M)
     notes: list[str] = field(default_factory=list)  # things the user should hear about
     # Only with read_manifest(keep_bad_rows=True): row index -> why that patient cannot be used.
     bad_rows: dict[int, list[str]] = field(default_factory=dict)
+    # Patients left out because they have no modality at all (on_empty_patient="skip"): their
+    # ids and labels (-1 = none), recorded in the run's split files as excluded.
+    excluded: list[tuple[str, int]] = field(default_factory=list)
+    note_stats: dict[str, NoteStats] = field(default_factory=dict)  # text modality -> stats
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -65,6 +87,8 @@ class Cohort:
             texts={k: [v[i] for i in idx] for k, v in self.texts.items()},
             present=self.present[idx],
             notes=list(self.notes),
+            excluded=list(self.excluded),
+            note_stats=self.note_stats,
         )
 
 
@@ -142,8 +166,9 @@ class _Problems:
         )
 
 
-def read_table(path: Path, what: str) -> pd.DataFrame:
-    """A CSV read as strings, BOM-tolerant, with a clear error for files that are not CSV."""
+def read_table(path: Path, what: str, encoding: str = AUTO) -> pd.DataFrame:
+    """A CSV read as strings, with a clear error for files that are not CSV. ``auto``: UTF-8
+    (a BOM is fine), else the encoding decode_note finds for the whole file."""
     if VSCODE_MARKER in str(path):
         raise ManifestError(
             f"{path} is a VS Code link, not a file path",
@@ -154,18 +179,33 @@ def read_table(path: Path, what: str) -> pd.DataFrame:
         raise ManifestError(f"{what} {path} does not exist", hint="check the path and try again")
     if path.is_dir():
         raise ManifestError(f"{what} {path} is a folder, not a CSV file")
-    head = path.read_bytes()[:4096]
-    if b"\x00" in head:
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    wide = head.startswith((b"\xff\xfe", b"\xfe\xff")) or encoding.startswith(("utf-16", "utf-32"))
+    if b"\x00" in head and not wide:
         raise ManifestError(f"{what} {path} is a binary file, not a CSV")
+    options = {"dtype": str, "keep_default_na": False, "skipinitialspace": True}
     try:
-        frame = pd.read_csv(
-            path, dtype=str, keep_default_na=False, encoding="utf-8-sig", skipinitialspace=True
-        )
+        if encoding == AUTO:
+            try:
+                frame = pd.read_csv(path, encoding="utf-8-sig", **options)
+            except UnicodeDecodeError:
+                # Not UTF-8: the whole file decides its encoding (UTF-16 exports, Windows-1252,
+                # GB18030), as for a note file.
+                try:
+                    text = decode_note(path.read_bytes()).text
+                except ValueError as err:
+                    raise ManifestError(f"{what} {path} {err}") from None
+                frame = pd.read_csv(io.StringIO(text), **options)
+        else:
+            frame = pd.read_csv(path, encoding=encoding, **options)
     except pd.errors.EmptyDataError as err:
         raise ManifestError(f"{what} {path} is empty", hint="it needs a header row") from err
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise ManifestError(f"{what} {path} is not a readable UTF-8 CSV: {err}") from err
-    frame.columns = [str(c).strip() for c in frame.columns]
+        raise ManifestError(f"{what} {path} is not a readable CSV: {err}",
+                            hint="name its encoding with --encoding" if isinstance(
+                                err, UnicodeDecodeError) else None) from err
+    frame.columns = [str(c).strip().lstrip("\ufeff") for c in frame.columns]
     return frame
 
 
@@ -253,69 +293,56 @@ def _as_vector(values: list) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def read_text_cell(cell: str, base: Path) -> str:
-    """Inline text, or the contents of a .txt path (UTF-8, falling back to GB18030)."""
+def note_file(cell: str, base: Path) -> Path | None:
+    """The note file a text cell names, or None when the cell is the note itself: a cell names a
+    file only when it looks like a path and that file exists."""
     text = cell.strip()
-    if text.lower().endswith(".txt") and "\n" not in text and len(text) < 1024:
-        path = resolve_path(text, base)
-        if not path.exists():
-            raise ValueError(f"note file {path} does not exist")
-        raw = path.read_bytes()
-        for encoding in ("utf-8-sig", "gb18030"):
-            try:
-                return raw.decode(encoding).strip()
-            except UnicodeDecodeError:
-                continue
-        raise ValueError(f"note file {path} is neither UTF-8 nor GB18030 text")
-    return text
+    if not _PATH_LIKE.match(text):
+        return None
+    path = resolve_path(text, base)
+    return path if os.path.isfile(path) else None
+
+
+def read_text_cell(cell: str, base: Path, encoding: str = AUTO) -> str:
+    """Inline text, or the contents of the note file the cell names (see note_file)."""
+    path = note_file(cell, base)
+    if path is None:
+        return cell.strip()
+    return _read_note_file(path, encoding).text.strip()
+
+
+def _read_note_file(path: Path, encoding: str) -> Decoded:
+    try:
+        return decode_note(path.read_bytes(), encoding)
+    except ValueError as err:
+        raise ValueError(f"note file {path} {err}") from None
+
+
+_GLOB_CHARS = ("*", "?", "[")
 
 
 def split_image_cell(cell: str, base: Path) -> list[Path]:
+    """Image paths of a cell: paths joined by ';' or '|'; a folder (``us/P0042/``) or a glob
+    (``us/P0042_*.dcm``) stands for its files in viewing order (data.dicom.order_files: DICOMs
+    by instance number when they all have one, else by name). A folder or glob that matches no
+    file stays as written, so the check reports it."""
     parts = [p.strip() for p in cell.replace("|", ";").split(";")]
-    return [resolve_path(p, base) for p in parts if p]
+    paths: list[Path] = []
+    for part in filter(None, parts):
+        path = resolve_path(part, base)
+        if any(c in part for c in _GLOB_CHARS) and not path.exists():
+            found = sorted(p for p in path.parent.glob(path.name) if _visible_file(p))
+        elif path.is_dir():
+            found = sorted(p for p in path.iterdir() if _visible_file(p))
+        else:
+            paths.append(path)
+            continue
+        paths.extend(order_files(found) if found else [path])
+    return paths
 
 
-def read_labs_table(path: Path, id_col: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """(ids, values (rows, columns) float32 with NaN = missing, column names) of a labs table."""
-    frame = read_table(path, "labs table")
-    if id_col not in frame.columns:
-        raise ManifestError(
-            f"labs table {path} has no id column {id_col!r} (columns: {', '.join(frame.columns)})",
-            hint="name the id column with --labs-id-col",
-        )
-    ids = normalize_ids(frame[id_col])
-    repeated = pd.Series(ids).duplicated(keep=False).to_numpy()
-    if repeated.any():
-        dupes = sorted({ids[i] for i in np.flatnonzero(repeated)})
-        raise ManifestError(
-            f"labs table {path} has duplicate ids: {', '.join(dupes[:MAX_LISTED])}",
-            hint="keep one row per patient",
-        )
-    columns = [c for c in frame.columns if c != id_col]
-    if not columns:
-        raise ManifestError(f"labs table {path} has no value columns besides {id_col!r}")
-    problems = _Problems(path, ids)
-    values = np.empty((len(frame), len(columns)), dtype=np.float32)
-    for j, column in enumerate(columns):
-        values[:, j] = _numeric_column(frame[column], column, problems)
-    problems.raise_if_any("unreadable lab values", "lab values must be numbers or empty")
-    return ids, values, columns
-
-
-def _numeric_column(cells: pd.Series, column: str, problems: _Problems) -> np.ndarray:
-    """One labs-table column as float64, NaN where empty. pandas parses the plain numbers; the
-    few cells it cannot (or that are infinite) get the per-value rules and messages."""
-    text = cells.str.strip()
-    empty = (text == "").to_numpy()
-    parsed = np.array(pd.to_numeric(text.where(~empty, None), errors="coerce"), np.float64)
-    for i in np.flatnonzero(~empty & ~np.isfinite(parsed)):
-        cell = cells.iat[i]
-        try:
-            parsed[i] = _as_vector([cell])[0]
-        except BadValue as err:
-            problems.add(_row(int(i)), column, f"{cell!r} {err.detail}")
-    parsed[empty] = math.nan
-    return parsed
+def _visible_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".")
 
 
 def read_manifest(
@@ -330,6 +357,11 @@ def read_manifest(
     on_bad_file: str = "error",
     keep_bad_rows: bool = False,
     keep_empty_rows: bool = False,
+    encoding: str = AUTO,
+    on_empty_patient: str = "skip",
+    labs_format: str = "auto",
+    labs_agg: str = "last",
+    labs_analytes: list[str] | None = None,
 ) -> Cohort:
     """Parse and validate a manifest. Every problem found is reported in one ManifestError.
 
@@ -338,11 +370,17 @@ def read_manifest(
     keep_bad_rows (predict) records the rows with a problem in ``cohort.bad_rows`` instead of
     failing the whole file; problems of the file itself still raise. keep_empty_rows (predict,
     evaluate) does the same for patients without any modality (reason "no modality present").
+    Otherwise patients without any modality are left out with a note (on_empty_patient="skip",
+    listed in ``cohort.excluded``) or stop the read ("error"). ``encoding`` reads note files and
+    the manifest itself (auto: see data.text.decode_note). ``labs_format``/``labs_agg`` read
+    ``labs_table`` (data.labs.read_labs); ``labs_analytes`` forces its columns (a run's).
     """
     if on_bad_file not in ON_BAD_FILE:
         raise ConfigError(f"--on-bad-file must be error or skip, got {on_bad_file!r}")
+    if on_empty_patient not in ON_EMPTY_PATIENT:
+        raise ConfigError(f"--on-empty-patient must be skip or error, got {on_empty_patient!r}")
     path = Path(path)
-    frame = read_table(path, "manifest")
+    frame = read_table(path, "manifest", encoding)
     base = path.parent
     if "id" not in frame.columns:
         raise ManifestError(
@@ -350,11 +388,18 @@ def read_manifest(
             hint="the header must be id,label,<modality columns>",
         )
     table_vectors: tuple[list[str], np.ndarray, list[str]] | None = None
+    table_notes: list[str] = []
     table_modality = next((m.name for m in modalities if m.kind == "vector"), None)
     if labs_table is not None:
         if table_modality is None:
             raise ManifestError("--labs-table was given but no modality is of kind vector")
-        table_vectors = read_labs_table(Path(labs_table), labs_id_col)
+        # Here, not at the top: data.labs builds on this module's readers.
+        from omnifuse_cli.data.labs import read_labs
+
+        table = read_labs(Path(labs_table), id_col=labs_id_col, layout=labs_format,
+                          agg=labs_agg, analytes=labs_analytes, encoding=encoding)
+        table_vectors = (table.ids, table.values, table.columns)
+        table_notes = table.notes
     needed = [m.name for m in modalities if not (m.name == table_modality and table_vectors)]
     missing_cols = [c for c in needed if c not in frame.columns]
     if missing_cols:
@@ -381,7 +426,8 @@ def read_manifest(
                 )
     n = len(ids)
     present = np.zeros((n, len(modalities)), dtype=bool)
-    cohort = Cohort(source=path, ids=ids, labels=labels, modalities=modalities, present=present)
+    cohort = Cohort(source=path, ids=ids, labels=labels, modalities=modalities, present=present,
+                    notes=list(table_notes))
     for m_idx, spec in enumerate(modalities):
         if spec.kind == "vector" and spec.name == table_modality and table_vectors is not None:
             _fill_from_table(cohort, m_idx, *table_vectors, labs_table)
@@ -391,7 +437,7 @@ def read_manifest(
             _fill_images(cohort, m_idx, frame[spec.name].tolist(), base, problems,
                          check_files, on_bad_file)
         else:
-            _fill_texts(cohort, m_idx, frame[spec.name], base, problems)
+            _fill_texts(cohort, m_idx, frame[spec.name], base, problems, encoding)
     if keep_bad_rows:
         _keep_bad_rows(cohort, problems)
     problems.raise_if_any(
@@ -405,13 +451,34 @@ def read_manifest(
         rows = ", ".join(row_name(int(i), ids) for i in none_present[:MAX_LISTED])
         extra = len(none_present) - MAX_LISTED
         more = f" and {extra} more" if extra > 0 else ""
-        raise ManifestError(
-            f"{path}: {len(none_present)} patient(s) have no modality at all: {rows}{more}",
-            hint="give each patient at least one modality, or remove those rows",
-        )
+        if on_empty_patient == "error":
+            raise ManifestError(
+                f"{path}: {len(none_present)} patient(s) have no modality at all: {rows}{more}",
+                hint="give each patient at least one modality, remove those rows, or leave "
+                "them out with --on-empty-patient skip",
+            )
+        if len(none_present) == n:
+            raise ManifestError(f"{path}: none of the {n} patients has any modality",
+                                hint="check --modality: the columns it names are all empty")
+        keep = np.ones(n, dtype=bool)
+        keep[none_present] = False
+        excluded = [(ids[i], -1 if labels is None else int(labels[i]))
+                    for i in none_present.tolist()]
+        cohort = cohort.subset(np.flatnonzero(keep))
+        cohort.excluded = excluded
+        cohort.notes.append(f"left out {len(none_present)} patient(s) with no modality at all "
+                            f"(--on-empty-patient skip): {rows}{more}")
     if n == 0:
         raise ManifestError(f"manifest {path} has a header but no patients")
     return cohort
+
+
+def reading_options(data: DataConfig) -> dict[str, object]:
+    """read_manifest's keyword arguments for a DataConfig (train, cv, check read alike)."""
+    return {"labs_table": Path(data.labs_table) if data.labs_table else None,
+            "labs_id_col": data.labs_id_col, "on_bad_file": data.on_bad_file,
+            "encoding": data.encoding, "on_empty_patient": data.on_empty_patient,
+            "labs_format": data.labs_format, "labs_agg": data.labs_agg}
 
 
 def _bad_mask(cohort: Cohort) -> np.ndarray:
@@ -662,15 +729,17 @@ def _fill_images(
     check_files: bool,
     on_bad_file: str,
 ) -> None:
+    """Each patient's views: files, and every frame of a multi-frame DICOM (prepared.py keeps
+    up to --max-us-images of them)."""
     name = cohort.modalities[m_idx].name
-    lists: list[list[Path]] = []
+    lists: list[list[View]] = []
     skipped: list[str] = []
     for i, cell in enumerate(cells):
         paths = [] if _is_empty(cell) else split_image_cell(cell, base)
         if check_files:
             good = []
             for p in paths:
-                problem = image_problem(p)
+                problem = _image_problem(p)
                 if problem is None:
                     good.append(p)
                 elif on_bad_file == "skip":
@@ -678,8 +747,11 @@ def _fill_images(
                 else:
                     problems.add(_row(i), name, f"image {p} {problem}")
             paths = good if on_bad_file == "skip" else paths
-        lists.append(paths)
-        cohort.present[i, m_idx] = bool(paths)
+        views: list[View] = []
+        for p in paths:
+            views.extend(_views(p))
+        lists.append(views)
+        cohort.present[i, m_idx] = bool(views)
     cohort.images[name] = lists
     if skipped:
         listed = "; ".join(skipped[:MAX_LISTED])
@@ -688,27 +760,63 @@ def _fill_images(
                             f"(--on-bad-file skip): {listed}{more}")
 
 
+def _image_problem(path: Path) -> str | None:
+    """image_problem, with a folder or glob that matched nothing said as such."""
+    if any(c in path.name for c in _GLOB_CHARS) and not path.exists():
+        return "matches no file"
+    if path.is_dir():
+        return "is a folder without image files"
+    return image_problem(path)
+
+
+def _views(path: Path) -> list[View]:
+    """The views of one usable file (a file whose header cannot be read has its one view, and
+    decoding it reports the reason)."""
+    if not is_dicom(path):
+        return [path]
+    try:
+        return dicom_views(path)
+    except DataError:
+        return [path]
+
+
 def _fill_texts(
-    cohort: Cohort, m_idx: int, cells: pd.Series, base: Path, problems: _Problems
+    cohort: Cohort, m_idx: int, cells: pd.Series, base: Path, problems: _Problems, encoding: str
 ) -> None:
     name = cohort.modalities[m_idx].name
+    stats = NoteStats()
     text = cells.str.strip()
     filled = (text != "").to_numpy()
-    # Cells that read_text_cell takes for a note file; every other filled cell is the note.
-    files = filled & (text.str.slice(-4).str.lower() == ".txt").to_numpy()
-    for i in np.flatnonzero(files).tolist():  # candidates only: usually all or none
-        files[i] = "\n" not in text.iat[i] and len(text.iat[i]) < 1024
+    stats.empty = int(((cells != "") & ~filled).sum())  # whitespace only
+    # Cells that look like a path (usually all or none) are note files when the file exists.
+    candidates = filled & text.str.match(_PATH_LIKE).to_numpy()
     texts: list[str | None] = np.where(filled, text.to_numpy(), None).tolist()
     cohort.present[:, m_idx] = filled
-    for i in np.flatnonzero(files).tolist():
+    for i in np.flatnonzero(candidates).tolist():
+        path = resolve_path(text.iat[i], base)
+        if not os.path.isfile(path):
+            stats.path_like.append(f"{row_name(i, cohort.ids)}: {text.iat[i]!r}")
+            continue
         try:
-            note = read_text_cell(cells.iat[i], base)
-        except ValueError as err:
+            decoded = _read_note_file(path, encoding)
+        except (ValueError, OSError) as err:
             problems.add(_row(i), name, str(err))
             note = ""
+        else:
+            stats.encodings[decoded.encoding] += 1
+            if decoded.guessed:
+                stats.guessed.append(f"{path} ({decoded.encoding})")
+            note = decoded.text.strip()
+            stats.empty += not note
         texts[i] = note or None
         cohort.present[i, m_idx] = bool(note)
     cohort.texts[name] = texts
+    cohort.note_stats[name] = stats
+    if stats.path_like:
+        cohort.notes.append(
+            f"{len(stats.path_like)} {name} cell(s) look like a file path but no such file "
+            f"exists, so they are read as the note itself: {'; '.join(stats.path_like[:3])}"
+            + (" ..." if len(stats.path_like) > 3 else ""))
 
 
 def check_trainable(cohort: Cohort, num_classes: int) -> None:

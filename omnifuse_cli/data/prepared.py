@@ -8,7 +8,6 @@ model inputs, and ``PatientDataset`` + ``collate`` batch them with explicit mask
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ from torch.utils.data import Dataset
 from omnifuse_cli.config import ImageConfig, ModalitySpec, TextConfig
 from omnifuse_cli.data import text as simple_text
 from omnifuse_cli.data.cache import FeatureArray, offsets_from_sizes
-from omnifuse_cli.data.images import image_transform, load_image
+from omnifuse_cli.data.images import View, image_transform, load_image, select_views
 from omnifuse_cli.data.manifest import Cohort
 from omnifuse_cli.errors import DataError
 
@@ -127,7 +126,8 @@ class Preprocessor:
                     torch.as_tensor(mask),
                 )
             elif spec.kind == "image":
-                prepared.images[name] = [p[: self.image.max_images] for p in cohort.images[name]]
+                prepared.images[name] = [select_views(p, self.image.max_images)
+                                         for p in cohort.images[name]]
             elif name in self.vocabularies:
                 index = {t: i for i, t in enumerate(self.vocabularies[name])}
                 ids, weights, offsets = simple_text.encode_many(
@@ -200,7 +200,7 @@ class PreparedCohort:
     kinds: list[str]
     image_size: int
     vectors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    images: dict[str, list[list[Path]]] = field(default_factory=dict)
+    images: dict[str, list[list[View]]] = field(default_factory=dict)
     token_ids: dict[str, Ragged] = field(default_factory=dict)  # per patient, flat storage
     token_weights: dict[str, Ragged] = field(default_factory=dict)  # simple text, same layout
     pad_ids: dict[str, int] = field(default_factory=dict)

@@ -10,16 +10,20 @@ from omnifuse_cli.errors import DataError
 
 def stratified_split(labels: np.ndarray, *, train: float, val: float, test: float, seed: int
                      ) -> dict[str, np.ndarray]:
-    """Indices of each split, stratified by label; a clear error when a class is too small."""
+    """Indices of each split, stratified by label; a clear error when a class is too small.
+    ``test=0`` gives an empty test split (the cohort is tested elsewhere)."""
     n = len(labels)
     index = np.arange(n)
     counts = np.bincount(labels)
     smallest = int(np.argmin(np.where(counts > 0, counts, n + 1)))
     try:
-        train_idx, rest = train_test_split(index, train_size=train, random_state=seed,
-                                           stratify=labels)
-        val_idx, test_idx = train_test_split(rest, train_size=val / (val + test),
-                                             random_state=seed, stratify=labels[rest])
+        train_idx, rest = train_test_split(index, train_size=train,
+                                           random_state=seed, stratify=labels)
+        if test > 0:
+            val_idx, test_idx = train_test_split(rest, train_size=val / (val + test),
+                                                 random_state=seed, stratify=labels[rest])
+        else:
+            val_idx, test_idx = rest, rest[:0]
     except ValueError as err:
         need = len(counts[counts > 0])
         raise DataError(
@@ -31,7 +35,7 @@ def stratified_split(labels: np.ndarray, *, train: float, val: float, test: floa
         ) from err
     splits = {"train": np.sort(train_idx), "val": np.sort(val_idx), "test": np.sort(test_idx)}
     classes = np.flatnonzero(counts)
-    for name in ("val", "test"):
+    for name in ("val", "test") if test > 0 else ("val",):
         missing = np.setdiff1d(classes, labels[splits[name]])
         if len(missing):
             # scikit-learn only needs two patients per class; a class absent from validation or

@@ -1,4 +1,5 @@
-"""The offline ``simple`` text tokenizer: CJK character uni/bi-grams plus lower-cased words.
+"""Notes: decoding note files in whatever encoding the export used, and the offline ``simple``
+text tokenizer (CJK character uni/bi-grams plus lower-cased words).
 
 Chinese has no spaces, so characters and character pairs carry the meaning a word tokenizer
 would; Latin-script words are kept whole. The vocabulary is fitted on the training split only
@@ -7,12 +8,155 @@ and saved in the bundle.
 
 from __future__ import annotations
 
+import codecs
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
+
+from omnifuse_cli.errors import ConfigError
+
+# -- decoding -----------------------------------------------------------------------------------
+
+AUTO = "auto"
+_BOMS = (  # UTF-32 first: its little-endian BOM starts with UTF-16's
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+# Without a BOM and not UTF-8, a hospital export is almost always Windows-1252 (which reads
+# Latin-1 text the same) or GB18030 (which reads GBK and GB2312). Both accept most byte strings,
+# so the choice is made on what the decoded text looks like, never by a fixed fallback.
+_WESTERN, _CHINESE = "cp1252", "gb18030"
+_CJK_CHAR = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
+_NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded note: its text, the encoding that read it, and whether that was a guess (no BOM,
+    not UTF-8, no --encoding) that `check` should name."""
+
+    text: str
+    encoding: str
+    guessed: bool = False
+
+
+def check_encoding(name: str) -> str:
+    """--encoding's value, normalised; a ConfigError names an encoding Python does not know."""
+    value = name.strip().lower()
+    if value == AUTO:
+        return value
+    try:
+        return codecs.lookup(value).name
+    except LookupError:
+        raise ConfigError(f"--encoding {name!r} is not an encoding Python knows",
+                          hint="use auto, or e.g. utf-8, utf-16, gb18030, cp1252, latin-1"
+                          ) from None
+
+
+def decode_note(raw: bytes, encoding: str = AUTO) -> Decoded:
+    """The text of a note file. ``auto``: a BOM decides (UTF-8/16/32); else strict UTF-8; else
+    UTF-16 recognised by its zero bytes; else Windows-1252 or GB18030, whichever reading looks
+    like text of its script (charset-normalizer breaks a tie). Raises ValueError with the reason
+    when the bytes are not text in the given encoding, or when auto cannot tell, or when
+    the result is no text (control characters, unassigned or private-use code points: what
+    garbage decodes to)."""
+    decoded = _decode(raw, encoding)
+    for ch in set(decoded.text):
+        if (ch < " " and ch not in "\t\n\r\f") or ("\x7f" <= ch <= "\x9f") or (
+                ch > "\x7f" and unicodedata.category(ch) in ("Cn", "Co", "Cs")):
+            raise ValueError(f"is not text in {decoded.encoding}: it decodes to the character "
+                             f"U+{ord(ch):04X}, which no note contains; name the file's encoding "
+                             "with --encoding")
+    return decoded
+
+
+def _decode(raw: bytes, encoding: str) -> Decoded:
+    if encoding != AUTO:
+        try:
+            return Decoded(raw.decode(encoding), encoding)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"is not valid {encoding} text (byte 0x{raw[err.start]:02x} at "
+                             f"position {err.start}); check --encoding") from None
+    for bom, name in _BOMS:
+        if raw.startswith(bom):
+            try:
+                return Decoded(raw.decode(name), name)
+            except UnicodeDecodeError as err:
+                raise ValueError(f"starts with a {name} byte-order mark but is not valid {name} "
+                                 f"({err.reason} at byte {err.start})") from None
+    try:
+        return Decoded(raw.decode("utf-8"), "utf-8")
+    except UnicodeDecodeError:
+        pass
+    utf16 = _utf16_without_bom(raw)
+    if utf16 is not None:
+        return Decoded(raw.decode(utf16), utf16, guessed=True)
+    readings = {}
+    for name in (_WESTERN, _CHINESE):
+        try:
+            readings[name] = raw.decode(name)
+        except UnicodeDecodeError:
+            continue
+    plausible = [n for n, text in readings.items()
+                 if (_looks_chinese if n == _CHINESE else _looks_western)(text)]
+    if len(plausible) == 2:
+        plausible = [_detector_choice(raw, plausible)]
+    if len(plausible) == 1:
+        return Decoded(readings[plausible[0]], plausible[0], guessed=True)
+    raise ValueError("is neither UTF-8 (with or without a BOM), UTF-16/32, nor recognisably "
+                     "Windows-1252 or GB18030 text; name its encoding with --encoding")
+
+
+def _utf16_without_bom(raw: bytes) -> str | None:
+    """UTF-16 text of mostly ASCII characters has a zero byte in every other position."""
+    if len(raw) < 4 or len(raw) % 2:
+        return None
+    even, odd = raw[0::2], raw[1::2]
+    half = len(raw) // 2
+    for zeros, other, name in ((odd, even, "utf-16-le"), (even, odd, "utf-16-be")):
+        if zeros.count(0) >= 0.6 * half and other.count(0) == 0:
+            try:
+                raw.decode(name)
+            except UnicodeDecodeError:
+                return None
+            return name
+    return None
+
+
+def _looks_western(text: str) -> bool:
+    """Accented letters and symbols sit one or two at a time inside Latin words; Chinese read as
+    Windows-1252 turns into long runs of them (two bytes per character)."""
+    if any("\x80" <= ch <= "\x9f" for ch in text):  # C1 controls: not text
+        return False
+    runs = [len(r) for r in _NON_ASCII_RUN.findall(text)]
+    return not runs or sum(runs) / len(runs) <= 2.0
+
+
+def _looks_chinese(text: str) -> bool:
+    """Chinese characters in runs, or most of the text: a Western accent read as GB18030 becomes
+    one stray ideograph glued to a Latin word ('naïve' -> 'na飗e')."""
+    cjk = len(_CJK_CHAR.findall(text))
+    if cjk == 0:
+        return False
+    runs = [len(r) for r in _NON_ASCII_RUN.findall(text)]
+    letters = sum(1 for ch in text if not ch.isspace())
+    return sum(runs) / len(runs) >= 2.0 or cjk > 0.5 * letters
+
+
+def _detector_choice(raw: bytes, names: list[str]) -> str:
+    """charset-normalizer's pick between readings that both look plausible (short notes)."""
+    from charset_normalizer import from_bytes  # only needed for this tie-break
+
+    best = from_bytes(raw, cp_isolation=names).best()
+    if best is None:
+        raise ValueError(f"could be {' or '.join(names)} text; name its encoding with --encoding")
+    return codecs.lookup(best.encoding).name
 
 PAD, UNK = "<pad>", "<unk>"
 _CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,15 @@ import numpy as np
 import pandas as pd
 
 from omnifuse_cli.config import DataConfig, TrainConfig
-from omnifuse_cli.data.manifest import Cohort, check_trainable, read_manifest
+from omnifuse_cli.data.dicom import describe
+from omnifuse_cli.data.images import View
+from omnifuse_cli.data.manifest import (
+    Cohort,
+    NoteStats,
+    check_trainable,
+    read_manifest,
+    reading_options,
+)
 from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.errors import DataError
 
@@ -24,6 +33,11 @@ class AuditReport:
     patterns: dict[str, int]  # "labs+us" -> patients with exactly that set, most common first
     images_per_patient: dict[str, dict[str, float]]  # image modality -> min/mean/max/total
     vector_sizes: dict[str, int]
+    # image modality -> one row per kind of file found (format, photometric, frames, size)
+    # with the number of files of that kind, most common first
+    image_files: dict[str, list[dict[str, str | int]]] = field(default_factory=dict)
+    # text modality -> how its notes were read (encodings, guessed files, empty notes)
+    note_stats: dict[str, NoteStats] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # skipped files, labs-table mismatches
     problems: list[str] = field(default_factory=list)  # what stops training
     split_summary: pd.DataFrame | None = None  # the split train would make (split_summary)
@@ -36,12 +50,8 @@ class AuditReport:
 def audit_manifest(manifest: Path, data: DataConfig, *, num_classes: int | None = None,
                    split: TrainConfig | None = None) -> AuditReport:
     """Read and validate like `train` does; unreadable input raises, as it would there."""
-    cohort = read_manifest(
-        manifest, data.modalities,
-        labs_table=Path(data.labs_table) if data.labs_table else None,
-        labs_id_col=data.labs_id_col, num_classes=num_classes, require_labels=False,
-        on_bad_file=data.on_bad_file,
-    )
+    cohort = read_manifest(manifest, data.modalities, num_classes=num_classes,
+                           require_labels=False, **reading_options(data))
     names = cohort.names
     # One count per distinct presence row, not a string per patient (a million patients).
     # Ties keep the order of first appearance, as counting patient by patient did.
@@ -61,7 +71,8 @@ def audit_manifest(manifest: Path, data: DataConfig, *, num_classes: int | None 
                                    for i, n in enumerate(names)},
         patterns=dict(patterns.most_common()), images_per_patient=images,
         vector_sizes={n: v.shape[1] for n, v in cohort.vectors.items()},
-        notes=list(cohort.notes),
+        image_files={n: describe_files(lists) for n, lists in cohort.images.items()},
+        note_stats=dict(cohort.note_stats), notes=list(cohort.notes),
     )
     if cohort.labels is None or (cohort.labels < 0).any():
         report.problems.append("some or all patients have no label (training needs one each)")
@@ -79,6 +90,19 @@ def audit_manifest(manifest: Path, data: DataConfig, *, num_classes: int | None 
         return report
     report.split_summary = split_summary(cohort, splits, [str(c) for c in range(classes)])
     return report
+
+
+def describe_files(views: list[list[View]]) -> list[dict[str, str | int]]:
+    """Every distinct file of an image modality described (data.dicom.describe: format,
+    photometric interpretation, frames, size), counted by kind, most common first."""
+    files = dict.fromkeys(Path(os.fspath(v)) for patient in views for v in patient)
+    kinds: Counter[tuple[tuple[str, str | int], ...]] = Counter()
+    for path in files:
+        try:
+            kinds[tuple(describe(path).items())] += 1
+        except DataError as err:
+            kinds[(("format", f"unreadable ({err.message})"),)] += 1
+    return [{**dict(kind), "files": count} for kind, count in kinds.most_common()]
 
 
 def split_summary(cohort: Cohort, splits: dict[str, np.ndarray],

@@ -48,7 +48,13 @@ from omnifuse_cli.config import (
     to_primitive,
 )
 from omnifuse_cli.data.cache import FeatureArray
-from omnifuse_cli.data.manifest import Cohort, check_trainable, read_manifest, read_table
+from omnifuse_cli.data.manifest import (
+    Cohort,
+    check_trainable,
+    read_manifest,
+    read_table,
+    reading_options,
+)
 from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
 from omnifuse_cli.engine import distributed
 from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions
@@ -59,6 +65,7 @@ from omnifuse_cli.engine.inference import (
     feature_cache,
     resolve_device,
 )
+from omnifuse_cli.engine.machine import set_threads
 from omnifuse_cli.engine.metrics import (
     bootstrap_draws,
     confusion,
@@ -146,7 +153,8 @@ class CVRequest:
 
 
 def _reading(data: DataConfig) -> tuple:
-    return (data.modalities, data.labs_table, data.labs_id_col, data.on_bad_file)
+    return (data.modalities, data.labs_table, data.labs_id_col, data.on_bad_file,
+            data.labs_format, data.labs_agg, data.encoding, data.on_empty_patient)
 
 
 @dataclass
@@ -484,14 +492,12 @@ def _run_cv(request: CVRequest, emit: CVEventFn, device: torch.device, resume: b
             ) -> CVResult:
     t_start = time.perf_counter()
     base = request.base
+    if device.type == "cpu" or base.train.threads:
+        set_threads(base.train.threads)
     main = distributed.is_main()
     with distributed.together("reading the data"):
-        cohort = read_manifest(
-            request.manifest, base.data.modalities,
-            labs_table=Path(base.data.labs_table) if base.data.labs_table else None,
-            labs_id_col=base.data.labs_id_col, num_classes=request.num_classes,
-            on_bad_file=base.data.on_bad_file,
-        )
+        cohort = read_manifest(request.manifest, base.data.modalities,
+                               num_classes=request.num_classes, **reading_options(base.data))
         check_trainable(cohort, request.num_classes)
         assert cohort.labels is not None
         labels = cohort.labels

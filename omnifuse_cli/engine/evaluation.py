@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from omnifuse_cli.engine.inference import (
     resolve_device,
     reuse_frozen_features,
 )
+from omnifuse_cli.engine.machine import set_threads
 from omnifuse_cli.engine.metrics import (
     bootstrap_ci,
     classification_metrics,
@@ -32,6 +34,7 @@ from omnifuse_cli.engine.prediction import (
     labs_table_hint,
     phase,
     prediction_frame,
+    run_reading,
 )
 from omnifuse_cli.engine.runs import read_meta, read_split_assignment
 from omnifuse_cli.errors import BundleError, ConfigError, DataError
@@ -52,6 +55,10 @@ class EvalRequest:
     bootstrap: int = 1000  # resamples for the 95% intervals (0 = none)
     cache: bool = True  # frozen-backbone features from/to the feature cache
     cache_dir: Path | None = None  # None: the default folder (data/cache.default_cache_dir)
+    encoding: str | None = None  # note files: None = the run's --encoding
+    labs_format: str | None = None  # None = the run's --labs-format
+    labs_agg: str | None = None  # None = the run's --labs-agg
+    threads: int | None = None  # torch CPU threads; None = the usable cores
 
 
 @dataclass
@@ -96,6 +103,8 @@ def simulate_missing(present: np.ndarray, names: list[str], drop: tuple[str, ...
 def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> EvalResult:
     run_dir = Path(request.run_dir)
     device = resolve_device(request.device)
+    if device.type == "cpu" or request.threads:
+        set_threads(request.threads)
     bundle = load_bundle(run_dir, device)
     meta = read_meta(run_dir) if (run_dir / "meta.csv").is_file() else bundle.meta["run"]
     num_classes = bundle.model.config.num_classes
@@ -109,15 +118,21 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
     labs_table = request.labs_table
     if labs_table is None and not external and meta.get("labs_table"):
         labs_table = Path(meta["labs_table"])
+    if not external and (run_dir / "split_assignment.csv").is_file() and not (
+            read_split_assignment(run_dir)["split"] == "test").any():
+        raise ConfigError(f"{run_dir} has no test split (it was trained with --test-ratio 0)",
+                          hint=f"evaluate an external cohort: omnifuse evaluate {run_dir} "
+                          "--manifest TEST.csv")
     cohort = read_manifest(
         manifest, bundle.model.config.modalities, labs_table=labs_table,
-        labs_id_col=request.labs_id_col or meta.get("labs_id_col", "id"),
         num_classes=num_classes, keep_empty_rows=True,
+        **run_reading(meta, dataclasses.replace(request, labs_table=labs_table),
+                      bundle.preprocessor),
     )
     bundle.preprocessor.check_compatible(cohort)
     labs_hint = labs_table_hint(meta, labs_table)
     labs_note = labs_column_note(labs_hint, cohort)
-    notes: list[str] = [labs_note] if labs_note else []
+    notes: list[str] = [*cohort.notes, *([labs_note] if labs_note else [])]
     if external:
         rows = np.arange(len(cohort))
         source, tag = str(manifest), manifest.stem

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from omnifuse_cli.data.manifest import NO_MODALITY, Cohort, read_manifest, row_name
+from omnifuse_cli.data.prepared import Preprocessor
 from omnifuse_cli.engine.bundle import load_bundle
 from omnifuse_cli.engine.inference import (
     feature_cache,
@@ -18,6 +19,7 @@ from omnifuse_cli.engine.inference import (
     resolve_device,
     reuse_frozen_features,
 )
+from omnifuse_cli.engine.machine import set_threads
 from omnifuse_cli.errors import DataError
 
 # (phase, done, total) of a pass over the patients: "encoding" (frozen backbones), "scoring".
@@ -36,6 +38,10 @@ class PredictRequest:
     batch_size: int = 32
     cache: bool = True  # frozen-backbone features from/to the feature cache
     cache_dir: Path | None = None  # None: the default folder (data/cache.default_cache_dir)
+    encoding: str | None = None  # note files: None = the run's --encoding
+    labs_format: str | None = None  # None = the run's --labs-format
+    labs_agg: str | None = None  # None = the run's --labs-agg
+    threads: int | None = None  # torch CPU threads; None = the usable cores
 
 
 @dataclass
@@ -47,6 +53,25 @@ class PredictResult:
     n_unscored: int = 0  # patients with an empty prediction (their `reason` says why)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # information (the feature cache used)
+
+
+def run_reading(run_meta: dict[str, Any], request: PredictRequest | Any,
+                preprocessor: Preprocessor) -> dict[str, Any]:
+    """read_manifest's options for new patients of a run: what the request says, else what the
+    run was trained with (the id column, how notes and lab tables were read); a lab table is
+    read into the run's analytes, in the run's order."""
+    vector = next((m.name for m in preprocessor.modalities if m.kind == "vector"), None)
+    analytes = None
+    if vector is not None and request.labs_table is not None:
+        columns = list(preprocessor.vector_stats[vector]["columns"])
+        # Columns named labs_0, labs_1, ... came from manifest cells: no analyte names to match.
+        if not all(c == f"{vector}_{j}" for j, c in enumerate(columns)):
+            analytes = columns
+    return {"labs_id_col": request.labs_id_col or run_meta.get("labs_id_col") or "id",
+            "encoding": request.encoding or run_meta.get("encoding") or "auto",
+            "labs_format": request.labs_format or run_meta.get("labs_format") or "auto",
+            "labs_agg": request.labs_agg or run_meta.get("labs_agg") or "last",
+            "labs_analytes": analytes}
 
 
 def labs_table_hint(run_meta: dict[str, Any], given: Path | None) -> str | None:
@@ -83,14 +108,15 @@ def predict_patients(request: PredictRequest,
                      progress: PassProgress | None = None) -> PredictResult:
     """Score every patient that can be scored; the others keep their row, with a reason."""
     device = resolve_device(request.device)
+    if device.type == "cpu" or request.threads:
+        set_threads(request.threads)
     bundle = load_bundle(request.run_dir, device)
     config = bundle.model.config
     run_meta = bundle.meta.get("run", {})
     cohort = read_manifest(
         Path(request.patients), config.modalities, labs_table=request.labs_table,
-        labs_id_col=request.labs_id_col or run_meta.get("labs_id_col", "id"),
         require_labels=False, num_classes=config.num_classes, keep_bad_rows=True,
-        keep_empty_rows=True,
+        keep_empty_rows=True, **run_reading(run_meta, request, bundle.preprocessor),
     )
     labs_hint = labs_table_hint(run_meta, request.labs_table)
     names = [m.name for m in config.modalities]
@@ -117,7 +143,7 @@ def predict_patients(request: PredictRequest,
     scored = cohort.subset(ok)
     bundle.preprocessor.check_compatible(scored)
     data = bundle.preprocessor.prepare(scored)
-    notes: list[str] = []
+    notes: list[str] = list(cohort.notes)
     reuse_frozen_features(bundle.model, data, np.arange(len(data)), device=device,
                           batch_size=request.batch_size,
                           cache=feature_cache(request.cache_dir, request.cache),

@@ -33,7 +33,7 @@ from omnifuse_cli.config import (
     method_config_from_dict,
     to_primitive,
 )
-from omnifuse_cli.data.manifest import Cohort, check_trainable, read_manifest
+from omnifuse_cli.data.manifest import Cohort, check_trainable, read_manifest, reading_options
 from omnifuse_cli.data.prepared import (
     PatientDataset,
     PreparedCohort,
@@ -55,6 +55,7 @@ from omnifuse_cli.engine.inference import (
     loader,
     resolve_device,
 )
+from omnifuse_cli.engine.machine import set_threads
 from omnifuse_cli.engine.metrics import classification_metrics, confusion
 from omnifuse_cli.engine.modelling import (
     build_model,
@@ -136,8 +137,8 @@ class TrainResult:
     out_dir: Path
     records: list[EpochRecord]
     best_epoch: int
-    test: dict[str, float]
-    confusion: np.ndarray
+    test: dict[str, float]  # empty without a test split (--test-ratio 0)
+    confusion: np.ndarray | None
     split_counts: dict[str, int]
     class_names: list[str]
     encode_seconds: float
@@ -177,12 +178,10 @@ def load_request(run_dir: Path) -> TrainRequest:
         return TrainRequest(
             manifest=Path(raw["manifest"]), num_classes=int(raw["num_classes"]),
             out_dir=Path(run_dir),
-            data=DataConfig(
-                modalities=tuple(ModalitySpec(**m) for m in data["modalities"]),
-                labs_table=data["labs_table"], labs_id_col=data["labs_id_col"],
-                on_bad_file=data["on_bad_file"], image=ImageConfig(**data["image"]),
-                text=TextConfig(**data["text"]),
-            ),
+            data=DataConfig(**{
+                **data, "modalities": tuple(ModalitySpec(**m) for m in data["modalities"]),
+                "image": ImageConfig(**data["image"]), "text": TextConfig(**data["text"]),
+            }),
             method=method_config_from_dict(raw["method"]), train=TrainConfig(**raw["train"]),
             overwrite=True,
         )
@@ -204,16 +203,14 @@ def run_training(request: TrainRequest, on_event: EventFn | None = None, *,
 def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
                   resume: bool) -> TrainResult:
     cfg, data_cfg = request.train, request.data
+    if device.type == "cpu" or cfg.threads:
+        set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     t_read = time.perf_counter()
     with distributed.together("reading the data"):
         resume_state = _load_resume_state(request.out_dir) if resume else None
-        cohort = read_manifest(
-            request.manifest, data_cfg.modalities,
-            labs_table=Path(data_cfg.labs_table) if data_cfg.labs_table else None,
-            labs_id_col=data_cfg.labs_id_col, num_classes=request.num_classes,
-            on_bad_file=data_cfg.on_bad_file,
-        )
+        cohort = read_manifest(request.manifest, data_cfg.modalities,
+                               num_classes=request.num_classes, **reading_options(data_cfg))
         check_trainable(cohort, request.num_classes)
         assert cohort.labels is not None
         splits = stratified_split(cohort.labels, train=cfg.train_ratio, val=cfg.val_ratio,
@@ -277,12 +274,15 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
         stop.hint = f"continue with: omnifuse train --resume {request.out_dir}"
         raise
     model.load_state_dict(best_state)
-    result = infer_all(model, data, splits["test"], device=device, batch_size=cfg.batch_size,
-                       amp=cfg.amp)
-    probs = np.exp(result.log_probs)
-    y_test = cohort.labels[result.index]
-    test = classification_metrics(y_test, probs, request.num_classes)
-    cm = confusion(y_test, probs.argmax(1), request.num_classes)
+    test: dict[str, float] = {}
+    cm = None
+    if len(splits["test"]):  # --test-ratio 0: the user evaluates an external cohort
+        result = infer_all(model, data, splits["test"], device=device,
+                           batch_size=cfg.batch_size, amp=cfg.amp)
+        probs = np.exp(result.log_probs)
+        y_test = cohort.labels[result.index]
+        test = classification_metrics(y_test, probs, request.num_classes)
+        cm = confusion(y_test, probs.argmax(1), request.num_classes)
     if distributed.is_main():
         _write_results(request.out_dir, test, cm, class_names, meta,
                        {"best_epoch": best_epoch, "encode_seconds": round(encode_seconds, 3),
@@ -844,14 +844,21 @@ def mine_lazy(model: OmniFuse, data: PreparedCohort, indices: np.ndarray, *,
 
 
 def _write_split_files(out_dir: Path, cohort: Cohort, splits: dict[str, np.ndarray]) -> None:
+    """Each patient's split; patients left out for having no modality are listed as
+    ``excluded`` (with their label, -1 when they have none)."""
     assert cohort.labels is not None
     assignment = np.empty(len(cohort), dtype=object)
     for name, idx in splits.items():
         assignment[idx] = name
-    write_csv(out_dir / "split_assignment.csv", pd.DataFrame(
-        {"id": cohort.ids, "label": cohort.labels, "split": assignment}))
-    write_csv(out_dir / "split.csv", pd.DataFrame(
-        {"split": list(splits), "n": [len(v) for v in splits.values()]}))
+    excluded = pd.DataFrame(cohort.excluded, columns=["id", "label"]).assign(split="excluded")
+    frame = pd.DataFrame({"id": cohort.ids, "label": cohort.labels, "split": assignment})
+    write_csv(out_dir / "split_assignment.csv",
+              pd.concat([frame, excluded], ignore_index=True) if len(excluded) else frame)
+    counts = {name: len(idx) for name, idx in splits.items()}
+    if cohort.excluded:
+        counts["excluded"] = len(cohort.excluded)
+    write_csv(out_dir / "split.csv", pd.DataFrame({"split": list(counts),
+                                                   "n": list(counts.values())}))
 
 
 def _meta(request: TrainRequest, cohort: Cohort, device: torch.device, weights_desc: str,
@@ -861,6 +868,11 @@ def _meta(request: TrainRequest, cohort: Cohort, device: torch.device, weights_d
         "manifest": str(Path(request.manifest).resolve()),
         "labs_table": str(Path(data_cfg.labs_table).resolve()) if data_cfg.labs_table else "",
         "labs_id_col": data_cfg.labs_id_col,
+        "labs_format": data_cfg.labs_format,
+        "labs_agg": data_cfg.labs_agg,
+        "encoding": data_cfg.encoding,
+        "on_empty_patient": data_cfg.on_empty_patient,
+        "n_excluded": len(cohort.excluded),
         "num_classes": request.num_classes,
         "modalities": ",".join(f"{m.name}={m.kind}" for m in data_cfg.modalities),
         "n_patients": len(cohort),
@@ -876,12 +888,14 @@ def _meta(request: TrainRequest, cohort: Cohort, device: torch.device, weights_d
     }
 
 
-def _write_results(out_dir: Path, test: dict[str, float], cm: np.ndarray, class_names: list[str],
-                   meta: dict[str, Any], timings: dict[str, Any]) -> None:
-    write_csv(out_dir / "test.csv", pd.DataFrame([{f"test_{k}": v for k, v in test.items()}]))
-    frame = pd.DataFrame(cm, columns=[f"pred_{c}" for c in class_names])
-    frame.insert(0, "true", class_names)
-    write_csv(out_dir / "confusion_matrix.csv", frame)
+def _write_results(out_dir: Path, test: dict[str, float], cm: np.ndarray | None,
+                   class_names: list[str], meta: dict[str, Any], timings: dict[str, Any]) -> None:
+    """meta.csv, and the test split's metrics and confusion matrix when there is one."""
+    if cm is not None:
+        write_csv(out_dir / "test.csv", pd.DataFrame([{f"test_{k}": v for k, v in test.items()}]))
+        frame = pd.DataFrame(cm, columns=[f"pred_{c}" for c in class_names])
+        frame.insert(0, "true", class_names)
+        write_csv(out_dir / "confusion_matrix.csv", frame)
     rows = {**meta, **timings}
     write_csv(out_dir / "meta.csv", pd.DataFrame(
         {"key": list(rows), "value": [str(v) for v in rows.values()]}))

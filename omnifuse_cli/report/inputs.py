@@ -101,8 +101,8 @@ def load_inputs(source: Path) -> ReportInputs:
             raise BundleError(f"{source} is the final model of a cross-validation; its results "
                               "are in the cross-validation folder",
                               hint=f"omnifuse report {source.parent}")
-        if not (source / "test.csv").is_file():
-            raise BundleError(f"the run in {source} has not finished (no test.csv)",
+        if not (source / "meta.csv").is_file():
+            raise BundleError(f"the run in {source} has not finished (no meta.csv)",
                               hint=f"finish it: omnifuse train --resume {source}")
         return _load_run(source)
     raise BundleError(
@@ -124,6 +124,18 @@ def _load_run(source: Path) -> ReportInputs:
         str(c) for c in range(int(meta.get("num_classes", 2)))]
     notes: list[str] = []
     eval_dir = source / "eval" / "test"
+    evaluated_on = "the run's test split"
+    if not (source / "test.csv").is_file():  # --test-ratio 0: an external cohort's evaluation
+        external = sorted((d for d in (source / "eval").glob("*")
+                           if (d / "metrics.csv").is_file()),
+                          key=lambda d: (d / "metrics.csv").stat().st_mtime)
+        if not external:
+            raise BundleError(f"the run in {source} has no test split (--test-ratio 0) and has "
+                              "not been evaluated on another cohort",
+                              hint=f"omnifuse evaluate {source} --manifest TEST.csv, then "
+                              "report again")
+        eval_dir = external[-1]
+        evaluated_on = f"the external cohort {eval_dir.name} (the newest evaluation)"
     if (eval_dir / "metrics.csv").is_file():
         metrics = _csv(eval_dir / "metrics.csv")
     else:
@@ -151,7 +163,7 @@ def _load_run(source: Path) -> ReportInputs:
     return ReportInputs(
         kind="run", source=source, meta=meta, class_names=class_names, modalities=modalities,
         cohort=cohort, group_name="split", metrics=metrics,
-        evaluated_on="the run's test split", predictions=predictions, confusion=confusion,
+        evaluated_on=evaluated_on, predictions=predictions, confusion=confusion,
         patterns=patterns, curves=curves, notes=notes,
     )
 
