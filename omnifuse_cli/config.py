@@ -122,14 +122,23 @@ class TextConfig:
 
     encoder: str = "simple"  # simple: offline char/word n-grams; hf: transformers AutoModel
     model: str = "bert-base-chinese"  # hf: local folder or hub name
-    max_length: int = 256  # tokens per note (hf) or n-grams per note (simple)
-    vocab_size: int = 20000  # simple: most frequent training-split n-grams kept
-    min_freq: int = 1  # simple: n-grams seen fewer times in training are unknown
+    max_length: int = 256  # hf: tokens per note
+    # simple: tf-idf over word 1..ngrams-grams and Chinese character 1..ngrams+1-grams with
+    # sublinear term frequency, the n-grams of at least min_freq training notes (at most
+    # vocab_size, a cap for memory, not a size), at most max_ngrams distinct n-grams per note
+    ngrams: int = 2
+    sublinear_tf: bool = True
+    vocab_size: int = 200_000
+    min_freq: int = 2  # document frequency
+    max_ngrams: int = 4096
 
     def __post_init__(self) -> None:
         _check_choice(self.encoder, TEXT_ENCODERS, "--text-encoder")
         _check(self.max_length >= 8, f"--text-max-length must be >= 8, got {self.max_length}")
         _check(self.vocab_size >= 10, f"text vocabulary size must be >= 10, got {self.vocab_size}")
+        _check(1 <= self.ngrams <= 4, f"--text-ngrams must be in 1..4, got {self.ngrams}")
+        _check(self.min_freq >= 1, f"--text-min-df must be >= 1, got {self.min_freq}")
+        _check(self.max_ngrams >= 8, f"max_ngrams must be >= 8, got {self.max_ngrams}")
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,9 @@ class MethodConfig:
     use_dwfuse: bool = True
     use_tla: bool = True
     inference_rule: str = "label-free"
+    # A logistic regression on the sparse inputs (tf-idf n-grams, labs), fitted after training
+    # and blended with OmniFuse's output on validation (method.md Sec. 5.6, model/linear.py).
+    linear_path: bool = True
 
     @property
     def loss_weights(self) -> dict[str, float]:
@@ -224,7 +236,7 @@ def _unit_number(text: str) -> bool:
 # The paper's reading of every option added in method.md Sec. 5 (Eqs. 1-18 untouched).
 PAPER_OPTIONS: dict[str, Any] = {
     "lambda0": 1.0, "drop_full_view": False, "imputation_loss": "paper", "reliability": "1",
-    "slot_flags": False, "joint_input": "latents", "tla_min_patients": 1,
+    "slot_flags": False, "joint_input": "latents", "tla_min_patients": 1, "linear_path": False,
 }
 # What bundles and run requests written before these options existed were trained with
 # (cra_dropout None: the model's dropout, which the CRA used then).
@@ -281,6 +293,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA only; CPU always runs fp32
     tla_sample: int = 512  # training patients used to mine the lazy combination each epoch
     select_metric: str = "macro_f1"  # validation score that picks the best epoch
+    patience: int = 0  # stop after this many epochs without a better score (0: never)
     encode_batch_size: int = 32
     num_workers: int = 0
     cache: bool = True  # frozen features on disk (data/cache.py), reused by later runs
@@ -299,6 +312,9 @@ class TrainConfig:
             self.finetune_text_last_n >= 0,
             f"--finetune-text-last-n must be >= 0, got {self.finetune_text_last_n}",
         )
+        if self.test_ratio == 0 and abs(self.train_ratio + self.val_ratio - 1.0) > 1e-6:
+            # --test-ratio 0 alone: the test share goes to training (0.8/0.1/0 -> 0.9/0.1/0).
+            object.__setattr__(self, "train_ratio", round(1.0 - self.val_ratio, 10))
         ratios = (self.train_ratio, self.val_ratio, self.test_ratio)
         _check(
             0.0 < self.train_ratio < 1.0 and 0.0 < self.val_ratio < 1.0
@@ -315,6 +331,7 @@ class TrainConfig:
             "use auto, cpu, cuda or cuda:N",
         )
         _check(self.tla_sample >= 1, "tla_sample must be >= 1")
+        _check(self.patience >= 0, f"--patience must be >= 0, got {self.patience}")
         _check_choice(self.select_metric, SELECT_METRICS, "--select-by")
 
 
@@ -369,5 +386,13 @@ def image_config_from_dict(raw: Mapping[str, Any]) -> ImageConfig:
     return ImageConfig(**dict(raw))
 
 
+# What bundles and run requests written before the n-gram tf-idf existed were trained with:
+# words, Chinese characters and pairs, binary term frequency, max_length n-grams per note.
+LEGACY_TEXT: dict[str, Any] = {"ngrams": 1, "sublinear_tf": False}
+
+
 def text_config_from_dict(raw: Mapping[str, Any]) -> TextConfig:
-    return TextConfig(**dict(raw))
+    """Rebuild a TextConfig saved with to_primitive; older files keep their tokenizer."""
+    text = {**LEGACY_TEXT, **dict(raw)}
+    text.setdefault("max_ngrams", text.get("max_length", 256))
+    return TextConfig(**text)

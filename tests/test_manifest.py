@@ -18,7 +18,7 @@ from omnifuse_cli.config import (
 )
 from omnifuse_cli.data.manifest import Cohort, normalize_id, read_manifest
 from omnifuse_cli.data.prepared import Preprocessor
-from omnifuse_cli.data.text import PAD, UNK, encode, fit_vocabulary, tokenize
+from omnifuse_cli.data.text import PAD, UNK, encode, encode_many, fit_vocabulary, tokenize
 from omnifuse_cli.errors import ConfigError, ManifestError
 
 PngFn = Callable[..., Path]
@@ -491,30 +491,65 @@ def test_files_that_are_not_manifests(tmp_path: Path) -> None:
 
 
 def test_tokenize_chinese_characters_bigrams_and_latin_words() -> None:
-    assert tokenize("甲状腺结节，TI-RADS 4类") == [
+    # ngrams=1: the first version's tokenizer, which bundles trained with it keep
+    assert tokenize("甲状腺结节，TI-RADS 4类", ngrams=1) == [
         "甲", "状", "腺", "结", "节", "甲状", "状腺", "腺结", "结节",
         "ti", "rads", "4",
         "类",
     ]
-    assert tokenize("Size 2cm") == ["size", "2cm"]
+    assert tokenize("Size 2cm", ngrams=1) == ["size", "2cm"]
     assert tokenize("，。！") == []
     assert tokenize("") == []
+    # the default: word pairs and Chinese character triples as well
+    assert tokenize("甲状腺结节，TI-RADS 4类") == [
+        "甲", "状", "腺", "结", "节", "甲状", "状腺", "腺结", "结节", "甲状腺", "状腺结", "腺结节",
+        "ti", "rads", "4", "类", "ti rads", "rads 4",
+    ]
+    assert tokenize("No acute distress.") == ["no", "acute", "distress", "no acute",
+                                               "acute distress"]
+
+
+def test_sublinear_ngram_tfidf_matches_scikit_learn() -> None:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts = ["chest pain, chest pain and fever", "no fever no pain", "pain in chest",
+             "fever fever fever since monday", "甲状腺结节 结节 fever"]
+    vocab, idf = fit_vocabulary(texts, size=1000, min_freq=2)
+    index = {t: i for i, t in enumerate(vocab)}
+    reference = TfidfVectorizer(analyzer=lambda t: tokenize(t), sublinear_tf=True, min_df=2)
+    matrix = reference.fit_transform(texts).toarray()
+    names = list(reference.get_feature_names_out())
+    assert sorted(vocab[2:]) == sorted(names)
+    for row, text in zip(matrix, texts, strict=True):
+        ids, weights = encode(text, index, idf, max_length=100)
+        # Unknown n-grams (df 1) share the <unk> slot here; TfidfVectorizer drops them.
+        known = {vocab[i]: w for i, w in zip(ids, weights, strict=True) if i != index[UNK]}
+        expected = {n: v for n, v in zip(names, row, strict=True) if v}
+        scale = np.linalg.norm(list(known.values())) / np.linalg.norm(list(expected.values()))
+        assert known.keys() == expected.keys()
+        for name, value in expected.items():
+            assert known[name] == pytest.approx(value * scale)
+    flat_ids, flat_weights, offsets = encode_many(texts, index, idf, 100)
+    for k, text in enumerate(texts):
+        ids, weights = encode(text, index, idf, max_length=100)
+        assert flat_ids[offsets[k]:offsets[k + 1]].tolist() == ids
+        np.testing.assert_allclose(flat_weights[offsets[k]:offsets[k + 1]], weights, rtol=1e-6)
 
 
 def test_fit_vocabulary_is_deterministic_frequency_then_alphabetical() -> None:
     texts = ["b a", "a c", None, "c a", "", "d"]
-    vocab, _ = fit_vocabulary(texts, size=10, min_freq=1)
+    vocab, _ = fit_vocabulary(texts, size=10, min_freq=1, ngrams=1)
     assert vocab == [PAD, UNK, "a", "c", "b", "d"]
-    assert fit_vocabulary(list(reversed(texts)), size=10, min_freq=1)[0] == vocab
-    assert fit_vocabulary(texts, size=4, min_freq=1)[0] == [PAD, UNK, "a", "c"]
-    assert fit_vocabulary(texts, size=10, min_freq=2)[0] == [PAD, UNK, "a", "c"]
+    assert fit_vocabulary(list(reversed(texts)), size=10, min_freq=1, ngrams=1)[0] == vocab
+    assert fit_vocabulary(texts, size=4, min_freq=1, ngrams=1)[0] == [PAD, UNK, "a", "c"]
+    assert fit_vocabulary(texts, size=10, min_freq=2, ngrams=1)[0] == [PAD, UNK, "a", "c"]
 
 
 def test_fit_vocabulary_idf_matches_scikit_learn() -> None:
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     texts = ["b a", "a c", "c a", "d a b"]
-    vocab, idf = fit_vocabulary(texts, size=10, min_freq=1)
+    vocab, idf = fit_vocabulary(texts, size=10, min_freq=1, ngrams=1)
     reference = TfidfVectorizer(token_pattern=r"\S+").fit(texts)
     expected = dict(zip(reference.get_feature_names_out(), reference.idf_, strict=True))
     assert idf[:2] == [0.0, 1.0]

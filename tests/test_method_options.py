@@ -246,7 +246,7 @@ def test_selection_key() -> None:
 def test_old_bundles_keep_the_papers_settings() -> None:
     raw = to_primitive(MethodConfig(dropout=0.2))
     for key in ("reliability", "slot_flags", "joint_input", "imputation_loss", "lambda0",
-                "drop_full_view", "tla_min_patients", "cra_dropout"):
+                "drop_full_view", "tla_min_patients", "cra_dropout", "linear_path"):
         del raw[key]
     rebuilt = method_config_from_dict(raw)
     for key, value in PAPER_OPTIONS.items():

@@ -81,7 +81,14 @@ def train(
         "(transformers).")] = "simple",
     text_model: Annotated[str, typer.Option(
         "--text-model", help="hf: local folder or hub name.")] = "bert-base-chinese",
-    text_max_length: Annotated[int, typer.Option("--text-max-length")] = 256,
+    text_max_length: Annotated[int, typer.Option(
+        "--text-max-length", help="hf: tokens per note.")] = 256,
+    text_ngrams: Annotated[int, typer.Option(
+        "--text-ngrams", min=1, max=4, help="simple: word n-grams up to N (Chinese characters "
+        "up to N+1) in the tf-idf.")] = 2,
+    text_min_df: Annotated[int, typer.Option(
+        "--text-min-df", min=1, help="simple: n-grams of fewer training notes are unknown.")
+    ] = 2,
     freeze_text: Annotated[bool, typer.Option(
         "--freeze-text", help="Keep the hf text model frozen for the whole run.")] = False,
     warmup_epochs: Annotated[int, typer.Option(
@@ -137,9 +144,16 @@ def train(
     tla_min_patients: Annotated[int, typer.Option(
         "--tla-min-patients", min=1, help="TLA only picks a combination that at least this "
         "many mined training patients have.")] = 20,
+    linear_path: Annotated[bool, typer.Option(
+        "--linear-path/--no-linear-path", help="After training, fit a logistic regression on "
+        "the sparse inputs (tf-idf n-grams of simple-encoder notes, lab values) and blend it "
+        "with OmniFuse by validation log loss.")] = True,
     select_by: Annotated[str, typer.Option(
         "--select-by", help="Validation score that picks the best epoch: macro_f1, loss "
         "(log loss) or auroc.")] = "macro_f1",
+    patience: Annotated[int, typer.Option(
+        "--patience", min=0, help="Stop after this many epochs without a better validation "
+        "--select-by score, keeping the best epoch (0: train every epoch).")] = 0,
     embed_dim: Annotated[int, typer.Option("--embed-dim")] = 128,
     num_workers: Annotated[int, typer.Option("--num-workers", min=0,
                                              help="DataLoader worker processes.")] = 0,

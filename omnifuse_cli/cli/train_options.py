@@ -85,6 +85,7 @@ CONVERTERS: dict[str, tuple[str, str, Callable[[Any, Mapping[str, Any]], Any]]] 
     "ra_layers": ("method", "ra_layers", _widths),
     "reliability": ("method", "reliability", lambda v, _: str(v).strip().lower()),
     "encoding": ("data", "encoding", lambda v, _: _encoding(v)),
+    "text_min_df": ("text", "min_freq", lambda v, _: v),
 }
 FOLDED = ("freeze_text",)  # read by another option's converter (finetune_text_last_n)
 

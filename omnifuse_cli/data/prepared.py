@@ -54,7 +54,8 @@ class Preprocessor:
                 }
             elif spec.kind == "text" and text.encoder == "simple":
                 pre.vocabularies[spec.name], pre.idf[spec.name] = simple_text.fit_vocabulary(
-                    train.texts[spec.name], size=text.vocab_size, min_freq=text.min_freq
+                    train.texts[spec.name], size=text.vocab_size, min_freq=text.min_freq,
+                    ngrams=text.ngrams
                 )
         return pre
 
@@ -131,7 +132,8 @@ class Preprocessor:
             elif name in self.vocabularies:
                 index = {t: i for i, t in enumerate(self.vocabularies[name])}
                 ids, weights, offsets = simple_text.encode_many(
-                    cohort.texts[name], index, self.idf[name], self.text.max_length)
+                    cohort.texts[name], index, self.idf[name], self.text.max_ngrams,
+                    ngrams=self.text.ngrams, sublinear=self.text.sublinear_tf)
                 prepared.token_ids[name] = Ragged(ids, offsets)
                 prepared.token_weights[name] = Ragged(weights, offsets)
             else:

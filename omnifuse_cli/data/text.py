@@ -164,20 +164,31 @@ _PIECES = re.compile(rf"[{_CJK}]+|[^\W{_CJK}]+", re.UNICODE)
 _IS_CJK = re.compile(rf"[{_CJK}]")
 
 
-def tokenize(text: str) -> list[str]:
+def tokenize(text: str, ngrams: int = 2) -> list[str]:
+    """Lower-cased words and their n-grams up to ``ngrams`` (word pairs joined by a space, as
+    scikit-learn's TfidfVectorizer makes them, across punctuation), and for Chinese, which has
+    no spaces, characters and character n-grams up to ``ngrams + 1`` within a run of Chinese
+    characters. ``ngrams=1`` is the first version's tokenizer: words, characters and character
+    pairs (bundles trained with it keep it)."""
     tokens: list[str] = []
+    words: list[str] = []
     for piece in _PIECES.findall(text.lower()):
         if _IS_CJK.match(piece):
             tokens.extend(piece)
-            tokens.extend(map(str.__add__, piece, piece[1:]))  # character pairs
+            for n in range(2, ngrams + 2):
+                tokens.extend(piece[i:i + n] for i in range(len(piece) - n + 1))
         else:
             tokens.append(piece)
+            words.append(piece)
+    for n in range(2, ngrams + 1):
+        tokens.extend(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
     return tokens
 
 
-def fit_vocabulary(texts: Iterable[str | None], *, size: int, min_freq: int
+def fit_vocabulary(texts: Iterable[str | None], *, size: int, min_freq: int, ngrams: int = 2
                    ) -> tuple[list[str], list[float]]:
-    """Most frequent tokens (ties broken alphabetically, so the result is deterministic) and
+    """The n-grams of at least ``min_freq`` training notes (document frequency; the most
+    frequent first, ties alphabetical, so the result is deterministic; at most ``size``) and
     their smoothed inverse document frequency, as scikit-learn's TfidfVectorizer computes it.
 
     One streaming pass: ``texts`` may be a generator, and only the two counters (one entry per
@@ -187,25 +198,37 @@ def fit_vocabulary(texts: Iterable[str | None], *, size: int, min_freq: int
     n_docs = 0
     for text in texts:
         if text:
-            tokens = tokenize(text)
+            tokens = tokenize(text, ngrams)
             counts.update(tokens)
             docs.update(set(tokens))
             n_docs += 1
-    ranked = sorted((t for t, c in counts.items() if c >= min_freq), key=lambda t: (-counts[t], t))
+    ranked = sorted((t for t, c in docs.items() if c >= min_freq), key=lambda t: (-counts[t], t))
     vocab = [PAD, UNK, *ranked[: size - 2]]
     idf = [0.0, 1.0] + [math.log((1 + n_docs) / (1 + docs[t])) + 1.0 for t in vocab[2:]]
     return vocab, idf
 
 
-def encode(text: str | None, index: dict[str, int], idf: list[float], max_length: int
-           ) -> tuple[list[int], list[float]]:
-    """Distinct token ids of a note and their idf weights, scaled to unit length (tf-idf with
-    binary term frequency), so long notes full of neutral sentences do not drown findings."""
+def _note_ids(text: str | None, index: dict[str, int], max_length: int, ngrams: int,
+              sublinear: bool) -> tuple[list[int], list[float]]:
+    """A note's distinct token ids (the most frequent n-grams first when more than
+    ``max_length``) and their term frequencies: 1 + log(count) (sublinear), or 1 (binary)."""
     if not text:
         return [], []
     unk = index[UNK]
-    ids = sorted({index.get(t, unk) for t in tokenize(text)})[:max_length]
-    weights = [idf[i] for i in ids]
+    if not sublinear:  # distinct tokens first: a note repeats many characters
+        return sorted({index.get(t, unk) for t in set(tokenize(text, ngrams))})[:max_length], []
+    counted = Counter(index.get(t, unk) for t in tokenize(text, ngrams))
+    ids = sorted(counted)[:max_length]
+    return ids, [1.0 + math.log(counted[i]) for i in ids]
+
+
+def encode(text: str | None, index: dict[str, int], idf: list[float], max_length: int, *,
+           ngrams: int = 2, sublinear: bool = True) -> tuple[list[int], list[float]]:
+    """Distinct token ids of a note and their tf-idf weights (sublinear or binary term
+    frequency), scaled to unit length, so long notes full of neutral sentences do not drown
+    findings: the rows of scikit-learn's TfidfVectorizer(sublinear_tf=True)."""
+    ids, tf = _note_ids(text, index, max_length, ngrams, sublinear)
+    weights = [idf[i] * (tf[k] if tf else 1.0) for k, i in enumerate(ids)]
     norm = math.sqrt(sum(w * w for w in weights)) or 1.0
     return ids, [w / norm for w in weights]
 
@@ -214,24 +237,27 @@ NOTE_CHUNK = 65_536  # notes encoded and normalised together before they move to
 
 
 def encode_many(texts: Iterable[str | None], index: dict[str, int], idf: list[float],
-                max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                max_length: int, *, ngrams: int = 2, sublinear: bool = True
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``encode`` for a whole cohort, stored flat: (ids int32, weights float32, offsets int64)
     with note i's ids at ``ids[offsets[i]:offsets[i + 1]]`` (an empty range without a note).
     The same numbers as ``encode`` note by note, at 4 + 4 bytes per token instead of two
     Python lists per patient. Notes are normalised a chunk at a time, so the float64 and
     index temporaries of the arithmetic never span the cohort (at a million notes they would
     add gigabytes to the peak)."""
-    unk = index[UNK]
     idf_array = np.asarray(idf, dtype=np.float64)
     id_parts: list[np.ndarray] = []
     weight_parts: list[np.ndarray] = []
     lengths: list[int] = []
     chunk: list[int] = []
+    chunk_tf: list[float] = []
     chunk_lengths: list[int] = []
 
     def flush() -> None:
         ids = np.array(chunk, dtype=np.int32)
         weights = idf_array[ids]
+        if sublinear:
+            weights = weights * np.array(chunk_tf, dtype=np.float64)
         # Unit length per note; bincount adds each note's squares in order, like encode's sum.
         owner = np.repeat(np.arange(len(chunk_lengths)), chunk_lengths)
         norms = np.sqrt(np.bincount(owner, weights=weights * weights,
@@ -241,12 +267,13 @@ def encode_many(texts: Iterable[str | None], index: dict[str, int], idf: list[fl
         weight_parts.append((weights / norms[owner]).astype(np.float32))
         lengths.extend(chunk_lengths)
         chunk.clear()
+        chunk_tf.clear()
         chunk_lengths.clear()
 
     for text in texts:
-        # Distinct tokens first: a note repeats many characters, each looked up once.
-        ids = sorted({index.get(t, unk) for t in set(tokenize(text))})[:max_length] if text else []
+        ids, tf = _note_ids(text, index, max_length, ngrams, sublinear)
         chunk.extend(ids)
+        chunk_tf.extend(tf)
         chunk_lengths.append(len(ids))
         if len(chunk_lengths) >= NOTE_CHUNK:
             flush()

@@ -79,6 +79,7 @@ from omnifuse_cli.engine.training import (
     TrainEvent,
     TrainRequest,
     build_for_cohort,
+    fit_linear,
     fit_model,
     infer_all,
 )
@@ -443,10 +444,11 @@ def _fit(cohort: Cohort, request: CVRequest, variant: Variant, enc: _Encoded, cf
     def on_epoch(rows: list[dict[str, Any]]) -> None:
         write_csv(out / "metrics.csv", pd.DataFrame(rows))
 
+    splits = {"train": train_idx, "val": val_idx}
     records, best_epoch, best_state = fit_model(
-        model, data, {"train": train_idx, "val": val_idx}, cfg, request.num_classes, forward,
-        on_epoch=on_epoch)
+        model, data, splits, cfg, request.num_classes, forward, on_epoch=on_epoch)
     model.load_state_dict(best_state)
+    fit_linear(model, data, splits, cfg, device)
     return model, pre, data, records, best_epoch
 
 

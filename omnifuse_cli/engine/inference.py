@@ -82,8 +82,7 @@ def infer(model: OmniFuse, data: PreparedCohort, indices, *, device: torch.devic
     for k, batch in enumerate(batches):
         batch = move_to(batch, device)
         with autocast(device, amp):
-            v = model.embed(batch["inputs"], batch["present"])
-            pred = model.predict_from(model.fuse(v, batch["present"]), rule)
+            pred = model(batch["inputs"], batch["present"], rule=rule)
         outs.append(pred.log_probs.float().cpu())
         if pred.weights is not None:
             weights.append(pred.weights.float().cpu())

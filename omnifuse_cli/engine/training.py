@@ -28,9 +28,9 @@ from omnifuse_cli.config import (
     MethodConfig,
     ModalitySpec,
     ModelConfig,
-    TextConfig,
     TrainConfig,
     method_config_from_dict,
+    text_config_from_dict,
     to_primitive,
 )
 from omnifuse_cli.data.manifest import Cohort, check_trainable, read_manifest, reading_options
@@ -55,6 +55,7 @@ from omnifuse_cli.engine.inference import (
     loader,
     resolve_device,
 )
+from omnifuse_cli.engine.linear_path import LinearFit, fit_linear_path
 from omnifuse_cli.engine.machine import set_threads
 from omnifuse_cli.engine.metrics import classification_metrics, confusion
 from omnifuse_cli.engine.modelling import (
@@ -180,7 +181,7 @@ def load_request(run_dir: Path) -> TrainRequest:
             out_dir=Path(run_dir),
             data=DataConfig(**{
                 **data, "modalities": tuple(ModalitySpec(**m) for m in data["modalities"]),
-                "image": ImageConfig(**data["image"]), "text": TextConfig(**data["text"]),
+                "image": ImageConfig(**data["image"]), "text": text_config_from_dict(data["text"]),
             }),
             method=method_config_from_dict(raw["method"]), train=TrainConfig(**raw["train"]),
             overwrite=True,
@@ -274,6 +275,13 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
         stop.hint = f"continue with: omnifuse train --resume {request.out_dir}"
         raise
     model.load_state_dict(best_state)
+    meta["stopped"] = stop_reason(cfg, records[-1].epoch if records else 0, best_epoch)
+    linear = fit_linear(model, data, splits, cfg, device)
+    if linear is not None:
+        emit(TrainEvent("message", text=linear_summary(linear)))
+        meta.update(linear_meta(linear))
+        if distributed.is_main():
+            on_best(best_epoch, {**best_state, **linear_state(model)})
     test: dict[str, float] = {}
     cm = None
     if len(splits["test"]):  # --test-ratio 0: the user evaluates an external cohort
@@ -297,6 +305,37 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
 
 
 SLOW_STEP_SECONDS = 10.0  # steps before training that took longer are reported with their time
+
+
+def fit_linear(model: OmniFuse, data: PreparedCohort, splits: dict[str, np.ndarray],
+               cfg: TrainConfig, device: torch.device) -> LinearFit | None:
+    """Fit the model's linear path (engine/linear_path.py) after the best epoch is restored:
+    scikit-learn on the training split, the blend on validation."""
+    if model.linear is None:
+        return None
+    val = infer_all(model, data, splits["val"], device=device,
+                    batch_size=max(cfg.batch_size, 256), amp=cfg.amp)
+    return fit_linear_path(model, data, splits["train"], splits["val"], val, seed=cfg.seed)
+
+
+def linear_state(model: OmniFuse) -> dict[str, torch.Tensor]:
+    """The linear path's buffers as state-dict entries (to add to a saved best state)."""
+    assert model.linear is not None
+    return {f"linear.{k}": v for k, v in model.linear.state_dict().items()}
+
+
+def linear_summary(fit: LinearFit) -> str:
+    return (f"linear path: logistic regression C={fit.C:g} on {fit.features:,} features; "
+            f"blend {fit.blend_omnifuse:.2f} x OmniFuse + {fit.blend_linear:.2f} x linear "
+            f"(validation log loss {fit.val_log_loss_omnifuse:.3f} -> "
+            f"{fit.val_log_loss_blend:.3f})")
+
+
+def linear_meta(fit: LinearFit) -> dict[str, Any]:
+    return {"linear_C": fit.C, "linear_blend_omnifuse": round(fit.blend_omnifuse, 4),
+            "linear_blend_linear": round(fit.blend_linear, 4), "linear_features": fit.features,
+            "val_log_loss_omnifuse": round(fit.val_log_loss_omnifuse, 4),
+            "val_log_loss_blend": round(fit.val_log_loss_blend, 4)}
 
 
 def _say_if_slow(emit: EventFn, started: float, what: str) -> None:
@@ -453,6 +492,9 @@ def fit_model(
                 })
             saved = epoch
             emit(TrainEvent("epoch", epoch, cfg.epochs, record=record))
+            if cfg.patience and epoch - best_epoch >= cfg.patience:
+                emit(TrainEvent("message", text=stop_reason(cfg, epoch, best_epoch)))
+                break
     except KeyboardInterrupt:
         stop = TrainingInterrupted(
             f"training stopped during epoch {saved + 1}; {saved} epoch(s) are complete and saved "
@@ -462,6 +504,15 @@ def fit_model(
         stop.all_ranks = True  # type: ignore[attr-defined]  # every rank got the Ctrl-C
         raise stop from None
     return records, best_epoch, best_state
+
+
+def stop_reason(cfg: TrainConfig, last_epoch: int, best_epoch: int) -> str:
+    """Why training ended, for the run's records."""
+    if last_epoch < cfg.epochs:
+        return (f"early stopping after epoch {last_epoch} of {cfg.epochs}: no better validation "
+                f"{cfg.select_metric.replace('_', '-')} for {cfg.patience} epochs (best: epoch "
+                f"{best_epoch})")
+    return f"all {cfg.epochs} epochs (best: epoch {best_epoch})"
 
 
 class _LossModule(torch.nn.Module):

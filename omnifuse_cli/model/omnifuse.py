@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnifuse_cli.config import ModelConfig
+from omnifuse_cli.model.encoders import SimpleTextEncoder
 from omnifuse_cli.model.fusion import classifier, dwfuse_loss, label_free_log_probs
 from omnifuse_cli.model.imputation import CascadeResidualAutoencoder
 from omnifuse_cli.model.laziness import available
+from omnifuse_cli.model.linear import LinearPath
 
 
 @dataclass
@@ -78,6 +80,12 @@ class OmniFuse(nn.Module):
             # Concat fusion: one classifier on the concatenated (imputed) representation.
             self.modality_heads = None
             self.joint_head = classifier(m * d, h, c, p)
+        # Sparse text features exist only for the simple encoder; other encoders get no term.
+        kinds = [spec.kind if spec.kind != "text" or isinstance(self.encoders[spec.name],
+                                                                 SimpleTextEncoder) else "other"
+                 for spec in config.modalities]
+        self.linear = (LinearPath(names=names, kinds=kinds, dims=list(config.input_dims),
+                                  num_classes=c) if method.linear_path else None)
 
     # -- embeddings ---------------------------------------------------------------------------
     def embed(self, inputs: dict[str, dict[str, torch.Tensor]], present: torch.Tensor
@@ -152,9 +160,14 @@ class OmniFuse(nn.Module):
         return out.gate.float()
 
     def forward(self, inputs: dict[str, dict[str, torch.Tensor]], present: torch.Tensor,
-                mask: torch.Tensor | None = None) -> Prediction:
-        v = self.embed(inputs, present)
-        return self.predict_from(self.fuse(v, present if mask is None else mask))
+                mask: torch.Tensor | None = None, rule: str | None = None) -> Prediction:
+        """The model's prediction from the modalities ``mask`` feeds (default: all present),
+        blended with the linear path once it is fitted."""
+        fed = present if mask is None else mask
+        pred = self.predict_from(self.fuse(self.embed(inputs, present), fed), rule)
+        if self.linear is not None:
+            pred.log_probs = self.linear.combine(pred.log_probs, inputs, fed)
+        return pred
 
     # -- training objective -------------------------------------------------------------------
     def losses(
