@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from omnifuse_cli.cli import options
 from omnifuse_cli.cli.common import console, handle_errors
 
 
@@ -20,6 +21,7 @@ def synth(
     no_imputation: Annotated[bool, typer.Option("--no-imputation")] = False,
     no_dwfuse: Annotated[bool, typer.Option("--no-dwfuse")] = False,
     no_tla: Annotated[bool, typer.Option("--no-tla")] = False,
+    threads: options.Threads = None,
 ) -> None:
     """Feature-level demo in memory: watch every term of the OmniFuse objective fall."""
     from omnifuse_cli.cli.render import add_epoch_row, epoch_table, metrics_table
@@ -28,7 +30,7 @@ def synth(
     from omnifuse_cli.engine.training import TrainEvent
 
     cfg = SynthConfig(n=n, num_classes=num_classes, missing_rate=missing_rate, epochs=epochs,
-                      seed=seed)
+                      seed=seed, threads=threads)
     method = MethodConfig(use_imputation=not no_imputation, use_dwfuse=not no_dwfuse,
                           use_tla=not no_tla)
     console.print(f"synthetic cohort: {n} patients, modalities m1 (strong), m2 (medium), "

@@ -82,6 +82,7 @@ from omnifuse_cli.engine.training import (
     fit_linear,
     fit_model,
     infer_all,
+    split_assignment,
 )
 from omnifuse_cli.errors import BundleError, ConfigError, DataError, TrainingInterrupted
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder
@@ -676,12 +677,7 @@ def _folds_frame(cohort: Cohort, assignment: np.ndarray, groups: np.ndarray | No
 def _write_split(out: Path, cohort: Cohort, parts: dict[str, np.ndarray]) -> None:
     """Which patients a model learned from (train), picked its epoch with (val) and was scored
     on (test): the audit trail that the test fold chose nothing."""
-    assert cohort.labels is not None
-    split = np.full(len(cohort), "", dtype=object)
-    for name, idx in parts.items():
-        split[idx] = name
-    write_csv(out / "split_assignment.csv", pd.DataFrame(
-        {"id": cohort.ids, "label": cohort.labels, "split": split}))
+    write_csv(out / "split_assignment.csv", split_assignment(cohort, parts))
 
 
 def _read_fold(out: Path) -> FoldResult:
@@ -852,6 +848,9 @@ def _meta(request: CVRequest, cohort: Cohort, device: torch.device, weights: str
         "manifest": str(Path(request.manifest).resolve()),
         "labs_table": str(Path(data.labs_table).resolve()) if data.labs_table else "",
         "labs_id_col": data.labs_id_col,
+        "labs_format": data.labs_format,
+        "labs_agg": data.labs_agg,
+        "encoding": data.encoding,
         "num_classes": request.num_classes,
         "modalities": ",".join(f"{m.name}={m.kind}" for m in data.modalities),
         "n_patients": len(cohort),

@@ -24,6 +24,7 @@ from omnifuse_cli.data.manifest import Cohort
 from omnifuse_cli.data.prepared import Preprocessor
 from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.engine.inference import infer
+from omnifuse_cli.engine.machine import set_threads
 from omnifuse_cli.engine.metrics import classification_metrics
 from omnifuse_cli.engine.modelling import build_model
 from omnifuse_cli.engine.training import EpochRecord, EventFn, fit_model
@@ -39,6 +40,7 @@ class SynthConfig:
     missing_rate: float = 0.3  # per patient and modality, keeping at least one
     seed: int = 42
     epochs: int = 15
+    threads: int | None = None  # torch's CPU threads (None: the usable cores)
 
     def __post_init__(self) -> None:
         if len(self.dims) != len(self.signal):
@@ -80,6 +82,7 @@ def run_synth(cfg: SynthConfig, method: MethodConfig, on_event: EventFn | None =
               ) -> SynthResult:
     import torch
 
+    set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     cohort = synth_cohort(cfg)
     assert cohort.labels is not None

@@ -28,7 +28,7 @@ from omnifuse_cli.data.prepared import PreparedCohort
 from omnifuse_cli.engine.inference import Inference
 from omnifuse_cli.model.omnifuse import OmniFuse
 
-C_GRID = np.logspace(-2, 3, 11)  # 0.01 .. 1000, half-decades
+C_GRID = np.logspace(-2, 3, 6)  # 0.01 .. 1000, decades
 LINEAR_MAX_PATIENTS = 200_000
 LINEAR_CV_PATIENTS = 20_000
 MIN_VALIDATION = 10  # fewer validation patients: b = 0 (OmniFuse alone, unblended)

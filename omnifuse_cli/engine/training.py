@@ -894,17 +894,24 @@ def mine_lazy(model: OmniFuse, data: PreparedCohort, indices: np.ndarray, *,
             for k, c in enumerate(combos)}
 
 
+def split_assignment(cohort: Cohort, splits: dict[str, np.ndarray]) -> pd.DataFrame:
+    """id, label and split of every patient (empty split for patients in none), then the
+    patients left out for having no modality (split ``excluded``)."""
+    assert cohort.labels is not None
+    assignment = np.full(len(cohort), "", dtype=object)
+    for name, idx in splits.items():
+        assignment[idx] = name
+    frame = pd.DataFrame({"id": cohort.ids, "label": cohort.labels, "split": assignment})
+    if not cohort.excluded:
+        return frame
+    excluded = pd.DataFrame(cohort.excluded, columns=["id", "label"]).assign(split="excluded")
+    return pd.concat([frame, excluded], ignore_index=True)
+
+
 def _write_split_files(out_dir: Path, cohort: Cohort, splits: dict[str, np.ndarray]) -> None:
     """Each patient's split; patients left out for having no modality are listed as
     ``excluded`` (with their label, -1 when they have none)."""
-    assert cohort.labels is not None
-    assignment = np.empty(len(cohort), dtype=object)
-    for name, idx in splits.items():
-        assignment[idx] = name
-    excluded = pd.DataFrame(cohort.excluded, columns=["id", "label"]).assign(split="excluded")
-    frame = pd.DataFrame({"id": cohort.ids, "label": cohort.labels, "split": assignment})
-    write_csv(out_dir / "split_assignment.csv",
-              pd.concat([frame, excluded], ignore_index=True) if len(excluded) else frame)
+    write_csv(out_dir / "split_assignment.csv", split_assignment(cohort, splits))
     counts = {name: len(idx) for name, idx in splits.items()}
     if cohort.excluded:
         counts["excluded"] = len(cohort.excluded)
