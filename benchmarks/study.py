@@ -706,19 +706,23 @@ def defaults_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return pd.DataFrame(table), verdicts
 
 
-OTHER_RESULTS = ("scale.md",)  # written by other benchmarks (scale.py), carried into RESULTS.md
+# Pages written by other benchmarks, carried into RESULTS.md, and the command that reruns each.
+OTHER_RESULTS = {
+    "real_data.md": "python benchmarks/real/prepare.py && python benchmarks/real/compare.py "
+                    "--seeds 10 --methods lr,hgb,omnifuse (see benchmarks/real/RESULTS.md)",
+    "scale.md": "python benchmarks/scale.py",
+}
 
 
 def other_results(folder: Path) -> list[str]:
     """The other benchmarks' result pages (their own top headings), appended as they are."""
     lines: list[str] = []
-    for name in OTHER_RESULTS:
+    for name, command in OTHER_RESULTS.items():
         path = folder / name
         if path.is_file():
             text = path.read_text(encoding="utf-8")
             lines += [*text.rstrip().splitlines(), "",
-                      f"(from [`results/{name}`](results/{name}); rerun with "
-                      f"`python benchmarks/{name[:-3]}.py`)", ""]
+                      f"(from [`results/{name}`](results/{name}); rerun with `{command}`)", ""]
     return lines
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from omnifuse_cli.errors import ConfigError
 
@@ -29,8 +29,10 @@ SELECT_METRICS = ("macro_f1", "loss", "auroc")
 PRETRAINED_CHOICES = ("auto", "yes", "no")
 ON_BAD_FILE = ("error", "skip")
 ON_EMPTY_PATIENT = ("skip", "error")
-LABS_FORMATS = ("auto", "wide", "long")
-LABS_AGGS = ("last", "first", "mean", "min", "max")
+LabsLayout = Literal["auto", "wide", "long"]  # --labs-format (data/labs.py)
+LabsAgg = Literal["last", "first", "mean", "min", "max"]  # --labs-agg
+LABS_FORMATS: tuple[str, ...] = get_args(LabsLayout)
+LABS_AGGS: tuple[str, ...] = get_args(LabsAgg)
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 

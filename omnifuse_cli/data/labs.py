@@ -16,11 +16,12 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast, get_args
+from typing import Literal, cast
 
 import numpy as np
 import pandas as pd
 
+from omnifuse_cli.config import LABS_AGGS, LABS_FORMATS, LabsAgg, LabsLayout
 from omnifuse_cli.data.manifest import (
     MAX_LISTED,
     BadValue,
@@ -32,10 +33,7 @@ from omnifuse_cli.data.manifest import (
 )
 from omnifuse_cli.errors import ConfigError, ManifestError
 
-LabsLayout = Literal["auto", "wide", "long"]
-LabsAgg = Literal["last", "first", "mean", "min", "max"]
-LABS_LAYOUTS: tuple[str, ...] = get_args(LabsLayout)
-LABS_AGGS: tuple[str, ...] = get_args(LabsAgg)
+LABS_LAYOUTS = LABS_FORMATS
 _BY_ORDER = ("last", "first")  # the aggregations that need an order (time, else row order)
 
 # Spellings of the long layout's columns, compared after _key(); the first one found wins.

@@ -303,14 +303,6 @@ def note_file(cell: str, base: Path) -> Path | None:
     return path if os.path.isfile(path) else None
 
 
-def read_text_cell(cell: str, base: Path, encoding: str = AUTO) -> str:
-    """Inline text, or the contents of the note file the cell names (see note_file)."""
-    path = note_file(cell, base)
-    if path is None:
-        return cell.strip()
-    return _read_note_file(path, encoding).text.strip()
-
-
 def _read_note_file(path: Path, encoding: str) -> Decoded:
     try:
         return decode_note(path.read_bytes(), encoding)
