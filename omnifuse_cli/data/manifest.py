@@ -31,9 +31,10 @@ from omnifuse_cli.errors import ConfigError, DataError, ManifestError
 VSCODE_MARKER = "_vscodecontentref_"
 MAX_LISTED = 20
 NO_MODALITY = "no modality present"  # the reason of a patient who has nothing to score
-# A text cell names a note file only when it looks like a path (a folder separator or a file
-# extension, one line) and that file exists; anything else is the note itself.
-_PATH_LIKE = re.compile(r"^[^\n]{0,1023}([\\/]|\.[A-Za-z0-9]{1,5})$")
+# A text cell names a note file only when it looks like a path (one line ending in a folder
+# separator or a file extension: '1.2' is a number, not an extension) and that file exists;
+# anything else is the note itself.
+_PATH_LIKE = re.compile(r"^[^\n]{0,1023}([\\/]|\.[A-Za-z][A-Za-z0-9]{0,4})$")
 
 
 @dataclass
@@ -291,16 +292,6 @@ def _as_vector(values: list) -> np.ndarray:
     if len(out) == 0:
         raise ValueError("empty vector")
     return out.astype(np.float32)
-
-
-def note_file(cell: str, base: Path) -> Path | None:
-    """The note file a text cell names, or None when the cell is the note itself: a cell names a
-    file only when it looks like a path and that file exists."""
-    text = cell.strip()
-    if not _PATH_LIKE.match(text):
-        return None
-    path = resolve_path(text, base)
-    return path if os.path.isfile(path) else None
 
 
 def _read_note_file(path: Path, encoding: str) -> Decoded:
