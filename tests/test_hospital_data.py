@@ -235,6 +235,7 @@ def test_garbage_is_never_decoded_silently() -> None:
             decode_note(raw)
     with pytest.raises(ValueError, match=r"not valid utf-8 text \(byte 0xef"):
         decode_note("naïve".encode("cp1252"), "utf-8")
+    assert decode_note(b"\xef\xbb\xbfna\xc3\xafve", "utf-8").text == "naïve"  # BOM dropped
 
 
 def test_check_lists_encodings_guessed_files_and_empty_notes(tmp_path: Path) -> None:

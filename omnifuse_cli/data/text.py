@@ -79,7 +79,8 @@ def decode_note(raw: bytes, encoding: str = AUTO) -> Decoded:
 def _decode(raw: bytes, encoding: str) -> Decoded:
     if encoding != AUTO:
         try:
-            return Decoded(raw.decode(encoding), encoding)
+            # --encoding utf-8 on a file with a BOM: the mark is no part of the note
+            return Decoded(raw.decode(encoding).removeprefix("\ufeff"), encoding)
         except UnicodeDecodeError as err:
             raise ValueError(f"is not valid {encoding} text (byte 0x{raw[err.start]:02x} at "
                              f"position {err.start}); check --encoding") from None
