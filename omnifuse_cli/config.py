@@ -41,7 +41,8 @@ def _check(condition: bool, message: str, hint: str | None = None) -> None:
         raise ConfigError(message, hint=hint)
 
 
-def _check_choice(value: str, choices: tuple[str, ...], option: str) -> None:
+def check_choice(value: str, choices: tuple[str, ...], option: str) -> None:
+    """A ConfigError naming the option and its choices when ``value`` is not one of them."""
     _check(value in choices, f"{option} {value!r} is not supported",
            f"choose one of {', '.join(choices)}")
 
@@ -112,10 +113,10 @@ class ImageConfig:
 
     def __post_init__(self) -> None:
         if self.backbone not in IMAGE_BACKBONES:
-            _check_choice(self.backbone, image_backbones(), "--image-backbone")
+            check_choice(self.backbone, image_backbones(), "--image-backbone")
         _check(self.image_size >= 16, f"--image-size must be >= 16, got {self.image_size}")
         _check(self.max_images >= 1, f"--max-us-images must be >= 1, got {self.max_images}")
-        _check_choice(self.pretrained, PRETRAINED_CHOICES, "pretrained")
+        check_choice(self.pretrained, PRETRAINED_CHOICES, "pretrained")
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ class TextConfig:
     max_ngrams: int = 4096
 
     def __post_init__(self) -> None:
-        _check_choice(self.encoder, TEXT_ENCODERS, "--text-encoder")
+        check_choice(self.encoder, TEXT_ENCODERS, "--text-encoder")
         _check(self.max_length >= 8, f"--text-max-length must be >= 8, got {self.max_length}")
         _check(self.vocab_size >= 10, f"text vocabulary size must be >= 10, got {self.vocab_size}")
         _check(1 <= self.ngrams <= 4, f"--text-ngrams must be in 1..4, got {self.ngrams}")
@@ -198,9 +199,9 @@ class MethodConfig:
         _check(0.0 <= self.cra_dropout < 1.0, "--cra-dropout must be in [0, 1)")
         for name in ("alpha", "beta", "lambda0", "lambda1", "lambda2", "lambda3"):
             _check(getattr(self, name) >= 0, f"--{name} must be >= 0")
-        _check_choice(self.inference_rule, INFERENCE_RULES, "--inference-rule")
-        _check_choice(self.joint_input, JOINT_INPUTS, "--joint-input")
-        _check_choice(self.imputation_loss, IMPUTATION_LOSSES, "--imputation-loss")
+        check_choice(self.inference_rule, INFERENCE_RULES, "--inference-rule")
+        check_choice(self.joint_input, JOINT_INPUTS, "--joint-input")
+        check_choice(self.imputation_loss, IMPUTATION_LOSSES, "--imputation-loss")
         _check(self.tla_min_patients >= 1, "--tla-min-patients must be >= 1")
         _check(self.reliability == "auto" or _unit_number(self.reliability),
                f"--reliability must be auto or a number in [0, 1], got {self.reliability!r}")
@@ -309,7 +310,7 @@ class TrainConfig:
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         _check(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
-        _check_choice(self.finetune_image_scope, FINETUNE_IMAGE_SCOPES, "--finetune-image-scope")
+        check_choice(self.finetune_image_scope, FINETUNE_IMAGE_SCOPES, "--finetune-image-scope")
         _check(
             self.finetune_text_last_n >= 0,
             f"--finetune-text-last-n must be >= 0, got {self.finetune_text_last_n}",
@@ -334,7 +335,7 @@ class TrainConfig:
         )
         _check(self.tla_sample >= 1, "tla_sample must be >= 1")
         _check(self.patience >= 0, f"--patience must be >= 0, got {self.patience}")
-        _check_choice(self.select_metric, SELECT_METRICS, "--select-by")
+        check_choice(self.select_metric, SELECT_METRICS, "--select-by")
 
 
 @dataclass(frozen=True)
@@ -355,9 +356,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.on_bad_file in ON_BAD_FILE,
                f"--on-bad-file must be error or skip, got {self.on_bad_file!r}")
-        _check_choice(self.labs_format, LABS_FORMATS, "--labs-format")
-        _check_choice(self.labs_agg, LABS_AGGS, "--labs-agg")
-        _check_choice(self.on_empty_patient, ON_EMPTY_PATIENT, "--on-empty-patient")
+        check_choice(self.labs_format, LABS_FORMATS, "--labs-format")
+        check_choice(self.labs_agg, LABS_AGGS, "--labs-agg")
+        check_choice(self.on_empty_patient, ON_EMPTY_PATIENT, "--on-empty-patient")
 
 
 def to_primitive(obj: Any) -> Any:

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omnifuse_cli.data.labs import LABS_AGGS, LABS_LAYOUTS, read_labs, read_labs_table
+from omnifuse_cli.config import LABS_AGGS, LABS_FORMATS
+from omnifuse_cli.data.labs import read_labs
 from omnifuse_cli.errors import ConfigError, ManifestError
 
 NAN = math.nan
@@ -37,7 +38,8 @@ def test_wide_table_reads_as_before(tmp_path: Path) -> None:
     np.testing.assert_equal(rows_of(table.values), [[1, 2], [3, NAN], [5, 6]])
     assert table.values.dtype == np.float32
     assert table.notes == [] and table.units == {} and table.non_numeric == []
-    ids, values, columns = read_labs_table(path, "patient_id")
+    table = read_labs(path, id_col="patient_id", layout="wide")
+    ids, values, columns = table.ids, table.values, table.columns
     assert ids == table.ids and columns == table.columns
     np.testing.assert_equal(values, table.values)
 
@@ -188,7 +190,7 @@ def test_long_without_its_id_column_names_the_option(tmp_path: Path) -> None:
 
 def test_unknown_layout_or_agg_is_a_config_error(tmp_path: Path) -> None:
     path = write(tmp_path, LONG)
-    assert LABS_LAYOUTS == ("auto", "wide", "long")
+    assert LABS_FORMATS == ("auto", "wide", "long")
     assert LABS_AGGS == ("last", "first", "mean", "min", "max")
     with pytest.raises(ConfigError, match="--labs-format 'tall' is not supported"):
         read_labs(path, layout="tall")

@@ -21,7 +21,7 @@ from typing import Literal, cast
 import numpy as np
 import pandas as pd
 
-from omnifuse_cli.config import LABS_AGGS, LABS_FORMATS, LabsAgg, LabsLayout
+from omnifuse_cli.config import LABS_AGGS, LABS_FORMATS, LabsAgg, LabsLayout, check_choice
 from omnifuse_cli.data.manifest import (
     MAX_LISTED,
     BadValue,
@@ -33,7 +33,6 @@ from omnifuse_cli.data.manifest import (
 )
 from omnifuse_cli.errors import ConfigError, ManifestError
 
-LABS_LAYOUTS = LABS_FORMATS
 _BY_ORDER = ("last", "first")  # the aggregations that need an order (time, else row order)
 
 # Spellings of the long layout's columns, compared after _key(); the first one found wins.
@@ -130,29 +129,16 @@ def read_labs(
     return _read_wide(frame, path, found, how, wanted)
 
 
-def read_labs_table(path: Path, id_col: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """(ids, values (rows, columns) float32 with NaN = missing, column names) of a wide labs
-    table: the reader manifest.py had before long tables."""
-    table = read_labs(path, id_col=id_col, layout="wide")
-    return table.ids, table.values, table.columns
-
-
 # -- choices and columns ----------------------------------------------------------------------
 
 
-def _check_choice(value: str, choices: tuple[str, ...], option: str) -> None:
-    if value not in choices:
-        raise ConfigError(f"{option} {value!r} is not supported",
-                          hint=f"choose one of {', '.join(choices)}")
-
-
 def _parse_layout(value: str) -> LabsLayout:
-    _check_choice(value, LABS_LAYOUTS, "--labs-format")
+    check_choice(value, LABS_FORMATS, "--labs-format")
     return cast(LabsLayout, value)
 
 
 def _parse_agg(value: str) -> LabsAgg:
-    _check_choice(value, LABS_AGGS, "--labs-agg")
+    check_choice(value, LABS_AGGS, "--labs-agg")
     return cast(LabsAgg, value)
 
 

@@ -155,8 +155,8 @@ class CVRequest:
 
 
 def _reading(data: DataConfig) -> tuple:
-    return (data.modalities, data.labs_table, data.labs_id_col, data.on_bad_file,
-            data.labs_format, data.labs_agg, data.encoding, data.on_empty_patient)
+    """What decides which patients and values are read (the manifest's reading options)."""
+    return (data.modalities, *reading_options(data).items())
 
 
 @dataclass
