@@ -6,6 +6,7 @@ The CLI builds these from options, the engine consumes them and the bundle store
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ SELECT_METRICS = ("macro_f1", "loss", "auroc")
 PRETRAINED_CHOICES = ("auto", "yes", "no")
 ON_BAD_FILE = ("error", "skip")
 ON_EMPTY_PATIENT = ("skip", "error")
+CALIBRATIONS = ("temperature", "none")
 LabsLayout = Literal["auto", "wide", "long"]  # --labs-format (data/labs.py)
 LabsAgg = Literal["last", "first", "mean", "min", "max"]  # --labs-agg
 LABS_FORMATS: tuple[str, ...] = get_args(LabsLayout)
@@ -142,6 +144,25 @@ class TextConfig:
         _check(1 <= self.ngrams <= 4, f"--text-ngrams must be in 1..4, got {self.ngrams}")
         _check(self.min_freq >= 1, f"--text-min-df must be >= 1, got {self.min_freq}")
         _check(self.max_ngrams >= 8, f"max_ngrams must be >= 8, got {self.max_ngrams}")
+
+
+def parse_class_weight(text: str, num_classes: int | None) -> tuple[float, ...] | str | None:
+    """--class-weight: "none" -> None, "balanced" -> "balanced", "1,2.5,1" -> the weights (one
+    per class when ``num_classes`` is known, each > 0)."""
+    value = str(text).strip().lower()
+    if value in ("none", "balanced"):
+        return None if value == "none" else "balanced"
+    try:
+        weights = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        weights = ()
+    _check(bool(weights) and all(w > 0 and math.isfinite(w) for w in weights),
+           f"--class-weight {text!r} is not understood",
+           "use none, balanced, or one positive weight per class such as 1,3")
+    _check(num_classes is None or len(weights) == num_classes,
+           f"--class-weight gives {len(weights)} weight(s) for {num_classes} classes",
+           "give one weight per class, in class order")
+    return weights
 
 
 @dataclass(frozen=True)
@@ -297,6 +318,12 @@ class TrainConfig:
     tla_sample: int = 512  # training patients used to mine the lazy combination each epoch
     select_metric: str = "macro_f1"  # validation score that picks the best epoch
     patience: int = 0  # stop after this many epochs without a better score (0: never)
+    # Loss weight of each class: none, balanced (n / (C * n_c) on the training patients) or
+    # explicit weights "1,2.5" (one per class, in class order).
+    class_weight: str = "none"
+    calibrate: str = "temperature"  # one temperature fitted on validation (engine/posthoc.py)
+    positive_class: str | None = None  # binary: the last class; C > 2: one-vs-rest if given
+    threshold: str = "youden"  # operating point rule (engine/clinical.parse_threshold_rule)
     encode_batch_size: int = 32
     num_workers: int = 0
     cache: bool = True  # frozen features on disk (data/cache.py), reused by later runs
@@ -336,6 +363,8 @@ class TrainConfig:
         _check(self.tla_sample >= 1, "tla_sample must be >= 1")
         _check(self.patience >= 0, f"--patience must be >= 0, got {self.patience}")
         check_choice(self.select_metric, SELECT_METRICS, "--select-by")
+        check_choice(self.calibrate, CALIBRATIONS, "--calibrate")
+        parse_class_weight(self.class_weight, None)
 
 
 @dataclass(frozen=True)

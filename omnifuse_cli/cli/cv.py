@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from omnifuse_cli.cli import options
 from omnifuse_cli.cli.common import console, handle_errors
 from omnifuse_cli.cli.config_file import with_config_file
 from omnifuse_cli.cli.train_options import with_train_options
@@ -53,6 +54,8 @@ def cv(
         show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Write into a non-empty --out-dir, replacing its files.")] = False,
+    subgroup_col: options.SubgroupCol = None,
+    conformal: options.Conformal = None,
     **train_options: Any,
 ) -> None:
     """Cross-validate: k folds by patient, pooled out-of-fold metrics with 95% intervals, per-fold
@@ -65,6 +68,7 @@ def cv(
     from omnifuse_cli.cli.config_file import run_settings
     from omnifuse_cli.cli.train_options import build_configs, parse_variant
     from omnifuse_cli.engine.crossval import BASE, CVRequest, Variant, load_cv_request
+    from omnifuse_cli.engine.outputs import DEFAULT_ALPHA
 
     if resume is not None:
         request = load_cv_request(resume)
@@ -91,10 +95,13 @@ def cv(
             base=Variant(BASE, settings.data, settings.method, settings.train),
             variants=tuple(variants), folds=folds, repeats=repeats, group_col=group_col,
             refit=refit, bootstrap=bootstrap, overwrite=overwrite,
+            subgroup_cols=tuple(subgroup_col or ()),
+            conformal=DEFAULT_ALPHA if conformal is None else conformal,
             config_yaml=run_settings("cv", {
                 "manifest": manifest, "num_classes": num_classes, "folds": folds,
                 "repeats": repeats, "group_col": group_col, "variant": specs, "refit": refit,
-                "bootstrap": bootstrap, **train_options}),
+                "bootstrap": bootstrap, "subgroup_col": list(subgroup_col or []),
+                "conformal": conformal, **train_options}),
         )
     _run(request, resume is not None)
 

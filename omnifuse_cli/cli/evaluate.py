@@ -46,12 +46,23 @@ def evaluate(
     cache: options.Cache = True,
     cache_dir: options.CacheDir = None,
     threads: options.Threads = None,
+    subgroup_col: options.SubgroupCol = None,
+    conformal: options.Conformal = None,
 ) -> None:
-    """Metrics with 95% bootstrap intervals, per missing pattern, and the confusion matrix."""
+    """Metrics with 95% bootstrap intervals, calibration before/after, the operating point,
+    decision curves, conformal coverage, subgroups, per missing pattern, confusion matrix."""
     from rich.markup import escape
 
     from omnifuse_cli.cli.progress import pass_progress
-    from omnifuse_cli.cli.render import confusion_table, metrics_table, patterns_table
+    from omnifuse_cli.cli.render import (
+        calibration_table,
+        confusion_table,
+        coverage_summary_table,
+        metrics_table,
+        operating_point_table,
+        patterns_table,
+        subgroup_gaps_table,
+    )
     from omnifuse_cli.data.text import check_encoding
     from omnifuse_cli.engine.evaluation import EvalRequest, evaluate_run
 
@@ -63,16 +74,29 @@ def evaluate(
                           missing_rate=missing_rate, seed=seed, bootstrap=bootstrap,
                           cache=cache, cache_dir=cache_dir, threads=threads,
                           encoding=encoding and check_encoding(encoding),
-                          labs_format=labs_format, labs_agg=labs_agg)
+                          labs_format=labs_format, labs_agg=labs_agg,
+                          subgroup_cols=tuple(subgroup_col or ()), conformal=conformal)
     with pass_progress(console) as progress:
         result = evaluate_run(request, progress)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     console.print(metrics_table(result.metrics, f"{result.source} ({result.n} patients)",
                                 result.intervals))
+    clinical = result.clinical
+    if clinical is not None:
+        temperature = (f"temperature {result.posthoc.temperature:.3f}"
+                       if result.posthoc and result.posthoc.calibration == "temperature"
+                       else "not calibrated")
+        console.print(calibration_table(clinical.calibration, temperature))
+        if clinical.operating_point is not None:
+            console.print(operating_point_table(clinical.operating_point))
+        if clinical.coverage is not None:
+            console.print(coverage_summary_table(clinical.coverage))
+        if clinical.gaps is not None:
+            console.print(subgroup_gaps_table(clinical.gaps))
     console.print(patterns_table(result.patterns))
     console.print(confusion_table(result.confusion, result.class_names,
                                   "confusion matrix (rows = true)"))
-    console.print(f"written to [bold]{result.out_dir}[/] (metrics.csv, confusion_matrix.csv, "
-                  "patterns.csv, predictions.csv)")
+    written = sorted(p.name for p in result.out_dir.glob("*.csv"))
+    console.print(f"written to [bold]{result.out_dir}[/] ({', '.join(written)})")
     console.print(f"figures and a paper-ready page: omnifuse report {run_dir}")

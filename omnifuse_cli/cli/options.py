@@ -89,3 +89,17 @@ RunLabsAgg = Annotated[
     typer.Option("--labs-agg", help="Long labs: last, first, mean, min or max of a patient's "
                  "values of one analyte.", show_default="the run's"),
 ]
+SubgroupCol = Annotated[
+    list[str] | None,
+    typer.Option("--subgroup-col", help="A manifest column to report every metric by (sex, "
+                 "site, scanner; repeatable). A numeric column is banded with COL:q4 "
+                 "(quartiles) or cut points COL:40,65. Never a model input.",
+                 show_default=False),
+]
+Conformal = Annotated[
+    float | None,
+    typer.Option("--conformal", min=0.0, max=1.0, help="Split conformal prediction sets at "
+                 "miscoverage ALPHA (0.1: each set holds the true class for about 90% of "
+                 "patients), calibrated on the run's validation split.", metavar="ALPHA",
+                 show_default=False),
+]

@@ -34,6 +34,7 @@ def predict(
     cache: options.Cache = True,
     cache_dir: options.CacheDir = None,
     threads: options.Threads = None,
+    conformal: options.Conformal = None,
 ) -> None:
     """Predict classes for new patients, with each modality's DWFuse weight."""
     from rich.markup import escape
@@ -54,7 +55,7 @@ def predict(
                              labs_id_col=labs_id_col, device=device, batch_size=batch_size,
                              cache=cache, cache_dir=cache_dir, threads=threads,
                           encoding=encoding and check_encoding(encoding),
-                          labs_format=labs_format, labs_agg=labs_agg)
+                          labs_format=labs_format, labs_agg=labs_agg, conformal=conformal)
     with pass_progress(console) as progress:
         result = predict_patients(request, progress)
     for note in result.notes:

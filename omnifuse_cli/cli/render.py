@@ -246,3 +246,50 @@ def differences_table(frame: pd.DataFrame, title: str) -> Table:
                       f"{row['difference']:+.3f}", _interval(row["ci_low"], row["ci_high"]),
                       _mean_sd(row["fold_mean"], row["fold_sd"]))
     return table
+
+
+def calibration_table(frame: pd.DataFrame, temperature: str) -> Table:
+    table = titled(f"calibration ({temperature})")
+    for col in ("metric", "before", "after"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for _, row in frame.iterrows():
+        table.add_row(METRIC_LABELS.get(row["metric"], str(row["metric"])), fmt(row["before"]),
+                      fmt(row["after"]))
+    return table
+
+
+def operating_point_table(frame: pd.DataFrame) -> Table:
+    first = frame.iloc[0]
+    table = titled(f"operating point: class {first['positive_class']} positive "
+                   f"({first['rule']} on validation)")
+    for col in ("metric", "value", "95% CI (bootstrap)"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for _, row in frame.iterrows():
+        if row["metric"] in ("tp", "fp", "tn", "fn"):
+            continue
+        table.add_row(str(row["metric"]), fmt(row["value"], 4 if row["metric"] == "threshold"
+                                              else 3),
+                      _interval(row["ci_low"], row["ci_high"]))
+    return table
+
+
+def coverage_summary_table(frame: pd.DataFrame) -> Table:
+    first = frame.iloc[0]
+    table = titled(f"conformal sets at alpha {first['alpha']:g} ({first['mode']}; target "
+                   f"coverage {1 - first['alpha']:.0%})")
+    for col in ("by", "group", "n", "coverage", "mean set size"):
+        table.add_column(col, justify="left" if col in ("by", "group") else "right")
+    for _, row in frame.iterrows():
+        table.add_row(str(row["by"]), str(row["group"]), str(int(row["n"])),
+                      fmt(row["coverage"]), fmt(row["mean_set_size"], 2))
+    return table
+
+
+def subgroup_gaps_table(frame: pd.DataFrame) -> Table:
+    table = titled("largest gap between subgroups")
+    for col in ("column", "metric", "gap", "best", "worst"):
+        table.add_column(col, justify="right" if col == "gap" else "left")
+    for _, row in frame.iterrows():
+        table.add_row(str(row["column"]), METRIC_LABELS.get(row["metric"], str(row["metric"])),
+                      fmt(row["gap"]), str(row["best_group"]), str(row["worst_group"]))
+    return table

@@ -154,6 +154,23 @@ def train(
     patience: Annotated[int, typer.Option(
         "--patience", min=0, help="Stop after this many epochs without a better validation "
         "--select-by score, keeping the best epoch (0: train every epoch).")] = 0,
+    class_weight: Annotated[str, typer.Option(
+        "--class-weight", help="Weight of each class in every loss term that sees labels: none, "
+        "balanced (inverse class frequency on the training patients) or one weight per class "
+        "in class order, e.g. 1,3.")] = "none",
+    calibrate: Annotated[str, typer.Option(
+        "--calibrate", help="temperature: fit one temperature on the validation split by log "
+        "loss after the best epoch (stored in the bundle, applied by evaluate, predict and cv); "
+        "none: keep the raw probabilities. Validation splits under 30 patients are not "
+        "calibrated (a note says so).")] = "temperature",
+    positive_class: Annotated[str | None, typer.Option(
+        "--positive-class", help="Class called positive by the operating point: binary tasks "
+        "default to the second class (1); with more classes, one-vs-rest for this class.")
+    ] = None,
+    threshold: Annotated[str, typer.Option(
+        "--threshold", help="Operating point chosen on validation for the positive class: "
+        "youden, f1, sens=0.9, spec=0.9, ppv=0.5 or npv=0.95 (the most specific / most "
+        "sensitive threshold that meets the target).")] = "youden",
     embed_dim: Annotated[int, typer.Option("--embed-dim")] = 128,
     num_workers: Annotated[int, typer.Option("--num-workers", min=0,
                                              help="DataLoader worker processes.")] = 0,

@@ -65,6 +65,12 @@ def _encoding(value: str) -> str:
     return check_encoding(value)
 
 
+def _threshold(value: str, _: Mapping[str, Any]) -> str:
+    from omnifuse_cli.engine.clinical import parse_threshold_rule
+
+    return str(parse_threshold_rule(value))
+
+
 def _pretrained(value: bool | None, _: Mapping[str, Any]) -> str:
     return "auto" if value is None else ("yes" if value else "no")
 
@@ -86,6 +92,9 @@ CONVERTERS: dict[str, tuple[str, str, Callable[[Any, Mapping[str, Any]], Any]]] 
     "reliability": ("method", "reliability", lambda v, _: str(v).strip().lower()),
     "encoding": ("data", "encoding", lambda v, _: _encoding(v)),
     "text_min_df": ("text", "min_freq", lambda v, _: v),
+    "threshold": ("train", "threshold", _threshold),
+    "positive_class": ("train", "positive_class", lambda v, _: str(v).strip() if v else None),
+    "class_weight": ("train", "class_weight", lambda v, _: str(v).strip().lower()),
 }
 FOLDED = ("freeze_text",)  # read by another option's converter (finetune_text_last_n)
 

@@ -58,6 +58,7 @@ from omnifuse_cli.data.manifest import (
 from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
 from omnifuse_cli.engine import distributed
 from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions
+from omnifuse_cli.engine.clinical import parse_subgroup
 from omnifuse_cli.engine.evaluation import pattern_table
 from omnifuse_cli.engine.files import prepare_out_dir, write_csv, write_text_atomic
 from omnifuse_cli.engine.inference import (
@@ -72,6 +73,15 @@ from omnifuse_cli.engine.metrics import (
     full_metrics,
     percentile_interval,
 )
+from omnifuse_cli.engine.outputs import (
+    DEFAULT_ALPHA,
+    ClinicalOutputs,
+    clinical_outputs,
+    conformal_sets,
+    read_subgroups,
+)
+from omnifuse_cli.engine.posthoc import KEY as POSTHOC
+from omnifuse_cli.engine.posthoc import PostHoc, positive_index
 from omnifuse_cli.engine.prediction import prediction_frame
 from omnifuse_cli.engine.training import (
     CONFIG_YAML,
@@ -79,9 +89,11 @@ from omnifuse_cli.engine.training import (
     TrainEvent,
     TrainRequest,
     build_for_cohort,
+    fit_finish,
     fit_linear,
     fit_model,
     infer_all,
+    posthoc_meta,
     split_assignment,
 )
 from omnifuse_cli.errors import BundleError, ConfigError, DataError, TrainingInterrupted
@@ -123,6 +135,8 @@ class CVRequest:
     refit: bool = False
     bootstrap: int = 1000  # resamples for the 95% intervals (0 = none)
     overwrite: bool = False
+    subgroup_cols: tuple[str, ...] = ()  # --subgroup-col: metrics per subgroup, pooled
+    conformal: float = DEFAULT_ALPHA  # each fold's conformal sets at this alpha (coverage.csv)
     # The CLI's resolved settings as YAML, saved as config.yaml (the --config format); None
     # writes none.
     config_yaml: str | None = None
@@ -134,6 +148,10 @@ class CVRequest:
             raise ConfigError(f"--repeats must be at least 1, got {self.repeats}")
         if self.bootstrap < 0:
             raise ConfigError(f"--bootstrap must be >= 0, got {self.bootstrap}")
+        if not 0.0 < self.conformal < 1.0:
+            raise ConfigError(f"--conformal must be in (0, 1), got {self.conformal}")
+        for spec in self.subgroup_cols:
+            parse_subgroup(spec)
         names = [v.name for v in self.all_variants]
         for name in names[1:]:
             if not _NAME_RE.match(name):
@@ -425,8 +443,10 @@ def _encode(cohort: Cohort, request: CVRequest, variant: Variant, device: torch.
 
 def _fit(cohort: Cohort, request: CVRequest, variant: Variant, enc: _Encoded, cfg: TrainConfig,
          train_idx: np.ndarray, val_idx: np.ndarray, device: torch.device, emit: CVEventFn,
-         out: Path) -> tuple[OmniFuse, Preprocessor, PreparedCohort, list[EpochRecord], int]:
-    """`train`'s model building and epoch loop on given patients, with the shared features."""
+         out: Path) -> tuple[OmniFuse, Preprocessor, PreparedCohort, int, PostHoc]:
+    """`train`'s model building, epoch loop and post-hoc fit (temperature, operating point,
+    conformal scores on the inner validation split) on given patients, with the shared
+    features."""
     torch.manual_seed(cfg.seed)
     model, pre, _ = build_for_cohort(cohort, train_idx, _train_request(request, variant, cfg))
     data = pre.prepare(cohort)
@@ -450,7 +470,9 @@ def _fit(cohort: Cohort, request: CVRequest, variant: Variant, enc: _Encoded, cf
         model, data, splits, cfg, request.num_classes, forward, on_epoch=on_epoch)
     model.load_state_dict(best_state)
     fit_linear(model, data, splits, cfg, device)
-    return model, pre, data, records, best_epoch
+    posthoc = fit_finish(model, data, splits, cfg, device,
+                         [str(c) for c in range(request.num_classes)])
+    return model, pre, data, best_epoch, posthoc
 
 
 @dataclass
@@ -541,22 +563,34 @@ def _run_cv(request: CVRequest, emit: CVEventFn, device: torch.device, resume: b
             cfg = dataclasses.replace(plan.variant.train,
                                       seed=fold_seed(plan.variant.train, plan.repeat, plan.fold))
             t0 = time.perf_counter()
-            model, _, data, _, best_epoch = _fit(cohort, request, plan.variant, enc, cfg,
-                                                 plan.train, plan.val, device, emit, out)
+            model, _, data, best_epoch, posthoc = _fit(cohort, request, plan.variant, enc, cfg,
+                                                       plan.train, plan.val, device, emit, out)
             inference = infer_all(model, data, plan.test, device=device,
                                   batch_size=cfg.batch_size, amp=cfg.amp)
-            probs = np.exp(inference.log_probs)
+            raw = np.exp(inference.log_probs)
+            probs = posthoc.probabilities(inference.log_probs)
+            pred = posthoc.decide(probs)
             y = labels[inference.index]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a small fold may miss a class: metrics say n/a
-                metrics = full_metrics(y, probs, request.num_classes)
+                metrics = full_metrics(y, probs, request.num_classes, pred)
             result = FoldResult(plan.variant.name, plan.repeat, plan.fold, len(plan.train),
                                 len(plan.val), len(plan.test), best_epoch, metrics,
                                 time.perf_counter() - t0)
             if main:
                 frame = prediction_frame([cohort.ids[j] for j in inference.index], y, probs,
                                          cohort.present[inference.index], cohort.names,
-                                         class_names, inference.weights)
+                                         class_names, inference.weights, pred=pred)
+                for c, cname in enumerate(class_names):  # before calibration, for the report
+                    frame[f"raw_prob_{cname}"] = raw[:, c]
+                if posthoc.threshold is not None:
+                    frame["threshold"] = posthoc.threshold
+                sets, mode = conformal_sets(posthoc.conformal, probs, request.conformal)
+                if sets is not None:
+                    frame["set"] = ["|".join(cn for cn, keep in zip(class_names, row,
+                                                                    strict=True) if keep)
+                                    for row in sets]
+                    frame["conformal_mode"] = mode
                 for position, (key, value) in enumerate(
                         (("variant", plan.variant.name), ("repeat", plan.repeat),
                          ("fold", plan.fold))):
@@ -701,17 +735,17 @@ def _refit(cohort: Cohort, request: CVRequest, groups: np.ndarray | None,
                                      _val_share(base.train), base.train.seed, groups,
                                      "the final model")
     enc = _encoded_for(encoded, cohort, request, base, device, emit)
-    model, pre, _, _, best_epoch = _fit(cohort, request, base, enc, base.train, train_idx,
-                                        val_idx, device, emit, out)
+    model, pre, _, best_epoch, posthoc = _fit(cohort, request, base, enc, base.train,
+                                              train_idx, val_idx, device, emit, out)
     if not distributed.is_main():
         return out
     _write_split(out, cohort, {"train": train_idx, "val": val_idx})
     meta = _meta(request, cohort, device, enc.weights)
     meta.update({"n_train": len(train_idx), "n_val": len(val_idx), "n_test": 0,
-                 "best_epoch": best_epoch})
+                 "best_epoch": best_epoch, **posthoc_meta(posthoc)})
     save_bundle(out / BUNDLE_DIR, model, pre, class_names=[str(c) for c in
                                                            range(request.num_classes)],
-                extra={"best_epoch": best_epoch, "run": meta})
+                extra={"best_epoch": best_epoch, "run": meta, POSTHOC: posthoc.to_dict()})
     _write_key_values(out / "meta.csv", meta)
     write_text_atomic(out / REFIT_DONE, json.dumps({"best_epoch": best_epoch,
                                                     "n_train": len(train_idx),
@@ -747,14 +781,18 @@ def summarise(request: CVRequest, cohort: Cohort) -> dict[str, Any]:
     prob_cols = [f"prob_{k}" for k in range(c)]
     names = [v.name for v in request.all_variants]
     pooled: dict[str, np.ndarray] = {}  # variant -> (R, N, C)
+    decided: dict[str, np.ndarray] = {}  # variant -> (R, N): each fold model's decisions
     for name in names:
         probs = np.zeros((request.repeats, len(y), c))
+        preds = np.zeros((request.repeats, len(y)), dtype=np.int64)
         part = oof[oof["variant"] == name]
         for r in range(1, request.repeats + 1):
             rows = part[part["repeat"] == r]
             idx = rows["id"].map(position).to_numpy()
             probs[r - 1, idx] = rows[prob_cols].to_numpy(dtype=float)
+            preds[r - 1, idx] = rows["pred"].astype(int).to_numpy()
         pooled[name] = probs
+        decided[name] = preds
     order = pd.DataFrame({"v": oof["variant"].map({n: i for i, n in enumerate(names)}),
                           "r": oof["repeat"], "p": oof["id"].map(position)})
     write_csv(out_dir / "predictions.csv",
@@ -764,7 +802,8 @@ def summarise(request: CVRequest, cohort: Cohort) -> dict[str, Any]:
         warnings.simplefilter("ignore")  # folds and patterns may miss a class: metrics say n/a
         values = {}
         for n in names:
-            per_repeat = [full_metrics(y, p, c) for p in pooled[n]]
+            per_repeat = [full_metrics(y, p, c, d) for p, d in zip(pooled[n], decided[n],
+                                                                    strict=True)]
             values[n] = {m: float(np.mean([v[m] for v in per_repeat])) for m in METRICS}
         fold_rows = []
         for n in names:
@@ -772,7 +811,8 @@ def summarise(request: CVRequest, cohort: Cohort) -> dict[str, Any]:
                 for k in range(1, request.folds + 1):
                     part = oof[(oof["variant"] == n) & (oof["repeat"] == r) & (oof["fold"] == k)]
                     yk = part["label"].to_numpy(dtype=np.int64)
-                    m = full_metrics(yk, part[prob_cols].to_numpy(dtype=float), c)
+                    m = full_metrics(yk, part[prob_cols].to_numpy(dtype=float), c,
+                                     part["pred"].astype(int).to_numpy())
                     done = json.loads((fold_dir(out_dir, n, r, k) / FOLD_DONE).read_text())
                     fold_rows.append({"variant": n, "repeat": r, "fold": k, "n": len(part),
                                       **{key: m[key] for key in METRICS},
@@ -780,7 +820,8 @@ def summarise(request: CVRequest, cohort: Cohort) -> dict[str, Any]:
                                       "seconds": round(done["seconds"], 3)})
         fold_metrics = pd.DataFrame(fold_rows)
         draws = (bootstrap_draws(y, [pooled[n] for n in names], c, n=request.bootstrap,
-                                 seed=request.base.train.seed, names=METRICS)
+                                 seed=request.base.train.seed, names=METRICS,
+                                 preds=[decided[n] for n in names])
                  if request.bootstrap > 0 else None)
         metric_rows, diff_rows, pattern_frames = [], [], []
         confusions: dict[str, np.ndarray] = {}
@@ -807,11 +848,12 @@ def summarise(request: CVRequest, cohort: Cohort) -> dict[str, Any]:
             y_all = np.tile(y, request.repeats)
             probs_all = pooled[n].reshape(-1, c)
             patterns = pattern_table(np.tile(cohort.present, (request.repeats, 1)),
-                                     cohort.names, y_all, probs_all, c)
+                                     cohort.names, y_all, probs_all, c,
+                                     decided[n].reshape(-1))
             patterns["n"] = patterns["n"] // request.repeats
             patterns.insert(0, "variant", n)
             pattern_frames.append(patterns)
-            confusions[n] = sum(confusion(y, p.argmax(1), c) for p in pooled[n])
+            confusions[n] = sum(confusion(y, d, c) for d in decided[n])
     metrics = pd.DataFrame(metric_rows)
     differences = pd.DataFrame(diff_rows, columns=["variant", "metric", "difference", "ci_low",
                                                    "ci_high", "fold_mean", "fold_sd"])
@@ -828,8 +870,43 @@ def summarise(request: CVRequest, cohort: Cohort) -> dict[str, Any]:
     write_csv(out_dir / "confusion_matrix.csv", pd.concat(cm_frames, ignore_index=True))
     if len(names) > 1:
         write_csv(out_dir / "differences.csv", differences)
+    pooled_clinical(request, cohort, oof).write(out_dir)
     return {"metrics": metrics, "fold_metrics": fold_metrics, "patterns": patterns_all,
             "confusion": confusions, "differences": differences}
+
+
+def pooled_clinical(request: CVRequest, cohort: Cohort, oof: pd.DataFrame) -> ClinicalOutputs:
+    """Calibration, operating point, decision curves, coverage and subgroups of the base
+    model's pooled out-of-fold predictions (first repeat: every patient once), each fold with
+    its own temperature, threshold and conformal sets."""
+    assert cohort.labels is not None
+    c = request.num_classes
+    names = [str(k) for k in range(c)]
+    part = oof[(oof["variant"] == BASE) & (oof["repeat"] == 1)]
+    position = {pid: i for i, pid in enumerate(cohort.ids)}
+    idx = part["id"].map(position).to_numpy()
+    y = cohort.labels[idx]
+    probs = part[[f"prob_{k}" for k in names]].to_numpy(dtype=float)
+    raw_cols = [f"raw_prob_{k}" for k in names]
+    raw = part[raw_cols].to_numpy(dtype=float) if set(raw_cols) <= set(part.columns) else probs
+    pred = part["pred"].astype(int).to_numpy()
+    threshold = positive = None
+    if "threshold" in part.columns and part["threshold"].astype(str).str.strip().ne("").all():
+        threshold = float(part["threshold"].astype(float).mean())
+        positive = positive_index(request.base.train, names)
+    sets = None
+    mode = ""
+    if "set" in part.columns:
+        sets = np.array([[k in str(cell).split("|") for k in names] for cell in part["set"]])
+        mode = "/".join(sorted(set(part["conformal_mode"].astype(str))))
+    return clinical_outputs(
+        y, raw, probs, pred, class_names=names, positive=positive, threshold=threshold,
+        rule=request.base.train.threshold + " per fold (threshold: mean of the folds')",
+        present=cohort.present[idx], names=cohort.names, sets=sets,
+        alpha=request.conformal if sets is not None else None, conformal_mode=mode,
+        subgroups=read_subgroups(request.manifest, request.subgroup_cols,
+                                 part["id"].astype(str).tolist()),
+        n_boot=request.bootstrap, seed=request.base.train.seed)
 
 
 def _sd(values: np.ndarray) -> float:

@@ -27,6 +27,14 @@ from omnifuse_cli.engine.metrics import (
     confusion,
     full_metrics,
 )
+from omnifuse_cli.engine.outputs import (
+    DEFAULT_ALPHA,
+    ClinicalOutputs,
+    clinical_outputs,
+    conformal_sets,
+    read_subgroups,
+)
+from omnifuse_cli.engine.posthoc import PostHoc
 from omnifuse_cli.engine.prediction import (
     MAX_NAMED,
     PassProgress,
@@ -59,6 +67,8 @@ class EvalRequest:
     labs_format: str | None = None  # None = the run's --labs-format
     labs_agg: str | None = None  # None = the run's --labs-agg
     threads: int | None = None  # torch CPU threads; None = the usable cores
+    subgroup_cols: tuple[str, ...] = ()  # --subgroup-col: COL, COL:q4 or COL:40,65
+    conformal: float | None = None  # alpha for the coverage table; None = DEFAULT_ALPHA
 
 
 @dataclass
@@ -72,6 +82,8 @@ class EvalResult:
     patterns: pd.DataFrame  # one row per missing pattern: present, n, acc, macro_f1, auroc
     out_dir: Path
     notes: list[str]
+    clinical: ClinicalOutputs | None = None
+    posthoc: PostHoc | None = None
 
 
 def simulate_missing(present: np.ndarray, names: list[str], drop: tuple[str, ...], rate: float,
@@ -181,13 +193,28 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
                           notify=notes.append, progress=phase(progress, "encoding"))
     result = infer(bundle.model, data, rows, device=device, batch_size=request.batch_size,
                    progress=phase(progress, "scoring"))
-    probs = np.exp(result.log_probs)
+    posthoc = PostHoc.from_bundle(bundle.meta)
+    notes.extend(posthoc.describe())
+    raw = np.exp(result.log_probs)
+    probs = posthoc.probabilities(result.log_probs)
+    pred = posthoc.decide(probs)
     y = cohort.labels[result.index]
-    metrics = full_metrics(y, probs, num_classes)
+    metrics = full_metrics(y, probs, num_classes, pred)
     intervals = bootstrap_ci(y, probs, num_classes, n=request.bootstrap, seed=request.seed,
-                             names=tuple(metrics))
-    cm = confusion(y, probs.argmax(1), num_classes)
-    patterns = pattern_table(cohort.present[result.index], cohort.names, y, probs, num_classes)
+                             names=tuple(metrics), pred=pred)
+    cm = confusion(y, pred, num_classes)
+    present = cohort.present[result.index]
+    patterns = pattern_table(present, cohort.names, y, probs, num_classes, pred)
+    alpha = request.conformal if request.conformal is not None else DEFAULT_ALPHA
+    sets, mode = conformal_sets(posthoc.conformal, probs, alpha)
+    ids = [cohort.ids[i] for i in result.index]
+    clinical = clinical_outputs(
+        y, raw, probs, pred, class_names=bundle.class_names, positive=posthoc.positive,
+        threshold=posthoc.threshold, rule=posthoc.rule, present=present, names=cohort.names,
+        sets=sets, alpha=alpha if sets is not None else None, conformal_mode=mode,
+        subgroups=read_subgroups(manifest, request.subgroup_cols, ids),
+        n_boot=request.bootstrap, seed=request.seed)
+    notes.extend(clinical.notes)
     out_dir = Path(request.out_dir) if request.out_dir else run_dir / "eval" / tag
     write_csv(out_dir / "metrics.csv", pd.DataFrame({
         "metric": list(metrics), "value": list(metrics.values()),
@@ -198,16 +225,20 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
     frame.insert(0, "true", bundle.class_names)
     write_csv(out_dir / "confusion_matrix.csv", frame)
     write_csv(out_dir / "patterns.csv", patterns)
-    write_csv(out_dir / "predictions.csv", prediction_frame(
-        [cohort.ids[i] for i in result.index], y, probs, cohort.present[result.index],
-        cohort.names, bundle.class_names, result.weights))
+    clinical.write(out_dir)
+    frame = prediction_frame(ids, y, probs, present, cohort.names, bundle.class_names,
+                             result.weights, pred=pred, sets=sets)
+    for c, cname in enumerate(bundle.class_names):  # before calibration, for the report
+        frame[f"raw_prob_{cname}"] = raw[:, c]
+    write_csv(out_dir / "predictions.csv", frame)
     return EvalResult(source, len(rows), metrics, intervals, cm, bundle.class_names, patterns,
-                      out_dir, notes)
+                      out_dir, notes, clinical, posthoc)
 
 
 def pattern_table(present: np.ndarray, names: list[str], y: np.ndarray, probs: np.ndarray,
-                   num_classes: int) -> pd.DataFrame:
-    """Metrics per missing pattern (which modalities were present), most common first."""
+                   num_classes: int, pred: np.ndarray | None = None) -> pd.DataFrame:
+    """Metrics per missing pattern (which modalities were present), most common first;
+    ``pred``: the decisions (default the most probable class)."""
     labels = np.array(["+".join(n for n, p in zip(names, row, strict=True) if p)
                        for row in present])
     rows = []
@@ -216,7 +247,8 @@ def pattern_table(present: np.ndarray, names: list[str], y: np.ndarray, probs: n
         with warnings.catch_warnings():
             # Small pattern groups often hold one class; the metrics say n/a where undefined.
             warnings.simplefilter("ignore", UserWarning)
-            m = classification_metrics(y[mask], probs[mask], num_classes)
+            m = classification_metrics(y[mask], probs[mask], num_classes,
+                                       None if pred is None else pred[mask])
         rows.append({"present": pattern, "n": int(mask.sum()), "acc": m["acc"],
                      "macro_f1": m["macro_f1"], "auroc": m["auroc"]})
     return pd.DataFrame(rows)

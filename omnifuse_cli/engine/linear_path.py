@@ -81,10 +81,11 @@ def design_matrix(model: OmniFuse, data: PreparedCohort, rows: np.ndarray) -> sp
 
 
 def fit_linear_path(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray,
-                    val_idx: np.ndarray, val_inference: Inference, *, seed: int
-                    ) -> LinearFit | None:
+                    val_idx: np.ndarray, val_inference: Inference, *, seed: int,
+                    class_weight: dict[int, float] | None = None) -> LinearFit | None:
     """Fit the path's logistic regression and blend into ``model.linear`` (in place). None when
-    the model has no linear path or a class is missing from training."""
+    the model has no linear path or a class is missing from training. ``class_weight``
+    (--class-weight) weighs the logistic regression's patients as the network's losses."""
     if model.linear is None or data.labels is None:
         return None
     labels = data.labels.numpy()
@@ -101,7 +102,8 @@ def fit_linear_path(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray
         search = LogisticRegressionCV(
             Cs=C_GRID, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
             scoring="roc_auc" if classes == 2 else "roc_auc_ovr", max_iter=3000,
-            tol=_tolerance(len(train_idx)), random_state=int(rng.integers(2**31)))
+            tol=_tolerance(len(train_idx)), random_state=int(rng.integers(2**31)),
+            class_weight=class_weight)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.8's API notices
@@ -110,7 +112,7 @@ def fit_linear_path(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray
     else:
         c_value = 1.0
     tol = _tolerance(len(train_idx))
-    first = _logistic(c_value, tol, model, data, fit_rows, labels)
+    first = _logistic(c_value, tol, model, data, fit_rows, labels, class_weight)
 
     # The blend, on validation patients the logistic regression has not seen.
     omni = torch.as_tensor(val_inference.log_probs, dtype=torch.float64)
@@ -121,7 +123,7 @@ def fit_linear_path(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray
     a, b, bias, loss_omni, loss_blend = _fit_blend(omni, z_val, y_val)
 
     all_rows = _sample(np.concatenate([train_idx, val_idx]), labels, LINEAR_MAX_PATIENTS, seed)
-    final = _logistic(c_value, tol, model, data, all_rows, labels)
+    final = _logistic(c_value, tol, model, data, all_rows, labels, class_weight)
     _store(model, final, classes, a, b, bias)
     return LinearFit(C=c_value, blend_omnifuse=a, blend_linear=b,
                      features=int(final.coef_.shape[1]), patients=len(all_rows),
@@ -141,8 +143,9 @@ def _tolerance(training_patients: int) -> float:
 
 
 def _logistic(c_value: float, tol: float, model: OmniFuse, data: PreparedCohort,
-              rows: np.ndarray, labels: np.ndarray) -> LogisticRegression:
-    estimator = LogisticRegression(C=c_value, max_iter=3000, tol=tol)
+              rows: np.ndarray, labels: np.ndarray,
+              class_weight: dict[int, float] | None = None) -> LogisticRegression:
+    estimator = LogisticRegression(C=c_value, max_iter=3000, tol=tol, class_weight=class_weight)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         estimator.fit(design_matrix(model, data, rows), labels[rows])

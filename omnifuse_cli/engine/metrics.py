@@ -17,13 +17,14 @@ from sklearn.metrics import (
 )
 
 
-def classification_metrics(y: np.ndarray, probs: np.ndarray, num_classes: int
-                           ) -> dict[str, float]:
+def classification_metrics(y: np.ndarray, probs: np.ndarray, num_classes: int,
+                           pred: np.ndarray | None = None) -> dict[str, float]:
     """accuracy, macro-F1, balanced accuracy, AUROC (one-vs-rest macro) and log loss.
 
-    AUROC is NaN when it is undefined (a class absent from y)."""
+    ``pred``: the model's decisions (its operating point, engine/posthoc.py); None = the most
+    probable class. AUROC is NaN when it is undefined (a class absent from y)."""
     labels = list(range(num_classes))
-    pred = probs.argmax(axis=1)
+    pred = probs.argmax(axis=1) if pred is None else pred
     out = {
         "loss": float(log_loss(y, np.clip(probs, 1e-12, 1.0), labels=labels)),
         "acc": float(accuracy_score(y, pred)),
@@ -75,21 +76,23 @@ def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int = 10)
     return float(ece)
 
 
-def full_metrics(y: np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str, float]:
+def full_metrics(y: np.ndarray, probs: np.ndarray, num_classes: int,
+                 pred: np.ndarray | None = None) -> dict[str, float]:
     """classification_metrics plus AUPRC, expected calibration error and Brier score."""
     from sklearn.metrics import brier_score_loss
 
-    out = classification_metrics(y, probs, num_classes)
+    out = classification_metrics(y, probs, num_classes, pred)
     out["auprc"] = auprc(y, probs)
     out["ece"] = expected_calibration_error(y, probs)
     out["brier"] = float(brier_score_loss(y, probs, labels=list(range(num_classes))))
     return out
 
 
-def metric_value(name: str, y: np.ndarray, probs: np.ndarray, num_classes: int) -> float:
+def metric_value(name: str, y: np.ndarray, probs: np.ndarray, num_classes: int,
+                 pred: np.ndarray | None = None) -> float:
     """One metric of full_metrics by name (for resampling, where computing all would be waste)."""
     labels = list(range(num_classes))
-    pred = probs.argmax(axis=1)
+    pred = probs.argmax(axis=1) if pred is None else pred
     if name == "acc":
         return float(accuracy_score(y, pred))
     if name == "macro_f1":
@@ -112,15 +115,19 @@ def metric_value(name: str, y: np.ndarray, probs: np.ndarray, num_classes: int) 
 
 
 def bootstrap_draws(y: np.ndarray, probs_sets: Sequence[np.ndarray], num_classes: int, *,
-                    n: int, seed: int, names: Sequence[str]) -> np.ndarray:
+                    n: int, seed: int, names: Sequence[str],
+                    preds: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
     """Metrics of every prediction set on the same patient resamples: (n, sets, names).
 
     A set is (N, C) probabilities, or (R, N, C) for R repeated cross-validations of the same
     patients (the metric is then the mean over repeats). Sharing the resamples between sets
     is what makes their differences paired. NaN where a metric is undefined on a resample.
+    ``preds``: each set's decisions, (N,) or (R, N), where they are not the most probable class.
     """
     rng = np.random.default_rng(seed)
     sets = [p[None] if p.ndim == 2 else p for p in probs_sets]
+    decided = [None if d is None else (d[None] if d.ndim == 1 else d)
+               for d in (preds or [None] * len(sets))]
     out = np.full((n, len(sets), len(names)), np.nan)
     with warnings.catch_warnings():
         # A resample can miss a class; the metric is then NaN or scikit-learn's documented value.
@@ -129,8 +136,10 @@ def bootstrap_draws(y: np.ndarray, probs_sets: Sequence[np.ndarray], num_classes
             idx = rng.integers(0, len(y), len(y))
             for s, repeats in enumerate(sets):
                 for k, name in enumerate(names):
-                    out[b, s, k] = np.mean([metric_value(name, y[idx], p[idx], num_classes)
-                                            for p in repeats])
+                    out[b, s, k] = np.mean([
+                        metric_value(name, y[idx], p[idx], num_classes,
+                                     None if decided[s] is None else decided[s][r][idx])
+                        for r, p in enumerate(repeats)])
     return out
 
 
@@ -144,14 +153,15 @@ def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float,
 
 
 def bootstrap_ci(y: np.ndarray, probs: np.ndarray, num_classes: int, *, n: int, seed: int,
-                 names: Sequence[str] = ("auroc", "macro_f1", "acc"), level: float = 0.95
-                 ) -> dict[str, tuple[float, float]]:
+                 names: Sequence[str] = ("auroc", "macro_f1", "acc"), level: float = 0.95,
+                 pred: np.ndarray | None = None) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals over patients (resampled with replacement).
 
-    ``probs`` is (N, C), or (R, N, C) for repeated cross-validation (see bootstrap_draws)."""
+    ``probs`` is (N, C), or (R, N, C) for repeated cross-validation (see bootstrap_draws);
+    ``pred`` the decisions where they are not the most probable class."""
     if n <= 0:
         return {}
-    draws = bootstrap_draws(y, [probs], num_classes, n=n, seed=seed, names=names)
+    draws = bootstrap_draws(y, [probs], num_classes, n=n, seed=seed, names=names, preds=[pred])
     return {k: percentile_interval(draws[:, 0, j], level) for j, k in enumerate(names)}
 
 

@@ -20,7 +20,8 @@ from omnifuse_cli.engine.inference import (
     reuse_frozen_features,
 )
 from omnifuse_cli.engine.machine import set_threads
-from omnifuse_cli.errors import DataError
+from omnifuse_cli.engine.posthoc import PostHoc
+from omnifuse_cli.errors import BundleError, ConfigError, DataError
 
 # (phase, done, total) of a pass over the patients: "encoding" (frozen backbones), "scoring".
 PassProgress = Callable[[str, int, int], None]
@@ -42,6 +43,7 @@ class PredictRequest:
     labs_format: str | None = None  # None = the run's --labs-format
     labs_agg: str | None = None  # None = the run's --labs-agg
     threads: int | None = None  # torch CPU threads; None = the usable cores
+    conformal: float | None = None  # alpha: write each patient's conformal prediction set
 
 
 @dataclass
@@ -113,6 +115,15 @@ def predict_patients(request: PredictRequest,
     bundle = load_bundle(request.run_dir, device)
     config = bundle.model.config
     run_meta = bundle.meta.get("run", {})
+    posthoc = PostHoc.from_bundle(bundle.meta)
+    if request.conformal is not None:
+        if not 0.0 < request.conformal < 1.0:
+            raise ConfigError(f"--conformal must be in (0, 1), got {request.conformal}",
+                              hint="e.g. --conformal 0.1 for sets that cover 90% of patients")
+        if posthoc.conformal is None:
+            raise BundleError(f"{request.run_dir} has no conformal calibration (it was trained "
+                              "before conformal sets, or without a validation split)",
+                              hint="train the run again to use --conformal")
     cohort = read_manifest(
         Path(request.patients), config.modalities, labs_table=request.labs_table,
         require_labels=False, num_classes=config.num_classes, keep_bad_rows=True,
@@ -151,14 +162,27 @@ def predict_patients(request: PredictRequest,
     result = infer(bundle.model, data, np.arange(len(scored)), device=device,
                    batch_size=request.batch_size, progress=phase(progress, "scoring"))
     rows = ok[result.index]
+    notes.extend(posthoc.describe())
     probs = np.full((len(cohort), len(bundle.class_names)), np.nan, dtype=np.float64)
-    probs[rows] = np.exp(result.log_probs)
+    probs[rows] = posthoc.probabilities(result.log_probs)
+    pred = np.zeros(len(cohort), dtype=np.int64)
+    pred[rows] = posthoc.decide(probs[rows])
+    sets = None
+    if request.conformal is not None:
+        assert posthoc.conformal is not None
+        sets = np.zeros(probs.shape, dtype=bool)
+        sets[rows] = posthoc.conformal.sets(probs[rows], request.conformal)
+        mode = ("class-conditional" if posthoc.conformal.class_conditional(request.conformal)
+                else "marginal")
+        notes.append(f"conformal sets at alpha {request.conformal:g} ({mode}, calibrated on "
+                     f"{len(posthoc.conformal.scores)} validation patients): each set holds "
+                     f"the true class for about {1 - request.conformal:.0%} of patients")
     weights = None
     if result.weights is not None:
         weights = np.full((len(cohort), *result.weights.shape[1:]), np.nan)
         weights[rows] = result.weights
     frame = prediction_frame(cohort.ids, cohort.labels, probs, cohort.present, names,
-                             bundle.class_names, weights)
+                             bundle.class_names, weights, pred=pred, sets=sets)
     frame["reason"] = reasons
     return PredictResult(Path(request.run_dir), frame, bundle.class_names, names,
                          n_unscored=len(bad), warnings=warnings, notes=notes)
@@ -166,19 +190,27 @@ def predict_patients(request: PredictRequest,
 
 def prediction_frame(ids: list[str], labels: np.ndarray | None, probs: np.ndarray,
                      present: np.ndarray, names: list[str], class_names: list[str],
-                     weights: np.ndarray | None) -> pd.DataFrame:
+                     weights: np.ndarray | None, *, pred: np.ndarray | None = None,
+                     sets: np.ndarray | None = None) -> pd.DataFrame:
     """One row per patient: id, label (if known), pred, prob_<class>, modalities present and
     weight_<modality>, each modality's DWFuse weight at the predicted class (predictions.csv of
-    predict, evaluate and cv). A row of NaN probabilities (a patient predict could not score)
-    gets an empty pred and empty probabilities and weights."""
+    predict, evaluate and cv). ``pred``: the decisions at the run's operating point (default:
+    the most probable class); ``sets``: (N, C) conformal prediction sets, written as ``set``
+    (the classes joined by "|"). A row of NaN probabilities (a patient predict could not
+    score) gets an empty pred and empty probabilities and weights."""
     scored = ~np.isnan(probs).any(axis=1)
-    pred = np.where(scored, np.nan_to_num(probs, nan=-1.0).argmax(1), 0)
+    if pred is None:
+        pred = np.nan_to_num(probs, nan=-1.0).argmax(1)
+    pred = np.where(scored, pred, 0)
     frame = pd.DataFrame({"id": ids})
     if labels is not None:
         frame["label"] = [int(v) if v >= 0 else None for v in labels]
     frame["pred"] = [class_names[c] if ok else None for c, ok in zip(pred, scored, strict=True)]
     for c, cname in enumerate(class_names):
         frame[f"prob_{cname}"] = probs[:, c]
+    if sets is not None:
+        frame["set"] = ["|".join(n for n, keep in zip(class_names, row, strict=True) if keep)
+                        if ok else None for row, ok in zip(sets, scored, strict=True)]
     frame["modalities"] = ["+".join(n for n, p in zip(names, row, strict=True) if p)
                            for row in present]
     if weights is not None:

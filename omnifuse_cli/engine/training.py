@@ -64,6 +64,8 @@ from omnifuse_cli.engine.modelling import (
     load_image_weights,
     load_text_backbone,
 )
+from omnifuse_cli.engine.posthoc import KEY as POSTHOC
+from omnifuse_cli.engine.posthoc import PENDING, PostHoc, class_weights, fit_posthoc, positive_index
 from omnifuse_cli.errors import BundleError, TrainingInterrupted
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder
 from omnifuse_cli.model.laziness import (
@@ -257,11 +259,12 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
     encode_seconds = time.perf_counter() - t0
 
     class_names = [str(c) for c in range(request.num_classes)]
+    positive_index(cfg, class_names)  # a wrong --positive-class fails before training
     meta = _meta(request, cohort, device, weights_desc, splits)
 
     def on_best(epoch: int, state: dict[str, torch.Tensor]) -> None:
         save_bundle(request.out_dir / BUNDLE_DIR, model, pre, class_names=class_names,
-                    extra={"best_epoch": epoch, "run": meta}, state=state)
+                    extra={"best_epoch": epoch, "run": meta, POSTHOC: PENDING}, state=state)
 
     def on_epoch(rows: list[dict[str, Any]]) -> None:
         write_csv(request.out_dir / "metrics.csv", pd.DataFrame(rows))
@@ -280,17 +283,24 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
     if linear is not None:
         emit(TrainEvent("message", text=linear_summary(linear)))
         meta.update(linear_meta(linear))
-        if distributed.is_main():
-            on_best(best_epoch, {**best_state, **linear_state(model)})
+    posthoc = fit_finish(model, data, splits, cfg, device, class_names)
+    for line in posthoc.describe():
+        emit(TrainEvent("message", text=line))
+    meta.update(posthoc_meta(posthoc))
+    if distributed.is_main():
+        save_bundle(request.out_dir / BUNDLE_DIR, model, pre, class_names=class_names,
+                    extra={"best_epoch": best_epoch, "run": meta, POSTHOC: posthoc.to_dict()},
+                    state={**best_state, **linear_state(model)})
     test: dict[str, float] = {}
     cm = None
     if len(splits["test"]):  # --test-ratio 0: the user evaluates an external cohort
         result = infer_all(model, data, splits["test"], device=device,
                            batch_size=cfg.batch_size, amp=cfg.amp)
-        probs = np.exp(result.log_probs)
+        probs = posthoc.probabilities(result.log_probs)
+        pred = posthoc.decide(probs)
         y_test = cohort.labels[result.index]
-        test = classification_metrics(y_test, probs, request.num_classes)
-        cm = confusion(y_test, probs.argmax(1), request.num_classes)
+        test = classification_metrics(y_test, probs, request.num_classes, pred)
+        cm = confusion(y_test, pred, request.num_classes)
     if distributed.is_main():
         _write_results(request.out_dir, test, cm, class_names, meta,
                        {"best_epoch": best_epoch, "encode_seconds": round(encode_seconds, 3),
@@ -315,7 +325,30 @@ def fit_linear(model: OmniFuse, data: PreparedCohort, splits: dict[str, np.ndarr
         return None
     val = infer_all(model, data, splits["val"], device=device,
                     batch_size=max(cfg.batch_size, 256), amp=cfg.amp)
-    return fit_linear_path(model, data, splits["train"], splits["val"], val, seed=cfg.seed)
+    assert data.labels is not None
+    weights = class_weights(cfg.class_weight, data.labels[splits["train"]].numpy(),
+                            model.config.num_classes)
+    return fit_linear_path(model, data, splits["train"], splits["val"], val, seed=cfg.seed,
+                           class_weight=None if weights is None else dict(enumerate(weights)))
+
+
+def fit_finish(model: OmniFuse, data: PreparedCohort, splits: dict[str, np.ndarray],
+               cfg: TrainConfig, device: torch.device, class_names: list[str]) -> PostHoc:
+    """Temperature, operating point and conformal scores on the validation split
+    (engine/posthoc.py), after the best epoch and the linear path."""
+    assert data.labels is not None
+    val = infer_all(model, data, splits["val"], device=device,
+                    batch_size=max(cfg.batch_size, 256), amp=cfg.amp)
+    return fit_posthoc(val.log_probs, data.labels[val.index].numpy(), cfg, class_names)
+
+
+def posthoc_meta(posthoc: PostHoc) -> dict[str, Any]:
+    """The run's record of its post-hoc fit (meta.csv)."""
+    return {"calibration": posthoc.calibration,
+            "temperature": round(posthoc.temperature, 6),
+            "positive_class": "" if posthoc.positive is None else posthoc.positive,
+            "threshold_rule": posthoc.rule or "",
+            "threshold": "" if posthoc.threshold is None else round(posthoc.threshold, 6)}
 
 
 def linear_state(model: OmniFuse) -> dict[str, torch.Tensor]:
@@ -431,6 +464,10 @@ def fit_model(
         first = resume["epoch"] + 1
     else:
         _fit_feature_stats(model, data, train_idx)
+    assert data.labels is not None
+    weights = class_weights(cfg.class_weight, data.labels[train_idx].numpy(), num_classes)
+    model.class_weight = (None if weights is None else
+                          torch.as_tensor(weights, dtype=torch.float32, device=device))
     ddp = _wrap_ddp(model, device)
     main = distributed.is_main()
     epoch = first - 1

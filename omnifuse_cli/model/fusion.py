@@ -45,12 +45,13 @@ def weights_at(weights: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 
 def dwfuse_loss(
     log_probs: torch.Tensor, joint_log_probs: torch.Tensor, y: torch.Tensor, *, alpha: float,
-    beta: float, gate: torch.Tensor | None = None,
+    beta: float, gate: torch.Tensor | None = None, sample_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L_DWFuse = sum_m g_m w_m CE(p_m, y) + alpha CE(o, y) (Eqs. 12-14), weights detached.
 
-    gate: (B, M) as in dwfuse_weights (None = the paper's rule). Returns the loss (mean over
-    the batch) and the gated weights at the true class (B, M).
+    gate: (B, M) as in dwfuse_weights (None = the paper's rule). sample_weight: (B,) each
+    patient's class weight (--class-weight; None = 1). Returns the loss (mean over the batch)
+    and the gated weights at the true class (B, M).
     """
     w = weights_at(dwfuse_weights(log_probs.detach(), beta, gate), y)  # (B, M), not trained
     if gate is not None:
@@ -58,7 +59,10 @@ def dwfuse_loss(
     nll = -log_probs.gather(2, y.view(-1, 1, 1).expand(-1, log_probs.shape[1], 1)).squeeze(2)
     enc = (w * nll).sum(dim=1)  # (B,)
     ra = -joint_log_probs.gather(1, y.view(-1, 1)).squeeze(1)
-    return (enc + alpha * ra).mean(), w
+    per_patient = enc + alpha * ra
+    if sample_weight is not None:
+        per_patient = per_patient * sample_weight.to(per_patient.dtype)
+    return per_patient.mean(), w
 
 
 def label_free_log_probs(

@@ -57,6 +57,8 @@ class OmniFuse(nn.Module):
         # evidence yet) and is re-estimated after every epoch; a number fixes it.
         fixed = 0.0 if method.reliability == "auto" else float(method.reliability)
         self.register_buffer("reliability", torch.full((m,), fixed))
+        # Per-class loss weights (--class-weight), set by training; not part of the bundle.
+        self.register_buffer("class_weight", None, persistent=False)
         if method.use_imputation:
             kwargs = {"in_dim": m * d, "layers": method.ra_layers, "num_ra": method.num_ra,
                       "dropout": method.cra_dropout}
@@ -213,19 +215,29 @@ class OmniFuse(nn.Module):
         terms: dict[str, torch.Tensor] = {"forward": zero, "backward": zero, "tla": zero}
         if out.v_fwd is not None:
             terms["forward"], terms["backward"] = self._imputation_losses(v, present, mask, out)
-        terms["dwfuse"] = torch.stack([self._classification_loss(o, y)
+        weight = self.sample_weight(y)
+        terms["dwfuse"] = torch.stack([self._classification_loss(o, y, weight)
                                        for o in outs[:n_views]]).mean()
         if rows is not None:
-            terms["tla"] = F.nll_loss(self.predict_from(outs[-1]).log_probs, y[rows])  # Eq. 17
+            nll = F.nll_loss(self.predict_from(outs[-1]).log_probs, y[rows], reduction="none")
+            terms["tla"] = (nll if weight is None else nll * weight[rows]).mean()  # Eq. 17
         terms["total"] = sum(w * terms[k] for k, w in cfg.loss_weights.items())
         return terms
 
-    def _classification_loss(self, out: FuseOutput, y: torch.Tensor) -> torch.Tensor:
+    def sample_weight(self, y: torch.Tensor) -> torch.Tensor | None:
+        """Each patient's loss weight, its class's --class-weight (None: all 1). The weights are
+        scaled so the average training patient weighs 1, so every loss term stays a plain mean
+        over the batch (which keeps DDP's per-rank shares exact)."""
+        return None if self.class_weight is None else self.class_weight[y]
+
+    def _classification_loss(self, out: FuseOutput, y: torch.Tensor,
+                             weight: torch.Tensor | None = None) -> torch.Tensor:
         if out.modality_log_probs is None:
-            return F.nll_loss(out.joint_log_probs, y)
+            nll = F.nll_loss(out.joint_log_probs, y, reduction="none")
+            return (nll if weight is None else nll * weight).mean()
         cfg = self.config.method
         loss, _ = dwfuse_loss(out.modality_log_probs, out.joint_log_probs, y, alpha=cfg.alpha,
-                              beta=cfg.beta, gate=self._vote_gate(out))
+                              beta=cfg.beta, gate=self._vote_gate(out), sample_weight=weight)
         return loss
 
     def _imputation_losses(self, v: torch.Tensor, present: torch.Tensor, mask: torch.Tensor,
