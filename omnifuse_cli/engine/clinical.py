@@ -161,9 +161,9 @@ def parse_threshold_rule(text: str) -> ThresholdRule:
             target = math.nan
         if 0 < target < 1:
             return ThresholdRule(kind, target)
-        raise ConfigError(f"threshold rule {text!r}: the target must be a number between 0 and 1",
+        raise ConfigError(f"--threshold {text!r}: the target must be a number between 0 and 1",
                           hint=f"use {_RULE_FORMS}")
-    raise ConfigError(f"unknown threshold rule {text!r}", hint=f"use {_RULE_FORMS}")
+    raise ConfigError(f"--threshold {text!r} is not a threshold rule", hint=f"use {_RULE_FORMS}")
 
 
 def _rates(tp: np.ndarray, fp: np.ndarray, n_pos: float, n_neg: float) -> dict[str, np.ndarray]:
