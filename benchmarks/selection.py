@@ -119,10 +119,40 @@ def collect(name: str, seed: int) -> None:
 
 # ----------------------------------------------------------------------------- replay
 def scores(y: np.ndarray, p: np.ndarray, c: int) -> dict[str, float]:
+    """AUROC (binary, or one-vs-rest macro), log loss and macro-F1: the same numbers as
+    engine.metrics.classification_metrics (checked in check_scores), computed directly because
+    the replay needs millions of them."""
+    from scipy.stats import rankdata
+
+    def binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
+        n1 = int(positive.sum())
+        n0 = len(positive) - n1
+        if not n1 or not n0:
+            return float("nan")
+        ranks = rankdata(score)
+        return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+    auroc = (binary_auc(y == 1, p[:, 1]) if c == 2 else
+             float(np.mean([binary_auc(y == k, p[:, k]) for k in range(c)])))
+    loss = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1.0))))
+    pred = p.argmax(1)
+    cm = np.bincount(y * c + pred, minlength=c * c).reshape(c, c)
+    tp = np.diag(cm).astype(float)
+    denom = cm.sum(0) + cm.sum(1)
+    f1 = np.divide(2 * tp, denom, out=np.zeros(c), where=denom > 0)
+    return {"auroc": auroc, "loss": loss, "macro_f1": float(f1.mean())}
+
+
+def check_scores() -> None:
     from omnifuse_cli.engine.metrics import classification_metrics
 
-    m = classification_metrics(y, p, c)
-    return {"auroc": m["auroc"], "loss": m["loss"], "macro_f1": m["macro_f1"]}
+    rng = np.random.default_rng(0)
+    for c in (2, 3):
+        y = rng.integers(0, c, 200)
+        p = rng.dirichlet(np.ones(c), 200)
+        fast, ref = scores(y, p, c), classification_metrics(y, p, c)
+        for k in fast:
+            assert abs(fast[k] - ref[k]) < 1e-9, (k, fast[k], ref[k])
 
 
 def pick(curve: list[dict[str, float]], rule: str, patience: int, cap: int) -> int:
@@ -204,6 +234,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     args = parser.parse_args()
     if args.what == "analyse":
+        check_scores()
         analyse()
         return
     for seed in range(1, args.seeds + 1):

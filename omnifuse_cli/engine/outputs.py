@@ -129,7 +129,7 @@ def coverage_frame(y: np.ndarray, sets: np.ndarray, present: np.ndarray, names: 
 def read_subgroups(manifest: Path, specs: tuple[str, ...], ids: list[str]
                    ) -> dict[str, pd.Series]:
     """Each --subgroup-col's band per patient of ``ids`` (manifest order by id)."""
-    from omnifuse_cli.data.manifest import read_table
+    from omnifuse_cli.data.manifest import normalize_ids, read_table
 
     if not specs:
         return {}
@@ -147,7 +147,7 @@ def read_subgroups(manifest: Path, specs: tuple[str, ...], ids: list[str]
                             "column mean nothing", hint="name a column such as sex, age or site")
         values = frame[spec.column]
         if id_col is not None:
-            values = pd.Series(values.to_numpy(), index=frame[id_col].astype(str).str.strip())
+            values = pd.Series(values.to_numpy(), index=normalize_ids(frame[id_col]))
             values = values[~values.index.duplicated()].reindex(ids)
         else:
             values = values.iloc[:len(ids)]

@@ -290,7 +290,8 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
     if distributed.is_main():
         save_bundle(request.out_dir / BUNDLE_DIR, model, pre, class_names=class_names,
                     extra={"best_epoch": best_epoch, "run": meta, POSTHOC: posthoc.to_dict()},
-                    state={**best_state, **linear_state(model)})
+                    state={**best_state, **(linear_state(model) if model.linear is not None
+                                            else {})})
     test: dict[str, float] = {}
     cm = None
     if len(splits["test"]):  # --test-ratio 0: the user evaluates an external cohort
@@ -529,7 +530,10 @@ def fit_model(
                 })
             saved = epoch
             emit(TrainEvent("epoch", epoch, cfg.epochs, record=record))
-            if cfg.patience and epoch - best_epoch >= cfg.patience:
+            # With fine-tuning, patience counts from the end of warm-up at the earliest: the
+            # fine-tuned epochs must get their chance to beat the frozen ones.
+            since = max(best_epoch, cfg.warmup_epochs if finetune else 0)
+            if cfg.patience and epoch - since >= cfg.patience and epoch < cfg.epochs:
                 emit(TrainEvent("message", text=stop_reason(cfg, epoch, best_epoch)))
                 break
     except KeyboardInterrupt:

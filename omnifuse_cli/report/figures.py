@@ -4,6 +4,7 @@ safe in any process). Each function takes result tables and returns a Figure."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -110,11 +111,28 @@ def _curves(ax, curves: dict[int, Curve], class_names: Sequence[str], label: str
     ax.set_title(f"{label}, one class vs rest (95% bootstrap bands)", fontsize=10)
 
 
-def discrimination(roc: dict[int, Curve], pr: dict[int, Curve], class_names: Sequence[str]
-                   ) -> Figure:
+@dataclass(frozen=True)
+class OperatingMark:
+    """The operating point of the positive class, to mark on its ROC curve."""
+
+    cls: int  # the positive class's index
+    fpr: float  # 1 - specificity
+    tpr: float  # sensitivity
+    threshold: float
+
+
+def discrimination(roc: dict[int, Curve], pr: dict[int, Curve], class_names: Sequence[str],
+                   operating: OperatingMark | None = None) -> Figure:
     fig = _figure(9.0, 4.0)
     left, right = fig.subplots(1, 2)
     _curves(left, roc, class_names, "ROC")
+    if operating is not None and np.isfinite([operating.fpr, operating.tpr]).all():
+        left.plot([operating.fpr], [operating.tpr], ls="none", marker="D", ms=8,
+                  mfc=_color(operating.cls), mec="black", mew=1.2, zorder=5,
+                  gid="operating-point",
+                  label=f"operating point, class {class_names[operating.cls]} "
+                  f"(p >= {operating.threshold:.2f})")
+        left.legend(fontsize=8, frameon=False, loc="lower right")
     left.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls="--")
     left.set_xlabel("false positive rate")
     left.set_ylabel("true positive rate")
@@ -143,13 +161,18 @@ def confusion(cm: np.ndarray, class_names: Sequence[str]) -> Figure:
     return fig
 
 
-def calibration(rel: Reliability, confidence: np.ndarray) -> Figure:
+def calibration(rel: Reliability, confidence: np.ndarray, before: Reliability | None = None,
+                label: str = "model") -> Figure:
     """Reliability diagram (quantile bins, patients per bin written on each point) above the
-    distribution of the top-label probability."""
+    distribution of the top-label probability; ``before``: the same before calibration, drawn
+    underneath in grey."""
     fig = _figure(5.2, 5.4)
     top, bottom = fig.subplots(2, 1, height_ratios=(3, 1.2), sharex=True)
     top.plot([0, 1], [0, 1], color="#999999", ls="--", lw=0.8, label="perfect calibration")
-    top.plot(rel.confidence, rel.accuracy, marker="o", color=_color(0), label="model")
+    if before is not None:
+        top.plot(before.confidence, before.accuracy, marker="o", mfc="white", color="#888888",
+                 ls=":", lw=1.4, label="before calibration", gid="before-calibration")
+    top.plot(rel.confidence, rel.accuracy, marker="o", color=_color(0), label=label)
     for x, y, n in zip(rel.confidence, rel.accuracy, rel.count, strict=True):
         top.annotate(str(int(n)), (x, y), textcoords="offset points", xytext=(0, 6),
                      ha="center", fontsize=7)
@@ -283,4 +306,80 @@ def forest(differences: pd.DataFrame) -> Figure:
     ax.axvline(0, color="#999999", ls="--", lw=0.8)
     ax.set_xlabel("difference from the base model (variant - base), 95% paired bootstrap CI")
     ax.set_title("variants compared on the same folds", fontsize=10)
+    return fig
+
+
+def decision_curves(frame: pd.DataFrame, thresholds: dict[str, float] | None = None) -> Figure:
+    """Net benefit against the threshold probability: the model, treat all and treat none, one
+    panel per class (its own prevalence); a dotted line at a class's operating threshold. The
+    y-axis runs from -0.05 to a little above the largest prevalence (treat all plunges below
+    zero as the threshold rises)."""
+    classes = list(dict.fromkeys(frame["class"].astype(str)))
+    cols = min(len(classes), 3)
+    rows = -(-len(classes) // cols)
+    fig = _figure(max(4.6, 3.6 * cols + 0.6), 3.3 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    prevalence = {}
+    for name in classes:
+        part = frame[frame["class"].astype(str) == name]
+        odds = part["threshold"] / (1 - part["threshold"])
+        prevalence[name] = float(((part["treat_all"] + odds) / (1 + odds)).iloc[0])
+    top = max(prevalence.values()) * 1.1 + 0.02
+    for k, (ax, name) in enumerate(zip(axes, classes, strict=False)):
+        part = frame[frame["class"].astype(str) == name].sort_values("threshold")
+        x = part["threshold"].to_numpy(dtype=float)
+        ax.plot(x, part["net_benefit"], color=_color(k), lw=1.8, label="model", zorder=3)
+        ax.plot(x, part["treat_all"], color="#777777", lw=1.0, label="treat all")
+        ax.plot(x, part["treat_none"], color="#222222", lw=1.0, ls="--", label="treat none")
+        if thresholds and name in thresholds and np.isfinite(thresholds[name]):
+            ax.axvline(thresholds[name], color=_color(k), ls=":", lw=1.2,
+                       label=f"operating threshold {thresholds[name]:.2f}")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.05, top)
+        ax.set_xlabel("threshold probability")
+        ax.set_title(f"class {name} vs rest (prevalence {prevalence[name]:.2f})", fontsize=10)
+        ax.legend(fontsize=7, frameon=False, loc="upper right")
+    for ax in axes[: len(classes)][::cols]:
+        ax.set_ylabel("net benefit")
+    for ax in axes[len(classes):]:
+        ax.axis("off")
+    return fig
+
+
+def subgroup_metrics(frame: pd.DataFrame, metrics: Sequence[str] = ("auroc", "macro_f1"),
+                     overall: dict[str, float] | None = None) -> Figure | None:
+    """Each subgroup's metrics with their 95% intervals (one panel per metric); subgroups under
+    30 patients drawn hollow; a dashed line at the value over all patients (``overall``)."""
+    metrics = [m for m in metrics if m in frame and np.isfinite(frame[m].astype(float)).any()]
+    if not metrics or not len(frame):
+        return None
+    rows = frame.reset_index(drop=True)
+    fig = _figure(3.4 * len(metrics) + 2.4, 0.32 * len(rows) + 1.4)
+    axes = np.atleast_1d(fig.subplots(1, len(metrics), sharey=True, squeeze=False)).ravel()
+    y = np.arange(len(rows))[::-1]
+    columns = list(dict.fromkeys(rows["column"].astype(str)))
+    for ax, m in zip(axes, metrics, strict=True):
+        for yi, row in zip(y, rows.itertuples(), strict=True):
+            color = _color(columns.index(str(row.column)))
+            value = float(getattr(row, m))
+            low, high = (float(getattr(row, f"{m}_ci_low", np.nan)),
+                         float(getattr(row, f"{m}_ci_high", np.nan)))
+            if np.isfinite([low, high]).all():
+                ax.plot([low, high], [yi, yi], color=color, lw=1.6)
+            if np.isfinite(value):
+                small = bool(getattr(row, "small", False))
+                ax.plot(value, yi, "o", color=color, mfc="white" if small else color)
+        if m in LOWER_IS_BETTER:
+            ax.set_xlim(left=0)
+        else:
+            ax.set_xlim(0, 1.02)
+        if overall and np.isfinite(overall.get(m, np.nan)):
+            ax.axvline(overall[m], color="#999999", ls="--", lw=0.8)
+        ax.set_title(METRIC_NAMES.get(m, m), fontsize=10)
+        ax.grid(axis="x", color="#eeeeee")
+    labels = [f"{c} = {g} (n={int(n)})" for c, g, n in zip(rows["column"], rows["group"],
+                                                          rows["n"], strict=True)]
+    axes[0].set_yticks(y, labels, fontsize=8)
+    fig.suptitle("metrics by subgroup, 95% bootstrap CI (hollow: under 30 patients; dashed: "
+                 "all patients)", fontsize=10)
     return fig

@@ -7,13 +7,57 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from omnifuse_cli.errors import BundleError
 
+if TYPE_CHECKING:
+    from omnifuse_cli.engine.posthoc import PostHoc
+
+SMALL_SUBGROUP = 30  # engine.clinical's: fewer patients make a subgroup's metrics imprecise
+
 KINDS = ("run", "cv")
+
+
+@dataclass
+class Clinical:
+    """The clinical reading of the evaluated predictions (engine/outputs.py writes the files)
+    and the post-hoc fit behind them; each table is None when its file is absent."""
+
+    folder: Path | None = None  # where the files were looked for (None: nothing evaluated)
+    calibration: pd.DataFrame | None = None  # metric, before, after
+    operating: pd.DataFrame | None = None  # positive_class, rule, metric, value, ci_low, ci_high
+    decision: pd.DataFrame | None = None  # class, threshold, net_benefit, treat_all, ...
+    coverage: pd.DataFrame | None = None  # alpha, mode, by, group, n, coverage, ...
+    subgroups: pd.DataFrame | None = None  # column, group, n, class_counts, metrics, small
+    gaps: pd.DataFrame | None = None  # column, metric, gap, best_group, worst_group, ...
+    legacy: bool = False  # the model predates calibration and operating points
+    calibrated: bool = False  # a temperature was fitted (run) / asked for (cv)
+    temperature: float | None = None  # the run's (None for cv: one per fold)
+    posthoc_lines: list[str] = field(default_factory=list)  # PostHoc.describe()
+    posthoc_source: str = ""  # whose post-hoc fit posthoc_lines describe, in words
+    positive_class: str | None = None  # the operating point's positive class
+    threshold: float | None = None
+    rule: str | None = None
+    fold_posthoc: pd.DataFrame | None = None  # cv: fold, patients, temperature, threshold
+    rerun: str = ""  # the command that writes the files (evaluate again / cv again)
+    subgroup_command: str = ""  # the command that writes subgroups.csv
+
+    @property
+    def evaluated(self) -> bool:
+        return self.calibration is not None
+
+
+LEGACY = ("trained before calibration: probabilities are uncalibrated (temperature 1), no "
+          "operating point")
+CLINICAL_FILES = {"calibration": "calibration.csv", "operating": "operating_point.csv",
+                  "decision": "decision_curve.csv", "coverage": "coverage.csv",
+                  "subgroups": "subgroups.csv", "gaps": "subgroup_gaps.csv"}
+_CLINICAL_TEXT = ("class", "group", "column", "by", "mode", "rule", "positive_class",
+                  "best_group", "worst_group", "class_counts", "small", "includes_small")
 
 
 @dataclass
@@ -36,6 +80,7 @@ class ReportInputs:
     differences: pd.DataFrame | None = None  # cv with variants
     variants: dict[str, str] = field(default_factory=dict)  # cv: name -> flags
     notes: list[str] = field(default_factory=list)
+    clinical: Clinical = field(default_factory=Clinical)
 
     @property
     def num_classes(self) -> int:
@@ -49,9 +94,20 @@ class ReportInputs:
         columns = [f"prob_{c}" for c in self.class_names]
         return (frame["label"].to_numpy(dtype=np.int64), frame[columns].to_numpy(dtype=float))
 
+    def raw_probabilities(self) -> np.ndarray | None:
+        """The probabilities before calibration (``raw_prob_*``), in the rows of
+        probabilities(); None when the predictions do not have them (an older omnifuse)."""
+        if self.predictions is None or "label" not in self.predictions:
+            return None
+        columns = [f"raw_prob_{c}" for c in self.class_names]
+        if not set(columns) <= set(self.predictions.columns):
+            return None
+        frame = self.predictions[self.predictions["label"].astype(str) != ""]
+        return frame[columns].to_numpy(dtype=float)
+
 
 _TEXT = ("id", "pred", "present", "modalities", "variant", "split", "phase", "lazy_combo",
-         "metric", "true", "label")
+         "metric", "true", "label", "set", "conformal_mode")
 
 
 def group_order(groups: pd.Series) -> list[str]:
@@ -61,12 +117,12 @@ def group_order(groups: pd.Series) -> list[str]:
                   key=lambda g: (splits.index(g) if g in splits else 3, len(g), g))
 
 
-def _csv(path: Path) -> pd.DataFrame:
+def _csv(path: Path, text: tuple[str, ...] = ()) -> pd.DataFrame:
     """A result CSV: text columns as written, the others numeric with empty cells as NaN (the
     files write an undefined metric as an empty cell)."""
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     for column in frame.columns:
-        if column in _TEXT:
+        if column in _TEXT or column in text:
             continue
         filled = frame[column] != ""
         numbers = pd.to_numeric(frame[column].where(filled), errors="coerce")
@@ -160,12 +216,64 @@ def _load_run(source: Path) -> ReportInputs:
     modalities = _modality_names(meta)
     cohort = _run_cohort(source, meta, modalities, notes)
     curves = {"run": _csv(source / "metrics.csv")}
+    clinical = _run_clinical(source, bundle, class_names,
+                             eval_dir if (eval_dir / "metrics.csv").is_file() else None)
+    if clinical.legacy:
+        notes.append(f"the run was {LEGACY}")
     return ReportInputs(
         kind="run", source=source, meta=meta, class_names=class_names, modalities=modalities,
         cohort=cohort, group_name="split", metrics=metrics,
         evaluated_on=evaluated_on, predictions=predictions, confusion=confusion,
-        patterns=patterns, curves=curves, notes=notes,
+        patterns=patterns, curves=curves, notes=notes, clinical=clinical,
     )
+
+
+def _read_clinical(folder: Path, clinical: Clinical) -> None:
+    """The clinical files in ``folder`` (engine/outputs.py), each left None when absent."""
+    clinical.folder = folder
+    for attr, name in CLINICAL_FILES.items():
+        if (folder / name).is_file():
+            setattr(clinical, attr, _csv(folder / name, _CLINICAL_TEXT))
+    for frame, column in ((clinical.subgroups, "small"), (clinical.gaps, "includes_small")):
+        if frame is None:
+            continue
+        if column in frame:
+            frame[column] = frame[column].astype(str).str.lower().isin(("true", "1"))
+        elif column == "small":
+            frame[column] = frame["n"] < SMALL_SUBGROUP
+    if clinical.operating is not None and len(clinical.operating):
+        first = clinical.operating.iloc[0]
+        clinical.positive_class = str(first["positive_class"])
+        clinical.rule = str(first["rule"])
+        values = clinical.operating.set_index("metric")["value"]
+        if "threshold" in values.index:
+            clinical.threshold = float(values["threshold"])
+
+
+def _posthoc(bundle: dict[str, Any]) -> PostHoc:
+    """PostHoc of a bundle's meta (engine.posthoc imports no torch)."""
+    from omnifuse_cli.engine.posthoc import PostHoc
+
+    return PostHoc.from_bundle(bundle)
+
+
+def _run_clinical(source: Path, bundle: dict[str, Any], class_names: list[str],
+                  eval_dir: Path | None) -> Clinical:
+    posthoc = _posthoc(bundle)
+    clinical = Clinical(
+        legacy=posthoc.legacy, calibrated=posthoc.calibration == "temperature",
+        temperature=float(posthoc.temperature),
+        posthoc_lines=posthoc.describe(),
+        posthoc_source="the run's model (fitted on its validation split)",
+        rerun=f"omnifuse evaluate {source}",
+        subgroup_command=f"omnifuse evaluate {source} --subgroup-col COL",
+    )
+    if posthoc.positive is not None and posthoc.positive < len(class_names):
+        clinical.positive_class = class_names[posthoc.positive]
+    clinical.threshold, clinical.rule = posthoc.threshold, posthoc.rule
+    if eval_dir is not None:
+        _read_clinical(eval_dir, clinical)
+    return clinical
 
 
 def _run_cohort(source: Path, meta: dict[str, str], modalities: list[str],
@@ -240,10 +348,66 @@ def _load_cv(source: Path) -> ReportInputs:
     meta.setdefault("modalities", spec)
     meta.setdefault("manifest", request.get("manifest", ""))
     meta.setdefault("n_patients", str(len(cohort)))
+    clinical = _cv_clinical(source, meta, predictions, class_names)
+    if clinical.legacy:
+        notes.append(f"the cross-validation was {LEGACY}")
     return ReportInputs(
         kind="cv", source=source, meta=meta, class_names=class_names,
         modalities=_modality_names(meta), cohort=cohort, group_name="fold", metrics=metrics,
         evaluated_on="out-of-fold predictions of every patient", predictions=predictions,
         confusion=confusion, patterns=patterns, curves=curves, variant_metrics=all_metrics,
         fold_metrics=fold_metrics, differences=differences, variants=variants, notes=notes,
+        clinical=clinical,
     )
+
+
+def _cv_clinical(source: Path, meta: dict[str, str], predictions: pd.DataFrame,
+                 class_names: list[str]) -> Clinical:
+    """The pooled clinical files of a cv folder, each fold's temperature and threshold, and the
+    --refit model's post-hoc fit."""
+    raw = [f"raw_prob_{c}" for c in class_names]
+    has_raw = set(raw) <= set(predictions.columns)
+    clinical = Clinical(
+        legacy=not has_raw and not (source / "calibration.csv").is_file(),
+        calibrated=meta.get("calibrate", "") == "temperature",  # refined by the folds below
+        rerun="omnifuse cv again with this omnifuse (the files are written when it finishes)",
+        subgroup_command="omnifuse cv MANIFEST ... --subgroup-col COL",
+    )
+    _read_clinical(source, clinical)
+    rows = []
+    for fold, part in predictions.groupby("fold", sort=True):
+        labelled = part[part["label"].astype(str) != ""]
+        row: dict[str, object] = {"fold": str(fold), "patients": len(part)}
+        if has_raw:
+            row["temperature"] = recovered_temperature(
+                labelled[raw].to_numpy(dtype=float),
+                labelled[[f"prob_{c}" for c in class_names]].to_numpy(dtype=float))
+        if "threshold" in part:
+            values = pd.to_numeric(part["threshold"], errors="coerce").dropna()
+            row["threshold"] = float(values.iloc[0]) if len(values) else math.nan
+        rows.append(row)
+    if has_raw and rows:
+        clinical.fold_posthoc = pd.DataFrame(rows)
+        temperatures = clinical.fold_posthoc["temperature"].to_numpy(dtype=float)
+        clinical.calibrated = bool((np.abs(temperatures - 1.0) > 1e-3).any())
+    final = source / "final" / "model" / "bundle.json"
+    if final.is_file():
+        posthoc = _posthoc(json.loads(final.read_text(encoding="utf-8")))
+        clinical.posthoc_lines = posthoc.describe()
+        clinical.posthoc_source = ("the final model refitted on every patient (--refit; its "
+                                   "validation split)")
+    return clinical
+
+
+def recovered_temperature(raw: np.ndarray, calibrated: np.ndarray) -> float:
+    """The temperature T with calibrated = softmax(log(raw) / T), recovered by least squares on
+    the centred log-probabilities of every patient (a cv fold's temperature is not stored; its
+    predictions before and after calibration are). NaN when the probabilities say nothing (all
+    uniform)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a, b = np.log(raw), np.log(calibrated)
+    keep = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
+    a = a[keep] - a[keep].mean(axis=1, keepdims=True)
+    b = b[keep] - b[keep].mean(axis=1, keepdims=True)
+    product = float((a * b).sum())
+    return float((a * a).sum() / product) if product > 1e-12 else math.nan

@@ -17,7 +17,13 @@ import pandas as pd
 from omnifuse_cli import __version__
 from omnifuse_cli.report import figures
 from omnifuse_cli.report.curves import pr_curves, reliability_bins, roc_curves
-from omnifuse_cli.report.inputs import ReportInputs, group_order, load_inputs
+from omnifuse_cli.report.inputs import (
+    LEGACY,
+    SMALL_SUBGROUP,
+    ReportInputs,
+    group_order,
+    load_inputs,
+)
 from omnifuse_cli.report.tripod import checklist
 
 METRIC_LABELS = {
@@ -27,6 +33,23 @@ METRIC_LABELS = {
 }
 DISCRIMINATION = ("acc", "macro_f1", "balanced_acc", "auroc", "auprc", "loss")
 CALIBRATION = ("ece", "brier")
+OPERATING_LABELS = {"threshold": "threshold (probability of the positive class)",
+                    "sensitivity": "sensitivity", "specificity": "specificity",
+                    "ppv": "PPV (positive predictive value)",
+                    "npv": "NPV (negative predictive value)", "f1": "F1"}
+SUBGROUP_LABELS = {"auroc": "AUROC", "macro_f1": "macro-F1", "acc": "accuracy",
+                   "brier": "Brier", "ece": "ECE", "sensitivity": "sensitivity",
+                   "specificity": "specificity", "ppv": "PPV", "npv": "NPV",
+                   "cal_intercept": "calibration intercept", "cal_slope": "calibration slope"}
+DECISION_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)  # net benefit shown as numbers at these
+NET_BENEFIT = ("Net benefit = TP/n - FP/n x pt/(1 - pt) at the threshold probability pt: the "
+               "true positives per patient, less the false positives weighted by the odds at pt "
+               "(choosing pt says how many unnecessary treatments one necessary treatment is "
+               "worth: pt = 0.2 accepts 4). Treat all calls every patient positive; treat none "
+               "calls nobody (net benefit 0). The model is of use where its curve lies above "
+               "both.")
+FIGURE_NAMES = ("classes", "missing", "discrimination", "confusion", "calibration", "decision",
+                "subgroups", "training", "weights", "patterns", "forest")  # every file stem
 BAND_RESAMPLES = 200  # bootstrap resamples for the ROC/PR bands (the metrics' CIs have more)
 PNG_DPI = 130
 PX_PER_INCH = 84  # figures appear a little smaller than their print size
@@ -45,6 +68,7 @@ figure{margin:10px 0 22px}figure img{max-width:100%;height:auto;border:1px solid
 figcaption{font-size:12px;color:#555}
 .note{background:#f7f7f7;border-left:3px solid #999;padding:6px 10px;font-size:13px}
 .author{color:#888;font-style:italic}.meta{color:#555;font-size:13px}
+.warn{background:#fff4e5;border-left:3px solid #e08a00;padding:6px 10px;font-size:13px}
 """
 
 
@@ -68,6 +92,8 @@ class ReportResult:
 
 
 def _num(value: object) -> str:
+    if value is None:
+        return "n/a"
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -100,13 +126,14 @@ def _figure_html(fig: RenderedFigure) -> str:
 
 
 def _table(table_id: str, header: list[str], rows: list[tuple[str, list[str]]],
-           numeric_from: int = 1) -> str:
-    """rows: (data-key, cells); cells are already escaped HTML."""
+           numeric_from: int = 1, text: tuple[int, ...] = ()) -> str:
+    """rows: (data-key, cells); cells are already escaped HTML. Cells from ``numeric_from`` on
+    are right-aligned numbers, except the columns in ``text``."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = []
     for key, cells in rows:
-        tds = "".join(f'<td class="num">{c}</td>' if k >= numeric_from else f"<td>{c}</td>"
-                      for k, c in enumerate(cells))
+        tds = "".join(f'<td class="num">{c}</td>' if k >= numeric_from and k not in text
+                      else f"<td>{c}</td>" for k, c in enumerate(cells))
         body.append(f'<tr data-key="{_e(key)}">{tds}</tr>')
     return f'<table id="{table_id}"><tr>{head}</tr>{"".join(body)}</table>'
 
@@ -141,6 +168,9 @@ def build_report(source: Path, out: Path | None = None) -> ReportResult:
     for fig in rendered.values():
         (figures_dir / f"{fig.name}.png").write_bytes(fig.png)
         (figures_dir / f"{fig.name}.pdf").write_bytes(fig.pdf)
+    for name in set(FIGURE_NAMES) - set(rendered):  # an earlier report's, no longer drawn
+        for suffix in (".png", ".pdf"):
+            (figures_dir / f"{name}{suffix}").unlink(missing_ok=True)
     write_text_atomic(html_path, page)
     return ReportResult(html_path, figures_dir, list(rendered), time.perf_counter() - t0,
                         list(inputs.notes))
@@ -151,6 +181,7 @@ def _sections(inputs: ReportInputs, rendered: dict[str, RenderedFigure]) -> list
     """(id, title, html) of every section; figures are added to ``rendered``."""
 
     def add(fig, name: str, title: str, caption: str) -> str:  # type: ignore[no-untyped-def]
+        assert name in FIGURE_NAMES, name
         if fig is None:
             return ""
         rendered[name] = _render(fig, name, title, caption)
@@ -163,12 +194,19 @@ def _sections(inputs: ReportInputs, rendered: dict[str, RenderedFigure]) -> list
             _metrics_table("metrics-discrimination", inputs.metrics, DISCRIMINATION, cv)]
     if scored is not None:
         y, probs = scored
+        mark = _operating_mark(inputs)
+        marked = "" if mark is None else (
+            f" The diamond marks the operating point of class {inputs.class_names[mark.cls]} "
+            f"(threshold {mark.threshold:.3f}"
+            + (", the mean of the folds' thresholds" if cv else "")
+            + f"): 1 - specificity {mark.fpr:.3f}, sensitivity {mark.tpr:.3f}.")
         disc.append(add(figures.discrimination(roc_curves(y, probs, n=BAND_RESAMPLES),
                                                pr_curves(y, probs, n=BAND_RESAMPLES),
-                                               inputs.class_names),
+                                               inputs.class_names, mark),
                         "discrimination", "ROC and precision-recall curves",
                         f"One class against the rest, {len(y)} patients; shaded: 95% "
-                        f"percentile bootstrap band ({BAND_RESAMPLES} resamples of patients)."))
+                        f"percentile bootstrap band ({BAND_RESAMPLES} resamples of patients)."
+                        + marked))
     if inputs.confusion is not None:
         disc.append(add(figures.confusion(inputs.confusion, inputs.class_names), "confusion",
                         "Confusion matrix", "Rows are true classes; each cell gives the count "
@@ -178,16 +216,11 @@ def _sections(inputs: ReportInputs, rendered: dict[str, RenderedFigure]) -> list
                             for name, row in zip(inputs.class_names, inputs.confusion,
                                                  strict=True)]))
     out.append(("discrimination", "Discrimination", "".join(disc)))
-    calib = [_metrics_table("metrics-calibration", inputs.metrics, CALIBRATION, cv)]
-    if scored is not None:
-        y, probs = scored
-        calib.append(add(figures.calibration(reliability_bins(y, probs), probs.max(axis=1)),
-                         "calibration", "Reliability diagram",
-                         "Patients sorted by the probability of their predicted class into "
-                         "10 quantile bins (equal counts; the number of patients is written on "
-                         "each point); accuracy against mean probability. ECE uses 10 "
-                         "equal-width bins."))
-    out.append(("calibration", "Calibration", "".join(calib)))
+    out.append(("calibration", "Calibration", _calibration(inputs, add)))
+    out.append(("operating-point", "Operating point", _operating(inputs)))
+    out.append(("decision-curve", "Decision curve", _decision(inputs, add)))
+    out.append(("coverage", "Conformal prediction sets", _coverage(inputs)))
+    out.append(("subgroups", "Subgroups and fairness", _subgroups(inputs, add)))
     out.append(("training", "Training", _training(inputs, add)))
     out.append(("modalities", "Modalities", _modalities(inputs, add)))
     if cv:
@@ -196,6 +229,327 @@ def _sections(inputs: ReportInputs, rendered: dict[str, RenderedFigure]) -> list
         out.append(("variants", "Variants", _variants(inputs, add)))
     out.append(("tripod", "TRIPOD+AI checklist", _tripod(inputs)))
     return out
+
+
+def _signed(value: float) -> str:
+    text = "n/a" if not np.isfinite(value) else f"{value:+.3f}"
+    return "0.000" if text in ("+0.000", "-0.000") else text
+
+
+def _cell(row: pd.Series, metric: str) -> str:
+    """A metric with its interval in brackets (none when the interval is undefined)."""
+    interval = (_interval(row[f"{metric}_ci_low"], row[f"{metric}_ci_high"])
+                if f"{metric}_ci_low" in row else "")
+    return _num(row.get(metric)) + (f" ({interval})" if interval else "")
+
+
+def _whose(inputs: ReportInputs) -> str:
+    return "cross-validation" if inputs.kind == "cv" else "run"
+
+
+def _legacy(inputs: ReportInputs) -> str:
+    return f'<p class="warn legacy">This {_whose(inputs)} was {_e(LEGACY)}.</p>'
+
+
+def _not_evaluated(inputs: ReportInputs, what: str, other: str = "") -> str:
+    """A file of the clinical reading is absent: say why it may be, and what writes it."""
+    clinical = inputs.clinical
+    if clinical.folder is None:
+        return (f'<p class="note">No {_e(what)}: the run has not been evaluated; run '
+                f"<code>{_e(clinical.rerun)}</code>.</p>")
+    return (f'<p class="note">No {_e(what)} in {_e(clinical.folder)} (written by an older '
+            f"omnifuse{_e(other)}): <code>{_e(clinical.rerun)}</code>.</p>")
+
+
+def _operating_mark(inputs: ReportInputs) -> figures.OperatingMark | None:
+    clinical = inputs.clinical
+    frame = clinical.operating
+    if frame is None or clinical.positive_class not in inputs.class_names:
+        return None
+    values = frame.set_index("metric")["value"]
+    if not {"sensitivity", "specificity", "threshold"} <= set(values.index):
+        return None
+    return figures.OperatingMark(inputs.class_names.index(str(clinical.positive_class)),
+                                 1.0 - float(values["specificity"]),
+                                 float(values["sensitivity"]), float(values["threshold"]))
+
+
+def _calibration_label(metric: str) -> str:
+    for key, name, ideal in (("cal_intercept", "calibration intercept", 0),
+                             ("cal_slope", "calibration slope", 1)):
+        if metric == key:
+            return f"{name} (ideal {ideal})"
+        if metric.startswith(key + "_"):
+            return f"{name}, class {metric[len(key) + 1:]} vs rest (ideal {ideal})"
+    return METRIC_LABELS.get(metric, metric)
+
+
+def _calibration(inputs: ReportInputs, add) -> str:  # type: ignore[no-untyped-def]
+    cv = inputs.kind == "cv"
+    clinical = inputs.clinical
+    parts = [_metrics_table("metrics-calibration", inputs.metrics, CALIBRATION, cv)]
+    if clinical.legacy:
+        parts.append(_legacy(inputs))
+    elif cv:
+        folds = clinical.fold_posthoc
+        threshold = (" and its operating threshold" if folds is not None
+                     and "threshold" in folds else "")
+        parts.append("<p>Each fold fits its own temperature (1 when its inner validation split "
+                     f"is too small, or with --calibrate none){threshold} on its inner "
+                     "validation split and applies it to its test patients; the pooled "
+                     "out-of-fold probabilities on this page are after calibration. "
+                     + ("Temperatures recovered from predictions.csv (probabilities before and "
+                        "after calibration):" if folds is not None else "") + "</p>")
+        if folds is not None:
+            header = ["fold", "test patients", "temperature"]
+            if "threshold" in folds:
+                header.append("threshold")
+            rows = [(str(r["fold"]), [_e(r["fold"]), str(int(r["patients"])),
+                                      _num(r["temperature"]),
+                                      *([_num(r["threshold"])] if "threshold" in folds else [])])
+                    for _, r in folds.iterrows()]
+            parts.append(_table("fold-posthoc", header, rows))
+    else:
+        state = (f"Probabilities are calibrated by temperature scaling: temperature "
+                 f"<b>{clinical.temperature:.3f}</b>, fitted on the validation split (log loss)."
+                 if clinical.calibrated else
+                 "Probabilities are not calibrated (temperature 1).")
+        parts.append(f'<p id="temperature">{state}</p>')
+    if clinical.posthoc_lines and not clinical.legacy:
+        items = "".join(f"<li>{_e(line)}</li>" for line in clinical.posthoc_lines)
+        parts.append(f"<p>Post-hoc fit of {_e(clinical.posthoc_source)}:</p>"
+                     f'<ul class="posthoc">{items}</ul>')
+    frame = clinical.calibration
+    if frame is not None:
+        after = ("each fold's temperature" if cv else
+                 f"temperature {clinical.temperature:.3f}" if clinical.temperature else "")
+        rows = []
+        for _, r in frame.iterrows():
+            change = float(r["after"]) - float(r["before"])
+            rows.append((str(r["metric"]), [_e(_calibration_label(str(r["metric"]))),
+                                            _num(r["before"]), _num(r["after"]),
+                                            _signed(change)]))
+        parts.append(f'<p class="meta">Before and after calibration, on '
+                     f"{_e(inputs.evaluated_on)} (calibration.csv).</p>")
+        parts.append(_table("calibration-before-after",
+                            ["metric", "before calibration", f"after ({after})" if after
+                             else "after calibration", "change"], rows))
+    else:
+        parts.append(_not_evaluated(inputs, "calibration.csv (before/after calibration)"))
+    scored = inputs.probabilities()
+    if scored is not None:
+        y, probs = scored
+        raw = inputs.raw_probabilities()
+        before = reliability_bins(y, raw) if raw is not None else None
+        same = raw is not None and np.allclose(raw, probs, atol=1e-6)
+        caption = ("Patients sorted by the probability of their predicted class into 10 "
+                   "quantile bins (equal counts; the number of patients is written on each "
+                   "point); accuracy against mean probability"
+                   + (", after calibration" if raw is not None else "")
+                   + ". ECE uses 10 equal-width bins.")
+        if raw is not None:
+            caption += (" Grey, dotted: the same before calibration"
+                        + (" (it coincides: temperature 1)." if same else "."))
+        parts.append(add(figures.calibration(reliability_bins(y, probs), probs.max(axis=1),
+                                             before, "after calibration" if raw is not None
+                                             else "model"),
+                         "calibration", "Reliability diagram", caption))
+    return "".join(parts)
+
+
+def _operating(inputs: ReportInputs) -> str:
+    clinical = inputs.clinical
+    frame = clinical.operating
+    cv = inputs.kind == "cv"
+    if frame is None or not len(frame):
+        if clinical.legacy:
+            return _legacy(inputs)
+        if clinical.threshold is None:
+            lines = "".join(f"<li>{_e(line)}</li>" for line in clinical.posthoc_lines
+                            if "operating" in line or "threshold" in line)
+            train = "omnifuse cv" if cv else "omnifuse train"
+            return ("<p>No operating point: " + (
+                f"a {inputs.num_classes}-class task without --positive-class"
+                if inputs.num_classes > 2 else "none was fitted")
+                + "; the predicted class is the most probable one. "
+                f"<code>{train} ... --positive-class CLASS --threshold RULE</code> fits one "
+                "(binary tasks get one for their second class).</p>"
+                + (f"<ul>{lines}</ul>" if lines else ""))
+        return _not_evaluated(inputs, "operating_point.csv",
+                              ", or the evaluated patients lack positives or negatives of "
+                              f"class {clinical.positive_class}")
+    values = frame.set_index("metric")
+    positive = clinical.positive_class
+    parts = [f"<p>Class <b>{_e(positive)}</b> is called positive when its probability is at "
+             f"least <b>{_num(clinical.threshold)}</b> (rule <code>{_e(clinical.rule)}</code>, "
+             "chosen on the validation split"
+             + (" of each fold; the threshold shown is the mean of the folds'" if cv else "")
+             + f"); any other patient gets the most probable other class. On "
+             f"{_e(inputs.evaluated_on)}; the ROC figure marks this point.</p>"]
+    rows = [(key, [_e(label), _num(values.loc[key, "value"]),
+                   _interval(values.loc[key, "ci_low"], values.loc[key, "ci_high"])])
+            for key, label in OPERATING_LABELS.items() if key in values.index]
+    parts.append(_table("operating-point", ["measure", "value", "95% CI (bootstrap)"], rows))
+    if {"tp", "fp", "tn", "fn"} <= set(values.index):
+        count = {k: str(int(values.loc[k, "value"])) for k in ("tp", "fp", "tn", "fn")}
+        parts.append(_table("operating-counts", ["", f"true class {positive}",
+                                                 f"true class not {positive}"],
+                            [("called-positive", [f"called {_e(positive)}",
+                                                  f"{count['tp']} (TP)", f"{count['fp']} (FP)"]),
+                             ("called-negative", [f"not called {_e(positive)}",
+                                                  f"{count['fn']} (FN)", f"{count['tn']} (TN)"])
+                             ]))
+    return "".join(parts)
+
+
+def _decision(inputs: ReportInputs, add) -> str:  # type: ignore[no-untyped-def]
+    clinical = inputs.clinical
+    frame = clinical.decision
+    if frame is None or not len(frame):
+        return _not_evaluated(inputs, "decision_curve.csv",
+                              ", or the evaluated patients are all of one class")
+    classes = list(dict.fromkeys(frame["class"].astype(str)))
+    thresholds = ({str(clinical.positive_class): float(clinical.threshold)}
+                  if clinical.positive_class is not None and clinical.threshold is not None
+                  else {})
+    which = (f"class {classes[0]}, the positive class" if len(classes) == 1
+             else "each class against the rest")
+    parts = [add(figures.decision_curves(frame, thresholds), "decision", "Decision curve",
+                 f"{NET_BENEFIT} Shown for {which}, on {inputs.evaluated_on}; y-axis from "
+                 "-0.05 to a little above the prevalence; dotted: the operating threshold.")]
+    rows = []
+    for name in classes:
+        part = frame[frame["class"].astype(str) == name]
+        for pt in DECISION_THRESHOLDS:
+            hit = part[np.isclose(part["threshold"].astype(float), pt)]
+            if not len(hit):
+                continue
+            r = hit.iloc[0]
+            best_default = max(float(r["treat_all"]), float(r["treat_none"]))
+            rows.append((f"{name}:{pt:.2f}", [_e(name), f"{pt:.2f}", _num(r["net_benefit"]),
+                                              _num(r["treat_all"]),
+                                              _signed(float(r["net_benefit"]) - best_default)]))
+    parts.append(_table("decision-curve", ["class", "threshold probability",
+                                           "net benefit (model)", "treat all",
+                                           "model - best of treat all / none"], rows))
+    return "".join(parts)
+
+
+def _coverage(inputs: ReportInputs) -> str:
+    clinical = inputs.clinical
+    frame = clinical.coverage
+    if frame is None or not len(frame):
+        if clinical.legacy:
+            return ('<p class="note">No conformal prediction sets: the model was trained before '
+                    "omnifuse stored conformal scores (train it again for them).</p>")
+        return _not_evaluated(inputs, "coverage.csv (conformal prediction sets)",
+                              ", or the model has no conformal scores")
+    parts = []
+    alphas = list(dict.fromkeys(frame["alpha"].astype(float)))
+    for alpha in alphas:
+        part = frame[frame["alpha"].astype(float) == alpha]
+        target = 1.0 - alpha
+        modes = "/".join(dict.fromkeys(part["mode"].astype(str))) or "marginal"
+        parts.append(
+            f"<p>Split conformal prediction sets (LAC) at alpha = {alpha:g}: each patient gets "
+            f"the set of classes whose probability clears a cut-off fitted on the validation "
+            f"split{' of each fold' if inputs.kind == 'cv' else ''} ({_e(modes)}), so that "
+            f"the set holds the true class for at least <b>{target:.0%}</b> of patients. "
+            "Coverage is shown overall, by true class and by missing pattern; a small group "
+            "can fall below the target by chance.</p>")
+        by_names = {"all": "all patients", "class": "true class", "pattern": "missing pattern"}
+        rows = []
+        for _, r in part.iterrows():
+            cov = float(r["coverage"])
+            below = " (below target)" if np.isfinite(cov) and cov < target - 1e-9 else ""
+            rows.append((f"{r['by']}:{r['group']}",
+                         [_e(by_names.get(str(r["by"]), r["by"])), _e(r["group"]),
+                          str(int(r["n"])), _num(cov) + below, f"{target:.3f}",
+                          _num(r["mean_set_size"]), str(int(r["empty_sets"]))]))
+        table_id = "coverage" if len(alphas) == 1 else f"coverage-{alpha:g}"
+        parts.append(_table(table_id, ["by", "group", "patients", "coverage", "target",
+                                       "mean set size", "empty sets"], rows, numeric_from=2))
+    return "".join(parts)
+
+
+def _subgroups(inputs: ReportInputs, add) -> str:  # type: ignore[no-untyped-def]
+    clinical = inputs.clinical
+    frame = clinical.subgroups
+    if frame is None or not len(frame):
+        where = ("" if clinical.folder is None else f" in {clinical.folder}")
+        return (f'<p class="note" id="no-subgroups">No subgroup analysis{_e(where)}: '
+                f"<code>{_e(clinical.subgroup_command)}</code> (e.g. <code>--subgroup-col sex "
+                "--subgroup-col age:q4</code>) writes subgroups.csv and subgroup_gaps.csv: "
+                "every metric per subgroup with 95% intervals, and the largest gap.</p>")
+    parts = []
+    small = frame[frame["small"].astype(bool)]
+    if len(small):
+        named = ", ".join(f"{r['column']} = {r['group']} ({int(r['n'])})"
+                          for _, r in small.iterrows())
+        parts.append(f'<p class="warn" id="small-subgroups"><b>Warning:</b> {len(small)} '
+                     f"subgroup(s) have fewer than {SMALL_SUBGROUP} patients: {_e(named)}. "
+                     "Their metrics are imprecise and their intervals wide; a gap involving them "
+                     "is weak evidence either way.</p>")
+    parts.append(f'<p class="meta">On {_e(inputs.evaluated_on)}; each metric with its 95% '
+                 "percentile bootstrap interval. Class counts in class order "
+                 f"({'/'.join(_e(c) for c in inputs.class_names)}).</p>")
+    main = [m for m in ("auroc", "macro_f1", "acc", "brier", "ece") if m in frame]
+    extra = [m for m in ("sensitivity", "specificity", "ppv", "npv", "cal_intercept",
+                         "cal_slope") if m in frame]
+
+    def rows_of(metrics: list[str]) -> list[tuple[str, list[str]]]:
+        rows = []
+        for _, r in frame.iterrows():
+            n = str(int(r["n"])) + (f" (under {SMALL_SUBGROUP})" if bool(r["small"]) else "")
+            rows.append((f"{r['column']}:{r['group']}",
+                         [_e(r["column"]), _e(r["group"]), n, _e(r.get("class_counts", "")),
+                          *(_cell(r, m) for m in metrics)]))
+        return rows
+
+    head = ["subgroup of", "group", "patients", "class counts"]
+    parts.append(_table("subgroups", head + [SUBGROUP_LABELS[m] for m in main], rows_of(main),
+                        numeric_from=2))
+    if extra:
+        said = []
+        if set(extra) & {"sensitivity", "specificity", "ppv", "npv"}:
+            said.append("at the operating point" + (
+                f" (class {_e(clinical.positive_class)} positive at "
+                f"{_num(clinical.threshold)})" if clinical.threshold is not None else ""))
+        if set(extra) & {"cal_intercept", "cal_slope"}:
+            said.append("the calibration intercept (ideal 0) and slope (ideal 1)")
+        parts.append(f"<p>By subgroup, {', and '.join(said)}:</p>")
+        parts.append(_table("subgroups-operating", head + [SUBGROUP_LABELS[m] for m in extra],
+                            rows_of(extra), numeric_from=2))
+    overall = dict(zip(inputs.metrics["metric"], inputs.metrics["value"].astype(float),
+                       strict=True))
+    parts.append(add(figures.subgroup_metrics(frame, overall=overall), "subgroups",
+                     "Metrics by subgroup",
+                     "Each subgroup's AUROC and macro-F1 with 95% bootstrap intervals; hollow: "
+                     f"fewer than {SMALL_SUBGROUP} patients; dashed: all evaluated patients."))
+    gaps = clinical.gaps
+    if gaps is not None and len(gaps):
+        rows = []
+        for _, r in gaps.iterrows():
+            gap = float(r["gap"])
+            note = ("includes subgroups under 30 patients" if bool(r["includes_small"])
+                    else "")
+            rows.append((f"{r['column']}:{r['metric']}",
+                         [_e(r["column"]), _e(SUBGROUP_LABELS.get(str(r["metric"]),
+                                                                  r["metric"])),
+                          _num(gap), _e(r["best_group"]) if np.isfinite(gap) else "",
+                          _e(r["worst_group"]) if np.isfinite(gap) else "",
+                          str(int(r["groups_compared"])), note]))
+        parts.append("<h3>Largest gap between subgroups</h3><p>Per column and metric: the "
+                     f"subgroups of {SMALL_SUBGROUP} or more patients are compared when at least "
+                     "two exist, otherwise every subgroup (noted). Best = highest (lowest for "
+                     "Brier and ECE; nearest 0 and 1 for the calibration intercept and "
+                     "slope).</p>")
+        parts.append(_table("subgroup-gaps", ["subgroup of", "metric", "gap (best - worst)",
+                                              "best group", "worst group", "groups compared",
+                                              "note"], rows, numeric_from=2, text=(3, 4, 6)))
+    else:
+        parts.append('<p class="note">No subgroup_gaps.csv beside subgroups.csv.</p>')
+    return "".join(parts)
 
 
 def _cohort(inputs: ReportInputs, add) -> str:  # type: ignore[no-untyped-def]

@@ -4,11 +4,12 @@ statement's main checklist (check them against the published table before submis
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from omnifuse_cli.report.inputs import ReportInputs
+from omnifuse_cli.report.inputs import LEGACY, SMALL_SUBGROUP, ReportInputs
 
 AUTHOR = ""  # an item only the author can fill
 
@@ -59,6 +60,15 @@ def _missing(inputs: ReportInputs) -> str:
     return text
 
 
+def _subgroup_result(inputs: ReportInputs) -> str:
+    frame = inputs.clinical.subgroups
+    if frame is None or not len(frame):
+        return "Subgroups: none examined (see item 14)."
+    columns = ", ".join(dict.fromkeys(frame["column"].astype(str)))
+    return (f"Subgroups: {len(frame)} subgroups of {columns} with 95% intervals (see Subgroups "
+            "and fairness; gaps in item 14).")
+
+
 def _performance(inputs: ReportInputs) -> str:
     rows = inputs.metrics.set_index("metric")
     parts = []
@@ -71,6 +81,160 @@ def _performance(inputs: ReportInputs) -> str:
                     else f" (95% CI {_fmt(row['ci_low'])}-{_fmt(row['ci_high'])})")
         parts.append(f"{label} {_fmt(row['value'])}{interval}")
     return "; ".join(parts) + f", on {inputs.evaluated_on}."
+
+
+GAP_METRICS = (("auroc", "AUROC"), ("macro_f1", "macro-F1"), ("ece", "ECE"),
+               ("sensitivity", "sensitivity"), ("specificity", "specificity"))
+
+
+def _subgroup_hint(inputs: ReportInputs) -> str:
+    return (f"`{inputs.clinical.subgroup_command}` (e.g. --subgroup-col sex --subgroup-col "
+            "age:q4) reports every metric per subgroup with 95% intervals and the largest gap")
+
+
+def _fairness(inputs: ReportInputs) -> str:
+    """Item 14: what the subgroup files say, or which flag writes them."""
+    clinical = inputs.clinical
+    frame = clinical.subgroups
+    if frame is None or not len(frame):
+        return (f"no subgroup analysis in this output: {_subgroup_hint(inputs)}; approaches "
+                "and rationale: for the author")
+    columns = list(dict.fromkeys(frame["column"].astype(str)))
+    groups = "; ".join(
+        f"{c}: " + ", ".join(f"{r['group']} (n={int(r['n'])})"
+                             for _, r in frame[frame["column"].astype(str) == c].iterrows())
+        for c in columns)
+    text = (f"performance examined by subgroup of {', '.join(columns)} ({groups}): every "
+            "metric per subgroup with 95% bootstrap intervals (see Subgroups and fairness); no "
+            "fairness constraint in training")
+    gaps = clinical.gaps
+    if gaps is not None and len(gaps):
+        found = []
+        for column in columns:
+            part = gaps[gaps["column"].astype(str) == column].set_index("metric")
+            for key, label in GAP_METRICS:
+                if key in part.index and np.isfinite(float(part.loc[key, "gap"])):
+                    row = part.loc[key]
+                    found.append(f"{column} {label} {_fmt(float(row['gap']))} (best "
+                                 f"{row['best_group']}, worst {row['worst_group']})")
+        if found:
+            text += "; largest gaps: " + ", ".join(found)
+    small = frame[frame["small"].astype(bool)]
+    if len(small):
+        text += (f"; {len(small)} of {len(frame)} subgroups have fewer than {SMALL_SUBGROUP} "
+                 "patients (imprecise)")
+    return text + ". Rationale and mitigation: for the author."
+
+
+def _calibration_result(inputs: ReportInputs) -> str:
+    """Calibration before and after the temperature: ECE, slope and intercept."""
+    clinical = inputs.clinical
+    if clinical.legacy:
+        return f"Calibration: {LEGACY}."
+    frame = clinical.calibration
+    if frame is None or not len(frame):
+        return ""
+    rows = frame.set_index("metric")
+
+    def change(metric: str) -> str:
+        before, after = (float(rows.loc[metric, k]) for k in ("before", "after"))
+        return f"{_fmt(before)} -> {_fmt(after)}"
+
+    parts = []
+    if "ece" in rows.index:
+        parts.append(f"ECE {change('ece')}")
+    for key, label in (("cal_slope", "slope"), ("cal_intercept", "intercept")):
+        if key in rows.index:
+            parts.append(f"calibration {label} {change(key)}")
+        else:
+            per = [m for m in rows.index if str(m).startswith(key + "_")]
+            if per:
+                parts.append(f"calibration {label} (one-vs-rest) " + ", ".join(
+                    f"class {m[len(key) + 1:]} {change(m)}" for m in per))
+    how = ("each fold's temperature" if inputs.kind == "cv" else
+           f"temperature {clinical.temperature:.3f}" if clinical.calibrated else
+           "not calibrated, temperature 1")
+    return f"Calibration before -> after ({how}): " + "; ".join(parts) + "."
+
+
+def _operating_result(inputs: ReportInputs) -> str:
+    clinical = inputs.clinical
+    frame = clinical.operating
+    if frame is None or not len(frame):
+        return ""
+    rows = frame.set_index("metric")
+    parts = []
+    for key, label in (("sensitivity", "sensitivity"), ("specificity", "specificity"),
+                       ("ppv", "PPV"), ("npv", "NPV")):
+        if key in rows.index:
+            row = rows.loc[key]
+            interval = ("" if not np.isfinite(float(row["ci_low"])) else
+                        f" ({_fmt(float(row['ci_low']))}-{_fmt(float(row['ci_high']))})")
+            parts.append(f"{label} {_fmt(float(row['value']))}{interval}")
+    return (f"Operating point (class {clinical.positive_class} positive at probability >= "
+            f"{_fmt(clinical.threshold or math.nan)}, rule {clinical.rule}): "
+            + ", ".join(parts) + ".")
+
+
+def _output(inputs: ReportInputs) -> str:
+    """Item 15: the probabilities and how a class is chosen."""
+    clinical = inputs.clinical
+    cv = inputs.kind == "cv"
+    if clinical.legacy:
+        return (f"a probability per class; {LEGACY}: the predicted class is the most probable "
+                "one")
+    if cv:
+        probs = ("a probability per class, calibrated by a temperature fitted on each fold's "
+                 "inner validation split" if clinical.calibrated else
+                 "a probability per class (not calibrated: temperature 1 in every fold)")
+    elif clinical.calibrated:
+        probs = (f"a probability per class, calibrated by temperature scaling (temperature "
+                 f"{clinical.temperature:.3f}, fitted on the validation split)")
+    else:
+        probs = "a probability per class (not calibrated: temperature 1)"
+    if clinical.threshold is not None and clinical.positive_class is not None:
+        decision = (f"class {clinical.positive_class} is predicted when its probability is at "
+                    f"least {_fmt(clinical.threshold)} (rule {clinical.rule}, chosen on the "
+                    "validation split" + (" of each fold; the mean of the folds'" if cv else "")
+                    + "), otherwise the most probable other class")
+    else:
+        decision = "the predicted class is the most probable one (no threshold tuned)"
+    sets = ""
+    if clinical.coverage is not None and len(clinical.coverage):
+        alpha = float(clinical.coverage["alpha"].iloc[0])
+        sets = (f"; conformal prediction sets with {1 - alpha:.0%} target coverage (omnifuse "
+                "predict --conformal)")
+    return f"{probs}; {decision}{sets}"
+
+
+def _methods_posthoc(inputs: ReportInputs) -> str:
+    """Item 12: what was fitted after training, and the measures it adds."""
+    clinical = inputs.clinical
+    cv = inputs.kind == "cv"
+    if clinical.legacy:
+        return f" Post-hoc: none ({LEGACY})."
+    if cv:
+        calibration = ("a temperature per fold (temperature scaling, log loss)"
+                       if clinical.calibrated else "no calibration (temperature 1 in every fold)")
+    else:
+        calibration = (f"temperature scaling by log loss (temperature {clinical.temperature:.3f})"
+                       if clinical.calibrated else "no calibration (temperature 1)")
+    threshold = (f"the operating threshold of class {clinical.positive_class} (rule "
+                 f"{clinical.rule})" if clinical.threshold is not None
+                 else "no operating threshold (the most probable class is predicted)")
+    measures = []
+    if clinical.calibration is not None:
+        measures.append("calibration before and after (ECE, Brier, log loss, calibration "
+                        "intercept and slope)")
+    if clinical.operating is not None:
+        measures.append("sensitivity, specificity, PPV, NPV and F1 at the operating point")
+    if clinical.decision is not None:
+        measures.append("net benefit (decision curves)")
+    if clinical.coverage is not None:
+        measures.append("conformal coverage by class and missing pattern")
+    return (" Post-hoc, on the validation split" + (" of each fold" if cv else "")
+            + f": {calibration}; {threshold}; split conformal scores (LAC)."
+            + (" Also measured: " + "; ".join(measures) + "." if measures else ""))
 
 
 def checklist(inputs: ReportInputs) -> list[Item]:
@@ -128,14 +292,14 @@ def checklist(inputs: ReportInputs) -> list[Item]:
              f"{method}. Validation: {_validation(inputs).rstrip('.')}. Measures: accuracy, "
              "macro-F1, balanced accuracy, AUROC and AUPRC (one-vs-rest macro), log loss, ECE, "
              "Brier score, with percentile bootstrap 95% intervals over patients"
-             + (f" ({meta['bootstrap']} resamples)" if meta.get("bootstrap") else "") + "."),
+             + (f" ({meta['bootstrap']} resamples)" if meta.get("bootstrap") else "") + "."
+             + _methods_posthoc(inputs)),
         Item("13", "Class imbalance", "methods for class imbalance",
              "no resampling or class weights; splits stratified by class; macro-F1 and balanced "
              "accuracy reported"),
-        Item("14", "Fairness", "approaches to address fairness", AUTHOR),
-        Item("15", "Model output", "form of the output",
-             "a probability per class; the predicted class is the most probable one (no "
-             "threshold tuned)"),
+        Item("14", "Fairness", "approaches to address fairness", _fairness(inputs)),
+        Item("15", "Model output", "form of the output, thresholds and how they were chosen",
+             _output(inputs)),
         Item("16", "Training versus evaluation", "differences between development and "
              "evaluation data", "internal validation only: same source and population"
              if inputs.kind == "cv" else "test split of the same source and population"),
@@ -156,7 +320,10 @@ def checklist(inputs: ReportInputs) -> list[Item]:
              "--run " + (f"{inputs.source}/final (with --refit)" if inputs.kind == "cv"
                          else str(inputs.source))),
         Item("23", "Model performance", "performance with confidence intervals, subgroups",
-             _performance(inputs) + " Metrics per missing pattern: see Modalities."),
+             " ".join(part for part in (
+                 _performance(inputs), _calibration_result(inputs), _operating_result(inputs),
+                 _subgroup_result(inputs), "Metrics per missing pattern: see Modalities.")
+                 if part)),
         Item("24", "Model updating", "", AUTHOR),
         Item("25", "Interpretation", "", AUTHOR),
         Item("26", "Limitations", "", AUTHOR),
