@@ -57,9 +57,11 @@ def demo(seeds: int) -> pd.DataFrame:
                      seed, "--overwrite")
         for name, flags in VARIANTS.items():
             run = WORK / f"demo-{name}-{seed}"
-            omnifuse("train", data / "manifest.csv", "--num-classes", 3, "--out-dir", run,
-                     *DEMO_TRAIN, "--seed", seed, "--overwrite", *flags)
-            omnifuse("evaluate", run, "--bootstrap", 0, "--threads", 1)
+            done = (run / "eval" / "test" / "calibration.csv").is_file()
+            if not (done and name == "before"):  # the previous release's runs do not change
+                omnifuse("train", data / "manifest.csv", "--num-classes", 3, "--out-dir", run,
+                         *DEMO_TRAIN, "--seed", seed, "--overwrite", *flags)
+                omnifuse("evaluate", run, "--bootstrap", 0, "--threads", 1)
             metrics = pd.read_csv(run / "eval" / "test" / "metrics.csv").set_index("metric")
             calib = pd.read_csv(run / "eval" / "test" / "calibration.csv").set_index("metric")
             meta = key_values(run / "meta.csv")

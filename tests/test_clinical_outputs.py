@@ -84,33 +84,63 @@ def _bundle(run: Path) -> dict[str, Any]:
     return json.loads((run / "model" / "bundle.json").read_text(encoding="utf-8"))
 
 
-def _val_raw(binary_run: dict[str, Path]) -> tuple[np.ndarray, np.ndarray]:
+def _val_raw(run: Path, manifest: Path, root: Path) -> tuple[np.ndarray, np.ndarray]:
     """The run's validation patients scored through evaluate (raw = before calibration)."""
-    split = pd.read_csv(binary_run["run"] / "split_assignment.csv", dtype={"id": str})
-    manifest = pd.read_csv(binary_run["manifest"], dtype=str, keep_default_na=False)
-    val = manifest[manifest["id"].isin(split.loc[split["split"] == "val", "id"])]
-    path = binary_run["root"] / "val.csv"
+    split = pd.read_csv(run / "split_assignment.csv", dtype={"id": str})
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    val = frame[frame["id"].isin(split.loc[split["split"] == "val", "id"])]
+    path = root / "val.csv"
     val.to_csv(path, index=False)
-    out = binary_run["root"] / "val_eval"
-    ok("evaluate", binary_run["run"], "--manifest", path, "--out-dir", out, "--bootstrap", "0",
+    out = root / "val_eval"
+    ok("evaluate", run, "--manifest", path, "--out-dir", out, "--bootstrap", "0",
        "--threads", "1")
     preds = pd.read_csv(out / "predictions.csv")
     return preds["label"].to_numpy(), preds[["raw_prob_0", "raw_prob_1"]].to_numpy()
 
 
-def test_train_fits_temperature_and_threshold_on_validation(binary_run: dict[str, Path]) -> None:
+def test_train_fits_temperature_and_threshold_on_validation(binary_run: dict[str, Path],
+                                                            tmp_path: Path) -> None:
     posthoc = PostHoc.from_bundle(_bundle(binary_run["run"]))
     assert posthoc.calibration == "temperature" and posthoc.positive == 1
     assert posthoc.validation_patients == N // 4
-    y, raw = _val_raw(binary_run)
-    # The stored temperature is the log-loss optimum on the validation split.
+    meta = pd.read_csv(binary_run["run"] / "meta.csv", header=None, index_col=0)[1]
+    assert float(meta["temperature"]) == pytest.approx(posthoc.temperature, abs=1e-5)
+    assert meta["threshold_rule"] == "youden"
+    # Without the linear path the validation predictions are the final model's: the stored
+    # temperature is their log-loss optimum and the threshold their Youden point.
+    run = tmp_path / "plain"
+    ok("train", binary_run["manifest"], "--num-classes", "2", "--out-dir", run, "--epochs", "3",
+       "--no-linear-path", *COMMON, *SPLIT)
+    posthoc = PostHoc.from_bundle(_bundle(run))
+    y, raw = _val_raw(run, binary_run["manifest"], tmp_path)
     assert posthoc.temperature == pytest.approx(fit_temperature(np.log(raw), y), rel=1e-3)
     calibrated = posthoc.probabilities(np.log(raw))
     threshold, met = choose_threshold(y == 1, calibrated[:, 1], parse_threshold_rule("youden"))
     assert met and posthoc.threshold == pytest.approx(threshold, abs=1e-6)
-    meta = pd.read_csv(binary_run["run"] / "meta.csv", header=None, index_col=0)[1]
-    assert float(meta["temperature"]) == pytest.approx(posthoc.temperature, abs=1e-5)
-    assert meta["threshold_rule"] == "youden"
+
+
+def test_with_a_linear_path_calibration_uses_its_out_of_sample_predictions() -> None:
+    """The path is refitted on training + validation patients; calibrating on the refitted
+    model's validation predictions (in-sample) made test probabilities overconfident."""
+    from omnifuse_cli.config import TrainConfig
+    from omnifuse_cli.engine.linear_path import LinearFit
+    from omnifuse_cli.engine.training import fit_finish
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 100)
+    logits = np.stack([np.zeros(100), 2.5 * (2 * y - 1) + rng.normal(0, 2.5, 100)], 1)
+    log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+
+    class Data:
+        labels = torch.as_tensor(np.r_[np.zeros(50, dtype=np.int64), y])
+
+    fit = LinearFit(C=1.0, blend_omnifuse=1.0, blend_linear=1.0, features=1, patients=1,
+                    val_log_loss_omnifuse=0.0, val_log_loss_blend=0.0,
+                    val_log_probs=log_probs, val_index=np.arange(50, 150))
+    posthoc = fit_finish(None, Data(), {"val": np.arange(50, 150)},  # type: ignore[arg-type]
+                         TrainConfig(), torch.device("cpu"), ["0", "1"], fit)
+    assert posthoc.temperature == pytest.approx(fit_temperature(log_probs, y), rel=1e-4)
+    assert posthoc.validation_patients == 100
 
 
 def test_evaluate_files_agree_with_hand_computations(binary_run: dict[str, Path]) -> None:

@@ -469,9 +469,9 @@ def _fit(cohort: Cohort, request: CVRequest, variant: Variant, enc: _Encoded, cf
     records, best_epoch, best_state = fit_model(
         model, data, splits, cfg, request.num_classes, forward, on_epoch=on_epoch)
     model.load_state_dict(best_state)
-    fit_linear(model, data, splits, cfg, device)
+    linear = fit_linear(model, data, splits, cfg, device)
     posthoc = fit_finish(model, data, splits, cfg, device,
-                         [str(c) for c in range(request.num_classes)])
+                         [str(c) for c in range(request.num_classes)], linear)
     return model, pre, data, best_epoch, posthoc
 
 

@@ -16,7 +16,7 @@ then, and the fit stays a fraction of an epoch's time at a million patients.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -50,6 +50,10 @@ class LinearFit:
     patients: int  # the refit's (training + validation)
     val_log_loss_omnifuse: float
     val_log_loss_blend: float
+    # The validation patients' blended log-probabilities before the refit on training +
+    # validation: out-of-sample, so what calibration and conformal scores are fitted on.
+    val_log_probs: np.ndarray | None = field(default=None, repr=False)
+    val_index: np.ndarray | None = field(default=None, repr=False)
 
 
 def design_matrix(model: OmniFuse, data: PreparedCohort, rows: np.ndarray) -> sp.csr_matrix:
@@ -121,13 +125,15 @@ def fit_linear_path(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray
                                                                   val_inference.index)))
     z_val = _class_logits(z_val, classes)
     a, b, bias, loss_omni, loss_blend = _fit_blend(omni, z_val, y_val)
+    val_log_probs = torch.log_softmax(a * omni + b * z_val + torch.as_tensor(bias), dim=1)
 
     all_rows = _sample(np.concatenate([train_idx, val_idx]), labels, LINEAR_MAX_PATIENTS, seed)
     final = _logistic(c_value, tol, model, data, all_rows, labels, class_weight)
     _store(model, final, classes, a, b, bias)
     return LinearFit(C=c_value, blend_omnifuse=a, blend_linear=b,
                      features=int(final.coef_.shape[1]), patients=len(all_rows),
-                     val_log_loss_omnifuse=loss_omni, val_log_loss_blend=loss_blend)
+                     val_log_loss_omnifuse=loss_omni, val_log_loss_blend=loss_blend,
+                     val_log_probs=val_log_probs.numpy(), val_index=np.asarray(val_inference.index))
 
 
 def _sample(rows: np.ndarray, labels: np.ndarray, limit: int, seed: int) -> np.ndarray:

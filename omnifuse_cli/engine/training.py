@@ -283,7 +283,7 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
     if linear is not None:
         emit(TrainEvent("message", text=linear_summary(linear)))
         meta.update(linear_meta(linear))
-    posthoc = fit_finish(model, data, splits, cfg, device, class_names)
+    posthoc = fit_finish(model, data, splits, cfg, device, class_names, linear)
     for line in posthoc.describe():
         emit(TrainEvent("message", text=line))
     meta.update(posthoc_meta(posthoc))
@@ -334,13 +334,21 @@ def fit_linear(model: OmniFuse, data: PreparedCohort, splits: dict[str, np.ndarr
 
 
 def fit_finish(model: OmniFuse, data: PreparedCohort, splits: dict[str, np.ndarray],
-               cfg: TrainConfig, device: torch.device, class_names: list[str]) -> PostHoc:
+               cfg: TrainConfig, device: torch.device, class_names: list[str],
+               linear: LinearFit | None = None) -> PostHoc:
     """Temperature, operating point and conformal scores on the validation split
-    (engine/posthoc.py), after the best epoch and the linear path."""
+    (engine/posthoc.py), after the best epoch and the linear path. With a linear path, on its
+    validation predictions before its refit on training + validation patients: after the refit
+    the validation patients are in-sample, their predictions too confident to calibrate on."""
     assert data.labels is not None
-    val = infer_all(model, data, splits["val"], device=device,
-                    batch_size=max(cfg.batch_size, 256), amp=cfg.amp)
-    return fit_posthoc(val.log_probs, data.labels[val.index].numpy(), cfg, class_names)
+    if linear is not None and linear.val_log_probs is not None:
+        index = linear.val_index
+        log_probs = linear.val_log_probs
+    else:
+        val = infer_all(model, data, splits["val"], device=device,
+                        batch_size=max(cfg.batch_size, 256), amp=cfg.amp)
+        index, log_probs = val.index, val.log_probs
+    return fit_posthoc(log_probs, data.labels[index].numpy(), cfg, class_names)
 
 
 def posthoc_meta(posthoc: PostHoc) -> dict[str, Any]:
