@@ -11,6 +11,14 @@ Design (declared before any result was looked at):
     training.evaluate_split; nothing else changes). The validation patients are then halved,
     stratified, 20 times per seed: the rule picks the epoch on half A, the kept epoch is scored
     on half B (and the halves swapped). The test data of no cohort is touched.
+  * Added after the first analysis (the halves regime, which chose patience 5): a second
+    regime where the rule sees only a stratified sample the size of a default validation split
+    (10% of the cohort) and the kept epoch is scored on the rest of the validation patients.
+    The halves (200-400 patients) are larger than the validation split a default run has
+    (69 patients in benchmarks/real's setup), where early stopping reacts to more noise; the
+    real benchmark with patience 5 had lost 0.007 test AUROC, which is what prompted the
+    question. The final choice is the combination that passes the rule below in both regimes
+    with the best average gain in the default-size one (patience 10).
   * Primary contrast: AUROC on B of each rule against today's default (macro_f1, patience 0,
     30 epochs), paired by seed, mean and 95% t-interval over the 10 seeds. Secondary: log loss
     and macro-F1 on B. The default is changed only when the alternative is not worse on any
@@ -169,23 +177,42 @@ def pick(curve: list[dict[str, float]], rule: str, patience: int, cap: int) -> i
     return best
 
 
-def replay(path: Path, c: int) -> pd.DataFrame:
-    from sklearn.model_selection import StratifiedKFold
+COHORT_N = {"demo": 1500, "small": 400, "drug": 979, "drug3": 979}
+REGIMES = {
+    "halves": "the rule sees one stratified half of the validation patients, the kept epoch is "
+              "scored on the other half (and the halves swapped)",
+    "default-size": "the rule sees a stratified sample the size of a default validation split "
+                    "(--val-ratio 0.1 of the cohort: demo 150, small 40, drug and drug3 98 "
+                    "patients), the kept epoch is scored on the remaining validation patients",
+}
 
+
+def _splits(y: np.ndarray, regime: str, n_cohort: int):  # type: ignore[no-untyped-def]
+    from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
+
+    for split in range(SPLITS):
+        if regime == "halves":
+            yield from StratifiedKFold(2, shuffle=True, random_state=split).split(
+                np.zeros(len(y)), y)
+        else:
+            size = max(int(round(0.1 * n_cohort)), 3 * len(np.unique(y)))
+            sss = StratifiedShuffleSplit(1, train_size=size, random_state=split)
+            yield from sss.split(np.zeros(len(y)), y)
+
+
+def replay(path: Path, c: int, regime: str = "halves", n_cohort: int = 0) -> pd.DataFrame:
     z = np.load(path)
     probs, y = z["probs"], z["y"]
     rows = []
-    for split in range(SPLITS):
-        folds = StratifiedKFold(2, shuffle=True, random_state=split).split(np.zeros(len(y)), y)
-        for a, b in folds:
-            curve_a = [scores(y[a], p[a], c) for p in probs]
-            curve_b = [scores(y[b], p[b], c) for p in probs]
-            for rule in RULES:
-                for patience in PATIENCES:
-                    for cap in CAPS:
-                        e = pick(curve_a, rule, patience, cap)
-                        rows.append({"rule": rule, "patience": patience, "cap": cap,
-                                     "epoch": e + 1, **curve_b[e]})
+    for a, b in _splits(y, regime, n_cohort):
+        curve_a = [scores(y[a], p[a], c) for p in probs]
+        curve_b = [scores(y[b], p[b], c) for p in probs]
+        for rule in RULES:
+            for patience in PATIENCES:
+                for cap in CAPS:
+                    e = pick(curve_a, rule, patience, cap)
+                    rows.append({"rule": rule, "patience": patience, "cap": cap,
+                                 "epoch": e + 1, **curve_b[e]})
     frame = pd.DataFrame(rows)
     return frame.groupby(["rule", "patience", "cap"], as_index=False).mean()
 
@@ -195,33 +222,42 @@ def analyse() -> None:
 
     out = ["# Epoch selection, patience and epoch cap, chosen on validation data", "",
            "benchmarks/selection.py (design in its docstring). Every number is on validation "
-           "half B of an epoch picked on half A (20 stratified halvings x 2 directions per "
-           "seed), averaged; differences are paired by seed, mean and 95% t-interval over seeds."
-           " Default today: macro_f1, patience 0, 30 epochs.", ""]
+           "patients the selection did not see, for an epoch picked by the rule on others; "
+           "differences are paired by seed, mean and 95% t-interval over seeds, against the "
+           "previous default (macro_f1, patience 0, 30 epochs). Two regimes: "
+           + "; ".join(f"**{k}**: {v}" for k, v in REGIMES.items())
+           + ". Rows with a 30-epoch cap (the cap changed nothing that matters; every cap is in "
+           "selection.csv).", ""]
+    everything = []
     for name, spec in COHORTS.items():
         files = sorted((WORK / "trajectories").glob(f"{name}-seed*.npz"))
         if not files:
             continue
-        per_seed = [replay(f, spec["classes"]).assign(seed=f.stem) for f in files]
-        frame = pd.concat(per_seed)
-        base = frame[(frame.rule == "macro_f1") & (frame.patience == 0) & (frame.cap == 30)]
-        base = base.set_index("seed")
-        out += [f"## {name} ({len(files)} seeds)", "",
-                "| rule | patience | epochs | kept epoch | AUROC | d AUROC [95% CI] | log loss "
-                "| d log loss | macro-F1 | d macro-F1 |", "|" + "---|" * 10]
-        for (rule, patience, cap), g in frame.groupby(["rule", "patience", "cap"]):
-            g = g.set_index("seed").loc[base.index]
-            cells = []
-            for metric in ("auroc", "loss", "macro_f1"):
-                d = (g[metric] - base[metric]).to_numpy()
-                half = (stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-                        if len(d) > 1 else np.nan)
-                cells.append((g[metric].mean(), d.mean(), half))
-            (au, dau, hau), (lo, dlo, hlo), (f1, df1, hf1) = cells
-            out.append(f"| {rule} | {patience} | {cap} | {g['epoch'].mean():.1f} | {au:.4f} | "
-                       f"{dau:+.4f} [{dau - hau:+.4f}, {dau + hau:+.4f}] | {lo:.4f} | "
-                       f"{dlo:+.4f} | {f1:.4f} | {df1:+.4f} |")
-        out.append("")
+        for regime in REGIMES:
+            frame = pd.concat([replay(f, spec["classes"], regime, COHORT_N[name])
+                               .assign(seed=f.stem) for f in files])
+            everything.append(frame.assign(cohort=name, regime=regime))
+            base = frame[(frame.rule == "macro_f1") & (frame.patience == 0) & (frame.cap == 30)]
+            base = base.set_index("seed")
+            out += [f"## {name}, {regime} ({len(files)} seeds)", "",
+                    "| rule | patience | kept epoch | AUROC | d AUROC [95% CI] | log loss "
+                    "| d log loss | macro-F1 | d macro-F1 |", "|" + "---|" * 9]
+            for (rule, patience, cap), g in frame.groupby(["rule", "patience", "cap"]):
+                if cap != 30:
+                    continue
+                g = g.set_index("seed").loc[base.index]
+                cells = []
+                for metric in ("auroc", "loss", "macro_f1"):
+                    d = (g[metric] - base[metric]).to_numpy()
+                    half = (stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+                            if len(d) > 1 else np.nan)
+                    cells.append((g[metric].mean(), d.mean(), half))
+                (au, dau, hau), (lo, dlo, _), (f1, df1, _) = cells
+                out.append(f"| {rule} | {patience} | {g['epoch'].mean():.1f} | {au:.4f} | "
+                           f"{dau:+.4f} [{dau - hau:+.4f}, {dau + hau:+.4f}] | {lo:.4f} | "
+                           f"{dlo:+.4f} | {f1:.4f} | {df1:+.4f} |")
+            out.append("")
+    pd.concat(everything).to_csv(HERE / "results" / "selection.csv", index=False)
     target = HERE / "results" / "selection.md"
     target.write_text("\n".join(out) + "\n", encoding="utf-8")
     print(target.read_text(encoding="utf-8"))

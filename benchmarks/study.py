@@ -711,6 +711,8 @@ OTHER_RESULTS = {
     "real_data.md": "python benchmarks/real/prepare.py && python benchmarks/real/compare.py "
                     "--seeds 10 --methods lr,hgb,omnifuse (see benchmarks/real/RESULTS.md)",
     "scale.md": "python benchmarks/scale.py",
+    "selection.md": "python benchmarks/selection.py run && python benchmarks/selection.py analyse",
+    "clinical.md": "python benchmarks/clinical.py all",
 }
 
 

@@ -319,7 +319,7 @@ class TrainConfig:
     # Validation score that picks the best epoch, and early stopping; both chosen on validation
     # data (benchmarks/results/selection.md).
     select_metric: str = "auroc"
-    patience: int = 5  # stop after this many epochs without a better score (0: never)
+    patience: int = 10  # stop after this many epochs without a better score (0: never)
     # Loss weight of each class: none, balanced (n / (C * n_c) on the training patients) or
     # explicit weights "1,2.5" (one per class, in class order).
     class_weight: str = "none"

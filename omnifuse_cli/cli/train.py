@@ -154,7 +154,7 @@ def train(
     ] = "auroc",
     patience: Annotated[int, typer.Option(
         "--patience", min=0, help="Stop after this many epochs without a better validation "
-        "--select-by score, keeping the best epoch (0: train every epoch).")] = 5,
+        "--select-by score, keeping the best epoch (0: train every epoch).")] = 10,
     class_weight: Annotated[str, typer.Option(
         "--class-weight", help="Weight of each class in every loss term that sees labels: none, "
         "balanced (inverse class frequency on the training patients) or one weight per class "
