@@ -19,6 +19,11 @@ Design (declared before any result was looked at):
     real benchmark with patience 5 had lost 0.007 test AUROC, which is what prompted the
     question. The final choice is the combination that passes the rule below in both regimes
     with the best average gain in the default-size one (patience 10).
+  * Outcome: the replays use --no-linear-path (the network's own epochs). The default model
+    blends the kept epoch with the linear path, so benchmarks/selection_blend.py tested the
+    chosen rule on the default model, on held-out validation patients of the real cohorts;
+    there AUROC selection scored lower on both, and by its declared rule the defaults stay
+    macro_f1, patience 0, 30 epochs.
   * Primary contrast: AUROC on B of each rule against today's default (macro_f1, patience 0,
     30 epochs), paired by seed, mean and 95% t-interval over the 10 seeds. Secondary: log loss
     and macro-F1 on B. The default is changed only when the alternative is not worse on any

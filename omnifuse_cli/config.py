@@ -318,8 +318,8 @@ class TrainConfig:
     tla_sample: int = 512  # training patients used to mine the lazy combination each epoch
     # Validation score that picks the best epoch, and early stopping; both chosen on validation
     # data (benchmarks/results/selection.md).
-    select_metric: str = "auroc"
-    patience: int = 10  # stop after this many epochs without a better score (0: never)
+    select_metric: str = "macro_f1"
+    patience: int = 0  # stop after this many epochs without a better score (0: never)
     # Loss weight of each class: none, balanced (n / (C * n_c) on the training patients) or
     # explicit weights "1,2.5" (one per class, in class order).
     class_weight: str = "none"

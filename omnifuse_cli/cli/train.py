@@ -150,11 +150,11 @@ def train(
         "with OmniFuse by validation log loss.")] = True,
     select_by: Annotated[str, typer.Option(
         "--select-by", help="Validation score that picks the best epoch: macro_f1, loss "
-        "(log loss) or auroc (chosen on validation data: benchmarks/results/selection.md).")
-    ] = "auroc",
+        "(log loss) or auroc (kept on validation evidence: benchmarks/results/selection.md).")
+    ] = "macro_f1",
     patience: Annotated[int, typer.Option(
         "--patience", min=0, help="Stop after this many epochs without a better validation "
-        "--select-by score, keeping the best epoch (0: train every epoch).")] = 10,
+        "--select-by score, keeping the best epoch (0: train every epoch).")] = 0,
     class_weight: Annotated[str, typer.Option(
         "--class-weight", help="Weight of each class in every loss term that sees labels: none, "
         "balanced (inverse class frequency on the training patients) or one weight per class "
