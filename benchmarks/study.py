@@ -712,6 +712,7 @@ OTHER_RESULTS = {
                     "--seeds 10 --methods lr,hgb,omnifuse (see benchmarks/real/RESULTS.md)",
     "scale.md": "python benchmarks/scale.py",
     "selection.md": "python benchmarks/selection.py run && python benchmarks/selection.py analyse",
+    "selection_blend.md": "python benchmarks/selection_blend.py",
     "clinical.md": "python benchmarks/clinical.py all",
 }
 
