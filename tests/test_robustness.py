@@ -465,6 +465,9 @@ def test_ctrl_c_leaves_a_usable_run_and_resume_equals_an_uninterrupted_run(
         proc = subprocess.Popen(
             [sys.executable, "-m", "omnifuse_cli", "train", *map(str, args)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=tmp_path,
+            # A shell's background job (`.ci/run &`) inherits SIGINT ignored, and Python then
+            # never raises KeyboardInterrupt: give the child the default, as a terminal would.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             deadline = time.monotonic() + 180
