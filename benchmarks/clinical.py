@@ -1,12 +1,12 @@
 """The goals of issue "Clinical-grade outputs", measured through the CLI a user runs.
 
   demo        The demo cohort (make-data --n 1500 --image-size 64 --seed S, MobileNetV2 ImageNet
-              features, split 0.45/0.15/0.40: 601 test patients), seeds 1-5. Two trainings per
+              features, split 0.45/0.15/0.40: 601 test patients), seeds 1-5. Three trainings per
               seed, paired: "before" = the settings of the previous release (--calibrate none)
               and "now" = today's defaults (temperature calibration); a third run per seed
-              without the linear path shows the temperature where it has work to do. Reported: test ECE before / after
-              calibration, Brier, log loss, macro-F1 and AUROC. Goal: ECE <= 0.03 after
-              calibration, macro-F1 not lower than before (paired by seed).
+              without the linear path shows the temperature where it has work to do. Reported:
+              test ECE before / after calibration, Brier, log loss, macro-F1 and AUROC. Goal:
+              ECE <= 0.03 after calibration, macro-F1 not lower than before (paired by seed).
   conformal   One 3,000-patient make-data cohort (seed 42), seeds 1-10: train on 600, validate
               (and calibrate the conformal sets) on 400, test on a 2,000-patient pool; evaluate
               --conformal 0.1. Goal: coverage 0.88-0.92 overall, per class within 0.05 of 0.90
