@@ -360,6 +360,10 @@ class ConformalCalibration:
         """Whether every class has at least min_per_class(alpha) validation patients."""
         return bool((self.class_counts() >= self.min_per_class(alpha)).all())
 
+    def mode(self, alpha: float) -> str:
+        """"class-conditional" or "marginal": how sets at ``alpha`` are calibrated."""
+        return "class-conditional" if self.class_conditional(alpha) else "marginal"
+
     def quantiles(self, alpha: float) -> np.ndarray:
         """qhat per class, shape (C,): class-conditional when class_conditional(alpha), else the
         marginal qhat repeated. +inf where ceil((n+1)(1-alpha)) > n."""

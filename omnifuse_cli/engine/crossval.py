@@ -578,18 +578,14 @@ def _run_cv(request: CVRequest, emit: CVEventFn, device: torch.device, resume: b
                                 len(plan.val), len(plan.test), best_epoch, metrics,
                                 time.perf_counter() - t0)
             if main:
+                sets, mode = conformal_sets(posthoc.conformal, probs, request.conformal)
                 frame = prediction_frame([cohort.ids[j] for j in inference.index], y, probs,
                                          cohort.present[inference.index], cohort.names,
-                                         class_names, inference.weights, pred=pred)
-                for c, cname in enumerate(class_names):  # before calibration, for the report
-                    frame[f"raw_prob_{cname}"] = raw[:, c]
+                                         class_names, inference.weights, pred=pred, sets=sets,
+                                         raw=raw)
                 if posthoc.threshold is not None:
                     frame["threshold"] = posthoc.threshold
-                sets, mode = conformal_sets(posthoc.conformal, probs, request.conformal)
                 if sets is not None:
-                    frame["set"] = ["|".join(cn for cn, keep in zip(class_names, row,
-                                                                    strict=True) if keep)
-                                    for row in sets]
                     frame["conformal_mode"] = mode
                 for position, (key, value) in enumerate(
                         (("variant", plan.variant.name), ("repeat", plan.repeat),

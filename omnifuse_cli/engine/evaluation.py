@@ -227,9 +227,7 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
     write_csv(out_dir / "patterns.csv", patterns)
     clinical.write(out_dir)
     frame = prediction_frame(ids, y, probs, present, cohort.names, bundle.class_names,
-                             result.weights, pred=pred, sets=sets)
-    for c, cname in enumerate(bundle.class_names):  # before calibration, for the report
-        frame[f"raw_prob_{cname}"] = raw[:, c]
+                             result.weights, pred=pred, sets=sets, raw=raw)
     write_csv(out_dir / "predictions.csv", frame)
     return EvalResult(source, len(rows), metrics, intervals, cm, bundle.class_names, patterns,
                       out_dir, notes, clinical, posthoc)

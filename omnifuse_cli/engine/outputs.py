@@ -200,5 +200,4 @@ def conformal_sets(calibration: ConformalCalibration | None, probs: np.ndarray,
     """(sets, mode) at ``alpha``; (None, "") without a calibration or an alpha."""
     if calibration is None or alpha is None:
         return None, ""
-    mode = "class-conditional" if calibration.class_conditional(alpha) else "marginal"
-    return calibration.sets(probs, alpha), mode
+    return calibration.sets(probs, alpha), calibration.mode(alpha)

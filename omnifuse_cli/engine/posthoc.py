@@ -11,7 +11,7 @@ conformal scores, and says so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,6 @@ class PostHoc:
     legacy: bool = False  # the bundle predates post-hoc fitting
     val_loss_before: float | None = None
     val_loss_after: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     # -- applying ------------------------------------------------------------------------------
     def calibrate(self, log_probs: np.ndarray) -> np.ndarray:
@@ -135,7 +134,7 @@ def fit_posthoc(log_probs: np.ndarray, y: np.ndarray, cfg: TrainConfig,
                 class_names: list[str]) -> PostHoc:
     """Temperature, operating point and conformal scores from the validation patients'
     log-probabilities (after the best epoch and the linear path)."""
-    from omnifuse_cli.engine.metrics import classification_metrics
+    from omnifuse_cli.engine.metrics import metric_value
 
     num_classes = len(class_names)
     log_probs = np.asarray(log_probs, dtype=np.float64)
@@ -152,8 +151,8 @@ def fit_posthoc(log_probs: np.ndarray, y: np.ndarray, cfg: TrainConfig,
     log_probs = apply_temperature(log_probs, 1.0)  # renormalised in float64
     calibrated = apply_temperature(log_probs, temperature)
     if n:
-        before = classification_metrics(y, np.exp(log_probs), num_classes)["loss"]
-        after = classification_metrics(y, np.exp(calibrated), num_classes)["loss"]
+        before = metric_value("loss", y, np.exp(log_probs), num_classes)
+        after = metric_value("loss", y, np.exp(calibrated), num_classes)
     probs = np.exp(calibrated)
     positive = positive_index(cfg, class_names)
     threshold, rule, met = None, None, True

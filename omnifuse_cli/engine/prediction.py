@@ -172,9 +172,8 @@ def predict_patients(request: PredictRequest,
         assert posthoc.conformal is not None
         sets = np.zeros(probs.shape, dtype=bool)
         sets[rows] = posthoc.conformal.sets(probs[rows], request.conformal)
-        mode = ("class-conditional" if posthoc.conformal.class_conditional(request.conformal)
-                else "marginal")
-        notes.append(f"conformal sets at alpha {request.conformal:g} ({mode}, calibrated on "
+        notes.append(f"conformal sets at alpha {request.conformal:g} "
+                     f"({posthoc.conformal.mode(request.conformal)}, calibrated on "
                      f"{len(posthoc.conformal.scores)} validation patients): each set holds "
                      f"the true class for about {1 - request.conformal:.0%} of patients")
     weights = None
@@ -191,13 +190,15 @@ def predict_patients(request: PredictRequest,
 def prediction_frame(ids: list[str], labels: np.ndarray | None, probs: np.ndarray,
                      present: np.ndarray, names: list[str], class_names: list[str],
                      weights: np.ndarray | None, *, pred: np.ndarray | None = None,
-                     sets: np.ndarray | None = None) -> pd.DataFrame:
+                     sets: np.ndarray | None = None, raw: np.ndarray | None = None
+                     ) -> pd.DataFrame:
     """One row per patient: id, label (if known), pred, prob_<class>, modalities present and
     weight_<modality>, each modality's DWFuse weight at the predicted class (predictions.csv of
     predict, evaluate and cv). ``pred``: the decisions at the run's operating point (default:
     the most probable class); ``sets``: (N, C) conformal prediction sets, written as ``set``
-    (the classes joined by "|"). A row of NaN probabilities (a patient predict could not
-    score) gets an empty pred and empty probabilities and weights."""
+    (the classes joined by "|"); ``raw``: the probabilities before calibration, written as
+    ``raw_prob_<class>`` (evaluate and cv, for the report). A row of NaN probabilities (a
+    patient predict could not score) gets an empty pred and empty probabilities and weights."""
     scored = ~np.isnan(probs).any(axis=1)
     if pred is None:
         pred = np.nan_to_num(probs, nan=-1.0).argmax(1)
@@ -208,6 +209,9 @@ def prediction_frame(ids: list[str], labels: np.ndarray | None, probs: np.ndarra
     frame["pred"] = [class_names[c] if ok else None for c, ok in zip(pred, scored, strict=True)]
     for c, cname in enumerate(class_names):
         frame[f"prob_{cname}"] = probs[:, c]
+    if raw is not None:
+        for c, cname in enumerate(class_names):
+            frame[f"raw_prob_{cname}"] = raw[:, c]
     if sets is not None:
         frame["set"] = ["|".join(n for n, keep in zip(class_names, row, strict=True) if keep)
                         if ok else None for row, ok in zip(sets, scored, strict=True)]
