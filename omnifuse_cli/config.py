@@ -146,6 +146,22 @@ class TextConfig:
         _check(self.max_ngrams >= 8, f"max_ngrams must be >= 8, got {self.max_ngrams}")
 
 
+def parse_modality_rates(values: list[str] | None) -> tuple[tuple[str, float], ...]:
+    """--modality-missing-rate NAME=RATE (repeatable) as (name, rate) pairs; the rates are
+    checked against [0, 1) where they are used."""
+    out: dict[str, float] = {}
+    for value in values or ():
+        name, sep, rate = str(value).partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(rate)
+        except ValueError:
+            raise ConfigError(f"--modality-missing-rate must be NAME=RATE, got {value!r}",
+                              hint="e.g. --modality-missing-rate us=0.8") from None
+    return tuple(out.items())
+
+
 def parse_class_weight(text: str, num_classes: int | None) -> tuple[float, ...] | str | None:
     """--class-weight: "none" -> None, "balanced" -> "balanced", "1,2.5,1" -> the weights (one
     per class when ``num_classes`` is known, each > 0)."""

@@ -279,8 +279,8 @@ def test_check_audits_a_manifest(tiny_manifest: Path, tmp_path: Path) -> None:
     assert (f"ready for `omnifuse train {tiny_manifest} --num-classes 3 --modality labs=vector "
             "--modality us=image --modality text=text --on-bad-file skip`") in flat(result.output)
     unlabelled = tmp_path / "m.csv"
-    unlabelled.write_text('id,label,labs\n1,0,"[1]"\n2,,"[2]"\n', encoding="utf-8")
+    unlabelled.write_text('id,label,labs\n1,,"[1]"\n2,,"[2]"\n', encoding="utf-8")
     result = invoke("check", unlabelled, "--modality", "labs=vector")
     assert result.exit_code == 2
-    assert "not trainable: some or all patients have no label" in flat(result.stderr)
+    assert "not trainable: no patient has a label" in flat(result.stderr)
     assert "Traceback" not in result.output

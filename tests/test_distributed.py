@@ -127,6 +127,23 @@ def test_two_processes_train_like_one(runs: dict[int, Path]) -> None:
     assert meta["processes"] == "2"
 
 
+def test_two_processes_train_like_one_with_unlabeled_patients(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Unlabeled patients join the batches (training.MixedBatches) and the label terms are
+    weighted by each rank's share of the labelled patients: two processes still match one."""
+    root = tmp_path_factory.mktemp("ddp_unlabeled")
+    make_cohort(CohortSpec(n=80, unlabeled=50, labs_dim=5, ultrasound=False, inline_notes=True,
+                           seed=3), root / "data")
+    manifest = root / "data" / "manifest.csv"
+    for processes in (1, 2):
+        _train(manifest, root / f"p{processes}", processes=processes)
+    one, two = _metrics(root / "p1"), _metrics(root / "p2")
+    assert pd.read_csv(root / "p1" / "split.csv").set_index("split")["n"]["unlabeled"] == 50
+    np.testing.assert_allclose(two[LOSS_COLUMNS].to_numpy(), one[LOSS_COLUMNS].to_numpy(),
+                               rtol=1e-5, atol=1e-6)
+    assert two["best"].tolist() == one["best"].tolist()
+
+
 def test_only_rank_zero_writes_and_the_bundles_predict_alike(
         runs: dict[int, Path], manifest: Path) -> None:
     from omnifuse_cli.engine.prediction import PredictRequest, predict_patients

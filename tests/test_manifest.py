@@ -638,10 +638,16 @@ def test_audit_reports_what_stops_training(tmp_path: Path) -> None:
     from omnifuse_cli.engine.audit import audit_manifest
 
     data = DataConfig(modalities=LABS)
-    unlabelled = write(tmp_path, 'id,label,labs\n1,0,"[1]"\n2,,"[2]"\n', "a.csv")
+    unlabelled = write(tmp_path, 'id,label,labs\n1,,"[1]"\n2,,"[2]"\n', "a.csv")
     report = audit_manifest(unlabelled, data)
     assert not report.trainable
-    assert "no label" in report.problems[0]
+    assert "no patient has a label" in report.problems[0]
+    # Unlabeled patients beside labelled ones are counted, not a problem.
+    mixed = write(tmp_path, "id,label,labs\n" + "".join(
+        f'{i},{"" if i >= 20 else i % 2},"[{i}]"\n' for i in range(30)), "m.csv")
+    report = audit_manifest(mixed, data)
+    assert report.trainable and report.n_unlabeled == 10
+    assert report.label_counts == {"0": 10, "1": 10}
     missing_class = write(tmp_path, "id,label,labs\n" + "".join(
         f'{i},{i % 2},"[{i}]"\n' for i in range(20)), "b.csv")
     report = audit_manifest(missing_class, data, num_classes=3)

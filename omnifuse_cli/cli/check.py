@@ -72,4 +72,10 @@ def check(
              *([f"--on-empty-patient {on_empty_patient}"] if on_empty_patient != "skip" else [])]
     command = " ".join([f"omnifuse train {manifest} --num-classes {len(report.label_counts)}",
                         *given])
-    console.print(f"[green]ok:[/] {report.n_patients} patients, ready for `{escape(command)}`")
+    if report.n_unlabeled:
+        console.print(f"[yellow]note:[/] {report.n_unlabeled} patient(s) have an empty label: "
+                      "unlabeled, they train the imputation and fit the normalisation and "
+                      "vocabulary, never a label loss, the validation score or a test metric")
+    who = (f"{report.n_patients - report.n_unlabeled} labelled + {report.n_unlabeled} "
+           "unlabeled patients" if report.n_unlabeled else f"{report.n_patients} patients")
+    console.print(f"[green]ok:[/] {who}, ready for `{escape(command)}`")

@@ -37,6 +37,10 @@ def evaluate(
     missing_rate: Annotated[float, typer.Option(
         "--missing-rate", help="Hide each present modality with this probability, keeping one "
         "per patient (seeded).")] = 0.0,
+    modality_missing_rate: Annotated[list[str] | None, typer.Option(
+        "--modality-missing-rate", metavar="NAME=RATE",
+        help="Hide this modality with probability RATE instead of --missing-rate (repeatable): "
+        "a deployment site that images fewer patients, e.g. us=0.8.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of --missing-rate and the "
                                       "bootstrap.")] = 42,
     bootstrap: Annotated[int, typer.Option(
@@ -63,6 +67,7 @@ def evaluate(
         patterns_table,
         subgroup_gaps_table,
     )
+    from omnifuse_cli.config import parse_modality_rates
     from omnifuse_cli.data.text import check_encoding
     from omnifuse_cli.engine.evaluation import EvalRequest, evaluate_run
 
@@ -71,7 +76,9 @@ def evaluate(
     request = EvalRequest(run_dir=run_dir, manifest=manifest, labs_table=labs_table,
                           labs_id_col=labs_id_col, out_dir=out_dir, device=device,
                           batch_size=batch_size, drop_modalities=tuple(drop_modality or ()),
-                          missing_rate=missing_rate, seed=seed, bootstrap=bootstrap,
+                          missing_rate=missing_rate,
+                          modality_missing_rates=parse_modality_rates(modality_missing_rate),
+                          seed=seed, bootstrap=bootstrap,
                           cache=cache, cache_dir=cache_dir, threads=threads,
                           encoding=encoding and check_encoding(encoding),
                           labs_format=labs_format, labs_agg=labs_agg,

@@ -47,6 +47,10 @@ def make_data(
     inline_notes: Annotated[bool, typer.Option(
         "--inline-notes", help="Write each note into the manifest's text cell instead of "
         "text/<id>.txt (one file instead of one per patient).")] = False,
+    unlabeled: Annotated[int, typer.Option(
+        "--unlabeled", min=0, help="Extra patients from the same generator written with an "
+        "empty label (unlabeled: they train the imputation only); truth.csv keeps their "
+        "labels.")] = 0,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Write into a non-empty --out-dir.")] = False,
 ) -> None:
@@ -70,13 +74,13 @@ def make_data(
                       missing_labs=missing_labs, missing_us=missing_us,
                       missing_text=missing_text, shared_severity=shared_severity,
                       corrupt_rate=corrupt_rate, missing_mode=missing_mode,
-                      ultrasound=not no_images, inline_notes=inline_notes,
+                      ultrasound=not no_images, inline_notes=inline_notes, unlabeled=unlabeled,
                       **{k: v for k, v in knobs.items() if v is not None})
     prepare_out_dir(out_dir, overwrite)
     from rich.progress import Progress
 
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("writing patients", total=n)
+        task = progress.add_task("writing patients", total=n + unlabeled)
         summary = make_cohort(spec, out_dir,
                               progress=lambda d, t: progress.update(task, completed=d, total=t))
     console.print(counts_table({str(k): v for k, v in sorted(summary.label_counts.items())},
@@ -87,6 +91,9 @@ def make_data(
     corrupted = ", ".join(f"{m} {k}" for m, k in summary.corrupted_counts.items())
     console.print(f"{sum(summary.corrupted_counts.values())} patients with one corrupted "
                   f"modality ({corrupted}), listed in {summary.truth.name}")
+    if summary.n_unlabeled:
+        console.print(f"{summary.n_unlabeled} more patients with an empty label (unlabeled; "
+                      f"their labels are in {summary.truth.name})")
     console.print(f"{summary.n_patients} patients, {summary.n_images} images written to "
                   f"[bold]{summary.out_dir}[/]\nnext: omnifuse train {summary.manifest} "
                   f"--num-classes {num_classes}{modalities}")

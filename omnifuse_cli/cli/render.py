@@ -137,7 +137,10 @@ def audit_tables(report) -> list[Table]:  # type: ignore[no-untyped-def]
     n = report.n_patients
     tables = []
     if report.label_counts:
-        tables.append(counts_table(report.label_counts, f"{n} patients by label", key="label"))
+        counts = dict(report.label_counts)
+        if report.n_unlabeled:
+            counts["(empty: unlabeled)"] = report.n_unlabeled
+        tables.append(counts_table(counts, f"{n} patients by label", key="label"))
     presence = titled("modalities")
     for col in ("modality", "patients", "share", "detail"):
         presence.add_column(col, justify="left" if col in ("modality", "detail") else "right")

@@ -345,6 +345,7 @@ def read_manifest(
     labs_format: str = "auto",
     labs_agg: str = "last",
     labs_analytes: list[str] | None = None,
+    allow_unlabeled: bool = False,
 ) -> Cohort:
     """Parse and validate a manifest. Every problem found is reported in one ManifestError.
 
@@ -357,6 +358,8 @@ def read_manifest(
     listed in ``cohort.excluded``) or stop the read ("error"). ``encoding`` reads note files and
     the manifest itself (auto: see data.text.decode_note). ``labs_format``/``labs_agg`` read
     ``labs_table`` (data.labs.read_labs); ``labs_analytes`` forces its columns (a run's).
+    allow_unlabeled (train, cv, evaluate): an empty label cell is an unlabeled patient (label
+    -1) rather than a problem; a label that is not a class index is still one.
     """
     if on_bad_file not in ON_BAD_FILE:
         raise ConfigError(f"--on-bad-file must be error or skip, got {on_bad_file!r}")
@@ -396,7 +399,8 @@ def read_manifest(
     problems = _Problems(path, ids)
     _check_ids(ids, problems)
 
-    labels = _read_labels(frame, problems, require_labels, num_classes)
+    labels = _read_labels(frame, problems, require_labels and not allow_unlabeled, num_classes,
+                          keep_column=allow_unlabeled)
     for column in frame.columns:
         hits = frame[column].str.contains(VSCODE_MARKER, regex=False).to_numpy()
         for i in np.flatnonzero(hits).tolist():
@@ -501,10 +505,13 @@ def _check_ids(ids: list[str], problems: _Problems) -> None:
 
 
 def _read_labels(
-    frame: pd.DataFrame, problems: _Problems, required: bool, num_classes: int | None
+    frame: pd.DataFrame, problems: _Problems, required: bool, num_classes: int | None,
+    keep_column: bool = False,
 ) -> np.ndarray | None:
+    """Class indices, -1 for an empty cell (an unlabeled patient where allowed). None without
+    a label column, or (unless ``keep_column``) when no patient has a label."""
     if "label" not in frame.columns:
-        if required:
+        if required or keep_column:
             raise ManifestError(
                 f"manifest {problems.source} has no 'label' column "
                 f"(columns: {', '.join(frame.columns)})",
@@ -523,7 +530,7 @@ def _read_labels(
     # The rest (empty, not a number, out of range) one by one, for the messages.
     for i in np.flatnonzero(~good).tolist():
         _read_label(text.iat[i], i, labels, problems, required, num_classes)
-    if not required and (labels < 0).all():
+    if not required and not keep_column and (labels < 0).all():
         return None
     return labels
 
@@ -803,9 +810,14 @@ def _fill_texts(
 
 
 def check_trainable(cohort: Cohort, num_classes: int) -> None:
-    """Labels must cover the classes well enough for a stratified three-way split."""
+    """Labels must cover the classes well enough for a stratified three-way split; unlabeled
+    patients (label -1) are allowed beside them."""
     if cohort.labels is None:
         raise DataError("training needs labels", hint="add a 'label' column")
+    if not (cohort.labels >= 0).any():
+        raise DataError(f"none of the {len(cohort)} patients has a label (every label cell is "
+                        "empty)", hint="training needs labelled patients; unlabeled ones only "
+                        "join them")
     counts = np.bincount(cohort.labels[cohort.labels >= 0], minlength=num_classes)
     empty = [str(c) for c in range(num_classes) if counts[c] == 0]
     if empty:

@@ -1,4 +1,4 @@
-"""Stratified train/val/test split by label (scikit-learn)."""
+"""Stratified train/val/test split by label (scikit-learn); unlabeled patients apart."""
 
 from __future__ import annotations
 
@@ -11,7 +11,19 @@ from omnifuse_cli.errors import DataError
 def stratified_split(labels: np.ndarray, *, train: float, val: float, test: float, seed: int
                      ) -> dict[str, np.ndarray]:
     """Indices of each split, stratified by label; a clear error when a class is too small.
-    ``test=0`` gives an empty test split (the cohort is tested elsewhere)."""
+    ``test=0`` gives an empty test split (the cohort is tested elsewhere).
+
+    Unlabeled patients (label -1) are split off first, into ``unlabeled`` (present only when
+    there are some): they only ever train, never validate or test. The labelled patients are
+    split exactly as they would be without them."""
+    labels = np.asarray(labels)
+    unlabeled = np.flatnonzero(labels < 0)
+    if len(unlabeled):
+        labelled = np.flatnonzero(labels >= 0)
+        parts = stratified_split(labels[labelled], train=train, val=val, test=test, seed=seed)
+        out = {name: labelled[idx] for name, idx in parts.items()}
+        out["unlabeled"] = unlabeled
+        return out
     n = len(labels)
     index = np.arange(n)
     counts = np.bincount(labels)
@@ -50,3 +62,12 @@ def stratified_split(labels: np.ndarray, *, train: float, val: float, test: floa
                 f"--test-ratio {share:.2f}, or add patients to class {c}",
             )
     return splits
+
+
+def training_patients(splits: dict[str, np.ndarray]) -> np.ndarray:
+    """Every patient a model learns from: the training split and the unlabeled patients (they
+    fit the normalisation, the vocabulary and the imputation, never a label loss)."""
+    unlabeled = splits.get("unlabeled")
+    if unlabeled is None or not len(unlabeled):
+        return splits["train"]
+    return np.sort(np.concatenate([splits["train"], unlabeled]))

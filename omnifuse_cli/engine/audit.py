@@ -41,6 +41,7 @@ class AuditReport:
     notes: list[str] = field(default_factory=list)  # skipped files, labs-table mismatches
     problems: list[str] = field(default_factory=list)  # what stops training
     split_summary: pd.DataFrame | None = None  # the split train would make (split_summary)
+    n_unlabeled: int = 0  # patients with an empty label: they train the imputation only
 
     @property
     def trainable(self) -> bool:
@@ -74,11 +75,14 @@ def audit_manifest(manifest: Path, data: DataConfig, *, num_classes: int | None 
         image_files={n: describe_files(lists) for n, lists in cohort.images.items()},
         note_stats=dict(cohort.note_stats), notes=list(cohort.notes),
     )
-    if cohort.labels is None or (cohort.labels < 0).any():
-        report.problems.append("some or all patients have no label (training needs one each)")
+    if cohort.labels is None or not (cohort.labels >= 0).any():
+        report.problems.append("no patient has a label (training needs labelled patients; "
+                               "unlabeled ones, with an empty label cell, only join them)")
         return report
-    classes = num_classes or int(cohort.labels.max()) + 1
-    counts = np.bincount(cohort.labels, minlength=classes)
+    labelled = cohort.labels[cohort.labels >= 0]
+    report.n_unlabeled = int((cohort.labels < 0).sum())
+    classes = num_classes or int(labelled.max()) + 1
+    counts = np.bincount(labelled, minlength=classes)
     report.label_counts = {str(c): int(counts[c]) for c in range(classes)}
     cfg = split or TrainConfig()
     try:
@@ -120,7 +124,11 @@ def split_summary(cohort: Cohort, splits: dict[str, np.ndarray],
     code = code.reshape(-1)
     names = ["+".join(n for n, p in zip(cohort.names, row, strict=True) if p) or "(none)"
              for row in rows]
-    groups = [("class", class_names, cohort.labels), ("pattern", names, code)]
+    labels = cohort.labels
+    if (labels < 0).any():  # unlabeled patients: a class row of their own
+        class_names = [*class_names, "unlabeled"]
+        labels = np.where(labels < 0, len(class_names) - 1, labels)
+    groups = [("class", class_names, labels), ("pattern", names, code)]
     records = []
     for kind, values, key in groups:
         table = np.zeros((len(values), len(splits)), dtype=np.int64)

@@ -56,6 +56,7 @@ from omnifuse_cli.data.manifest import (
     reading_options,
 )
 from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
+from omnifuse_cli.data.splits import training_patients
 from omnifuse_cli.engine import distributed
 from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions
 from omnifuse_cli.engine.clinical import parse_subgroup
@@ -282,6 +283,20 @@ def assign_folds(labels: np.ndarray, folds: int, repeats: int, seed: int,
     return out
 
 
+def assign_folds_labelled(labels: np.ndarray, folds: int, repeats: int, seed: int,
+                          groups: np.ndarray | None = None, group_col: str = "") -> np.ndarray:
+    """assign_folds over the labelled patients; unlabeled ones (label -1) get fold 0: they
+    join every training fold and are never tested. The labelled patients' folds are those
+    the cohort would get without the unlabeled ones."""
+    labelled = np.flatnonzero(labels >= 0)
+    if len(labelled) == len(labels):
+        return assign_folds(labels, folds, repeats, seed, groups, group_col)
+    out = np.zeros((repeats, len(labels)), dtype=np.int64)
+    out[:, labelled] = assign_folds(labels[labelled], folds, repeats, seed,
+                                    None if groups is None else groups[labelled], group_col)
+    return out
+
+
 def inner_split(labels: np.ndarray, idx: np.ndarray, share: float, seed: int,
                 groups: np.ndarray | None = None, where: str = "a training fold"
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -443,12 +458,17 @@ def _encode(cohort: Cohort, request: CVRequest, variant: Variant, device: torch.
 
 def _fit(cohort: Cohort, request: CVRequest, variant: Variant, enc: _Encoded, cfg: TrainConfig,
          train_idx: np.ndarray, val_idx: np.ndarray, device: torch.device, emit: CVEventFn,
-         out: Path) -> tuple[OmniFuse, Preprocessor, PreparedCohort, int, PostHoc]:
+         out: Path, unlabeled: np.ndarray | None = None
+         ) -> tuple[OmniFuse, Preprocessor, PreparedCohort, int, PostHoc]:
     """`train`'s model building, epoch loop and post-hoc fit (temperature, operating point,
     conformal scores on the inner validation split) on given patients, with the shared
-    features."""
+    features; ``unlabeled`` patients join the training patients (training.fit_model)."""
+    splits = {"train": train_idx, "val": val_idx}
+    if unlabeled is not None and len(unlabeled):
+        splits["unlabeled"] = unlabeled
     torch.manual_seed(cfg.seed)
-    model, pre, _ = build_for_cohort(cohort, train_idx, _train_request(request, variant, cfg))
+    model, pre, _ = build_for_cohort(cohort, training_patients(splits),
+                                     _train_request(request, variant, cfg))
     data = pre.prepare(cohort)
     for name, state in enc.states.items():
         backbone = model.encoders[name].backbone
@@ -465,7 +485,6 @@ def _fit(cohort: Cohort, request: CVRequest, variant: Variant, enc: _Encoded, cf
     def on_epoch(rows: list[dict[str, Any]]) -> None:
         write_csv(out / "metrics.csv", pd.DataFrame(rows))
 
-    splits = {"train": train_idx, "val": val_idx}
     records, best_epoch, best_state = fit_model(
         model, data, splits, cfg, request.num_classes, forward, on_epoch=on_epoch)
     model.load_state_dict(best_state)
@@ -483,6 +502,7 @@ class _Plan:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+    unlabeled: np.ndarray  # patients without a label: they join every training fold
 
 
 def _plan(request: CVRequest, labels: np.ndarray, assignment: np.ndarray,
@@ -495,11 +515,12 @@ def _plan(request: CVRequest, labels: np.ndarray, assignment: np.ndarray,
         for r in range(1, request.repeats + 1):
             for k in range(1, request.folds + 1):
                 test = np.flatnonzero(assignment[r - 1] == k)
-                rest = np.flatnonzero(assignment[r - 1] != k)
+                rest = np.flatnonzero((assignment[r - 1] != k) & (assignment[r - 1] > 0))
                 where = f"fold {k}" + (f" of repeat {r}" if request.repeats > 1 else "")
                 train, val = inner_split(labels, rest, share, fold_seed(variant.train, r, k),
                                          groups, where)
-                plans.append(_Plan(variant, r, k, train, val, test))
+                plans.append(_Plan(variant, r, k, train, val, test,
+                                   np.flatnonzero(assignment[r - 1] == 0)))
     return plans
 
 
@@ -522,14 +543,15 @@ def _run_cv(request: CVRequest, emit: CVEventFn, device: torch.device, resume: b
     main = distributed.is_main()
     with distributed.together("reading the data"):
         cohort = read_manifest(request.manifest, base.data.modalities,
-                               num_classes=request.num_classes, **reading_options(base.data))
+                               num_classes=request.num_classes, allow_unlabeled=True,
+                               **reading_options(base.data))
         check_trainable(cohort, request.num_classes)
         assert cohort.labels is not None
         labels = cohort.labels
         groups = (read_groups(request.manifest, request.group_col, len(cohort))
                   if request.group_col else None)
-        assignment = assign_folds(labels, request.folds, request.repeats, base.train.seed,
-                                  groups, request.group_col or "")
+        assignment = assign_folds_labelled(labels, request.folds, request.repeats,
+                                           base.train.seed, groups, request.group_col or "")
         plans = _plan(request, labels, assignment, groups)
         for plan in plans:
             distributed.check_world_fits(len(plan.train), plan.variant.train.batch_size)
@@ -564,7 +586,8 @@ def _run_cv(request: CVRequest, emit: CVEventFn, device: torch.device, resume: b
                                       seed=fold_seed(plan.variant.train, plan.repeat, plan.fold))
             t0 = time.perf_counter()
             model, _, data, best_epoch, posthoc = _fit(cohort, request, plan.variant, enc, cfg,
-                                                       plan.train, plan.val, device, emit, out)
+                                                       plan.train, plan.val, device, emit, out,
+                                                       plan.unlabeled)
             inference = infer_all(model, data, plan.test, device=device,
                                   batch_size=cfg.batch_size, amp=cfg.amp)
             raw = np.exp(inference.log_probs)
@@ -593,13 +616,14 @@ def _run_cv(request: CVRequest, emit: CVEventFn, device: torch.device, resume: b
                     frame.insert(position, key, value)
                 write_csv(out / "predictions.csv", frame)
                 _write_split(out, cohort, {"train": plan.train, "val": plan.val,
-                                           "test": plan.test})
+                                           "test": plan.test, "unlabeled": plan.unlabeled})
                 write_text_atomic(out / FOLD_DONE,
                                   json.dumps(dataclasses.asdict(result), indent=1))
             results.append(result)
             emit(CVEvent("fold-done", i + 1, total, fold=result))
         current = "the summary"
-        summary = distributed.broadcast_object(summarise(request, cohort) if main else None)
+        summary = distributed.broadcast_object(summarise(request, labelled_only(cohort))
+                                               if main else None)
         refit_dir = None
         if request.refit:
             current = "the final --refit model"
@@ -629,6 +653,14 @@ def _run_cv(request: CVRequest, emit: CVEventFn, device: torch.device, resume: b
         differences=summary["differences"], folds=results, encode_seconds=encode_seconds,
         seconds=seconds, refit_dir=refit_dir, notes=list(cohort.notes),
     )
+
+
+def labelled_only(cohort: Cohort) -> Cohort:
+    """The labelled patients (the pooled results and every metric are theirs)."""
+    assert cohort.labels is not None
+    if (cohort.labels >= 0).all():
+        return cohort
+    return cohort.subset(np.flatnonzero(cohort.labels >= 0))
 
 
 def cv_digests(request: CVRequest) -> dict[str, str]:
@@ -727,17 +759,19 @@ def _refit(cohort: Cohort, request: CVRequest, groups: np.ndarray | None,
     assert cohort.labels is not None
     base = request.base
     emit(CVEvent("refit", total - 1, total, text="final model on all patients"))
-    train_idx, val_idx = inner_split(cohort.labels, np.arange(len(cohort)),
+    unlabeled = np.flatnonzero(cohort.labels < 0)
+    train_idx, val_idx = inner_split(cohort.labels, np.flatnonzero(cohort.labels >= 0),
                                      _val_share(base.train), base.train.seed, groups,
                                      "the final model")
     enc = _encoded_for(encoded, cohort, request, base, device, emit)
     model, pre, _, best_epoch, posthoc = _fit(cohort, request, base, enc, base.train,
-                                              train_idx, val_idx, device, emit, out)
+                                              train_idx, val_idx, device, emit, out, unlabeled)
     if not distributed.is_main():
         return out
-    _write_split(out, cohort, {"train": train_idx, "val": val_idx})
+    _write_split(out, cohort, {"train": train_idx, "val": val_idx, "unlabeled": unlabeled})
     meta = _meta(request, cohort, device, enc.weights)
     meta.update({"n_train": len(train_idx), "n_val": len(val_idx), "n_test": 0,
+                 "n_unlabeled": len(unlabeled),
                  "best_epoch": best_epoch, **posthoc_meta(posthoc)})
     save_bundle(out / BUNDLE_DIR, model, pre, class_names=[str(c) for c in
                                                            range(request.num_classes)],
@@ -927,6 +961,7 @@ def _meta(request: CVRequest, cohort: Cohort, device: torch.device, weights: str
         "num_classes": request.num_classes,
         "modalities": ",".join(f"{m.name}={m.kind}" for m in data.modalities),
         "n_patients": len(cohort),
+        "n_unlabeled": int((cohort.labels < 0).sum()) if cohort.labels is not None else 0,
         "validation": f"{request.folds}-fold stratified cross-validation"
         + (f" grouped by {request.group_col}" if request.group_col else "")
         + (f", {request.repeats} repeats" if request.repeats > 1 else "")

@@ -59,6 +59,8 @@ class EvalRequest:
     batch_size: int = 32
     drop_modalities: tuple[str, ...] = ()  # hide these modalities for every patient
     missing_rate: float = 0.0  # hide each present modality with this probability (keep one)
+    # (modality, rate) pairs overriding missing_rate for those modalities (missingness shift)
+    modality_missing_rates: tuple[tuple[str, float], ...] = ()
     seed: int = 42  # for --missing-rate and the bootstrap
     bootstrap: int = 1000  # resamples for the 95% intervals (0 = none)
     cache: bool = True  # frozen-backbone features from/to the feature cache
@@ -87,23 +89,32 @@ class EvalResult:
 
 
 def simulate_missing(present: np.ndarray, names: list[str], drop: tuple[str, ...], rate: float,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+                     seed: int, rates: dict[str, float] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Hide modalities at test time. Returns the new presence mask and the patients left with
-    nothing (they cannot be scored and are excluded)."""
-    unknown = [d for d in drop if d not in names]
+    nothing (they cannot be scored and are excluded).
+
+    Each present modality is hidden with probability ``rate``, or ``rates[name]`` for the
+    modalities named there (a deployment site that images fewer patients), keeping one per
+    patient. One uniform draw per patient and modality from ``seed``: at a higher rate the
+    hidden modalities are a superset (nested masks)."""
+    unknown = [d for d in (*drop, *(rates or {})) if d not in names]
     if unknown:
-        raise ConfigError(f"--drop-modality {', '.join(unknown)} is not a modality of this model",
+        raise ConfigError(f"--drop-modality/--modality-missing-rate {', '.join(unknown)} is not "
+                          "a modality of this model",
                           hint=f"the model's modalities: {', '.join(names)}")
-    if not 0.0 <= rate < 1.0:
-        raise ConfigError(f"--missing-rate must be in [0, 1), got {rate}")
+    per = np.array([(rates or {}).get(n, rate) for n in names], dtype=np.float64)
+    for value in (rate, *per):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"--missing-rate must be in [0, 1), got {value:g}")
     out = present.copy()
     for name in drop:
         out[:, names.index(name)] = False
     empty = ~out.any(axis=1)
-    if rate > 0:
+    if (per > 0).any():
         rng = np.random.default_rng(seed)
         draws = rng.random(out.shape)
-        hidden = out & (draws >= rate)
+        hidden = out & (draws >= per[None, :])
         lost = ~hidden.any(axis=1) & ~empty
         # Keep the present modality with the highest draw for patients who would lose all.
         keep = np.where(out, draws, -1.0).argmax(axis=1)
@@ -137,7 +148,7 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
                           "--manifest TEST.csv")
     cohort = read_manifest(
         manifest, bundle.model.config.modalities, labs_table=labs_table,
-        num_classes=num_classes, keep_empty_rows=True,
+        num_classes=num_classes, keep_empty_rows=True, allow_unlabeled=True,
         **run_reading(meta, dataclasses.replace(request, labs_table=labs_table),
                       bundle.preprocessor),
     )
@@ -159,6 +170,15 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
             )
         source, tag = f"test split of {run_dir}", "test"
     assert cohort.labels is not None
+    unlabeled = rows[cohort.labels[rows] < 0]
+    if len(unlabeled):  # nothing to score them against
+        notes.append(f"{len(unlabeled)} patient(s) have an empty label (unlabeled) and are not "
+                     "scored; `omnifuse predict` gives their predictions")
+        rows = rows[cohort.labels[rows] >= 0]
+        if not len(rows):
+            raise DataError(f"{manifest}: no patient has a label to evaluate against",
+                            hint="evaluate needs labels; use `omnifuse predict` for "
+                            "unlabeled patients")
     # Patients without any modality cannot be scored by any model: they are left out, loudly,
     # as --drop-modality does; a broken cell is still an error to fix before reporting metrics.
     empty_rows = [int(i) for i in rows if int(i) in cohort.bad_rows]
@@ -171,10 +191,11 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
         if not len(rows):
             raise DataError(f"{manifest}: no patient has a modality to score",
                             hint=labs_hint or "give each patient at least one modality")
-    if request.drop_modalities or request.missing_rate > 0:
+    shift = dict(request.modality_missing_rates)
+    if request.drop_modalities or request.missing_rate > 0 or shift:
         cohort.present, empty = simulate_missing(
             cohort.present, cohort.names, request.drop_modalities, request.missing_rate,
-            request.seed)
+            request.seed, shift)
         if empty[rows].any():
             notes.append(f"{int(empty[rows].sum())} patient(s) had only the dropped modalities "
                          "and are not scored")
@@ -184,9 +205,11 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
         if request.drop_modalities:
             source += f" with {'+'.join(request.drop_modalities)} dropped"
             tag += f"-drop-{'+'.join(request.drop_modalities)}"
-        if request.missing_rate:
-            source += f", missing rate {request.missing_rate:g} (seed {request.seed})"
-            tag += f"-missing{request.missing_rate:g}-seed{request.seed}"
+        if request.missing_rate or shift:
+            each = "".join(f", {n} {r:g}" for n, r in shift.items())
+            source += f", missing rate {request.missing_rate:g}{each} (seed {request.seed})"
+            tag += (f"-missing{request.missing_rate:g}"
+                    + "".join(f"-{n}{r:g}" for n, r in shift.items()) + f"-seed{request.seed}")
     data = bundle.preprocessor.prepare(cohort)
     reuse_frozen_features(bundle.model, data, rows, device=device, batch_size=request.batch_size,
                           cache=feature_cache(request.cache_dir, request.cache),

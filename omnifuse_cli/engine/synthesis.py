@@ -255,7 +255,7 @@ _FINDINGS: tuple[tuple[str, ...], ...] = (
 # Typos are drawn from frequent characters so they look like input-method slips, not garbage.
 _TYPO_CHARS = "的一是了不在有人这中大为上个我以要时来用们生到作地于出就分对成会可主发年动同工也能"
 
-_INT_FIELDS = frozenset({"n", "seed", "num_classes", "labs_dim", "image_size",
+_INT_FIELDS = frozenset({"n", "unlabeled", "seed", "num_classes", "labs_dim", "image_size",
                          "images_per_patient"})
 _FLAG_FIELDS = frozenset({"ultrasound", "inline_notes"})
 WRITE_CHUNK = 20_000  # patients formatted and written at a time: bounded memory at any n
@@ -287,6 +287,14 @@ class CohortSpec:
     # minutes, since rendering views is by far the slowest part of the generator.
     ultrasound: bool = True
     inline_notes: bool = False  # notes in the manifest's text cells instead of text/<id>.txt
+    # Extra patients from the same generator whose label is withheld (an empty label cell:
+    # unlabeled patients); truth.csv keeps their labels. Their ids follow the n labelled ones.
+    unlabeled: int = 0
+
+    @property
+    def total(self) -> int:
+        """Every patient written: the n labelled ones and the unlabeled ones."""
+        return self.n + self.unlabeled
 
     def __post_init__(self) -> None:
         if self.missing_mode not in MISSING_MODES:
@@ -312,8 +320,11 @@ class CohortSpec:
         if self.n < 2 * self.num_classes:
             _bad("n", self.n, f"at least {2 * self.num_classes} (2 per class)",
                  "raise --n or lower --num-classes")
-        if self.n > MAX_ID:
-            _bad("n", self.n, f"at most {MAX_ID}", "ids are 10 digits")
+        if self.unlabeled < 0:
+            _bad("unlabeled", self.unlabeled, "0 or more", "extra patients without a label")
+        if self.total > MAX_ID:
+            _bad("n", self.n, f"at most {MAX_ID} with the unlabeled patients",
+                 "ids are 10 digits")
         if self.labs_dim < 1:
             _bad("labs_dim", self.labs_dim, "at least 1", "it is the number of analytes")
         if not 32 <= self.image_size <= 4096:
@@ -364,6 +375,7 @@ class CohortSummary:
     label_counts: dict[int, int]
     present_counts: dict[str, int]  # modality name -> patients having it
     corrupted_counts: dict[str, int]  # modality name -> patients whose copy of it is corrupted
+    n_unlabeled: int = 0  # of n_patients, written with an empty label (truth.csv has it)
 
 
 @dataclass(frozen=True)
@@ -387,7 +399,7 @@ class DrawnCohort:
 
 def draw_cohort(spec: CohortSpec) -> DrawnCohort:
     """Labels, severities, missingness, corruption, lab values and notes of the cohort."""
-    n, classes = spec.n, spec.num_classes
+    n, classes = spec.total, spec.num_classes
     # One independent stream per concern, so e.g. --missing-us or --text-noise never changes
     # the lab values or the labels drawn for the same seed. Children are numbered, so the first
     # four are the streams of versions without patient severity and corruption: at
@@ -500,12 +512,12 @@ def make_cohort(spec: CohortSpec, out_dir: Path, *,
                                    out_dir / "truth.csv")
     n_images = 0
     if progress is not None:
-        progress(0, spec.n)
+        progress(0, spec.total)
     with _CsvFile(manifest, ["id", "label", *columns]) as rows, \
             _CsvFile(labs_table, ["id", *names]) as table_rows, \
             _CsvFile(truth, ["id", "label", "severity", "corrupted", "corruption"]) as truth_rows:
-        for start in range(0, spec.n, WRITE_CHUNK):
-            stop = min(start + WRITE_CHUNK, spec.n)
+        for start in range(0, spec.total, WRITE_CHUNK):
+            stop = min(start + WRITE_CHUNK, spec.total)
             cells = _format_labs(cohort.labs[start:stop], names)
             for i in range(start, stop):
                 pid = f"{i + 1:010d}"
@@ -527,20 +539,21 @@ def make_cohort(spec: CohortSpec, out_dir: Path, *,
                     text_cell = f"text/{pid}.txt"
                     (out_dir / text_cell).write_text(cohort.notes[i], encoding="utf-8")
                 middle = [labs_cell, us_cell] if renderer is not None else [labs_cell]
-                rows.append([pid, str(int(labels[i])), *middle, text_cell])
+                label = str(int(labels[i])) if i < spec.n else ""  # withheld: unlabeled
+                rows.append([pid, label, *middle, text_cell])
                 truth_rows.append([pid, str(int(labels[i])), f"{cohort.severity[i]:.4f}",
                                    cohort.corrupted[i], cohort.corruption[i]])
                 if progress is not None and renderer is not None:
-                    progress(i + 1, spec.n)
+                    progress(i + 1, spec.total)
             for writer in (rows, table_rows, truth_rows):
                 writer.flush()
             if progress is not None and renderer is None:
-                progress(stop, spec.n)
+                progress(stop, spec.total)
 
-    counts = np.bincount(labels, minlength=spec.num_classes)
+    counts = np.bincount(labels[:spec.n], minlength=spec.num_classes)
     return CohortSummary(
         out_dir=out_dir, manifest=manifest, labs_table=labs_table, truth=truth,
-        n_patients=spec.n, n_images=n_images,
+        n_patients=spec.total, n_images=n_images, n_unlabeled=spec.unlabeled,
         label_counts={c: int(k) for c, k in enumerate(counts)},
         present_counts={m: int(present[:, j].sum()) for j, m in enumerate(MODALITIES)
                         if m in columns},

@@ -41,7 +41,7 @@ from omnifuse_cli.data.prepared import (
     make_collate,
     move_to,
 )
-from omnifuse_cli.data.splits import stratified_split
+from omnifuse_cli.data.splits import stratified_split, training_patients
 from omnifuse_cli.engine import distributed
 from omnifuse_cli.engine.audit import split_summary
 from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions
@@ -108,6 +108,9 @@ class EpochRecord:
     tla_distances: dict[str, float]
     seconds: float
     is_best: bool = False
+    # Each imputed modality's reliability r_m after this epoch (the gate the epoch was scored
+    # with); empty without imputation or with a fixed --reliability.
+    reliability: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -118,6 +121,7 @@ class EpochRecord:
         out.update({f"loss_{k}": v for k, v in self.losses.items()})
         out["lazy_combo"] = self.lazy_combo
         out.update({f"tla_{k}": v for k, v in self.tla_distances.items()})
+        out.update({f"reliability_{k}": v for k, v in self.reliability.items()})
         out["seconds"] = self.seconds
         out["best"] = int(self.is_best)
         return out
@@ -213,7 +217,8 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
     with distributed.together("reading the data"):
         resume_state = _load_resume_state(request.out_dir) if resume else None
         cohort = read_manifest(request.manifest, data_cfg.modalities,
-                               num_classes=request.num_classes, **reading_options(data_cfg))
+                               num_classes=request.num_classes, allow_unlabeled=True,
+                               **reading_options(data_cfg))
         check_trainable(cohort, request.num_classes)
         assert cohort.labels is not None
         splits = stratified_split(cohort.labels, train=cfg.train_ratio, val=cfg.val_ratio,
@@ -230,11 +235,13 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
             write_csv(request.out_dir / "splits_summary.csv", summary)
     for note in cohort.notes:
         emit(TrainEvent("message", text=note))
+    if len(splits.get("unlabeled", ())):
+        emit(TrainEvent("message", text=unlabeled_note(splits)))
     _say_if_slow(emit, t_read, f"read {len(cohort):,} patients")
 
     t_prepare = time.perf_counter()
     with distributed.together("building the model"):
-        model, pre, weights_desc = build_for_cohort(cohort, splits["train"], request)
+        model, pre, weights_desc = build_for_cohort(cohort, training_patients(splits), request)
         data = pre.prepare(cohort)
     _say_if_slow(emit, t_prepare, "built the model and prepared the inputs (vocabulary, "
                  "tokens, standardised labs)")
@@ -279,6 +286,7 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
         raise
     model.load_state_dict(best_state)
     meta["stopped"] = stop_reason(cfg, records[-1].epoch if records else 0, best_epoch)
+    meta.update(reliability_meta(model, data, splits, cfg))
     linear = fit_linear(model, data, splits, cfg, device)
     if linear is not None:
         emit(TrainEvent("message", text=linear_summary(linear)))
@@ -441,6 +449,14 @@ def fit_model(
     optimizer = _optimizer(model, cfg)
     rng = np.random.default_rng(cfg.seed)
     train_idx = splits["train"]
+    # Unlabeled patients only feed the imputation losses: a model without imputation has no
+    # use for them in its batches (they still fitted its normalisation and vocabulary).
+    unlabeled = (splits.get("unlabeled", train_idx[:0]) if model.cra_forward is not None
+                 else train_idx[:0])
+    plan = reliability_plan(model, data, splits, cfg.seed)
+    if plan is not None and plan.messages:
+        for text in plan.messages:
+            emit(TrainEvent("message", text=text))
     mining_idx = np.sort(rng.choice(train_idx, min(cfg.tla_sample, len(train_idx)), replace=False))
     generator = torch.Generator().manual_seed(cfg.seed)
     records: list[EpochRecord] = []
@@ -472,7 +488,7 @@ def fit_model(
         rows = list(resume["rows"])
         first = resume["epoch"] + 1
     else:
-        _fit_feature_stats(model, data, train_idx)
+        _fit_feature_stats(model, data, training_patients(splits))
     assert data.labels is not None
     weights = class_weights(cfg.class_weight, data.labels[train_idx].numpy(), num_classes)
     model.class_weight = (None if weights is None else
@@ -495,10 +511,10 @@ def fit_model(
                 noise = torch.Generator().manual_seed(_rank_seed(cfg.seed, epoch))
                 torch.manual_seed(_rank_seed(cfg.seed + 1, epoch))  # nn.Dropout, per rank
             losses = train_epoch(model, data, train_idx, optimizer, lazy, cfg, device, generator,
-                                 emit, ddp=ddp, noise=noise)
-            if model.cra_forward is not None and model.config.method.reliability == "auto":
-                estimate_reliability(model, data, splits["val"], device=device,
-                                     batch_size=cfg.batch_size, amp=cfg.amp)
+                                 emit, ddp=ddp, noise=noise, unlabeled=unlabeled, epoch=epoch,
+                                 holdout=None if plan is None else plan.mask)
+            if plan is not None:
+                plan.update(model, data, device=device, batch_size=cfg.batch_size, amp=cfg.amp)
                 model.reliability.copy_(distributed.broadcast_object(model.reliability.cpu()))
             val = distributed.broadcast_object(
                 evaluate_split(model, data, splits["val"], device, cfg, num_classes))
@@ -515,7 +531,7 @@ def fit_model(
                 epoch=epoch, phase=phase, train_loss=losses.pop("total"), losses=losses,
                 val_loss=val["loss"], val_acc=val["acc"], val_macro_f1=val["macro_f1"],
                 val_auroc=val["auroc"], lazy_combo=lazy_name, tla_distances=distances,
-                seconds=time.perf_counter() - t_epoch,
+                seconds=time.perf_counter() - t_epoch, reliability=reliability_values(model),
             )
             key = selection_key(val, cfg.select_metric)
             if best_key is None or key > best_key:
@@ -573,8 +589,10 @@ class _LossModule(torch.nn.Module):
 
     def forward(self, inputs: dict[str, dict[str, torch.Tensor]], present: torch.Tensor,
                 y: torch.Tensor, lazy: torch.Tensor | None,
-                generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-        return self.model.losses(inputs, present, y, lazy=lazy, generator=generator)
+                generator: torch.Generator | None,
+                holdout: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.model.losses(inputs, present, y, lazy=lazy, generator=generator,
+                                 holdout=holdout)
 
 
 def _wrap_ddp(model: OmniFuse, device: torch.device) -> torch.nn.Module | None:
@@ -606,14 +624,129 @@ def selection_key(val: dict[str, float], metric: str) -> tuple[float, ...]:
     return (val[metric], -val["loss"])
 
 
+RELIABILITY_MIN_PATIENTS = 10  # fewer eligible held-out patients: the estimate is not made
+RELIABILITY_HOLDOUT_SHARE = 0.2  # of the eligible training patients, when validation is short
+
+
+def unlabeled_note(splits: dict[str, np.ndarray]) -> str:
+    return (f"{len(splits['unlabeled']):,} unlabeled patient(s) (empty label) train the "
+            "imputation and fit the normalisation and vocabulary beside the "
+            f"{len(splits['train']):,} labelled training patients; no label loss, validation "
+            "score or test metric uses them")
+
+
+@dataclass
+class ReliabilityPlan:
+    """Where each imputed modality's reliability r_m is estimated after every epoch: on the
+    validation patients who have m and another modality when there are at least
+    RELIABILITY_MIN_PATIENTS of them; otherwise on held-out training slots: a fixed
+    RELIABILITY_HOLDOUT_SHARE of the training patients (labelled and unlabeled) with two or
+    more modalities, drawn from the run's seed, whose slots are never imputation targets (the
+    CRA has not learnt them), so the estimate is out of sample. Held-out patients still train
+    every label term. A modality with too few patients in both keeps r_m = 0 and says so."""
+
+    names: list[str]
+    source: dict[str, str]  # modality -> "validation", "held-out training slots" or "none"
+    counts: dict[str, int]  # modality -> eligible patients in its source
+    val: np.ndarray
+    held: np.ndarray  # cohort rows of the held-out patients (empty when not needed)
+    mask: np.ndarray | None  # (N,) bool over the cohort: held-out rows (None when not needed)
+    messages: list[str]
+
+    def update(self, model: OmniFuse, data: PreparedCohort, *, device: torch.device,
+               batch_size: int, amp: bool) -> None:
+        by_val = [k for k, n in enumerate(self.names) if self.source[n] == "validation"]
+        by_held = [k for k, n in enumerate(self.names)
+                   if self.source[n] == "held-out training slots"]
+        if by_val:
+            estimate_reliability(model, data, self.val, device=device, batch_size=batch_size,
+                                 amp=amp, only=by_val)
+        if by_held:
+            estimate_reliability(model, data, self.held, device=device, batch_size=batch_size,
+                                 amp=amp, only=by_held)
+
+
+def _eligible(present: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """(M,) patients of ``idx`` who have each modality and at least one other."""
+    rows = present[idx]
+    return (rows & (rows.sum(axis=1, keepdims=True) >= 2)).sum(axis=0)
+
+
+def reliability_plan(model: OmniFuse, data: PreparedCohort, splits: dict[str, np.ndarray],
+                     seed: int) -> ReliabilityPlan | None:
+    """The run's ReliabilityPlan (None without imputation or with a fixed --reliability)."""
+    if model.cra_forward is None or model.config.method.reliability != "auto":
+        return None
+    present = data.present.numpy() if torch.is_tensor(data.present) else np.asarray(
+        data.present)
+    names = list(model.names)
+    val = np.asarray(splits["val"])
+    on_val = _eligible(present, val)
+    short = [k for k in range(len(names)) if on_val[k] < RELIABILITY_MIN_PATIENTS]
+    held = val[:0]
+    mask = None
+    if short:
+        pool = training_patients(splits)
+        pool = pool[present[pool].sum(axis=1) >= 2]
+        take = int(round(RELIABILITY_HOLDOUT_SHARE * len(pool)))
+        held = np.sort(np.random.default_rng([seed, 0xA11]).choice(pool, take, replace=False))
+        mask = np.zeros(len(present), dtype=bool)
+        mask[held] = True
+    on_held = _eligible(present, held)
+    source, counts, messages = {}, {}, []
+    for k, name in enumerate(names):
+        if k not in short:
+            source[name], counts[name] = "validation", int(on_val[k])
+        elif on_held[k] >= RELIABILITY_MIN_PATIENTS:
+            source[name], counts[name] = "held-out training slots", int(on_held[k])
+        else:
+            source[name], counts[name] = "none", int(on_held[k])
+    moved = [n for n in names if source[n] == "held-out training slots"]
+    if moved:
+        messages.append(
+            f"reliability of {', '.join(moved)}: validation has fewer than "
+            f"{RELIABILITY_MIN_PATIENTS} patients with the modality and another, so it is "
+            f"estimated on {len(held):,} held-out training patients (their slots are not "
+            "imputation targets)")
+    lost = [n for n in names if source[n] == "none"]
+    if lost:
+        messages.append(
+            f"reliability of {', '.join(lost)} stays 0 (its imputation never votes): fewer "
+            f"than {RELIABILITY_MIN_PATIENTS} patients have it and another modality in "
+            "validation or the held-out training patients")
+    return ReliabilityPlan(names, source, counts, val, held, mask, messages)
+
+
+def reliability_values(model: OmniFuse) -> dict[str, float]:
+    """Each modality's current reliability (empty without imputation or when it is fixed)."""
+    if model.cra_forward is None or model.config.method.reliability != "auto":
+        return {}
+    values = model.reliability.detach().cpu().tolist()
+    return {n: round(float(v), 6) for n, v in zip(model.names, values, strict=True)}
+
+
+def reliability_meta(model: OmniFuse, data: PreparedCohort, splits: dict[str, np.ndarray],
+                     cfg: TrainConfig) -> dict[str, Any]:
+    """The best epoch's reliabilities and where they were estimated (meta.csv, bundle)."""
+    plan = reliability_plan(model, data, splits, cfg.seed)
+    if plan is None:
+        return {}
+    out: dict[str, Any] = {f"reliability_{k}": v for k, v in reliability_values(model).items()}
+    out["reliability_source"] = ";".join(f"{n}={plan.source[n]} ({plan.counts[n]})"
+                                         for n in plan.names)
+    return out
+
+
 @torch.no_grad()
 def estimate_reliability(model: OmniFuse, data: PreparedCohort, indices: np.ndarray, *,
                          device: torch.device, batch_size: int, amp: bool = True,
-                         min_patients: int = 10) -> np.ndarray:
+                         min_patients: int = RELIABILITY_MIN_PATIENTS,
+                         only: list[int] | None = None) -> np.ndarray:
     """r_m = clip(R^2, 0, 1) of the forward imputation of modality m on held-out patients who
     have m and another modality: m is hidden, imputed from the rest, and compared with its
     real embedding (method.md Sec. 5.1). Sets and returns the model's reliability buffer; a
-    modality with fewer than ``min_patients`` such patients keeps its previous value."""
+    modality with fewer than ``min_patients`` such patients, or not in ``only``, keeps its
+    previous value."""
     assert model.cra_forward is not None
     model.eval()
     m = len(model.names)
@@ -624,6 +757,8 @@ def estimate_reliability(model: OmniFuse, data: PreparedCohort, indices: np.ndar
         with autocast(device, amp):
             v = model.embed(batch["inputs"], present).float()
             for k in range(m):
+                if only is not None and k not in only:
+                    continue
                 rows = present[:, k] & (present.sum(dim=1) >= 2)
                 if not rows.any():
                     continue
@@ -641,7 +776,7 @@ def estimate_reliability(model: OmniFuse, data: PreparedCohort, indices: np.ndar
                 count[k] += int(rows.sum())
     reliability = model.reliability.detach().cpu().numpy().copy()
     for k in range(m):
-        if count[k] < min_patients or total is None:
+        if count[k] < min_patients or total is None or (only is not None and k not in only):
             continue
         sst = sq[k] - float((total[k] ** 2).sum()) / count[k]  # sum ||v - mean v||^2
         if sst > 0:
@@ -769,27 +904,34 @@ def train_epoch(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray,
                  optimizer: torch.optim.Optimizer, lazy: tuple[int, ...] | None,
                  cfg: TrainConfig, device: torch.device, generator: torch.Generator,
                  emit: EventFn, *, ddp: torch.nn.Module | None = None,
-                 noise: torch.Generator | None = None) -> dict[str, float]:
+                 noise: torch.Generator | None = None, unlabeled: np.ndarray | None = None,
+                 epoch: int = 0, holdout: np.ndarray | None = None) -> dict[str, float]:
     """One epoch; returns each loss term's mean over the training patients.
 
     With ``ddp`` (torchrun) every rank draws the same shuffled global batches from
     ``generator``, exactly as one process would, and trains on its own slice of each; ``noise``
     drives this rank's modality dropout so that ``generator`` stays identical on all ranks.
+    ``unlabeled`` patients join the batches of labelled ones (MixedBatches); ``holdout`` (bool
+    per cohort row) marks patients whose slots are never imputation targets.
     """
+    batches, indices = _epoch_batches(data, train_idx, unlabeled, cfg, generator, epoch)
     if ddp is not None:
-        return _train_epoch_ddp(model, ddp, data, train_idx, optimizer, lazy, cfg, device,
-                                generator, noise, emit)
+        return _train_epoch_ddp(model, ddp, data, indices, batches, optimizer, lazy, cfg,
+                                device, generator, noise, emit, holdout)
     _set_train_mode(model)
     lazy_mask = combo_mask(lazy, len(model.names), device) if lazy is not None else None
     sums = dict.fromkeys(("total", *LOSS_TERMS), 0.0)
     seen = 0
-    batches = loader(data, train_idx, batch_size=cfg.batch_size, shuffle=True,
-                     generator=generator, num_workers=cfg.num_workers)
-    for k, batch in enumerate(batches):
+    held = None if holdout is None else torch.from_numpy(holdout)
+    loader_ = DataLoader(PatientDataset(data, indices), batch_sampler=batches,
+                         collate_fn=make_collate(data), num_workers=cfg.num_workers,
+                         generator=generator)
+    for k, batch in enumerate(loader_):
+        rows_held = None if held is None else held[batch["index"]].to(device)
         batch = move_to(batch, device)
         with autocast(device, cfg.amp):
             terms = model.losses(batch["inputs"], batch["present"], batch["y"], lazy=lazy_mask,
-                                 generator=generator)
+                                 generator=generator, holdout=rows_held)
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         optimizer.step()
@@ -797,15 +939,67 @@ def train_epoch(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray,
         seen += n
         for key in sums:
             sums[key] += float(terms[key].detach()) * n
-        emit(TrainEvent("batch", k + 1, len(batches)))
+        emit(TrainEvent("batch", k + 1, len(loader_)))
     return {k: v / max(seen, 1) for k, v in sums.items()}
 
 
+UNLABELED_PER_LABELLED = 16  # most unlabeled patients joining each labelled one in a batch
+
+
+def _epoch_batches(data: PreparedCohort, train_idx: np.ndarray, unlabeled: np.ndarray | None,
+                   cfg: TrainConfig, generator: torch.Generator, epoch: int
+                   ) -> tuple[Any, np.ndarray]:
+    """The epoch's batch sampler over positions of ``indices`` (returned with it).
+
+    Without unlabeled patients: shuffled batches of ``--batch-size`` training patients, drawn
+    from ``generator`` exactly as DataLoader(shuffle=True) draws them. With them, each batch of
+    labelled patients is joined by its share of the unlabeled ones (MixedBatches)."""
+    sampler = BatchSampler(RandomSampler(range(len(train_idx)), generator=generator),
+                           cfg.batch_size, drop_last=False)
+    if unlabeled is None or not len(unlabeled):
+        return sampler, np.asarray(train_idx)
+    indices = np.concatenate([train_idx, unlabeled])
+    rng = np.random.default_rng([cfg.seed, epoch, 0x5EED])
+    return MixedBatches(sampler, len(train_idx), len(unlabeled), rng), indices
+
+
+class MixedBatches:
+    """Labelled batches, each followed by ceil(len(batch) x U / L) unlabeled patients (at most
+    UNLABELED_PER_LABELLED per labelled one), taken in turn from a permutation of the U
+    unlabeled patients drawn per epoch (from the run's seed and the epoch, so --resume repeats
+    it): an epoch shows every unlabeled patient once unless the cap binds, and the label terms
+    see exactly the batches they would see without unlabeled patients. Positions: labelled
+    0..L-1, unlabeled L..L+U-1."""
+
+    def __init__(self, labelled: BatchSampler, n_labelled: int, n_unlabeled: int,
+                 rng: np.random.Generator) -> None:
+        self.labelled, self.n_l, self.n_u, self.rng = labelled, n_labelled, n_unlabeled, rng
+
+    def __len__(self) -> int:
+        return len(self.labelled)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        order = self.rng.permutation(self.n_u)
+        at = 0
+        for batch in self.labelled:
+            k = min(math.ceil(len(batch) * self.n_u / self.n_l),
+                    UNLABELED_PER_LABELLED * len(batch))
+            take = []
+            while k > 0:
+                if at == len(order):
+                    order, at = self.rng.permutation(self.n_u), 0
+                part = order[at:at + k]
+                take.append(part)
+                at += len(part)
+                k -= len(part)
+            yield [*batch, *(int(self.n_l + i) for i in np.concatenate(take or [order[:0]]))]
+
+
 def _train_epoch_ddp(model: OmniFuse, ddp: torch.nn.Module, data: PreparedCohort,
-                     train_idx: np.ndarray, optimizer: torch.optim.Optimizer,
+                     indices: np.ndarray, batches: Any, optimizer: torch.optim.Optimizer,
                      lazy: tuple[int, ...] | None, cfg: TrainConfig, device: torch.device,
                      generator: torch.Generator, noise: torch.Generator | None,
-                     emit: EventFn) -> dict[str, float]:
+                     emit: EventFn, holdout: np.ndarray | None = None) -> dict[str, float]:
     """The DDP epoch: the global batch of ``--batch-size`` patients is cut into one slice per
     rank (sizes differ by at most one), and each loss term is weighted by this rank's share of
     the rows it averages over (share of the batch; for TLA, share of the batch's patients who
@@ -814,35 +1008,47 @@ def _train_epoch_ddp(model: OmniFuse, ddp: torch.nn.Module, data: PreparedCohort
     batch smaller than the world) repeats one patient with weight 0, so every rank still joins
     the gradient all-reduce. The normalized imputation loss averages over dropped slots, which
     depend on rank-local draws: it is weighted like a batch mean (exact without modality
-    dropout, the case where one process and DDP can match at all)."""
+    dropout, the case where one process and DDP can match at all). With unlabeled patients in
+    the batches, the label terms are weighted by this rank's share of the batch's labelled
+    patients."""
     _set_train_mode(model)
     method = model.config.method
     lazy_mask = combo_mask(lazy, len(model.names), device) if lazy is not None else None
     world, me = distributed.world_size(), distributed.rank()
     lambdas = method.loss_weights
     sums = dict.fromkeys(("total", *LOSS_TERMS), 0.0)
-    # The same sampler and generator as one process's DataLoader(shuffle=True), so every rank
-    # draws that process's permutation.
-    dataset = PatientDataset(data, train_idx)
-    slices = _RankSlices(BatchSampler(RandomSampler(dataset, generator=generator),
-                                      cfg.batch_size, drop_last=False), world, me)
-    batches = DataLoader(dataset, batch_sampler=slices, generator=generator,
+    # The same sampler and generator as one process's epoch (_epoch_batches), so every rank
+    # draws that process's batches.
+    dataset = PatientDataset(data, indices)
+    slices = _RankSlices(batches, world, me)
+    loader_ = DataLoader(dataset, batch_sampler=slices, generator=generator,
                          collate_fn=make_collate(data), num_workers=cfg.num_workers)
     trainable = [p for p in ddp.parameters() if p.requires_grad]
+    assert data.labels is not None
+    labelled = (data.labels[indices] >= 0).numpy()
     # Which training patients have the lazy combination: fixed for the epoch, looked up per batch.
-    has_lazy = (available(data.present[train_idx],
-                          combo_mask(lazy, len(model.names), torch.device("cpu")))
-                if lazy is not None and method.use_tla else None)
-    for k, batch in enumerate(batches):
+    has_lazy = (available(data.present[indices],
+                          combo_mask(lazy, len(model.names), torch.device("cpu"))).numpy()
+                & labelled if lazy is not None and method.use_tla else None)
+    held = None if holdout is None else torch.from_numpy(holdout)
+    seen = 0  # rows of the global batches (unlabeled patients may come round twice)
+    for k, batch in enumerate(loader_):
         rows, n = slices.taken.popleft()  # DataLoader fetches in sampler order
+        seen += len(rows)
         share = dict.fromkeys(LOSS_TERMS, n / len(rows))
+        part = _rank_part(len(rows), world, me)
+        if not labelled[rows].all():
+            share["dwfuse"] = (float(labelled[rows][part].sum()) if n else 0.0) / max(
+                float(labelled[rows].sum()), 1.0)
         if has_lazy is not None:
             has = has_lazy[rows]
-            mine = has[_rank_part(len(rows), world, me)].sum() if n else 0
+            mine = has[part].sum() if n else 0
             share["tla"] = float(mine) / max(float(has.sum()), 1.0)
+        rows_held = None if held is None else held[batch["index"]].to(device)
         batch = move_to(batch, device)
         with autocast(device, cfg.amp):
-            terms = ddp(batch["inputs"], batch["present"], batch["y"], lazy_mask, noise)
+            terms = ddp(batch["inputs"], batch["present"], batch["y"], lazy_mask, noise,
+                        rows_held)
         loss = sum(lambdas[key] * share[key] * terms[key] for key in LOSS_TERMS)
         loss = loss + sum(p.reshape(-1)[0] for p in trainable) * 0.0  # see _wrap_ddp
         optimizer.zero_grad(set_to_none=True)
@@ -854,7 +1060,7 @@ def _train_epoch_ddp(model: OmniFuse, ddp: torch.nn.Module, data: PreparedCohort
             sums["total"] += lambdas[key] * value
         emit(TrainEvent("batch", k + 1, len(slices)))
     totals = distributed.all_reduce_sum(np.array(list(sums.values()), dtype=np.float64))
-    return {key: float(totals[i]) / max(len(train_idx), 1) for i, key in enumerate(sums)}
+    return {key: float(totals[i]) / max(seen, 1) for i, key in enumerate(sums)}
 
 
 def _rank_part(n: int, world: int, rank: int) -> slice:

@@ -180,10 +180,16 @@ class OmniFuse(nn.Module):
         *,
         lazy: torch.Tensor | None,
         generator: torch.Generator | None = None,
+        holdout: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Every term of Eq. 18 for one batch; ``total`` is their weighted sum.
 
         lazy: (M,) bool mask of the lazy combination mined after the previous epoch, or None.
+        y: class per patient, -1 for an unlabeled patient: unlabeled patients enter the
+        imputation terms (forward and backward) only; every label term (DWFuse, the plain
+        head, TLA) averages over the batch's labelled patients (method.md Sec. 5.8).
+        holdout: (B,) bool, patients whose slots are never imputation targets (they estimate
+        the reliability gate out of sample when validation cannot, engine/training.py).
         """
         cfg = self.config.method
         v = self.embed(inputs, present)
@@ -214,13 +220,34 @@ class OmniFuse(nn.Module):
         zero = v.new_zeros(())
         terms: dict[str, torch.Tensor] = {"forward": zero, "backward": zero, "tla": zero}
         if out.v_fwd is not None:
-            terms["forward"], terms["backward"] = self._imputation_losses(v, present, mask, out)
-        weight = self.sample_weight(y)
-        terms["dwfuse"] = torch.stack([self._classification_loss(o, y, weight)
-                                       for o in outs[:n_views]]).mean()
-        if rows is not None:
-            nll = F.nll_loss(self.predict_from(outs[-1]).log_probs, y[rows], reduction="none")
-            terms["tla"] = (nll if weight is None else nll * weight[rows]).mean()  # Eq. 17
+            terms["forward"], terms["backward"] = self._imputation_losses(
+                v, present, mask, out, None if holdout is None else ~holdout)
+        labelled = y >= 0
+        if bool(labelled.all()):
+            weight = self.sample_weight(y)
+            terms["dwfuse"] = torch.stack([self._classification_loss(o, y, weight)
+                                           for o in outs[:n_views]]).mean()
+            if rows is not None:
+                nll = F.nll_loss(self.predict_from(outs[-1]).log_probs, y[rows],
+                                 reduction="none")
+                terms["tla"] = (nll if weight is None else nll * weight[rows]).mean()  # Eq. 17
+        elif bool(labelled.any()):  # unlabeled patients in the batch: label terms skip them
+            keep = labelled.nonzero(as_tuple=True)[0]
+            y_l = y[keep]
+            weight = self.sample_weight(y_l)
+            terms["dwfuse"] = torch.stack([self._classification_loss(_rows(o, keep), y_l, weight)
+                                           for o in outs[:n_views]]).mean()
+            if rows is not None:
+                lazy_rows = rows.nonzero(as_tuple=True)[0]
+                ok = labelled[lazy_rows]
+                if bool(ok.any()):
+                    y_lazy = y[lazy_rows[ok]]
+                    nll = F.nll_loss(self.predict_from(_rows(outs[-1], ok.nonzero(
+                        as_tuple=True)[0])).log_probs, y_lazy, reduction="none")
+                    w_lazy = self.sample_weight(y_lazy)
+                    terms["tla"] = (nll if w_lazy is None else nll * w_lazy).mean()
+        else:  # a batch of unlabeled patients only: the graph still reaches every head
+            terms["dwfuse"] = zero + 0.0 * out.joint_log_probs.sum()
         terms["total"] = sum(w * terms[k] for k, w in cfg.loss_weights.items())
         return terms
 
@@ -241,10 +268,14 @@ class OmniFuse(nn.Module):
         return loss
 
     def _imputation_losses(self, v: torch.Tensor, present: torch.Tensor, mask: torch.Tensor,
-                           out: FuseOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """L_forward (Eq. 7) and L_backward (Eq. 8). Targets are detached."""
+                           out: FuseOutput, targets: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_forward (Eq. 7) and L_backward (Eq. 8). Targets are detached. ``targets`` (B,)
+        bool: the patients whose slots may serve as targets (None: all)."""
         assert out.v_fwd is not None
         b, m, d = v.shape
+        if targets is not None:
+            present = present & targets.unsqueeze(1)
         if self.config.method.imputation_loss == "paper":
             # Complementary target (Eq. 3): missing embedding where fed, the true embedding
             # where dropped; slots the patient never had carry no target.
@@ -268,11 +299,14 @@ class OmniFuse(nn.Module):
             back, _ = self.cra_backward(out.v_fwd.reshape(b, m * d))
             cycle = (_standardise(back.view(b, m, d))
                      - _standardise(out.v_in.detach())) ** 2  # (B, M, d)
-            backward = cycle.mean()
+            if targets is None:
+                backward = cycle.mean()
+            else:  # a plain batch mean with held-out rows at 0 (DDP's shares stay exact)
+                backward = (cycle.mean(dim=(1, 2)) * targets.to(cycle.dtype)).mean()
         return forward, backward
 
 
-def _rows(out: FuseOutput, index: slice) -> FuseOutput:
+def _rows(out: FuseOutput, index: slice | torch.Tensor) -> FuseOutput:
     """The patients ``index`` of a fuse output (every field is batch-first)."""
     return FuseOutput(*(None if f is None else f[index] for f in
                         (out.v_in, out.v_fwd, out.h, out.gate, out.modality_log_probs,

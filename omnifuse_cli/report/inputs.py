@@ -303,6 +303,7 @@ def _run_cohort(source: Path, meta: dict[str, str], modalities: list[str],
             manifest, specs,
             labs_table=Path(meta["labs_table"]) if meta.get("labs_table") else None,
             labs_id_col=meta.get("labs_id_col", "id") or "id", check_files=False,
+            allow_unlabeled=True,
         )
     except OmnifuseError as err:
         notes.append(f"could not read the run's manifest for modality presence: {err.message}")
@@ -335,8 +336,9 @@ def _load_cv(source: Path) -> ReportInputs:
     patterns = patterns[patterns["variant"] == base].drop(columns=["variant"])
     folds = _csv(source / "folds.csv")
     folds = folds[folds["repeat"].astype(int) == 1]
+    fold = folds["fold"].astype(str)  # fold 0: unlabeled patients, in every training fold
     cohort = pd.DataFrame({"id": folds["id"], "label": folds["label"].astype(int),
-                           "group": "fold " + folds["fold"].astype(str),
+                           "group": ("fold " + fold).where(fold != "0", "unlabeled"),
                            "modalities": folds["modalities"]})
     curves = {}
     for path in sorted((source / "folds" / base).glob("rep*-fold*/metrics.csv")):
