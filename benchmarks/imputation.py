@@ -262,7 +262,10 @@ def regime_cohort(pool: Pool, seed: int, regime: str, splits: dict[str, np.ndarr
 
 
 def test_masks(pool: Pool, seed: int, regime: str) -> dict[str, np.ndarray]:
-    return {name: mask(pool, seed, rate, per) for name, (rate, per) in REGIMES[regime][1].items()}
+    """Each deployment mask of the regime (those naming a modality the pool lacks skipped)."""
+    names = set(pool.cohort.names)
+    return {name: mask(pool, seed, rate, per) for name, (rate, per) in REGIMES[regime][1].items()
+            if set(per) <= names}
 
 
 # -- runs -------------------------------------------------------------------------------------

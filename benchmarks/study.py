@@ -714,6 +714,7 @@ OTHER_RESULTS = {
     "selection.md": "python benchmarks/selection.py run && python benchmarks/selection.py analyse",
     "selection_blend.md": "python benchmarks/selection_blend.py",
     "clinical.md": "python benchmarks/clinical.py all",
+    "imputation.md": "python benchmarks/imputation.py",
 }
 
 

@@ -266,7 +266,10 @@ def test_evaluate_and_predict_handle_unlabeled_rows(run_dir: Path, cohort_dir: P
     result = invoke("predict", cohort_dir / "manifest.csv", "--run", run_dir, "--out",
                     tmp_path / "p.csv")
     assert_ok(result)
-    assert len(pd.read_csv(tmp_path / "p.csv")) == 150
+    frame = pd.read_csv(tmp_path / "p.csv", dtype=str, keep_default_na=False)
+    assert len(frame) == 150
+    assert frame["label"].iloc[:90].str.fullmatch("[0-2]").all()  # integers, not 1.0
+    assert (frame["label"].iloc[90:] == "").all()
 
 
 def test_cv_trains_every_fold_with_the_unlabeled_patients(cohort_dir: Path,
@@ -365,3 +368,12 @@ def test_evaluate_takes_a_modality_missing_rate(run_dir: Path, tmp_path: Path) -
     assert result.exit_code == 2 and "not a modality of this model" in flat(result.stderr)
     result = invoke("evaluate", run_dir, "--modality-missing-rate", "text")
     assert result.exit_code == 2 and "must be NAME=RATE" in flat(result.stderr)
+
+
+def test_make_data_cli_writes_unlabeled_patients(tmp_path: Path) -> None:
+    result = invoke("make-data", "--n", 12, "--unlabeled", 5, "--no-images", "--inline-notes",
+                    "--out-dir", tmp_path / "c")
+    assert_ok(result)
+    assert "5 more patients with an empty label" in flat(result.output)
+    manifest = pd.read_csv(tmp_path / "c" / "manifest.csv", dtype=str, keep_default_na=False)
+    assert len(manifest) == 17 and (manifest["label"] == "").sum() == 5

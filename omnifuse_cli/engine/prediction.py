@@ -205,7 +205,8 @@ def prediction_frame(ids: list[str], labels: np.ndarray | None, probs: np.ndarra
     pred = np.where(scored, pred, 0)
     frame = pd.DataFrame({"id": ids})
     if labels is not None:
-        frame["label"] = [int(v) if v >= 0 else None for v in labels]
+        # Object column: an empty cell for unlabeled patients, integers (not 1.0) for the rest.
+        frame["label"] = pd.Series([int(v) if v >= 0 else None for v in labels], dtype=object)
     frame["pred"] = [class_names[c] if ok else None for c, ok in zip(pred, scored, strict=True)]
     for c, cname in enumerate(class_names):
         frame[f"prob_{cname}"] = probs[:, c]
