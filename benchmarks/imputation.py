@@ -555,6 +555,9 @@ def report(out: Path, quick: bool) -> Path:
                          **{f"r_{c}": f"{values[c].mean():.3f}" for c in values},
                          **{f"source_{c}": "/".join(sorted(set(sources[c]))) for c in sources}})
         lines += [stats.markdown_table(pd.DataFrame(rows)), ""]
+    findings = out / "findings.md"  # the team's reading, written after the tables
+    if findings.is_file():
+        lines += [findings.read_text(encoding="utf-8").strip(), ""]
     path = ROOT / "results" / ("imputation-quick.md" if quick else "imputation.md")
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -320,6 +320,7 @@ def test_reliability_comes_from_held_out_training_slots_when_validation_is_short
     held = np.flatnonzero(plan.mask)
     assert set(held) <= set(training_patients(splits).tolist())  # never a test patient
     assert (cohort.present[held].sum(axis=1) >= 2).all()
+    assert set(short["val"]) <= set(plan.held)  # validation patients join the estimate
     assert any(line.startswith("reliability of labs, text: validation has fewer than")
                for line in plan.messages)
     enough = reliability_plan(model, data, {**splits, "val": splits["train"]}, seed=1)

@@ -642,14 +642,15 @@ class ReliabilityPlan:
     RELIABILITY_MIN_PATIENTS of them; otherwise on held-out training slots: a fixed
     RELIABILITY_HOLDOUT_SHARE of the training patients (labelled and unlabeled) with two or
     more modalities, drawn from the run's seed, whose slots are never imputation targets (the
-    CRA has not learnt them), so the estimate is out of sample. Held-out patients still train
-    every label term. A modality with too few patients in both keeps r_m = 0 and says so."""
+    CRA has not learnt them), together with the validation patients: both are out of sample.
+    Held-out patients still train every label term. A modality with too few patients in both
+    keeps r_m = 0 and says so."""
 
     names: list[str]
     source: dict[str, str]  # modality -> "validation", "held-out training slots" or "none"
     counts: dict[str, int]  # modality -> eligible patients in its source
     val: np.ndarray
-    held: np.ndarray  # cohort rows of the held-out patients (empty when not needed)
+    held: np.ndarray  # held-out training patients and validation (empty when not needed)
     mask: np.ndarray | None  # (N,) bool over the cohort: held-out rows (None when not needed)
     messages: list[str]
 
@@ -692,6 +693,8 @@ def reliability_plan(model: OmniFuse, data: PreparedCohort, splits: dict[str, np
         held = np.sort(np.random.default_rng([seed, 0xA11]).choice(pool, take, replace=False))
         mask = np.zeros(len(present), dtype=bool)
         mask[held] = True
+    # The held-out slots join the validation patients (both out of sample for the CRA).
+    held = np.union1d(held, val) if len(held) else held
     on_held = _eligible(present, held)
     source, counts, messages = {}, {}, []
     for k, name in enumerate(names):
@@ -706,8 +709,8 @@ def reliability_plan(model: OmniFuse, data: PreparedCohort, splits: dict[str, np
         messages.append(
             f"reliability of {', '.join(moved)}: validation has fewer than "
             f"{RELIABILITY_MIN_PATIENTS} patients with the modality and another, so it is "
-            f"estimated on {len(held):,} held-out training patients (their slots are not "
-            "imputation targets)")
+            f"estimated on {len(held) - len(val):,} held-out training patients (their slots "
+            "are not imputation targets) and the validation patients")
     lost = [n for n in names if source[n] == "none"]
     if lost:
         messages.append(
