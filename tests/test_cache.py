@@ -384,3 +384,116 @@ def test_token_fingerprint_of_flat_storage_equals_the_list_form():
     assert tokens_fingerprint(flat) == tokens_fingerprint(rows)
     assert tokens_fingerprint(Ragged.from_lists([[3, 1, 4], [1], [5, 9, 2, 6], [5]], np.int32)) \
         != tokens_fingerprint(flat)  # same tokens, other note boundaries
+
+
+# -- no silent staleness (issue 19) -----------------------------------------------------------
+
+
+def _copy_cohort(tiny_manifest: Path, tmp_path: Path) -> tuple[Path, Path]:
+    copy = tmp_path / "cohort"
+    shutil.copytree(tiny_manifest.parent, copy)
+    return copy / "manifest.csv", next(iter(sorted((copy / "us").glob("*.png"))))
+
+
+def _same_size_other_pixels(image: Path) -> None:
+    """Replace an image by another of exactly the same byte size, then give it back the old
+    modification time (a restore from backup, `cp -p`): only the content differs."""
+    st = image.stat()
+    raw = bytearray(image.read_bytes())
+    from PIL import Image
+
+    with Image.open(image) as img:
+        pixels = np.asarray(img.convert("L"))
+    other = image.with_name("other.png")
+    size = len(raw)
+    for value in range(256):  # a flat image, padded with PNG-ignored trailing bytes
+        Image.fromarray(np.full_like(pixels, value)).save(other)
+        if other.stat().st_size <= size:
+            break
+    data = other.read_bytes()
+    other.unlink()
+    assert len(data) <= size and data != bytes(raw[:len(data)])
+    image.write_bytes(data + b"\0" * (size - len(data)))
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert image.stat().st_size == st.st_size and image.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_a_replaced_image_with_the_same_size_and_mtime_encodes_again(
+        tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    manifest, image = _copy_cohort(tiny_manifest, tmp_path)
+    cache = FeatureCache(tmp_path / "cache")
+    first = Encoded(manifest, cache, monkeypatch)
+    assert first.encoded == N_IMAGES
+    _same_size_other_pixels(image)
+    again = Encoded(manifest, cache, monkeypatch)
+    assert again.encoded == N_IMAGES  # the old features are not served as current
+    assert not np.array_equal(again.flat(), first.flat())
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symlinks need extra privileges on Windows")
+def test_a_re_pointed_symlink_encodes_again(tiny_manifest: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    manifest, image = _copy_cohort(tiny_manifest, tmp_path)
+    store = tmp_path / "store"
+    store.mkdir()
+    a, b = store / "a.png", store / "b.png"
+    shutil.copy2(image, a)
+    shutil.copy2(image, b)
+    _same_size_other_pixels(b)
+    os.utime(b, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))
+    image.unlink()
+    image.symlink_to(a)
+    cache = FeatureCache(tmp_path / "cache")
+    assert Encoded(manifest, cache, monkeypatch).encoded == N_IMAGES
+    assert Encoded(manifest, cache, monkeypatch).encoded == 0  # unchanged: reused
+    image.unlink()
+    image.symlink_to(b)  # the same name, size and mtime: another file
+    assert Encoded(manifest, cache, monkeypatch).encoded == N_IMAGES
+
+
+@pytest.mark.parametrize("module", ["torchvision", "PIL", "torch"])
+def test_another_library_version_encodes_again(tiny_manifest: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               module: str) -> None:
+    import importlib
+
+    cache = FeatureCache(tmp_path / "cache")
+    assert Encoded(tiny_manifest, cache, monkeypatch).encoded == N_IMAGES
+    assert Encoded(tiny_manifest, cache, monkeypatch).encoded == 0
+    lib = importlib.import_module(module)
+    monkeypatch.setattr(lib, "__version__", lib.__version__ + ".other")
+    assert Encoded(tiny_manifest, cache, monkeypatch).encoded == N_IMAGES
+
+
+def test_another_preprocessing_version_encodes_again(tiny_manifest: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from omnifuse_cli.data import images
+
+    cache = FeatureCache(tmp_path / "cache")
+    assert Encoded(tiny_manifest, cache, monkeypatch).encoded == N_IMAGES
+    monkeypatch.setattr(images, "PREPROCESSING_VERSION", images.PREPROCESSING_VERSION + 1)
+    assert Encoded(tiny_manifest, cache, monkeypatch).encoded == N_IMAGES
+
+
+def test_views_per_patient_and_precision_are_part_of_the_key(
+        tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from omnifuse_cli.engine import inference
+
+    cache = FeatureCache(tmp_path / "cache")
+    assert Encoded(tiny_manifest, cache, monkeypatch).encoded == N_IMAGES
+    keys: list[dict] = []
+    real = inference._features
+
+    def spy(job, *args, **kwargs):  # type: ignore[no-untyped-def]
+        keys.append(dict(job.parts))
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "_features", spy)
+    Encoded(tiny_manifest, cache, monkeypatch)
+    parts = keys[-1]
+    assert {"views", "precision", "versions", "files"} <= set(parts)
+    from omnifuse_cli.data.cache import entry_key, tokens_fingerprint
+
+    moved = {**parts, "views": tokens_fingerprint([[1] * N_IMAGES])}  # same files, regrouped
+    assert entry_key(moved) != entry_key(parts)
+    assert entry_key({**parts, "precision": "bf16"}) != entry_key(parts)

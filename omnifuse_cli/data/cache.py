@@ -8,9 +8,10 @@ folder is renamed into place, so a half-written entry (Ctrl-C, a full disk, a cr
 found. Opening an entry checks everything ``entry.json`` records; any mismatch means the entry is
 rebuilt, never used.
 
-The key hashes what decides the features: the modality, the image files (path, size, mtime) or
-the note tokens, how many views each patient has, the image size, the backbone's weights, the
-compute precision and this file format's version.
+The key hashes what decides the features: the modality, the image files (path, resolved path,
+size, mtime, inode, ctime) or the note tokens, how many views each patient has, the image size,
+the backbone's weights, the compute precision, the versions of omnifuse, its preprocessing,
+torch, torchvision, Pillow (and pydicom for DICOM inputs) and this file format's version.
 """
 
 from __future__ import annotations
@@ -50,9 +51,12 @@ def default_cache_dir() -> Path:
 
 
 def files_fingerprint(paths: Iterable[os.PathLike | str]) -> str:
-    """Hash of absolute paths with their size and modification time: a replaced or edited image
-    changes the key without reading any pixels. A frame of a multi-frame file (an os.PathLike
-    with an ``index``, data.images.DicomFrame) is the file plus its frame number."""
+    """Hash of each file's absolute path, the file it resolves to (a re-pointed symlink is
+    another file), its size, modification time, inode and status-change time: a replaced or
+    edited image changes the key without reading any pixels, also when the replacement has the
+    same size and a preserved modification time (a restore from backup, `cp -p`): writing a
+    file's content always sets its status-change time. A frame of a multi-frame file (an
+    os.PathLike with an ``index``, data.images.DicomFrame) is the file plus its frame number."""
     digest = hashlib.blake2b(digest_size=20)
     for path in paths:
         name = os.path.abspath(path)
@@ -61,11 +65,38 @@ def files_fingerprint(paths: Iterable[os.PathLike | str]) -> str:
             digest.update(f"#{frame}".encode())
         try:
             st = os.stat(name)
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+            stamp = (f"{os.path.realpath(name)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:"
+                     f"{st.st_ctime_ns}")
         except OSError:
             stamp = "missing"
         digest.update(f"{name}\0{stamp}\n".encode())
     return digest.hexdigest()
+
+
+def code_versions(images: bool = False) -> dict[str, str]:
+    """The versions that decide what a frozen backbone makes of an input: omnifuse and torch;
+    for images also its preprocessing (data.images.PREPROCESSING_VERSION), torchvision, Pillow
+    and pydicom when it is installed (finding out whether a cohort holds DICOM files would
+    mean opening every file). Part of every cache key: upgrading any of them encodes again
+    rather than serving features another version computed."""
+    from omnifuse_cli import __version__
+
+    out = {"omnifuse": __version__, "torch": torch.__version__}
+    if images:
+        import PIL
+        import torchvision
+
+        from omnifuse_cli.data.images import PREPROCESSING_VERSION
+
+        out.update({"preprocessing": str(PREPROCESSING_VERSION),
+                    "torchvision": torchvision.__version__, "Pillow": PIL.__version__})
+        try:
+            import pydicom
+        except ImportError:  # the dicom extra is not installed: no DICOM input can be read
+            pass
+        else:
+            out["pydicom"] = pydicom.__version__
+    return out
 
 
 def tokens_fingerprint(seqs: Sequence[Sequence[int]]) -> str:

@@ -16,6 +16,9 @@ from torch.utils.data import Dataset
 
 from omnifuse_cli.data.dicom import dicom_info, dicom_problem, frame_indices, is_dicom, read_frame
 
+# Bump whenever the code that turns a file into pixels changes (decoding, LUTs, windowing,
+# colour handling, the transform): cached features of the old code are then never served.
+PREPROCESSING_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -17,6 +17,7 @@ from omnifuse_cli.data.cache import (
     FeatureArray,
     FeatureCache,
     assemble_shards,
+    code_versions,
     commit,
     create_rows,
     default_cache_dir,
@@ -153,7 +154,8 @@ def _cache_frozen_features(model: OmniFuse, data: PreparedCohort, names: list[st
             offsets = offsets_from_sizes(sizes)
             parts = {**common, "kind": "image", "files": files_fingerprint(paths),
                      "views": tokens_fingerprint([sizes]), "image_size": data.image_size,
-                     "transform": "resize+center-crop+imagenet-normalize"}
+                     "transform": "resize+center-crop+imagenet-normalize",
+                     "versions": code_versions(images=True)}
 
             def encode_images(items: range, out: np.ndarray, report: ProgressFn | None,
                               encoder: ImageEncoder = encoder, paths: list = paths) -> None:
@@ -175,7 +177,8 @@ def _cache_frozen_features(model: OmniFuse, data: PreparedCohort, names: list[st
                 data.image_feature_dims[name] = encoder.feature_dim
         elif isinstance(encoder, HFTextEncoder):
             seqs, pad = data.token_ids[name], data.pad_ids[name]
-            parts = {**common, "kind": "text", "tokens": tokens_fingerprint(seqs), "pad": pad}
+            parts = {**common, "kind": "text", "tokens": tokens_fingerprint(seqs), "pad": pad,
+                     "versions": code_versions()}
 
             def encode_notes(items: range, out: np.ndarray, report: ProgressFn | None,
                              encoder: HFTextEncoder = encoder, seqs: list = seqs,
