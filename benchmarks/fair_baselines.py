@@ -337,12 +337,32 @@ def _logreg(c: float, seed: int, warm: bool = False) -> LogisticRegression:
 
 class _Baseline:
     name = ""
+    augment_copies = 0  # augmented copies per training patient (set by the subclasses)
+    rate = 0.0  # their modality dropout rate
+    cv = 3  # inner folds
 
     def __init__(self) -> None:
         self.chosen: dict = {}
         self.n_classes_ = 0
         self.prior_ = np.zeros(0)
         self.fit_seconds_ = 0.0
+
+    def _start(self, blocks: Blocks, y: np.ndarray, train_idx: np.ndarray,
+               num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Checked labels and training rows; sets the class count and the training prior."""
+        y, train_idx, n_classes = _prepare(blocks, y, train_idx, num_classes)
+        self.n_classes_ = n_classes
+        self.prior_ = _prior(y[train_idx], n_classes)
+        return y, train_idx
+
+    def _augmented(self, blocks: Blocks, y: np.ndarray, train_idx: np.ndarray, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        """The training rows with their augmented copies, their masks and the patient-grouped
+        inner folds (baselines with ``augment_copies``, ``rate`` and ``cv``)."""
+        rows, masks = augment(blocks.present, train_idx, copies=self.augment_copies,
+                              rate=self.rate, seed=seed)
+        folds = inner_folds(rows, y[rows], len(train_idx), cv=self.cv, seed=seed)
+        return rows, masks, folds
 
     def _masks(self, blocks: Blocks, idx: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
         present = blocks.present[idx]
@@ -431,12 +451,9 @@ class HGBConcat(_Baseline):
     def fit(self, blocks: Blocks, y: np.ndarray, train_idx: np.ndarray, seed: int, *,
             num_classes: int | None = None) -> HGBConcat:
         start = time.perf_counter()
-        y, train_idx, n_classes = _prepare(blocks, y, train_idx, num_classes)
-        self.n_classes_ = n_classes
-        self.prior_ = _prior(y[train_idx], n_classes)
-        rows, masks = augment(blocks.present, train_idx, copies=self.augment_copies,
-                              rate=self.rate, seed=seed)
-        folds = inner_folds(rows, y[rows], len(train_idx), cv=self.cv, seed=seed)
+        y, train_idx = self._start(blocks, y, train_idx, num_classes)
+        n_classes = self.n_classes_
+        rows, masks, folds = self._augmented(blocks, y, train_idx, seed)
         points = self._points()
         losses = np.zeros((len(points), self.max_iter))
         with threadpool_limits(limits=self.n_jobs):
@@ -498,12 +515,9 @@ class LogRegConcat(_Baseline):
     def fit(self, blocks: Blocks, y: np.ndarray, train_idx: np.ndarray, seed: int, *,
             num_classes: int | None = None) -> LogRegConcat:
         start = time.perf_counter()
-        y, train_idx, n_classes = _prepare(blocks, y, train_idx, num_classes)
-        self.n_classes_ = n_classes
-        self.prior_ = _prior(y[train_idx], n_classes)
-        rows, masks = augment(blocks.present, train_idx, copies=self.augment_copies,
-                              rate=self.rate, seed=seed)
-        folds = inner_folds(rows, y[rows], len(train_idx), cv=self.cv, seed=seed)
+        y, train_idx = self._start(blocks, y, train_idx, num_classes)
+        n_classes = self.n_classes_
+        rows, masks, folds = self._augmented(blocks, y, train_idx, seed)
         losses = np.zeros(len(self.Cs))
         unconverged = 0
         with threadpool_limits(limits=self.n_jobs), warnings.catch_warnings(record=True) as log:
@@ -632,9 +646,8 @@ class _UnimodalBaseline(_Baseline):
 
     def _fit_all(self, blocks: Blocks, y: np.ndarray, train_idx: np.ndarray, seed: int,
                  num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
-        y, train_idx, n_classes = _prepare(blocks, y, train_idx, num_classes)
-        self.n_classes_ = n_classes
-        self.prior_ = _prior(y[train_idx], n_classes)
+        y, train_idx = self._start(blocks, y, train_idx, num_classes)
+        n_classes = self.n_classes_
         folds = inner_folds(train_idx, y[train_idx], len(train_idx), cv=self.cv, seed=seed)
         self.units_: dict[str, _Unimodal] = {}
         with threadpool_limits(limits=self.n_jobs), warnings.catch_warnings():

@@ -52,7 +52,6 @@ Design, fixed before any result was looked at (the contrasts are in CONTRASTS)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import multiprocessing
 import platform
@@ -73,19 +72,18 @@ import stats  # noqa: E402
 
 from omnifuse_cli import __version__  # noqa: E402
 from omnifuse_cli.config import (  # noqa: E402
-    DEFAULT_MODALITIES,
     DataConfig,
     ImageConfig,
     MethodConfig,
     TrainConfig,
 )
 from omnifuse_cli.data.cache import FeatureArray  # noqa: E402
-from omnifuse_cli.data.manifest import Cohort, read_manifest  # noqa: E402
+from omnifuse_cli.data.manifest import Cohort  # noqa: E402
 from omnifuse_cli.data.prepared import move_to  # noqa: E402
 from omnifuse_cli.data.splits import training_patients  # noqa: E402
 from omnifuse_cli.data.text import tokenize  # noqa: E402
 from omnifuse_cli.engine.evaluation import simulate_missing  # noqa: E402
-from omnifuse_cli.engine.inference import cache_frozen_features, loader  # noqa: E402
+from omnifuse_cli.engine.inference import loader  # noqa: E402
 from omnifuse_cli.engine.metrics import classification_metrics  # noqa: E402
 from omnifuse_cli.engine.synthesis import CohortSpec, make_cohort  # noqa: E402
 from omnifuse_cli.engine.training import (  # noqa: E402
@@ -97,7 +95,6 @@ from omnifuse_cli.engine.training import (  # noqa: E402
     reliability_plan,
     reliability_values,
 )
-from omnifuse_cli.model.encoders import ImageEncoder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
@@ -170,20 +167,15 @@ def synthetic(name: str, work: Path, quick: bool) -> Pool:
                       shared_severity=COHORTS[name])
     if not (folder / "manifest.csv").is_file():
         make_cohort(spec, folder)
-    cohort = read_manifest(folder / "manifest.csv", DEFAULT_MODALITIES)
-    request = TrainRequest(folder / "manifest.csv", 3, work / "unused",
-                           data=DataConfig(image=IMAGE), train=TrainConfig(device="cpu"))
-    torch.manual_seed(DATA_SEED)
-    model, pre, _ = build_for_cohort(cohort, np.arange(len(cohort)), request)
-    data = pre.prepare(cohort)
-    names = [n for n, e in model.encoders.items() if isinstance(e, ImageEncoder)]
-    cache_frozen_features(model, data, names, device=CPU, batch_size=64, amp=False)
+    from power import encoded_cohort
+
+    cohort, image_cache, _, _ = encoded_cohort(folder / "manifest.csv", work, IMAGE)
     dev, test = _pools(cohort, dev_n)
     knobs = f"--shared-severity {COHORTS[name]:g}"
     return Pool(name, f"make-data --n {dev_n + test_n} --seed {DATA_SEED} --image-size "
                 f"{IMAGE.image_size} --missing-labs 0 --missing-us 0 --missing-text 0 "
                 f"--corrupt-rate 0 {knobs}", cohort, 3, dev, test, (n_train, n_val, n_unl),
-                dict(data.image_cache))
+                image_cache)
 
 
 def wdbc() -> Pool:
@@ -232,27 +224,13 @@ def regime_cohort(pool: Pool, seed: int, regime: str, splits: dict[str, np.ndarr
                   with_unlabeled: bool) -> Cohort:
     """The cohort a run trains on: development patients at the regime's training rate (hidden
     values removed), test patients whole (masked at inference), unlabeled labels -1."""
-    rate = REGIMES[regime][0]
-    shown = mask(pool, seed, rate)
+    from study import hide
+
+    shown = mask(pool, seed, REGIMES[regime][0])
     dev = np.zeros(len(pool.cohort), dtype=bool)
     dev[pool.dev_idx] = True
-    hidden = pool.cohort.present & ~shown & dev[:, None]
     cohort = pool.cohort
-    out = dataclasses.replace(cohort, present=cohort.present & ~hidden,
-                              vectors=dict(cohort.vectors), images=dict(cohort.images),
-                              texts=dict(cohort.texts))
-    for k, spec in enumerate(cohort.modalities):
-        rows = hidden[:, k]
-        if spec.kind == "vector":
-            values = out.vectors[spec.name].copy()
-            values[rows] = np.nan
-            out.vectors[spec.name] = values
-        elif spec.kind == "image":
-            out.images[spec.name] = [[] if h else p for h, p in
-                                     zip(rows, cohort.images[spec.name], strict=True)]
-        else:
-            out.texts[spec.name] = [None if h else t for h, t in
-                                    zip(rows, cohort.texts[spec.name], strict=True)]
+    out = hide(cohort, cohort.present & ~shown & dev[:, None])
     assert cohort.labels is not None
     labels = cohort.labels.copy()
     if with_unlabeled and "unlabeled" in splits:

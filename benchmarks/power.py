@@ -132,20 +132,28 @@ def synthetic(name: str, work: Path, quick: bool) -> PowerData:
     spec = CohortSpec(n=dev_n + test_n, seed=DATA_SEED, image_size=IMAGE.image_size, **knobs)
     if not (folder / "manifest.csv").is_file():
         make_cohort(spec, folder)
-    cohort = read_manifest(folder / "manifest.csv", DEFAULT_MODALITIES)
-    request = TrainRequest(folder / "manifest.csv", 3, work / "unused",
-                           data=DataConfig(image=IMAGE), train=TrainConfig(device="cpu"))
+    cohort, image_cache, weights, seconds = encoded_cohort(folder / "manifest.csv", work, IMAGE)
+    dev_idx, test_idx = _pools(cohort, dev_n)
+    return PowerData(name, f"make-data --n {dev_n + test_n} --seed {DATA_SEED} --image-size "
+                     f"{IMAGE.image_size} {description}", cohort, 3, dev_idx, test_idx,
+                     (n_train, n_val), image_cache, weights, seconds)
+
+
+def encoded_cohort(manifest: Path, work: Path, image: ImageConfig
+                   ) -> tuple[Cohort, dict[str, FeatureArray], str, float]:
+    """A make-data cohort read with the default modalities and every image view encoded once
+    by the frozen backbone: the cohort, the features per image modality, a description of the
+    weights and the encoding seconds."""
+    cohort = read_manifest(manifest, DEFAULT_MODALITIES)
+    request = TrainRequest(manifest, 3, work / "unused", data=DataConfig(image=image),
+                           train=TrainConfig(device="cpu"))
     torch.manual_seed(DATA_SEED)
     model, pre, weights = build_for_cohort(cohort, np.arange(len(cohort)), request)
     data = pre.prepare(cohort)
     names = [n for n, e in model.encoders.items() if isinstance(e, ImageEncoder)]
     t0 = time.perf_counter()
     cache_frozen_features(model, data, names, device=CPU, batch_size=64, amp=False)
-    seconds = time.perf_counter() - t0
-    dev_idx, test_idx = _pools(cohort, dev_n)
-    return PowerData(name, f"make-data --n {dev_n + test_n} --seed {DATA_SEED} --image-size "
-                     f"{IMAGE.image_size} {description}", cohort, 3, dev_idx, test_idx,
-                     (n_train, n_val), dict(data.image_cache), weights, seconds)
+    return cohort, dict(data.image_cache), weights, time.perf_counter() - t0
 
 
 def wdbc() -> PowerData:

@@ -176,20 +176,27 @@ def inject_missing(cohort: Cohort, rate: float, seed: int) -> Cohort:
     if rate <= 0:
         return cohort
     present, _ = simulate_missing(cohort.present, cohort.names, (), rate, seed + 10_000)
-    out = dataclasses.replace(cohort, present=present, vectors=dict(cohort.vectors),
-                              images=dict(cohort.images), texts=dict(cohort.texts))
+    return hide(cohort, cohort.present & ~present)
+
+
+def hide(cohort: Cohort, hidden: np.ndarray) -> Cohort:
+    """A copy of ``cohort`` without the (patient, modality) slots of ``hidden`` (N, M): not
+    present, and their values removed, as if the manifest's cells had been empty."""
+    out = dataclasses.replace(cohort, present=cohort.present & ~hidden,
+                              vectors=dict(cohort.vectors), images=dict(cohort.images),
+                              texts=dict(cohort.texts))
     for k, spec in enumerate(cohort.modalities):
-        hidden = cohort.present[:, k] & ~present[:, k]
+        rows = hidden[:, k]
         if spec.kind == "vector":
             values = out.vectors[spec.name].copy()
-            values[hidden] = np.nan
+            values[rows] = np.nan
             out.vectors[spec.name] = values
         elif spec.kind == "image":
             out.images[spec.name] = [[] if h else p for h, p in
-                                     zip(hidden, cohort.images[spec.name], strict=True)]
+                                     zip(rows, cohort.images[spec.name], strict=True)]
         else:
             out.texts[spec.name] = [None if h else t for h, t in
-                                    zip(hidden, cohort.texts[spec.name], strict=True)]
+                                    zip(rows, cohort.texts[spec.name], strict=True)]
     return out
 
 

@@ -7,10 +7,13 @@ or as ``.txt`` files, and some modalities missing. Every patient has at least on
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -192,3 +195,15 @@ def cv_run(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
                   "--variant", "nodw=--no-dwfuse"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output + repr(result.exception)
     return {"dir": out, "result": result, "encodes": len(encodes), "fitted": fitted}
+
+
+def load_benchmark(name: str, module_name: str) -> ModuleType:
+    """benchmarks/<name>.py imported as ``module_name`` (the benchmarks are scripts, not a
+    package); registered in sys.modules before it runs, so its dataclasses pickle."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -4,11 +4,8 @@ Holm, seed t-intervals, the hierarchical bootstrap, the contrast table and the p
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import math
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,16 +13,12 @@ import pytest
 from scipy import stats as sps
 from sklearn.metrics import roc_auc_score
 
-STATS_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "stats.py"
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def st():
-    spec = importlib.util.spec_from_file_location("omnifuse_bench_stats", STATS_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["omnifuse_bench_stats"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("stats", "omnifuse_bench_stats")
 
 
 def sk_auroc(y: np.ndarray, probs: np.ndarray) -> float:

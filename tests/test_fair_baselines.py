@@ -3,15 +3,12 @@ patient-grouped inner folds and the four classical baselines given OmniFuse's ch
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-FAIR_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "fair_baselines.py"
+from tests.conftest import load_benchmark
+
 STRENGTH = {"labs": 0.5, "us": 0.3, "note": 0.8}
 SMALL_GRID = {"learning_rate": [0.1], "max_leaf_nodes": [15], "min_samples_leaf": [10],
               "l2_regularization": [0.0, 1.0]}
@@ -20,11 +17,7 @@ KEYS = ("hgb", "logreg", "late_mean", "best_single")
 
 @pytest.fixture(scope="module")
 def fb():
-    spec = importlib.util.spec_from_file_location("omnifuse_fair_baselines", FAIR_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["omnifuse_fair_baselines"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("fair_baselines", "omnifuse_fair_baselines")
 
 
 def make(fb, key: str):

@@ -3,7 +3,6 @@ classical baselines, one OmniFuse run on cached features, and the goal verdicts.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -12,17 +11,14 @@ import pandas as pd
 import pytest
 
 from omnifuse_cli.config import TrainConfig
+from tests.conftest import load_benchmark
 
 STUDY_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "study.py"
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("omnifuse_study", STUDY_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["omnifuse_study"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("study", "omnifuse_study")
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +96,7 @@ def test_goal_table_says_no_when_omnifuse_falls_behind(study):
 @pytest.fixture(scope="module")
 def power(study):
     sys.path.insert(0, str(STUDY_PATH.parent))  # power imports study's helpers by name
-    spec = importlib.util.spec_from_file_location("omnifuse_power", STUDY_PATH.parent / "power.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["omnifuse_power"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("power", "omnifuse_power")
 
 
 def test_holm_matches_hand_computation(power):

@@ -10,10 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import Result
-from typer.testing import CliRunner
 
-from omnifuse_cli.cli.app import app
 from omnifuse_cli.config import (
     PAPER_OPTIONS,
     DataConfig,
@@ -37,20 +34,9 @@ from omnifuse_cli.engine.training import (
     run_training,
 )
 from omnifuse_cli.errors import ManifestError
+from tests.test_cli import assert_ok, flat, invoke
 
 LABS_TEXT = ("--modality", "labs=vector", "--modality", "text=text")
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
-
-
-def assert_ok(result: Result) -> None:
-    assert result.exit_code == 0, result.output + repr(result.exception)
 
 
 @pytest.fixture(scope="module")

@@ -223,33 +223,37 @@ class OmniFuse(nn.Module):
             terms["forward"], terms["backward"] = self._imputation_losses(
                 v, present, mask, out, None if holdout is None else ~holdout)
         labelled = y >= 0
-        if bool(labelled.all()):
-            weight = self.sample_weight(y)
-            terms["dwfuse"] = torch.stack([self._classification_loss(o, y, weight)
-                                           for o in outs[:n_views]]).mean()
-            if rows is not None:
-                nll = F.nll_loss(self.predict_from(outs[-1]).log_probs, y[rows],
-                                 reduction="none")
-                terms["tla"] = (nll if weight is None else nll * weight[rows]).mean()  # Eq. 17
-        elif bool(labelled.any()):  # unlabeled patients in the batch: label terms skip them
-            keep = labelled.nonzero(as_tuple=True)[0]
-            y_l = y[keep]
-            weight = self.sample_weight(y_l)
-            terms["dwfuse"] = torch.stack([self._classification_loss(_rows(o, keep), y_l, weight)
-                                           for o in outs[:n_views]]).mean()
-            if rows is not None:
-                lazy_rows = rows.nonzero(as_tuple=True)[0]
-                ok = labelled[lazy_rows]
-                if bool(ok.any()):
-                    y_lazy = y[lazy_rows[ok]]
-                    nll = F.nll_loss(self.predict_from(_rows(outs[-1], ok.nonzero(
-                        as_tuple=True)[0])).log_probs, y_lazy, reduction="none")
-                    w_lazy = self.sample_weight(y_lazy)
-                    terms["tla"] = (nll if w_lazy is None else nll * w_lazy).mean()
+        if bool(labelled.any()):
+            terms["dwfuse"], tla = self._label_terms(outs[:n_views], y, labelled,
+                                                     None if rows is None else outs[-1], rows)
+            terms["tla"] = zero if tla is None else tla
         else:  # a batch of unlabeled patients only: the graph still reaches every head
             terms["dwfuse"] = zero + 0.0 * out.joint_log_probs.sum()
         terms["total"] = sum(w * terms[k] for k, w in cfg.loss_weights.items())
         return terms
+
+    def _label_terms(self, views: list[FuseOutput], y: torch.Tensor, labelled: torch.Tensor,
+                     lazy_out: FuseOutput | None, lazy_rows: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """L_DWFuse (Eq. 14, mean over the views) and L_TLA (Eq. 17, on the lazy view of the
+        patients ``lazy_rows`` selects; None when none of them has a label), each a mean over
+        the batch's labelled patients (unlabeled ones have y = -1)."""
+        keep = None if bool(labelled.all()) else labelled.nonzero(as_tuple=True)[0]
+        y_l = y if keep is None else y[keep]
+        weight = self.sample_weight(y_l)
+        dwfuse = torch.stack([self._classification_loss(o if keep is None else _rows(o, keep),
+                                                        y_l, weight) for o in views]).mean()
+        if lazy_out is None or lazy_rows is None:
+            return dwfuse, None
+        y_lazy, ok = y[lazy_rows], labelled[lazy_rows]
+        if not bool(ok.any()):
+            return dwfuse, None
+        log_probs = self.predict_from(lazy_out).log_probs
+        if keep is not None:
+            log_probs, y_lazy = log_probs[ok], y_lazy[ok]
+        nll = F.nll_loss(log_probs, y_lazy, reduction="none")
+        w_lazy = self.sample_weight(y_lazy)
+        return dwfuse, (nll if w_lazy is None else nll * w_lazy).mean()
 
     def sample_weight(self, y: torch.Tensor) -> torch.Tensor | None:
         """Each patient's loss weight, its class's --class-weight (None: all 1). The weights are
