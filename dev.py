@@ -56,24 +56,63 @@ def demo(seed: int) -> None:
     data, run_dir = Path("demo") / "data_synth_raw", Path("demo") / "run"
     start = time.perf_counter()
     run(PYTHON, ROOT / "benchmarks" / "mobilenet_weights.py")
-    omnifuse("make-data", "--out-dir", str(data), "--n", str(DEMO_N), "--image-size", "64",
-             "--seed", str(seed), "--overwrite")
-    omnifuse("train", str(data / "manifest.csv"), "--num-classes", "3", "--out-dir",
-             str(run_dir), "--image-backbone", "mobilenet_v2", "--image-size", "64",
-             "--train-ratio", "0.45", "--val-ratio", "0.15", "--test-ratio", "0.4",
-             "--seed", str(seed), "--overwrite")
+    omnifuse(
+        "make-data",
+        "--out-dir",
+        str(data),
+        "--n",
+        str(DEMO_N),
+        "--image-size",
+        "64",
+        "--seed",
+        str(seed),
+        "--overwrite",
+    )
+    omnifuse(
+        "train",
+        str(data / "manifest.csv"),
+        "--num-classes",
+        "3",
+        "--out-dir",
+        str(run_dir),
+        "--image-backbone",
+        "mobilenet_v2",
+        "--image-size",
+        "64",
+        "--train-ratio",
+        "0.45",
+        "--val-ratio",
+        "0.15",
+        "--test-ratio",
+        "0.4",
+        "--seed",
+        str(seed),
+        "--overwrite",
+    )
     omnifuse("evaluate", str(run_dir))
-    omnifuse("predict", str(data / "manifest.csv"), "--run", str(run_dir), "--out",
-             str(Path("demo") / "predictions.csv"))
+    omnifuse(
+        "predict",
+        str(data / "manifest.csv"),
+        "--run",
+        str(run_dir),
+        "--out",
+        str(Path("demo") / "predictions.csv"),
+    )
     omnifuse("report", str(run_dir))
     scores = _one_row_csv(ROOT / run_dir / "test.csv")
     split = (ROOT / run_dir / "split.csv").read_text(encoding="utf-8").splitlines()[1:]
     n_test = dict(line.split(",") for line in split)["test"]
-    print(f"demo finished in {time.perf_counter() - start:.0f} s; everything is under "
-          f"{ROOT / 'demo'}", flush=True)
-    print(f"test macro-F1 {float(scores['test_macro_f1']):.3f}, AUROC "
-          f"{float(scores['test_auroc']):.3f} on {n_test} test patients "
-          f"(--seed {seed})", flush=True)
+    print(
+        f"demo finished in {time.perf_counter() - start:.0f} s; everything is under "
+        f"{ROOT / 'demo'}",
+        flush=True,
+    )
+    print(
+        f"test macro-F1 {float(scores['test_macro_f1']):.3f}, AUROC "
+        f"{float(scores['test_auroc']):.3f} on {n_test} test patients "
+        f"(--seed {seed})",
+        flush=True,
+    )
     print(f"report: {ROOT / run_dir / 'report.html'} (open it in a browser)", flush=True)
 
 
@@ -93,8 +132,10 @@ def bench(extra: list[str]) -> None:
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     if command not in {"demo", "test", "bench", "setup"}:
-        sys.exit("usage: python3 dev.py demo [--seed N] | test [pytest args] | bench [study args]"
-                 " | setup")
+        sys.exit(
+            "usage: python3 dev.py demo [--seed N] | test [pytest args] | bench [study args]"
+            " | setup"
+        )
     ensure_env()
     if command == "demo":
         args = sys.argv[2:]

@@ -15,6 +15,7 @@
   nice .venv/bin/python benchmarks/clinical.py [demo|conformal|all] [--seeds N]
 Writes benchmarks/results/clinical_<part>.csv and benchmarks/results/clinical.md.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,16 +34,34 @@ import pandas as pd  # noqa: E402
 HERE = Path(__file__).resolve().parent
 WORK = Path(os.environ.get("OMNIFUSE_CLINICAL_DIR", HERE / "work-clinical"))
 RESULTS = HERE / "results"
-DEMO_TRAIN = ["--image-backbone", "mobilenet_v2", "--image-size", "64", "--train-ratio", "0.45",
-              "--val-ratio", "0.15", "--test-ratio", "0.4", "--threads", "1"]
-VARIANTS = {"before": ["--select-by", "macro_f1", "--calibrate", "none"], "now": [],
-            "now-no-linear-path": ["--no-linear-path"]}
+DEMO_TRAIN = [
+    "--image-backbone",
+    "mobilenet_v2",
+    "--image-size",
+    "64",
+    "--train-ratio",
+    "0.45",
+    "--val-ratio",
+    "0.15",
+    "--test-ratio",
+    "0.4",
+    "--threads",
+    "1",
+]
+VARIANTS = {
+    "before": ["--select-by", "macro_f1", "--calibrate", "none"],
+    "now": [],
+    "now-no-linear-path": ["--no-linear-path"],
+}
 FRESH = False  # --fresh: retrain runs whose evaluation exists
 
 
 def omnifuse(*args: object) -> None:
-    subprocess.run([sys.executable, "-m", "omnifuse_cli", *map(str, args)], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "omnifuse_cli", *map(str, args)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def key_values(path: Path) -> dict[str, str]:
@@ -56,28 +75,55 @@ def demo(seeds: int) -> pd.DataFrame:
     for seed in range(1, seeds + 1):
         data = WORK / f"demo-data-{seed}"
         if not (data / "manifest.csv").is_file():
-            omnifuse("make-data", "--out-dir", data, "--n", 1500, "--image-size", 64, "--seed",
-                     seed, "--overwrite")
+            omnifuse(
+                "make-data",
+                "--out-dir",
+                data,
+                "--n",
+                1500,
+                "--image-size",
+                64,
+                "--seed",
+                seed,
+                "--overwrite",
+            )
         for name, flags in VARIANTS.items():
             run = WORK / f"demo-{name}-{seed}"
             done = (run / "eval" / "test" / "calibration.csv").is_file()
             if FRESH or not done:
-                omnifuse("train", data / "manifest.csv", "--num-classes", 3, "--out-dir", run,
-                         *DEMO_TRAIN, "--seed", seed, "--overwrite", *flags)
+                omnifuse(
+                    "train",
+                    data / "manifest.csv",
+                    "--num-classes",
+                    3,
+                    "--out-dir",
+                    run,
+                    *DEMO_TRAIN,
+                    "--seed",
+                    seed,
+                    "--overwrite",
+                    *flags,
+                )
                 omnifuse("evaluate", run, "--bootstrap", 0, "--threads", 1)
             metrics = pd.read_csv(run / "eval" / "test" / "metrics.csv").set_index("metric")
             calib = pd.read_csv(run / "eval" / "test" / "calibration.csv").set_index("metric")
             meta = key_values(run / "meta.csv")
-            rows.append({"seed": seed, "variant": name,
-                         "temperature": float(meta.get("temperature", 1.0)),
-                         "best_epoch": int(meta.get("best_epoch", 0) or 0),
-                         "macro_f1": metrics.loc["macro_f1", "value"],
-                         "auroc": metrics.loc["auroc", "value"],
-                         "ece_raw": calib.loc["ece", "before"], "ece": calib.loc["ece", "after"],
-                         "brier_raw": calib.loc["brier", "before"],
-                         "brier": calib.loc["brier", "after"],
-                         "loss_raw": calib.loc["loss", "before"],
-                         "loss": calib.loc["loss", "after"]})
+            rows.append(
+                {
+                    "seed": seed,
+                    "variant": name,
+                    "temperature": float(meta.get("temperature", 1.0)),
+                    "best_epoch": int(meta.get("best_epoch", 0) or 0),
+                    "macro_f1": metrics.loc["macro_f1", "value"],
+                    "auroc": metrics.loc["auroc", "value"],
+                    "ece_raw": calib.loc["ece", "before"],
+                    "ece": calib.loc["ece", "after"],
+                    "brier_raw": calib.loc["brier", "before"],
+                    "brier": calib.loc["brier", "after"],
+                    "loss_raw": calib.loc["loss", "before"],
+                    "loss": calib.loc["loss", "after"],
+                }
+            )
             print(rows[-1], flush=True)
     frame = pd.DataFrame(rows)
     frame.to_csv(RESULTS / "clinical_demo.csv", index=False)
@@ -88,21 +134,58 @@ def conformal(seeds: int) -> pd.DataFrame:
     subprocess.run([sys.executable, str(HERE / "mobilenet_weights.py")], check=True)
     data = WORK / "conformal-data"
     if not (data / "manifest.csv").is_file():
-        omnifuse("make-data", "--out-dir", data, "--n", 3000, "--image-size", 64, "--seed", 42,
-                 "--overwrite")
+        omnifuse(
+            "make-data",
+            "--out-dir",
+            data,
+            "--n",
+            3000,
+            "--image-size",
+            64,
+            "--seed",
+            42,
+            "--overwrite",
+        )
     rows = []
     for seed in range(1, seeds + 1):
         run = WORK / f"conformal-{seed}"
-        omnifuse("train", data / "manifest.csv", "--num-classes", 3, "--out-dir", run,
-                 "--image-backbone", "mobilenet_v2", "--image-size", 64, "--train-ratio", 0.2,
-                 "--val-ratio", 0.1333334, "--test-ratio", 0.6666666, "--seed", seed,
-                 "--threads", 1, "--overwrite")
+        omnifuse(
+            "train",
+            data / "manifest.csv",
+            "--num-classes",
+            3,
+            "--out-dir",
+            run,
+            "--image-backbone",
+            "mobilenet_v2",
+            "--image-size",
+            64,
+            "--train-ratio",
+            0.2,
+            "--val-ratio",
+            0.1333334,
+            "--test-ratio",
+            0.6666666,
+            "--seed",
+            seed,
+            "--threads",
+            1,
+            "--overwrite",
+        )
         omnifuse("evaluate", run, "--bootstrap", 0, "--threads", 1, "--conformal", 0.1)
         cov = pd.read_csv(run / "eval" / "test" / "coverage.csv", keep_default_na=False)
         for _, r in cov[cov["by"].isin(["all", "class"])].iterrows():
-            rows.append({"seed": seed, "by": r["by"], "group": r["group"], "n": r["n"],
-                         "coverage": r["coverage"], "mean_set_size": r["mean_set_size"],
-                         "mode": r["mode"]})
+            rows.append(
+                {
+                    "seed": seed,
+                    "by": r["by"],
+                    "group": r["group"],
+                    "n": r["n"],
+                    "coverage": r["coverage"],
+                    "mean_set_size": r["mean_set_size"],
+                    "mode": r["mode"],
+                }
+            )
         print(rows[-4:], flush=True)
     frame = pd.DataFrame(rows)
     frame.to_csv(RESULTS / "clinical_conformal.csv", index=False)
@@ -135,64 +218,95 @@ def t_interval(d: np.ndarray) -> str:
 
 
 def summary() -> None:
-    out = ["# Clinical-grade outputs: the issue's goals", "",
-           "benchmarks/clinical.py (design in its docstring); every number is on test patients "
-           "no setting saw.", ""]
+    out = [
+        "# Clinical-grade outputs: the issue's goals",
+        "",
+        "benchmarks/clinical.py (design in its docstring); every number is on test patients "
+        "no setting saw.",
+        "",
+    ]
     path = RESULTS / "clinical_demo.csv"
     if path.is_file():
         f = pd.read_csv(path)
         now, before = (f[f.variant == v].set_index("seed").sort_index() for v in ("now", "before"))
-        out += ["## Demo cohort (601 test patients per seed)", "",
-                "| seed | T | ECE raw | ECE calibrated | Brier raw -> cal | log loss raw -> cal "
-                "| macro-F1 before | macro-F1 now | AUROC before | AUROC now |",
-                "|" + "---|" * 10]
+        out += [
+            "## Demo cohort (601 test patients per seed)",
+            "",
+            "| seed | T | ECE raw | ECE calibrated | Brier raw -> cal | log loss raw -> cal "
+            "| macro-F1 before | macro-F1 now | AUROC before | AUROC now |",
+            "|" + "---|" * 10,
+        ]
         for s in now.index:
             a, b = now.loc[s], before.loc[s]
-            out.append(f"| {s} | {a.temperature:.3f} | {a.ece_raw:.4f} | {a.ece:.4f} | "
-                       f"{a.brier_raw:.4f} -> {a.brier:.4f} | {a.loss_raw:.4f} -> {a.loss:.4f} | "
-                       f"{b.macro_f1:.4f} | {a.macro_f1:.4f} | {b.auroc:.4f} | {a.auroc:.4f} |")
-        out += ["", f"Mean ECE after calibration {now.ece.mean():.4f} (max {now.ece.max():.4f}; "
-                f"before {now.ece_raw.mean():.4f}); the previous release's ECE "
-                f"{before.ece.mean():.4f}.",
-                f"Seeds with ECE <= 0.03 after calibration: {int((now.ece <= 0.03).sum())} of "
-                f"{len(now)}. ECE a perfectly calibrated model would show with these "
-                f"probabilities on these patients (labels drawn from the calibrated probabilities, "
-                f"100 draws per seed): mean {noise_floor():.4f}.",
-                "With the linear path (the default) its blend weights a, b already minimise the "
-                "validation log loss, which is what a temperature does: T stays at 1.",
-                f"macro-F1 now - before, paired by seed (mean, 95% t-interval): "
-                f"{t_interval((now.macro_f1 - before.macro_f1).to_numpy())}; AUROC "
-                f"{t_interval((now.auroc - before.auroc).to_numpy())}.", ""]
+            out.append(
+                f"| {s} | {a.temperature:.3f} | {a.ece_raw:.4f} | {a.ece:.4f} | "
+                f"{a.brier_raw:.4f} -> {a.brier:.4f} | {a.loss_raw:.4f} -> {a.loss:.4f} | "
+                f"{b.macro_f1:.4f} | {a.macro_f1:.4f} | {b.auroc:.4f} | {a.auroc:.4f} |"
+            )
+        out += [
+            "",
+            f"Mean ECE after calibration {now.ece.mean():.4f} (max {now.ece.max():.4f}; "
+            f"before {now.ece_raw.mean():.4f}); the previous release's ECE "
+            f"{before.ece.mean():.4f}.",
+            f"Seeds with ECE <= 0.03 after calibration: {int((now.ece <= 0.03).sum())} of "
+            f"{len(now)}. ECE a perfectly calibrated model would show with these "
+            f"probabilities on these patients (labels drawn from the calibrated probabilities, "
+            f"100 draws per seed): mean {noise_floor():.4f}.",
+            "With the linear path (the default) its blend weights a, b already minimise the "
+            "validation log loss, which is what a temperature does: T stays at 1.",
+            f"macro-F1 now - before, paired by seed (mean, 95% t-interval): "
+            f"{t_interval((now.macro_f1 - before.macro_f1).to_numpy())}; AUROC "
+            f"{t_interval((now.auroc - before.auroc).to_numpy())}.",
+            "",
+        ]
         plain = f[f.variant == "now-no-linear-path"].set_index("seed").sort_index()
         if len(plain):
-            out += ["Without the linear path (`--no-linear-path`), where the temperature does the "
-                    "work:", "", "| seed | T | ECE raw | ECE calibrated | log loss raw -> cal |",
-                    "|---|---|---|---|---|"]
-            out += [f"| {s} | {r.temperature:.3f} | {r.ece_raw:.4f} | {r.ece:.4f} | "
-                    f"{r.loss_raw:.4f} -> {r.loss:.4f} |" for s, r in plain.iterrows()]
+            out += [
+                "Without the linear path (`--no-linear-path`), where the temperature does the "
+                "work:",
+                "",
+                "| seed | T | ECE raw | ECE calibrated | log loss raw -> cal |",
+                "|---|---|---|---|---|",
+            ]
+            out += [
+                f"| {s} | {r.temperature:.3f} | {r.ece_raw:.4f} | {r.ece:.4f} | "
+                f"{r.loss_raw:.4f} -> {r.loss:.4f} |"
+                for s, r in plain.iterrows()
+            ]
             out += ["", f"Mean ECE {plain.ece_raw.mean():.4f} -> {plain.ece.mean():.4f}.", ""]
     path = RESULTS / "clinical_conformal.csv"
     if path.is_file():
         f = pd.read_csv(path, dtype={"group": str})
-        out += ["## Conformal sets at alpha 0.1 (2,000-patient test pool per seed)", "",
-                "| | mean coverage | min | max | mean set size |", "|---|---|---|---|---|"]
+        out += [
+            "## Conformal sets at alpha 0.1 (2,000-patient test pool per seed)",
+            "",
+            "| | mean coverage | min | max | mean set size |",
+            "|---|---|---|---|---|",
+        ]
         for (by, group), g in f.groupby(["by", "group"]):
-            out.append(f"| {by} {group} | {g.coverage.mean():.4f} | {g.coverage.min():.4f} | "
-                       f"{g.coverage.max():.4f} | {g.mean_set_size.mean():.3f} |")
+            out.append(
+                f"| {by} {group} | {g.coverage.mean():.4f} | {g.coverage.min():.4f} | "
+                f"{g.coverage.max():.4f} | {g.mean_set_size.mean():.3f} |"
+            )
         overall = f[f.by == "all"]
-        out += ["", f"Mode: {', '.join(sorted(set(f['mode'])))}; {f.seed.nunique()} seeds; "
-                f"seeds with overall coverage in 0.88-0.92: "
-                f"{int(overall.coverage.between(0.88, 0.92).sum())} of {len(overall)} (with 400 "
-                "calibration patients one seed's coverage varies by about +/- 0.015 around its "
-                "expectation, per class by about +/- 0.026).", ""]
+        out += [
+            "",
+            f"Mode: {', '.join(sorted(set(f['mode'])))}; {f.seed.nunique()} seeds; "
+            f"seeds with overall coverage in 0.88-0.92: "
+            f"{int(overall.coverage.between(0.88, 0.92).sum())} of {len(overall)} (with 400 "
+            "calibration patients one seed's coverage varies by about +/- 0.015 around its "
+            "expectation, per class by about +/- 0.026).",
+            "",
+        ]
     (RESULTS / "clinical.md").write_text("\n".join(out), encoding="utf-8")
     print("\n".join(out))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", nargs="?", default="all",
-                        choices=["demo", "conformal", "all", "summary"])
+    parser.add_argument(
+        "part", nargs="?", default="all", choices=["demo", "conformal", "all", "summary"]
+    )
     parser.add_argument("--seeds", type=int, default=0, help="default: 5 (demo), 10 (conformal)")
     parser.add_argument("--fresh", action="store_true", help="retrain finished runs")
     args = parser.parse_args()

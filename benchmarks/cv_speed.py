@@ -65,14 +65,16 @@ def cached_run(request: TrainRequest) -> Clock:
     cfg = request.train
     cohort = read_manifest(request.manifest, request.data.modalities, num_classes=3)
     assert cohort.labels is not None
-    splits = stratified_split(cohort.labels, train=cfg.train_ratio, val=cfg.val_ratio,
-                              test=cfg.test_ratio, seed=cfg.seed)
+    splits = stratified_split(
+        cohort.labels, train=cfg.train_ratio, val=cfg.val_ratio, test=cfg.test_ratio, seed=cfg.seed
+    )
     torch.manual_seed(cfg.seed)
     model, pre, _ = build_for_cohort(cohort, splits["train"], request)
     data = pre.prepare(cohort)
     names = [n for n, e in model.encoders.items() if isinstance(e, ImageEncoder)]
-    cache_frozen_features(model, data, names, device=CPU, batch_size=cfg.encode_batch_size,
-                          amp=False)
+    cache_frozen_features(
+        model, data, names, device=CPU, batch_size=cfg.encode_batch_size, amp=False
+    )
     cache, dims = dict(data.image_cache), dict(data.image_feature_dims)
 
     with Clock() as clock:
@@ -101,18 +103,24 @@ def stage(work: Path, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=240)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=TrainConfig().epochs)
     parser.add_argument("--image-size", type=int, default=ImageConfig().image_size)
     parser.add_argument("--backbone", default=ImageConfig().backbone)
     parser.add_argument("--report-n", type=int, default=2000)
-    parser.add_argument("--work", type=Path, default=None,
-                        help="keep the data and runs here; rerun with it to continue")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
-                        "cv_speed.txt")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="keep the data and runs here; rerun with it to continue",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "cv_speed.txt"
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="omnifuse-cv-speed-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -129,34 +137,54 @@ def main() -> None:
     def train_stage() -> dict[str, Any]:
         with Clock() as clock:
             result = run_training(request)
-        return {"wall": clock.wall, "cpu": clock.cpu, "encode": result.encode_seconds,
-                "weights": result.image_weights}
+        return {
+            "wall": clock.wall,
+            "cpu": clock.cpu,
+            "encode": result.encode_seconds,
+            "weights": result.image_weights,
+        }
 
     def cached_stage() -> dict[str, Any]:
         clock = cached_run(request)
         return {"wall": clock.wall, "cpu": clock.cpu}
 
     def cv_stage() -> dict[str, Any]:
-        cv_request = CVRequest(manifest=manifest, num_classes=3, out_dir=work / "cv",
-                               base=Variant("base", data, request.method, train),
-                               folds=args.folds, overwrite=True)
+        cv_request = CVRequest(
+            manifest=manifest,
+            num_classes=3,
+            out_dir=work / "cv",
+            base=Variant("base", data, request.method, train),
+            folds=args.folds,
+            overwrite=True,
+        )
         with Clock() as clock:
             cv = run_cv(cv_request, resume=(work / "cv" / "cv.json").is_file())
         earlier = sum(f.seconds for f in cv.folds if f.resumed)
-        return {"wall": clock.wall + earlier, "cpu": clock.cpu + earlier,
-                "encode": cv.encode_seconds, "resumed_folds": sum(f.resumed for f in cv.folds)}
+        return {
+            "wall": clock.wall + earlier,
+            "cpu": clock.cpu + earlier,
+            "encode": cv.encode_seconds,
+            "resumed_folds": sum(f.resumed for f in cv.folds),
+        }
 
     def timed_report(folder: str) -> Callable[[], dict[str, Any]]:
         def run() -> dict[str, Any]:
             with Clock() as clock:
                 build_report(work / folder)
             return {"wall": clock.wall, "cpu": clock.cpu}
+
         return run
 
     def big_stage() -> dict[str, Any]:
         small = DataConfig(image=ImageConfig(backbone="resnet18", image_size=64))
-        run = TrainRequest(work / "data-big" / "manifest.csv", 3, work / "run-big", data=small,
-                           train=TrainConfig(epochs=2, device="cpu"), overwrite=True)
+        run = TrainRequest(
+            work / "data-big" / "manifest.csv",
+            3,
+            work / "run-big",
+            data=small,
+            train=TrainConfig(epochs=2, device="cpu"),
+            overwrite=True,
+        )
         with Clock() as clock:
             run_training(run)
             evaluate_run(EvalRequest(run_dir=run.out_dir, device="cpu"))
@@ -181,22 +209,32 @@ def main() -> None:
         f"{t_train['weights']})",
         f"cached-feature training run: {fmt(t_cached)}",
         f"cv --folds {args.folds}: {fmt(t_cv)} (encoding once {t_cv['encode']:.1f} s"
-        + (f"; {t_cv['resumed_folds']} fold(s) timed in an earlier, stopped invocation: their "
-           "fold seconds are added)" if t_cv["resumed_folds"] else ")"),
+        + (
+            f"; {t_cv['resumed_folds']} fold(s) timed in an earlier, stopped invocation: their "
+            "fold seconds are added)"
+            if t_cv["resumed_folds"]
+            else ")"
+        ),
     ]
     for unit in ("wall", "cpu"):
         goal = 1.5 * t_train[unit] + (args.folds - 1) * t_cached[unit]
         took = t_cv[unit]
-        lines.append(f"  goal cv <= 1.5 x train + {args.folds - 1} x cached run, {unit} time: "
-                     f"{took:.1f} <= {goal:.1f} s: {'met' if took <= goal else 'NOT met'} "
-                     f"(ratio {took / goal:.2f})")
+        lines.append(
+            f"  goal cv <= 1.5 x train + {args.folds - 1} x cached run, {unit} time: "
+            f"{took:.1f} <= {goal:.1f} s: {'met' if took <= goal else 'NOT met'} "
+            f"(ratio {took / goal:.2f})"
+        )
     metrics = pd.read_csv(work / "cv" / "metrics.csv")
-    lines.append(f"cv pooled out-of-fold metrics on the {args.n}-patient cohort (95% bootstrap "
-                 "CI; folds mean ± SD):")
+    lines.append(
+        f"cv pooled out-of-fold metrics on the {args.n}-patient cohort (95% bootstrap "
+        "CI; folds mean ± SD):"
+    )
     for _, row in metrics.iterrows():
-        lines.append(f"  {row['metric']:>13}: {row['value']:.3f} ({row['ci_low']:.3f}-"
-                     f"{row['ci_high']:.3f}; folds {row['fold_mean']:.3f} ± "
-                     f"{row['fold_sd']:.3f})")
+        lines.append(
+            f"  {row['metric']:>13}: {row['value']:.3f} ({row['ci_low']:.3f}-"
+            f"{row['ci_high']:.3f}; folds {row['fold_mean']:.3f} ± "
+            f"{row['fold_sd']:.3f})"
+        )
     n_test = len(pd.read_csv(work / "run-big" / "eval" / "test" / "predictions.csv"))
     lines += [
         f"report of the cv ({args.n} out-of-fold predictions): {fmt(t_cv_page)} -> "

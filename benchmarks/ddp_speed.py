@@ -45,26 +45,77 @@ def _run(cmd: list[str], threads: int) -> float:
 def measure(n: int, epochs: int, batch_size: int) -> pd.DataFrame:
     data = WORK / f"cohort-{n}"
     if not (data / "manifest.csv").is_file():
-        _run([sys.executable, "-m", "omnifuse_cli", "make-data", "--out-dir", str(data),
-              "--n", str(n), "--no-images", "--inline-notes", "--overwrite"], 2)
-    train = ["train", str(data / "manifest.csv"), "--num-classes", "3", "--modality",
-             "labs=vector", "--modality", "text=text", "--epochs", str(epochs), "--batch-size",
-             str(batch_size), "--device", "cpu", "--no-cache", "--overwrite"]
-    configs = [("1 process, 1 thread", 1, 1), ("1 process, 2 threads", 1, 2),
-               ("2 processes, 1 thread each", 2, 1)]
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "omnifuse_cli",
+                "make-data",
+                "--out-dir",
+                str(data),
+                "--n",
+                str(n),
+                "--no-images",
+                "--inline-notes",
+                "--overwrite",
+            ],
+            2,
+        )
+    train = [
+        "train",
+        str(data / "manifest.csv"),
+        "--num-classes",
+        "3",
+        "--modality",
+        "labs=vector",
+        "--modality",
+        "text=text",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        str(batch_size),
+        "--device",
+        "cpu",
+        "--no-cache",
+        "--overwrite",
+    ]
+    configs = [
+        ("1 process, 1 thread", 1, 1),
+        ("1 process, 2 threads", 1, 2),
+        ("2 processes, 1 thread each", 2, 1),
+    ]
     rows = []
     for label, processes, threads in configs:
         out = WORK / f"run-{processes}p{threads}t"
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                     str(processes), "--master-port", str(_port()), "-m", "omnifuse_cli"]
-                    if processes > 1 else [sys.executable, "-m", "omnifuse_cli"])
+        launcher = (
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                str(processes),
+                "--master-port",
+                str(_port()),
+                "-m",
+                "omnifuse_cli",
+            ]
+            if processes > 1
+            else [sys.executable, "-m", "omnifuse_cli"]
+        )
         wall = _run([*launcher, *train, "--out-dir", str(out)], threads)
         metrics = pd.read_csv(out / "metrics.csv")
         later = metrics["seconds"].iloc[1:] if len(metrics) > 1 else metrics["seconds"]
-        rows.append({"configuration": label, "patients": n, "epochs": epochs,
-                     "batch_size": batch_size, "wall_s": round(wall, 1),
-                     "epoch_s": round(float(later.mean()), 2),
-                     "final_train_loss": round(float(metrics["train_loss"].iloc[-1]), 4)})
+        rows.append(
+            {
+                "configuration": label,
+                "patients": n,
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "wall_s": round(wall, 1),
+                "epoch_s": round(float(later.mean()), 2),
+                "final_train_loss": round(float(metrics["train_loss"].iloc[-1]), 4),
+            }
+        )
     frame = pd.DataFrame(rows)
     two = frame.iloc[-1]
     frame["speedup_of_2_processes_epoch"] = (frame["epoch_s"] / two["epoch_s"]).round(2)

@@ -125,8 +125,10 @@ class Blocks:
             if name not in self.x:
                 raise ValueError(f"no block for modality {name!r}")
             if self.x[name].shape[0] != present.shape[0]:
-                raise ValueError(f"block {name!r} has {self.x[name].shape[0]} rows, "
-                                 f"present has {present.shape[0]}")
+                raise ValueError(
+                    f"block {name!r} has {self.x[name].shape[0]} rows, "
+                    f"present has {present.shape[0]}"
+                )
         object.__setattr__(self, "present", present)
 
     @property
@@ -138,8 +140,9 @@ class Blocks:
 # Augmentation, design matrices, folds
 
 
-def augment(present: np.ndarray, idx: np.ndarray, *, copies: int, rate: float, seed: int
-            ) -> tuple[np.ndarray, np.ndarray]:
+def augment(
+    present: np.ndarray, idx: np.ndarray, *, copies: int, rate: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Missingness augmentation for learners that cannot drop modalities themselves.
 
     Returns ``(rows, masks)``: ``rows`` is ``idx`` (the originals, first, with their own
@@ -179,14 +182,22 @@ def _place(values: Matrix, shown: np.ndarray, n: int, *, dense: bool) -> Matrix:
         out[shown] = values.toarray() if sp.issparse(values) else np.asarray(values)
         return out
     where = np.flatnonzero(shown)
-    placer = sp.csr_matrix((np.ones(len(where)), (where, np.arange(len(where)))),
-                           shape=(n, len(where)))
+    placer = sp.csr_matrix(
+        (np.ones(len(where)), (where, np.arange(len(where)))), shape=(n, len(where))
+    )
     values = sp.csr_matrix(values)
     return sp.csr_matrix(placer @ values)
 
 
-def _design(blocks: Blocks, rows: np.ndarray, masks: np.ndarray, *, dense: bool,
-            indicators: bool, transforms: Mapping[str, object] | None = None) -> Matrix:
+def _design(
+    blocks: Blocks,
+    rows: np.ndarray,
+    masks: np.ndarray,
+    *,
+    dense: bool,
+    indicators: bool,
+    transforms: Mapping[str, object] | None = None,
+) -> Matrix:
     rows = np.asarray(rows, dtype=np.int64)
     masks = np.asarray(masks, dtype=bool) & blocks.present[rows]
     n = len(rows)
@@ -218,8 +229,9 @@ def _output_width(transform: object, width: int) -> int:
     return width
 
 
-def design(blocks: Blocks, rows: np.ndarray, masks: np.ndarray, *, dense: bool,
-           indicators: bool = True) -> np.ndarray | sp.csr_matrix:
+def design(
+    blocks: Blocks, rows: np.ndarray, masks: np.ndarray, *, dense: bool, indicators: bool = True
+) -> np.ndarray | sp.csr_matrix:
     """The concatenated matrix of ``blocks`` for ``rows`` with ``masks`` applied (ANDed with
     ``blocks.present``): a hidden or absent modality's columns are NaN (``dense=True``, for
     HistGradientBoosting's native NaN handling; sparse blocks go through ``.toarray()``, so the
@@ -228,8 +240,9 @@ def design(blocks: Blocks, rows: np.ndarray, masks: np.ndarray, *, dense: bool,
     return _design(blocks, rows, masks, dense=dense, indicators=indicators)
 
 
-def inner_folds(rows: np.ndarray, y_rows: np.ndarray, n_original: int, *, cv: int, seed: int
-                ) -> list[tuple[np.ndarray, np.ndarray]]:
+def inner_folds(
+    rows: np.ndarray, y_rows: np.ndarray, n_original: int, *, cv: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Patient-grouped stratified folds over augmented rows.
 
     ``rows`` holds patient ids (the originals first, ``n_original`` of them, as ``augment``
@@ -248,8 +261,7 @@ def inner_folds(rows: np.ndarray, y_rows: np.ndarray, n_original: int, *, cv: in
     splitter = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
     folds = []
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The least populated class",
-                                category=UserWarning)
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         splits = list(splitter.split(np.zeros(n_original), y_patients))
     for _, val in splits:
         held_out = patients[val]
@@ -264,8 +276,9 @@ def inner_folds(rows: np.ndarray, y_rows: np.ndarray, n_original: int, *, cv: in
 # Shared helpers
 
 
-def _prepare(blocks: Blocks, y: np.ndarray, train_idx: np.ndarray, num_classes: int | None
-             ) -> tuple[np.ndarray, np.ndarray, int]:
+def _prepare(
+    blocks: Blocks, y: np.ndarray, train_idx: np.ndarray, num_classes: int | None
+) -> tuple[np.ndarray, np.ndarray, int]:
     y = np.asarray(y)
     if y.shape != (blocks.n,):
         raise ValueError(f"y must be ({blocks.n},), got {y.shape}")
@@ -302,8 +315,11 @@ def macro_auroc(y: np.ndarray, proba: np.ndarray) -> float:
     y = np.asarray(y)
     if proba.shape[1] == 2:
         return float(roc_auc_score(y, proba[:, 1])) if len(np.unique(y)) == 2 else float("nan")
-    values = [roc_auc_score(y == c, proba[:, c]) for c in range(proba.shape[1])
-              if 0 < (y == c).sum() < len(y)]
+    values = [
+        roc_auc_score(y == c, proba[:, c])
+        for c in range(proba.shape[1])
+        if 0 < (y == c).sum() < len(y)
+    ]
     return float(np.mean(values)) if values else float("nan")
 
 
@@ -347,20 +363,23 @@ class _Baseline:
         self.prior_ = np.zeros(0)
         self.fit_seconds_ = 0.0
 
-    def _start(self, blocks: Blocks, y: np.ndarray, train_idx: np.ndarray,
-               num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def _start(
+        self, blocks: Blocks, y: np.ndarray, train_idx: np.ndarray, num_classes: int | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Checked labels and training rows; sets the class count and the training prior."""
         y, train_idx, n_classes = _prepare(blocks, y, train_idx, num_classes)
         self.n_classes_ = n_classes
         self.prior_ = _prior(y[train_idx], n_classes)
         return y, train_idx
 
-    def _augmented(self, blocks: Blocks, y: np.ndarray, train_idx: np.ndarray, seed: int
-                   ) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    def _augmented(
+        self, blocks: Blocks, y: np.ndarray, train_idx: np.ndarray, seed: int
+    ) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
         """The training rows with their augmented copies, their masks and the patient-grouped
         inner folds (baselines with ``augment_copies``, ``rate`` and ``cv``)."""
-        rows, masks = augment(blocks.present, train_idx, copies=self.augment_copies,
-                              rate=self.rate, seed=seed)
+        rows, masks = augment(
+            blocks.present, train_idx, copies=self.augment_copies, rate=self.rate, seed=seed
+        )
         folds = inner_folds(rows, y[rows], len(train_idx), cv=self.cv, seed=seed)
         return rows, masks, folds
 
@@ -385,10 +404,19 @@ class HGBConcat(_Baseline):
 
     name = "HistGradientBoosting (NaN, aug)"
 
-    def __init__(self, augment_copies: int = 2, rate: float = 0.3,
-                 grid: Mapping[str, Sequence] | None = None, cv: int = 3, n_jobs: int = 1,
-                 reduce: int | None = 64, reduce_above: int = 256, max_iter: int = 300,
-                 patience: int | None = 20, max_bins: int = 255) -> None:
+    def __init__(
+        self,
+        augment_copies: int = 2,
+        rate: float = 0.3,
+        grid: Mapping[str, Sequence] | None = None,
+        cv: int = 3,
+        n_jobs: int = 1,
+        reduce: int | None = 64,
+        reduce_above: int = 256,
+        max_iter: int = 300,
+        patience: int | None = 20,
+        max_bins: int = 255,
+    ) -> None:
         super().__init__()
         self.augment_copies = augment_copies
         self.rate = rate
@@ -403,8 +431,10 @@ class HGBConcat(_Baseline):
 
     def _points(self) -> list[dict]:
         keys = list(self.grid)
-        return [dict(zip(keys, values, strict=True))
-                for values in itertools.product(*(self.grid[k] for k in keys))]
+        return [
+            dict(zip(keys, values, strict=True))
+            for values in itertools.product(*(self.grid[k] for k in keys))
+        ]
 
     def _reducers(self, blocks: Blocks, patients: np.ndarray, seed: int) -> dict[str, object]:
         reducers: dict[str, object] = {}
@@ -426,14 +456,29 @@ class HGBConcat(_Baseline):
             reducers[name] = reducer.fit(block[have])
         return reducers
 
-    def _model(self, params: Mapping, max_iter: int, seed: int, *, stop: bool
-               ) -> HistGradientBoostingClassifier:
+    def _model(
+        self, params: Mapping, max_iter: int, seed: int, *, stop: bool
+    ) -> HistGradientBoostingClassifier:
         return HistGradientBoostingClassifier(
-            max_iter=max_iter, early_stopping=stop, n_iter_no_change=self.patience or 10, tol=0.0,
-            max_bins=self.max_bins, random_state=seed, **params)
+            max_iter=max_iter,
+            early_stopping=stop,
+            n_iter_no_change=self.patience or 10,
+            tol=0.0,
+            max_bins=self.max_bins,
+            random_state=seed,
+            **params,
+        )
 
-    def _curve(self, params: Mapping, x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray,
-               y_val: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
+    def _curve(
+        self,
+        params: Mapping,
+        x_fit: np.ndarray,
+        y_fit: np.ndarray,
+        x_val: np.ndarray,
+        y_val: np.ndarray,
+        n_classes: int,
+        seed: int,
+    ) -> np.ndarray:
         """Validation log loss after each boosting iteration 1..max_iter. With ``patience``
         the fit stops once the held-out patients' loss has not improved for that many
         iterations, and the rest of the curve repeats its last value."""
@@ -444,12 +489,23 @@ class HGBConcat(_Baseline):
             model.fit(x_fit, y_fit, X_val=x_val[known], y_val=y_val[known])
         else:
             model.fit(x_fit, y_fit)
-        curve = np.array([_log_loss(y_val, _full_proba(model.classes_, proba, n_classes))
-                          for proba in model.staged_predict_proba(x_val)])
+        curve = np.array(
+            [
+                _log_loss(y_val, _full_proba(model.classes_, proba, n_classes))
+                for proba in model.staged_predict_proba(x_val)
+            ]
+        )
         return np.concatenate([curve, np.full(self.max_iter - len(curve), curve[-1])])
 
-    def fit(self, blocks: Blocks, y: np.ndarray, train_idx: np.ndarray, seed: int, *,
-            num_classes: int | None = None) -> HGBConcat:
+    def fit(
+        self,
+        blocks: Blocks,
+        y: np.ndarray,
+        train_idx: np.ndarray,
+        seed: int,
+        *,
+        num_classes: int | None = None,
+    ) -> HGBConcat:
         start = time.perf_counter()
         y, train_idx = self._start(blocks, y, train_idx, num_classes)
         n_classes = self.n_classes_
@@ -460,30 +516,52 @@ class HGBConcat(_Baseline):
             for fit_pos, val_pos in folds:
                 fit_patients = rows[fit_pos[fit_pos < len(train_idx)]]
                 reducers = self._reducers(blocks, fit_patients, seed)
-                x_fit = _design(blocks, rows[fit_pos], masks[fit_pos], dense=True,
-                                indicators=True, transforms=reducers)
-                x_val = _design(blocks, rows[val_pos], masks[val_pos], dense=True,
-                                indicators=True, transforms=reducers)
+                x_fit = _design(
+                    blocks,
+                    rows[fit_pos],
+                    masks[fit_pos],
+                    dense=True,
+                    indicators=True,
+                    transforms=reducers,
+                )
+                x_val = _design(
+                    blocks,
+                    rows[val_pos],
+                    masks[val_pos],
+                    dense=True,
+                    indicators=True,
+                    transforms=reducers,
+                )
                 y_fit, y_val = y[rows[fit_pos]], y[rows[val_pos]]
                 for g, params in enumerate(points):
-                    losses[g] += self._curve(params, x_fit, y_fit, x_val, y_val, n_classes,
-                                             seed) / len(folds)
+                    losses[g] += self._curve(
+                        params, x_fit, y_fit, x_val, y_val, n_classes, seed
+                    ) / len(folds)
             g, k = np.unravel_index(int(np.argmin(losses)), losses.shape)
             best, n_iter = points[g], int(k) + 1
             self.reducers_ = self._reducers(blocks, train_idx, seed)
-            x_all = _design(blocks, rows, masks, dense=True, indicators=True,
-                            transforms=self.reducers_)
+            x_all = _design(
+                blocks, rows, masks, dense=True, indicators=True, transforms=self.reducers_
+            )
             self.model_ = self._model(best, n_iter, seed, stop=False).fit(x_all, y[rows])
-        reduced = {name: f"{type(r).__name__} {blocks.x[name].shape[1]}->{_output_width(r, 0)}"
-                   for name, r in self.reducers_.items()}
-        self.chosen = {**best, "max_iter": n_iter, "cv_log_loss": float(losses[g, k]),
-                       "reduced": reduced, "rows": len(rows),
-                       "columns": int(x_all.shape[1])}
+        reduced = {
+            name: f"{type(r).__name__} {blocks.x[name].shape[1]}->{_output_width(r, 0)}"
+            for name, r in self.reducers_.items()
+        }
+        self.chosen = {
+            **best,
+            "max_iter": n_iter,
+            "cv_log_loss": float(losses[g, k]),
+            "reduced": reduced,
+            "rows": len(rows),
+            "columns": int(x_all.shape[1]),
+        }
         self.fit_seconds_ = time.perf_counter() - start
         return self
 
-    def predict_proba(self, blocks: Blocks, idx: np.ndarray, masks: np.ndarray | None = None
-                      ) -> np.ndarray:
+    def predict_proba(
+        self, blocks: Blocks, idx: np.ndarray, masks: np.ndarray | None = None
+    ) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
         masks = self._masks(blocks, idx, masks)
         x = _design(blocks, idx, masks, dense=True, indicators=True, transforms=self.reducers_)
@@ -503,8 +581,14 @@ class LogRegConcat(_Baseline):
 
     name = "LogisticRegression (indicators, aug)"
 
-    def __init__(self, augment_copies: int = 2, rate: float = 0.3,
-                 Cs: Sequence[float] = DEFAULT_CS, cv: int = 3, n_jobs: int = 1) -> None:  # noqa: N803
+    def __init__(
+        self,
+        augment_copies: int = 2,
+        rate: float = 0.3,
+        Cs: Sequence[float] = DEFAULT_CS,
+        cv: int = 3,
+        n_jobs: int = 1,
+    ) -> None:  # noqa: N803
         super().__init__()
         self.augment_copies = augment_copies
         self.rate = rate
@@ -512,8 +596,15 @@ class LogRegConcat(_Baseline):
         self.cv = cv
         self.n_jobs = n_jobs
 
-    def fit(self, blocks: Blocks, y: np.ndarray, train_idx: np.ndarray, seed: int, *,
-            num_classes: int | None = None) -> LogRegConcat:
+    def fit(
+        self,
+        blocks: Blocks,
+        y: np.ndarray,
+        train_idx: np.ndarray,
+        seed: int,
+        *,
+        num_classes: int | None = None,
+    ) -> LogRegConcat:
         start = time.perf_counter()
         y, train_idx = self._start(blocks, y, train_idx, num_classes)
         n_classes = self.n_classes_
@@ -524,10 +615,22 @@ class LogRegConcat(_Baseline):
             warnings.simplefilter("always", ConvergenceWarning)
             for fit_pos, val_pos in folds:
                 scalers = _fit_scalers(blocks, rows[fit_pos[fit_pos < len(train_idx)]])
-                x_fit = _design(blocks, rows[fit_pos], masks[fit_pos], dense=False,
-                                indicators=True, transforms=scalers)
-                x_val = _design(blocks, rows[val_pos], masks[val_pos], dense=False,
-                                indicators=True, transforms=scalers)
+                x_fit = _design(
+                    blocks,
+                    rows[fit_pos],
+                    masks[fit_pos],
+                    dense=False,
+                    indicators=True,
+                    transforms=scalers,
+                )
+                x_val = _design(
+                    blocks,
+                    rows[val_pos],
+                    masks[val_pos],
+                    dense=False,
+                    indicators=True,
+                    transforms=scalers,
+                )
                 y_fit, y_val = y[rows[fit_pos]], y[rows[val_pos]]
                 if len(np.unique(y_fit)) < 2:
                     full = np.tile(_prior(y_fit, n_classes), (len(y_val), 1))
@@ -540,21 +643,28 @@ class LogRegConcat(_Baseline):
                     losses[i] += _log_loss(y_val, full) / len(folds)
             best = self.Cs[int(np.argmin(losses))]
             self.scalers_ = _fit_scalers(blocks, train_idx)
-            x_all = _design(blocks, rows, masks, dense=False, indicators=True,
-                            transforms=self.scalers_)
+            x_all = _design(
+                blocks, rows, masks, dense=False, indicators=True, transforms=self.scalers_
+            )
             self.model_: LogisticRegression | _Prior
             if len(np.unique(y[rows])) < 2:
                 self.model_ = _Prior(self.prior_)
             else:
                 self.model_ = _logreg(best, seed).fit(x_all, y[rows])
             unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in log)
-        self.chosen = {"C": best, "cv_log_loss": float(losses.min()), "rows": len(rows),
-                       "columns": int(x_all.shape[1]), "convergence_warnings": unconverged}
+        self.chosen = {
+            "C": best,
+            "cv_log_loss": float(losses.min()),
+            "rows": len(rows),
+            "columns": int(x_all.shape[1]),
+            "convergence_warnings": unconverged,
+        }
         self.fit_seconds_ = time.perf_counter() - start
         return self
 
-    def predict_proba(self, blocks: Blocks, idx: np.ndarray, masks: np.ndarray | None = None
-                      ) -> np.ndarray:
+    def predict_proba(
+        self, blocks: Blocks, idx: np.ndarray, masks: np.ndarray | None = None
+    ) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
         masks = self._masks(blocks, idx, masks)
         x = _design(blocks, idx, masks, dense=False, indicators=True, transforms=self.scalers_)
@@ -584,13 +694,23 @@ class _Unimodal:
         if isinstance(self.model, _Prior):
             return self.model.predict_proba(block)
         x = self.scaler.transform(block)  # type: ignore[union-attr]
-        return _full_proba(self.model.classes_, self.model.predict_proba(x),  # type: ignore[attr-defined]
-                           n_classes)
+        return _full_proba(
+            self.model.classes_,
+            self.model.predict_proba(x),  # type: ignore[attr-defined]
+            n_classes,
+        )
 
 
-def _fit_unimodal(blocks: Blocks, y: np.ndarray, train_idx: np.ndarray, j: int,
-                  folds: list[tuple[np.ndarray, np.ndarray]], cs: tuple[float, ...],
-                  n_classes: int, seed: int) -> _Unimodal:
+def _fit_unimodal(
+    blocks: Blocks,
+    y: np.ndarray,
+    train_idx: np.ndarray,
+    j: int,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    cs: tuple[float, ...],
+    n_classes: int,
+    seed: int,
+) -> _Unimodal:
     """Modality ``j``'s model: C by inner-CV log loss over the training patients who have it
     (pooled over the folds' held-out patients), refit on all of them."""
     name = blocks.names[j]
@@ -634,8 +754,13 @@ def _fit_unimodal(blocks: Blocks, y: np.ndarray, train_idx: np.ndarray, j: int,
 
 
 class _UnimodalBaseline(_Baseline):
-    def __init__(self, base: str = "logreg", Cs: Sequence[float] = DEFAULT_CS,  # noqa: N803
-                 cv: int = 3, n_jobs: int = 1) -> None:
+    def __init__(
+        self,
+        base: str = "logreg",
+        Cs: Sequence[float] = DEFAULT_CS,  # noqa: N803
+        cv: int = 3,
+        n_jobs: int = 1,
+    ) -> None:
         super().__init__()
         if base != "logreg":
             raise ValueError(f"base {base!r} is not supported (only 'logreg')")
@@ -644,8 +769,14 @@ class _UnimodalBaseline(_Baseline):
         self.cv = cv
         self.n_jobs = n_jobs
 
-    def _fit_all(self, blocks: Blocks, y: np.ndarray, train_idx: np.ndarray, seed: int,
-                 num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def _fit_all(
+        self,
+        blocks: Blocks,
+        y: np.ndarray,
+        train_idx: np.ndarray,
+        seed: int,
+        num_classes: int | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         y, train_idx = self._start(blocks, y, train_idx, num_classes)
         n_classes = self.n_classes_
         folds = inner_folds(train_idx, y[train_idx], len(train_idx), cv=self.cv, seed=seed)
@@ -653,8 +784,9 @@ class _UnimodalBaseline(_Baseline):
         with threadpool_limits(limits=self.n_jobs), warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             for j, name in enumerate(blocks.names):
-                self.units_[name] = _fit_unimodal(blocks, y, train_idx, j, folds, self.Cs,
-                                                  n_classes, seed)
+                self.units_[name] = _fit_unimodal(
+                    blocks, y, train_idx, j, folds, self.Cs, n_classes, seed
+                )
         return y, train_idx
 
     def _unit_proba(self, blocks: Blocks, name: str, idx: np.ndarray) -> np.ndarray:
@@ -669,19 +801,29 @@ class LateFusionMean(_UnimodalBaseline):
 
     name = "Late fusion (mean of unimodal LR)"
 
-    def fit(self, blocks: Blocks, y: np.ndarray, train_idx: np.ndarray, seed: int, *,
-            num_classes: int | None = None) -> LateFusionMean:
+    def fit(
+        self,
+        blocks: Blocks,
+        y: np.ndarray,
+        train_idx: np.ndarray,
+        seed: int,
+        *,
+        num_classes: int | None = None,
+    ) -> LateFusionMean:
         start = time.perf_counter()
         self.names_ = tuple(blocks.names)
         self._fit_all(blocks, y, train_idx, seed, num_classes)
-        self.chosen = {"C": {n: u.c for n, u in self.units_.items()},
-                       "cv_log_loss": {n: u.cv_log_loss for n, u in self.units_.items()},
-                       "n_train": {n: u.n_train for n, u in self.units_.items()}}
+        self.chosen = {
+            "C": {n: u.c for n, u in self.units_.items()},
+            "cv_log_loss": {n: u.cv_log_loss for n, u in self.units_.items()},
+            "n_train": {n: u.n_train for n, u in self.units_.items()},
+        }
         self.fit_seconds_ = time.perf_counter() - start
         return self
 
-    def predict_proba(self, blocks: Blocks, idx: np.ndarray, masks: np.ndarray | None = None
-                      ) -> np.ndarray:
+    def predict_proba(
+        self, blocks: Blocks, idx: np.ndarray, masks: np.ndarray | None = None
+    ) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
         masks = self._masks(blocks, idx, masks)
         total = np.zeros((len(idx), self.n_classes_))
@@ -704,23 +846,37 @@ class BestSingle(_UnimodalBaseline):
 
     name = "Best single modality (LR)"
 
-    def fit(self, blocks: Blocks, y: np.ndarray, train_idx: np.ndarray, seed: int, *,
-            num_classes: int | None = None) -> BestSingle:
+    def fit(
+        self,
+        blocks: Blocks,
+        y: np.ndarray,
+        train_idx: np.ndarray,
+        seed: int,
+        *,
+        num_classes: int | None = None,
+    ) -> BestSingle:
         start = time.perf_counter()
         y, train_idx = self._fit_all(blocks, y, train_idx, seed, num_classes)
         aurocs = {n: macro_auroc(y[train_idx], u.oof) for n, u in self.units_.items()}
         ranked = [n for n in blocks.names if not np.isnan(aurocs[n])]
-        self.modality_ = max(ranked or list(blocks.names),
-                             key=lambda n: aurocs[n] if not np.isnan(aurocs[n]) else -1.0)
+        self.modality_ = max(
+            ranked or list(blocks.names),
+            key=lambda n: aurocs[n] if not np.isnan(aurocs[n]) else -1.0,
+        )
         self.index_ = blocks.names.index(self.modality_)
         unit = self.units_[self.modality_]
-        self.chosen = {"modality": self.modality_, "C": unit.c, "cv_auroc": aurocs,
-                       "n_train": unit.n_train}
+        self.chosen = {
+            "modality": self.modality_,
+            "C": unit.c,
+            "cv_auroc": aurocs,
+            "n_train": unit.n_train,
+        }
         self.fit_seconds_ = time.perf_counter() - start
         return self
 
-    def predict_proba(self, blocks: Blocks, idx: np.ndarray, masks: np.ndarray | None = None
-                      ) -> np.ndarray:
+    def predict_proba(
+        self, blocks: Blocks, idx: np.ndarray, masks: np.ndarray | None = None
+    ) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
         masks = self._masks(blocks, idx, masks)
         out = np.tile(self.prior_, (len(idx), 1))
@@ -733,9 +889,16 @@ class BestSingle(_UnimodalBaseline):
 # --------------------------------------------------------------------------------------------
 
 
-def fit_all(blocks: Blocks, y: np.ndarray, train_idx: np.ndarray, seed: int, *,
-            reduce: int | None = 64, n_jobs: int = 1, num_classes: int | None = None
-            ) -> dict[str, object]:
+def fit_all(
+    blocks: Blocks,
+    y: np.ndarray,
+    train_idx: np.ndarray,
+    seed: int,
+    *,
+    reduce: int | None = 64,
+    n_jobs: int = 1,
+    num_classes: int | None = None,
+) -> dict[str, object]:
     """The four baselines with their defaults, fitted: "hgb", "logreg", "late_mean",
     "best_single". ``reduce`` applies to HistGradientBoosting only (the linear models get full
     features)."""
@@ -750,10 +913,17 @@ def fit_all(blocks: Blocks, y: np.ndarray, train_idx: np.ndarray, seed: int, *,
     return models
 
 
-def synthetic_blocks(n: int = 400, *, seed: int = 0, n_classes: int = 3, labs: int = 10,
-                     image: int = 1280, note: int = 800, missing: float = 0.4,
-                     strength: Mapping[str, float] | None = None
-                     ) -> tuple[Blocks, np.ndarray]:
+def synthetic_blocks(
+    n: int = 400,
+    *,
+    seed: int = 0,
+    n_classes: int = 3,
+    labs: int = 10,
+    image: int = 1280,
+    note: int = 800,
+    missing: float = 0.4,
+    strength: Mapping[str, float] | None = None,
+) -> tuple[Blocks, np.ndarray]:
     """A synthetic cohort shaped like the real one (dense labs, dense non-negative image
     features, sparse TF-IDF-like note), each modality informative about y, ``missing`` of the
     modalities absent (at least one present per patient). For timings and tests."""
@@ -762,9 +932,13 @@ def synthetic_blocks(n: int = 400, *, seed: int = 0, n_classes: int = 3, labs: i
     y = rng.integers(0, n_classes, size=n)
     onehot = np.eye(n_classes)[y]
     x_labs = rng.normal(size=(n, labs)) + strength["labs"] * onehot @ rng.normal(
-        size=(n_classes, labs))
-    x_us = np.maximum(rng.normal(size=(n, image)) * 0.5 + 0.3 * strength["us"]
-                      * onehot @ rng.normal(size=(n_classes, image)), 0.0)
+        size=(n_classes, labs)
+    )
+    x_us = np.maximum(
+        rng.normal(size=(n, image)) * 0.5
+        + 0.3 * strength["us"] * onehot @ rng.normal(size=(n_classes, image)),
+        0.0,
+    )
     shared = rng.gamma(0.5, size=note)
     specific = rng.gamma(0.5, size=(n_classes, note))
     word_p = shared + strength["note"] * specific
@@ -775,8 +949,7 @@ def synthetic_blocks(n: int = 400, *, seed: int = 0, n_classes: int = 3, labs: i
     present = rng.random((n, 3)) >= missing
     empty = ~present.any(axis=1)
     present[empty, rng.integers(0, 3, size=int(empty.sum()))] = True
-    blocks = Blocks(("labs", "us", "note"), {"labs": x_labs, "us": x_us, "note": x_note},
-                    present)
+    blocks = Blocks(("labs", "us", "note"), {"labs": x_labs, "us": x_us, "note": x_note}, present)
     return blocks, y
 
 
@@ -788,23 +961,34 @@ def _time(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=_time.__doc__)
     parser.add_argument("--n", type=int, default=400, help="training patients")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-patience", action="store_true",
-                        help="HistGradientBoosting: every grid point to max_iter")
+    parser.add_argument(
+        "--no-patience",
+        action="store_true",
+        help="HistGradientBoosting: every grid point to max_iter",
+    )
     parser.add_argument("--max-bins", type=int, default=255)
     args = parser.parse_args(argv)
     n = args.n
     blocks, y = synthetic_blocks(n + 600, seed=args.seed)
     train, test = np.arange(n), np.arange(n, len(y))
-    print(f"{n} training patients, {len(test)} test; present {blocks.present.mean():.2f}; "
-          f"columns {[blocks.x[m].shape[1] for m in blocks.names]}; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{n} training patients, {len(test)} test; present {blocks.present.mean():.2f}; "
+        f"columns {[blocks.x[m].shape[1] for m in blocks.names]}; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     hgb = HGBConcat(patience=None if args.no_patience else 20, max_bins=args.max_bins)
-    for key, model in (("hgb", hgb), ("logreg", LogRegConcat()),
-                       ("late_mean", LateFusionMean()), ("best_single", BestSingle())):
+    for key, model in (
+        ("hgb", hgb),
+        ("logreg", LogRegConcat()),
+        ("late_mean", LateFusionMean()),
+        ("best_single", BestSingle()),
+    ):
         model.fit(blocks, y, train, args.seed)
         auc = macro_auroc(y[test], model.predict_proba(blocks, test))
-        print(f"{key:12s} fit {model.fit_seconds_:6.1f} s  test AUROC {auc:.3f}  "
-              f"chosen {model.chosen}")
+        print(
+            f"{key:12s} fit {model.fit_seconds_:6.1f} s  test AUROC {auc:.3f}  "
+            f"chosen {model.chosen}"
+        )
 
 
 if __name__ == "__main__":

@@ -34,9 +34,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--backbone", default="resnet34")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--missing-us", type=float, default=0.0,
-                        help="0 gives every patient ultrasound: ~2.7 views each, about the "
-                        "reference's 644 images for 240 patients")
+    parser.add_argument(
+        "--missing-us",
+        type=float,
+        default=0.0,
+        help="0 gives every patient ultrasound: ~2.7 views each, about the "
+        "reference's 644 images for 240 patients",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="omnifuse-bench-"))
     summary = make_cohort(CohortSpec(n=args.n, missing_us=args.missing_us), work / "data")
@@ -51,24 +55,34 @@ def main() -> None:
     bare = time.perf_counter() - t0
 
     request = TrainRequest(
-        manifest=summary.manifest, num_classes=3, out_dir=work / "run",
-        data=DataConfig(image=ImageConfig(backbone=args.backbone, image_size=args.image_size,
-                                          pretrained="no")),
+        manifest=summary.manifest,
+        num_classes=3,
+        out_dir=work / "run",
+        data=DataConfig(
+            image=ImageConfig(backbone=args.backbone, image_size=args.image_size, pretrained="no")
+        ),
         train=TrainConfig(epochs=args.epochs, device="cpu"),
     )
     t0 = time.perf_counter()
     result = run_training(request)
     total = time.perf_counter() - t0
     epochs = pd.read_csv(work / "run" / "metrics.csv")["seconds"]
-    print(f"cohort: {args.n} patients, {len(paths)} images, {args.backbone} at "
-          f"{args.image_size}, torch threads {torch.get_num_threads()}")
+    print(
+        f"cohort: {args.n} patients, {len(paths)} images, {args.backbone} at "
+        f"{args.image_size}, torch threads {torch.get_num_threads()}"
+    )
     print(f"bare {args.backbone} forward over all images: {bare:.1f} s")
-    print(f"omnifuse one-off encoding: {result.encode_seconds:.1f} s; frozen epochs: "
-          + ", ".join(f"{s:.2f}" for s in epochs) + " s")
+    print(
+        f"omnifuse one-off encoding: {result.encode_seconds:.1f} s; frozen epochs: "
+        + ", ".join(f"{s:.2f}" for s in epochs)
+        + " s"
+    )
     frozen = result.encode_seconds + float(epochs.sum())
-    print(f"encode + {args.epochs} frozen epochs = {frozen:.1f} s vs {args.epochs} x bare "
-          f"forward = {args.epochs * bare:.1f} s (ratio {frozen / (args.epochs * bare):.2f}); "
-          f"whole train command {total:.1f} s")
+    print(
+        f"encode + {args.epochs} frozen epochs = {frozen:.1f} s vs {args.epochs} x bare "
+        f"forward = {args.epochs * bare:.1f} s (ratio {frozen / (args.epochs * bare):.2f}); "
+        f"whole train command {total:.1f} s"
+    )
 
 
 if __name__ == "__main__":

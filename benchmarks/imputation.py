@@ -117,28 +117,54 @@ OMNIFUSE: dict[str, tuple[dict, bool]] = {
     "no imputation": ({"use_imputation": False}, True),
     "gate off (r=1) + unlabeled": ({"reliability": "1"}, True),
     "gate off (r=1)": ({"reliability": "1"}, False),
-    "late fusion (mean, neural)": ({"use_imputation": False, "use_tla": False,
-                                    "inference_rule": "mean"}, False),
+    "late fusion (mean, neural)": (
+        {"use_imputation": False, "use_tla": False, "inference_rule": "mean"},
+        False,
+    ),
 }
-CLASSICAL = {"hgb": "HistGradientBoosting (NaN + indicators, augmented)",
-             "logreg": "logistic regression (indicators, augmented)",
-             "late_mean": "late fusion (mean of per-modality LogReg)",
-             "best_single": "best single modality (LogReg)"}
+CLASSICAL = {
+    "hgb": "HistGradientBoosting (NaN + indicators, augmented)",
+    "logreg": "logistic regression (indicators, augmented)",
+    "late_mean": "late fusion (mean of per-modality LogReg)",
+    "best_single": "best single modality (LogReg)",
+}
 BASELINES = ["hgb", "logreg", "late_mean", "best_single", "late fusion (mean, neural)"]
 PLAN: dict[tuple[str, str], list[str]] = {
-    ("shared", "unlabeled"): ["full + unlabeled", "full", "no imputation",
-                              "gate off (r=1) + unlabeled", "late fusion (mean, neural)",
-                              *CLASSICAL],
-    ("shared", "shift"): ["full", "no imputation", "gate off (r=1)",
-                          "late fusion (mean, neural)", *CLASSICAL],
+    ("shared", "unlabeled"): [
+        "full + unlabeled",
+        "full",
+        "no imputation",
+        "gate off (r=1) + unlabeled",
+        "late fusion (mean, neural)",
+        *CLASSICAL,
+    ],
+    ("shared", "shift"): [
+        "full",
+        "no imputation",
+        "gate off (r=1)",
+        "late fusion (mean, neural)",
+        *CLASSICAL,
+    ],
     ("shared", "reverse"): ["full", "no imputation", "gate off (r=1)", "hgb"],
     ("independent", "unlabeled"): ["full + unlabeled", "no imputation", "hgb"],
     ("independent", "shift"): ["full", "no imputation", "hgb"],
     ("wdbc", "shift"): ["full", "no imputation", "hgb"],
 }
 KEY = ["dataset", "regime", "method", "seed"]
-COLUMNS = [*KEY, "test", "n", "auroc", "macro_f1", "loss", "val_auroc", "best_epoch",
-           "train_seconds", "reliability", "reliability_source", "chosen"]
+COLUMNS = [
+    *KEY,
+    "test",
+    "n",
+    "auroc",
+    "macro_f1",
+    "loss",
+    "val_auroc",
+    "best_epoch",
+    "train_seconds",
+    "reliability",
+    "reliability_source",
+    "chosen",
+]
 
 
 @dataclass
@@ -162,9 +188,16 @@ def synthetic(name: str, work: Path, quick: bool) -> Pool:
     if quick:
         dev_n, test_n, n_train, n_val, n_unl = 500, 300, 100, 60, 300
     folder = work / f"{name}-{dev_n + test_n}"
-    spec = CohortSpec(n=dev_n + test_n, seed=DATA_SEED, image_size=IMAGE.image_size,
-                      missing_labs=0.0, missing_us=0.0, missing_text=0.0, corrupt_rate=0.0,
-                      shared_severity=COHORTS[name])
+    spec = CohortSpec(
+        n=dev_n + test_n,
+        seed=DATA_SEED,
+        image_size=IMAGE.image_size,
+        missing_labs=0.0,
+        missing_us=0.0,
+        missing_text=0.0,
+        corrupt_rate=0.0,
+        shared_severity=COHORTS[name],
+    )
     if not (folder / "manifest.csv").is_file():
         make_cohort(spec, folder)
     from power import encoded_cohort
@@ -172,10 +205,18 @@ def synthetic(name: str, work: Path, quick: bool) -> Pool:
     cohort, image_cache, _, _ = encoded_cohort(folder / "manifest.csv", work, IMAGE)
     dev, test = _pools(cohort, dev_n)
     knobs = f"--shared-severity {COHORTS[name]:g}"
-    return Pool(name, f"make-data --n {dev_n + test_n} --seed {DATA_SEED} --image-size "
-                f"{IMAGE.image_size} --missing-labs 0 --missing-us 0 --missing-text 0 "
-                f"--corrupt-rate 0 {knobs}", cohort, 3, dev, test, (n_train, n_val, n_unl),
-                image_cache)
+    return Pool(
+        name,
+        f"make-data --n {dev_n + test_n} --seed {DATA_SEED} --image-size "
+        f"{IMAGE.image_size} --missing-labs 0 --missing-us 0 --missing-text 0 "
+        f"--corrupt-rate 0 {knobs}",
+        cohort,
+        3,
+        dev,
+        test,
+        (n_train, n_val, n_unl),
+        image_cache,
+    )
 
 
 def wdbc() -> Pool:
@@ -191,8 +232,9 @@ def _pools(cohort: Cohort, dev_n: int) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(cohort))
-    dev, test = train_test_split(idx, train_size=dev_n, stratify=cohort.labels,
-                                 random_state=DATA_SEED)
+    dev, test = train_test_split(
+        idx, train_size=dev_n, stratify=cohort.labels, random_state=DATA_SEED
+    )
     return np.sort(dev), np.sort(test)
 
 
@@ -203,10 +245,14 @@ def draw(pool: Pool, seed: int, unlabeled: bool) -> dict[str, np.ndarray]:
     assert pool.cohort.labels is not None
     y = pool.cohort.labels
     n_train, n_val, n_unl = pool.sizes
-    train, rest = train_test_split(pool.dev_idx, train_size=n_train, stratify=y[pool.dev_idx],
-                                   random_state=seed)
-    val, rest = (train_test_split(rest, train_size=n_val, stratify=y[rest], random_state=seed)
-                 if len(rest) > n_val else (rest, rest[:0]))
+    train, rest = train_test_split(
+        pool.dev_idx, train_size=n_train, stratify=y[pool.dev_idx], random_state=seed
+    )
+    val, rest = (
+        train_test_split(rest, train_size=n_val, stratify=y[rest], random_state=seed)
+        if len(rest) > n_val
+        else (rest, rest[:0])
+    )
     out = {"train": np.sort(train), "val": np.sort(val), "test": pool.test_idx}
     if unlabeled and n_unl:
         rng = np.random.default_rng([seed, 18])
@@ -216,12 +262,12 @@ def draw(pool: Pool, seed: int, unlabeled: bool) -> dict[str, np.ndarray]:
 
 def mask(pool: Pool, seed: int, rate: float, per: dict[str, float] | None = None) -> np.ndarray:
     """(N, M) presence at ``rate`` (``per`` overrides some modalities): one draw per seed."""
-    return simulate_missing(pool.cohort.present, pool.cohort.names, (), rate, 50_000 + seed,
-                            per)[0]
+    return simulate_missing(pool.cohort.present, pool.cohort.names, (), rate, 50_000 + seed, per)[0]
 
 
-def regime_cohort(pool: Pool, seed: int, regime: str, splits: dict[str, np.ndarray],
-                  with_unlabeled: bool) -> Cohort:
+def regime_cohort(
+    pool: Pool, seed: int, regime: str, splits: dict[str, np.ndarray], with_unlabeled: bool
+) -> Cohort:
     """The cohort a run trains on: development patients at the regime's training rate (hidden
     values removed), test patients whole (masked at inference), unlabeled labels -1."""
     from study import hide
@@ -242,14 +288,22 @@ def regime_cohort(pool: Pool, seed: int, regime: str, splits: dict[str, np.ndarr
 def test_masks(pool: Pool, seed: int, regime: str) -> dict[str, np.ndarray]:
     """Each deployment mask of the regime (those naming a modality the pool lacks skipped)."""
     names = set(pool.cohort.names)
-    return {name: mask(pool, seed, rate, per) for name, (rate, per) in REGIMES[regime][1].items()
-            if set(per) <= names}
+    return {
+        name: mask(pool, seed, rate, per)
+        for name, (rate, per) in REGIMES[regime][1].items()
+        if set(per) <= names
+    }
 
 
 # -- runs -------------------------------------------------------------------------------------
 @torch.no_grad()
-def _predict(model, data, idx: np.ndarray, shown: np.ndarray, posthoc  # type: ignore[no-untyped-def]
-             ) -> np.ndarray:
+def _predict(
+    model,
+    data,
+    idx: np.ndarray,
+    shown: np.ndarray,
+    posthoc,  # type: ignore[no-untyped-def]
+) -> np.ndarray:
     """Calibrated probabilities of ``idx`` with only the ``shown`` modalities fed (the linear
     path included, as `omnifuse predict` computes them)."""
     model.eval()
@@ -266,8 +320,7 @@ def _scores(y: np.ndarray, probs: np.ndarray, c: int) -> dict[str, float]:
     return {"auroc": m["auroc"], "macro_f1": m["macro_f1"], "loss": m["loss"]}
 
 
-def omnifuse_run(pool: Pool, regime: str, method: str, seed: int
-                 ) -> tuple[list[dict], list[dict]]:
+def omnifuse_run(pool: Pool, regime: str, method: str, seed: int) -> tuple[list[dict], list[dict]]:
     from study import use_cached_images
 
     over, with_unl = OMNIFUSE[method]
@@ -276,9 +329,14 @@ def omnifuse_run(pool: Pool, regime: str, method: str, seed: int
     if not with_unl:
         splits.pop("unlabeled", None)
     cfg = TrainConfig(seed=seed, device="cpu")
-    request = TrainRequest(Path(str(cohort.source)), pool.num_classes, Path("unused"),
-                           data=DataConfig(modalities=cohort.modalities, image=IMAGE),
-                           method=MethodConfig(**over), train=cfg)
+    request = TrainRequest(
+        Path(str(cohort.source)),
+        pool.num_classes,
+        Path("unused"),
+        data=DataConfig(modalities=cohort.modalities, image=IMAGE),
+        method=MethodConfig(**over),
+        train=cfg,
+    )
     torch.manual_seed(seed)
     model, pre, _ = build_for_cohort(cohort, training_patients(splits), request)
     data = pre.prepare(cohort)
@@ -292,9 +350,12 @@ def omnifuse_run(pool: Pool, regime: str, method: str, seed: int
     posthoc = fit_finish(model, data, fit_splits, cfg, CPU, classes, linear)
     seconds = round(time.perf_counter() - t0, 2)
     plan = reliability_plan(model, data, splits, cfg.seed)
-    base = {"best_epoch": best_epoch, "train_seconds": seconds,
-            "reliability": json.dumps(reliability_values(model)),
-            "reliability_source": "" if plan is None else json.dumps(plan.source)}
+    base = {
+        "best_epoch": best_epoch,
+        "train_seconds": seconds,
+        "reliability": json.dumps(reliability_values(model)),
+        "reliability_source": "" if plan is None else json.dumps(plan.source),
+    }
     assert cohort.labels is not None
     y = cohort.labels
     val = _predict(model, data, splits["val"], cohort.present, posthoc)
@@ -302,10 +363,22 @@ def omnifuse_run(pool: Pool, regime: str, method: str, seed: int
     rows, preds = [], []
     for name, shown in test_masks(pool, seed, regime).items():
         probs = _predict(model, data, splits["test"], shown, posthoc)
-        rows.append({"test": name, "n": len(splits["test"]),
-                     **_scores(y[splits["test"]], probs, pool.num_classes), **base})
-        preds.append({"test": name, "ids": np.asarray(splits["test"]),
-                      "y": y[splits["test"]], "probs": probs})
+        rows.append(
+            {
+                "test": name,
+                "n": len(splits["test"]),
+                **_scores(y[splits["test"]], probs, pool.num_classes),
+                **base,
+            }
+        )
+        preds.append(
+            {
+                "test": name,
+                "ids": np.asarray(splits["test"]),
+                "y": y[splits["test"]],
+                "probs": probs,
+            }
+        )
     return rows, preds
 
 
@@ -325,8 +398,9 @@ def blocks_for(pool: Pool, cohort: Cohort, train_idx: np.ndarray) -> fb.Blocks:
             x[spec.name] = np.nan_to_num(z, nan=0.0)
         elif spec.kind == "image":
             feats = pool.image_cache[spec.name]
-            x[spec.name] = np.stack([f.mean(0).numpy() if len(f) else np.zeros(f.shape[1])
-                                     for f in feats]).astype(np.float64)
+            x[spec.name] = np.stack(
+                [f.mean(0).numpy() if len(f) else np.zeros(f.shape[1]) for f in feats]
+            ).astype(np.float64)
         else:
             texts = [t or "" for t in cohort.texts[spec.name]]
             tfidf = TfidfVectorizer(tokenizer=tokenize, lowercase=False, token_pattern=None)
@@ -335,27 +409,34 @@ def blocks_for(pool: Pool, cohort: Cohort, train_idx: np.ndarray) -> fb.Blocks:
     return fb.Blocks(tuple(cohort.names), x, cohort.present.copy())  # type: ignore[arg-type]
 
 
-def classical_run(pool: Pool, regime: str, method: str, seed: int
-                  ) -> tuple[list[dict], list[dict]]:
+def classical_run(pool: Pool, regime: str, method: str, seed: int) -> tuple[list[dict], list[dict]]:
     splits = draw(pool, seed, REGIMES[regime][2])
     cohort = regime_cohort(pool, seed, regime, splits, False)
     assert cohort.labels is not None
     y = cohort.labels
     blocks = blocks_for(pool, cohort, splits["train"])
     t0 = time.perf_counter()
-    maker = {"hgb": fb.HGBConcat, "logreg": fb.LogRegConcat, "late_mean": fb.LateFusionMean,
-             "best_single": fb.BestSingle}[method]
+    maker = {
+        "hgb": fb.HGBConcat,
+        "logreg": fb.LogRegConcat,
+        "late_mean": fb.LateFusionMean,
+        "best_single": fb.BestSingle,
+    }[method]
     model = maker().fit(blocks, y, splits["train"], seed)
-    base = {"best_epoch": 0, "train_seconds": round(time.perf_counter() - t0, 2),
-            "chosen": json.dumps(model.chosen, default=str)}
+    base = {
+        "best_epoch": 0,
+        "train_seconds": round(time.perf_counter() - t0, 2),
+        "chosen": json.dumps(model.chosen, default=str),
+    }
     val = model.predict_proba(blocks, splits["val"])
     base["val_auroc"] = _scores(y[splits["val"]], val, pool.num_classes)["auroc"]
     rows, preds = [], []
     for name, shown in test_masks(pool, seed, regime).items():
         idx = splits["test"]
         probs = model.predict_proba(blocks, idx, shown[idx] & blocks.present[idx])
-        rows.append({"test": name, "n": len(idx), **_scores(y[idx], probs, pool.num_classes),
-                     **base})
+        rows.append(
+            {"test": name, "n": len(idx), **_scores(y[idx], probs, pool.num_classes), **base}
+        )
         preds.append({"test": name, "ids": np.asarray(idx), "y": y[idx], "probs": probs})
     return rows, preds
 
@@ -375,8 +456,9 @@ def plan(datasets: list[str], seeds: list[int]) -> list[tuple[str, str, str, int
     slow = {"full + unlabeled", "gate off (r=1) + unlabeled"}
     keys = []
     for seed in seeds:
-        batch = [(d, r, m, seed) for (d, r), methods in PLAN.items() if d in datasets
-                 for m in methods]
+        batch = [
+            (d, r, m, seed) for (d, r), methods in PLAN.items() if d in datasets for m in methods
+        ]
         keys += sorted(batch, key=lambda k: k[2] not in slow)
     return keys
 
@@ -390,8 +472,11 @@ def run(keys: list[tuple], out: Path, jobs: int) -> None:
         old = pd.read_csv(csv)
         done = {(a, b, c, int(d)) for a, b, c, d in old[KEY].itertuples(index=False)}
     todo = [k for k in keys if k not in done]
-    print(f"{len(keys)} runs planned, {len(keys) - len(todo)} done, {len(todo)} to do with "
-          f"{jobs} worker(s)", flush=True)
+    print(
+        f"{len(keys)} runs planned, {len(keys) - len(todo)} done, {len(todo)} to do with "
+        f"{jobs} worker(s)",
+        flush=True,
+    )
     t0 = time.perf_counter()
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
@@ -402,8 +487,11 @@ def run(keys: list[tuple], out: Path, jobs: int) -> None:
             frame = pd.DataFrame(rows).reindex(columns=COLUMNS)
             frame.to_csv(csv, mode="a", header=not csv.is_file(), index=False)
             shown = ", ".join(f"{r['test']} {r['auroc']:.3f}" for r in rows)
-            print(f"[{i}/{len(todo)} {time.perf_counter() - t0:.0f} s] {futures[future]}: "
-                  f"{shown} ({rows[0]['train_seconds']:.0f} s)", flush=True)
+            print(
+                f"[{i}/{len(todo)} {time.perf_counter() - t0:.0f} s] {futures[future]}: "
+                f"{shown} ({rows[0]['train_seconds']:.0f} s)",
+                flush=True,
+            )
 
 
 # -- analysis ---------------------------------------------------------------------------------
@@ -415,55 +503,146 @@ class Declared:
     test: str
 
 
-def _c(name: str, dataset: str, regime: str, test: str, a: str, b: str, kind: str,
-       goal: float = 0.0) -> Declared:
-    groups = {"unlabeled": "300 labelled + 3,000 unlabeled, rate 0.7",
-              "shift": "trained at 0.3", "reverse": "trained at 0.8"}
+def _c(
+    name: str, dataset: str, regime: str, test: str, a: str, b: str, kind: str, goal: float = 0.0
+) -> Declared:
+    groups = {
+        "unlabeled": "300 labelled + 3,000 unlabeled, rate 0.7",
+        "shift": "trained at 0.3",
+        "reverse": "trained at 0.8",
+    }
     group = f"{dataset}, {groups[regime]}, deployed at {test}"
     if dataset == "wdbc":
         group = f"wdbc, trained at 0.3 (250 labelled), deployed at {test}"
     margin = MARGIN if kind == "noninferiority" else 0.0
-    return Declared(stats.Contrast(name, group, a, b, kind, goal, margin), dataset, regime,
-                    test)
+    return Declared(stats.Contrast(name, group, a, b, kind, goal, margin), dataset, regime, test)
 
 
 def contrasts() -> list[Declared]:
     """The declared family (Holm over all of it). Goals from the issue."""
     out = [
-        _c("imputation with unlabeled patients (GOAL >= +0.02)", "shared", "unlabeled", "0.7",
-           "full + unlabeled", "no imputation", "superiority", 0.02),
-        _c("what the unlabeled patients add", "shared", "unlabeled", "0.7", "full + unlabeled",
-           "full", "superiority"),
-        _c("reliability gate on vs off", "shared", "unlabeled", "0.7", "full + unlabeled",
-           "gate off (r=1) + unlabeled", "superiority"),
+        _c(
+            "imputation with unlabeled patients (GOAL >= +0.02)",
+            "shared",
+            "unlabeled",
+            "0.7",
+            "full + unlabeled",
+            "no imputation",
+            "superiority",
+            0.02,
+        ),
+        _c(
+            "what the unlabeled patients add",
+            "shared",
+            "unlabeled",
+            "0.7",
+            "full + unlabeled",
+            "full",
+            "superiority",
+        ),
+        _c(
+            "reliability gate on vs off",
+            "shared",
+            "unlabeled",
+            "0.7",
+            "full + unlabeled",
+            "gate off (r=1) + unlabeled",
+            "superiority",
+        ),
     ]
-    out += [_c(f"ahead of {b}", "shared", "unlabeled", "0.7", "full + unlabeled", b,
-               "superiority") for b in BASELINES]
     out += [
-        _c("imputation under missingness shift (GOAL >= +0.02)", "shared", "shift", "0.8",
-           "full", "no imputation", "superiority", 0.02),
-        _c("imputation when only imaging is scarcer", "shared", "shift", "us 0.8", "full",
-           "no imputation", "superiority"),
-        _c("reliability gate on vs off", "shared", "shift", "0.8", "full", "gate off (r=1)",
-           "superiority"),
+        _c(f"ahead of {b}", "shared", "unlabeled", "0.7", "full + unlabeled", b, "superiority")
+        for b in BASELINES
     ]
-    out += [_c(f"ahead of {b}", "shared", "shift", "0.8", "full", b, "superiority")
-            for b in BASELINES]
     out += [
-        _c("imputation, reverse shift", "shared", "reverse", "0.3", "full", "no imputation",
-           "superiority"),
-        _c("imputation harmless (control)", "independent", "unlabeled", "0.7",
-           "full + unlabeled", "no imputation", "noninferiority"),
-        _c("imputation harmless (control)", "independent", "shift", "0.8", "full",
-           "no imputation", "noninferiority"),
-        _c("matches the fair HGB (control)", "independent", "unlabeled", "0.7",
-           "full + unlabeled", "hgb", "noninferiority"),
-        _c("matches the fair HGB (control)", "independent", "shift", "0.8", "full", "hgb",
-           "noninferiority"),
-        _c("imputation harmless (WDBC)", "wdbc", "shift", "0.8", "full", "no imputation",
-           "noninferiority"),
-        _c("matches the fair HGB (WDBC)", "wdbc", "shift", "0.8", "full", "hgb",
-           "noninferiority"),
+        _c(
+            "imputation under missingness shift (GOAL >= +0.02)",
+            "shared",
+            "shift",
+            "0.8",
+            "full",
+            "no imputation",
+            "superiority",
+            0.02,
+        ),
+        _c(
+            "imputation when only imaging is scarcer",
+            "shared",
+            "shift",
+            "us 0.8",
+            "full",
+            "no imputation",
+            "superiority",
+        ),
+        _c(
+            "reliability gate on vs off",
+            "shared",
+            "shift",
+            "0.8",
+            "full",
+            "gate off (r=1)",
+            "superiority",
+        ),
+    ]
+    out += [
+        _c(f"ahead of {b}", "shared", "shift", "0.8", "full", b, "superiority") for b in BASELINES
+    ]
+    out += [
+        _c(
+            "imputation, reverse shift",
+            "shared",
+            "reverse",
+            "0.3",
+            "full",
+            "no imputation",
+            "superiority",
+        ),
+        _c(
+            "imputation harmless (control)",
+            "independent",
+            "unlabeled",
+            "0.7",
+            "full + unlabeled",
+            "no imputation",
+            "noninferiority",
+        ),
+        _c(
+            "imputation harmless (control)",
+            "independent",
+            "shift",
+            "0.8",
+            "full",
+            "no imputation",
+            "noninferiority",
+        ),
+        _c(
+            "matches the fair HGB (control)",
+            "independent",
+            "unlabeled",
+            "0.7",
+            "full + unlabeled",
+            "hgb",
+            "noninferiority",
+        ),
+        _c(
+            "matches the fair HGB (control)",
+            "independent",
+            "shift",
+            "0.8",
+            "full",
+            "hgb",
+            "noninferiority",
+        ),
+        _c(
+            "imputation harmless (WDBC)",
+            "wdbc",
+            "shift",
+            "0.8",
+            "full",
+            "no imputation",
+            "noninferiority",
+        ),
+        _c("matches the fair HGB (WDBC)", "wdbc", "shift", "0.8", "full", "hgb", "noninferiority"),
     ]
     return out
 
@@ -479,13 +658,16 @@ def analyse(out: Path, n_boot: int = 2000) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     def predictions(contrast: stats.Contrast, method: str) -> list[stats.Preds]:
         d = by[(contrast.name, contrast.group)]
-        both = [s for s in seeds if all((d.dataset, d.regime, d.test, m, s) in groups
-                                        for m in (contrast.a, contrast.b))]
-        return [stats.preds_from_frame(groups[(d.dataset, d.regime, d.test, method, s)])
-                for s in both]
+        both = [
+            s
+            for s in seeds
+            if all((d.dataset, d.regime, d.test, m, s) in groups for m in (contrast.a, contrast.b))
+        ]
+        return [
+            stats.preds_from_frame(groups[(d.dataset, d.regime, d.test, method, s)]) for s in both
+        ]
 
-    available = [d.contrast for d in declared
-                 if predictions(d.contrast, d.contrast.a)]
+    available = [d.contrast for d in declared if predictions(d.contrast, d.contrast.a)]
     table = stats.contrast_table(available, predictions, n_boot=n_boot)
     return table, runs
 
@@ -494,31 +676,47 @@ def report(out: Path, quick: bool) -> Path:
     table, runs = analyse(out, n_boot=500 if quick else 2000)
     table.to_csv(out / "contrasts.csv", index=False)
     test = runs.copy()
-    summary = (test.groupby(["dataset", "regime", "test", "method"])["auroc"]
-               .agg(["mean", "median", "std", "count"]).reset_index())
+    summary = (
+        test.groupby(["dataset", "regime", "test", "method"])["auroc"]
+        .agg(["mean", "median", "std", "count"])
+        .reset_index()
+    )
     summary.to_csv(out / "summary.csv", index=False)
     meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
-    lines = ["# Imputation where it can help (issue 18)", "",
-             "Produced by `python benchmarks/imputation.py` (design in its docstring, fixed "
-             "before any result was seen). Per-patient test predictions: "
-             "`results/imputation/predictions.csv.gz`; every run: `results/imputation/runs.csv`.",
-             ""]
+    lines = [
+        "# Imputation where it can help (issue 18)",
+        "",
+        "Produced by `python benchmarks/imputation.py` (design in its docstring, fixed "
+        "before any result was seen). Per-patient test predictions: "
+        "`results/imputation/predictions.csv.gz`; every run: `results/imputation/runs.csv`.",
+        "",
+    ]
     for key, value in meta.items():
         lines.append(f"- {key}: {value}")
-    lines += ["", "## Declared contrasts (test AUROC, a - b, paired by seed)", "",
-              "`diff` is the mean over seeds of the per-seed difference, `median` its median; "
-              "`seed_low/high`: 95% t-interval over seeds (test pool fixed); `boot_low/high`: "
-              "95% hierarchical bootstrap (seeds, then test patients within seed); "
-              "`adj_low/high`: the same bootstrap at the Bonferroni level for the whole table; "
-              "`p_holm`: Holm over the table's one-sided bootstrap p-values (superiority: "
-              f"H0 diff <= 0; non-inferiority: H0 diff <= -{MARGIN}). Verdicts need p_holm < 0.05 "
-              "and the adjusted interval on the right side (benchmarks/stats.py).", "",
-              stats.markdown_table(table.drop(columns=["kind"])), ""]
+    lines += [
+        "",
+        "## Declared contrasts (test AUROC, a - b, paired by seed)",
+        "",
+        "`diff` is the mean over seeds of the per-seed difference, `median` its median; "
+        "`seed_low/high`: 95% t-interval over seeds (test pool fixed); `boot_low/high`: "
+        "95% hierarchical bootstrap (seeds, then test patients within seed); "
+        "`adj_low/high`: the same bootstrap at the Bonferroni level for the whole table; "
+        "`p_holm`: Holm over the table's one-sided bootstrap p-values (superiority: "
+        f"H0 diff <= 0; non-inferiority: H0 diff <= -{MARGIN}). Verdicts need p_holm < 0.05 "
+        "and the adjusted interval on the right side (benchmarks/stats.py).",
+        "",
+        stats.markdown_table(table.drop(columns=["kind"])),
+        "",
+    ]
     lines += ["## Test AUROC per method (mean, median, SD over seeds)", ""]
     for (dataset, regime), part in summary.groupby(["dataset", "regime"], sort=False):
         lines += [f"### {dataset}, {regime}", ""]
-        wide = part.assign(cell=[f"{m:.4f} / {md:.4f} ± {s:.4f}" for m, md, s in
-                                 zip(part["mean"], part["median"], part["std"], strict=True)])
+        wide = part.assign(
+            cell=[
+                f"{m:.4f} / {md:.4f} ± {s:.4f}"
+                for m, md, s in zip(part["mean"], part["median"], part["std"], strict=True)
+            ]
+        )
         grid = wide.pivot(index="method", columns="test", values="cell").reset_index()
         lines += [stats.markdown_table(grid), ""]
     rel = runs[runs["reliability"].fillna("").str.len() > 2]
@@ -529,9 +727,15 @@ def report(out: Path, quick: bool) -> Path:
             first = part.drop_duplicates(["seed"])
             values = pd.DataFrame([json.loads(v) for v in first["reliability"]])
             sources = pd.DataFrame([json.loads(v) for v in first["reliability_source"]])
-            rows.append({"dataset": dataset, "regime": regime, "method": method,
-                         **{f"r_{c}": f"{values[c].mean():.3f}" for c in values},
-                         **{f"source_{c}": "/".join(sorted(set(sources[c]))) for c in sources}})
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "regime": regime,
+                    "method": method,
+                    **{f"r_{c}": f"{values[c].mean():.3f}" for c in values},
+                    **{f"source_{c}": "/".join(sorted(set(sources[c]))) for c in sources},
+                }
+            )
         lines += [stats.markdown_table(pd.DataFrame(rows)), ""]
     findings = out / "findings.md"  # the team's reading, written after the tables
     if findings.is_file():
@@ -560,12 +764,15 @@ def main() -> None:
         print(f"pools ready in {time.perf_counter() - t0:.0f} s", flush=True)
         seeds = list(range(2 if args.quick else args.seeds))
         run(plan(datasets, seeds), out, args.jobs)
-        meta = {"date": time.strftime("%Y-%m-%d"),
-                "machine": f"{platform.platform()}, {platform.machine()}, 2 CPU threads",
-                "versions": f"omnifuse {__version__}, torch {torch.__version__}",
-                "wall time (this invocation)": f"{(time.perf_counter() - t0) / 60:.1f} min, "
-                f"{args.jobs} worker(s), one torch thread each",
-                "seeds": seeds, "cohorts": {n: p.description for n, p in POOLS.items()}}
+        meta = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.platform()}, {platform.machine()}, 2 CPU threads",
+            "versions": f"omnifuse {__version__}, torch {torch.__version__}",
+            "wall time (this invocation)": f"{(time.perf_counter() - t0) / 60:.1f} min, "
+            f"{args.jobs} worker(s), one torch thread each",
+            "seeds": seeds,
+            "cohorts": {n: p.description for n, p in POOLS.items()},
+        }
         (out / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     print(f"report: {report(out, args.quick)}")
 

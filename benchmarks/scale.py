@@ -91,29 +91,72 @@ def labs_notes(size: int, work: Path, epochs: int, batch: int) -> list[Step]:
     """make-data, check, train, predict on a labs + notes cohort of ``size`` patients."""
     data, run_dir, logs = work / f"data-{size}", work / f"run-{size}", work / "logs"
     steps = []
-    wall, rss, rc = run(omnifuse("make-data", "--n", str(size), "--no-images", "--inline-notes",
-                                 "--missing-labs", "0.5", "--missing-text", "0.5", "--seed", "1",
-                                 "--out-dir", str(data), "--overwrite"),
-                        logs / f"make-data-{size}.log")
+    wall, rss, rc = run(
+        omnifuse(
+            "make-data",
+            "--n",
+            str(size),
+            "--no-images",
+            "--inline-notes",
+            "--missing-labs",
+            "0.5",
+            "--missing-text",
+            "0.5",
+            "--seed",
+            "1",
+            "--out-dir",
+            str(data),
+            "--overwrite",
+        ),
+        logs / f"make-data-{size}.log",
+    )
     steps.append(Step(size, "make-data", wall, rss, ok=rc == 0))
     manifest = str(data / "manifest.csv")
-    wall, rss, rc = run(omnifuse("check", manifest, "--num-classes", "3", *LABS_TEXT),
-                        logs / f"check-{size}.log")
+    wall, rss, rc = run(
+        omnifuse("check", manifest, "--num-classes", "3", *LABS_TEXT), logs / f"check-{size}.log"
+    )
     steps.append(Step(size, "check", wall, rss, ok=rc == 0))
-    wall, rss, rc = run(omnifuse("train", manifest, "--num-classes", "3", *LABS_TEXT,
-                                 "--epochs", str(epochs), "--batch-size", str(batch),
-                                 "--device", "cpu", "--out-dir", str(run_dir), "--overwrite"),
-                        logs / f"train-{size}.log")
+    wall, rss, rc = run(
+        omnifuse(
+            "train",
+            manifest,
+            "--num-classes",
+            "3",
+            *LABS_TEXT,
+            "--epochs",
+            str(epochs),
+            "--batch-size",
+            str(batch),
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(run_dir),
+            "--overwrite",
+        ),
+        logs / f"train-{size}.log",
+    )
     seconds = epoch_seconds(run_dir)
     extra: dict[str, float | str] = {f"epoch{k + 1}_s": round(s, 1) for k, s in enumerate(seconds)}
     extra["test_macro_f1"] = _test_metric(run_dir, "test_macro_f1")
     steps.append(Step(size, "train", wall, rss, extra, ok=rc == 0 and len(seconds) == epochs))
-    wall, rss, rc = run(omnifuse("predict", manifest, "--run", str(run_dir), "--device", "cpu",
-                                 "--batch-size", str(batch), "--out",
-                                 str(work / f"predictions-{size}.csv")),
-                        logs / f"predict-{size}.log")
-    steps.append(Step(size, "predict", wall, rss, {"patients_per_s": round(size / wall)},
-                      ok=rc == 0))
+    wall, rss, rc = run(
+        omnifuse(
+            "predict",
+            manifest,
+            "--run",
+            str(run_dir),
+            "--device",
+            "cpu",
+            "--batch-size",
+            str(batch),
+            "--out",
+            str(work / f"predictions-{size}.csv"),
+        ),
+        logs / f"predict-{size}.log",
+    )
+    steps.append(
+        Step(size, "predict", wall, rss, {"patients_per_s": round(size / wall)}, ok=rc == 0)
+    )
     return steps
 
 
@@ -131,37 +174,98 @@ def images(size: int, work: Path, batch: int) -> list[Step]:
     data, logs, cache = work / f"images-{size}", work / "logs", work / "feature-cache"
     shutil.rmtree(cache, ignore_errors=True)
     steps = []
-    wall, rss, rc = run(omnifuse("make-data", "--n", str(size), "--image-size", "64",
-                                 "--images-per-patient", "2", "--missing-us", "0",
-                                 "--inline-notes", "--seed", "1", "--out-dir", str(data),
-                                 "--overwrite"), logs / f"make-data-images-{size}.log")
+    wall, rss, rc = run(
+        omnifuse(
+            "make-data",
+            "--n",
+            str(size),
+            "--image-size",
+            "64",
+            "--images-per-patient",
+            "2",
+            "--missing-us",
+            "0",
+            "--inline-notes",
+            "--seed",
+            "1",
+            "--out-dir",
+            str(data),
+            "--overwrite",
+        ),
+        logs / f"make-data-images-{size}.log",
+    )
     steps.append(Step(size, "make-data (2 views, 64 px)", wall, rss, ok=rc == 0))
-    common = ["train", str(data / "manifest.csv"), "--num-classes", "3", "--image-size", "64",
-              "--image-backbone", "resnet18", "--epochs", "1", "--batch-size", str(batch),
-              "--device", "cpu", "--cache-dir", str(cache), "--overwrite"]
+    common = [
+        "train",
+        str(data / "manifest.csv"),
+        "--num-classes",
+        "3",
+        "--image-size",
+        "64",
+        "--image-backbone",
+        "resnet18",
+        "--epochs",
+        "1",
+        "--batch-size",
+        str(batch),
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(cache),
+        "--overwrite",
+    ]
     for label, run_name in (("train: encode pass", "first"), ("train: cache reused", "second")):
         run_dir = work / f"run-images-{size}-{run_name}"
-        wall, rss, rc = run(omnifuse(*common, "--out-dir", str(run_dir)),
-                            logs / f"train-images-{size}-{run_name}.log")
+        wall, rss, rc = run(
+            omnifuse(*common, "--out-dir", str(run_dir)),
+            logs / f"train-images-{size}-{run_name}.log",
+        )
         seconds = epoch_seconds(run_dir)
         encode = meta_value(run_dir, "encode_seconds")
-        steps.append(Step(size, label, wall, rss,
-                          {"encode_s": encode, "epoch1_s": round(seconds[0], 1) if seconds else ""},
-                          ok=rc == 0 and bool(seconds)))
+        steps.append(
+            Step(
+                size,
+                label,
+                wall,
+                rss,
+                {"encode_s": encode, "epoch1_s": round(seconds[0], 1) if seconds else ""},
+                ok=rc == 0 and bool(seconds),
+            )
+        )
     return steps
 
 
 def processes(size: int, work: Path, batch: int) -> list[Step]:
     """The same training in 1 and 2 CPU processes (torchrun, gloo), and on one GPU if any."""
     manifest = str(work / f"data-{size}" / "manifest.csv")
-    args = ["train", manifest, "--num-classes", "3", *LABS_TEXT, "--epochs", "2",
-            "--batch-size", str(batch), "--overwrite"]
+    args = [
+        "train",
+        manifest,
+        "--num-classes",
+        "3",
+        *LABS_TEXT,
+        "--epochs",
+        "2",
+        "--batch-size",
+        str(batch),
+        "--overwrite",
+    ]
     steps = []
     launches = {
         "1 process (cpu)": omnifuse(*args, "--device", "cpu", "--out-dir", str(work / "ddp-1")),
         "2 processes (torchrun, cpu)": [
-            str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "omnifuse_cli",
-            *args, "--device", "cpu", "--out-dir", str(work / "ddp-2")],
+            str(BIN / "torchrun"),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "omnifuse_cli",
+            *args,
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(work / "ddp-2"),
+        ],
     }
     import torch
 
@@ -170,12 +274,22 @@ def processes(size: int, work: Path, batch: int) -> list[Step]:
     for label, cmd in launches.items():
         run_dir = Path(cmd[cmd.index("--out-dir") + 1])
         # One intra-op thread per process, so 2 processes do not fight over 2 cores.
-        wall, rss, rc = run(cmd, work / "logs" / f"{run_dir.name}.log",
-                            env={"OMP_NUM_THREADS": "1"} if "torchrun" in label else None)
+        wall, rss, rc = run(
+            cmd,
+            work / "logs" / f"{run_dir.name}.log",
+            env={"OMP_NUM_THREADS": "1"} if "torchrun" in label else None,
+        )
         seconds = epoch_seconds(run_dir)
-        steps.append(Step(size, label, wall, rss,
-                          {f"epoch{k + 1}_s": round(s, 1) for k, s in enumerate(seconds)},
-                          ok=rc == 0 and len(seconds) == 2))
+        steps.append(
+            Step(
+                size,
+                label,
+                wall,
+                rss,
+                {f"epoch{k + 1}_s": round(s, 1) for k, s in enumerate(seconds)},
+                ok=rc == 0 and len(seconds) == 2,
+            )
+        )
     return steps
 
 
@@ -189,36 +303,54 @@ def verdicts(steps: list[Step]) -> list[str]:
     scale_note = "" if n == 1_000_000 else f" (measured at {n:,}, the goal is for 1,000,000)"
     lines = []
 
-    def judge(name: str, value: float | None, goal: float, unit: str, more_is_better: bool
-              ) -> None:
+    def judge(name: str, value: float | None, goal: float, unit: str, more_is_better: bool) -> None:
         if value is None:
             lines.append(f"- {name}: not measured")
             return
         met = value >= goal if more_is_better else value <= goal
         word = "at least" if more_is_better else "under"
-        lines.append(f"- {name}: {value:,.1f} {unit} (goal {word} {goal:,.0f} {unit}): "
-                     f"**{'met' if met else 'missed'}**{scale_note}")
+        lines.append(
+            f"- {name}: {value:,.1f} {unit} (goal {word} {goal:,.0f} {unit}): "
+            f"**{'met' if met else 'missed'}**{scale_note}"
+        )
 
     check = by.get((n, "check"))
     train = by.get((n, "train"))
     predict = by.get((n, "predict"))
     judge("check", check.wall_s if check else None, GOALS["check_s"], "s", False)
-    judge("peak RSS of train", train.peak_rss_mb / 1024 if train else None,
-          GOALS["train_rss_gb"], "GB", False)
+    judge(
+        "peak RSS of train",
+        train.peak_rss_mb / 1024 if train else None,
+        GOALS["train_rss_gb"],
+        "GB",
+        False,
+    )
     later = train.extra.get("epoch2_s") if train else None
-    judge("cached (later) epoch", float(later) if later not in (None, "") else None,
-          GOALS["cached_epoch_s"], "s", False)
-    judge("predict", float(predict.extra["patients_per_s"]) if predict else None,
-          GOALS["predict_per_s"], "patients/s", True)
+    judge(
+        "cached (later) epoch",
+        float(later) if later not in (None, "") else None,
+        GOALS["cached_epoch_s"],
+        "s",
+        False,
+    )
+    judge(
+        "predict",
+        float(predict.extra["patients_per_s"]) if predict else None,
+        GOALS["predict_per_s"],
+        "patients/s",
+        True,
+    )
     if len(sizes) >= 2:
         small, large = sizes[-2], sizes[-1]
         a, b = by.get((small, "train")), by.get((large, "train"))
         if a and b:
             ratio = b.peak_rss_mb / a.peak_rss_mb
             growth = large / small
-            lines.append(f"- peak RSS of train, {small:,} -> {large:,} patients: x{ratio:.2f} "
-                         f"for x{growth:.0f} patients: **"
-                         f"{'sub-linear' if ratio < growth else 'not sub-linear'}**")
+            lines.append(
+                f"- peak RSS of train, {small:,} -> {large:,} patients: x{ratio:.2f} "
+                f"for x{growth:.0f} patients: **"
+                f"{'sub-linear' if ratio < growth else 'not sub-linear'}**"
+            )
     return lines
 
 
@@ -229,25 +361,36 @@ def write_results(steps: list[Step], out: Path, args: argparse.Namespace, total:
         writer = csv.writer(handle)
         writer.writerow(["size", "step", "wall_s", "peak_rss_mb", "ok", *extras])
         for s in steps:
-            writer.writerow([s.size, s.step, f"{s.wall_s:.2f}", f"{s.peak_rss_mb:.0f}",
-                             int(s.ok), *(s.extra.get(k, "") for k in extras)])
+            writer.writerow(
+                [
+                    s.size,
+                    s.step,
+                    f"{s.wall_s:.2f}",
+                    f"{s.peak_rss_mb:.0f}",
+                    int(s.ok),
+                    *(s.extra.get(k, "") for k in extras),
+                ]
+            )
     lines = [
-        "# Scale benchmark (issue 10)", "",
+        "# Scale benchmark (issue 10)",
+        "",
         f"`python benchmarks/scale.py {' '.join(sys.argv[1:])}` on {datetime.now():%Y-%m-%d}, "
         f"{platform.node()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}; "
         f"total {total / 60:.1f} min. Every step is the CLI in its own process; peak RSS from "
         f"wait4. Cohorts: labs + notes (inline), 3 classes, each modality missing for 50% of "
         f"patients; train with --epochs 2 --batch-size {args.batch_size} on the CPU (an epoch "
         "includes validation and lazy-combination mining); predict scores the whole manifest "
-        "end to end.", "",
+        "end to end.",
+        "",
         "| patients | step | wall (s) | peak RSS (MB) | details |",
         "|---:|---|---:|---:|---|",
     ]
     for s in steps:
         details = ", ".join(f"{k} {v}" for k, v in s.extra.items() if v != "")
         status = "" if s.ok else " **(failed, see the log)**"
-        lines.append(f"| {s.size:,} | {s.step}{status} | {s.wall_s:.1f} | "
-                     f"{s.peak_rss_mb:.0f} | {details} |")
+        lines.append(
+            f"| {s.size:,} | {s.step}{status} | {s.wall_s:.1f} | {s.peak_rss_mb:.0f} | {details} |"
+        )
     lines += ["", "## Goals", "", *verdicts(steps), ""]
     out.write_text("\n".join(lines), encoding="utf-8")
 
@@ -270,8 +413,13 @@ def main() -> None:
     steps: list[Step] = []
     for size in sizes:
         steps += labs_notes(size, args.work, args.epochs, args.batch_size)
-        print("\n".join(f"{s.size:>9,} {s.step:<28} {s.wall_s:8.1f} s {s.peak_rss_mb:8.0f} MB "
-                        f"{s.extra}" for s in steps[-4:]), flush=True)
+        print(
+            "\n".join(
+                f"{s.size:>9,} {s.step:<28} {s.wall_s:8.1f} s {s.peak_rss_mb:8.0f} MB {s.extra}"
+                for s in steps[-4:]
+            ),
+            flush=True,
+        )
         write_results(steps, args.out, args, time.perf_counter() - start)
     if "images" not in skip:
         steps += images(image_patients, args.work, args.batch_size)

@@ -37,6 +37,7 @@ Cohorts: demo (make-data --n 1500 --image-size 64, MobileNetV2 ImageNet features
 pretrained weights), drug and drug3 (the real drug-review cohorts of benchmarks/real,
 0.6/0.4/0; skipped when /work/real_data is absent).
 """
+
 from __future__ import annotations
 
 import os
@@ -63,18 +64,69 @@ CAPS = (20, 30, 45, 60)
 SPLITS = 20
 
 COHORTS = {
-    "demo": {"make": ["--n", "1500", "--image-size", "64", "--seed", "42"], "classes": 3,
-             "train": ["--image-backbone", "mobilenet_v2", "--image-size", "64",
-                       "--train-ratio", "0.45", "--val-ratio", "0.55", "--test-ratio", "0"]},
-    "small": {"make": ["--n", "400", "--image-size", "32", "--seed", "42"], "classes": 3,
-              "train": ["--image-size", "32", "--no-pretrained-image",
-                        "--train-ratio", "0.5", "--val-ratio", "0.5", "--test-ratio", "0"]},
-    "drug": {"manifest": REAL / "drugreview" / "manifest.csv", "classes": 2,
-             "train": ["--modality", "labs=vector", "--modality", "text=text",
-                       "--train-ratio", "0.6", "--val-ratio", "0.4", "--test-ratio", "0"]},
-    "drug3": {"manifest": REAL / "drugreview-3class" / "manifest.csv", "classes": 3,
-              "train": ["--modality", "labs=vector", "--modality", "text=text",
-                        "--train-ratio", "0.6", "--val-ratio", "0.4", "--test-ratio", "0"]},
+    "demo": {
+        "make": ["--n", "1500", "--image-size", "64", "--seed", "42"],
+        "classes": 3,
+        "train": [
+            "--image-backbone",
+            "mobilenet_v2",
+            "--image-size",
+            "64",
+            "--train-ratio",
+            "0.45",
+            "--val-ratio",
+            "0.55",
+            "--test-ratio",
+            "0",
+        ],
+    },
+    "small": {
+        "make": ["--n", "400", "--image-size", "32", "--seed", "42"],
+        "classes": 3,
+        "train": [
+            "--image-size",
+            "32",
+            "--no-pretrained-image",
+            "--train-ratio",
+            "0.5",
+            "--val-ratio",
+            "0.5",
+            "--test-ratio",
+            "0",
+        ],
+    },
+    "drug": {
+        "manifest": REAL / "drugreview" / "manifest.csv",
+        "classes": 2,
+        "train": [
+            "--modality",
+            "labs=vector",
+            "--modality",
+            "text=text",
+            "--train-ratio",
+            "0.6",
+            "--val-ratio",
+            "0.4",
+            "--test-ratio",
+            "0",
+        ],
+    },
+    "drug3": {
+        "manifest": REAL / "drugreview-3class" / "manifest.csv",
+        "classes": 3,
+        "train": [
+            "--modality",
+            "labs=vector",
+            "--modality",
+            "text=text",
+            "--train-ratio",
+            "0.6",
+            "--val-ratio",
+            "0.4",
+            "--test-ratio",
+            "0",
+        ],
+    },
 }
 
 
@@ -86,8 +138,19 @@ def manifest_of(name: str) -> Path | None:
     if not (out / "manifest.csv").is_file():
         if name == "demo":
             subprocess.run([sys.executable, str(HERE / "mobilenet_weights.py")], check=True)
-        subprocess.run([sys.executable, "-m", "omnifuse_cli", "make-data", "--out-dir", str(out),
-                        "--overwrite", *spec["make"]], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "omnifuse_cli",
+                "make-data",
+                "--out-dir",
+                str(out),
+                "--overwrite",
+                *spec["make"],
+            ],
+            check=True,
+        )
     return out / "manifest.csv"
 
 
@@ -108,8 +171,9 @@ def collect(name: str, seed: int) -> None:
     original = training.evaluate_split
 
     def recording(model, data, idx, device, cfg, num_classes):  # type: ignore[no-untyped-def]
-        result = training.infer_all(model, data, idx, device=device,
-                                    batch_size=max(cfg.batch_size, 256), amp=cfg.amp)
+        result = training.infer_all(
+            model, data, idx, device=device, batch_size=max(cfg.batch_size, 256), amp=cfg.amp
+        )
         epochs.append(np.exp(result.log_probs))
         labels.append(data.labels[result.index].numpy())
         return original(model, data, idx, device, cfg, num_classes)
@@ -117,17 +181,34 @@ def collect(name: str, seed: int) -> None:
     training.evaluate_split = recording
     run_dir = WORK / "runs" / f"{name}-seed{seed}"
     try:
-        app([
-            "train", str(manifest), "--num-classes", str(COHORTS[name]["classes"]),
-            *COHORTS[name]["train"], "--epochs", str(MAX_EPOCHS), "--seed", str(seed),
-            "--out-dir", str(run_dir), "--overwrite", "--threads", "1", "--no-linear-path",
-        ], standalone_mode=False)
+        app(
+            [
+                "train",
+                str(manifest),
+                "--num-classes",
+                str(COHORTS[name]["classes"]),
+                *COHORTS[name]["train"],
+                "--epochs",
+                str(MAX_EPOCHS),
+                "--seed",
+                str(seed),
+                "--out-dir",
+                str(run_dir),
+                "--overwrite",
+                "--threads",
+                "1",
+                "--no-linear-path",
+            ],
+            standalone_mode=False,
+        )
     finally:
         training.evaluate_split = original
     target.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(target, probs=np.stack(epochs), y=labels[0])
-    print(f"{name} seed {seed}: {len(epochs)} epochs, {len(labels[0])} validation patients",
-          flush=True)
+    print(
+        f"{name} seed {seed}: {len(epochs)} epochs, {len(labels[0])} validation patients",
+        flush=True,
+    )
 
 
 # ----------------------------------------------------------------------------- replay
@@ -145,8 +226,11 @@ def scores(y: np.ndarray, p: np.ndarray, c: int) -> dict[str, float]:
         ranks = rankdata(score)
         return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
-    auroc = (binary_auc(y == 1, p[:, 1]) if c == 2 else
-             float(np.mean([binary_auc(y == k, p[:, k]) for k in range(c)])))
+    auroc = (
+        binary_auc(y == 1, p[:, 1])
+        if c == 2
+        else float(np.mean([binary_auc(y == k, p[:, k]) for k in range(c)]))
+    )
     loss = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1.0))))
     pred = p.argmax(1)
     cm = np.bincount(y * c + pred, minlength=c * c).reshape(c, c)
@@ -185,10 +269,10 @@ def pick(curve: list[dict[str, float]], rule: str, patience: int, cap: int) -> i
 COHORT_N = {"demo": 1500, "small": 400, "drug": 979, "drug3": 979}
 REGIMES = {
     "halves": "the rule sees one stratified half of the validation patients, the kept epoch is "
-              "scored on the other half (and the halves swapped)",
+    "scored on the other half (and the halves swapped)",
     "default-size": "the rule sees a stratified sample the size of a default validation split "
-                    "(--val-ratio 0.1 of the cohort: demo 150, small 40, drug and drug3 98 "
-                    "patients), the kept epoch is scored on the remaining validation patients",
+    "(--val-ratio 0.1 of the cohort: demo 150, small 40, drug and drug3 98 "
+    "patients), the kept epoch is scored on the remaining validation patients",
 }
 
 
@@ -198,7 +282,8 @@ def _splits(y: np.ndarray, regime: str, n_cohort: int):  # type: ignore[no-untyp
     for split in range(SPLITS):
         if regime == "halves":
             yield from StratifiedKFold(2, shuffle=True, random_state=split).split(
-                np.zeros(len(y)), y)
+                np.zeros(len(y)), y
+            )
         else:
             size = max(int(round(0.1 * n_cohort)), 3 * len(np.unique(y)))
             sss = StratifiedShuffleSplit(1, train_size=size, random_state=split)
@@ -216,8 +301,15 @@ def replay(path: Path, c: int, regime: str = "halves", n_cohort: int = 0) -> pd.
             for patience in PATIENCES:
                 for cap in CAPS:
                     e = pick(curve_a, rule, patience, cap)
-                    rows.append({"rule": rule, "patience": patience, "cap": cap,
-                                 "epoch": e + 1, **curve_b[e]})
+                    rows.append(
+                        {
+                            "rule": rule,
+                            "patience": patience,
+                            "cap": cap,
+                            "epoch": e + 1,
+                            **curve_b[e],
+                        }
+                    )
     frame = pd.DataFrame(rows)
     return frame.groupby(["rule", "patience", "cap"], as_index=False).mean()
 
@@ -225,28 +317,40 @@ def replay(path: Path, c: int, regime: str = "halves", n_cohort: int = 0) -> pd.
 def analyse() -> None:
     from scipy import stats
 
-    out = ["# Epoch selection, patience and epoch cap, chosen on validation data", "",
-           "benchmarks/selection.py (design in its docstring). Every number is on validation "
-           "patients the selection did not see, for an epoch picked by the rule on others; "
-           "differences are paired by seed, mean and 95% t-interval over seeds, against the "
-           "previous default (macro_f1, patience 0, 30 epochs). Two regimes: "
-           + "; ".join(f"**{k}**: {v}" for k, v in REGIMES.items())
-           + ". Rows with a 30-epoch cap (the cap changed nothing that matters; every cap is in "
-           "selection.csv).", ""]
+    out = [
+        "# Epoch selection, patience and epoch cap, chosen on validation data",
+        "",
+        "benchmarks/selection.py (design in its docstring). Every number is on validation "
+        "patients the selection did not see, for an epoch picked by the rule on others; "
+        "differences are paired by seed, mean and 95% t-interval over seeds, against the "
+        "previous default (macro_f1, patience 0, 30 epochs). Two regimes: "
+        + "; ".join(f"**{k}**: {v}" for k, v in REGIMES.items())
+        + ". Rows with a 30-epoch cap (the cap changed nothing that matters; every cap is in "
+        "selection.csv).",
+        "",
+    ]
     everything = []
     for name, spec in COHORTS.items():
         files = sorted((WORK / "trajectories").glob(f"{name}-seed*.npz"))
         if not files:
             continue
         for regime in REGIMES:
-            frame = pd.concat([replay(f, spec["classes"], regime, COHORT_N[name])
-                               .assign(seed=f.stem) for f in files])
+            frame = pd.concat(
+                [
+                    replay(f, spec["classes"], regime, COHORT_N[name]).assign(seed=f.stem)
+                    for f in files
+                ]
+            )
             everything.append(frame.assign(cohort=name, regime=regime))
             base = frame[(frame.rule == "macro_f1") & (frame.patience == 0) & (frame.cap == 30)]
             base = base.set_index("seed")
-            out += [f"## {name}, {regime} ({len(files)} seeds)", "",
-                    "| rule | patience | kept epoch | AUROC | d AUROC [95% CI] | log loss "
-                    "| d log loss | macro-F1 | d macro-F1 |", "|" + "---|" * 9]
+            out += [
+                f"## {name}, {regime} ({len(files)} seeds)",
+                "",
+                "| rule | patience | kept epoch | AUROC | d AUROC [95% CI] | log loss "
+                "| d log loss | macro-F1 | d macro-F1 |",
+                "|" + "---|" * 9,
+            ]
             for (rule, patience, cap), g in frame.groupby(["rule", "patience", "cap"]):
                 if cap != 30:
                     continue
@@ -254,13 +358,18 @@ def analyse() -> None:
                 cells = []
                 for metric in ("auroc", "loss", "macro_f1"):
                     d = (g[metric] - base[metric]).to_numpy()
-                    half = (stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-                            if len(d) > 1 else np.nan)
+                    half = (
+                        stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+                        if len(d) > 1
+                        else np.nan
+                    )
                     cells.append((g[metric].mean(), d.mean(), half))
                 (au, dau, hau), (lo, dlo, _), (f1, df1, _) = cells
-                out.append(f"| {rule} | {patience} | {g['epoch'].mean():.1f} | {au:.4f} | "
-                           f"{dau:+.4f} [{dau - hau:+.4f}, {dau + hau:+.4f}] | {lo:.4f} | "
-                           f"{dlo:+.4f} | {f1:.4f} | {df1:+.4f} |")
+                out.append(
+                    f"| {rule} | {patience} | {g['epoch'].mean():.1f} | {au:.4f} | "
+                    f"{dau:+.4f} [{dau - hau:+.4f}, {dau + hau:+.4f}] | {lo:.4f} | "
+                    f"{dlo:+.4f} | {f1:.4f} | {df1:+.4f} |"
+                )
             out.append("")
     pd.concat(everything).to_csv(HERE / "results" / "selection.csv", index=False)
     target = HERE / "results" / "selection.md"

@@ -15,6 +15,7 @@ macro_f1.
   nice .venv/bin/python benchmarks/selection_blend.py [--cohorts drug,drug3] [--seeds 10]
 Writes benchmarks/results/selection_blend.csv and .md.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,10 @@ import pandas as pd  # noqa: E402
 HERE = Path(__file__).resolve().parent
 REAL = Path(os.environ.get("OMNIFUSE_REAL_DATA", "/work/real_data"))
 WORK = HERE / "work-selection-blend"
-COHORTS = {"drug": (REAL / "drugreview" / "manifest.csv", 2),
-           "drug3": (REAL / "drugreview-3class" / "manifest.csv", 3)}
+COHORTS = {
+    "drug": (REAL / "drugreview" / "manifest.csv", 2),
+    "drug3": (REAL / "drugreview-3class" / "manifest.csv", 3),
+}
 RULES = ("macro_f1", "auroc")
 
 
@@ -57,19 +60,65 @@ def run_one(name: str, seed: int) -> list[dict]:
     rows = []
     for rule in RULES:
         run = folder / rule
-        subprocess.run([sys.executable, "-m", "omnifuse_cli", "train", str(folder / "train.csv"),
-                        "--num-classes", str(classes), "--modality", "labs=vector",
-                        "--modality", "text=text", "--out-dir", str(run), "--seed", str(seed),
-                        "--test-ratio", "0", "--threads", "1", "--select-by", rule,
-                        "--overwrite"], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run([sys.executable, "-m", "omnifuse_cli", "evaluate", str(run), "--manifest",
-                        str(folder / "judge.csv"), "--out-dir", str(run / "judge"),
-                        "--bootstrap", "0", "--threads", "1"], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "omnifuse_cli",
+                "train",
+                str(folder / "train.csv"),
+                "--num-classes",
+                str(classes),
+                "--modality",
+                "labs=vector",
+                "--modality",
+                "text=text",
+                "--out-dir",
+                str(run),
+                "--seed",
+                str(seed),
+                "--test-ratio",
+                "0",
+                "--threads",
+                "1",
+                "--select-by",
+                rule,
+                "--overwrite",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "omnifuse_cli",
+                "evaluate",
+                str(run),
+                "--manifest",
+                str(folder / "judge.csv"),
+                "--out-dir",
+                str(run / "judge"),
+                "--bootstrap",
+                "0",
+                "--threads",
+                "1",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         metrics = pd.read_csv(run / "judge" / "metrics.csv").set_index("metric")["value"]
-        rows.append({"cohort": name, "seed": seed, "rule": rule, "auroc": metrics["auroc"],
-                     "loss": metrics["loss"], "macro_f1": metrics["macro_f1"],
-                     "n_judge": len(judge)})
+        rows.append(
+            {
+                "cohort": name,
+                "seed": seed,
+                "rule": rule,
+                "auroc": metrics["auroc"],
+                "loss": metrics["loss"],
+                "macro_f1": metrics["macro_f1"],
+                "n_judge": len(judge),
+            }
+        )
     return rows
 
 
@@ -91,26 +140,39 @@ def main() -> None:
             pd.DataFrame(rows).to_csv(target, index=False)
             print(rows[-2:], flush=True)
     frame = pd.DataFrame(rows)
-    out = ["# --select-by with the linear path on, on judge patients (validation only)", "",
-           "benchmarks/selection_blend.py (design and decision rule in its docstring).", "",
-           "| cohort | seeds | judge patients | AUROC macro_f1 | AUROC auroc | d AUROC [95% CI] "
-           "| d log loss | d macro-F1 |", "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "# --select-by with the linear path on, on judge patients (validation only)",
+        "",
+        "benchmarks/selection_blend.py (design and decision rule in its docstring).",
+        "",
+        "| cohort | seeds | judge patients | AUROC macro_f1 | AUROC auroc | d AUROC [95% CI] "
+        "| d log loss | d macro-F1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     means = []
     for name, g in frame.groupby("cohort"):
-        wide = {m: g.pivot(index="seed", columns="rule", values=m) for m in
-                ("auroc", "loss", "macro_f1")}
+        wide = {
+            m: g.pivot(index="seed", columns="rule", values=m)
+            for m in ("auroc", "loss", "macro_f1")
+        }
         d = (wide["auroc"]["auroc"] - wide["auroc"]["macro_f1"]).to_numpy()
         half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
         means.append((d.mean(), d.mean() + half))
         dl = (wide["loss"]["auroc"] - wide["loss"]["macro_f1"]).mean()
         df1 = (wide["macro_f1"]["auroc"] - wide["macro_f1"]["macro_f1"]).mean()
-        out.append(f"| {name} | {len(d)} | {int(g.n_judge.iloc[0])} | "
-                   f"{wide['auroc']['macro_f1'].mean():.4f} | {wide['auroc']['auroc'].mean():.4f} "
-                   f"| {d.mean():+.4f} [{d.mean() - half:+.4f}, {d.mean() + half:+.4f}] | "
-                   f"{dl:+.4f} | {df1:+.4f} |")
+        out.append(
+            f"| {name} | {len(d)} | {int(g.n_judge.iloc[0])} | "
+            f"{wide['auroc']['macro_f1'].mean():.4f} | {wide['auroc']['auroc'].mean():.4f} "
+            f"| {d.mean():+.4f} [{d.mean() - half:+.4f}, {d.mean() + half:+.4f}] | "
+            f"{dl:+.4f} | {df1:+.4f} |"
+        )
     keep = all(high >= 0 for _, high in means) and np.mean([m for m, _ in means]) >= 0
-    out += ["", f"Decision by the declared rule: the default is --select-by "
-            f"{'auroc' if keep else 'macro_f1'}.", ""]
+    out += [
+        "",
+        f"Decision by the declared rule: the default is --select-by "
+        f"{'auroc' if keep else 'macro_f1'}.",
+        "",
+    ]
     (HERE / "results" / "selection_blend.md").write_text("\n".join(out), encoding="utf-8")
     print("\n".join(out))
 

@@ -37,20 +37,21 @@ def restrict(cohort: Cohort, keep: list[int]) -> Cohort:
     return sub
 
 
-def train_and_predict(cohort: Cohort, splits: dict[str, np.ndarray], manifest: Path,
-                      seed: int) -> np.ndarray:
+def train_and_predict(
+    cohort: Cohort, splits: dict[str, np.ndarray], manifest: Path, seed: int
+) -> np.ndarray:
     """Predicted class for every patient of splits['test'] (in that order)."""
     cfg = TrainConfig(seed=seed, device="cpu")
-    request = TrainRequest(manifest, 3, Path("unused"), data=DataConfig(
-        modalities=cohort.modalities), train=cfg)
+    request = TrainRequest(
+        manifest, 3, Path("unused"), data=DataConfig(modalities=cohort.modalities), train=cfg
+    )
     torch.manual_seed(seed)
     model, pre, _ = build_for_cohort(cohort, splits["train"], request)
     data = pre.prepare(cohort)
     frozen = [n for n, e in model.encoders.items() if hasattr(e, "backbone")]
     for name in frozen:
         model.encoders[name].backbone.requires_grad_(False)
-    cache_frozen_features(model, data, frozen, device=torch.device("cpu"), batch_size=32,
-                          amp=False)
+    cache_frozen_features(model, data, frozen, device=torch.device("cpu"), batch_size=32, amp=False)
     _, _, best = fit_model(model, data, splits, cfg, 3, lambda e: None)
     model.load_state_dict(best)
     result = infer(model, data, splits["test"], device=torch.device("cpu"))
@@ -79,21 +80,23 @@ def main() -> None:
         for m, name in enumerate(names):
             has = cohort.present[:, m]
             sub_splits = {k: v[has[v]] for k, v in splits.items()}
-            single = train_and_predict(restrict(cohort, [m]), sub_splits, summary.manifest,
-                                       seed)
+            single = train_and_predict(restrict(cohort, [m]), sub_splits, summary.manifest, seed)
             on_test = has[splits["test"]]
             f_single = f1_score(y_test[on_test], single, average="macro")
             f_fused = f1_score(y_test[on_test], fused[on_test], average="macro")
             table[name].append((f_single, f_fused, int(on_test.sum())))
-            row.append(f"{name} alone {f_single:.3f} vs fused {f_fused:.3f} "
-                       f"({int(on_test.sum())} pts)")
+            row.append(
+                f"{name} alone {f_single:.3f} vs fused {f_fused:.3f} ({int(on_test.sum())} pts)"
+            )
         print("; ".join(row) + f" [{time.perf_counter() - t0:.0f} s]", flush=True)
     print(f"\nmean test macro-F1 over seeds {args.seeds} (n={args.n}, default settings)")
     print(f"all modalities, all test patients: {np.mean(full_all):.3f} +- {np.std(full_all):.3f}")
     for name, rows in table.items():
         s, f, k = zip(*rows, strict=True)
-        print(f"test patients with {name} (mean {np.mean(k):.0f}): {name} alone "
-              f"{np.mean(s):.3f} +- {np.std(s):.3f}; OmniFuse {np.mean(f):.3f} +- {np.std(f):.3f}")
+        print(
+            f"test patients with {name} (mean {np.mean(k):.0f}): {name} alone "
+            f"{np.mean(s):.3f} +- {np.std(s):.3f}; OmniFuse {np.mean(f):.3f} +- {np.std(f):.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -218,8 +218,16 @@ def seed_interval(diffs: np.ndarray, level: float = 0.95, margin: float = 0.0) -
     d = np.asarray(diffs, dtype=float).ravel()
     d = d[~np.isnan(d)]
     n = d.size
-    out = {"mean": math.nan, "median": math.nan, "sd": math.nan, "n": float(n),
-           "low": math.nan, "high": math.nan, "p_two": math.nan, "p_one": math.nan}
+    out = {
+        "mean": math.nan,
+        "median": math.nan,
+        "sd": math.nan,
+        "n": float(n),
+        "low": math.nan,
+        "high": math.nan,
+        "p_two": math.nan,
+        "p_one": math.nan,
+    }
     if n == 0:
         return out
     mean = float(d.mean())
@@ -260,8 +268,10 @@ class Preds:
         y = np.asarray(self.y)
         probs = np.asarray(self.probs, dtype=float)
         if ids.ndim != 1 or y.shape != ids.shape or probs.ndim != 2 or len(probs) != len(ids):
-            raise ValueError(f"Preds shapes disagree: ids {ids.shape}, y {y.shape}, "
-                             f"probs {probs.shape} (want (N,), (N,), (N, C))")
+            raise ValueError(
+                f"Preds shapes disagree: ids {ids.shape}, y {y.shape}, "
+                f"probs {probs.shape} (want (N,), (N,), (N, C))"
+            )
         if probs.shape[1] < 2:
             raise ValueError(f"probs need at least 2 columns, got {probs.shape[1]}")
         if y.size and (y.min() < 0 or y.max() >= probs.shape[1]):
@@ -280,16 +290,22 @@ def _align(a: Preds, b: Preds, where: str) -> Preds:
         if np.unique(k).size != k.size:
             raise ValueError(f"{where}: method {name} has duplicate patient ids")
     if ka.size != kb.size:
-        raise ValueError(f"{where}: the methods have {ka.size} and {kb.size} test patients; "
-                         "paired comparisons need the same patients")
+        raise ValueError(
+            f"{where}: the methods have {ka.size} and {kb.size} test patients; "
+            "paired comparisons need the same patients"
+        )
     index = pd.Index(kb).get_indexer(ka)
     if (index < 0).any():
         missing = ka[index < 0][:3].tolist()
-        raise ValueError(f"{where}: patient ids of a missing from b (e.g. {missing}); paired "
-                         "comparisons need the same patients")
+        raise ValueError(
+            f"{where}: patient ids of a missing from b (e.g. {missing}); paired "
+            "comparisons need the same patients"
+        )
     if a.probs.shape[1] != b.probs.shape[1]:
-        raise ValueError(f"{where}: the methods have {a.probs.shape[1]} and "
-                         f"{b.probs.shape[1]} probability columns")
+        raise ValueError(
+            f"{where}: the methods have {a.probs.shape[1]} and "
+            f"{b.probs.shape[1]} probability columns"
+        )
     aligned = Preds(ids=b.ids[index], y=b.y[index], probs=b.probs[index])
     if not np.array_equal(a.y, aligned.y):
         raise ValueError(f"{where}: the methods disagree on some patients' labels")
@@ -302,8 +318,9 @@ def _pairs(a: Sequence[Preds], b: Sequence[Preds]) -> list[tuple[Preds, Preds]]:
         raise ValueError(f"a has {len(a)} seeds and b {len(b)}; paired by seed they must match")
     if not a:
         raise ValueError("no seeds to compare")
-    return [(pa, _align(pa, pb, f"seed index {s}"))
-            for s, (pa, pb) in enumerate(zip(a, b, strict=True))]
+    return [
+        (pa, _align(pa, pb, f"seed index {s}")) for s, (pa, pb) in enumerate(zip(a, b, strict=True))
+    ]
 
 
 def _safe(metric: Metric, y: np.ndarray, probs: np.ndarray) -> float:
@@ -313,8 +330,9 @@ def _safe(metric: Metric, y: np.ndarray, probs: np.ndarray) -> float:
         return math.nan
 
 
-def _resample_diffs(a: Preds, b: Preds, count: int, rng: np.random.Generator,
-                    metric: Metric) -> np.ndarray:
+def _resample_diffs(
+    a: Preds, b: Preds, count: int, rng: np.random.Generator, metric: Metric
+) -> np.ndarray:
     """``count`` paired patient resamples of one seed -> metric(a) - metric(b) for each.
 
     The random draws are the same for the fast (weighted) and the generic path: chunks of
@@ -330,11 +348,12 @@ def _resample_diffs(a: Preds, b: Preds, count: int, rng: np.random.Generator,
         if fast:
             flat = (idx + (np.arange(r) * n)[:, None]).ravel()
             w = np.bincount(flat, minlength=r * n).reshape(r, n)
-            out[start:start + r] = plan_a.auroc(w) - plan_b.auroc(w)
+            out[start : start + r] = plan_a.auroc(w) - plan_b.auroc(w)
         else:
             for i in range(r):
-                out[start + i] = (_safe(metric, a.y[idx[i]], a.probs[idx[i]])
-                                  - _safe(metric, b.y[idx[i]], b.probs[idx[i]]))
+                out[start + i] = _safe(metric, a.y[idx[i]], a.probs[idx[i]]) - _safe(
+                    metric, b.y[idx[i]], b.probs[idx[i]]
+                )
     return out
 
 
@@ -350,19 +369,23 @@ def _tail_p(reps: np.ndarray, threshold: float) -> tuple[float, float]:
     n = reps.size
     if n == 0:
         return math.nan, math.nan
-    return (float((np.count_nonzero(reps <= threshold) + 1) / (n + 1)),
-            float((np.count_nonzero(reps >= threshold) + 1) / (n + 1)))
+    return (
+        float((np.count_nonzero(reps <= threshold) + 1) / (n + 1)),
+        float((np.count_nonzero(reps >= threshold) + 1) / (n + 1)),
+    )
 
 
-def _hierarchical(a: Sequence[Preds], b: Sequence[Preds], n_boot: int, seed: int,
-                  metric: Metric) -> tuple[float, np.ndarray, int]:
+def _hierarchical(
+    a: Sequence[Preds], b: Sequence[Preds], n_boot: int, seed: int, metric: Metric
+) -> tuple[float, np.ndarray, int]:
     """(point estimate, all n_boot replicates with NaN for invalid ones, number of seeds)."""
     if n_boot < 1:
         raise ValueError("n_boot must be >= 1")
     pairs = _pairs(a, b)
     s = len(pairs)
-    point = float(np.mean([_safe(metric, pa.y, pa.probs) - _safe(metric, pb.y, pb.probs)
-                           for pa, pb in pairs]))
+    point = float(
+        np.mean([_safe(metric, pa.y, pa.probs) - _safe(metric, pb.y, pb.probs) for pa, pb in pairs])
+    )
     rng = np.random.default_rng(seed)
     drawn = rng.integers(0, s, size=(n_boot, s))
     slots = np.empty((n_boot, s))
@@ -374,9 +397,16 @@ def _hierarchical(a: Sequence[Preds], b: Sequence[Preds], n_boot: int, seed: int
     return point, slots.mean(axis=1), s
 
 
-def hierarchical_bootstrap(a: Sequence[Preds], b: Sequence[Preds], *, n_boot: int = 2000,
-                           seed: int = 0, level: float = 0.95, margin: float = 0.0,
-                           metric: Metric = fast_auroc) -> dict[str, float]:
+def hierarchical_bootstrap(
+    a: Sequence[Preds],
+    b: Sequence[Preds],
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    margin: float = 0.0,
+    metric: Metric = fast_auroc,
+) -> dict[str, float]:
     """Two-stage (seeds, then test patients) paired bootstrap of mean_s metric(a_s) - metric(b_s).
 
     ``a[s]`` / ``b[s]``: the two methods' predictions for seed s, same seeds in the same
@@ -397,25 +427,39 @@ def hierarchical_bootstrap(a: Sequence[Preds], b: Sequence[Preds], *, n_boot: in
     return _summary(point, valid, n_boot, level, margin) | {"seeds": float(s)}
 
 
-def _summary(point: float, valid: np.ndarray, n_boot: int, level: float,
-             margin: float) -> dict[str, float]:
+def _summary(
+    point: float, valid: np.ndarray, n_boot: int, level: float, margin: float
+) -> dict[str, float]:
     low, high = _percentile(valid, level)
     le_margin, _ = _tail_p(valid, -margin)
     le_zero, ge_zero = _tail_p(valid, 0.0)
-    return {"diff": point, "low": low, "high": high, "p_one": le_margin,
-            "p_two": min(1.0, 2.0 * min(le_zero, ge_zero)), "n_boot": float(n_boot),
-            "n_valid": float(valid.size)}
+    return {
+        "diff": point,
+        "low": low,
+        "high": high,
+        "p_one": le_margin,
+        "p_two": min(1.0, 2.0 * min(le_zero, ge_zero)),
+        "n_boot": float(n_boot),
+        "n_valid": float(valid.size),
+    }
 
 
-def bootstrap_patients(a: Preds, b: Preds, *, n_boot: int = 2000, seed: int = 0,
-                       level: float = 0.95, metric: Metric = fast_auroc) -> dict[str, float]:
+def bootstrap_patients(
+    a: Preds,
+    b: Preds,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    metric: Metric = fast_auroc,
+) -> dict[str, float]:
     """Paired bootstrap over the test patients of a single seed: metric(a) - metric(b).
 
     Returns ``diff``, ``low`` / ``high`` (percentile interval at ``level``), ``p_two`` (as in
     :func:`hierarchical_bootstrap`), ``p_one`` (H0 diff <= 0), ``n_boot`` and ``n_valid``."""
     if n_boot < 1:
         raise ValueError("n_boot must be >= 1")
-    (pa, pb), = _pairs([a], [b])
+    ((pa, pb),) = _pairs([a], [b])
     point = _safe(metric, pa.y, pa.probs) - _safe(metric, pb.y, pb.probs)
     reps = _resample_diffs(pa, pb, n_boot, np.random.default_rng(seed), metric)
     return _summary(point, reps[~np.isnan(reps)], n_boot, level, 0.0)
@@ -440,8 +484,10 @@ class Contrast:
 
     def __post_init__(self) -> None:
         if self.kind not in ("superiority", "noninferiority"):
-            raise ValueError(f"contrast {self.name!r}: kind must be 'superiority' or "
-                             f"'noninferiority', got {self.kind!r}")
+            raise ValueError(
+                f"contrast {self.name!r}: kind must be 'superiority' or "
+                f"'noninferiority', got {self.kind!r}"
+            )
         if self.margin < 0:
             raise ValueError(f"contrast {self.name!r}: margin must be >= 0")
 
@@ -451,9 +497,30 @@ class Contrast:
         return self.margin if self.kind == "noninferiority" else 0.0
 
 
-COLUMNS = ["name", "group", "a", "b", "kind", "goal", "margin", "seeds", "mean_a", "mean_b",
-           "diff", "median", "seed_low", "seed_high", "boot_low", "boot_high", "adj_low",
-           "adj_high", "p_seed", "p_boot", "p_holm", "verdict"]
+COLUMNS = [
+    "name",
+    "group",
+    "a",
+    "b",
+    "kind",
+    "goal",
+    "margin",
+    "seeds",
+    "mean_a",
+    "mean_b",
+    "diff",
+    "median",
+    "seed_low",
+    "seed_high",
+    "boot_low",
+    "boot_high",
+    "adj_low",
+    "adj_high",
+    "p_seed",
+    "p_boot",
+    "p_holm",
+    "verdict",
+]
 
 
 def _verdict(row: dict, alpha: float) -> str:
@@ -469,9 +536,14 @@ def _verdict(row: dict, alpha: float) -> str:
     return "worse" if worse else "not shown"
 
 
-def contrast_table(contrasts: Sequence[Contrast],
-                   predictions: Callable[[Contrast, str], list[Preds]], *,
-                   n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+def contrast_table(
+    contrasts: Sequence[Contrast],
+    predictions: Callable[[Contrast, str], list[Preds]],
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
     """One row per contrast: per-seed t statistics, the hierarchical bootstrap, and verdicts.
 
     ``predictions(contrast, method)`` returns that method's per-seed predictions for the
@@ -510,18 +582,32 @@ def contrast_table(contrasts: Sequence[Contrast],
         auc_a = np.array([fast_auroc(p.y, p.probs) for p in pa])
         auc_b = np.array([fast_auroc(p.y, p.probs) for p in pb])
         seeds = seed_interval(auc_a - auc_b, level=level, margin=m)
-        rows.append({
-            "name": c.name, "group": c.group, "a": c.a, "b": c.b, "kind": c.kind,
-            "goal": c.goal, "margin": c.margin, "seeds": s,
-            "mean_a": float(np.nanmean(auc_a)) if np.isfinite(auc_a).any() else math.nan,
-            "mean_b": float(np.nanmean(auc_b)) if np.isfinite(auc_b).any() else math.nan,
-            "diff": point, "median": seeds["median"],
-            "seed_low": seeds["low"], "seed_high": seeds["high"],
-            "boot_low": boot["low"], "boot_high": boot["high"],
-            "adj_low": adj_low, "adj_high": adj_high,
-            "p_seed": seeds["p_one"], "p_boot": boot["p_one"], "p_holm": math.nan,
-            "verdict": "",
-        })
+        rows.append(
+            {
+                "name": c.name,
+                "group": c.group,
+                "a": c.a,
+                "b": c.b,
+                "kind": c.kind,
+                "goal": c.goal,
+                "margin": c.margin,
+                "seeds": s,
+                "mean_a": float(np.nanmean(auc_a)) if np.isfinite(auc_a).any() else math.nan,
+                "mean_b": float(np.nanmean(auc_b)) if np.isfinite(auc_b).any() else math.nan,
+                "diff": point,
+                "median": seeds["median"],
+                "seed_low": seeds["low"],
+                "seed_high": seeds["high"],
+                "boot_low": boot["low"],
+                "boot_high": boot["high"],
+                "adj_low": adj_low,
+                "adj_high": adj_high,
+                "p_seed": seeds["p_one"],
+                "p_boot": boot["p_one"],
+                "p_holm": math.nan,
+                "verdict": "",
+            }
+        )
     for row, p in zip(rows, holm([r["p_boot"] for r in rows]), strict=True):
         row["p_holm"] = p
         row["verdict"] = _verdict(row, alpha)
@@ -532,8 +618,16 @@ def contrast_table(contrasts: Sequence[Contrast],
 # Markdown
 # --------------------------------------------------------------------------------------------
 
-SIGNED_COLUMNS = {"diff", "median", "seed_low", "seed_high", "boot_low", "boot_high",
-                  "adj_low", "adj_high"}
+SIGNED_COLUMNS = {
+    "diff",
+    "median",
+    "seed_low",
+    "seed_high",
+    "boot_low",
+    "boot_high",
+    "adj_low",
+    "adj_high",
+}
 
 
 def _is_p_column(name: str) -> bool:
@@ -564,8 +658,10 @@ def markdown_table(frame: pd.DataFrame, digits: int = 4) -> str:
     get 3 significant digits; NaN is an empty cell. Numeric columns are right-aligned."""
     columns = [str(c) for c in frame.columns]
     numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
-    lines = ["| " + " | ".join(columns) + " |",
-             "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---:" if num else "---" for num in numeric) + "|",
+    ]
     for values in frame.itertuples(index=False, name=None):
         cells = [_cell(v, col, digits) for v, col in zip(values, columns, strict=True)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -602,8 +698,7 @@ def _long_frame(rows: Iterable[dict]) -> pd.DataFrame:
 
 def _order(frame: pd.DataFrame) -> pd.DataFrame:
     """Key columns first (first-seen order), then id, y, p0, p1, ..."""
-    pcols = sorted((c for c in frame.columns if _P_COLUMN.match(str(c))),
-                   key=lambda c: int(c[1:]))
+    pcols = sorted((c for c in frame.columns if _P_COLUMN.match(str(c))), key=lambda c: int(c[1:]))
     keys = [c for c in frame.columns if c not in pcols and c not in ("id", "y")]
     return frame[keys + ["id", "y"] + pcols]
 
@@ -658,15 +753,15 @@ def save_predictions(rows: Iterable[dict], path: Path) -> None:
 def load_predictions(path: Path) -> pd.DataFrame:
     """The long predictions table written by :func:`save_predictions` (ids as str; only empty
     cells are NaN, so an id or key such as "NA" stays a string)."""
-    return pd.read_csv(path, dtype={"id": str}, keep_default_na=False, na_values=[""],
-                       compression="gzip")
+    return pd.read_csv(
+        path, dtype={"id": str}, keep_default_na=False, na_values=[""], compression="gzip"
+    )
 
 
 def preds_from_frame(frame: pd.DataFrame) -> Preds:
     """:class:`Preds` from the rows of one run of :func:`load_predictions`' table: the p
     columns in class order, all-NaN columns (another run's extra classes) dropped."""
-    pcols = sorted((c for c in frame.columns if _P_COLUMN.match(str(c))),
-                   key=lambda c: int(c[1:]))
+    pcols = sorted((c for c in frame.columns if _P_COLUMN.match(str(c))), key=lambda c: int(c[1:]))
     pcols = [c for c in pcols if frame[c].notna().any()]
     expected = [f"p{j}" for j in range(len(pcols))]
     if pcols != expected:
@@ -674,5 +769,6 @@ def preds_from_frame(frame: pd.DataFrame) -> Preds:
     probs = frame[pcols].to_numpy(dtype=float)
     if np.isnan(probs).any():
         raise ValueError("some probabilities are missing in this run's rows")
-    return Preds(ids=frame["id"].astype(str).to_numpy(), y=frame["y"].to_numpy(dtype=np.int64),
-                 probs=probs)
+    return Preds(
+        ids=frame["id"].astype(str).to_numpy(), y=frame["y"].to_numpy(dtype=np.int64), probs=probs
+    )

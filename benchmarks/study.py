@@ -81,10 +81,12 @@ VARIANTS: dict[str, dict[str, bool]] = {
     "concat": dict(use_imputation=False, use_dwfuse=False, use_tla=False),
     "+DWFuse": dict(use_imputation=False, use_dwfuse=True, use_tla=False),
     "+TLA": dict(use_imputation=False, use_dwfuse=True, use_tla=True),
-    "+forward imputation": dict(use_imputation=True, use_backward=False, use_dwfuse=True,
-                                use_tla=True),
-    "forward+backward, no TLA": dict(use_imputation=True, use_backward=True, use_dwfuse=True,
-                                     use_tla=False),
+    "+forward imputation": dict(
+        use_imputation=True, use_backward=False, use_dwfuse=True, use_tla=True
+    ),
+    "forward+backward, no TLA": dict(
+        use_imputation=True, use_backward=True, use_dwfuse=True, use_tla=False
+    ),
     "full OmniFuse": dict(use_imputation=True, use_backward=True, use_dwfuse=True, use_tla=True),
 }
 # Settings of the full model tried against the defaults (lr 3e-4, modality drop 0.3), on
@@ -104,8 +106,20 @@ CURVE_METHODS = {  # label on the plots -> variant
 }
 RULES = ("label-free", "joint", "mean")
 KEY = ["dataset", "variant", "seed", "rate"]
-COLUMNS = [*KEY, "rule", "split", "n", "auroc", "macro_f1", "acc", "loss", "best_epoch",
-           "train_seconds", "epoch_seconds", "params"]
+COLUMNS = [
+    *KEY,
+    "rule",
+    "split",
+    "n",
+    "auroc",
+    "macro_f1",
+    "acc",
+    "loss",
+    "best_epoch",
+    "train_seconds",
+    "epoch_seconds",
+    "params",
+]
 
 
 @dataclass
@@ -127,8 +141,7 @@ DATASETS: dict[str, Dataset] = {}  # filled in the parent before the worker pool
 def synth_dataset(name: str, description: str, work: Path, n: int, **knobs: float) -> Dataset:
     summary = make_cohort(CohortSpec(n=n, seed=DATA_SEED, **knobs), work / name)
     cohort = read_manifest(summary.manifest, DEFAULT_MODALITIES)
-    request = TrainRequest(summary.manifest, 3, work / "unused",
-                           train=TrainConfig(device="cpu"))
+    request = TrainRequest(summary.manifest, 3, work / "unused", train=TrainConfig(device="cpu"))
     torch.manual_seed(DATA_SEED)
     model, pre, weights = build_for_cohort(cohort, np.arange(len(cohort)), request)
     data = pre.prepare(cohort)
@@ -137,8 +150,7 @@ def synth_dataset(name: str, description: str, work: Path, n: int, **knobs: floa
     cache_frozen_features(model, data, names, device=CPU, batch_size=32, amp=False)
     seconds = time.perf_counter() - t0
     n_images = sum(len(p) for name in names for p in data.images[name])
-    return Dataset(name, description, cohort, 3, dict(data.image_cache), seconds, n_images,
-                   weights)
+    return Dataset(name, description, cohort, 3, dict(data.image_cache), seconds, n_images, weights)
 
 
 def wdbc_dataset() -> Dataset:
@@ -157,18 +169,34 @@ def wdbc_dataset() -> Dataset:
         vector_columns={k: [c.replace(" ", "_") for c in columns[s]] for k, s in groups.items()},
         present=np.ones((len(x), 3), dtype=bool),
     )
-    return Dataset("wdbc", "scikit-learn breast cancer (WDBC), 569 patients, 2 classes; "
-                   "modalities mean / error / worst (10 features each)", cohort, 2, {})
+    return Dataset(
+        "wdbc",
+        "scikit-learn breast cancer (WDBC), 569 patients, 2 classes; "
+        "modalities mean / error / worst (10 features each)",
+        cohort,
+        2,
+        {},
+    )
 
 
 def build_datasets(work: Path, n: int) -> dict[str, Dataset]:
-    return {d.name: d for d in (
-        synth_dataset("synth", f"make-data --n {n} --seed {DATA_SEED} (default knobs)", work, n),
-        synth_dataset("synth-noisy-labs", f"make-data --n {n} --seed {DATA_SEED} --labs-noise 3 "
-                      "(labs, the strongest modality, three times noisier)", work, n,
-                      labs_noise=3.0),
-        wdbc_dataset(),
-    )}
+    return {
+        d.name: d
+        for d in (
+            synth_dataset(
+                "synth", f"make-data --n {n} --seed {DATA_SEED} (default knobs)", work, n
+            ),
+            synth_dataset(
+                "synth-noisy-labs",
+                f"make-data --n {n} --seed {DATA_SEED} --labs-noise 3 "
+                "(labs, the strongest modality, three times noisier)",
+                work,
+                n,
+                labs_noise=3.0,
+            ),
+            wdbc_dataset(),
+        )
+    }
 
 
 def inject_missing(cohort: Cohort, rate: float, seed: int) -> Cohort:
@@ -182,9 +210,13 @@ def inject_missing(cohort: Cohort, rate: float, seed: int) -> Cohort:
 def hide(cohort: Cohort, hidden: np.ndarray) -> Cohort:
     """A copy of ``cohort`` without the (patient, modality) slots of ``hidden`` (N, M): not
     present, and their values removed, as if the manifest's cells had been empty."""
-    out = dataclasses.replace(cohort, present=cohort.present & ~hidden,
-                              vectors=dict(cohort.vectors), images=dict(cohort.images),
-                              texts=dict(cohort.texts))
+    out = dataclasses.replace(
+        cohort,
+        present=cohort.present & ~hidden,
+        vectors=dict(cohort.vectors),
+        images=dict(cohort.images),
+        texts=dict(cohort.texts),
+    )
     for k, spec in enumerate(cohort.modalities):
         rows = hidden[:, k]
         if spec.kind == "vector":
@@ -192,11 +224,13 @@ def hide(cohort: Cohort, hidden: np.ndarray) -> Cohort:
             values[rows] = np.nan
             out.vectors[spec.name] = values
         elif spec.kind == "image":
-            out.images[spec.name] = [[] if h else p for h, p in
-                                     zip(rows, cohort.images[spec.name], strict=True)]
+            out.images[spec.name] = [
+                [] if h else p for h, p in zip(rows, cohort.images[spec.name], strict=True)
+            ]
         else:
-            out.texts[spec.name] = [None if h else t for h, t in
-                                    zip(rows, cohort.texts[spec.name], strict=True)]
+            out.texts[spec.name] = [
+                None if h else t for h, t in zip(rows, cohort.texts[spec.name], strict=True)
+            ]
     return out
 
 
@@ -204,8 +238,9 @@ def split_for(cohort: Cohort, seed: int) -> dict[str, np.ndarray]:
     """`omnifuse train`'s split for this seed (its default ratios)."""
     assert cohort.labels is not None
     cfg = TrainConfig()
-    return stratified_split(cohort.labels, train=cfg.train_ratio, val=cfg.val_ratio,
-                            test=cfg.test_ratio, seed=seed)
+    return stratified_split(
+        cohort.labels, train=cfg.train_ratio, val=cfg.val_ratio, test=cfg.test_ratio, seed=seed
+    )
 
 
 # -- one run ----------------------------------------------------------------------------------
@@ -214,8 +249,12 @@ def _scores(y: np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str, flo
     return {"auroc": m["auroc"], "macro_f1": m["macro_f1"], "acc": m["acc"], "loss": m["loss"]}
 
 
-def use_cached_images(model, data, cohort: Cohort,  # type: ignore[no-untyped-def]
-                      image_cache: dict[str, FeatureArray]) -> None:
+def use_cached_images(
+    model,
+    data,
+    cohort: Cohort,  # type: ignore[no-untyped-def]
+    image_cache: dict[str, FeatureArray],
+) -> None:
     """Give a run the cohort's once-encoded view features (none for hidden modalities) and
     freeze its image backbones, as `omnifuse train` does with frozen backbones."""
     for name, feats in image_cache.items():
@@ -226,42 +265,64 @@ def use_cached_images(model, data, cohort: Cohort,  # type: ignore[no-untyped-de
         model.encoders[name].backbone.requires_grad_(False)
 
 
-def omnifuse_run(ds: Dataset, variant: str, seed: int, rate: float,
-                 train: TrainConfig | None = None) -> list[dict]:
+def omnifuse_run(
+    ds: Dataset, variant: str, seed: int, rate: float, train: TrainConfig | None = None
+) -> list[dict]:
     cohort = inject_missing(ds.cohort, rate, seed)
     splits = split_for(cohort, seed)
     method_over, train_over = TUNING.get(variant, ({}, {}))
     switches = VARIANTS["full OmniFuse"] if variant in TUNING else VARIANTS[variant]
     cfg = train or TrainConfig(seed=seed, device="cpu", **train_over)
-    request = TrainRequest(Path(str(cohort.source)), ds.num_classes, Path("unused"),
-                           data=DataConfig(modalities=cohort.modalities),
-                           method=MethodConfig(**switches, **method_over), train=cfg)
+    request = TrainRequest(
+        Path(str(cohort.source)),
+        ds.num_classes,
+        Path("unused"),
+        data=DataConfig(modalities=cohort.modalities),
+        method=MethodConfig(**switches, **method_over),
+        train=cfg,
+    )
     torch.manual_seed(seed)
     model, pre, _ = build_for_cohort(cohort, splits["train"], request)
     data = pre.prepare(cohort)
     use_cached_images(model, data, cohort, ds.image_cache)
     t0 = time.perf_counter()
-    records, best_epoch, best = fit_model(model, data, splits, cfg, ds.num_classes,
-                                          lambda event: None)
+    records, best_epoch, best = fit_model(
+        model, data, splits, cfg, ds.num_classes, lambda event: None
+    )
     seconds = time.perf_counter() - t0
     model.load_state_dict(best)
     assert cohort.labels is not None
-    timing = {"best_epoch": best_epoch, "train_seconds": round(seconds, 2),
-              "epoch_seconds": round(float(np.mean([r.seconds for r in records])), 3)}
+    timing = {
+        "best_epoch": best_epoch,
+        "train_seconds": round(seconds, 2),
+        "epoch_seconds": round(float(np.mean([r.seconds for r in records])), 3),
+    }
     rows = []
     rules = RULES if model.config.method.use_dwfuse else ("joint",)
     for split in ("val", "test"):
         for rule in rules:
             result = infer(model, data, splits[split], device=CPU, rule=rule)
-            rows.append({"rule": rule, "split": split, "n": len(result.index),
-                         **_scores(cohort.labels[result.index], np.exp(result.log_probs),
-                                   ds.num_classes), **timing})
+            rows.append(
+                {
+                    "rule": rule,
+                    "split": split,
+                    "n": len(result.index),
+                    **_scores(
+                        cohort.labels[result.index], np.exp(result.log_probs), ds.num_classes
+                    ),
+                    **timing,
+                }
+            )
     return rows
 
 
-def classical_features(ds: Dataset, cohort: Cohort, train_idx: np.ndarray, seed: int,
-                       image_components: int | None = None
-                       ) -> tuple[np.ndarray, dict[str, slice]]:
+def classical_features(
+    ds: Dataset,
+    cohort: Cohort,
+    train_idx: np.ndarray,
+    seed: int,
+    image_components: int | None = None,
+) -> tuple[np.ndarray, dict[str, slice]]:
     """Per modality: values (vector), mean view feature (image; reduced to
     ``image_components`` principal components fitted on training patients when given), note
     LSA (text); NaN = absent. Returns the matrix and each modality's columns."""
@@ -275,8 +336,9 @@ def classical_features(ds: Dataset, cohort: Cohort, train_idx: np.ndarray, seed:
             block = cohort.vectors[spec.name].astype(np.float64)
         elif spec.kind == "image":
             feats = ds.image_cache[spec.name]
-            block = np.stack([f.mean(0).numpy() if len(f) else np.zeros(f.shape[1])
-                              for f in feats]).astype(np.float64)
+            block = np.stack(
+                [f.mean(0).numpy() if len(f) else np.zeros(f.shape[1]) for f in feats]
+            ).astype(np.float64)
             fit_rows = [i for i in train_idx if has[i]]
             if image_components and len(fit_rows) > image_components:
                 pca = PCA(n_components=image_components, random_state=seed)
@@ -287,8 +349,7 @@ def classical_features(ds: Dataset, cohort: Cohort, train_idx: np.ndarray, seed:
             fit_on = [texts[i] for i in train_idx if has[i]]
             tfidf = TfidfVectorizer(tokenizer=tokenize, lowercase=False, token_pattern=None)
             train_matrix = tfidf.fit_transform(fit_on)
-            svd = TruncatedSVD(n_components=min(64, train_matrix.shape[1] - 1),
-                               random_state=seed)
+            svd = TruncatedSVD(n_components=min(64, train_matrix.shape[1] - 1), random_state=seed)
             svd.fit(train_matrix)
             block = svd.transform(tfidf.transform(texts))
         block = block.copy()
@@ -299,8 +360,14 @@ def classical_features(ds: Dataset, cohort: Cohort, train_idx: np.ndarray, seed:
     return np.concatenate(blocks, axis=1), columns
 
 
-def fit_classical(variant: str, x: np.ndarray, y: np.ndarray, splits: dict[str, np.ndarray],
-                  num_classes: int, seed: int) -> tuple[object, dict[str, float], dict]:
+def fit_classical(
+    variant: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    splits: dict[str, np.ndarray],
+    num_classes: int,
+    seed: int,
+) -> tuple[object, dict[str, float], dict]:
     """HistGradientBoosting with NaN (``hgb``) or mean imputation + missing indicators +
     logistic regression (``logreg``), its grid point chosen on validation (macro-F1, ties to
     the lower log loss). Returns the model, its validation scores and parameters."""
@@ -311,19 +378,26 @@ def fit_classical(variant: str, x: np.ndarray, y: np.ndarray, splits: dict[str, 
     from sklearn.preprocessing import StandardScaler
 
     if variant == "hgb":
-        grid = [dict(learning_rate=lr, max_leaf_nodes=leaves) for lr in (0.03, 0.1)
-                for leaves in (7, 31)]
+        grid = [
+            dict(learning_rate=lr, max_leaf_nodes=leaves)
+            for lr in (0.03, 0.1)
+            for leaves in (7, 31)
+        ]
 
         def make(p):  # type: ignore[no-untyped-def]
-            return HistGradientBoostingClassifier(max_iter=200, random_state=seed,
-                                                  early_stopping=False, **p)
+            return HistGradientBoostingClassifier(
+                max_iter=200, random_state=seed, early_stopping=False, **p
+            )
     else:
         grid = [dict(C=c) for c in (0.01, 0.1, 1.0, 10.0)]
 
         def make(p):  # type: ignore[no-untyped-def]
-            return make_pipeline(SimpleImputer(strategy="mean", add_indicator=True,
-                                               keep_empty_features=True),
-                                 StandardScaler(), LogisticRegression(max_iter=3000, **p))
+            return make_pipeline(
+                SimpleImputer(strategy="mean", add_indicator=True, keep_empty_features=True),
+                StandardScaler(),
+                LogisticRegression(max_iter=3000, **p),
+            )
+
     best = None
     for params in grid:
         model = make(params).fit(x[splits["train"]], y[splits["train"]])
@@ -343,12 +417,22 @@ def classical_run(ds: Dataset, variant: str, seed: int, rate: float) -> list[dic
     assert y is not None
     t0 = time.perf_counter()
     model, val, params = fit_classical(variant, x, y, splits, ds.num_classes, seed)
-    test = _scores(y[splits["test"]], model.predict_proba(x[splits["test"]]),  # type: ignore[attr-defined]
-                   ds.num_classes)
-    extra = {"rule": "", "best_epoch": 0, "train_seconds": round(time.perf_counter() - t0, 2),
-             "epoch_seconds": math.nan, "params": json.dumps(params)}
-    return [{"split": "val", "n": len(splits["val"]), **val, **extra},
-            {"split": "test", "n": len(splits["test"]), **test, **extra}]
+    test = _scores(
+        y[splits["test"]],
+        model.predict_proba(x[splits["test"]]),  # type: ignore[attr-defined]
+        ds.num_classes,
+    )
+    extra = {
+        "rule": "",
+        "best_epoch": 0,
+        "train_seconds": round(time.perf_counter() - t0, 2),
+        "epoch_seconds": math.nan,
+        "params": json.dumps(params),
+    }
+    return [
+        {"split": "val", "n": len(splits["val"]), **val, **extra},
+        {"split": "test", "n": len(splits["test"]), **test, **extra},
+    ]
 
 
 def run_one(key: tuple[str, str, int, float]) -> list[dict]:
@@ -357,12 +441,12 @@ def run_one(key: tuple[str, str, int, float]) -> list[dict]:
     ds = DATASETS[dataset]
     runner = classical_run if variant in ("hgb", "logreg") else omnifuse_run
     rows = runner(ds, variant, seed, rate)
-    return [{"dataset": dataset, "variant": variant, "seed": seed, "rate": rate, **r}
-            for r in rows]
+    return [{"dataset": dataset, "variant": variant, "seed": seed, "rate": rate, **r} for r in rows]
 
 
-def plan(datasets: list[str], seeds: list[int], rates: list[float],
-         curve_datasets: list[str]) -> list[tuple[str, str, int, float]]:
+def plan(
+    datasets: list[str], seeds: list[int], rates: list[float], curve_datasets: list[str]
+) -> list[tuple[str, str, int, float]]:
     keys = [(d, v, s, 0.0) for d in datasets for v in VARIANTS for s in seeds]
     for d in curve_datasets:
         for v in CURVE_METHODS.values():
@@ -371,18 +455,26 @@ def plan(datasets: list[str], seeds: list[int], rates: list[float],
     return list(dict.fromkeys(keys))
 
 
-def run_resumable(keys: list[tuple], csv: Path, key_columns: list[str], columns: list[str],
-                  runner: Callable[[tuple], list[dict]], jobs: int) -> None:
+def run_resumable(
+    keys: list[tuple],
+    csv: Path,
+    key_columns: list[str],
+    columns: list[str],
+    runner: Callable[[tuple], list[dict]],
+    jobs: int,
+) -> None:
     """Run every key not yet in ``csv`` in a pool of forked workers, appending each run's rows
     as soon as it ends (so an interrupted study continues where it stopped)."""
     done: set[tuple] = set()
     if csv.is_file():
         old = pd.read_csv(csv)
-        done = {tuple(_plain(v) for v in row)
-                for row in old[key_columns].itertuples(index=False)}
+        done = {tuple(_plain(v) for v in row) for row in old[key_columns].itertuples(index=False)}
     todo = [k for k in keys if k not in done]
-    print(f"{csv.name}: {len(keys)} runs planned, {len(keys) - len(todo)} already done, "
-          f"{len(todo)} to do with {jobs} worker(s)", flush=True)
+    print(
+        f"{csv.name}: {len(keys)} runs planned, {len(keys) - len(todo)} already done, "
+        f"{len(todo)} to do with {jobs} worker(s)",
+        flush=True,
+    )
     t0 = time.perf_counter()
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
@@ -391,8 +483,11 @@ def run_resumable(keys: list[tuple], csv: Path, key_columns: list[str], columns:
             rows = pd.DataFrame(future.result()).reindex(columns=columns)
             rows.to_csv(csv, mode="a", header=not csv.is_file(), index=False)
             test = rows[rows.split == "test"].iloc[0]
-            print(f"[{k}/{len(todo)} {time.perf_counter() - t0:.0f} s] {futures[future]}: "
-                  f"test AUROC {test.auroc:.3f}", flush=True)
+            print(
+                f"[{k}/{len(todo)} {time.perf_counter() - t0:.0f} s] {futures[future]}: "
+                f"test AUROC {test.auroc:.3f}",
+                flush=True,
+            )
 
 
 def _plain(value: object) -> object:
@@ -411,13 +506,16 @@ def run_study(keys: list[tuple], runs_csv: Path, jobs: int) -> None:
 # -- speed and memory -------------------------------------------------------------------------
 def _peak_rss_mb(cmd: list[str]) -> tuple[float, float]:
     """Wall seconds and peak resident memory (MB) of one command, in its own process tree."""
-    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-             "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
-             "print(time.perf_counter() - t, "
-             "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", probe, *cmd], check=True, capture_output=True,
-                         text=True, cwd=ROOT).stdout.split()
-    scale = 1 / 1024 ** 2 if sys.platform == "darwin" else 1 / 1024  # bytes on macOS, KiB else
+    probe = (
+        "import resource, subprocess, sys, time; t = time.perf_counter(); "
+        "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+        "print(time.perf_counter() - t, "
+        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, *cmd], check=True, capture_output=True, text=True, cwd=ROOT
+    ).stdout.split()
+    scale = 1 / 1024**2 if sys.platform == "darwin" else 1 / 1024  # bytes on macOS, KiB else
     return float(out[0]), float(out[1]) * scale
 
 
@@ -435,16 +533,28 @@ def speed_study(work: Path, out: Path, quick: bool) -> pd.DataFrame:
 
     # 1. encode once vs per epoch, on the default make-data cohort
     ds = DATASETS["synth"]
-    add("encode every view once (frozen resnet34, 224 px)", ds.encode_seconds, "s",
-        f"{ds.n_images} images, {len(ds.cohort)} patients")
+    add(
+        "encode every view once (frozen resnet34, 224 px)",
+        ds.encode_seconds,
+        "s",
+        f"{ds.n_images} images, {len(ds.cohort)} patients",
+    )
     cfg = TrainConfig(seed=0, device="cpu", epochs=5)
     epoch_rows = omnifuse_run(ds, "full OmniFuse", 0, 0.0, train=cfg)
     epoch = epoch_rows[0]["epoch_seconds"]
-    add("one training epoch on cached features (mean of 5)", epoch, "s",
-        "train + validation + TLA mining")
+    add(
+        "one training epoch on cached features (mean of 5)",
+        epoch,
+        "s",
+        "train + validation + TLA mining",
+    )
     add("30 epochs, encode once (what omnifuse train does)", ds.encode_seconds + 30 * epoch, "s")
-    add("30 epochs, re-encoding the frozen backbone every epoch", 30 * (ds.encode_seconds + epoch),
-        "s", "computed as 30 x (encode + epoch), not measured: the cost avoided")
+    add(
+        "30 epochs, re-encoding the frozen backbone every epoch",
+        30 * (ds.encode_seconds + epoch),
+        "s",
+        "computed as 30 x (encode + epoch), not measured: the cost avoided",
+    )
 
     # 2. fine-tuning throughput vs a bare torchvision forward+backward
     small = make_cohort(CohortSpec(n=40 if quick else 60, seed=DATA_SEED), work / "finetune")
@@ -459,11 +569,24 @@ def speed_study(work: Path, out: Path, quick: bool) -> pd.DataFrame:
     optimizer = _optimizer(model, tcfg)
     n_img = sum(len(data.images["us"][i]) for i in splits["train"])
     t0 = time.perf_counter()
-    train_epoch(model, data, splits["train"], optimizer, None, tcfg, CPU,
-                torch.Generator().manual_seed(0), lambda e: None)
+    train_epoch(
+        model,
+        data,
+        splits["train"],
+        optimizer,
+        None,
+        tcfg,
+        CPU,
+        torch.Generator().manual_seed(0),
+        lambda e: None,
+    )
     omni_rate = n_img / (time.perf_counter() - t0)
-    add("fine-tuning (--finetune-image-scope all): images/s", omni_rate, "img/s",
-        f"{n_img} training views incl. PNG decoding and every OmniFuse loss")
+    add(
+        "fine-tuning (--finetune-image-scope all): images/s",
+        omni_rate,
+        "img/s",
+        f"{n_img} training views incl. PNG decoding and every OmniFuse loss",
+    )
     import torchvision
 
     bare = torchvision.models.resnet34()
@@ -478,37 +601,95 @@ def speed_study(work: Path, out: Path, quick: bool) -> pd.DataFrame:
         bare(x).sum().backward()
         opt.step()
     bare_rate = steps * per_step / (time.perf_counter() - t0)
-    add("bare torchvision resnet34 forward+backward+step: images/s", bare_rate, "img/s",
-        f"batches of {per_step} random tensors")
+    add(
+        "bare torchvision resnet34 forward+backward+step: images/s",
+        bare_rate,
+        "img/s",
+        f"batches of {per_step} random tensors",
+    )
     add("fine-tuning throughput / bare torchvision", omni_rate / bare_rate, "ratio")
 
     # 3. predict patients/s and 4. peak resident memory, through the real commands
     synth_manifest = work / "synth" / "manifest.csv"
     run_dir = work / "speed_run"
-    seconds, rss_train = _peak_rss_mb(_cli("train", str(synth_manifest), "--num-classes", "3",
-                                           "--out-dir", str(run_dir), "--overwrite",
-                                           "--epochs", "2", "--device", "cpu"))
+    seconds, rss_train = _peak_rss_mb(
+        _cli(
+            "train",
+            str(synth_manifest),
+            "--num-classes",
+            "3",
+            "--out-dir",
+            str(run_dir),
+            "--overwrite",
+            "--epochs",
+            "2",
+            "--device",
+            "cpu",
+        )
+    )
     n = len(ds.cohort)
-    add(f"omnifuse train --epochs 2, {n} patients: peak RSS", rss_train, "MB",
-        f"{seconds:.1f} s wall")
-    seconds, rss_pred = _peak_rss_mb(_cli("predict", str(synth_manifest), "--run", str(run_dir),
-                                          "--out", str(work / "pred.csv"), "--device", "cpu"))
-    add(f"omnifuse predict, {n} patients with {ds.n_images} images", n / seconds,
-        "patients/s", f"{seconds:.1f} s wall incl. start-up and model loading")
+    add(
+        f"omnifuse train --epochs 2, {n} patients: peak RSS",
+        rss_train,
+        "MB",
+        f"{seconds:.1f} s wall",
+    )
+    seconds, rss_pred = _peak_rss_mb(
+        _cli(
+            "predict",
+            str(synth_manifest),
+            "--run",
+            str(run_dir),
+            "--out",
+            str(work / "pred.csv"),
+            "--device",
+            "cpu",
+        )
+    )
+    add(
+        f"omnifuse predict, {n} patients with {ds.n_images} images",
+        n / seconds,
+        "patients/s",
+        f"{seconds:.1f} s wall incl. start-up and model loading",
+    )
     add(f"omnifuse predict, {n} patients: peak RSS", rss_pred, "MB")
     big_n = 300 if quick else 2000
     big = work / f"cohort{big_n}"
-    subprocess.run(_cli("make-data", "--out-dir", str(big), "--n", str(big_n), "--seed", "1",
-                        "--overwrite"), check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+    subprocess.run(
+        _cli("make-data", "--out-dir", str(big), "--n", str(big_n), "--seed", "1", "--overwrite"),
+        check=True,
+        stdout=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
     n_big_images = len(list((big / "us").glob("*.png")))
-    seconds, rss_big = _peak_rss_mb(_cli("train", str(big / "manifest.csv"), "--num-classes",
-                                         "3", "--out-dir", str(work / "big_run"),
-                                         "--overwrite", "--epochs", "1", "--device", "cpu"))
-    add(f"omnifuse train --epochs 1, {big_n} patients ({n_big_images} images): peak RSS",
-        rss_big, "MB", f"{seconds:.1f} s wall")
-    add(f"peak RSS {big_n} patients / {n} patients", rss_big / rss_train, "ratio",
+    seconds, rss_big = _peak_rss_mb(
+        _cli(
+            "train",
+            str(big / "manifest.csv"),
+            "--num-classes",
+            "3",
+            "--out-dir",
+            str(work / "big_run"),
+            "--overwrite",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+        )
+    )
+    add(
+        f"omnifuse train --epochs 1, {big_n} patients ({n_big_images} images): peak RSS",
+        rss_big,
+        "MB",
+        f"{seconds:.1f} s wall",
+    )
+    add(
+        f"peak RSS {big_n} patients / {n} patients",
+        rss_big / rss_train,
+        "ratio",
         f"holding every image decoded would need {n_big_images * 3 * 224 * 224 * 4 / 2**20:.0f}"
-        " MB more")
+        " MB more",
+    )
     frame = pd.DataFrame(rows)
     frame.to_csv(out / "speed.csv", index=False)
     return frame
@@ -524,10 +705,13 @@ def _pm(values: pd.Series) -> str:
 
 def _md(frame: pd.DataFrame) -> str:
     cols = list(frame.columns)
-    lines = ["| " + " | ".join(str(c) for c in cols) + " |",
-             "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |"
-              for row in frame.itertuples(index=False)]
+    lines = [
+        "| " + " | ".join(str(c) for c in cols) + " |",
+        "|" + "|".join("---" for _ in cols) + "|",
+    ]
+    lines += [
+        "| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)
+    ]
     return "\n".join(lines)
 
 
@@ -540,14 +724,22 @@ def _default_rule_rows(runs: pd.DataFrame, rule: str = "label-free") -> pd.DataF
 
 
 def ablation_table(runs: pd.DataFrame, dataset: str, split: str) -> pd.DataFrame:
-    rows = _default_rule_rows(runs[(runs.dataset == dataset) & (runs.rate == 0)
-                                   & (runs.split == split)])
+    rows = _default_rule_rows(
+        runs[(runs.dataset == dataset) & (runs.rate == 0) & (runs.split == split)]
+    )
     out = []
     for variant in VARIANTS:
         r = rows[rows.variant == variant]
         if len(r):
-            out.append({"row": variant, "seeds": len(r), "AUROC": _pm(r.auroc),
-                        "macro-F1": _pm(r.macro_f1), "accuracy": _pm(r.acc)})
+            out.append(
+                {
+                    "row": variant,
+                    "seeds": len(r),
+                    "AUROC": _pm(r.auroc),
+                    "macro-F1": _pm(r.macro_f1),
+                    "accuracy": _pm(r.acc),
+                }
+            )
     return pd.DataFrame(out)
 
 
@@ -556,9 +748,17 @@ def curve_frame(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
     out = []
     for label, variant in CURVE_METHODS.items():
         for rate, r in rows[rows.variant == variant].groupby("rate"):
-            out.append({"method": label, "rate": rate, "seeds": len(r),
-                        "auroc_mean": r.auroc.mean(), "auroc_std": r.auroc.std(ddof=0),
-                        "f1_mean": r.macro_f1.mean(), "f1_std": r.macro_f1.std(ddof=0)})
+            out.append(
+                {
+                    "method": label,
+                    "rate": rate,
+                    "seeds": len(r),
+                    "auroc_mean": r.auroc.mean(),
+                    "auroc_std": r.auroc.std(ddof=0),
+                    "f1_mean": r.macro_f1.mean(),
+                    "f1_std": r.macro_f1.std(ddof=0),
+                }
+            )
     return pd.DataFrame(out)
 
 
@@ -569,16 +769,19 @@ def plot_curves(curves: pd.DataFrame, dataset: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, metric, title in ((axes[0], "auroc", "test AUROC"),
-                              (axes[1], "f1", "test macro-F1")):
+    for ax, metric, title in ((axes[0], "auroc", "test AUROC"), (axes[1], "f1", "test macro-F1")):
         for label in CURVE_METHODS:
             c = curves[curves.method == label].sort_values("rate")
             if c.empty:
                 continue
             (line,) = ax.plot(c.rate, c[f"{metric}_mean"], marker="o", ms=3, label=label)
-            ax.fill_between(c.rate, c[f"{metric}_mean"] - c[f"{metric}_std"],
-                            c[f"{metric}_mean"] + c[f"{metric}_std"], alpha=0.12,
-                            color=line.get_color())
+            ax.fill_between(
+                c.rate,
+                c[f"{metric}_mean"] - c[f"{metric}_std"],
+                c[f"{metric}_mean"] + c[f"{metric}_std"],
+                alpha=0.12,
+                color=line.get_color(),
+            )
         ax.set_xlabel("injected missing rate per modality")
         ax.set_title(f"{dataset}: {title} (mean ± std over seeds)")
         ax.grid(alpha=0.3)
@@ -597,12 +800,14 @@ def plot_ablation(runs: pd.DataFrame, datasets: list[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 4))
     width = 0.8 / max(1, len(datasets))
     for j, dataset in enumerate(datasets):
-        rows = _default_rule_rows(runs[(runs.dataset == dataset) & (runs.rate == 0)
-                                       & (runs.split == "test")])
+        rows = _default_rule_rows(
+            runs[(runs.dataset == dataset) & (runs.rate == 0) & (runs.split == "test")]
+        )
         means = [rows[rows.variant == v].auroc.mean() for v in VARIANTS]
         stds = [rows[rows.variant == v].auroc.std(ddof=0) for v in VARIANTS]
-        ax.bar(np.arange(len(VARIANTS)) + j * width, means, width, yerr=stds, label=dataset,
-               capsize=2)
+        ax.bar(
+            np.arange(len(VARIANTS)) + j * width, means, width, yerr=stds, label=dataset, capsize=2
+        )
     ax.set_xticks(np.arange(len(VARIANTS)) + width * (len(datasets) - 1) / 2)
     ax.set_xticklabels(list(VARIANTS), fontsize=8)
     ax.set_ylabel("test AUROC")
@@ -615,15 +820,19 @@ def plot_ablation(runs: pd.DataFrame, datasets: list[str], path: Path) -> None:
 
 
 def rules_table(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
-    rows = runs[(runs.dataset == dataset) & (runs.rate == 0)
-                & (runs.variant == "full OmniFuse")]
+    rows = runs[(runs.dataset == dataset) & (runs.rate == 0) & (runs.variant == "full OmniFuse")]
     out = []
     for rule in RULES:
         r = rows[rows.rule == rule]
-        out.append({"rule": rule, "val AUROC": _pm(r[r.split == "val"].auroc),
-                    "val macro-F1": _pm(r[r.split == "val"].macro_f1),
-                    "test AUROC": _pm(r[r.split == "test"].auroc),
-                    "test macro-F1": _pm(r[r.split == "test"].macro_f1)})
+        out.append(
+            {
+                "rule": rule,
+                "val AUROC": _pm(r[r.split == "val"].auroc),
+                "val macro-F1": _pm(r[r.split == "val"].macro_f1),
+                "test AUROC": _pm(r[r.split == "test"].auroc),
+                "test macro-F1": _pm(r[r.split == "test"].macro_f1),
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -633,17 +842,24 @@ def goal_table(curves: pd.DataFrame) -> pd.DataFrame:
     for rate, c in curves.groupby("rate"):
         get = {row.method: row for row in c.itertuples()}
         full = get.get("OmniFuse (full)")
-        classical = [get[m] for m in ("HistGradientBoosting (NaN)",
-                                      "mean-impute + indicators + LogReg") if m in get]
+        classical = [
+            get[m]
+            for m in ("HistGradientBoosting (NaN)", "mean-impute + indicators + LogReg")
+            if m in get
+        ]
         if full is None or not classical:
             continue
         best = max(classical, key=lambda r: r.auroc_mean)
         spread = max(full.auroc_std, best.auroc_std)
-        row = {"rate": f"{rate:.1f}", "OmniFuse AUROC": f"{full.auroc_mean:.3f}",
-               "best classical": f"{best.auroc_mean:.3f} ({best.method.split(' ')[0]})",
-               "difference": f"{full.auroc_mean - best.auroc_mean:+.3f}",
-               "matches (within spread)": "yes" if full.auroc_mean >= best.auroc_mean - spread
-               else "NO"}
+        row = {
+            "rate": f"{rate:.1f}",
+            "OmniFuse AUROC": f"{full.auroc_mean:.3f}",
+            "best classical": f"{best.auroc_mean:.3f} ({best.method.split(' ')[0]})",
+            "difference": f"{full.auroc_mean - best.auroc_mean:+.3f}",
+            "matches (within spread)": "yes"
+            if full.auroc_mean >= best.auroc_mean - spread
+            else "NO",
+        }
         concat = get.get("concat fusion")
         if concat is not None:
             gap = full.auroc_mean - concat.auroc_mean
@@ -674,49 +890,82 @@ def defaults_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     val = runs[(runs.split == "val") & (runs.rate == 0)]
     by_run = _default_rule_rows(val).set_index(["dataset", "seed", "variant"]).macro_f1
     full = val[val.variant == "full OmniFuse"].set_index(["dataset", "seed", "rule"]).macro_f1
-    groups = [("ablation row", "full OmniFuse", [v for v in VARIANTS if v != "full OmniFuse"]),
-              ("learning rate", "lr 3e-4", ["lr 1e-3", "lr 1e-4"]),
-              ("modality drop", "modality drop 0.3", ["modality drop 0.1",
-                                                      "modality drop 0.5"])]
+    groups = [
+        ("ablation row", "full OmniFuse", [v for v in VARIANTS if v != "full OmniFuse"]),
+        ("learning rate", "lr 3e-4", ["lr 1e-3", "lr 1e-4"]),
+        ("modality drop", "modality drop 0.3", ["modality drop 0.1", "modality drop 0.5"]),
+    ]
     table, verdicts = [], []
 
-    def add(choice: str, default_name: str, default: pd.Series,
-            options: dict[str, pd.Series]) -> None:
+    def add(
+        choice: str, default_name: str, default: pd.Series, options: dict[str, pd.Series]
+    ) -> None:
         best, best_diff = default_name, 0.0
-        table.append({"choice": choice, "option": f"{default_name} (default)",
-                      "val macro-F1": f"{default.mean():.3f}", "paired difference": "",
-                      "runs": len(default)})
+        table.append(
+            {
+                "choice": choice,
+                "option": f"{default_name} (default)",
+                "val macro-F1": f"{default.mean():.3f}",
+                "paired difference": "",
+                "runs": len(default),
+            }
+        )
         for name, series in options.items():
             if series.empty:
                 continue
             diff, se = _paired(series, default)
-            table.append({"choice": choice, "option": name, "val macro-F1":
-                          f"{series.mean():.3f}", "paired difference": f"{diff:+.3f} ± {se:.3f}",
-                          "runs": len(series.dropna())})
+            table.append(
+                {
+                    "choice": choice,
+                    "option": name,
+                    "val macro-F1": f"{series.mean():.3f}",
+                    "paired difference": f"{diff:+.3f} ± {se:.3f}",
+                    "runs": len(series.dropna()),
+                }
+            )
             if diff > 2 * se and diff > best_diff:
                 best, best_diff = name, diff
-        raw = max([(default.mean(), default_name)] +
-                  [(s.mean(), n) for n, s in options.items() if not s.empty])[1]
-        verdicts.append(f"{choice}: highest mean on validation **{raw}**; "
-                        + (f"default kept (**{default_name}**): no option beats it by more "
-                           "than two standard errors" if best == default_name else
-                           f"**{best}** beats the default {default_name} by more than two "
-                           "standard errors: it should be the default"))
+        raw = max(
+            [(default.mean(), default_name)]
+            + [(s.mean(), n) for n, s in options.items() if not s.empty]
+        )[1]
+        verdicts.append(
+            f"{choice}: highest mean on validation **{raw}**; "
+            + (
+                f"default kept (**{default_name}**): no option beats it by more "
+                "than two standard errors"
+                if best == default_name
+                else f"**{best}** beats the default {default_name} by more than two "
+                "standard errors: it should be the default"
+            )
+        )
 
     default = by_run.xs("full OmniFuse", level="variant")
     for choice, default_name, options in groups:
-        add(choice, default_name, default,
-            {o: by_run.xs(o, level="variant") if o in set(val.variant) else pd.Series(dtype=float)
-             for o in options})
-    add("inference rule", "label-free", full.xs("label-free", level="rule"),
-        {r: full.xs(r, level="rule") for r in RULES if r != "label-free"})
+        add(
+            choice,
+            default_name,
+            default,
+            {
+                o: by_run.xs(o, level="variant")
+                if o in set(val.variant)
+                else pd.Series(dtype=float)
+                for o in options
+            },
+        )
+    add(
+        "inference rule",
+        "label-free",
+        full.xs("label-free", level="rule"),
+        {r: full.xs(r, level="rule") for r in RULES if r != "label-free"},
+    )
     return pd.DataFrame(table), verdicts
 
 
 # Pages written by other benchmarks, carried into RESULTS.md, and the command that reruns each.
 OTHER_RESULTS = {
     "real_data.md": "python benchmarks/real/prepare.py && python benchmarks/real/compare.py "
-                    "--seeds 10 --methods lr,hgb,omnifuse (see benchmarks/real/RESULTS.md)",
+    "--seeds 10 --methods lr,hgb,omnifuse (see benchmarks/real/RESULTS.md)",
     "scale.md": "python benchmarks/scale.py",
     "selection.md": "python benchmarks/selection.py run && python benchmarks/selection.py analyse",
     "selection_blend.md": "python benchmarks/selection_blend.py",
@@ -732,8 +981,12 @@ def other_results(folder: Path) -> list[str]:
         path = folder / name
         if path.is_file():
             text = path.read_text(encoding="utf-8")
-            lines += [*text.rstrip().splitlines(), "",
-                      f"(from [`results/{name}`](results/{name}); rerun with `{command}`)", ""]
+            lines += [
+                *text.rstrip().splitlines(),
+                "",
+                f"(from [`results/{name}`](results/{name}); rerun with `{command}`)",
+                "",
+            ]
     return lines
 
 
@@ -754,12 +1007,15 @@ def write_report(out: Path, report: Path) -> None:
     rel = out.relative_to(report.parent).as_posix()
     plot_ablation(runs, datasets, out / "ablation.png")
     wall = ", ".join(f"{k}: {v} min" for k, v in meta.get("minutes", {}).items())
-    lines = [*head,
-        "# Earlier study (issue 4): 240-patient cohorts, 5 seeds" if head else
-        "# OmniFuse evidence study",
+    lines = [
+        *head,
+        "# Earlier study (issue 4): 240-patient cohorts, 5 seeds"
+        if head
+        else "# OmniFuse evidence study",
         "",
         "Kept for the record; its runs used the method and defaults of that time, and its "
-        "24-patient test splits cannot see effects of a few hundredths (see above)." if head
+        "24-patient test splits cannot see effects of a few hundredths (see above)."
+        if head
         else "",
         "",
         "Produced by `benchmarks/study.py` (the docstring explains the design). To reproduce "
@@ -785,17 +1041,28 @@ def write_report(out: Path, report: Path) -> None:
     ]
     for name, desc in meta.get("datasets", {}).items():
         lines.append(f"- `{name}`: {desc}")
-    lines += ["", "## Ablation (paper Table 4 rows a-f)", "",
-              "Rows as in the paper: concat = joint head on concatenated embeddings, no "
-              "imputation, DWFuse or TLA; each following row switches parts on "
-              "(`--no-imputation`, `--no-backward`, `--no-dwfuse`, `--no-tla`). The "
-              "label-free rule scores the DWFuse rows. Paper (MIMIC, 3 modalities): concat "
-              "0.811 → full 0.872 AUROC.", "", f"![ablation]({rel}/ablation.png)", ""]
+    lines += [
+        "",
+        "## Ablation (paper Table 4 rows a-f)",
+        "",
+        "Rows as in the paper: concat = joint head on concatenated embeddings, no "
+        "imputation, DWFuse or TLA; each following row switches parts on "
+        "(`--no-imputation`, `--no-backward`, `--no-dwfuse`, `--no-tla`). The "
+        "label-free rule scores the DWFuse rows. Paper (MIMIC, 3 modalities): concat "
+        "0.811 → full 0.872 AUROC.",
+        "",
+        f"![ablation]({rel}/ablation.png)",
+        "",
+    ]
     for d in datasets:
         lines += [f"### {d}", "", _md(ablation_table(runs, d, "test")), ""]
-    lines += ["## Missing-rate curves", "",
-              "Missingness injected per patient and modality before the split (each present "
-              "modality hidden with probability r, every patient keeping one).", ""]
+    lines += [
+        "## Missing-rate curves",
+        "",
+        "Missingness injected per patient and modality before the split (each present "
+        "modality hidden with probability r, every patient keeping one).",
+        "",
+    ]
     goals = []
     for d in datasets:
         curves = curve_frame(runs, d)
@@ -806,8 +1073,7 @@ def write_report(out: Path, report: Path) -> None:
         std = curves.pivot(index="rate", columns="method", values="auroc_std")
         shown = table.copy().astype(object)
         for col in table.columns:
-            shown[col] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(table[col], std[col],
-                                                                strict=True)]
+            shown[col] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(table[col], std[col], strict=True)]
         shown = shown[[m for m in CURVE_METHODS if m in shown.columns]].reset_index()
         shown["rate"] = shown["rate"].map(lambda r: f"{r:.1f}")
         f1 = curves.pivot(index="rate", columns="method", values="f1_mean")
@@ -815,68 +1081,120 @@ def write_report(out: Path, report: Path) -> None:
         for col in f1.columns[1:]:
             f1[col] = f1[col].map(lambda v: f"{v:.3f}")
         f1["rate"] = f1["rate"].map(lambda r: f"{r:.1f}")
-        lines += [f"### {d}", "", f"![curves {d}]({rel}/curves_{d}.png)", "",
-                  "Test AUROC:", "", _md(shown), "", "Test macro-F1 (means):", "",
-                  _md(f1), ""]
+        lines += [
+            f"### {d}",
+            "",
+            f"![curves {d}]({rel}/curves_{d}.png)",
+            "",
+            "Test AUROC:",
+            "",
+            _md(shown),
+            "",
+            "Test macro-F1 (means):",
+            "",
+            _md(f1),
+            "",
+        ]
         goal = goal_table(curves)
         if not goal.empty:
             goals.append((d, goal))
-    lines += ["## DWFuse inference rules (full model, rate 0)", "",
-              "Same trained models, three ways to turn their outputs into class "
-              "probabilities: the label-free rule (method.md Sec. 2), the joint head alone, "
-              "the mean of the modality heads.", ""]
+    lines += [
+        "## DWFuse inference rules (full model, rate 0)",
+        "",
+        "Same trained models, three ways to turn their outputs into class "
+        "probabilities: the label-free rule (method.md Sec. 2), the joint head alone, "
+        "the mean of the modality heads.",
+        "",
+    ]
     for d in datasets:
         lines += [f"### {d}", "", _md(rules_table(runs, d)), ""]
     table, verdicts = defaults_table(runs)
-    lines += ["## Defaults chosen on validation data", "",
-              "Validation macro-F1 (mean over every dataset and seed, rate 0) of each choice the "
-              "study compares with `omnifuse train`'s default, and the difference to the "
-              "default paired by dataset and seed (mean ± standard error). The test split "
-              "chooses nothing. An option replaces the default only when it wins by more than "
-              "two standard errors.", "", _md(table), ""]
+    lines += [
+        "## Defaults chosen on validation data",
+        "",
+        "Validation macro-F1 (mean over every dataset and seed, rate 0) of each choice the "
+        "study compares with `omnifuse train`'s default, and the difference to the "
+        "default paired by dataset and seed (mean ± standard error). The test split "
+        "chooses nothing. An option replaces the default only when it wins by more than "
+        "two standard errors.",
+        "",
+        _md(table),
+        "",
+    ]
     lines += [f"- {v}" for v in verdicts] + [""]
-    lines += ["## Goals", "",
-              "Issue 4's goals: full OmniFuse at least matches the best classical baseline at "
-              "every missing rate (test AUROC, within the seeds' spread: the larger of the two "
-              "standard deviations) and beats concat fusion by a clear margin (more than that "
-              "spread) at rates ≥ 0.5.", ""]
+    lines += [
+        "## Goals",
+        "",
+        "Issue 4's goals: full OmniFuse at least matches the best classical baseline at "
+        "every missing rate (test AUROC, within the seeds' spread: the larger of the two "
+        "standard deviations) and beats concat fusion by a clear margin (more than that "
+        "spread) at rates ≥ 0.5.",
+        "",
+    ]
     for d, goal in goals:
         matched = int((goal["matches (within spread)"] == "yes").sum())
         beats = goal.get("beats concat clearly (r ≥ 0.5)", pd.Series(dtype=str))
-        lines += [f"### {d}", "",
-                  f"Matches the best classical baseline at {matched} of {len(goal)} rates; "
-                  f"beats concat clearly at {int((beats == 'yes').sum())} of "
-                  f"{int(beats.isin(['yes', 'NO']).sum())} rates ≥ 0.5.", "", _md(goal), ""]
+        lines += [
+            f"### {d}",
+            "",
+            f"Matches the best classical baseline at {matched} of {len(goal)} rates; "
+            f"beats concat clearly at {int((beats == 'yes').sum())} of "
+            f"{int(beats.isin(['yes', 'NO']).sum())} rates ≥ 0.5.",
+            "",
+            _md(goal),
+            "",
+        ]
     findings = out / "findings.md"
     if findings.is_file():  # the team's reading of these numbers, written after the study
         lines += [findings.read_text(encoding="utf-8").strip(), ""]
     if (out / "speed.csv").is_file():
         speed = pd.read_csv(out / "speed.csv").fillna("")
-        lines += ["## Speed and memory", "",
-                  f"All on this machine's CPU ({os.cpu_count()} threads), one process.", "",
-                  _md(speed), ""]
+        lines += [
+            "## Speed and memory",
+            "",
+            f"All on this machine's CPU ({os.cpu_count()} threads), one process.",
+            "",
+            _md(speed),
+            "",
+        ]
     report.write_text("\n".join(lines), encoding="utf-8")
     print(f"wrote {report}", flush=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: n=90 cohorts, 2 seeds, rates 0/0.5/0.9")
-    parser.add_argument("--report", action="store_true",
-                        help="only rebuild RESULTS.md and plots from the existing runs.csv")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: n=90 cohorts, 2 seeds, rates 0/0.5/0.9"
+    )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="only rebuild RESULTS.md and plots from the existing runs.csv",
+    )
     parser.add_argument("--fresh", action="store_true", help="forget earlier runs")
-    parser.add_argument("--parts", default="power",
-                        help="comma list of: power (issue 8's powered study), runs (issue 4's "
-                        "ablation, curves, rules on 240-patient cohorts), speed")
+    parser.add_argument(
+        "--parts",
+        default="power",
+        help="comma list of: power (issue 8's powered study), runs (issue 4's "
+        "ablation, curves, rules on 240-patient cohorts), speed",
+    )
     parser.add_argument("--n", type=int, default=None, help="make-data cohort size [240]")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="[benchmarks/results/study, or .../study-quick with --quick]")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="generated cohorts and runs [benchmarks/work, or work-quick]")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="[benchmarks/results/study, or .../study-quick with --quick]",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="generated cohorts and runs [benchmarks/work, or work-quick]",
+    )
     args = parser.parse_args()
     quick = args.quick
     out = args.out or ROOT / "benchmarks" / "results" / ("study-quick" if quick else "study")
@@ -900,19 +1218,20 @@ def main() -> None:
         import power
         from mobilenet_weights import ensure_mobilenet_v2_weights
 
-        print(f"torchvision MobileNetV2 ImageNet weights: {ensure_mobilenet_v2_weights()}",
-              flush=True)
+        print(
+            f"torchvision MobileNetV2 ImageNet weights: {ensure_mobilenet_v2_weights()}", flush=True
+        )
         print(f"building the power study's cohorts under {work}", flush=True)
         power.DATA.update(power.build(work, quick))
         meta_extra = {
             "power_image_weights": power.DATA["independent"].image_weights,
             "power_datasets": {d.name: d.description for d in power.DATA.values()},
-            "power_encode_seconds": {d.name: round(d.encode_seconds, 1)
-                                     for d in power.DATA.values() if d.encode_seconds},
+            "power_encode_seconds": {
+                d.name: round(d.encode_seconds, 1) for d in power.DATA.values() if d.encode_seconds
+            },
         }
         power_seeds = args.seeds or ([0, 1] if quick else list(range(10)))
-        power.run(power.plan(list(power.DATA), power_seeds, quick), out / "power.csv",
-                  args.jobs)
+        power.run(power.plan(list(power.DATA), power_seeds, quick), out / "power.csv", args.jobs)
     if parts & {"runs", "speed"}:
         print(f"building datasets under {work}", flush=True)
         DATASETS.update(build_datasets(work, n))
@@ -928,21 +1247,28 @@ def main() -> None:
     minutes = dict(meta.get("minutes", {}))
     minutes[",".join(sorted(parts))] = round(wall, 1)
     meta.update(meta_extra)
-    meta.update({
-        "command": command,
-        "date": time.strftime("%Y-%m-%d"),
-        "minutes": minutes,
-        "jobs": args.jobs,
-        "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-                   f"{os.cpu_count()} CPU threads, "
-                   f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
-        "versions": f"omnifuse {__version__}, torch {torch.__version__}, python "
-                    f"{platform.python_version()}",
-        "seeds": seeds, "rates": [0.0, *rates],
-    })
+    meta.update(
+        {
+            "command": command,
+            "date": time.strftime("%Y-%m-%d"),
+            "minutes": minutes,
+            "jobs": args.jobs,
+            "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPU threads, "
+            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+            "versions": f"omnifuse {__version__}, torch {torch.__version__}, python "
+            f"{platform.python_version()}",
+            "seeds": seeds,
+            "rates": [0.0, *rates],
+        }
+    )
     if DATASETS:
-        meta.update({"image_weights": DATASETS["synth"].image_weights,
-                     "datasets": {d.name: d.description for d in DATASETS.values()}})
+        meta.update(
+            {
+                "image_weights": DATASETS["synth"].image_weights,
+                "datasets": {d.name: d.description for d in DATASETS.values()},
+            }
+        )
     meta_path.write_text(json.dumps(meta, indent=1))
     write_report(out, report)
 

@@ -45,8 +45,11 @@ def _check(condition: bool, message: str, hint: str | None = None) -> None:
 
 def check_choice(value: str, choices: tuple[str, ...], option: str) -> None:
     """A ConfigError naming the option and its choices when ``value`` is not one of them."""
-    _check(value in choices, f"{option} {value!r} is not supported",
-           f"choose one of {', '.join(choices)}")
+    _check(
+        value in choices,
+        f"{option} {value!r} is not supported",
+        f"choose one of {', '.join(choices)}",
+    )
 
 
 @dataclass(frozen=True)
@@ -99,8 +102,11 @@ def image_backbones() -> tuple[str, ...]:
     """Every torchvision classification model that --image-backbone accepts."""
     import torchvision  # here, not at the top: `omnifuse --help` must not wait for it
 
-    return tuple(name for name in torchvision.models.list_models(module=torchvision.models)
-                 if name not in _NOT_IMAGE_TRUNKS)
+    return tuple(
+        name
+        for name in torchvision.models.list_models(module=torchvision.models)
+        if name not in _NOT_IMAGE_TRUNKS
+    )
 
 
 @dataclass(frozen=True)
@@ -157,8 +163,10 @@ def parse_modality_rates(values: list[str] | None) -> tuple[tuple[str, float], .
                 raise ValueError
             out[name.strip()] = float(rate)
         except ValueError:
-            raise ConfigError(f"--modality-missing-rate must be NAME=RATE, got {value!r}",
-                              hint="e.g. --modality-missing-rate us=0.8") from None
+            raise ConfigError(
+                f"--modality-missing-rate must be NAME=RATE, got {value!r}",
+                hint="e.g. --modality-missing-rate us=0.8",
+            ) from None
     return tuple(out.items())
 
 
@@ -172,12 +180,16 @@ def parse_class_weight(text: str, num_classes: int | None) -> tuple[float, ...] 
         weights = tuple(float(v) for v in value.split(","))
     except ValueError:
         weights = ()
-    _check(bool(weights) and all(w > 0 and math.isfinite(w) for w in weights),
-           f"--class-weight {text!r} is not understood",
-           "use none, balanced, or one positive weight per class such as 1,3")
-    _check(num_classes is None or len(weights) == num_classes,
-           f"--class-weight gives {len(weights)} weight(s) for {num_classes} classes",
-           "give one weight per class, in class order")
+    _check(
+        bool(weights) and all(w > 0 and math.isfinite(w) for w in weights),
+        f"--class-weight {text!r} is not understood",
+        "use none, balanced, or one positive weight per class such as 1,3",
+    )
+    _check(
+        num_classes is None or len(weights) == num_classes,
+        f"--class-weight gives {len(weights)} weight(s) for {num_classes} classes",
+        "give one weight per class, in class order",
+    )
     return weights
 
 
@@ -223,14 +235,20 @@ class MethodConfig:
     @property
     def loss_weights(self) -> dict[str, float]:
         """Eq. 18's weight of each loss term, in the order the total adds them."""
-        return {"forward": self.lambda0, "backward": self.lambda1, "dwfuse": self.lambda2,
-                "tla": self.lambda3}
+        return {
+            "forward": self.lambda0,
+            "backward": self.lambda1,
+            "dwfuse": self.lambda2,
+            "tla": self.lambda3,
+        }
 
     def __post_init__(self) -> None:
         _check(self.embed_dim >= 4, f"embed_dim must be >= 4, got {self.embed_dim}")
         _check(self.num_ra >= 1, f"--num-ra must be >= 1, got {self.num_ra}")
-        _check(len(self.ra_layers) >= 1 and all(w >= 1 for w in self.ra_layers),
-               f"--ra-layers needs positive widths, got {self.ra_layers}")
+        _check(
+            len(self.ra_layers) >= 1 and all(w >= 1 for w in self.ra_layers),
+            f"--ra-layers needs positive widths, got {self.ra_layers}",
+        )
         _check(0.0 <= self.modality_drop < 1.0, "--modality-drop must be in [0, 1)")
         _check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
         _check(0.0 <= self.cra_dropout < 1.0, "--cra-dropout must be in [0, 1)")
@@ -240,8 +258,10 @@ class MethodConfig:
         check_choice(self.joint_input, JOINT_INPUTS, "--joint-input")
         check_choice(self.imputation_loss, IMPUTATION_LOSSES, "--imputation-loss")
         _check(self.tla_min_patients >= 1, "--tla-min-patients must be >= 1")
-        _check(self.reliability == "auto" or _unit_number(self.reliability),
-               f"--reliability must be auto or a number in [0, 1], got {self.reliability!r}")
+        _check(
+            self.reliability == "auto" or _unit_number(self.reliability),
+            f"--reliability must be auto or a number in [0, 1], got {self.reliability!r}",
+        )
         # Without DWFuse the one classifier on the concatenation is the joint head, so "joint"
         # names what label-free does then; only "mean" needs the per-modality heads.
         _check(
@@ -259,9 +279,11 @@ def parse_widths(text: str) -> tuple[int, ...]:
         widths = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         widths = ()
-    _check(bool(widths) and all(w >= 1 for w in widths),
-           f"--ra-layers {text!r} is not a list of positive widths",
-           "write e.g. --ra-layers 128,32")
+    _check(
+        bool(widths) and all(w >= 1 for w in widths),
+        f"--ra-layers {text!r} is not a list of positive widths",
+        "write e.g. --ra-layers 128,32",
+    )
     return widths
 
 
@@ -275,8 +297,14 @@ def _unit_number(text: str) -> bool:
 
 # The paper's reading of every option added in method.md Sec. 5 (Eqs. 1-18 untouched).
 PAPER_OPTIONS: dict[str, Any] = {
-    "lambda0": 1.0, "drop_full_view": False, "imputation_loss": "paper", "reliability": "1",
-    "slot_flags": False, "joint_input": "latents", "tla_min_patients": 1, "linear_path": False,
+    "lambda0": 1.0,
+    "drop_full_view": False,
+    "imputation_loss": "paper",
+    "reliability": "1",
+    "slot_flags": False,
+    "joint_input": "latents",
+    "tla_min_patients": 1,
+    "linear_path": False,
 }
 # What bundles and run requests written before these options existed were trained with
 # (cra_dropout None: the model's dropout, which the CRA used then).
@@ -349,8 +377,9 @@ class TrainConfig:
     threads: int | None = None  # torch's CPU threads; None: the usable cores (engine.machine)
 
     def __post_init__(self) -> None:
-        _check(self.threads is None or self.threads >= 1,
-               f"--threads must be >= 1, got {self.threads}")
+        _check(
+            self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}"
+        )
         _check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
@@ -365,7 +394,8 @@ class TrainConfig:
             object.__setattr__(self, "train_ratio", round(1.0 - self.val_ratio, 10))
         ratios = (self.train_ratio, self.val_ratio, self.test_ratio)
         _check(
-            0.0 < self.train_ratio < 1.0 and 0.0 < self.val_ratio < 1.0
+            0.0 < self.train_ratio < 1.0
+            and 0.0 < self.val_ratio < 1.0
             and 0.0 <= self.test_ratio < 1.0,
             f"split ratios must each be in (0, 1) (--test-ratio may be 0), got {ratios}",
         )
@@ -401,8 +431,10 @@ class DataConfig:
     text: TextConfig = field(default_factory=TextConfig)
 
     def __post_init__(self) -> None:
-        _check(self.on_bad_file in ON_BAD_FILE,
-               f"--on-bad-file must be error or skip, got {self.on_bad_file!r}")
+        _check(
+            self.on_bad_file in ON_BAD_FILE,
+            f"--on-bad-file must be error or skip, got {self.on_bad_file!r}",
+        )
         check_choice(self.labs_format, LABS_FORMATS, "--labs-format")
         check_choice(self.labs_agg, LABS_AGGS, "--labs-agg")
         check_choice(self.on_empty_patient, ON_EMPTY_PATIENT, "--on-empty-patient")

@@ -68,8 +68,14 @@ def build_tiny_cohort(root: Path) -> Path:
         pid = 1001 + i
         # Presence pattern cycles so every combination of modalities occurs.
         has_labs, has_us, has_text = [
-            (True, True, True), (True, True, True), (True, False, True), (False, True, True),
-            (True, True, False), (True, False, False), (False, True, False), (False, False, True),
+            (True, True, True),
+            (True, True, True),
+            (True, False, True),
+            (False, True, True),
+            (True, True, False),
+            (True, False, False),
+            (False, True, False),
+            (False, False, True),
         ][i % 8]
         labs = ""
         if has_labs:
@@ -107,11 +113,18 @@ def tiny_bert(folder: Path, hidden: int = 32, extra_chars: str = "") -> Path:
     folder.mkdir(parents=True)
     chars = sorted({ch for words in CLASS_WORDS for ch in words} | set("患者复查" + extra_chars))
     vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars]) + "\n",
-                     encoding="utf-8")
+    vocab.write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars]) + "\n", encoding="utf-8"
+    )
     tokenizer = BertTokenizer(str(vocab))
-    config = BertConfig(vocab_size=5 + len(chars), hidden_size=hidden, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=5 + len(chars),
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = BertModel(config)
     model.save_pretrained(folder)
@@ -126,18 +139,35 @@ def tiny_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_cohort(tmp_path_factory.mktemp("tiny_cohort"))
 
 
-def tiny_request(manifest: Path, out_dir: Path, *, epochs: int = 2, batch_size: int = 8,
-                 overwrite: bool = False, **data_kwargs: Any) -> TrainRequest:
+def tiny_request(
+    manifest: Path,
+    out_dir: Path,
+    *,
+    epochs: int = 2,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    **data_kwargs: Any,
+) -> TrainRequest:
     """A small, fast TrainRequest: resnet18 at 32 px, CPU, 60/20/20 split."""
-    image = data_kwargs.pop("image", ImageConfig(backbone="resnet18", image_size=32,
-                                                 pretrained="no"))
+    image = data_kwargs.pop(
+        "image", ImageConfig(backbone="resnet18", image_size=32, pretrained="no")
+    )
     return TrainRequest(
-        manifest=manifest, num_classes=NUM_CLASSES, out_dir=out_dir,
+        manifest=manifest,
+        num_classes=NUM_CLASSES,
+        out_dir=out_dir,
         data=DataConfig(image=image, **data_kwargs),
         # 18 training patients: under the default minimum TLA would never pick a combination.
         method=MethodConfig(tla_min_patients=1),
-        train=TrainConfig(epochs=epochs, device="cpu", batch_size=batch_size, train_ratio=0.6,
-                          val_ratio=0.2, test_ratio=0.2, seed=0),
+        train=TrainConfig(
+            epochs=epochs,
+            device="cpu",
+            batch_size=batch_size,
+            train_ratio=0.6,
+            val_ratio=0.2,
+            test_ratio=0.2,
+            seed=0,
+        ),
         overwrite=overwrite,
     )
 
@@ -148,18 +178,42 @@ def make_request() -> Callable[..., TrainRequest]:
 
 
 @pytest.fixture(scope="session")
-def trained_run(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory
-                ) -> tuple[Path, TrainResult]:
+def trained_run(
+    tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, TrainResult]:
     """One 2-epoch run on the tiny cohort: (run_dir, TrainResult). Treat the folder as read-only."""
     out = tmp_path_factory.mktemp("runs") / "run"
     result = run_training(tiny_request(tiny_manifest, out))
     return out, result
 
 
-CV_ARGS = ["--num-classes", "3", "--folds", "3", "--epochs", "2", "--batch-size", "8",
-           "--image-backbone", "resnet18", "--image-size", "32", "--device", "cpu",
-           "--no-pretrained-image", "--train-ratio", "0.6", "--val-ratio", "0.2",
-           "--test-ratio", "0.2", "--seed", "0", "--bootstrap", "50"]
+CV_ARGS = [
+    "--num-classes",
+    "3",
+    "--folds",
+    "3",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--image-backbone",
+    "resnet18",
+    "--image-size",
+    "32",
+    "--device",
+    "cpu",
+    "--no-pretrained-image",
+    "--train-ratio",
+    "0.6",
+    "--val-ratio",
+    "0.2",
+    "--test-ratio",
+    "0.2",
+    "--seed",
+    "0",
+    "--bootstrap",
+    "50",
+]
 
 
 @pytest.fixture(scope="session")
@@ -191,8 +245,19 @@ def cv_run(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
         patch.setattr(crossval, "cache_frozen_features", cache)
         patch.setattr(crossval, "build_for_cohort", build)
         result = CliRunner().invoke(
-            app, ["cv", str(tiny_manifest), "--out-dir", str(out), *CV_ARGS, "--refit",
-                  "--variant", "nodw=--no-dwfuse"], env={"COLUMNS": "200"})
+            app,
+            [
+                "cv",
+                str(tiny_manifest),
+                "--out-dir",
+                str(out),
+                *CV_ARGS,
+                "--refit",
+                "--variant",
+                "nodw=--no-dwfuse",
+            ],
+            env={"COLUMNS": "200"},
+        )
     assert result.exit_code == 0, result.output + repr(result.exception)
     return {"dir": out, "result": result, "encodes": len(encodes), "fitted": fitted}
 

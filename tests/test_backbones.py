@@ -29,8 +29,9 @@ from .test_cli import assert_ok, assert_user_error, invoke
 
 def image_model(image: ImageConfig) -> OmniFuse:
     """A model with one image modality, randomly initialised."""
-    config = ModelConfig((ModalitySpec("us", "image"),), 2,
-                         (image_feature_dim(image.backbone),), MethodConfig())
+    config = ModelConfig(
+        (ModalitySpec("us", "image"),), 2, (image_feature_dim(image.backbone),), MethodConfig()
+    )
     return build_model(config, image, {})
 
 
@@ -49,8 +50,9 @@ def saved_state(name: str, path: Path, seed: int = 123) -> dict[str, torch.Tenso
     return state
 
 
-def assert_trunk_holds(trunk: torch.nn.Module, state: dict[str, torch.Tensor],
-                       classifier: str) -> None:
+def assert_trunk_holds(
+    trunk: torch.nn.Module, state: dict[str, torch.Tensor], classifier: str
+) -> None:
     """Every weight of ``state`` but the dropped classifier's is in the trunk, unchanged."""
     loaded = trunk.state_dict()
     kept = {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
@@ -70,10 +72,13 @@ def hub_dir(tmp_path: Path) -> Iterator[Path]:
         torch.hub.set_dir(previous)
 
 
-@pytest.mark.parametrize(("name", "width", "classifier"), [
-    ("mobilenet_v2", 1280, "classifier.1"),
-    ("densenet121", 1024, "classifier"),
-])
+@pytest.mark.parametrize(
+    ("name", "width", "classifier"),
+    [
+        ("mobilenet_v2", 1280, "classifier.1"),
+        ("densenet121", 1024, "classifier"),
+    ],
+)
 def test_a_weights_file_initialises_the_trunk(
     tmp_path: Path, name: str, width: int, classifier: str
 ) -> None:
@@ -94,12 +99,16 @@ def test_densenet_files_with_torchvision_legacy_key_names(tmp_path: Path) -> Non
     # torchvision's densenet ImageNet files name keys as torchvision < 0.3 did, and predate
     # BatchNorm's num_batches_tracked.
     state = saved_state("densenet121", tmp_path / "new.pth")
-    legacy = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
-              for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    legacy = {
+        re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+        for k, v in state.items()
+        if not k.endswith("num_batches_tracked")
+    }
     assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
     torch.save(legacy, tmp_path / "legacy.pth")
-    image = ImageConfig(backbone="densenet121", image_size=32,
-                        weights_path=str(tmp_path / "legacy.pth"))
+    image = ImageConfig(
+        backbone="densenet121", image_size=32, weights_path=str(tmp_path / "legacy.pth")
+    )
     model = image_model(image)
     load_image_weights(model, image)
     assert_trunk_holds(trunk_of(model), state, "classifier")
@@ -138,8 +147,14 @@ def test_unknown_backbones_list_the_valid_names() -> None:
     with pytest.raises(ConfigError, match="--image-backbone 'mobilenetv2'") as info:
         ImageConfig(backbone="mobilenetv2")
     hint = info.value.hint or ""
-    for name in ("resnet34", "mobilenet_v2", "densenet121", "efficientnet_b0", "convnext_tiny",
-                 "mobilenet_v3_large"):
+    for name in (
+        "resnet34",
+        "mobilenet_v2",
+        "densenet121",
+        "efficientnet_b0",
+        "convnext_tiny",
+        "mobilenet_v3_large",
+    ):
         assert name in hint
     assert "googlenet" not in hint  # auxiliary heads: not a trunk here
     with pytest.raises(ConfigError):
@@ -152,8 +167,11 @@ def test_finetune_scopes_of_a_features_model() -> None:
     assert isinstance(encoder, ImageEncoder)
 
     def trainable() -> set[str]:
-        return {n.split(".")[0] + "." + n.split(".")[1]
-                for n, p in encoder.backbone.named_parameters() if p.requires_grad}
+        return {
+            n.split(".")[0] + "." + n.split(".")[1]
+            for n, p in encoder.backbone.named_parameters()
+            if p.requires_grad
+        }
 
     encoder.set_trainable_scope("layer4")  # the last stage of features, and the final LayerNorm
     assert trainable() == {"features.7", "classifier.0"}
@@ -169,11 +187,38 @@ def test_train_and_predict_with_mobilenet_v2(tiny_manifest: Path, tmp_path: Path
     weights = tmp_path / "mobilenet_v2.pth"
     state = saved_state("mobilenet_v2", weights)
     run, preds = tmp_path / "run", tmp_path / "predictions.csv"
-    assert_ok(invoke("train", tiny_manifest, "--out-dir", run, "--num-classes", NUM_CLASSES,
-                     "--epochs", 2, "--warmup-epochs", 1, "--finetune-image-scope", "layer4",
-                     "--image-backbone", "mobilenet_v2", "--image-size", 32,
-                     "--image-weights", weights, "--device", "cpu", "--train-ratio", 0.6,
-                     "--val-ratio", 0.2, "--test-ratio", 0.2, "--batch-size", 8))
+    assert_ok(
+        invoke(
+            "train",
+            tiny_manifest,
+            "--out-dir",
+            run,
+            "--num-classes",
+            NUM_CLASSES,
+            "--epochs",
+            2,
+            "--warmup-epochs",
+            1,
+            "--finetune-image-scope",
+            "layer4",
+            "--image-backbone",
+            "mobilenet_v2",
+            "--image-size",
+            32,
+            "--image-weights",
+            weights,
+            "--device",
+            "cpu",
+            "--train-ratio",
+            0.6,
+            "--val-ratio",
+            0.2,
+            "--test-ratio",
+            0.2,
+            "--batch-size",
+            8,
+        )
+    )
     assert_ok(invoke("predict", tiny_manifest, "--run", run, "--out", preds, "--device", "cpu"))
     assert len(pd.read_csv(preds)) == 30
 
@@ -185,14 +230,26 @@ def test_train_and_predict_with_mobilenet_v2(tiny_manifest: Path, tmp_path: Path
     # The checkpoint holds epoch 2, which fine-tuned features.18 only (layer4).
     last = load_checkpoint(run / CHECKPOINT)["model"]
     prefix = "encoders.us.backbone."
-    assert torch.equal(last[f"{prefix}features.17.conv.0.0.weight"],
-                       state["features.17.conv.0.0.weight"])
+    assert torch.equal(
+        last[f"{prefix}features.17.conv.0.0.weight"], state["features.17.conv.0.0.weight"]
+    )
     assert not torch.equal(last[f"{prefix}features.18.0.weight"], state["features.18.0.weight"])
 
 
-def test_an_unknown_backbone_fails_before_the_run_starts(tiny_manifest: Path,
-                                                        tmp_path: Path) -> None:
-    result = invoke("train", tiny_manifest, "--out-dir", tmp_path / "run", "--num-classes",
-                    NUM_CLASSES, "--image-backbone", "resnet-18", "--device", "cpu")
+def test_an_unknown_backbone_fails_before_the_run_starts(
+    tiny_manifest: Path, tmp_path: Path
+) -> None:
+    result = invoke(
+        "train",
+        tiny_manifest,
+        "--out-dir",
+        tmp_path / "run",
+        "--num-classes",
+        NUM_CLASSES,
+        "--image-backbone",
+        "resnet-18",
+        "--device",
+        "cpu",
+    )
     assert_user_error(result, "--image-backbone 'resnet-18'", "resnet18")
     assert not (tmp_path / "run").exists()

@@ -24,8 +24,11 @@ def st():
 def sk_auroc(y: np.ndarray, probs: np.ndarray) -> float:
     if probs.shape[1] == 2:
         return float(roc_auc_score(y, probs[:, 1]))
-    return float(roc_auc_score(y, probs, multi_class="ovr", average="macro",
-                               labels=list(range(probs.shape[1]))))
+    return float(
+        roc_auc_score(
+            y, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))
+        )
+    )
 
 
 def tied_data(rng: np.random.Generator, n: int, c: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,8 +51,9 @@ def informative(rng: np.random.Generator, y: np.ndarray, c: int, signal: float) 
     return e / e.sum(axis=1, keepdims=True)
 
 
-def make_seeds(st, rng: np.random.Generator, seeds: int, n: int, c: int, signal_a: float,
-               signal_b: float):
+def make_seeds(
+    st, rng: np.random.Generator, seeds: int, n: int, c: int, signal_a: float, signal_b: float
+):
     a, b = [], []
     for s in range(seeds):
         y = rng.integers(0, c, n)
@@ -131,8 +135,9 @@ def test_seed_interval_matches_scipy(st):
     one = sps.ttest_1samp(d, 0.0, alternative="greater").pvalue
     assert np.isclose(got["p_one"], one)
     shifted = st.seed_interval(d, margin=0.01)
-    assert np.isclose(shifted["p_one"], sps.ttest_1samp(d + 0.01, 0.0, alternative="greater")
-                      .pvalue)
+    assert np.isclose(
+        shifted["p_one"], sps.ttest_1samp(d + 0.01, 0.0, alternative="greater").pvalue
+    )
     assert shifted["p_one"] < got["p_one"]
     assert np.isclose(shifted["low"], st.seed_interval(d)["low"])  # the margin moves p only
 
@@ -153,8 +158,9 @@ def test_hierarchical_bootstrap_finds_a_strong_difference(st):
     rng = np.random.default_rng(2)
     a, b = make_seeds(st, rng, seeds=4, n=150, c=3, signal_a=2.5, signal_b=0.0)
     res = st.hierarchical_bootstrap(a, b, n_boot=400, seed=1)
-    per_seed = [st.fast_auroc(p.y, p.probs) - st.fast_auroc(q.y, q.probs)
-                for p, q in zip(a, b, strict=True)]
+    per_seed = [
+        st.fast_auroc(p.y, p.probs) - st.fast_auroc(q.y, q.probs) for p, q in zip(a, b, strict=True)
+    ]
     assert np.isclose(res["diff"], np.mean(per_seed))
     assert res["low"] > 0.1 and res["low"] < res["diff"] < res["high"]
     assert res["p_one"] == pytest.approx(1 / 401) and res["p_two"] == pytest.approx(2 / 401)
@@ -179,12 +185,14 @@ def test_hierarchical_bootstrap_includes_patient_variance(st):
     base_a, base_b = informative(rng, y, 2, 1.5), informative(rng, y, 2, 0.8)
     a, b = [], []
     for _ in range(6):
-        a.append(st.Preds(ids=ids, y=y, probs=np.clip(base_a + rng.normal(0, 1e-3, (n, 2)),
-                                                      0, 1)))
-        b.append(st.Preds(ids=ids, y=y, probs=np.clip(base_b + rng.normal(0, 1e-3, (n, 2)),
-                                                      0, 1)))
-    diffs = np.array([st.fast_auroc(p.y, p.probs) - st.fast_auroc(q.y, q.probs)
-                      for p, q in zip(a, b, strict=True)])
+        a.append(st.Preds(ids=ids, y=y, probs=np.clip(base_a + rng.normal(0, 1e-3, (n, 2)), 0, 1)))
+        b.append(st.Preds(ids=ids, y=y, probs=np.clip(base_b + rng.normal(0, 1e-3, (n, 2)), 0, 1)))
+    diffs = np.array(
+        [
+            st.fast_auroc(p.y, p.probs) - st.fast_auroc(q.y, q.probs)
+            for p, q in zip(a, b, strict=True)
+        ]
+    )
     seed_only = st.seed_interval(diffs)
     res = st.hierarchical_bootstrap(a, b, n_boot=500, seed=0)
     assert res["high"] - res["low"] > 5 * (seed_only["high"] - seed_only["low"])
@@ -228,8 +236,7 @@ def test_fast_path_equals_explicit_resampling(st):
     rng = np.random.default_rng(6)
     a, b = make_seeds(st, rng, seeds=3, n=40, c=3, signal_a=1.0, signal_b=0.3)
     fast = st.hierarchical_bootstrap(a, b, n_boot=60, seed=3)
-    slow = st.hierarchical_bootstrap(a, b, n_boot=60, seed=3,
-                                     metric=lambda y, p: sk_auroc(y, p))
+    slow = st.hierarchical_bootstrap(a, b, n_boot=60, seed=3, metric=lambda y, p: sk_auroc(y, p))
     assert fast.keys() == slow.keys()
     for key in fast:
         assert fast[key] == pytest.approx(slow[key], abs=1e-10)
@@ -262,8 +269,9 @@ def test_bootstrap_patients(st):
     rng = np.random.default_rng(9)
     a, b = make_seeds(st, rng, seeds=1, n=200, c=2, signal_a=2.5, signal_b=0.0)
     res = st.bootstrap_patients(a[0], b[0], n_boot=300, seed=0)
-    assert np.isclose(res["diff"], st.fast_auroc(a[0].y, a[0].probs)
-                      - st.fast_auroc(b[0].y, b[0].probs))
+    assert np.isclose(
+        res["diff"], st.fast_auroc(a[0].y, a[0].probs) - st.fast_auroc(b[0].y, b[0].probs)
+    )
     assert res["low"] > 0 and res["p_two"] == pytest.approx(2 / 301)
     same = st.bootstrap_patients(a[0], a[0], n_boot=100)
     assert same["diff"] == 0.0 and same["low"] <= 0 <= same["high"] and same["p_two"] == 1.0
@@ -280,8 +288,7 @@ def table(st):
     contrasts = [
         st.Contrast("real effect", "g1", "strong", "noise", "superiority", goal=0.02),
         st.Contrast("same method", "g1", "strong", "strong", "noninferiority", margin=0.01),
-        st.Contrast("goal too high", "g2, with | pipe", "strong", "noise", "superiority",
-                    goal=0.9),
+        st.Contrast("goal too high", "g2, with | pipe", "strong", "noise", "superiority", goal=0.9),
         st.Contrast("reversed", "g2", "noise", "strong", "superiority", goal=0.02),
         st.Contrast("reversed ni", "g2", "noise", "strong", "noninferiority", margin=0.01),
     ]
@@ -290,8 +297,13 @@ def table(st):
 
 def test_contrast_table_verdicts(st, table):
     assert list(table.columns) == st.COLUMNS
-    assert table["verdict"].tolist() == ["met", "non-inferior", "better, below goal", "worse",
-                                         "worse"]
+    assert table["verdict"].tolist() == [
+        "met",
+        "non-inferior",
+        "better, below goal",
+        "worse",
+        "worse",
+    ]
     assert (table["p_holm"] >= table["p_boot"] - 1e-15).all()
     assert (table["adj_low"] <= table["boot_low"]).all()
     assert (table["adj_high"] >= table["boot_high"]).all()
@@ -337,8 +349,16 @@ def test_predictions_round_trip_with_appending(st, tmp_path):
     for method, seed, c in [("a", 0, 2), ("b", 0, 3), ("a", 1, 2), ("b", 1, 3)]:
         y = rng.integers(0, c, 15)
         ids = np.array([f"{i:03d}" for i in range(15)]) if c == 2 else np.arange(15)
-        runs.append({"dataset": "NA", "method": method, "seed": seed, "ids": ids, "y": y,
-                     "probs": rng.dirichlet(np.ones(c), 15)})
+        runs.append(
+            {
+                "dataset": "NA",
+                "method": method,
+                "seed": seed,
+                "ids": ids,
+                "y": y,
+                "probs": rng.dirichlet(np.ones(c), 15),
+            }
+        )
     st.save_predictions(runs[:1], path)  # binary only: header p0, p1
     st.save_predictions(runs[1:2], path)  # needs p2: the file is rewritten wider
     st.save_predictions(runs[2:], path)  # fits the header: appended as a new gzip member
@@ -361,5 +381,6 @@ def test_predictions_round_trip_with_appending(st, tmp_path):
     assert first.ids[0] == "000"
 
     with pytest.raises(ValueError, match="clashes"):
-        st.save_predictions([{"id": 1, "ids": [1, 2], "y": [0, 1], "probs": np.eye(2)}],
-                            tmp_path / "bad.csv.gz")
+        st.save_predictions(
+            [{"id": 1, "ids": [1, 2], "y": [0, 1], "probs": np.eye(2)}], tmp_path / "bad.csv.gz"
+        )

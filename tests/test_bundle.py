@@ -26,8 +26,15 @@ from .conftest import N_PATIENTS, NUM_CLASSES, tiny_bert
 
 Run = tuple[Path, TrainResult]
 MakeRequest = Callable[..., TrainRequest]
-TLA_COLUMNS = ["tla_labs", "tla_us", "tla_text", "tla_labs+us", "tla_labs+text",
-               "tla_us+text", "tla_labs+us+text"]
+TLA_COLUMNS = [
+    "tla_labs",
+    "tla_us",
+    "tla_text",
+    "tla_labs+us",
+    "tla_labs+text",
+    "tla_us+text",
+    "tla_labs+us+text",
+]
 
 
 def predict(run_dir: Path, patients: Path) -> pd.DataFrame:
@@ -52,8 +59,16 @@ def assert_same_predictions(a: pd.DataFrame, b: pd.DataFrame) -> None:
 
 def test_run_dir_holds_every_file(trained_run: Run) -> None:
     run_dir, _ = trained_run
-    for name in ("metrics.csv", "test.csv", "confusion_matrix.csv", "split.csv", "meta.csv",
-                 "split_assignment.csv", "model/bundle.json", "model/model.safetensors"):
+    for name in (
+        "metrics.csv",
+        "test.csv",
+        "confusion_matrix.csv",
+        "split.csv",
+        "meta.csv",
+        "split_assignment.csv",
+        "model/bundle.json",
+        "model/model.safetensors",
+    ):
         assert (run_dir / name).is_file(), name
     assert not list(run_dir.rglob("*.tmp")), "a temporary file was left behind"
 
@@ -61,8 +76,19 @@ def test_run_dir_holds_every_file(trained_run: Run) -> None:
 def test_metrics_csv_has_one_row_per_epoch_with_every_term(trained_run: Run) -> None:
     run_dir, result = trained_run
     metrics = pd.read_csv(run_dir / "metrics.csv", keep_default_na=False)
-    for column in ("epoch", "train_loss", "val_loss", "val_acc", "val_macro_f1", "loss_forward",
-                   "loss_backward", "loss_dwfuse", "loss_tla", "lazy_combo", *TLA_COLUMNS):
+    for column in (
+        "epoch",
+        "train_loss",
+        "val_loss",
+        "val_acc",
+        "val_macro_f1",
+        "loss_forward",
+        "loss_backward",
+        "loss_dwfuse",
+        "loss_tla",
+        "lazy_combo",
+        *TLA_COLUMNS,
+    ):
         assert column in metrics.columns, column
     assert metrics["epoch"].tolist() == [1, 2]
     assert set(metrics["lazy_combo"]) <= {c.removeprefix("tla_") for c in TLA_COLUMNS}
@@ -72,8 +98,12 @@ def test_metrics_csv_has_one_row_per_epoch_with_every_term(trained_run: Run) -> 
     # No lazy combination is known during epoch 1, so L_TLA is 0 then and positive after.
     assert metrics["loss_tla"].tolist()[0] == 0.0 and metrics["loss_tla"].tolist()[1] > 0
     assert metrics["loss_forward"].gt(0).all() and metrics["loss_dwfuse"].gt(0).all()
-    total = (10.0 * metrics["loss_forward"] + 1.0 * metrics["loss_backward"]
-             + 10.0 * metrics["loss_dwfuse"] + 0.5 * metrics["loss_tla"])
+    total = (
+        10.0 * metrics["loss_forward"]
+        + 1.0 * metrics["loss_backward"]
+        + 10.0 * metrics["loss_dwfuse"]
+        + 0.5 * metrics["loss_tla"]
+    )
     np.testing.assert_allclose(metrics["train_loss"], total, rtol=1e-5)
     assert metrics["best"].sum() >= 1
     assert [r.epoch for r in result.records] == [1, 2]
@@ -82,8 +112,13 @@ def test_metrics_csv_has_one_row_per_epoch_with_every_term(trained_run: Run) -> 
 def test_test_csv_and_confusion_matrix(trained_run: Run) -> None:
     run_dir, result = trained_run
     test = pd.read_csv(run_dir / "test.csv")
-    assert list(test.columns) == ["test_loss", "test_acc", "test_macro_f1", "test_balanced_acc",
-                                  "test_auroc"]
+    assert list(test.columns) == [
+        "test_loss",
+        "test_acc",
+        "test_macro_f1",
+        "test_balanced_acc",
+        "test_auroc",
+    ]
     assert test.loc[0, "test_acc"] == pytest.approx(result.test["acc"])
     cm = pd.read_csv(run_dir / "confusion_matrix.csv")
     assert list(cm.columns) == ["true", "pred_0", "pred_1", "pred_2"]
@@ -99,15 +134,17 @@ def test_split_files_are_disjoint_and_cover_all_patients(
 ) -> None:
     run_dir, result = trained_run
     split = pd.read_csv(run_dir / "split.csv")
-    assert dict(zip(split["split"], split["n"], strict=True)) == {"train": 18, "val": 6,
-                                                                  "test": 6}
+    assert dict(zip(split["split"], split["n"], strict=True)) == {"train": 18, "val": 6, "test": 6}
     assignment = pd.read_csv(run_dir / "split_assignment.csv", dtype=str)
     assert list(assignment.columns) == ["id", "label", "split"]
     groups = {name: set(frame["id"]) for name, frame in assignment.groupby("split")}
     assert set(groups) == {"train", "val", "test"}
     assert sum(len(g) for g in groups.values()) == N_PATIENTS
-    assert not (groups["train"] & groups["val"] or groups["train"] & groups["test"]
-                or groups["val"] & groups["test"])
+    assert not (
+        groups["train"] & groups["val"]
+        or groups["train"] & groups["test"]
+        or groups["val"] & groups["test"]
+    )
     manifest = pd.read_csv(tiny_manifest, dtype=str, keep_default_na=False)
     assert set().union(*groups.values()) == {normalize_id(i) for i in manifest["id"]}
     assert result.split_counts == {"train": 18, "val": 6, "test": 6}
@@ -132,8 +169,7 @@ def test_meta_csv_records_the_run(trained_run: Run, tiny_manifest: Path) -> None
 def test_evaluate_reproduces_the_training_test_metrics(trained_run: Run, tmp_path: Path) -> None:
     run_dir, result = trained_run
     test = pd.read_csv(run_dir / "test.csv")
-    evaluated = evaluate_run(EvalRequest(run_dir=run_dir, device="cpu",
-                                         out_dir=tmp_path / "eval"))
+    evaluated = evaluate_run(EvalRequest(run_dir=run_dir, device="cpu", out_dir=tmp_path / "eval"))
     assert evaluated.n == 6
     assert evaluated.metrics["acc"] == test.loc[0, "test_acc"] == result.test["acc"]
     assert evaluated.metrics["macro_f1"] == pytest.approx(test.loc[0, "test_macro_f1"])
@@ -141,8 +177,7 @@ def test_evaluate_reproduces_the_training_test_metrics(trained_run: Run, tmp_pat
     cm = pd.read_csv(run_dir / "confusion_matrix.csv")[["pred_0", "pred_1", "pred_2"]]
     assert np.array_equal(evaluated.confusion, cm.to_numpy())
     written = pd.read_csv(tmp_path / "eval" / "metrics.csv")
-    assert written.set_index("metric").loc["acc", "value"] == pytest.approx(test.loc[0,
-                                                                                     "test_acc"])
+    assert written.set_index("metric").loc["acc", "value"] == pytest.approx(test.loc[0, "test_acc"])
 
 
 def test_evaluate_an_external_manifest(trained_run: Run, tiny_manifest: Path) -> None:
@@ -164,8 +199,9 @@ def test_two_loads_predict_identically(trained_run: Run, tiny_manifest: Path) ->
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     assert first["pred"].tolist() == [str(c) for c in probs.argmax(axis=1)]
     a, b = load_bundle(run_dir), load_bundle(run_dir)
-    for (key, ta), (_, tb) in zip(a.model.state_dict().items(), b.model.state_dict().items(),
-                                  strict=True):
+    for (key, ta), (_, tb) in zip(
+        a.model.state_dict().items(), b.model.state_dict().items(), strict=True
+    ):
         assert torch.equal(ta, tb), key
     assert a.class_names == ["0", "1", "2"]
     assert a.preprocessor.state() == b.preprocessor.state()
@@ -196,17 +232,29 @@ def test_predict_without_labels_and_with_missing_modalities(
     rows.to_csv(patients, index=False)
     frame = predict(run_dir, patients)
     assert "label" not in frame.columns
-    assert list(frame.columns) == ["id", "pred", "prob_0", "prob_1", "prob_2", "modalities",
-                                   "weight_labs", "weight_us", "weight_text", "reason"]
+    assert list(frame.columns) == [
+        "id",
+        "pred",
+        "prob_0",
+        "prob_1",
+        "prob_2",
+        "modalities",
+        "weight_labs",
+        "weight_us",
+        "weight_text",
+        "reason",
+    ]
     assert frame["reason"].fillna("").eq("").all()  # every patient here can be scored
-    expected = ["+".join(n for n in ("labs", "us", "text") if str(r[n]).strip())
-                for _, r in rows.iterrows()]
+    expected = [
+        "+".join(n for n in ("labs", "us", "text") if str(r[n]).strip()) for _, r in rows.iterrows()
+    ]
     assert frame["modalities"].tolist() == expected
     weights = frame[["weight_labs", "weight_us", "weight_text"]].to_numpy()
     # Observed modalities always count; an imputed slot counts its reliability (0 when
     # imputation has not earned it, method.md Sec. 5.1).
-    observed = np.array([[m in str(s).split("+") for m in ("labs", "us", "text")]
-                         for s in frame["modalities"]])
+    observed = np.array(
+        [[m in str(s).split("+") for m in ("labs", "us", "text")] for s in frame["modalities"]]
+    )
     assert ((weights >= 0) & (weights <= 1)).all() and (weights[observed] > 0).all()
 
 
@@ -214,8 +262,9 @@ def test_predict_rejects_a_different_lab_panel(trained_run: Run, tmp_path: Path)
     run_dir, _ = trained_run
     patients = tmp_path / "p.csv"
     patients.write_text('id,labs,us,text\n1,"[1, 2, 3, 4]",,note\n', encoding="utf-8")
-    with pytest.raises(DataError, match="labs has 4 values per patient, the model was trained "
-                       "on 5"):
+    with pytest.raises(
+        DataError, match="labs has 4 values per patient, the model was trained on 5"
+    ):
         predict(run_dir, patients)
 
 
@@ -286,31 +335,51 @@ def test_labs_table_run_predicts_with_the_table_and_checks_its_columns(
     table.to_csv(data / "labs_table.csv", index=False)
     frame.drop(columns=["labs"]).to_csv(data / "manifest_no_labs.csv", index=False)
     run_dir = tmp_path / "run"
-    result = run_training(make_request(data / "manifest_no_labs.csv", run_dir,
-                                       labs_table=str(data / "labs_table.csv"),
-                                       labs_id_col="patient"))
-    assert result.notes == ["labs table matched 20 of 30 manifest ids; the other 10 patients "
-                            "are treated as missing labs"]
+    result = run_training(
+        make_request(
+            data / "manifest_no_labs.csv",
+            run_dir,
+            labs_table=str(data / "labs_table.csv"),
+            labs_id_col="patient",
+        )
+    )
+    assert result.notes == [
+        "labs table matched 20 of 30 manifest ids; the other 10 patients "
+        "are treated as missing labs"
+    ]
     bundle = load_bundle(run_dir)
     assert bundle.preprocessor.vector_stats["labs"]["columns"] == [f"a{j}" for j in range(5)]
     # evaluate finds the table and its id column through meta.csv
     evaluated = evaluate_run(EvalRequest(run_dir=run_dir, device="cpu"))
     assert evaluated.metrics["acc"] == pd.read_csv(run_dir / "test.csv").loc[0, "test_acc"]
-    request = PredictRequest(run_dir=run_dir, patients=data / "manifest_no_labs.csv",
-                             labs_table=data / "labs_table.csv", device="cpu")
+    request = PredictRequest(
+        run_dir=run_dir,
+        patients=data / "manifest_no_labs.csv",
+        labs_table=data / "labs_table.csv",
+        device="cpu",
+    )
     frame_out = predict_patients(request).frame
     assert frame_out["modalities"].str.contains("labs").sum() == 20
-    table[["patient", "a1", "a0", "a2", "a3", "a4"]].to_csv(data / "labs_swapped.csv",
-                                                           index=False)
-    swapped = PredictRequest(run_dir=run_dir, patients=data / "manifest_no_labs.csv",
-                             labs_table=data / "labs_swapped.csv", device="cpu")
+    table[["patient", "a1", "a0", "a2", "a3", "a4"]].to_csv(data / "labs_swapped.csv", index=False)
+    swapped = PredictRequest(
+        run_dir=run_dir,
+        patients=data / "manifest_no_labs.csv",
+        labs_table=data / "labs_swapped.csv",
+        device="cpu",
+    )
     # A table is read by analyte name into the run's columns and order.
     pd.testing.assert_frame_equal(predict_patients(swapped).frame, frame_out)
     table[["patient", "a1", "a0", "a2", "a4"]].to_csv(data / "labs_short.csv", index=False)
-    short = PredictRequest(run_dir=run_dir, patients=data / "manifest_no_labs.csv",
-                           labs_table=data / "labs_short.csv", device="cpu")
-    assert ("1 analyte(s) of the run missing from this lab table (empty for every patient): a3"
-            in predict_patients(short).notes)
+    short = PredictRequest(
+        run_dir=run_dir,
+        patients=data / "manifest_no_labs.csv",
+        labs_table=data / "labs_short.csv",
+        device="cpu",
+    )
+    assert (
+        "1 analyte(s) of the run missing from this lab table (empty for every patient): a3"
+        in predict_patients(short).notes
+    )
 
 
 # -- broken bundles ---------------------------------------------------------------------------
@@ -391,7 +460,9 @@ def test_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
 
 
 def test_hf_text_encoder_bundle_loads_offline(
-    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tiny_manifest: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     make_request: MakeRequest,
 ) -> None:
     from transformers import BertModel
@@ -399,8 +470,12 @@ def test_hf_text_encoder_bundle_loads_offline(
     folder = tiny_bert(tmp_path / "bert")
     original = {k: v.clone() for k, v in BertModel.from_pretrained(folder).state_dict().items()}
     run_dir = tmp_path / "run"
-    request = make_request(tiny_manifest, run_dir, epochs=1,
-                           text=TextConfig(encoder="hf", model=str(folder), max_length=32))
+    request = make_request(
+        tiny_manifest,
+        run_dir,
+        epochs=1,
+        text=TextConfig(encoder="hf", model=str(folder), max_length=32),
+    )
     run_training(request)
     assert (run_dir / "model" / "text_text").is_dir()
     reference = predict(run_dir, tiny_manifest)
@@ -426,11 +501,24 @@ def test_overwriting_a_run_replaces_its_text_model_files(
 ) -> None:
     run_dir = tmp_path / "run"
     first = tiny_bert(tmp_path / "bert32", hidden=32)
-    run_training(make_request(tiny_manifest, run_dir, epochs=1,
-                              text=TextConfig(encoder="hf", model=str(first), max_length=32)))
+    run_training(
+        make_request(
+            tiny_manifest,
+            run_dir,
+            epochs=1,
+            text=TextConfig(encoder="hf", model=str(first), max_length=32),
+        )
+    )
     second = tiny_bert(tmp_path / "bert16", hidden=16, extra_chars="甲状腺")
-    run_training(make_request(tiny_manifest, run_dir, epochs=1, overwrite=True,
-                              text=TextConfig(encoder="hf", model=str(second), max_length=32)))
+    run_training(
+        make_request(
+            tiny_manifest,
+            run_dir,
+            epochs=1,
+            overwrite=True,
+            text=TextConfig(encoder="hf", model=str(second), max_length=32),
+        )
+    )
     saved = json.loads((run_dir / "model" / "text_text" / "config.json").read_text("utf-8"))
     assert saved["hidden_size"] == 16
     bundle = load_bundle(run_dir)
@@ -481,8 +569,9 @@ def test_image_weights_of_the_wrong_depth(
 def test_image_weights_that_are_not_a_state_dict(
     tiny_manifest: Path, tmp_path: Path, make_request: MakeRequest
 ) -> None:
-    missing = ImageConfig(backbone="resnet18", image_size=32,
-                          weights_path=str(tmp_path / "none.pth"))
+    missing = ImageConfig(
+        backbone="resnet18", image_size=32, weights_path=str(tmp_path / "none.pth")
+    )
     with pytest.raises(WeightsError, match="does not exist"):
         run_training(make_request(tiny_manifest, tmp_path / "r1", image=missing))
     junk = tmp_path / "junk.pth"
@@ -504,8 +593,7 @@ def test_auto_image_weights_use_the_local_torch_cache_only(tmp_path: Path) -> No
     torch.hub.set_dir(str(tmp_path / "hub"))
     try:
         model = build_model(config, ImageConfig(backbone="resnet18"), {})
-        assert load_image_weights(model, ImageConfig(backbone="resnet18")).startswith(
-            "random init")
+        assert load_image_weights(model, ImageConfig(backbone="resnet18")).startswith("random init")
         reference = torchvision.models.resnet18(weights=None)
         url = torchvision.models.ResNet18_Weights.DEFAULT.url
         cached = tmp_path / "hub" / "checkpoints" / Path(url).name
@@ -518,7 +606,8 @@ def test_auto_image_weights_use_the_local_torch_cache_only(tmp_path: Path) -> No
         assert torch.equal(trunk[7][1].conv2.weight, reference.layer4[1].conv2.weight)
         fresh = build_model(config, ImageConfig(backbone="resnet18"), {})
         assert load_image_weights(fresh, ImageConfig(backbone="resnet18", pretrained="no")) == (
-            "random init (--no-pretrained-image)")
+            "random init (--no-pretrained-image)"
+        )
         assert not torch.equal(fresh.encoders["us"].backbone[0].weight, reference.conv1.weight)
     finally:
         torch.hub.set_dir(previous)

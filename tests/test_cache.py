@@ -35,8 +35,16 @@ N_IMAGES = 27  # views in the tiny cohort (conftest.build_tiny_cohort)
 class Encoded:
     """One cache_frozen_features call: the messages it sent and how many images it encoded."""
 
-    def __init__(self, manifest: Path, cache: FeatureCache | None, monkeypatch: pytest.MonkeyPatch,
-                 *, image: ImageConfig = SMALL, model: Any = None, tamper: Any = None) -> None:
+    def __init__(
+        self,
+        manifest: Path,
+        cache: FeatureCache | None,
+        monkeypatch: pytest.MonkeyPatch,
+        *,
+        image: ImageConfig = SMALL,
+        model: Any = None,
+        tamper: Any = None,
+    ) -> None:
         request = tiny_request(manifest, manifest.parent / "unused", image=image)
         cohort = read_manifest(manifest, request.data.modalities, num_classes=3)
         torch.manual_seed(0)
@@ -55,8 +63,16 @@ class Encoded:
 
         with monkeypatch.context() as patch:
             patch.setattr(ImageEncoder, "forward_features", counting)
-            cache_frozen_features(self.model, self.data, ["us"], device=CPU, batch_size=8,
-                                  amp=False, cache=cache, notify=self.messages.append)
+            cache_frozen_features(
+                self.model,
+                self.data,
+                ["us"],
+                device=CPU,
+                batch_size=8,
+                amp=False,
+                cache=cache,
+                notify=self.messages.append,
+            )
         self.features = self.data.image_cache["us"]
 
     def said(self, text: str) -> bool:
@@ -71,7 +87,8 @@ def entries(root: Path) -> list[Path]:
 
 
 def test_a_second_encode_reuses_the_entry_and_equals_encoding_in_memory(
-        tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = FeatureCache(tmp_path / "cache")
     first = Encoded(tiny_manifest, cache, monkeypatch)
     assert first.encoded == N_IMAGES and first.said("cached us features in")
@@ -92,11 +109,16 @@ def test_a_second_encode_reuses_the_entry_and_equals_encoding_in_memory(
 
 
 def test_the_key_follows_image_size_backbone_weights_and_files(
-        tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = FeatureCache(tmp_path / "cache")
     Encoded(tiny_manifest, cache, monkeypatch)
-    bigger = Encoded(tiny_manifest, cache, monkeypatch,
-                     image=ImageConfig(backbone="resnet18", image_size=40, pretrained="no"))
+    bigger = Encoded(
+        tiny_manifest,
+        cache,
+        monkeypatch,
+        image=ImageConfig(backbone="resnet18", image_size=40, pretrained="no"),
+    )
     assert bigger.encoded == N_IMAGES and len(entries(cache.root)) == 2
 
     def nudge(model: Any) -> None:
@@ -142,9 +164,9 @@ def _wrong_shape(entry: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [_truncate, _flip, _no_manifest, _wrong_shape])
-def test_a_damaged_entry_is_rebuilt_not_used(tiny_manifest: Path, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch, damage: Any
-                                             ) -> None:
+def test_a_damaged_entry_is_rebuilt_not_used(
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: Any
+) -> None:
     cache = FeatureCache(tmp_path / "cache")
     first = Encoded(tiny_manifest, cache, monkeypatch)
     want = first.flat().copy()
@@ -160,7 +182,8 @@ def test_a_damaged_entry_is_rebuilt_not_used(tiny_manifest: Path, tmp_path: Path
 
 
 def test_an_unwritable_folder_warns_and_runs_without_cache(
-        tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     run = Encoded(tiny_manifest, FeatureCache(blocker / "cache"), monkeypatch)
@@ -173,8 +196,9 @@ def test_an_unwritable_folder_warns_and_runs_without_cache(
     np.testing.assert_array_equal(run.flat(), memory.flat())
 
 
-def test_an_interrupted_build_leaves_no_entry(tiny_manifest: Path, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupted_build_leaves_no_entry(
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = FeatureCache(tmp_path / "cache")
     calls = []
 
@@ -193,7 +217,8 @@ def test_an_interrupted_build_leaves_no_entry(tiny_manifest: Path, tmp_path: Pat
 
 
 def test_features_pickle_as_a_path_for_dataloader_workers(
-        tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = Encoded(tiny_manifest, FeatureCache(tmp_path / "cache"), monkeypatch)
     raw = pickle.dumps(run.features)
     assert len(raw) < run.flat().nbytes / 4
@@ -202,8 +227,7 @@ def test_features_pickle_as_a_path_for_dataloader_workers(
     for i in range(len(back)):
         torch.testing.assert_close(back[i], run.features[i])
     memory = FeatureArray.from_rows(np.ones((3, 2)), [2, 0, 1])
-    assert [tuple(f.shape) for f in pickle.loads(pickle.dumps(memory))] == [(2, 2), (0, 2),
-                                                                              (1, 2)]
+    assert [tuple(f.shape) for f in pickle.loads(pickle.dumps(memory))] == [(2, 2), (0, 2), (1, 2)]
     assert tuple(memory.rows([0, 2]).shape) == (3, 2)
 
 
@@ -217,10 +241,31 @@ def test_default_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
 
 # -- the commands -------------------------------------------------------------------------------
 
-TRAIN_ARGS = ["--num-classes", "3", "--epochs", "2", "--batch-size", "8", "--image-backbone",
-              "resnet18", "--image-size", "32", "--device", "cpu", "--no-pretrained-image",
-              "--train-ratio", "0.6", "--val-ratio", "0.2", "--test-ratio", "0.2", "--seed", "0",
-              "--tla-min-patients", "1"]
+TRAIN_ARGS = [
+    "--num-classes",
+    "3",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--image-backbone",
+    "resnet18",
+    "--image-size",
+    "32",
+    "--device",
+    "cpu",
+    "--no-pretrained-image",
+    "--train-ratio",
+    "0.6",
+    "--val-ratio",
+    "0.2",
+    "--test-ratio",
+    "0.2",
+    "--seed",
+    "0",
+    "--tla-min-patients",
+    "1",
+]
 
 
 def invoke(*args: str) -> Any:
@@ -234,49 +279,109 @@ def invoke(*args: str) -> Any:
 
 
 def test_train_reuses_the_cache_and_matches_a_run_without_it(
-        tiny_manifest: Path, tmp_path: Path) -> None:
+    tiny_manifest: Path, tmp_path: Path
+) -> None:
     import pandas as pd
 
     cache = tmp_path / "cache"
-    first = invoke("train", str(tiny_manifest), "--out-dir", str(tmp_path / "a"), *TRAIN_ARGS,
-                   "--cache-dir", str(cache))
+    first = invoke(
+        "train",
+        str(tiny_manifest),
+        "--out-dir",
+        str(tmp_path / "a"),
+        *TRAIN_ARGS,
+        "--cache-dir",
+        str(cache),
+    )
     (entry,) = entries(cache)
     assert f"cached us features in {entry}" in first.output
-    second = invoke("train", str(tiny_manifest), "--out-dir", str(tmp_path / "b"), *TRAIN_ARGS,
-                    "--cache-dir", str(cache))
+    second = invoke(
+        "train",
+        str(tiny_manifest),
+        "--out-dir",
+        str(tmp_path / "b"),
+        *TRAIN_ARGS,
+        "--cache-dir",
+        str(cache),
+    )
     assert f"reusing cached us features from {entry}" in second.output
     unused = tmp_path / "unused"
-    plain = invoke("train", str(tiny_manifest), "--out-dir", str(tmp_path / "c"), *TRAIN_ARGS,
-                   "--no-cache", "--cache-dir", str(unused))
+    plain = invoke(
+        "train",
+        str(tiny_manifest),
+        "--out-dir",
+        str(tmp_path / "c"),
+        *TRAIN_ARGS,
+        "--no-cache",
+        "--cache-dir",
+        str(unused),
+    )
     assert "cached" not in plain.output and not unused.exists()
-    metrics = [pd.read_csv(tmp_path / run / "metrics.csv").drop(columns="seconds")
-               for run in "abc"]
+    metrics = [pd.read_csv(tmp_path / run / "metrics.csv").drop(columns="seconds") for run in "abc"]
     pd.testing.assert_frame_equal(metrics[0], metrics[1])
     pd.testing.assert_frame_equal(metrics[0], metrics[2], rtol=1e-4)
 
-    evaluated = invoke("evaluate", str(tmp_path / "a"), "--bootstrap", "0", "--device", "cpu",
-                       "--cache-dir", str(cache))
+    evaluated = invoke(
+        "evaluate",
+        str(tmp_path / "a"),
+        "--bootstrap",
+        "0",
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(cache),
+    )
     assert f"reusing cached us features from {entry}" in evaluated.output
-    again = invoke("evaluate", str(tmp_path / "a"), "--bootstrap", "0", "--device", "cpu",
-                   "--no-cache", "--out-dir", str(tmp_path / "eval-plain"))
+    again = invoke(
+        "evaluate",
+        str(tmp_path / "a"),
+        "--bootstrap",
+        "0",
+        "--device",
+        "cpu",
+        "--no-cache",
+        "--out-dir",
+        str(tmp_path / "eval-plain"),
+    )
     pd.testing.assert_frame_equal(
         pd.read_csv(tmp_path / "a" / "eval" / "test" / "predictions.csv"),
-        pd.read_csv(tmp_path / "eval-plain" / "predictions.csv"), rtol=1e-4)
+        pd.read_csv(tmp_path / "eval-plain" / "predictions.csv"),
+        rtol=1e-4,
+    )
     assert "cached" not in again.output
     fresh = tmp_path / "fresh"  # a test split alone is not worth encoding the whole cohort for
-    split_only = invoke("evaluate", str(tmp_path / "a"), "--bootstrap", "0", "--device", "cpu",
-                        "--cache-dir", str(fresh), "--out-dir", str(tmp_path / "eval-fresh"))
+    split_only = invoke(
+        "evaluate",
+        str(tmp_path / "a"),
+        "--bootstrap",
+        "0",
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(fresh),
+        "--out-dir",
+        str(tmp_path / "eval-fresh"),
+    )
     assert "cached" not in split_only.output and not fresh.exists()
-    predicted = invoke("predict", str(tiny_manifest), "--run", str(tmp_path / "a"), "--out",
-                       str(tmp_path / "p.csv"), "--device", "cpu", "--cache-dir", str(cache))
+    predicted = invoke(
+        "predict",
+        str(tiny_manifest),
+        "--run",
+        str(tmp_path / "a"),
+        "--out",
+        str(tmp_path / "p.csv"),
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(cache),
+    )
     assert f"reusing cached us features from {entry}" in predicted.output
     resumed = invoke("train", "--resume", str(tmp_path / "a"))  # its --cache-dir is in the run
     assert f"reusing cached us features from {entry}" in resumed.output
     assert len(entries(cache)) == 1
 
 
-def test_cv_encodes_once_into_one_entry_for_every_fold(tiny_manifest: Path,
-                                                         tmp_path: Path) -> None:
+def test_cv_encodes_once_into_one_entry_for_every_fold(tiny_manifest: Path, tmp_path: Path) -> None:
     from tests.conftest import CV_ARGS
 
     cache = tmp_path / "cache"
@@ -300,13 +405,20 @@ def _rank_worker(rank: int, cache_dir: str, out: str) -> None:
     cache and save what this rank got."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank,
-                            world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
     try:
         model, data = _FORKED["model"], _FORKED["data"]
         messages: list[str] = []
-        cache_frozen_features(model, data, ["us"], device=CPU, batch_size=4, amp=False,
-                              cache=FeatureCache(Path(cache_dir)), notify=messages.append)
+        cache_frozen_features(
+            model,
+            data,
+            ["us"],
+            device=CPU,
+            batch_size=4,
+            amp=False,
+            cache=FeatureCache(Path(cache_dir)),
+            notify=messages.append,
+        )
         np.save(Path(out) / f"rank{rank}.npy", np.asarray(data.image_cache["us"].array))
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(messages))
     finally:
@@ -321,13 +433,15 @@ def _spawn(run: Encoded, cache: Path, out: Path) -> list[list[str]]:
     # fork: the ranks start at once with the same model instead of importing torch and
     # building it again (tens of seconds on a busy 2-core machine); the parent holds no
     # process group and runs one intra-op thread.
-    mp.start_processes(_rank_worker, args=(str(cache), str(out)), nprocs=2, join=True,
-                       start_method="fork")
+    mp.start_processes(
+        _rank_worker, args=(str(cache), str(out)), nprocs=2, join=True, start_method="fork"
+    )
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 def test_two_processes_encode_half_each_and_share_one_entry(
-        tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = tmp_path / "cache"
     memory = Encoded(tiny_manifest, None, monkeypatch)
     said = _spawn(memory, cache, tmp_path / "first")
@@ -351,16 +465,27 @@ def test_hf_notes_are_cached_one_row_per_patient(tiny_manifest: Path, tmp_path: 
     cache = FeatureCache(tmp_path / "cache")
 
     def encode(max_length: int, use: FeatureCache | None) -> tuple[FeatureArray, list[str]]:
-        request = tiny_request(tiny_manifest, tmp_path / "unused", image=SMALL,
-                               text=TextConfig(encoder="hf", model=str(folder),
-                                               max_length=max_length))
+        request = tiny_request(
+            tiny_manifest,
+            tmp_path / "unused",
+            image=SMALL,
+            text=TextConfig(encoder="hf", model=str(folder), max_length=max_length),
+        )
         cohort = read_manifest(tiny_manifest, request.data.modalities, num_classes=3)
         torch.manual_seed(0)
         model, pre, _ = build_for_cohort(cohort, np.arange(len(cohort)), request)
         data = pre.prepare(cohort)
         said: list[str] = []
-        cache_frozen_features(model, data, ["text"], device=CPU, batch_size=8, amp=False,
-                              cache=use, notify=said.append)
+        cache_frozen_features(
+            model,
+            data,
+            ["text"],
+            device=CPU,
+            batch_size=8,
+            amp=False,
+            cache=use,
+            notify=said.append,
+        )
         return data.text_cache["text"], said
 
     first, said = encode(32, cache)
@@ -369,8 +494,9 @@ def test_hf_notes_are_cached_one_row_per_patient(tiny_manifest: Path, tmp_path: 
     second, said = encode(32, cache)
     assert said[0].startswith("reusing cached text features from")
     memory, _ = encode(32, None)
-    np.testing.assert_allclose(np.asarray(second.array), np.asarray(memory.array), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(second.array), np.asarray(memory.array), rtol=1e-5, atol=1e-6
+    )
     _, said = encode(8, cache)  # shorter notes: other tokens, another entry
     assert said[0].startswith("cached text features in") and len(entries(cache.root)) == 2
 
@@ -382,8 +508,9 @@ def test_token_fingerprint_of_flat_storage_equals_the_list_form():
     rows = [[3, 1, 4], [], [1, 5, 9, 2, 6], [5]]
     flat = Ragged.from_lists(rows, np.int32)
     assert tokens_fingerprint(flat) == tokens_fingerprint(rows)
-    assert tokens_fingerprint(Ragged.from_lists([[3, 1, 4], [1], [5, 9, 2, 6], [5]], np.int32)) \
-        != tokens_fingerprint(flat)  # same tokens, other note boundaries
+    assert tokens_fingerprint(
+        Ragged.from_lists([[3, 1, 4], [1], [5, 9, 2, 6], [5]], np.int32)
+    ) != tokens_fingerprint(flat)  # same tokens, other note boundaries
 
 
 # -- no silent staleness (issue 19) -----------------------------------------------------------
@@ -412,14 +539,15 @@ def _same_size_other_pixels(image: Path) -> None:
             break
     data = other.read_bytes()
     other.unlink()
-    assert len(data) <= size and data != bytes(raw[:len(data)])
+    assert len(data) <= size and data != bytes(raw[: len(data)])
     image.write_bytes(data + b"\0" * (size - len(data)))
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert image.stat().st_size == st.st_size and image.stat().st_mtime_ns == st.st_mtime_ns
 
 
 def test_a_replaced_image_with_the_same_size_and_mtime_encodes_again(
-        tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     manifest, image = _copy_cohort(tiny_manifest, tmp_path)
     cache = FeatureCache(tmp_path / "cache")
     first = Encoded(manifest, cache, monkeypatch)
@@ -431,8 +559,9 @@ def test_a_replaced_image_with_the_same_size_and_mtime_encodes_again(
 
 
 @pytest.mark.skipif(os.name == "nt", reason="symlinks need extra privileges on Windows")
-def test_a_re_pointed_symlink_encodes_again(tiny_manifest: Path, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_re_pointed_symlink_encodes_again(
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     manifest, image = _copy_cohort(tiny_manifest, tmp_path)
     store = tmp_path / "store"
     store.mkdir()
@@ -452,9 +581,9 @@ def test_a_re_pointed_symlink_encodes_again(tiny_manifest: Path, tmp_path: Path,
 
 
 @pytest.mark.parametrize("module", ["torchvision", "PIL", "torch"])
-def test_another_library_version_encodes_again(tiny_manifest: Path, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch,
-                                               module: str) -> None:
+def test_another_library_version_encodes_again(
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str
+) -> None:
     import importlib
 
     cache = FeatureCache(tmp_path / "cache")
@@ -465,8 +594,9 @@ def test_another_library_version_encodes_again(tiny_manifest: Path, tmp_path: Pa
     assert Encoded(tiny_manifest, cache, monkeypatch).encoded == N_IMAGES
 
 
-def test_another_preprocessing_version_encodes_again(tiny_manifest: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_another_preprocessing_version_encodes_again(
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from omnifuse_cli.data import images
 
     cache = FeatureCache(tmp_path / "cache")
@@ -476,7 +606,8 @@ def test_another_preprocessing_version_encodes_again(tiny_manifest: Path, tmp_pa
 
 
 def test_views_per_patient_and_precision_are_part_of_the_key(
-        tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from omnifuse_cli.engine import inference
 
     cache = FeatureCache(tmp_path / "cache")

@@ -18,10 +18,31 @@ from omnifuse_cli.data.manifest import normalize_id
 from omnifuse_cli.errors import ManifestError
 
 MODALITIES = ("labs", "us", "text")
-PRED_COLUMNS = ["id", "label", "pred", "prob_0", "prob_1", "prob_2", "modalities",
-                "weight_labs", "weight_us", "weight_text"]
-TRAIN_ARGS = ["--num-classes", "3", "--epochs", "2", "--image-backbone", "resnet18",
-              "--image-size", "32", "--device", "cpu", "--no-pretrained-image"]
+PRED_COLUMNS = [
+    "id",
+    "label",
+    "pred",
+    "prob_0",
+    "prob_1",
+    "prob_2",
+    "modalities",
+    "weight_labs",
+    "weight_us",
+    "weight_text",
+]
+TRAIN_ARGS = [
+    "--num-classes",
+    "3",
+    "--epochs",
+    "2",
+    "--image-backbone",
+    "resnet18",
+    "--image-size",
+    "32",
+    "--device",
+    "cpu",
+    "--no-pretrained-image",
+]
 
 
 def invoke(*args: object) -> Result:
@@ -62,8 +83,9 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out["make_data"] = invoke("make-data", "--out-dir", data, "--n", 45, "--image-size", 48)
     out["train"] = invoke("train", data / "manifest.csv", "--out-dir", run, *TRAIN_ARGS)
     out["evaluate"] = invoke("evaluate", run, "--device", "cpu")
-    out["predict"] = invoke("predict", data / "manifest.csv", "--run", run, "--out", preds,
-                            "--device", "cpu")
+    out["predict"] = invoke(
+        "predict", data / "manifest.csv", "--run", run, "--out", preds, "--device", "cpu"
+    )
     return out
 
 
@@ -71,8 +93,16 @@ def test_flow_exit_codes_and_files(flow: dict[str, Any]) -> None:
     for step in ("make_data", "train", "evaluate", "predict"):
         assert_ok(flow[step])
     assert (flow["data"] / "manifest.csv").is_file()
-    for name in ("metrics.csv", "test.csv", "confusion_matrix.csv", "split.csv", "meta.csv",
-                 "split_assignment.csv", "model/bundle.json", "model/model.safetensors"):
+    for name in (
+        "metrics.csv",
+        "test.csv",
+        "confusion_matrix.csv",
+        "split.csv",
+        "meta.csv",
+        "split_assignment.csv",
+        "model/bundle.json",
+        "model/model.safetensors",
+    ):
         assert (flow["run"] / name).is_file(), name
     assert (flow["run"] / "eval" / "test" / "metrics.csv").is_file()
     assert flow["preds"].is_file()
@@ -103,8 +133,7 @@ def test_evaluate_reproduces_test_csv(flow: dict[str, Any]) -> None:
 
 
 def test_predictions_csv(flow: dict[str, Any]) -> None:
-    preds = pd.read_csv(flow["preds"], dtype={"id": str, "pred": str},
-                        keep_default_na=False)
+    preds = pd.read_csv(flow["preds"], dtype={"id": str, "pred": str}, keep_default_na=False)
     assert list(preds.columns) == [*PRED_COLUMNS, "reason"]  # reason: why a row has no pred
     assert (preds["reason"] == "").all()
     manifest = pd.read_csv(flow["data"] / "manifest.csv", dtype=str, keep_default_na=False)
@@ -121,8 +150,9 @@ def test_predictions_csv(flow: dict[str, Any]) -> None:
     weights = preds[["weight_labs", "weight_us", "weight_text"]].to_numpy(dtype=float)
     # Observed modalities always count; an imputed slot counts its reliability (0 when
     # imputation has not earned it, method.md Sec. 5.1).
-    observed = np.array([[m in str(s).split("+") for m in ("labs", "us", "text")]
-                         for s in preds["modalities"]])
+    observed = np.array(
+        [[m in str(s).split("+") for m in ("labs", "us", "text")] for s in preds["modalities"]]
+    )
     assert ((weights >= 0) & (weights <= 1)).all() and (weights[observed] > 0).all()
     assert "predictions (45 patients, first 20 shown)" in flat(flow["predict"].output)
 
@@ -147,8 +177,9 @@ def test_predict_without_run_uses_the_newest_run(
     pd.testing.assert_frame_equal(written, reference)
 
 
-def test_predict_without_any_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                 flow: dict[str, Any]) -> None:
+def test_predict_without_any_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow: dict[str, Any]
+) -> None:
     monkeypatch.chdir(tmp_path)
     result = invoke("predict", flow["data"] / "manifest.csv")
     assert_user_error(result, "no trained run found", "--run")
@@ -159,8 +190,9 @@ def test_train_with_the_manifest_option_works_like_the_argument(
     flow: dict[str, Any], tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    result = invoke("train", "--manifest", flow["data"] / "manifest.csv", "--out-dir", run,
-                    *TRAIN_ARGS)
+    result = invoke(
+        "train", "--manifest", flow["data"] / "manifest.csv", "--out-dir", run, *TRAIN_ARGS
+    )
     assert_ok(result)
     # Same data, options and seed: the same split and the same test metrics.
     for name in ("split_assignment.csv", "test.csv", "confusion_matrix.csv"):
@@ -220,8 +252,15 @@ def test_bad_option_values_are_user_errors(flow: dict[str, Any], tmp_path: Path)
     args = [*TRAIN_ARGS, "--train-ratio", "0.9"]
     result = invoke("train", flow["data"] / "manifest.csv", "--out-dir", tmp_path / "r", *args)
     assert_user_error(result, "must be 1")
-    result = invoke("train", flow["data"] / "manifest.csv", "--out-dir", tmp_path / "r",
-                    *TRAIN_ARGS, "--modality", "ct")
+    result = invoke(
+        "train",
+        flow["data"] / "manifest.csv",
+        "--out-dir",
+        tmp_path / "r",
+        *TRAIN_ARGS,
+        "--modality",
+        "ct",
+    )
     assert_user_error(result, "is not NAME=KIND")
 
 
@@ -253,13 +292,26 @@ def test_synth_prints_the_loss_columns() -> None:
     result = invoke("synth", "--epochs", 2, "--n", 120)
     assert_ok(result)
     output = result.output
-    for header in ("epoch", "loss", "fwd", "bwd", "dwfuse", "tla", "val_loss", "val_acc",
-                   "val_F1", "lazy"):
+    for header in (
+        "epoch",
+        "loss",
+        "fwd",
+        "bwd",
+        "dwfuse",
+        "tla",
+        "val_loss",
+        "val_acc",
+        "val_F1",
+        "lazy",
+    ):
         assert header in output
     assert "synthetic cohort: 120 patients" in output
     assert "test metrics" in output
-    rows = [line.split() for line in output.splitlines() if line.split()[:1] in (["1"], ["1*"],
-                                                                                ["2"], ["2*"])]
+    rows = [
+        line.split()
+        for line in output.splitlines()
+        if line.split()[:1] in (["1"], ["1*"], ["2"], ["2*"])
+    ]
     assert [r[0].rstrip("*") for r in rows] == ["1", "2"]
     for row in rows:
         fwd, bwd, dwfuse = (float(v) for v in row[2:5])
@@ -267,17 +319,42 @@ def test_synth_prints_the_loss_columns() -> None:
 
 
 def test_check_audits_a_manifest(tiny_manifest: Path, tmp_path: Path) -> None:
-    result = invoke("check", tiny_manifest, "--num-classes", 3, "--train-ratio", 0.6,
-                    "--val-ratio", 0.2, "--test-ratio", 0.2)
+    result = invoke(
+        "check",
+        tiny_manifest,
+        "--num-classes",
+        3,
+        "--train-ratio",
+        0.6,
+        "--val-ratio",
+        0.2,
+        "--test-ratio",
+        0.2,
+    )
     assert_ok(result)
     assert f"ok: 30 patients, ready for `omnifuse train {tiny_manifest} --num-classes 3`" in flat(
-        result.output)
+        result.output
+    )
     # The suggested command carries the data flags check was given, ready to paste.
-    result = invoke("check", tiny_manifest, "--num-classes", 3, "--modality", "labs=vector",
-                    "--modality", "us=image", "--modality", "text=text", "--on-bad-file", "skip")
+    result = invoke(
+        "check",
+        tiny_manifest,
+        "--num-classes",
+        3,
+        "--modality",
+        "labs=vector",
+        "--modality",
+        "us=image",
+        "--modality",
+        "text=text",
+        "--on-bad-file",
+        "skip",
+    )
     assert_ok(result)
-    assert (f"ready for `omnifuse train {tiny_manifest} --num-classes 3 --modality labs=vector "
-            "--modality us=image --modality text=text --on-bad-file skip`") in flat(result.output)
+    assert (
+        f"ready for `omnifuse train {tiny_manifest} --num-classes 3 --modality labs=vector "
+        "--modality us=image --modality text=text --on-bad-file skip`"
+    ) in flat(result.output)
     unlabelled = tmp_path / "m.csv"
     unlabelled.write_text('id,label,labs\n1,,"[1]"\n2,,"[2]"\n', encoding="utf-8")
     result = invoke("check", unlabelled, "--modality", "labs=vector")

@@ -28,10 +28,31 @@ from .conftest import N_PATIENTS, NUM_CLASSES, save_png
 
 Run = tuple[Path, TrainResult]
 CPU = torch.device("cpu")
-TINY = ["--num-classes", "3", "--epochs", "2", "--batch-size", "8", "--image-backbone",
-        "resnet18", "--image-size", "32", "--device", "cpu", "--no-pretrained-image",
-        "--train-ratio", "0.6", "--val-ratio", "0.2", "--test-ratio", "0.2", "--seed", "0",
-        "--tla-min-patients", "1"]
+TINY = [
+    "--num-classes",
+    "3",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--image-backbone",
+    "resnet18",
+    "--image-size",
+    "32",
+    "--device",
+    "cpu",
+    "--no-pretrained-image",
+    "--train-ratio",
+    "0.6",
+    "--val-ratio",
+    "0.2",
+    "--test-ratio",
+    "0.2",
+    "--seed",
+    "0",
+    "--tla-min-patients",
+    "1",
+]
 
 
 def invoke(*args: object) -> Result:
@@ -59,8 +80,18 @@ def train_and_predict(manifest: Path, root: Path, *flags: object) -> tuple[Path,
 def test_no_dwfuse_with_the_joint_rule_no_tla_embed_dim_and_no_modality_drop(
     tiny_manifest: Path, tmp_path: Path
 ) -> None:
-    run, preds = train_and_predict(tiny_manifest, tmp_path, "--no-dwfuse", "--inference-rule",
-                                   "joint", "--no-tla", "--embed-dim", 16, "--modality-drop", 0)
+    run, preds = train_and_predict(
+        tiny_manifest,
+        tmp_path,
+        "--no-dwfuse",
+        "--inference-rule",
+        "joint",
+        "--no-tla",
+        "--embed-dim",
+        16,
+        "--modality-drop",
+        0,
+    )
     model = load_bundle(run).model
     method = model.config.method
     assert (method.use_dwfuse, method.use_tla, method.inference_rule) == (False, False, "joint")
@@ -79,8 +110,15 @@ def test_no_dwfuse_with_the_joint_rule_no_tla_embed_dim_and_no_modality_drop(
 
 
 def test_no_imputation_with_the_mean_rule(tiny_manifest: Path, tmp_path: Path) -> None:
-    run, preds = train_and_predict(tiny_manifest, tmp_path, "--no-imputation",
-                                   "--inference-rule", "mean", "--modality-drop", 0.5)
+    run, preds = train_and_predict(
+        tiny_manifest,
+        tmp_path,
+        "--no-imputation",
+        "--inference-rule",
+        "mean",
+        "--modality-drop",
+        0.5,
+    )
     bundle = load_bundle(run)
     model = bundle.model
     assert model.cra_forward is None and model.cra_backward is None
@@ -100,8 +138,7 @@ def test_no_imputation_with_the_mean_rule(tiny_manifest: Path, tmp_path: Path) -
 
 def test_no_backward_and_one_image_per_patient(tiny_manifest: Path, tmp_path: Path) -> None:
     """--max-us-images 1: a patient's second image never reaches the model."""
-    run, preds = train_and_predict(tiny_manifest, tmp_path, "--no-backward",
-                                   "--max-us-images", 1)
+    run, preds = train_and_predict(tiny_manifest, tmp_path, "--no-backward", "--max-us-images", 1)
     bundle = load_bundle(run)
     assert bundle.model.cra_forward is not None and bundle.model.cra_backward is None
     assert bundle.preprocessor.image.max_images == 1
@@ -114,8 +151,9 @@ def test_no_backward_and_one_image_per_patient(tiny_manifest: Path, tmp_path: Pa
     pd.testing.assert_frame_equal(read_predictions(again), preds)
 
 
-def test_a_run_with_several_images_sees_the_second_one(trained_run: Run, tiny_manifest: Path,
-                                                       tmp_path: Path) -> None:
+def test_a_run_with_several_images_sees_the_second_one(
+    trained_run: Run, tiny_manifest: Path, tmp_path: Path
+) -> None:
     """The control of the test above: with the default --max-us-images 4 the same change moves
     the predictions of exactly the patients with two images."""
     run, _ = trained_run
@@ -126,10 +164,12 @@ def test_a_run_with_several_images_sees_the_second_one(trained_run: Run, tiny_ma
     a, b = read_predictions(before), read_predictions(after)
     probs = [f"prob_{c}" for c in range(NUM_CLASSES)]
     moved = ~np.isclose(a[probs], b[probs], rtol=0, atol=1e-7).all(axis=1)
-    cohort = read_manifest(tiny_manifest, load_bundle(run).model.config.modalities,
-                           num_classes=NUM_CLASSES)
-    two_images = {pid for pid, images in zip(cohort.ids, cohort.images["us"], strict=True)
-                  if len(images) == 2}
+    cohort = read_manifest(
+        tiny_manifest, load_bundle(run).model.config.modalities, num_classes=NUM_CLASSES
+    )
+    two_images = {
+        pid for pid, images in zip(cohort.ids, cohort.images["us"], strict=True) if len(images) == 2
+    }
     assert moved.any()
     assert set(a.index[moved]) == two_images
 
@@ -144,10 +184,19 @@ def second_images_replaced(manifest: Path, dest: Path) -> Path:
     return dest / manifest.name
 
 
-def test_mean_rule_without_dwfuse_is_refused_with_the_alternative(tiny_manifest: Path,
-                                                                   tmp_path: Path) -> None:
-    result = invoke("train", tiny_manifest, "--out-dir", tmp_path / "run", *TINY, "--no-dwfuse",
-                    "--inference-rule", "mean")
+def test_mean_rule_without_dwfuse_is_refused_with_the_alternative(
+    tiny_manifest: Path, tmp_path: Path
+) -> None:
+    result = invoke(
+        "train",
+        tiny_manifest,
+        "--out-dir",
+        tmp_path / "run",
+        *TINY,
+        "--no-dwfuse",
+        "--inference-rule",
+        "mean",
+    )
     assert result.exit_code == 2, result.output
     assert "--inference-rule mean needs DWFuse's modality heads" in result.stderr
     assert "--inference-rule joint" in result.stderr
@@ -164,13 +213,15 @@ def test_evaluate_missing_rate_hides_modalities_reproducibly(
     full, hidden = tmp_path / "full", tmp_path / "hidden"
     common = ["--bootstrap", 0, "--device", "cpu"]
     assert_ok(invoke("evaluate", run, "--out-dir", full, *common))
-    result = invoke("evaluate", run, "--out-dir", hidden, "--missing-rate", 0.5, "--seed", 3,
-                    *common)
+    result = invoke(
+        "evaluate", run, "--out-dir", hidden, "--missing-rate", 0.5, "--seed", 3, *common
+    )
     assert_ok(result)
     assert "missing rate 0.5 (seed 3)" in " ".join(result.output.split())
 
-    cohort = read_manifest(tiny_manifest, load_bundle(run).model.config.modalities,
-                           num_classes=NUM_CLASSES)
+    cohort = read_manifest(
+        tiny_manifest, load_bundle(run).model.config.modalities, num_classes=NUM_CLASSES
+    )
     expected, empty = simulate_missing(cohort.present, cohort.names, (), 0.5, 3)
     assert not empty.any()
     split = read_split_assignment(run)
@@ -186,14 +237,14 @@ def test_evaluate_missing_rate_hides_modalities_reproducibly(
     lost = np.array([a.loc[pid, "modalities"] != b.loc[pid, "modalities"] for pid in test_ids])
     assert lost.any()
     probs = [f"prob_{c}" for c in range(NUM_CLASSES)]
-    same = np.isclose(a.loc[test_ids, probs], b.loc[test_ids, probs], rtol=0,
-                      atol=1e-7).all(axis=1)
+    same = np.isclose(a.loc[test_ids, probs], b.loc[test_ids, probs], rtol=0, atol=1e-7).all(axis=1)
     assert (same == ~lost).all()
     patterns = pd.read_csv(hidden / "patterns.csv")
     assert patterns["n"].sum() == len(test_ids)
     metrics = pd.read_csv(hidden / "metrics.csv").set_index("metric")["value"]
     assert metrics["acc"] == pytest.approx(
-        (b.loc[test_ids, "pred"].astype(int) == b.loc[test_ids, "label"]).mean())
+        (b.loc[test_ids, "pred"].astype(int) == b.loc[test_ids, "label"]).mean()
+    )
 
 
 # -- a modality set of two vectors and one text ---------------------------------------------------
@@ -206,13 +257,24 @@ def write_other_cohort(root: Path, *, labels: bool = True) -> Path:
     lines = ["id,label,blood,vitals,report" if labels else "id,blood,vitals,report"]
     for i in range(N_PATIENTS):
         label = i % NUM_CLASSES
-        has = [(True, True, True), (True, False, True), (False, True, True),
-               (True, True, False), (False, False, True), (True, False, False)][i % 6]
+        has = [
+            (True, True, True),
+            (True, False, True),
+            (False, True, True),
+            (True, True, False),
+            (False, False, True),
+            (True, False, False),
+        ][i % 6]
         blood = json.dumps(list(np.round(label + rng.normal(0, 0.4, 3), 3))) if has[0] else ""
         vitals = json.dumps(list(np.round(-label + rng.normal(0, 0.4, 2), 3))) if has[1] else ""
         report = f"{words[label]} case {i}" if has[2] else ""
-        cells = [f"p{i:03d}", *([str(label)] if labels else []),
-                 f'"{blood}"' if blood else "", f'"{vitals}"' if vitals else "", report]
+        cells = [
+            f"p{i:03d}",
+            *([str(label)] if labels else []),
+            f'"{blood}"' if blood else "",
+            f'"{vitals}"' if vitals else "",
+            report,
+        ]
         lines.append(",".join(cells))
     root.mkdir(parents=True, exist_ok=True)
     path = root / ("manifest.csv" if labels else "patients.csv")
@@ -222,13 +284,22 @@ def write_other_cohort(root: Path, *, labels: bool = True) -> Path:
 
 def test_train_predict_and_evaluate_with_two_vectors_and_a_text(tmp_path: Path) -> None:
     manifest = write_other_cohort(tmp_path / "data")
-    modalities = ["--modality", "blood=vector", "--modality", "vitals=vector",
-                  "--modality", "report=text"]
+    modalities = [
+        "--modality",
+        "blood=vector",
+        "--modality",
+        "vitals=vector",
+        "--modality",
+        "report=text",
+    ]
     run = tmp_path / "run"
     assert_ok(invoke("train", manifest, "--out-dir", run, *TINY, *modalities))
     model = load_bundle(run).model
     assert [(m.name, m.kind) for m in model.config.modalities] == [
-        ("blood", "vector"), ("vitals", "vector"), ("report", "text")]
+        ("blood", "vector"),
+        ("vitals", "vector"),
+        ("report", "text"),
+    ]
     assert model.config.input_dims[:2] == (3, 2)
     metrics = pd.read_csv(run / "metrics.csv")
     assert {"tla_blood", "tla_blood+vitals+report"} <= set(metrics.columns)
@@ -244,8 +315,14 @@ def test_train_predict_and_evaluate_with_two_vectors_and_a_text(tmp_path: Path) 
     assert set(preds["pred"]) <= {"0", "1", "2"}
     assert_ok(invoke("evaluate", run, "--bootstrap", 0, "--device", "cpu"))
     patterns = pd.read_csv(run / "eval" / "test" / "patterns.csv")
-    assert set(patterns["present"]) <= {"blood+vitals+report", "blood+report", "vitals+report",
-                                        "blood+vitals", "report", "blood"}
+    assert set(patterns["present"]) <= {
+        "blood+vitals+report",
+        "blood+report",
+        "vitals+report",
+        "blood+vitals",
+        "report",
+        "blood",
+    }
 
 
 # -- predictions.csv weights are the model's w_m at the predicted class ---------------------------
@@ -271,15 +348,17 @@ def test_prediction_weights_are_the_models_gated_w_m_at_the_predicted_class(
         log_probs = model.predict_from(fused).log_probs
         assert fused.modality_log_probs is not None
         # Eq. 10 with each slot gated: 1 when observed, the modality's reliability when imputed.
-        weights = dwfuse_weights(fused.modality_log_probs, method.beta, fused.gate) \
-            * fused.gate.unsqueeze(-1)
+        weights = dwfuse_weights(
+            fused.modality_log_probs, method.beta, fused.gate
+        ) * fused.gate.unsqueeze(-1)
     pred = log_probs.argmax(1)
     ids = [cohort.ids[i] for i in batch["index"].tolist()]
     assert [int(p) for p in preds.loc[ids, "pred"]] == pred.tolist()
     names = [m.name for m in model.config.modalities]
     at_pred = weights[torch.arange(len(ids)), :, pred].numpy()  # (B, M)
-    np.testing.assert_allclose(preds.loc[ids, [f"weight_{n}" for n in names]].to_numpy(),
-                               at_pred, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        preds.loc[ids, [f"weight_{n}" for n in names]].to_numpy(), at_pred, rtol=1e-5, atol=1e-7
+    )
     # Another class's weights differ: the file's are those of the predicted class.
     other = weights[torch.arange(len(ids)), :, (pred + 1) % NUM_CLASSES].numpy()
     assert not np.allclose(at_pred, other, atol=1e-4)

@@ -138,18 +138,21 @@ Y6 = np.array([0, 0, 1, 0, 1, 1], dtype=bool)
 S6 = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
 
 
-@pytest.mark.parametrize(("text", "threshold"), [
-    ("youden", 0.5),  # J = 2/3 at 0.5 and at 0.3: the higher wins
-    ("f1", 0.3),  # F1 6/7
-    ("sens=0.9", 0.3),
-    ("sens=0.6", 0.5),  # 2/3 at 0.5 and 0.4: the highest
-    ("spec=0.6", 0.3),  # 2/3 at 0.4 and 0.3: the lowest
-    ("spec=0.9", 0.5),
-    ("ppv=0.7", 0.3),  # PPV 3/4 at 0.3 (2/3 at 0.4 in between)
-    ("ppv=0.999", 0.5),  # PPV 1 at 0.6 and 0.5: the lowest
-    ("npv=0.9", 0.3),  # NPV 1 at 0.3 and 0.2: the highest
-    ("npv=0.7", 0.5),
-])
+@pytest.mark.parametrize(
+    ("text", "threshold"),
+    [
+        ("youden", 0.5),  # J = 2/3 at 0.5 and at 0.3: the higher wins
+        ("f1", 0.3),  # F1 6/7
+        ("sens=0.9", 0.3),
+        ("sens=0.6", 0.5),  # 2/3 at 0.5 and 0.4: the highest
+        ("spec=0.6", 0.3),  # 2/3 at 0.4 and 0.3: the lowest
+        ("spec=0.9", 0.5),
+        ("ppv=0.7", 0.3),  # PPV 3/4 at 0.3 (2/3 at 0.4 in between)
+        ("ppv=0.999", 0.5),  # PPV 1 at 0.6 and 0.5: the lowest
+        ("npv=0.9", 0.3),  # NPV 1 at 0.3 and 0.2: the highest
+        ("npv=0.7", 0.5),
+    ],
+)
 def test_choose_threshold_by_hand(text: str, threshold: float) -> None:
     assert choose_threshold(Y6, S6, parse_threshold_rule(text)) == (threshold, True)
 
@@ -194,9 +197,11 @@ def test_youden_and_f1_on_random_data_are_optimal() -> None:
     s = np.round(0.25 * y + rng.random(200) * 0.75, 2)  # ties in the scores
     for rule, key in (("youden", None), ("f1", "f1")):
         thr, _ = choose_threshold(y, s, parse_threshold_rule(rule))
+
         def value(t: float, key: str | None = key) -> float:
             op = operating_point(y, s, t)
             return op[key] if key else op["sensitivity"] + op["specificity"] - 1
+
         assert value(thr) >= max(value(t) for t in np.unique(s)) - 1e-12
     thr, met = choose_threshold(y, s, parse_threshold_rule("sens=0.8"))
     assert met and operating_point(y, s, thr)["sensitivity"] >= 0.8
@@ -224,8 +229,17 @@ def test_parse_threshold_rule() -> None:
     assert str(parse_threshold_rule("sens=0.90")) == "sens=0.9"
     assert str(parse_threshold_rule("f1")) == "f1"
     assert parse_threshold_rule("npv=0.95").target == 0.95
-    for bad in ("sens", "sens=1", "spec=0", "ppv=abc", "accuracy=0.9", "", "youden=0.5",
-                "sens=-0.2", "sens=nan"):
+    for bad in (
+        "sens",
+        "sens=1",
+        "spec=0",
+        "ppv=abc",
+        "accuracy=0.9",
+        "",
+        "youden=0.5",
+        "sens=-0.2",
+        "sens=nan",
+    ):
         with pytest.raises(ConfigError) as err:
             parse_threshold_rule(bad)
         assert "sens=" in (err.value.hint or "")
@@ -238,8 +252,15 @@ def test_decision_curve_by_hand() -> None:
     y = np.array([1, 0, 1, 0, 0], dtype=bool)
     s = np.array([0.9, 0.6, 0.4, 0.3, 0.1])
     dc = decision_curve(y, s, np.array([0.25, 0.5]))
-    assert list(dc.columns) == ["threshold", "net_benefit", "treat_all", "treat_none", "tp",
-                                "fp", "n"]
+    assert list(dc.columns) == [
+        "threshold",
+        "net_benefit",
+        "treat_all",
+        "treat_none",
+        "tp",
+        "fp",
+        "n",
+    ]
     # 0.25: treated 0.9, 0.6, 0.4, 0.3 -> TP 2, FP 2; odds 1/3.
     assert dc["tp"].tolist() == [2, 1] and dc["fp"].tolist() == [2, 1]
     np.testing.assert_allclose(dc["net_benefit"], [2 / 5 - 2 / 5 / 3, 1 / 5 - 1 / 5])
@@ -264,8 +285,9 @@ def test_decision_curve_perfect_classifier_and_defaults() -> None:
 # -- conformal prediction sets -----------------------------------------------------------------
 
 
-def simulate(rng: np.random.Generator, n: int, num_classes: int = 3
-             ) -> tuple[np.ndarray, np.ndarray]:
+def simulate(
+    rng: np.random.Generator, n: int, num_classes: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
     probs = rng.dirichlet(np.full(num_classes, 0.7), n)
     return draw_labels(rng, probs), probs
 
@@ -359,11 +381,14 @@ def test_conformal_subsamples_large_calibration() -> None:
 def test_coverage_table_by_hand() -> None:
     y = np.array([0, 1, 1, 0])
     sets = np.array([[True, False], [True, True], [False, False], [False, True]])
-    table = coverage_table(y, sets, {"pattern": np.array(["a", "b", "b", "c"])},
-                           class_names=["benign", "malignant"])
+    table = coverage_table(
+        y, sets, {"pattern": np.array(["a", "b", "b", "c"])}, class_names=["benign", "malignant"]
+    )
     assert list(table.columns) == ["by", "group", "n", "coverage", "mean_set_size", "empty_sets"]
-    rows = {(r.by, r.group): (r.n, r.coverage, r.mean_set_size, r.empty_sets)
-            for r in table.itertuples()}
+    rows = {
+        (r.by, r.group): (r.n, r.coverage, r.mean_set_size, r.empty_sets)
+        for r in table.itertuples()
+    }
     assert rows[("all", "all")] == (4, 0.5, 1.0, 1)
     assert rows[("class", "benign")] == (2, 0.5, 1.0, 0)
     assert rows[("class", "malignant")] == (2, 0.5, 1.0, 1)
@@ -394,10 +419,10 @@ def test_parse_subgroup() -> None:
 def test_band_quartiles_and_cuts() -> None:
     ages = pd.Series([1, 2, 3, 4, 5, 6, 7, 8, None], dtype=float)
     q = band(ages, parse_subgroup("age:q4"))
-    assert q.tolist() == ["Q1 [1, 2]"] * 2 + ["Q2 [3, 4]"] * 2 + ["Q3 [5, 6]"] * 2 \
-        + ["Q4 [7, 8]"] * 2 + ["missing"]
-    assert list(q.cat.categories) == ["Q1 [1, 2]", "Q2 [3, 4]", "Q3 [5, 6]", "Q4 [7, 8]",
-                                      "missing"]
+    assert q.tolist() == ["Q1 [1, 2]"] * 2 + ["Q2 [3, 4]"] * 2 + ["Q3 [5, 6]"] * 2 + [
+        "Q4 [7, 8]"
+    ] * 2 + ["missing"]
+    assert list(q.cat.categories) == ["Q1 [1, 2]", "Q2 [3, 4]", "Q3 [5, 6]", "Q4 [7, 8]", "missing"]
     cut = band(pd.Series([30, 40, 50, 64.9, 65, 80, None]), parse_subgroup("age:40,65"))
     assert cut.tolist() == ["<40", "40-<65", "40-<65", "40-<65", ">=65", ">=65", "missing"]
     assert list(cut.cat.categories) == ["<40", "40-<65", ">=65", "missing"]
@@ -456,8 +481,16 @@ def test_subgroup_table_band_order_one_class_and_multiclass() -> None:
     rng = np.random.default_rng(13)
     p3 = rng.dirichlet([1, 1, 1], 90)
     y3 = draw_labels(rng, p3)
-    t3 = subgroup_table(y3, p3, pd.Series(["x", "y", "z"] * 30), 3, column="g", n_boot=0,
-                        seed=0, names=("acc", "loss"))
+    t3 = subgroup_table(
+        y3,
+        p3,
+        pd.Series(["x", "y", "z"] * 30),
+        3,
+        column="g",
+        n_boot=0,
+        seed=0,
+        names=("acc", "loss"),
+    )
     assert "cal_slope" not in t3 and t3["class_counts"].str.count("/").eq(2).all()
     assert t3["loss"].iloc[0] == pytest.approx(metric_value("loss", y3[::3], p3[::3], 3))
     with pytest.raises(ConfigError):
@@ -465,17 +498,27 @@ def test_subgroup_table_band_order_one_class_and_multiclass() -> None:
 
 
 def test_subgroup_gaps_by_hand() -> None:
-    table = pd.DataFrame({
-        "column": ["sex"] * 3 + ["site"] * 3,
-        "group": ["F", "M", "X", "s1", "s2", "s3"],
-        "n": [50, 40, 5, 100, 10, 8],
-        "auroc": [0.8, 0.7, 0.99, 0.75, 0.6, math.nan],
-        "brier": [0.2, 0.15, 0.01, 0.2, 0.3, 0.1],
-        "cal_slope": [0.9, 1.3, 1.0, 1.0, 1.0, 1.0],
-    })
+    table = pd.DataFrame(
+        {
+            "column": ["sex"] * 3 + ["site"] * 3,
+            "group": ["F", "M", "X", "s1", "s2", "s3"],
+            "n": [50, 40, 5, 100, 10, 8],
+            "auroc": [0.8, 0.7, 0.99, 0.75, 0.6, math.nan],
+            "brier": [0.2, 0.15, 0.01, 0.2, 0.3, 0.1],
+            "cal_slope": [0.9, 1.3, 1.0, 1.0, 1.0, 1.0],
+        }
+    )
     gaps = subgroup_gaps(table, ["auroc", "brier", "cal_slope"])
-    got = {(r.column, r.metric): (r.gap, r.best_group, r.worst_group, r.groups_compared,
-                                  r.includes_small) for r in gaps.itertuples()}
+    got = {
+        (r.column, r.metric): (
+            r.gap,
+            r.best_group,
+            r.worst_group,
+            r.groups_compared,
+            r.includes_small,
+        )
+        for r in gaps.itertuples()
+    }
     assert got[("sex", "auroc")] == pytest.approx((0.1, "F", "M", 2, False))
     assert got[("sex", "brier")] == pytest.approx((0.05, "M", "F", 2, False))
     assert got[("sex", "cal_slope")] == pytest.approx((0.4, "F", "M", 2, False))

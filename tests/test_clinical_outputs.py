@@ -27,8 +27,20 @@ from omnifuse_cli.engine.metrics import expected_calibration_error
 from omnifuse_cli.engine.posthoc import PostHoc, class_weights, fit_posthoc
 
 N = 320
-COMMON = ["--modality", "labs=vector", "--modality", "text=text", "--device", "cpu",
-          "--threads", "1", "--batch-size", "32", "--seed", "0"]
+COMMON = [
+    "--modality",
+    "labs=vector",
+    "--modality",
+    "text=text",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--batch-size",
+    "32",
+    "--seed",
+    "0",
+]
 SPLIT = ["--train-ratio", "0.5", "--val-ratio", "0.25", "--test-ratio", "0.25"]
 
 
@@ -51,16 +63,24 @@ def write_binary_cohort(root: Path, n: int = N, seed: int = 0) -> Path:
     rows = []
     for i in range(n):
         labs = np.round(rng.normal(0.8 * y[i], 1.0, 4), 3).tolist()
-        word = rng.choice(["mass irregular", "calcified spiculated"] if y[i] else
-                          ["smooth benign", "cyst simple"])
+        word = rng.choice(
+            ["mass irregular", "calcified spiculated"] if y[i] else ["smooth benign", "cyst simple"]
+        )
         if rng.random() < 0.3:
             word = rng.choice(["mass irregular", "smooth benign", "cyst simple"])
-        rows.append({"id": f"P{i:04d}", "label": int(y[i]),
-                     "labs": json.dumps(labs) if rng.random() > 0.1 else "",
-                     "text": f"ultrasound shows {word} lesion" if rng.random() > 0.1 else
-                     ("" if rng.random() > 0.5 else "no comment"),
-                     "sex": rng.choice(["F", "M"]), "age": int(rng.integers(20, 90)),
-                     "site": rng.choice(["A", "B", "C"], p=[0.6, 0.32, 0.08])})
+        rows.append(
+            {
+                "id": f"P{i:04d}",
+                "label": int(y[i]),
+                "labs": json.dumps(labs) if rng.random() > 0.1 else "",
+                "text": f"ultrasound shows {word} lesion"
+                if rng.random() > 0.1
+                else ("" if rng.random() > 0.5 else "no comment"),
+                "sex": rng.choice(["F", "M"]),
+                "age": int(rng.integers(20, 90)),
+                "site": rng.choice(["A", "B", "C"], p=[0.6, 0.32, 0.08]),
+            }
+        )
     frame = pd.DataFrame(rows)
     frame.loc[(frame["labs"] == "") & (frame["text"] == ""), "text"] = "routine visit"
     path = root / "manifest.csv"
@@ -73,10 +93,21 @@ def binary_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("binary")
     manifest = write_binary_cohort(root)
     run = root / "run"
-    ok("train", manifest, "--num-classes", "2", "--out-dir", run, "--epochs", "4", *COMMON,
-       *SPLIT)
-    ok("evaluate", run, "--subgroup-col", "sex", "--subgroup-col", "age:q4",
-       "--subgroup-col", "site", "--bootstrap", "100", "--threads", "1")
+    ok("train", manifest, "--num-classes", "2", "--out-dir", run, "--epochs", "4", *COMMON, *SPLIT)
+    ok(
+        "evaluate",
+        run,
+        "--subgroup-col",
+        "sex",
+        "--subgroup-col",
+        "age:q4",
+        "--subgroup-col",
+        "site",
+        "--bootstrap",
+        "100",
+        "--threads",
+        "1",
+    )
     return {"root": root, "manifest": manifest, "run": run, "eval": run / "eval" / "test"}
 
 
@@ -92,14 +123,14 @@ def _val_raw(run: Path, manifest: Path, root: Path) -> tuple[np.ndarray, np.ndar
     path = root / "val.csv"
     val.to_csv(path, index=False)
     out = root / "val_eval"
-    ok("evaluate", run, "--manifest", path, "--out-dir", out, "--bootstrap", "0",
-       "--threads", "1")
+    ok("evaluate", run, "--manifest", path, "--out-dir", out, "--bootstrap", "0", "--threads", "1")
     preds = pd.read_csv(out / "predictions.csv")
     return preds["label"].to_numpy(), preds[["raw_prob_0", "raw_prob_1"]].to_numpy()
 
 
-def test_train_fits_temperature_and_threshold_on_validation(binary_run: dict[str, Path],
-                                                            tmp_path: Path) -> None:
+def test_train_fits_temperature_and_threshold_on_validation(
+    binary_run: dict[str, Path], tmp_path: Path
+) -> None:
     posthoc = PostHoc.from_bundle(_bundle(binary_run["run"]))
     assert posthoc.calibration == "temperature" and posthoc.positive == 1
     assert posthoc.validation_patients == N // 4
@@ -109,8 +140,19 @@ def test_train_fits_temperature_and_threshold_on_validation(binary_run: dict[str
     # Without the linear path the validation predictions are the final model's: the stored
     # temperature is their log-loss optimum and the threshold their Youden point.
     run = tmp_path / "plain"
-    ok("train", binary_run["manifest"], "--num-classes", "2", "--out-dir", run, "--epochs", "3",
-       "--no-linear-path", *COMMON, *SPLIT)
+    ok(
+        "train",
+        binary_run["manifest"],
+        "--num-classes",
+        "2",
+        "--out-dir",
+        run,
+        "--epochs",
+        "3",
+        "--no-linear-path",
+        *COMMON,
+        *SPLIT,
+    )
     posthoc = PostHoc.from_bundle(_bundle(run))
     y, raw = _val_raw(run, binary_run["manifest"], tmp_path)
     assert posthoc.temperature == pytest.approx(fit_temperature(np.log(raw), y), rel=1e-3)
@@ -134,11 +176,26 @@ def test_with_a_linear_path_calibration_uses_its_out_of_sample_predictions() -> 
     class Data:
         labels = torch.as_tensor(np.r_[np.zeros(50, dtype=np.int64), y])
 
-    fit = LinearFit(C=1.0, blend_omnifuse=1.0, blend_linear=1.0, features=1, patients=1,
-                    val_log_loss_omnifuse=0.0, val_log_loss_blend=0.0,
-                    val_log_probs=log_probs, val_index=np.arange(50, 150))
-    posthoc = fit_finish(None, Data(), {"val": np.arange(50, 150)},  # type: ignore[arg-type]
-                         TrainConfig(), torch.device("cpu"), ["0", "1"], fit)
+    fit = LinearFit(
+        C=1.0,
+        blend_omnifuse=1.0,
+        blend_linear=1.0,
+        features=1,
+        patients=1,
+        val_log_loss_omnifuse=0.0,
+        val_log_loss_blend=0.0,
+        val_log_probs=log_probs,
+        val_index=np.arange(50, 150),
+    )
+    posthoc = fit_finish(
+        None,
+        Data(),
+        {"val": np.arange(50, 150)},  # type: ignore[arg-type]
+        TrainConfig(),
+        torch.device("cpu"),
+        ["0", "1"],
+        fit,
+    )
     assert posthoc.temperature == pytest.approx(fit_temperature(log_probs, y), rel=1e-4)
     assert posthoc.validation_patients == 100
 
@@ -146,8 +203,9 @@ def test_with_a_linear_path_calibration_uses_its_out_of_sample_predictions() -> 
 def test_evaluate_files_agree_with_hand_computations(binary_run: dict[str, Path]) -> None:
     ev = binary_run["eval"]
     posthoc = PostHoc.from_bundle(_bundle(binary_run["run"]))
-    preds = pd.read_csv(ev / "predictions.csv", dtype={"id": str, "set": str},
-                        keep_default_na=False)
+    preds = pd.read_csv(
+        ev / "predictions.csv", dtype={"id": str, "set": str}, keep_default_na=False
+    )
     y = preds["label"].to_numpy()
     probs = preds[["prob_0", "prob_1"]].to_numpy()
     raw = preds[["raw_prob_0", "raw_prob_1"]].to_numpy()
@@ -194,41 +252,88 @@ def test_subgroups_cover_every_test_patient(binary_run: dict[str, Path]) -> None
     assert bool(small.loc["C", "small"])  # 8% of 80 test patients
     gaps = pd.read_csv(ev / "subgroup_gaps.csv")
     assert {"auroc", "sensitivity"} <= set(gaps["metric"])
-    result = invoke("evaluate", binary_run["run"], "--subgroup-col", "site", "--bootstrap", "0",
-                    "--threads", "1", "--out-dir", binary_run["root"] / "site")
+    result = invoke(
+        "evaluate",
+        binary_run["run"],
+        "--subgroup-col",
+        "site",
+        "--bootstrap",
+        "0",
+        "--threads",
+        "1",
+        "--out-dir",
+        binary_run["root"] / "site",
+    )
     assert result.exit_code == 0
     assert "site = C has" in result.output and "under 30" in result.output
 
 
 def test_subgroup_errors_name_the_column(binary_run: dict[str, Path]) -> None:
-    result = invoke("evaluate", binary_run["run"], "--subgroup-col", "ethnicity",
-                    "--bootstrap", "0", "--threads", "1")
+    result = invoke(
+        "evaluate",
+        binary_run["run"],
+        "--subgroup-col",
+        "ethnicity",
+        "--bootstrap",
+        "0",
+        "--threads",
+        "1",
+    )
     assert result.exit_code == 2 and "ethnicity" in result.output
-    result = invoke("evaluate", binary_run["run"], "--subgroup-col", "sex:q4",
-                    "--bootstrap", "0", "--threads", "1")
+    result = invoke(
+        "evaluate",
+        binary_run["run"],
+        "--subgroup-col",
+        "sex:q4",
+        "--bootstrap",
+        "0",
+        "--threads",
+        "1",
+    )
     assert result.exit_code == 2 and "sex" in result.output
 
 
 def test_predict_writes_decisions_and_conformal_sets(binary_run: dict[str, Path]) -> None:
     out = binary_run["root"] / "pred.csv"
-    ok("predict", binary_run["manifest"], "--run", binary_run["run"], "--out", out,
-       "--conformal", "0.2", "--threads", "1")
+    ok(
+        "predict",
+        binary_run["manifest"],
+        "--run",
+        binary_run["run"],
+        "--out",
+        out,
+        "--conformal",
+        "0.2",
+        "--threads",
+        "1",
+    )
     preds = pd.read_csv(out, dtype={"set": str}, keep_default_na=False)
     posthoc = PostHoc.from_bundle(_bundle(binary_run["run"]))
     assert (preds["pred"].astype(int) == (preds["prob_1"] >= posthoc.threshold)).all()
     assert posthoc.conformal is not None
     q = posthoc.conformal.quantiles(0.2)
-    expect = ["|".join(str(c) for c in (0, 1) if 1 - row[c] <= q[c])
-              for row in preds[["prob_0", "prob_1"]].to_numpy()]
+    expect = [
+        "|".join(str(c) for c in (0, 1) if 1 - row[c] <= q[c])
+        for row in preds[["prob_0", "prob_1"]].to_numpy()
+    ]
     assert preds["set"].tolist() == expect
     plain = binary_run["root"] / "plain.csv"
-    ok("predict", binary_run["manifest"], "--run", binary_run["run"], "--out", plain,
-       "--threads", "1")
+    ok(
+        "predict",
+        binary_run["manifest"],
+        "--run",
+        binary_run["run"],
+        "--out",
+        plain,
+        "--threads",
+        "1",
+    )
     assert "set" not in pd.read_csv(plain).columns
 
 
 def test_a_run_from_before_posthoc_still_evaluates_and_predicts(
-        binary_run: dict[str, Path], tmp_path: Path) -> None:
+    binary_run: dict[str, Path], tmp_path: Path
+) -> None:
     old = tmp_path / "old"
     shutil.copytree(binary_run["run"], old, ignore=shutil.ignore_patterns("eval"))
     meta = _bundle(old)
@@ -241,8 +346,18 @@ def test_a_run_from_before_posthoc_still_evaluates_and_predicts(
     np.testing.assert_allclose(probs, preds[["raw_prob_0", "raw_prob_1"]].to_numpy(), atol=1e-6)
     assert (preds["pred"] == probs.argmax(1)).all()
     assert not (old / "eval" / "test" / "operating_point.csv").exists()
-    result = invoke("predict", binary_run["manifest"], "--run", old, "--out",
-                    tmp_path / "p.csv", "--conformal", "0.1", "--threads", "1")
+    result = invoke(
+        "predict",
+        binary_run["manifest"],
+        "--run",
+        old,
+        "--out",
+        tmp_path / "p.csv",
+        "--conformal",
+        "0.1",
+        "--threads",
+        "1",
+    )
     assert result.exit_code == 2 and "no conformal calibration" in result.output
     ok("report", old)
 
@@ -250,27 +365,56 @@ def test_a_run_from_before_posthoc_still_evaluates_and_predicts(
 def test_calibrate_none_and_other_rules(tmp_path: Path) -> None:
     manifest = write_binary_cohort(tmp_path, n=200, seed=1)
     run = tmp_path / "run"
-    ok("train", manifest, "--num-classes", "2", "--out-dir", run, "--epochs", "2",
-       "--calibrate", "none", "--threshold", "sens=0.9", "--class-weight", "balanced",
-       *COMMON, *SPLIT)
+    ok(
+        "train",
+        manifest,
+        "--num-classes",
+        "2",
+        "--out-dir",
+        run,
+        "--epochs",
+        "2",
+        "--calibrate",
+        "none",
+        "--threshold",
+        "sens=0.9",
+        "--class-weight",
+        "balanced",
+        *COMMON,
+        *SPLIT,
+    )
     posthoc = PostHoc.from_bundle(_bundle(run))
     assert posthoc.temperature == 1.0 and posthoc.calibration == "none"
     assert posthoc.rule == "sens=0.9" and posthoc.threshold is not None
 
 
-@pytest.mark.parametrize(("flags", "words"), [
-    (["--positive-class", "7"], "--positive-class '7'"),
-    (["--threshold", "sens=1.5"], "--threshold"),
-    (["--threshold", "median"], "youden"),
-    (["--class-weight", "1,2,3"], "3 weight(s) for 2 classes"),
-    (["--class-weight", "heavy"], "--class-weight"),
-    (["--calibrate", "platt"], "--calibrate"),
-])
-def test_bad_clinical_options_are_refused_before_training(tmp_path: Path, flags: list[str],
-                                                          words: str) -> None:
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--positive-class", "7"], "--positive-class '7'"),
+        (["--threshold", "sens=1.5"], "--threshold"),
+        (["--threshold", "median"], "youden"),
+        (["--class-weight", "1,2,3"], "3 weight(s) for 2 classes"),
+        (["--class-weight", "heavy"], "--class-weight"),
+        (["--calibrate", "platt"], "--calibrate"),
+    ],
+)
+def test_bad_clinical_options_are_refused_before_training(
+    tmp_path: Path, flags: list[str], words: str
+) -> None:
     manifest = write_binary_cohort(tmp_path, n=60)
-    result = invoke("train", manifest, "--num-classes", "2", "--out-dir", tmp_path / "r",
-                    "--epochs", "1", *COMMON, *flags)
+    result = invoke(
+        "train",
+        manifest,
+        "--num-classes",
+        "2",
+        "--out-dir",
+        tmp_path / "r",
+        "--epochs",
+        "1",
+        *COMMON,
+        *flags,
+    )
     assert result.exit_code == 2, result.output
     assert words in result.output
     assert not (tmp_path / "r" / "model").exists()
@@ -305,11 +449,14 @@ def test_class_weight_enters_every_label_loss() -> None:
     joint = torch.log_softmax(torch.randn(6, 2), -1)
     y = torch.tensor([0, 1, 1, 0, 1, 0])
     w = torch.tensor([1.0, 3.0])[y]
-    plain = [dwfuse_loss(log_probs[i:i + 1], joint[i:i + 1], y[i:i + 1], alpha=1.0, beta=1.0)[0]
-             for i in range(6)]
+    plain = [
+        dwfuse_loss(log_probs[i : i + 1], joint[i : i + 1], y[i : i + 1], alpha=1.0, beta=1.0)[0]
+        for i in range(6)
+    ]
     weighted, _ = dwfuse_loss(log_probs, joint, y, alpha=1.0, beta=1.0, sample_weight=w)
-    assert float(weighted) == pytest.approx(float(sum(p * wi for p, wi in
-                                                      zip(plain, w, strict=True)) / 6))
+    assert float(weighted) == pytest.approx(
+        float(sum(p * wi for p, wi in zip(plain, w, strict=True)) / 6)
+    )
 
 
 def test_fit_posthoc_one_vs_rest_for_a_chosen_class() -> None:
@@ -319,8 +466,9 @@ def test_fit_posthoc_one_vs_rest_for_a_chosen_class() -> None:
     logits = rng.normal(size=(300, 3)) * 3
     y = np.array([rng.choice(3, p=np.exp(r) / np.exp(r).sum()) for r in logits / 3])
     log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    posthoc = fit_posthoc(log_probs, y, TrainConfig(positive_class="2", threshold="spec=0.9"),
-                          ["0", "1", "2"])
+    posthoc = fit_posthoc(
+        log_probs, y, TrainConfig(positive_class="2", threshold="spec=0.9"), ["0", "1", "2"]
+    )
     assert posthoc.positive == 2 and posthoc.temperature == pytest.approx(3.0, rel=0.25)
     probs = posthoc.probabilities(log_probs)
     pred = posthoc.decide(probs)
@@ -335,11 +483,37 @@ def test_fit_posthoc_one_vs_rest_for_a_chosen_class() -> None:
 def test_cv_pools_the_clinical_outputs(tmp_path: Path) -> None:
     manifest = write_binary_cohort(tmp_path, n=240, seed=2)
     out = tmp_path / "cv"
-    ok("cv", manifest, "--num-classes", "2", "--folds", "2", "--epochs", "2", "--out-dir", out,
-       "--subgroup-col", "sex", "--bootstrap", "50", *COMMON,
-       "--train-ratio", "0.6", "--val-ratio", "0.4", "--test-ratio", "0")
-    for name in ("calibration", "operating_point", "decision_curve", "coverage", "subgroups",
-                 "subgroup_gaps"):
+    ok(
+        "cv",
+        manifest,
+        "--num-classes",
+        "2",
+        "--folds",
+        "2",
+        "--epochs",
+        "2",
+        "--out-dir",
+        out,
+        "--subgroup-col",
+        "sex",
+        "--bootstrap",
+        "50",
+        *COMMON,
+        "--train-ratio",
+        "0.6",
+        "--val-ratio",
+        "0.4",
+        "--test-ratio",
+        "0",
+    )
+    for name in (
+        "calibration",
+        "operating_point",
+        "decision_curve",
+        "coverage",
+        "subgroups",
+        "subgroup_gaps",
+    ):
         assert (out / f"{name}.csv").is_file(), name
     preds = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     assert {"raw_prob_1", "threshold", "set"} <= set(preds.columns)

@@ -88,8 +88,12 @@ def test_the_test_fold_chooses_nothing(cv_run: dict[str, Any]) -> None:
             learned = set(split.loc[split["split"].isin(["train", "val"]), "id"])
             assert not test & learned and len(test | learned) == N_PATIENTS
             assert (split["split"] == "val").sum() >= 3  # every class can be in validation
-            test_sets.append(({ids.index(i) for i in test},
-                              {ids.index(i) for i in split.loc[split["split"] == "train", "id"]}))
+            test_sets.append(
+                (
+                    {ids.index(i) for i in test},
+                    {ids.index(i) for i in split.loc[split["split"] == "train", "id"]},
+                )
+            )
     # build_for_cohort fits the preprocessing: first the frozen encoder's (features only), then
     # one per fold fit in order (base folds 1-3, nodw folds 1-3), then the --refit model.
     fitted = cv_run["fitted"]
@@ -99,7 +103,8 @@ def test_the_test_fold_chooses_nothing(cv_run: dict[str, Any]) -> None:
 
 
 def test_frozen_backbones_encode_once_for_the_whole_cross_validation(
-        cv_run: dict[str, Any]) -> None:
+    cv_run: dict[str, Any],
+) -> None:
     assert cv_run["encodes"] == 1  # 6 fold fits and the refit share one encoding
 
 
@@ -107,16 +112,16 @@ def test_frozen_backbones_encode_once_for_the_whole_cross_validation(
 
 
 @pytest.mark.filterwarnings("ignore:The y_prob values do not sum to one")  # float32 in the CSV
-def test_pooled_metrics_are_those_of_the_out_of_fold_predictions(cv_run: dict[str, Any]
-                                                                 ) -> None:
+def test_pooled_metrics_are_those_of_the_out_of_fold_predictions(cv_run: dict[str, Any]) -> None:
     out = cv_run["dir"]
     preds = read(out / "predictions.csv")
     metrics = pd.read_csv(out / "metrics.csv")
     folds = pd.read_csv(out / "fold_metrics.csv")
     for variant in ("base", "nodw"):
         mine = preds[preds["variant"] == variant]
-        expected = full_metrics(mine["label"].to_numpy(),
-                                mine[["prob_0", "prob_1", "prob_2"]].to_numpy(), 3)
+        expected = full_metrics(
+            mine["label"].to_numpy(), mine[["prob_0", "prob_1", "prob_2"]].to_numpy(), 3
+        )
         rows = metrics[metrics["variant"] == variant].set_index("metric")
         assert list(rows.index) == METRICS
         for m in METRICS:
@@ -141,27 +146,35 @@ def test_paired_differences_of_the_variant(cv_run: dict[str, Any]) -> None:
         row = diffs.loc[m]
         assert row["variant"] == "nodw"
         assert row["difference"] == pytest.approx(
-            metrics.loc[("nodw", m), "value"] - metrics.loc[("base", m), "value"])
+            metrics.loc[("nodw", m), "value"] - metrics.loc[("base", m), "value"]
+        )
         assert row["ci_low"] <= row["ci_high"]
-        per_fold = (folds.loc[folds["variant"] == "nodw", m].to_numpy()
-                    - folds.loc[folds["variant"] == "base", m].to_numpy())
+        per_fold = (
+            folds.loc[folds["variant"] == "nodw", m].to_numpy()
+            - folds.loc[folds["variant"] == "base", m].to_numpy()
+        )
         assert row["fold_mean"] == pytest.approx(np.nanmean(per_fold))
 
 
 def test_cv_prints_the_tables_and_where_the_report_is(cv_run: dict[str, Any]) -> None:
     output = " ".join(cv_run["result"].output.split())
     metrics = pd.read_csv(cv_run["dir"] / "metrics.csv").set_index(["variant", "metric"])
-    for header in ("base: pooled out-of-fold metrics", "nodw: pooled out-of-fold metrics",
-                   "paired differences from base", "by missing pattern",
-                   "out-of-fold confusion matrix"):
+    for header in (
+        "base: pooled out-of-fold metrics",
+        "nodw: pooled out-of-fold metrics",
+        "paired differences from base",
+        "by missing pattern",
+        "out-of-fold confusion matrix",
+    ):
         assert header in output
     assert f"{metrics.loc[('base', 'macro_f1'), 'value']:.3f}" in output
     assert f"omnifuse report {cv_run['dir']}" in output
     assert f"--run {cv_run['dir'] / 'final'}" in output
 
 
-def test_refit_saves_a_model_predict_can_use(cv_run: dict[str, Any], tiny_manifest: Path,
-                                             tmp_path: Path) -> None:
+def test_refit_saves_a_model_predict_can_use(
+    cv_run: dict[str, Any], tiny_manifest: Path, tmp_path: Path
+) -> None:
     final = cv_run["dir"] / "final"
     split = read(final / "split_assignment.csv")
     assert set(split["split"]) == {"train", "val"} and len(split) == N_PATIENTS
@@ -189,13 +202,18 @@ def _request(manifest: Path, out: Path) -> crossval.CVRequest:
 
     base = tiny_request(manifest, out, epochs=2)
     return crossval.CVRequest(
-        manifest=manifest, num_classes=3, out_dir=out,
-        base=crossval.Variant("base", base.data, base.method, base.train), folds=3,
-        bootstrap=20)
+        manifest=manifest,
+        num_classes=3,
+        out_dir=out,
+        base=crossval.Variant("base", base.data, base.method, base.train),
+        folds=3,
+        bootstrap=20,
+    )
 
 
 def test_ctrl_c_keeps_complete_folds_and_resume_equals_an_uninterrupted_run(
-        tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     interrupted, uninterrupted = tmp_path / "I", tmp_path / "U"
     real_fit = crossval.fit_model
     calls: list[int] = []
@@ -222,8 +240,10 @@ def test_ctrl_c_keeps_complete_folds_and_resume_equals_an_uninterrupted_run(
     run_cv(_request(tiny_manifest, uninterrupted))
     for name in ("predictions.csv", "metrics.csv", "fold_metrics.csv", "folds.csv"):
         a, b = pd.read_csv(interrupted / name), pd.read_csv(uninterrupted / name)
-        pd.testing.assert_frame_equal(a.drop(columns=["seconds"], errors="ignore"),
-                                      b.drop(columns=["seconds"], errors="ignore"))
+        pd.testing.assert_frame_equal(
+            a.drop(columns=["seconds"], errors="ignore"),
+            b.drop(columns=["seconds"], errors="ignore"),
+        )
 
 
 def test_resume_of_a_folder_that_is_not_a_cv(tmp_path: Path) -> None:
@@ -244,28 +264,35 @@ def _with_column(manifest: Path, tmp_path: Path, values: list[str]) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("extra", "fragments"), [
-    (["--folds", "11"], ["--folds 11 is more than class 0 has patients (10)", "--folds 10"]),
-    (["--group-col", "ward"], ["--group-col 'ward' is not a column of"]),
-    (["--variant", "bad=--no-such-flag"],
-     ["--variant bad: --no-such-flag is not a model or training option"]),
-    (["--variant", "x=--modality labs=vector"], ["--variant x changes --modality"]),
-    (["--variant", "x=--inference-rule nope"], ["--variant x: --inference-rule 'nope'"]),
-    (["--variant", "base=--no-tla"], ["--variant base is given more than once"]),
-])
+@pytest.mark.parametrize(
+    ("extra", "fragments"),
+    [
+        (["--folds", "11"], ["--folds 11 is more than class 0 has patients (10)", "--folds 10"]),
+        (["--group-col", "ward"], ["--group-col 'ward' is not a column of"]),
+        (
+            ["--variant", "bad=--no-such-flag"],
+            ["--variant bad: --no-such-flag is not a model or training option"],
+        ),
+        (["--variant", "x=--modality labs=vector"], ["--variant x changes --modality"]),
+        (["--variant", "x=--inference-rule nope"], ["--variant x: --inference-rule 'nope'"]),
+        (["--variant", "base=--no-tla"], ["--variant base is given more than once"]),
+    ],
+)
 def test_bad_cv_input_is_a_clear_error_and_writes_nothing(
-        tiny_manifest: Path, tmp_path: Path, extra: list[str], fragments: list[str]) -> None:
+    tiny_manifest: Path, tmp_path: Path, extra: list[str], fragments: list[str]
+) -> None:
     out = tmp_path / "out"
-    assert_user_error(invoke("cv", tiny_manifest, "--out-dir", out, *CV_ARGS, *extra),
-                      *fragments)
+    assert_user_error(invoke("cv", tiny_manifest, "--out-dir", out, *CV_ARGS, *extra), *fragments)
     assert not out.exists()
 
 
 def test_group_column_with_one_group_or_too_few(tiny_manifest: Path, tmp_path: Path) -> None:
     one = _with_column(tiny_manifest, tmp_path, ["A"] * N_PATIENTS)
     out = tmp_path / "out"
-    assert_user_error(invoke("cv", one, "--out-dir", out, *CV_ARGS, "--group-col", "site"),
-                      "--group-col 'site' puts all 30 patients in one group")
+    assert_user_error(
+        invoke("cv", one, "--out-dir", out, *CV_ARGS, "--group-col", "site"),
+        "--group-col 'site' puts all 30 patients in one group",
+    )
     labels = np.arange(N_PATIENTS) % 3
     with pytest.raises(DataError, match="has 2 groups; --folds 3 needs at least 3"):
         assign_folds(labels, 3, 1, 0, np.array(["A", "B"] * 15), "site")
@@ -364,9 +391,13 @@ EXAMPLES: dict[str, list[str]] = {
     "ra_layers": ["--ra-layers", "64,16"],
     "select_by": ["--select-by", "auroc"],
 }
-COMBINED = [["--freeze-text", "--finetune-text-last-n", "2"],
-            ["--finetune-text-last-n", "2"], ["--pretrained-image"], ["--no-pretrained-image"],
-            ["--no-dwfuse", "--inference-rule", "joint"]]
+COMBINED = [
+    ["--freeze-text", "--finetune-text-last-n", "2"],
+    ["--finetune-text-last-n", "2"],
+    ["--pretrained-image"],
+    ["--no-pretrained-image"],
+    ["--no-dwfuse", "--inference-rule", "joint"],
+]
 
 
 def _flag_sets() -> list[list[str]]:
@@ -387,8 +418,10 @@ def _flag_sets() -> list[list[str]]:
             sets.append([param.opts[0], str(default / 2 if default else 0.5)])
         else:
             missing.append(param.opts[0])
-    assert not missing, (f"add a non-default example for {', '.join(missing)} to EXAMPLES in "
-                         "tests/test_cv.py (and check cv builds it like train)")
+    assert not missing, (
+        f"add a non-default example for {', '.join(missing)} to EXAMPLES in "
+        "tests/test_cv.py (and check cv builds it like train)"
+    )
     return sets + COMBINED
 
 
@@ -411,12 +444,27 @@ def _captured(monkeypatch: pytest.MonkeyPatch, target: str, *args: str) -> Any:
 
 
 def test_cv_and_its_variants_build_exactly_the_configs_train_builds(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     for flags in _flag_sets():
-        train = _captured(monkeypatch, "omnifuse_cli.engine.training.run_training",
-                          "train", "m.csv", "--num-classes", "3", *flags)
-        cv = _captured(monkeypatch, "omnifuse_cli.engine.crossval.run_cv",
-                       "cv", "m.csv", "--num-classes", "3", *flags)
+        train = _captured(
+            monkeypatch,
+            "omnifuse_cli.engine.training.run_training",
+            "train",
+            "m.csv",
+            "--num-classes",
+            "3",
+            *flags,
+        )
+        cv = _captured(
+            monkeypatch,
+            "omnifuse_cli.engine.crossval.run_cv",
+            "cv",
+            "m.csv",
+            "--num-classes",
+            "3",
+            *flags,
+        )
         assert (train is None) == (cv is None), flags  # refused by both, or built by both
         if train is None:
             continue
@@ -425,10 +473,21 @@ def test_cv_and_its_variants_build_exactly_the_configs_train_builds(
         if not flags or any(f.lstrip("-").replace("-", "_") in DATA_READING for f in flags):
             continue
         quoted = " ".join(f"'{f}'" for f in flags)
-        variant = _captured(monkeypatch, "omnifuse_cli.engine.crossval.run_cv",
-                            "cv", "m.csv", "--num-classes", "3", "--variant", f"v={quoted}")
-        assert (variant.variants[0].data, variant.variants[0].method,
-                variant.variants[0].train) == built, flags
+        variant = _captured(
+            monkeypatch,
+            "omnifuse_cli.engine.crossval.run_cv",
+            "cv",
+            "m.csv",
+            "--num-classes",
+            "3",
+            "--variant",
+            f"v={quoted}",
+        )
+        assert (
+            variant.variants[0].data,
+            variant.variants[0].method,
+            variant.variants[0].train,
+        ) == built, flags
 
 
 def test_train_parameters_come_from_train() -> None:

@@ -141,8 +141,13 @@ def test_rescale_then_window_as_computed(tmp_path: Path) -> None:
     center, width = float(np.median(values)) * 2, float(np.ptp(values))
     for slope, intercept in [(1.0, 0.0), (2.0, -100.0)]:
         path = modified(
-            tmp_path, "CT_small.dcm", f"s{slope}.dcm", RescaleSlope=slope,
-            RescaleIntercept=intercept, WindowCenter=center, WindowWidth=width,
+            tmp_path,
+            "CT_small.dcm",
+            f"s{slope}.dcm",
+            RescaleSlope=slope,
+            RescaleIntercept=intercept,
+            WindowCenter=center,
+            WindowWidth=width,
         )
         # PS3.3 C.11.2.1.2.1, LINEAR: the window maps [c - 0.5 - (w-1)/2, c - 0.5 + (w-1)/2]
         low = center - 0.5 - (width - 1) / 2
@@ -184,7 +189,11 @@ def test_the_window_of_an_enhanced_object_comes_from_its_functional_groups(
     group = Dataset()
     group.FrameVOILUTSequence = [voi]
     path = modified(
-        tmp_path, "MR_small.dcm", "enhanced.dcm", WindowCenter=None, WindowWidth=None,
+        tmp_path,
+        "MR_small.dcm",
+        "enhanced.dcm",
+        WindowCenter=None,
+        WindowWidth=None,
         SharedFunctionalGroupsSequence=[group],
     )
     assert set(np.unique(rgb(path))) == {0, 255}
@@ -245,7 +254,10 @@ def test_a_structured_report_has_no_pixel_data() -> None:
     with pytest.raises(DataError, match="without pixel data"):
         read_frame(path)
     assert describe(path) == {
-        "format": "DICOM Explicit VR Little Endian", "photometric": "-", "frames": 0, "size": "-"
+        "format": "DICOM Explicit VR Little Endian",
+        "photometric": "-",
+        "frames": 0,
+        "size": "-",
     }
 
 
@@ -325,7 +337,9 @@ def test_no_identifying_header_value_reaches_any_output(
     captured = capfd.readouterr()
     said += [captured.out, captured.err, caplog.text]
     leaks = [
-        (value, text) for text in said for value in PHI
+        (value, text)
+        for text in said
+        for value in PHI
         if re.search(rf"(?<![a-z0-9]){re.escape(value)}(?![a-z0-9])", text, re.IGNORECASE)
     ]
     assert not leaks
@@ -353,7 +367,11 @@ def test_a_missing_decoder_names_the_extra(tmp_path: Path) -> None:
     names = ["MR_small_jpeg_ls_lossless.dcm", "SC_rgb_jpeg_gdcm.dcm"]
     run = subprocess.run(
         [sys.executable, "-c", script, *(str(shipped(n)) for n in names)],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1], check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
+        check=True,
     )
     assert run.stdout.splitlines() == [
         f"is a DICOM compressed with JPEG-LS Lossless, which needs the optional decoders: "
@@ -381,7 +399,9 @@ def test_describe_dicom_and_ordinary_images(tmp_path: Path) -> None:
     Image.new("L", (30, 20)).save(png)
     assert describe(png) == {"format": "PNG", "photometric": "L", "frames": 1, "size": "20 x 30"}
     assert describe(shipped("examples_ybr_color.dcm")) == {
-        "format": "DICOM JPEG Baseline", "photometric": "YBR_FULL_422", "frames": 30,
+        "format": "DICOM JPEG Baseline",
+        "photometric": "YBR_FULL_422",
+        "frames": 30,
         "size": "240 x 320",
     }
     assert describe(shipped("MR_small_jp2klossless.dcm"))["format"] == "DICOM JPEG 2000 Lossless"

@@ -63,7 +63,8 @@ def test_auprc_is_macro_one_vs_rest_average_precision() -> None:
     expected = np.mean([average_precision_score(y == c, probs[:, c]) for c in range(3)])
     assert auprc(y, probs) == pytest.approx(expected)
     assert auprc(np.array([0, 1, 1]), np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])) == (
-        pytest.approx(average_precision_score([0, 1, 1], [0.2, 0.7, 0.4])))
+        pytest.approx(average_precision_score([0, 1, 1], [0.2, 0.7, 0.4]))
+    )
 
 
 def test_bootstrap_intervals_bracket_the_estimate_and_narrow_with_more_patients() -> None:
@@ -90,32 +91,55 @@ def test_bootstrap_intervals_bracket_the_estimate_and_narrow_with_more_patients(
 
 def test_evaluate_writes_patterns_and_intervals(trained_run, tmp_path: Path) -> None:
     run_dir, _ = trained_run
-    result = evaluate_run(EvalRequest(run_dir=run_dir, device="cpu", bootstrap=50,
-                                      out_dir=tmp_path / "eval"))
+    result = evaluate_run(
+        EvalRequest(run_dir=run_dir, device="cpu", bootstrap=50, out_dir=tmp_path / "eval")
+    )
     metrics = pd.read_csv(tmp_path / "eval" / "metrics.csv")
     assert {"auroc", "macro_f1", "acc", "auprc", "ece", "brier"} <= set(metrics["metric"])
     row = metrics.set_index("metric").loc["acc"]
     assert row["ci_low"] <= row["value"] <= row["ci_high"]
     patterns = pd.read_csv(tmp_path / "eval" / "patterns.csv", keep_default_na=False)
     assert patterns["n"].sum() == result.n
-    assert set(patterns["present"]) <= {"+".join(c) for c in
-                                        [("labs",), ("us",), ("text",), ("labs", "us"),
-                                         ("labs", "text"), ("us", "text"),
-                                         ("labs", "us", "text")]}
+    assert set(patterns["present"]) <= {
+        "+".join(c)
+        for c in [
+            ("labs",),
+            ("us",),
+            ("text",),
+            ("labs", "us"),
+            ("labs", "text"),
+            ("us", "text"),
+            ("labs", "us", "text"),
+        ]
+    }
 
 
 def test_evaluate_cli_drop_modality(trained_run, tmp_path: Path) -> None:
     run_dir, _ = trained_run
     runner = CliRunner()
     out = tmp_path / "eval"
-    result = runner.invoke(app, ["evaluate", str(run_dir), "--drop-modality", "us",
-                                 "--bootstrap", "20", "--device", "cpu", "--out-dir", str(out)],
-                           env={"COLUMNS": "200"})
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(run_dir),
+            "--drop-modality",
+            "us",
+            "--bootstrap",
+            "20",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(out),
+        ],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 0, result.output
     assert "with us dropped" in result.output
     patterns = pd.read_csv(out / "patterns.csv", keep_default_na=False)
     assert not patterns["present"].str.contains("us").any()
-    bad = runner.invoke(app, ["evaluate", str(run_dir), "--drop-modality", "ct"],
-                        env={"COLUMNS": "200"})
+    bad = runner.invoke(
+        app, ["evaluate", str(run_dir), "--drop-modality", "ct"], env={"COLUMNS": "200"}
+    )
     assert bad.exit_code == 2
     assert "ct is not a modality" in bad.output and "Traceback" not in bad.output

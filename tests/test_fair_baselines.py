@@ -10,8 +10,12 @@ import scipy.sparse as sp
 from tests.conftest import load_benchmark
 
 STRENGTH = {"labs": 0.5, "us": 0.3, "note": 0.8}
-SMALL_GRID = {"learning_rate": [0.1], "max_leaf_nodes": [15], "min_samples_leaf": [10],
-              "l2_regularization": [0.0, 1.0]}
+SMALL_GRID = {
+    "learning_rate": [0.1],
+    "max_leaf_nodes": [15],
+    "min_samples_leaf": [10],
+    "l2_regularization": [0.0, 1.0],
+}
 KEYS = ("hgb", "logreg", "late_mean", "best_single")
 
 
@@ -23,8 +27,11 @@ def fb():
 def make(fb, key: str):
     if key == "hgb":
         return fb.HGBConcat(grid=SMALL_GRID, max_iter=100)
-    return {"logreg": fb.LogRegConcat, "late_mean": fb.LateFusionMean,
-            "best_single": fb.BestSingle}[key]()
+    return {
+        "logreg": fb.LogRegConcat,
+        "late_mean": fb.LateFusionMean,
+        "best_single": fb.BestSingle,
+    }[key]()
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +126,8 @@ def test_design_sparse_zero_where_hidden(fb, data):
     everything = np.ones_like(masks)
     np.testing.assert_array_equal(
         fb.design(blocks, rows, everything, dense=False).toarray()[:, 75:],
-        (~blocks.present[rows]).astype(float))
+        (~blocks.present[rows]).astype(float),
+    )
 
 
 # --- inner folds -----------------------------------------------------------------------------
@@ -189,8 +197,11 @@ def test_late_fusion_is_the_mean_of_the_unimodal_models(fb, data, fitted):
     proba = late.predict_proba(blocks, test)
     i = int(np.flatnonzero(masks.sum(axis=1) >= 2)[0])
     patient = test[i : i + 1]
-    parts = [late.units_[n].predict_proba(blocks.x[n][patient], 3)
-             for j, n in enumerate(blocks.names) if masks[i, j]]
+    parts = [
+        late.units_[n].predict_proba(blocks.x[n][patient], 3)
+        for j, n in enumerate(blocks.names)
+        if masks[i, j]
+    ]
     np.testing.assert_allclose(proba[i], np.mean(parts, axis=0)[0])
 
 
@@ -241,16 +252,18 @@ def test_inner_cv_never_touches_other_patients(fb, data, fitted, key):
         make(fb, key).fit(bad_blocks, y_bad, np.arange(len(y)), seed=0, num_classes=3)
     model = make(fb, key).fit(bad_blocks, y_bad, train, seed=0, num_classes=3)
     assert model.chosen == fitted[key].chosen
-    np.testing.assert_array_equal(model.predict_proba(blocks, test),
-                                  fitted[key].predict_proba(blocks, test))
+    np.testing.assert_array_equal(
+        model.predict_proba(blocks, test), fitted[key].predict_proba(blocks, test)
+    )
 
 
 @pytest.mark.parametrize("key", KEYS)
 def test_deterministic_and_all_class_columns(fb, data, fitted, key):
     blocks, y, train, test = data
     again = make(fb, key).fit(blocks, y, train, seed=0)
-    np.testing.assert_array_equal(again.predict_proba(blocks, test),
-                                  fitted[key].predict_proba(blocks, test))
+    np.testing.assert_array_equal(
+        again.predict_proba(blocks, test), fitted[key].predict_proba(blocks, test)
+    )
     # A class that no training patient has still gets its (zero) column.
     y4 = y.copy()
     y4[test[:5]] = 3

@@ -61,13 +61,24 @@ def trace_epochs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[EpochTrace]]:
     traces: list[EpochTrace] = []
     real = training.train_epoch
 
-    def traced(model: OmniFuse, data: Any, train_idx: Any, optimizer: torch.optim.Optimizer,
-               *args: Any, **kwargs: Any) -> dict[str, float]:
+    def traced(
+        model: OmniFuse,
+        data: Any,
+        train_idx: Any,
+        optimizer: torch.optim.Optimizer,
+        *args: Any,
+        **kwargs: Any,
+    ) -> dict[str, float]:
         before = {k: p.detach().clone() for k, p in model.named_parameters()}
         out = real(model, data, train_idx, optimizer, *args, **kwargs)
         changed = {k for k, p in model.named_parameters() if not torch.equal(before[k], p)}
-        traces.append(EpochTrace(changed, [g["lr"] for g in optimizer.param_groups],
-                                 [len(g["params"]) for g in optimizer.param_groups]))
+        traces.append(
+            EpochTrace(
+                changed,
+                [g["lr"] for g in optimizer.param_groups],
+                [len(g["params"]) for g in optimizer.param_groups],
+            )
+        )
         return out
 
     with monkeypatch.context() as patch:
@@ -85,19 +96,25 @@ def names_of(model: torch.nn.Module, prefix: str) -> set[str]:
 
 def metrics_without_time(run: Path) -> pd.DataFrame:
     return pd.read_csv(run / "metrics.csv", dtype=str, keep_default_na=False).drop(
-        columns=["seconds"])
+        columns=["seconds"]
+    )
 
 
 # -- image fine-tuning and --resume across the switch from warm-up to fine-tuning ----------------
 
 
 @pytest.fixture(scope="module")
-def finetune_reference(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory
-                       ) -> tuple[TrainRequest, TrainResult, list[EpochTrace]]:
+def finetune_reference(
+    tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[TrainRequest, TrainResult, list[EpochTrace]]:
     """Three epochs, one of warm-up then layer3+ fine-tuning, never interrupted, traced."""
-    request = with_train(tiny_request(tiny_manifest, tmp_path_factory.mktemp("ft") / "ref",
-                                      epochs=3), warmup_epochs=1,
-                         finetune_image_scope="layer3+", lr=2e-3, lr_image=5e-4)
+    request = with_train(
+        tiny_request(tiny_manifest, tmp_path_factory.mktemp("ft") / "ref", epochs=3),
+        warmup_epochs=1,
+        finetune_image_scope="layer3+",
+        lr=2e-3,
+        lr_image=5e-4,
+    )
     with pytest.MonkeyPatch.context() as patch, trace_epochs(patch) as traces:
         result = run_training(request)
     return request, result, traces
@@ -117,8 +134,12 @@ def test_warmup_keeps_the_image_backbone_frozen_then_layer3_plus_fine_tunes(
     warmup, *finetune = traces
     assert not warmup.changed & backbone, "a backbone weight moved during warm-up"
     for trace in traces:
-        for head in ("encoders.us.proj.1.weight", "encoders.labs.net.0.weight",
-                     "joint_head.0.weight", "cra_forward.blocks.0.encoder.0.weight"):
+        for head in (
+            "encoders.us.proj.1.weight",
+            "encoders.labs.net.0.weight",
+            "joint_head.0.weight",
+            "cra_forward.blocks.0.encoder.0.weight",
+        ):
             assert head in trace.changed, head
         # The heads at --lr, the image backbone at --lr-image, from the first epoch on.
         assert trace.lrs == [2e-3, 5e-4]
@@ -131,8 +152,10 @@ def test_warmup_keeps_the_image_backbone_frozen_then_layer3_plus_fine_tunes(
 
 @pytest.mark.parametrize("stop_in_epoch", [2, 3], ids=["first-finetune-epoch", "after-switch"])
 def test_resume_across_the_finetune_switch_equals_an_uninterrupted_run(
-    finetune_reference: tuple[TrainRequest, TrainResult, list[EpochTrace]], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, stop_in_epoch: int,
+    finetune_reference: tuple[TrainRequest, TrainResult, list[EpochTrace]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stop_in_epoch: int,
 ) -> None:
     """Ctrl-C in the first fine-tuning epoch (the checkpoint holds no backbone: it was frozen)
     or in the next one (the checkpoint holds the fine-tuned layers)."""
@@ -155,8 +178,9 @@ def test_resume_across_the_finetune_switch_equals_an_uninterrupted_run(
 
     resumed = run_training(load_request(run), resume=True)
     assert resumed.best_epoch == expected.best_epoch
-    pd.testing.assert_frame_equal(metrics_without_time(run),
-                                  metrics_without_time(reference.out_dir))
+    pd.testing.assert_frame_equal(
+        metrics_without_time(run), metrics_without_time(reference.out_dir)
+    )
     for name in ("test.csv", "confusion_matrix.csv"):
         assert (run / name).read_text() == (reference.out_dir / name).read_text(), name
     ours = load_file(str(run / "model" / "model.safetensors"))
@@ -168,10 +192,29 @@ def test_resume_across_the_finetune_switch_equals_an_uninterrupted_run(
 
 # -- text fine-tuning and --freeze-text through the CLI -----------------------------------------
 
-TINY = ["--num-classes", "3", "--image-backbone", "resnet18", "--image-size", "32",
-        "--device", "cpu", "--no-pretrained-image", "--train-ratio", "0.6", "--val-ratio",
-        "0.2", "--test-ratio", "0.2", "--seed", "0", "--batch-size", "8",
-        "--tla-min-patients", "1"]
+TINY = [
+    "--num-classes",
+    "3",
+    "--image-backbone",
+    "resnet18",
+    "--image-size",
+    "32",
+    "--device",
+    "cpu",
+    "--no-pretrained-image",
+    "--train-ratio",
+    "0.6",
+    "--val-ratio",
+    "0.2",
+    "--test-ratio",
+    "0.2",
+    "--seed",
+    "0",
+    "--batch-size",
+    "8",
+    "--tla-min-patients",
+    "1",
+]
 
 
 def invoke(*args: object) -> Result:
@@ -185,15 +228,38 @@ def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("freeze", [False, True], ids=["last-layer", "freeze-text"])
 def test_text_fine_tuning_moves_only_the_last_layers_and_freeze_text_none(
-    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bert: Path,
+    tiny_manifest: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bert: Path,
     freeze: bool,
 ) -> None:
     run = tmp_path / "run"
     with trace_epochs(monkeypatch) as traces:
-        result = invoke("train", tiny_manifest, "--out-dir", run, *TINY, "--epochs", 2,
-                        "--text-encoder", "hf", "--text-model", bert, "--text-max-length", 32,
-                        "--warmup-epochs", 1, "--finetune-text-last-n", 1, "--lr-text", 1e-3,
-                        "--lr-image", 4e-4, *(["--freeze-text"] if freeze else []))
+        result = invoke(
+            "train",
+            tiny_manifest,
+            "--out-dir",
+            run,
+            *TINY,
+            "--epochs",
+            2,
+            "--text-encoder",
+            "hf",
+            "--text-model",
+            bert,
+            "--text-max-length",
+            32,
+            "--warmup-epochs",
+            1,
+            "--finetune-text-last-n",
+            1,
+            "--lr-text",
+            1e-3,
+            "--lr-image",
+            4e-4,
+            *(["--freeze-text"] if freeze else []),
+        )
     assert result.exit_code == 0, result.output + repr(result.exception)
     bundle = load_bundle(run)
     text = names_of(bundle.model.encoders["text"].backbone, TEXT_BACKBONE)
@@ -271,17 +337,28 @@ DIMS = (4, 5, 6)
 
 def small_model(imputation_loss: str) -> OmniFuse:
     torch.manual_seed(0)
-    method = MethodConfig(**{**PAPER_OPTIONS, "embed_dim": D, "ra_layers": (16, 4), "num_ra": 2,
-                             "head_hidden": 8, "dropout": 0.0, "cra_dropout": 0.0,
-                             "imputation_loss": imputation_loss})
+    method = MethodConfig(
+        **{
+            **PAPER_OPTIONS,
+            "embed_dim": D,
+            "ra_layers": (16, 4),
+            "num_ra": 2,
+            "head_hidden": 8,
+            "dropout": 0.0,
+            "cra_dropout": 0.0,
+            "imputation_loss": imputation_loss,
+        }
+    )
     specs = tuple(ModalitySpec(n, "vector") for n in ("a", "b", "c"))
     return build_model(ModelConfig(specs, 3, DIMS, method), ImageConfig(), {})
 
 
 def tiny_batch(seed: int = 1, size: int = 12) -> tuple[dict, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    inputs = {n: {"x": torch.randn(size, d, generator=g), "mask": torch.ones(size, d, dtype=bool)}
-              for n, d in zip("abc", DIMS, strict=True)}
+    inputs = {
+        n: {"x": torch.randn(size, d, generator=g), "mask": torch.ones(size, d, dtype=bool)}
+        for n, d in zip("abc", DIMS, strict=True)
+    }
     present = torch.ones(size, 3, dtype=torch.bool)
     present[::4, 2] = False
     return inputs, present, torch.randint(0, 3, (size,), generator=g)
@@ -297,8 +374,9 @@ def test_imputation_targets_get_no_gradient(imputation_loss: str) -> None:
     model.embed = lambda *_: v  # type: ignore[method-assign]
     generator = torch.Generator().manual_seed(3)
     terms = model.losses(inputs, present, y, lazy=None, generator=generator)
-    mask = drop_modalities(present, model.config.method.modality_drop,
-                           torch.Generator().manual_seed(3))
+    mask = drop_modalities(
+        present, model.config.method.modality_drop, torch.Generator().manual_seed(3)
+    )
     dropped = present & ~mask
     assert dropped.any() and mask.any()
 
@@ -322,8 +400,9 @@ def test_cycle_target_gets_no_gradient(imputation_loss: str) -> None:
     mask = drop_modalities(present, 0.3, torch.Generator().manual_seed(3))
     out = model.fuse(v, mask)
     v_in = out.v_in.detach().requires_grad_(True)  # the cycle's target, as its own leaf
-    target_only = FuseOutput(v_in, out.v_fwd, out.h, out.gate, out.modality_log_probs,
-                             out.joint_log_probs)
+    target_only = FuseOutput(
+        v_in, out.v_fwd, out.h, out.gate, out.modality_log_probs, out.joint_log_probs
+    )
     forward, backward = model._imputation_losses(v, present, mask, target_only)
     assert float(backward.detach()) > 0
     (grad_target,) = torch.autograd.grad(backward, v_in, allow_unused=True)

@@ -28,8 +28,21 @@ from omnifuse_cli.engine.machine import cgroup_cpu_quota, usable_cpus
 
 pydicom = pytest.importorskip("pydicom")
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
-FAST = ["--image-backbone", "resnet18", "--image-size", "32", "--device", "cpu",
-        "--no-pretrained-image", "--epochs", "1", "--batch-size", "4", "--threads", "1"]
+FAST = [
+    "--image-backbone",
+    "resnet18",
+    "--image-size",
+    "32",
+    "--device",
+    "cpu",
+    "--no-pretrained-image",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "4",
+    "--threads",
+    "1",
+]
 PHI = ("Doe^Jane", "MRN-884-221", "19700101", "ACC-55501")
 
 
@@ -88,8 +101,15 @@ def dicom_cohort(root: Path) -> Path:
     rows = []
     for i, cell in enumerate(cells):
         labs = json.dumps([round(float(v), 3) for v in rng.normal(i % 2, 1, 3)])
-        rows.append({"id": f"P{i:02d}", "label": i % 2, "labs": labs, "us": cell,
-                     "text": ["benign nodule", "suspicious mass"][i % 2]})
+        rows.append(
+            {
+                "id": f"P{i:02d}",
+                "label": i % 2,
+                "labs": labs,
+                "us": cell,
+                "text": ["benign nodule", "suspicious mass"][i % 2],
+            }
+        )
     path = root / "manifest.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
@@ -110,31 +130,86 @@ def test_check_lists_every_undecodable_dicom_with_one_line_reason(dicom_manifest
     assert not any(phi in result.output for phi in PHI)
 
 
-def test_a_dicom_cohort_goes_through_check_train_and_predict(dicom_manifest: Path,
-                                                            tmp_path: Path) -> None:
-    checked = flat(ok(invoke("check", dicom_manifest, "--num-classes", "2",
-                             "--on-bad-file", "skip", "--train-ratio", "0.5", "--val-ratio",
-                             "0.25", "--test-ratio", "0.25")))
-    for fragment in ("us files", "DICOM JPEG Baseline", "PALETTE COLOR", "MONOCHROME1",
-                     "YBR_FULL_422", "DICOM RLE Lossless", "DICOM JPEG 2000", "30",
-                     "skipped 2 unreadable us image(s)"):
+def test_a_dicom_cohort_goes_through_check_train_and_predict(
+    dicom_manifest: Path, tmp_path: Path
+) -> None:
+    checked = flat(
+        ok(
+            invoke(
+                "check",
+                dicom_manifest,
+                "--num-classes",
+                "2",
+                "--on-bad-file",
+                "skip",
+                "--train-ratio",
+                "0.5",
+                "--val-ratio",
+                "0.25",
+                "--test-ratio",
+                "0.25",
+            )
+        )
+    )
+    for fragment in (
+        "us files",
+        "DICOM JPEG Baseline",
+        "PALETTE COLOR",
+        "MONOCHROME1",
+        "YBR_FULL_422",
+        "DICOM RLE Lossless",
+        "DICOM JPEG 2000",
+        "30",
+        "skipped 2 unreadable us image(s)",
+    ):
         assert fragment in checked, fragment
     cohort = read_manifest(dicom_manifest, parse_modality_options(None), on_bad_file="skip")
     views = {pid: v for pid, v in zip(cohort.ids, cohort.images["us"], strict=True)}
-    assert views["P02"] == [DicomFrame(dicom_manifest.parent / "us" / "cine.dcm", k)
-                            for k in range(30)]
+    assert views["P02"] == [
+        DicomFrame(dicom_manifest.parent / "us" / "cine.dcm", k) for k in range(30)
+    ]
     assert views["P08"] == []  # the truncated file, skipped
     assert [p.name for p in views["P09"]] == ["IMG0001"]  # the folder
     assert [p.name for p in views["P10"]] == ["P10_a.dcm", "P10_b.dcm"]  # the glob, by name
 
     run = tmp_path / "run"
     cache = tmp_path / "cache"
-    ok(invoke("train", dicom_manifest, "--num-classes", "2", "--out-dir", run, *FAST,
-              "--on-bad-file", "skip", "--train-ratio", "0.5", "--val-ratio", "0.25",
-              "--test-ratio", "0.25", "--cache-dir", cache))
+    ok(
+        invoke(
+            "train",
+            dicom_manifest,
+            "--num-classes",
+            "2",
+            "--out-dir",
+            run,
+            *FAST,
+            "--on-bad-file",
+            "skip",
+            "--train-ratio",
+            "0.5",
+            "--val-ratio",
+            "0.25",
+            "--test-ratio",
+            "0.25",
+            "--cache-dir",
+            cache,
+        )
+    )
     out = tmp_path / "pred.csv"
-    predicted = ok(invoke("predict", dicom_manifest, "--run", run, "--out", out,
-                          "--device", "cpu", "--cache-dir", cache))
+    predicted = ok(
+        invoke(
+            "predict",
+            dicom_manifest,
+            "--run",
+            run,
+            "--out",
+            out,
+            "--device",
+            "cpu",
+            "--cache-dir",
+            cache,
+        )
+    )
     frame = pd.read_csv(out)
     assert len(frame) == 12
     # predict scores every readable patient and gives the others their one-line reason
@@ -143,8 +218,9 @@ def test_a_dicom_cohort_goes_through_check_train_and_predict(dicom_manifest: Pat
     assert "report.dcm is a DICOM without pixel data (Comprehensive SR)" in reasons["P11"]
     assert "truncated.dcm is a DICOM" in reasons["P08"]
     # No header value that identifies a person reaches the run folder, the cache or the output.
-    written = b"".join(p.read_bytes() for folder in (run, cache) for p in folder.rglob("*")
-                       if p.is_file())
+    written = b"".join(
+        p.read_bytes() for folder in (run, cache) for p in folder.rglob("*") if p.is_file()
+    )
     for phi in PHI:
         assert phi.encode() not in written and phi not in predicted.output
 
@@ -159,8 +235,9 @@ def test_cine_frames_are_evenly_spaced_views() -> None:
 # -- long lab tables -------------------------------------------------------------------------
 
 
-def test_long_lab_table_trains_and_predicts_the_same_way(tiny_manifest: Path,
-                                                        tmp_path: Path) -> None:
+def test_long_lab_table_trains_and_predicts_the_same_way(
+    tiny_manifest: Path, tmp_path: Path
+) -> None:
     frame = pd.read_csv(tiny_manifest, dtype=str, keep_default_na=False)
     data = Path(shutil.copytree(tiny_manifest.parent, tmp_path / "data"))
     rows = []
@@ -171,31 +248,96 @@ def test_long_lab_table_trains_and_predicts_the_same_way(tiny_manifest: Path,
             if value is None:
                 continue
             # an older, different value first: last-by-time must pick the later one
-            rows.append({"patient": row["id"], "test": f"a{j}", "value": "999",
-                         "time": "2024-01-01 08:00", "unit": "mg/dL"})
-            rows.append({"patient": row["id"], "test": f"a{j}", "value": str(value),
-                         "time": "2024-01-02 08:00", "unit": "mg/dL"})
-    rows.append({"patient": frame["id"][0], "test": "a0", "value": "<0.5",
-                 "time": "2024-01-03 08:00", "unit": "mg/dL"})
+            rows.append(
+                {
+                    "patient": row["id"],
+                    "test": f"a{j}",
+                    "value": "999",
+                    "time": "2024-01-01 08:00",
+                    "unit": "mg/dL",
+                }
+            )
+            rows.append(
+                {
+                    "patient": row["id"],
+                    "test": f"a{j}",
+                    "value": str(value),
+                    "time": "2024-01-02 08:00",
+                    "unit": "mg/dL",
+                }
+            )
+    rows.append(
+        {
+            "patient": frame["id"][0],
+            "test": "a0",
+            "value": "<0.5",
+            "time": "2024-01-03 08:00",
+            "unit": "mg/dL",
+        }
+    )
     long = pd.DataFrame(rows).iloc[::-1]  # out of time order
     long.to_csv(data / "labs_long.csv", index=False)
     frame.drop(columns=["labs"]).to_csv(data / "no_labs.csv", index=False)
-    checked = flat(ok(invoke("check", data / "no_labs.csv", "--labs-table",
-                             data / "labs_long.csv", "--labs-id-col", "patient")))
+    checked = flat(
+        ok(
+            invoke(
+                "check",
+                data / "no_labs.csv",
+                "--labs-table",
+                data / "labs_long.csv",
+                "--labs-id-col",
+                "patient",
+            )
+        )
+    )
     assert "long lab table" in checked and "'<0.5' (a0, 1x" in checked
     run = tmp_path / "run"
-    ok(invoke("train", data / "no_labs.csv", "--num-classes", "3", "--labs-table",
-              data / "labs_long.csv", "--labs-id-col", "patient", "--out-dir", run, *FAST,
-              "--train-ratio", "0.6", "--val-ratio", "0.2", "--test-ratio", "0.2"))
+    ok(
+        invoke(
+            "train",
+            data / "no_labs.csv",
+            "--num-classes",
+            "3",
+            "--labs-table",
+            data / "labs_long.csv",
+            "--labs-id-col",
+            "patient",
+            "--out-dir",
+            run,
+            *FAST,
+            "--train-ratio",
+            "0.6",
+            "--val-ratio",
+            "0.2",
+            "--test-ratio",
+            "0.2",
+        )
+    )
     meta = dict(pd.read_csv(run / "meta.csv", dtype=str).values)
     assert (meta["labs_format"], meta["labs_agg"]) == ("auto", "last")
-    cohort = read_manifest(data / "no_labs.csv", parse_modality_options(None),
-                           labs_table=data / "labs_long.csv", labs_id_col="patient")
+    cohort = read_manifest(
+        data / "no_labs.csv",
+        parse_modality_options(None),
+        labs_table=data / "labs_long.csv",
+        labs_id_col="patient",
+    )
     wide = read_manifest(tiny_manifest, parse_modality_options(None))
     np.testing.assert_array_equal(cohort.vectors["labs"], wide.vectors["labs"])
     out = tmp_path / "pred.csv"
-    ok(invoke("predict", data / "no_labs.csv", "--run", run, "--out", out, "--labs-table",
-              data / "labs_long.csv", "--device", "cpu"))
+    ok(
+        invoke(
+            "predict",
+            data / "no_labs.csv",
+            "--run",
+            run,
+            "--out",
+            out,
+            "--labs-table",
+            data / "labs_long.csv",
+            "--device",
+            "cpu",
+        )
+    )
     assert pd.read_csv(out)["modalities"].str.contains("labs").sum() == 20
 
 
@@ -230,7 +372,7 @@ def test_every_encoding_of_the_battery_decodes_to_the_right_characters(
 
 
 def test_garbage_is_never_decoded_silently() -> None:
-    for raw in (b"\xff\xfe\xfa" * 10, bytes(range(0x80, 0xa0)) * 3, b"\x00\x01\x02abc"):
+    for raw in (b"\xff\xfe\xfa" * 10, bytes(range(0x80, 0xA0)) * 3, b"\x00\x01\x02abc"):
         with pytest.raises(ValueError, match="--encoding"):
             decode_note(raw)
     with pytest.raises(ValueError, match=r"not valid utf-8 text \(byte 0xef"):
@@ -247,9 +389,12 @@ def test_check_lists_encodings_guessed_files_and_empty_notes(tmp_path: Path) -> 
     (notes / "d.txt").write_bytes(b"  \n ")
     (notes / "e.txt").write_bytes(WESTERN.encode("utf-8"))
     manifest = tmp_path / "m.csv"
-    manifest.write_text("id,label,labs,text\n1,0,[1],notes/a.txt\n2,1,[2],notes/b.txt\n"
-                        "3,0,[3],notes/c.txt\n4,1,[4],notes/d.txt\n5,0,[5],notes/e.txt\n"
-                        "6,1,[6],see notes/x.txt\n", encoding="utf-8")
+    manifest.write_text(
+        "id,label,labs,text\n1,0,[1],notes/a.txt\n2,1,[2],notes/b.txt\n"
+        "3,0,[3],notes/c.txt\n4,1,[4],notes/d.txt\n5,0,[5],notes/e.txt\n"
+        "6,1,[6],see notes/x.txt\n",
+        encoding="utf-8",
+    )
     modalities = ["--modality", "labs=vector", "--modality", "text=text"]
     out = flat(invoke("check", manifest, *modalities))  # (too few patients to split: exit 2)
     assert "cp1252 file 1" in out and "gb18030 file 1" in out and "utf-16 file 1" in out
@@ -268,8 +413,9 @@ def test_check_lists_encodings_guessed_files_and_empty_notes(tmp_path: Path) -> 
 # -- machine use ---------------------------------------------------------------------------------
 
 
-def test_threads_follow_omp_affinity_and_the_cgroup(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_threads_follow_omp_affinity_and_the_cgroup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert usable_cpus() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
@@ -286,11 +432,29 @@ def test_threads_follow_omp_affinity_and_the_cgroup(tmp_path: Path,
     assert cgroup_cpu_quota(tmp_path / "nowhere") is None
 
 
-def test_test_ratio_0_trains_on_train_and_validation_only(tiny_manifest: Path,
-                                                          tmp_path: Path) -> None:
+def test_test_ratio_0_trains_on_train_and_validation_only(
+    tiny_manifest: Path, tmp_path: Path
+) -> None:
     run = tmp_path / "run"
-    out = flat(ok(invoke("train", tiny_manifest, "--num-classes", "3", "--out-dir", run, *FAST,
-                         "--train-ratio", "0.7", "--val-ratio", "0.3", "--test-ratio", "0")))
+    out = flat(
+        ok(
+            invoke(
+                "train",
+                tiny_manifest,
+                "--num-classes",
+                "3",
+                "--out-dir",
+                run,
+                *FAST,
+                "--train-ratio",
+                "0.7",
+                "--val-ratio",
+                "0.3",
+                "--test-ratio",
+                "0",
+            )
+        )
+    )
     assert "no internal test split (--test-ratio 0)" in out
     split = pd.read_csv(run / "split_assignment.csv")
     assert set(split["split"]) == {"train", "val"}
@@ -298,8 +462,9 @@ def test_test_ratio_0_trains_on_train_and_validation_only(tiny_manifest: Path,
     refused = invoke("evaluate", run, "--device", "cpu")
     assert refused.exit_code == 2 and "has no test split" in refused.stderr
     assert "--manifest TEST.csv" in refused.stderr
-    evaluated = ok(invoke("evaluate", run, "--manifest", tiny_manifest, "--device", "cpu",
-                          "--bootstrap", "20"))
+    evaluated = ok(
+        invoke("evaluate", run, "--manifest", tiny_manifest, "--device", "cpu", "--bootstrap", "20")
+    )
     assert "(30 patients)" in flat(evaluated)
     ok(invoke("report", run))
     assert (run / "report.html").is_file()

@@ -81,12 +81,14 @@ def test_wide_with_only_an_id_column_raises(tmp_path: Path) -> None:
 # -- long: detection and columns ----------------------------------------------------------------
 
 
-LONG = ("id,analyte,value,time,unit\n"
-        "1,glucose,5.0,2024-01-03 08:00,mmol/L\n"
-        "1,glucose,7.0,2024-01-01 08:00,mmol/L\n"
-        "1,alt,30,2024-01-02,U/L\n"
-        "2,glucose,6.0,2024-01-02,mmol/L\n"
-        "1,glucose,4.0,2024-01-02 08:00,\n")
+LONG = (
+    "id,analyte,value,time,unit\n"
+    "1,glucose,5.0,2024-01-03 08:00,mmol/L\n"
+    "1,glucose,7.0,2024-01-01 08:00,mmol/L\n"
+    "1,alt,30,2024-01-02,U/L\n"
+    "2,glucose,6.0,2024-01-02,mmol/L\n"
+    "1,glucose,4.0,2024-01-02 08:00,\n"
+)
 
 
 def test_long_table_is_detected_and_sorted_by_analyte(tmp_path: Path) -> None:
@@ -98,13 +100,22 @@ def test_long_table_is_detected_and_sorted_by_analyte(tmp_path: Path) -> None:
     np.testing.assert_equal(rows_of(table.values), [[30, 5], [NAN, 6]])
     assert table.values.dtype == np.float32
     assert table.units == {"alt": "U/L", "glucose": "mmol/L"}
-    assert table.notes == ["long lab table: 5 measurement(s) of 2 analyte(s) for 2 patient(s); "
-                           "1 patient(s) had repeated values (aggregated: last by time)"]
+    assert table.notes == [
+        "long lab table: 5 measurement(s) of 2 analyte(s) for 2 patient(s); "
+        "1 patient(s) had repeated values (aggregated: last by time)"
+    ]
 
 
-@pytest.mark.parametrize(("agg", "expected"), [
-    ("last", 5.0), ("first", 7.0), ("mean", 16 / 3), ("min", 4.0), ("max", 7.0),
-])
+@pytest.mark.parametrize(
+    ("agg", "expected"),
+    [
+        ("last", 5.0),
+        ("first", 7.0),
+        ("mean", 16 / 3),
+        ("min", 4.0),
+        ("max", 7.0),
+    ],
+)
 def test_each_aggregation(tmp_path: Path, agg: str, expected: float) -> None:
     table = read_labs(write(tmp_path, LONG), agg=agg)
     assert table.agg == agg
@@ -135,10 +146,13 @@ def test_equal_times_keep_row_order(tmp_path: Path) -> None:
 
 
 def test_mimic_style_columns_found_ignoring_case(tmp_path: Path) -> None:
-    path = write(tmp_path, "SUBJECT_ID,ITEMID,CHARTTIME,VALUENUM,VALUEUOM\n"
-                 "10006,50912,2180-03-23 11:51:00,1.1,mg/dL\n"
-                 "10006,50912,2180-03-22 11:51:00,0.9,mg/dL\n"
-                 "10011,50868,2180-03-23 11:51:00,14,mEq/L\n")
+    path = write(
+        tmp_path,
+        "SUBJECT_ID,ITEMID,CHARTTIME,VALUENUM,VALUEUOM\n"
+        "10006,50912,2180-03-23 11:51:00,1.1,mg/dL\n"
+        "10006,50912,2180-03-22 11:51:00,0.9,mg/dL\n"
+        "10011,50868,2180-03-23 11:51:00,14,mEq/L\n",
+    )
     table = read_labs(path, id_col="subject_id")
     assert table.layout == "long"
     assert table.ids == ["0000010006", "0000010011"]
@@ -173,8 +187,9 @@ def test_a_long_table_can_be_forced_wide(tmp_path: Path) -> None:
 
 def test_forced_long_without_its_columns_raises(tmp_path: Path) -> None:
     path = write(tmp_path, "id,ALT,AST\n1,1,2\n")
-    with pytest.raises(ManifestError,
-                       match=r"no analyte column for the long layout .*columns: id, ALT, AST"):
+    with pytest.raises(
+        ManifestError, match=r"no analyte column for the long layout .*columns: id, ALT, AST"
+    ):
         read_labs(path, layout="long")
     path = write(tmp_path, "id,analyte,reading\n1,ALT,2\n")
     with pytest.raises(ManifestError, match="no value column for the long layout") as info:
@@ -199,8 +214,11 @@ def test_unknown_layout_or_agg_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_rows_without_id_or_analyte_raise(tmp_path: Path) -> None:
-    with pytest.raises(ManifestError, match=r"1 measurement\(s\) have no id in column 'id': "
-                       r"rows 3$"):
+    with pytest.raises(
+        ManifestError,
+        match=r"1 measurement\(s\) have no id in column 'id': "
+        r"rows 3$",
+    ):
         read_labs(write(tmp_path, "id,analyte,value\n1,k,1\n,k,2\n"))
     with pytest.raises(ManifestError, match="have no analyte name in column 'analyte': rows 2, 4"):
         read_labs(write(tmp_path, "id,analyte,value\n1,,1\n1,k,2\n2, ,3\n"))
@@ -215,16 +233,21 @@ def test_header_only_long_table_raises(tmp_path: Path) -> None:
 
 
 def test_two_units_of_one_analyte_raise_naming_both(tmp_path: Path) -> None:
-    path = write(tmp_path, "id,analyte,value,unit\n1,glucose,5,mmol/L\n2,glucose,90,mg/dL\n"
-                 "3,glucose,6,mmol/L\n4,glucose,7,\n5,alt,3,U/L\n")
-    with pytest.raises(ManifestError, match=r"1 analyte\(s\) have more than one unit:\n  "
-                       r"'glucose' in mmol/L \(2 rows\), mg/dL \(1 row\)$"):
+    path = write(
+        tmp_path,
+        "id,analyte,value,unit\n1,glucose,5,mmol/L\n2,glucose,90,mg/dL\n"
+        "3,glucose,6,mmol/L\n4,glucose,7,\n5,alt,3,U/L\n",
+    )
+    with pytest.raises(
+        ManifestError,
+        match=r"1 analyte\(s\) have more than one unit:\n  "
+        r"'glucose' in mmol/L \(2 rows\), mg/dL \(1 row\)$",
+    ):
         read_labs(path)
 
 
 def test_empty_units_are_ignored_and_units_recorded(tmp_path: Path) -> None:
-    path = write(tmp_path, "id,analyte,value,units\n1,glucose,5,\n2,glucose,6,mmol/L\n"
-                 "2,alt,1,\n")
+    path = write(tmp_path, "id,analyte,value,units\n1,glucose,5,\n2,glucose,6,mmol/L\n2,alt,1,\n")
     assert read_labs(path).units == {"glucose": "mmol/L"}
 
 
@@ -232,17 +255,26 @@ def test_empty_units_are_ignored_and_units_recorded(tmp_path: Path) -> None:
 
 
 def test_non_numeric_values_count_missing_and_are_reported(tmp_path: Path) -> None:
-    path = write(tmp_path, "id,analyte,value\n1,glucose,<0.5\n2,glucose,<0.5\n3,hcg,pos\n"
-                 "3,glucose,--\n4,glucose,\n4,hcg,inf\n5,glucose,0.7\n")
+    path = write(
+        tmp_path,
+        "id,analyte,value\n1,glucose,<0.5\n2,glucose,<0.5\n3,hcg,pos\n"
+        "3,glucose,--\n4,glucose,\n4,hcg,inf\n5,glucose,0.7\n",
+    )
     table = read_labs(path)
     assert table.columns == ["glucose", "hcg"]
     assert np.isnan(table.values[:4]).all()  # '<0.5' never became 0.5
     assert table.values[4].tolist()[0] == pytest.approx(0.7)
-    assert table.non_numeric == [("glucose", "<0.5", 2), ("glucose", "--", 1), ("hcg", "inf", 1),
-                                 ("hcg", "pos", 1)]
-    assert table.notes[1] == ("5 non-numeric lab value(s) counted missing: '<0.5' (glucose, 2x, "
-                              "rows 2, 3), '--' (glucose, 1x, row 5), 'inf' (hcg, 1x, row 7), "
-                              "'pos' (hcg, 1x, row 4)")
+    assert table.non_numeric == [
+        ("glucose", "<0.5", 2),
+        ("glucose", "--", 1),
+        ("hcg", "inf", 1),
+        ("hcg", "pos", 1),
+    ]
+    assert table.notes[1] == (
+        "5 non-numeric lab value(s) counted missing: '<0.5' (glucose, 2x, "
+        "rows 2, 3), '--' (glucose, 1x, row 5), 'inf' (hcg, 1x, row 7), "
+        "'pos' (hcg, 1x, row 4)"
+    )
 
 
 def test_a_non_numeric_last_value_leaves_the_last_number(tmp_path: Path) -> None:
@@ -253,10 +285,14 @@ def test_a_non_numeric_last_value_leaves_the_last_number(tmp_path: Path) -> None
 
 
 def test_unreadable_times_are_listed(tmp_path: Path) -> None:
-    path = write(tmp_path, "id,analyte,value,time\n1,k,1,2024-01-01\n1,k,2,yesterday\n"
-                 "2,k,3,soon\n2,k,4,yesterday\n")
-    with pytest.raises(ManifestError, match="2 distinct time.* are neither dates nor numbers: "
-                       "row 3 'yesterday', row 4 'soon'$"):
+    path = write(
+        tmp_path,
+        "id,analyte,value,time\n1,k,1,2024-01-01\n1,k,2,yesterday\n2,k,3,soon\n2,k,4,yesterday\n",
+    )
+    with pytest.raises(
+        ManifestError,
+        match="2 distinct time.* are neither dates nor numbers: row 3 'yesterday', row 4 'soon'$",
+    ):
         read_labs(path)
     # mean/min/max do not need the times
     assert read_labs(path, agg="max").values.tolist() == [[2.0], [4.0]]
@@ -269,8 +305,11 @@ def test_empty_times_raise_for_last(tmp_path: Path) -> None:
 
 
 def test_mixed_date_formats_are_parsed(tmp_path: Path) -> None:
-    path = write(tmp_path, "id,analyte,value,date\n1,k,1,2024-01-02 08:00\n1,k,2,2024-01-03\n"
-                 "1,k,3,2024-01-01T23:00:00Z\n")
+    path = write(
+        tmp_path,
+        "id,analyte,value,date\n1,k,1,2024-01-02 08:00\n1,k,2,2024-01-03\n"
+        "1,k,3,2024-01-01T23:00:00Z\n",
+    )
     assert read_labs(path).values.tolist() == [[2.0]]
     assert read_labs(path, agg="first").values.tolist() == [[3.0]]
 
@@ -283,8 +322,9 @@ def test_analytes_force_the_columns_of_a_long_table(tmp_path: Path) -> None:
     assert table.columns == ["sodium", "glucose"]
     np.testing.assert_equal(rows_of(table.values), [[NAN, 5], [NAN, 6]])
     assert table.units == {"glucose": "mmol/L"}
-    assert ("1 analyte(s) of the run missing from this lab table (empty for every patient): "
-            "sodium") in table.notes
+    assert (
+        "1 analyte(s) of the run missing from this lab table (empty for every patient): sodium"
+    ) in table.notes
     assert "1 analyte(s) in this lab table that the run does not use (ignored): alt" in table.notes
     assert table.notes[0].startswith("long lab table: 4 measurement(s) of 1 analyte(s) for 2")
 
@@ -320,8 +360,10 @@ def test_a_200k_row_long_table(tmp_path: Path) -> None:
     value = rng.normal(size=n).round(3).astype(str)
     value[::1000] = "<0.5"
     day = rng.integers(1, 28, n)
-    lines = [f"{p},a{a:02d},{v},2024-01-{d:02d} {p % 24:02d}:00,u{a}"
-             for p, a, v, d in zip(pid, analyte, value, day, strict=True)]
+    lines = [
+        f"{p},a{a:02d},{v},2024-01-{d:02d} {p % 24:02d}:00,u{a}"
+        for p, a, v, d in zip(pid, analyte, value, day, strict=True)
+    ]
     path = write(tmp_path, "subject_id,test,value,charttime,unit\n" + "\n".join(lines) + "\n")
     table = read_labs(path, id_col="SUBJECT_ID")
     assert table.values.shape == (len(np.unique(pid)), 16)

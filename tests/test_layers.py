@@ -35,8 +35,11 @@ def test_config_is_the_ground_floor():
 def test_data_and_model_stand_on_config_not_on_engine_or_cli():
     for floor in ("data", "model"):
         for file, names in _floor_imports(floor).items():
-            above = {n for n in names if n.startswith(("omnifuse_cli.engine", "omnifuse_cli.cli",
-                                                        "omnifuse_cli.report"))}
+            above = {
+                n
+                for n in names
+                if n.startswith(("omnifuse_cli.engine", "omnifuse_cli.cli", "omnifuse_cli.report"))
+            }
             assert not above, f"{floor}/{file} imports {sorted(above)}"
 
 

@@ -26,19 +26,22 @@ from .conftest import tiny_request
 def runs(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
     out = {}
     for linear in (True, False):
-        request = tiny_request(tiny_manifest, tmp_path_factory.mktemp(f"linear{linear}"),
-                               epochs=2)
+        request = tiny_request(tiny_manifest, tmp_path_factory.mktemp(f"linear{linear}"), epochs=2)
         # 12 validation patients: enough for the blend (MIN_VALIDATION)
         request = dataclasses.replace(
-            request, method=dataclasses.replace(request.method, linear_path=linear),
-            train=dataclasses.replace(request.train, train_ratio=0.5, val_ratio=0.4,
-                                      test_ratio=0.1))
+            request,
+            method=dataclasses.replace(request.method, linear_path=linear),
+            train=dataclasses.replace(
+                request.train, train_ratio=0.5, val_ratio=0.4, test_ratio=0.1
+            ),
+        )
         out[linear] = run_training(request).out_dir
     return out
 
 
-def test_the_fitted_path_is_scikit_learns_logistic_regression(runs: dict[bool, Path],
-                                                              tiny_manifest: Path) -> None:
+def test_the_fitted_path_is_scikit_learns_logistic_regression(
+    runs: dict[bool, Path], tiny_manifest: Path
+) -> None:
     """The buffers reproduce the fitted model's decision function on every patient, from the
     same batches the model sees (tf-idf rows, standardised labs, presence)."""
     bundle = load_bundle(runs[True], torch.device("cpu"))
@@ -53,7 +56,8 @@ def test_the_fitted_path_is_scikit_learns_logistic_regression(runs: dict[bool, P
     x = design_matrix(model, data, rows)
     coef = np.concatenate(
         [getattr(model.linear, f"{kind}_{name}").numpy() for _, name, kind in model.linear.terms]
-        + [model.linear.presence.numpy()])
+        + [model.linear.presence.numpy()]
+    )
     expected = x @ coef + model.linear.intercept.numpy()
     from omnifuse_cli.engine.inference import loader
 
@@ -63,8 +67,9 @@ def test_the_fitted_path_is_scikit_learns_logistic_regression(runs: dict[bool, P
     np.testing.assert_allclose(torch.cat(got).numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_without_the_path_the_output_is_omnifuse_alone(runs: dict[bool, Path],
-                                                       tiny_manifest: Path) -> None:
+def test_without_the_path_the_output_is_omnifuse_alone(
+    runs: dict[bool, Path], tiny_manifest: Path
+) -> None:
     bundle = load_bundle(runs[True], torch.device("cpu"))
     model = bundle.model
     cohort = read_manifest(tiny_manifest, model.config.modalities)
@@ -108,8 +113,9 @@ def test_runs_written_before_the_path_load_without_it() -> None:
 
 
 def test_predict_uses_the_blend(runs: dict[bool, Path], tiny_manifest: Path) -> None:
-    frame = predict_patients(PredictRequest(run_dir=runs[True], patients=tiny_manifest,
-                                            device="cpu")).frame
+    frame = predict_patients(
+        PredictRequest(run_dir=runs[True], patients=tiny_manifest, device="cpu")
+    ).frame
     probs = frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
     assert (frame["pred"].astype(int) == probs.argmax(1)).all()

@@ -101,8 +101,11 @@ def test_npy_path_labs(tmp_path: Path, shape: tuple[int, ...]) -> None:
 def test_npy_of_wrong_shape_is_reported(tmp_path: Path) -> None:
     np.save(tmp_path / "p1.npy", np.ones((2, 3)))
     path = write(tmp_path, "id,label,labs\n1,0,p1.npy\n")
-    with pytest.raises(ManifestError, match=r"row 2 \(id 0000000001\), column 'labs': "
-                       r"p1\.npy has shape \(2, 3\)"):
+    with pytest.raises(
+        ManifestError,
+        match=r"row 2 \(id 0000000001\), column 'labs': "
+        r"p1\.npy has shape \(2, 3\)",
+    ):
         read_manifest(path, LABS)
 
 
@@ -136,7 +139,9 @@ def test_labs_table_ids_matched_after_zero_padding(tmp_path: Path) -> None:
     table = write(tmp_path, "patient_id,ALT,AST\n0000000007,1,2\n8,3,\nP9,5,6\n", "labs.csv")
     path = write(tmp_path, "id,label,us\n7,0,\n0008,1,\nP9,0,\n")
     cohort = read_manifest(
-        path, parse_modality_options(["labs=vector", "us=image"]), labs_table=table,
+        path,
+        parse_modality_options(["labs=vector", "us=image"]),
+        labs_table=table,
         labs_id_col="patient_id",
     )
     assert cohort.vector_columns["labs"] == ["ALT", "AST"]
@@ -150,8 +155,9 @@ def test_labs_table_ids_matched_after_zero_padding(tmp_path: Path) -> None:
 def test_labs_table_partial_match_adds_note_with_counts(tmp_path: Path) -> None:
     table = write(tmp_path, "id,ALT\n1,10\n2,20\n", "labs.csv")
     path = write(tmp_path, "id,label,text\n1,0,a\n2,1,b\n3,0,c\n4,1,d\n")
-    cohort = read_manifest(path, parse_modality_options(["labs=vector", "text=text"]),
-                           labs_table=table)
+    cohort = read_manifest(
+        path, parse_modality_options(["labs=vector", "text=text"]), labs_table=table
+    )
     assert cohort.present[:, 0].tolist() == [True, True, False, False]
     assert np.isnan(cohort.vectors["labs"][2:]).all()
     assert len(cohort.notes) == 1
@@ -163,16 +169,14 @@ def test_labs_table_matching_no_id_raises(tmp_path: Path) -> None:
     table = write(tmp_path, "id,ALT\n100,10\n200,20\n", "labs.csv")
     path = write(tmp_path, "id,label,text\n1,0,a\n2,1,b\n")
     with pytest.raises(ManifestError, match="matches none of the 2 manifest ids"):
-        read_manifest(path, parse_modality_options(["labs=vector", "text=text"]),
-                      labs_table=table)
+        read_manifest(path, parse_modality_options(["labs=vector", "text=text"]), labs_table=table)
 
 
 def test_labs_table_without_its_id_column_raises(tmp_path: Path) -> None:
     table = write(tmp_path, "pid,ALT\n1,10\n", "labs.csv")
     path = write(tmp_path, "id,label,text\n1,0,a\n")
     with pytest.raises(ManifestError, match="no id column 'id'.*pid, ALT"):
-        read_manifest(path, parse_modality_options(["labs=vector", "text=text"]),
-                      labs_table=table)
+        read_manifest(path, parse_modality_options(["labs=vector", "text=text"]), labs_table=table)
 
 
 # -- image cells ------------------------------------------------------------------------------
@@ -214,8 +218,9 @@ def test_windows_backslash_paths(tmp_path: Path, write_png: PngFn) -> None:
 
 def test_missing_image_files_all_listed_in_one_error(tmp_path: Path, write_png: PngFn) -> None:
     write_png(tmp_path / "us" / "ok.png", 0.5)
-    path = write(tmp_path, "id,label,us\n1,0,us/ok.png\n2,1,us/gone1.png\n"
-                 "3,0,us/ok.png;us/gone2.png\n")
+    path = write(
+        tmp_path, "id,label,us\n1,0,us/ok.png\n2,1,us/gone1.png\n3,0,us/ok.png;us/gone2.png\n"
+    )
     with pytest.raises(ManifestError) as info:
         read_manifest(path, US)
     message = str(info.value)
@@ -238,19 +243,21 @@ def test_inline_text_and_txt_paths_utf8_and_gb18030(tmp_path: Path) -> None:
         gb.decode("utf-8")  # the file really is not UTF-8
     (tmp_path / "notes" / "g.txt").write_bytes(gb)
     (tmp_path / "notes" / "b.txt").write_bytes(b"\xef\xbb\xbf" + note.encode("utf-8"))
-    path = write(tmp_path, f"id,label,text\n1,0,{note}\n2,1,notes/u.txt\n3,0,notes/g.txt\n"
-                 "4,1,notes/b.txt\n")
+    path = write(
+        tmp_path, f"id,label,text\n1,0,{note}\n2,1,notes/u.txt\n3,0,notes/g.txt\n4,1,notes/b.txt\n"
+    )
     cohort = read_manifest(path, TEXT)
     assert cohort.texts["text"] == [note, note, note, note]
 
 
-def test_a_note_that_looks_like_a_missing_file_is_inline_text_with_a_note(tmp_path: Path
-                                                                         ) -> None:
+def test_a_note_that_looks_like_a_missing_file_is_inline_text_with_a_note(tmp_path: Path) -> None:
     path = write(tmp_path, "id,label,text\n1,0,notes/none.txt\n2,1,see report.txt\n")
     cohort = read_manifest(path, TEXT)
     assert cohort.texts["text"] == ["notes/none.txt", "see report.txt"]
-    assert cohort.note_stats["text"].path_like == ["row 2 (id 0000000001): 'notes/none.txt'",
-                                                   "row 3 (id 0000000002): 'see report.txt'"]
+    assert cohort.note_stats["text"].path_like == [
+        "row 2 (id 0000000001): 'notes/none.txt'",
+        "row 3 (id 0000000002): 'see report.txt'",
+    ]
     assert any("look like a file path but no such file exists" in n for n in cohort.notes)
 
 
@@ -259,11 +266,16 @@ def test_a_note_that_looks_like_a_missing_file_is_inline_text_with_a_note(tmp_pa
 
 def test_empty_cell_is_a_missing_modality(tmp_path: Path, write_png: PngFn) -> None:
     write_png(tmp_path / "a.png", 0.5)
-    path = write(tmp_path, 'id,label,labs,us,text\n1,0,"[1, 2]",a.png,hi\n2,1,,a.png,\n'
-                 '3,0,"[3, 4]",,\n4,1,,  ,note\n')
+    path = write(
+        tmp_path,
+        'id,label,labs,us,text\n1,0,"[1, 2]",a.png,hi\n2,1,,a.png,\n3,0,"[3, 4]",,\n4,1,,  ,note\n',
+    )
     cohort = read_manifest(path, DEFAULT_MODALITIES)
     assert cohort.present.tolist() == [
-        [True, True, True], [False, True, False], [True, False, False], [False, False, True],
+        [True, True, True],
+        [False, True, False],
+        [True, False, False],
+        [False, False, True],
     ]
     assert np.isnan(cohort.vectors["labs"][1]).all()
     assert cohort.images["us"][2] == [] and cohort.images["us"][3] == []
@@ -302,7 +314,10 @@ def test_custom_modalities_with_two_image_columns(tmp_path: Path, write_png: Png
         ["lab=vector", "ct=image", "mri=image", "report=text", "extra=vector"]
     )
     assert [(s.name, s.kind) for s in specs] == [
-        ("lab", "vector"), ("ct", "image"), ("mri", "image"), ("report", "text"),
+        ("lab", "vector"),
+        ("ct", "image"),
+        ("mri", "image"),
+        ("report", "text"),
         ("extra", "vector"),
     ]
     path = write(
@@ -360,17 +375,22 @@ def test_missing_label_column_only_matters_when_labels_are_required(tmp_path: Pa
 
 def test_duplicate_id_after_zero_padding(tmp_path: Path) -> None:
     path = write(tmp_path, 'id,label,labs\n7,0,"[1]"\n8,1,"[1]"\n0000000007,1,"[2]"\n')
-    with pytest.raises(ManifestError,
-                       match=r"row 4 \(id 0000000007\), column 'id': duplicate id '0000000007' "
-                       r"\(first at row 2\)"):
+    with pytest.raises(
+        ManifestError,
+        match=r"row 4 \(id 0000000007\), column 'id': duplicate id '0000000007' "
+        r"\(first at row 2\)",
+    ):
         read_manifest(path, LABS)
 
 
 @pytest.mark.parametrize("bad", ["1.5", "abc", "one"])
 def test_non_integer_label(tmp_path: Path, bad: str) -> None:
     path = write(tmp_path, f'id,label,labs\n1,0,"[1]"\n2,{bad},"[1]"\n')
-    with pytest.raises(ManifestError, match=rf"row 3 \(id 0000000002\), column 'label': "
-                       rf"'{bad}' is not an integer"):
+    with pytest.raises(
+        ManifestError,
+        match=rf"row 3 \(id 0000000002\), column 'label': "
+        rf"'{bad}' is not an integer",
+    ):
         read_manifest(path, LABS)
 
 
@@ -391,15 +411,20 @@ def test_label_out_of_range(tmp_path: Path) -> None:
 def test_patient_with_no_modality(tmp_path: Path) -> None:
     path = write(tmp_path, 'id,label,labs,text\n1,0,"[1]",a\n2,1,,\n3,0,,b\n4,1,, \n')
     modalities = parse_modality_options(["labs=vector", "text=text"])
-    with pytest.raises(ManifestError, match=r"2 patient\(s\) have no modality at all: "
-                       r"row 3 \(id 0000000002\), row 5 \(id 0000000004\)"):
+    with pytest.raises(
+        ManifestError,
+        match=r"2 patient\(s\) have no modality at all: "
+        r"row 3 \(id 0000000002\), row 5 \(id 0000000004\)",
+    ):
         read_manifest(path, modalities, on_empty_patient="error")
     cohort = read_manifest(path, modalities)  # the default: left out, with a note
     assert cohort.ids == ["0000000001", "0000000003"]
     assert cohort.labels.tolist() == [0, 0]
     assert cohort.excluded == [("0000000002", 1), ("0000000004", 1)]
-    assert cohort.notes == ["left out 2 patient(s) with no modality at all (--on-empty-patient "
-                            "skip): row 3 (id 0000000002), row 5 (id 0000000004)"]
+    assert cohort.notes == [
+        "left out 2 patient(s) with no modality at all (--on-empty-patient "
+        "skip): row 3 (id 0000000002), row 5 (id 0000000004)"
+    ]
     nothing = write(tmp_path, "id,label,labs,text\n1,0,,\n", "nothing.csv")
     with pytest.raises(ManifestError, match="none of the 1 patients has any modality"):
         read_manifest(nothing, modalities)
@@ -409,8 +434,11 @@ def test_keep_bad_rows_marks_each_unusable_patient_and_keeps_the_rest(
     tmp_path: Path, write_png: PngFn
 ) -> None:
     write_png(tmp_path / "us" / "ok.png", 0.5)
-    path = write(tmp_path, 'id,label,labs,us\n1,0,"[1, 2]",us/ok.png\n2,1,,\n'
-                 '3,0,"[1, 2]",us/gone.png\n4,1,"[1]",\n5,0,,us/ok.png\n')
+    path = write(
+        tmp_path,
+        'id,label,labs,us\n1,0,"[1, 2]",us/ok.png\n2,1,,\n'
+        '3,0,"[1, 2]",us/gone.png\n4,1,"[1]",\n5,0,,us/ok.png\n',
+    )
     modalities = parse_modality_options(["labs=vector", "us=image"])
     with pytest.raises(ManifestError):
         read_manifest(path, modalities)  # train/evaluate: the whole file fails
@@ -428,9 +456,11 @@ def test_keep_bad_rows_marks_each_unusable_patient_and_keeps_the_rest(
 
 def test_vectors_of_differing_lengths(tmp_path: Path) -> None:
     path = write(tmp_path, 'id,label,labs\n1,0,"[1, 2, 3]"\n2,1,"[1, 2]"\n3,0,"[4, 5, 6]"\n')
-    with pytest.raises(ManifestError,
-                       match=r"row 3 \(id 0000000002\), column 'labs': vector has 2 values, "
-                       r"most rows have 3"):
+    with pytest.raises(
+        ManifestError,
+        match=r"row 3 \(id 0000000002\), column 'labs': vector has 2 values, "
+        r"most rows have 3",
+    ):
         read_manifest(path, LABS)
 
 
@@ -455,8 +485,9 @@ def test_infinite_lab_value(tmp_path: Path, cell: str) -> None:
 )
 def test_unreadable_vector_cells(tmp_path: Path, cell: str, message: str) -> None:
     path = write(tmp_path, f"id,label,labs\n1,0,{cell}\n")
-    with pytest.raises(ManifestError,
-                       match=rf"row 2 \(id 0000000001\), column 'labs': .*{message}"):
+    with pytest.raises(
+        ManifestError, match=rf"row 2 \(id 0000000001\), column 'labs': .*{message}"
+    ):
         read_manifest(path, LABS)
 
 
@@ -493,8 +524,18 @@ def test_files_that_are_not_manifests(tmp_path: Path) -> None:
 def test_tokenize_chinese_characters_bigrams_and_latin_words() -> None:
     # ngrams=1: the first version's tokenizer, which bundles trained with it keep
     assert tokenize("甲状腺结节，TI-RADS 4类", ngrams=1) == [
-        "甲", "状", "腺", "结", "节", "甲状", "状腺", "腺结", "结节",
-        "ti", "rads", "4",
+        "甲",
+        "状",
+        "腺",
+        "结",
+        "节",
+        "甲状",
+        "状腺",
+        "腺结",
+        "结节",
+        "ti",
+        "rads",
+        "4",
         "类",
     ]
     assert tokenize("Size 2cm", ngrams=1) == ["size", "2cm"]
@@ -502,18 +543,44 @@ def test_tokenize_chinese_characters_bigrams_and_latin_words() -> None:
     assert tokenize("") == []
     # the default: word pairs and Chinese character triples as well
     assert tokenize("甲状腺结节，TI-RADS 4类") == [
-        "甲", "状", "腺", "结", "节", "甲状", "状腺", "腺结", "结节", "甲状腺", "状腺结", "腺结节",
-        "ti", "rads", "4", "类", "ti rads", "rads 4",
+        "甲",
+        "状",
+        "腺",
+        "结",
+        "节",
+        "甲状",
+        "状腺",
+        "腺结",
+        "结节",
+        "甲状腺",
+        "状腺结",
+        "腺结节",
+        "ti",
+        "rads",
+        "4",
+        "类",
+        "ti rads",
+        "rads 4",
     ]
-    assert tokenize("No acute distress.") == ["no", "acute", "distress", "no acute",
-                                               "acute distress"]
+    assert tokenize("No acute distress.") == [
+        "no",
+        "acute",
+        "distress",
+        "no acute",
+        "acute distress",
+    ]
 
 
 def test_sublinear_ngram_tfidf_matches_scikit_learn() -> None:
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    texts = ["chest pain, chest pain and fever", "no fever no pain", "pain in chest",
-             "fever fever fever since monday", "甲状腺结节 结节 fever"]
+    texts = [
+        "chest pain, chest pain and fever",
+        "no fever no pain",
+        "pain in chest",
+        "fever fever fever since monday",
+        "甲状腺结节 结节 fever",
+    ]
     vocab, idf = fit_vocabulary(texts, size=1000, min_freq=2)
     index = {t: i for i, t in enumerate(vocab)}
     reference = TfidfVectorizer(analyzer=lambda t: tokenize(t), sublinear_tf=True, min_df=2)
@@ -532,8 +599,8 @@ def test_sublinear_ngram_tfidf_matches_scikit_learn() -> None:
     flat_ids, flat_weights, offsets = encode_many(texts, index, idf, 100)
     for k, text in enumerate(texts):
         ids, weights = encode(text, index, idf, max_length=100)
-        assert flat_ids[offsets[k]:offsets[k + 1]].tolist() == ids
-        np.testing.assert_allclose(flat_weights[offsets[k]:offsets[k + 1]], weights, rtol=1e-6)
+        assert flat_ids[offsets[k] : offsets[k + 1]].tolist() == ids
+        np.testing.assert_allclose(flat_weights[offsets[k] : offsets[k + 1]], weights, rtol=1e-6)
 
 
 def test_fit_vocabulary_is_deterministic_frequency_then_alphabetical() -> None:
@@ -575,8 +642,10 @@ def bad_images(folder: Path, write_png: PngFn) -> Path:
     raw = good.read_bytes()
     (folder / "us" / "cut.png").write_bytes(raw[: len(raw) // 2])
     (folder / "us" / "text.png").write_text("not an image", encoding="utf-8")
-    return write(folder, "id,label,us,text\n1,0,us/good.png;us/cut.png,a\n2,1,us/text.png,b\n"
-                 "3,0,us/good.png,c\n")
+    return write(
+        folder,
+        "id,label,us,text\n1,0,us/good.png;us/cut.png,a\n2,1,us/text.png,b\n3,0,us/good.png,c\n",
+    )
 
 
 def test_unreadable_images_are_errors_by_default(tmp_path: Path, write_png: PngFn) -> None:
@@ -624,8 +693,15 @@ def test_audit_of_the_tiny_cohort(tiny_manifest: Path) -> None:
     assert report.n_patients == 30
     assert report.label_counts == {"0": 10, "1": 10, "2": 10}
     assert report.presence == {"labs": 20, "us": 19, "text": 19}
-    assert report.patterns == {"labs+us+text": 8, "labs+text": 4, "us+text": 4, "labs+us": 4,
-                               "labs": 4, "us": 3, "text": 3}
+    assert report.patterns == {
+        "labs+us+text": 8,
+        "labs+text": 4,
+        "us+text": 4,
+        "labs+us": 4,
+        "labs": 4,
+        "us": 3,
+        "text": 3,
+    }
     assert report.vector_sizes == {"labs": 5}
     n_png = len(list((tiny_manifest.parent / "us").glob("*.png")))
     assert report.images_per_patient["us"]["total"] == n_png == 27
@@ -643,13 +719,17 @@ def test_audit_reports_what_stops_training(tmp_path: Path) -> None:
     assert not report.trainable
     assert "no patient has a label" in report.problems[0]
     # Unlabeled patients beside labelled ones are counted, not a problem.
-    mixed = write(tmp_path, "id,label,labs\n" + "".join(
-        f'{i},{"" if i >= 20 else i % 2},"[{i}]"\n' for i in range(30)), "m.csv")
+    mixed = write(
+        tmp_path,
+        "id,label,labs\n" + "".join(f'{i},{"" if i >= 20 else i % 2},"[{i}]"\n' for i in range(30)),
+        "m.csv",
+    )
     report = audit_manifest(mixed, data)
     assert report.trainable and report.n_unlabeled == 10
     assert report.label_counts == {"0": 10, "1": 10}
-    missing_class = write(tmp_path, "id,label,labs\n" + "".join(
-        f'{i},{i % 2},"[{i}]"\n' for i in range(20)), "b.csv")
+    missing_class = write(
+        tmp_path, "id,label,labs\n" + "".join(f'{i},{i % 2},"[{i}]"\n' for i in range(20)), "b.csv"
+    )
     report = audit_manifest(missing_class, data, num_classes=3)
     assert report.label_counts == {"0": 10, "1": 10, "2": 0}
     assert len(report.problems) == 1 and "class(es) 2 have no patients" in report.problems[0]

@@ -37,8 +37,17 @@ B, M, D, C = 24, 3, 8, 3
 
 def model_with(**method: object) -> OmniFuse:
     torch.manual_seed(0)
-    cfg = MethodConfig(**{"embed_dim": D, "ra_layers": (16, 4), "num_ra": 2, "head_hidden": 8,
-                          "dropout": 0.0, "cra_dropout": 0.0, **method})  # type: ignore[arg-type]
+    cfg = MethodConfig(
+        **{
+            "embed_dim": D,
+            "ra_layers": (16, 4),
+            "num_ra": 2,
+            "head_hidden": 8,
+            "dropout": 0.0,
+            "cra_dropout": 0.0,
+            **method,
+        }
+    )  # type: ignore[arg-type]
     specs = tuple(ModalitySpec(n, "vector") for n in NAMES)
     return build_model(ModelConfig(specs, C, DIMS, cfg), ImageConfig(), {})
 
@@ -81,10 +90,10 @@ def test_reliability_zero_ignores_what_imputed_heads_say() -> None:
     assert out.modality_log_probs is not None
     scrambled = out.modality_log_probs.clone()
     scrambled[~mask] = torch.log_softmax(torch.randn(int((~mask).sum()), C), dim=-1)
-    a, _ = label_free_log_probs(out.modality_log_probs, out.joint_log_probs, alpha=0.1,
-                                beta=0.5, gate=out.gate)
-    b, _ = label_free_log_probs(scrambled, out.joint_log_probs, alpha=0.1, beta=0.5,
-                                gate=out.gate)
+    a, _ = label_free_log_probs(
+        out.modality_log_probs, out.joint_log_probs, alpha=0.1, beta=0.5, gate=out.gate
+    )
+    b, _ = label_free_log_probs(scrambled, out.joint_log_probs, alpha=0.1, beta=0.5, gate=out.gate)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -94,8 +103,9 @@ def test_reliability_one_is_the_papers_rule() -> None:
     out = model.fuse(v, mask)
     assert out.v_fwd is not None and out.modality_log_probs is not None
     assert torch.equal(out.h[~mask], out.v_fwd[~mask])  # the imputed slot, untouched
-    expected, _ = label_free_log_probs(out.modality_log_probs, out.joint_log_probs,
-                                       alpha=0.1, beta=0.5)  # Eq. 10 with no gate
+    expected, _ = label_free_log_probs(
+        out.modality_log_probs, out.joint_log_probs, alpha=0.1, beta=0.5
+    )  # Eq. 10 with no gate
     torch.testing.assert_close(model.predict_from(out).log_probs, expected)
 
 
@@ -111,8 +121,9 @@ def test_partial_reliability_blends_the_imputed_slot() -> None:
 
 
 def tiny_cohort_data(n: int = 120, seed: int = 0):  # type: ignore[no-untyped-def]
-    cohort = synth_cohort(SynthConfig(n=n, dims=DIMS, signal=(1.5, 1.5, 1.5),
-                                      missing_rate=0.2, seed=seed))
+    cohort = synth_cohort(
+        SynthConfig(n=n, dims=DIMS, signal=(1.5, 1.5, 1.5), missing_rate=0.2, seed=seed)
+    )
     pre = Preprocessor.fit(cohort, ImageConfig(), TextConfig())
     return cohort, pre.prepare(cohort)
 
@@ -143,8 +154,9 @@ def test_estimated_reliability_keeps_the_old_value_with_too_few_patients() -> No
     cohort, data = tiny_cohort_data()
     model = model_with(reliability="auto")
     model.reliability.fill_(0.4)
-    got = estimate_reliability(model, data, np.arange(5), device=torch.device("cpu"),
-                               batch_size=32, min_patients=10)
+    got = estimate_reliability(
+        model, data, np.arange(5), device=torch.device("cpu"), batch_size=32, min_patients=10
+    )
     assert np.allclose(got, 0.4)
 
 
@@ -153,8 +165,10 @@ def test_estimated_reliability_keeps_the_old_value_with_too_few_patients() -> No
 
 def batch_inputs(seed: int = 1) -> tuple[dict, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    inputs = {n: {"x": torch.randn(B, d, generator=g), "mask": torch.ones(B, d, dtype=torch.bool)}
-              for n, d in zip(NAMES, DIMS, strict=True)}
+    inputs = {
+        n: {"x": torch.randn(B, d, generator=g), "mask": torch.ones(B, d, dtype=torch.bool)}
+        for n, d in zip(NAMES, DIMS, strict=True)
+    }
     present = torch.rand(B, M, generator=g) > 0.2
     present[:, 0] |= ~present.any(dim=1)
     return inputs, present, torch.randint(0, C, (B,), generator=g)
@@ -170,8 +184,9 @@ def test_modality_dropout_trains_the_variant_without_imputation_on_both_views() 
     views = [model._classification_loss(model.fuse(v, m), y) for m in (mask, present)]
     torch.testing.assert_close(terms["dwfuse"], torch.stack(views).mean())
     only_dropped = model_with(use_imputation=False, modality_drop=0.5, drop_full_view=False)
-    terms = only_dropped.losses(inputs, present, y, lazy=None,
-                                generator=torch.Generator().manual_seed(7))
+    terms = only_dropped.losses(
+        inputs, present, y, lazy=None, generator=torch.Generator().manual_seed(7)
+    )
     torch.testing.assert_close(terms["dwfuse"], views[0])
 
 
@@ -183,17 +198,33 @@ def test_normalized_imputation_loss_is_over_dropped_slots_and_scale_free() -> No
     mask = drop_modalities(present, 0.5, torch.Generator().manual_seed(5))
     v = model.embed(inputs, present)
     out = model.fuse(v, mask)
-    errors = [((F.layer_norm(out.v_fwd[b, m], (D,))  # type: ignore[index]
-                - F.layer_norm(v[b, m], (D,))) ** 2).mean()
-              for b in range(B) for m in range(M) if present[b, m] and not mask[b, m]]
+    errors = [
+        (
+            (
+                F.layer_norm(out.v_fwd[b, m], (D,))  # type: ignore[index]
+                - F.layer_norm(v[b, m], (D,))
+            )
+            ** 2
+        ).mean()
+        for b in range(B)
+        for m in range(M)
+        if present[b, m] and not mask[b, m]
+    ]
     torch.testing.assert_close(terms["forward"], torch.stack(errors).mean())
     # The same imputation error at ten times the embedding scale costs the same.
     scaled = out.v_fwd * 10  # type: ignore[operator]
-    big = model._imputation_losses(v * 10, present, mask, type(out)(
-        out.v_in * 10, scaled, out.h, out.gate, out.modality_log_probs, out.joint_log_probs))
+    big = model._imputation_losses(
+        v * 10,
+        present,
+        mask,
+        type(out)(
+            out.v_in * 10, scaled, out.h, out.gate, out.modality_log_probs, out.joint_log_probs
+        ),
+    )
     torch.testing.assert_close(big[0], terms["forward"], rtol=1e-3, atol=1e-5)  # LN eps
-    torch.testing.assert_close(terms["total"], 10.0 * terms["forward"] + terms["backward"]
-                               + 10.0 * terms["dwfuse"])
+    torch.testing.assert_close(
+        terms["total"], 10.0 * terms["forward"] + terms["backward"] + 10.0 * terms["dwfuse"]
+    )
 
 
 def test_slot_flags_tell_heads_whether_a_slot_is_imputed() -> None:
@@ -210,8 +241,9 @@ def test_slot_flags_tell_heads_whether_a_slot_is_imputed() -> None:
     assert model_with(slot_flags=False).modality_heads[0][0].in_features == D  # type: ignore[index]
 
 
-@pytest.mark.parametrize(("joint_input", "width"), [("latents", 8), ("slots", M * D),
-                                                    ("both", 8 + M * D)])
+@pytest.mark.parametrize(
+    ("joint_input", "width"), [("latents", 8), ("slots", M * D), ("both", 8 + M * D)]
+)
 def test_joint_head_input(joint_input: str, width: int) -> None:
     model = model_with(joint_input=joint_input)
     assert model.joint_head[0].in_features == width
@@ -230,8 +262,9 @@ def test_tla_ignores_combinations_too_few_patients_have() -> None:
     full = (0, 1, 2)
     have_all = int(cohort.present.all(axis=1).sum())
     assert 0 < have_all < 60 and not math.isnan(every[full])
-    strict = mine_lazy(model, data, idx, device=torch.device("cpu"), batch_size=32,
-                       min_patients=have_all + 1)
+    strict = mine_lazy(
+        model, data, idx, device=torch.device("cpu"), batch_size=32, min_patients=have_all + 1
+    )
     assert math.isnan(strict[full]) and strict[(0,)] == pytest.approx(every[(0,)])
 
 
@@ -245,8 +278,17 @@ def test_selection_key() -> None:
 
 def test_old_bundles_keep_the_papers_settings() -> None:
     raw = to_primitive(MethodConfig(dropout=0.2))
-    for key in ("reliability", "slot_flags", "joint_input", "imputation_loss", "lambda0",
-                "drop_full_view", "tla_min_patients", "cra_dropout", "linear_path"):
+    for key in (
+        "reliability",
+        "slot_flags",
+        "joint_input",
+        "imputation_loss",
+        "lambda0",
+        "drop_full_view",
+        "tla_min_patients",
+        "cra_dropout",
+        "linear_path",
+    ):
         del raw[key]
     rebuilt = method_config_from_dict(raw)
     for key, value in PAPER_OPTIONS.items():
@@ -260,11 +302,17 @@ def test_reliability_values(value: str) -> None:
     assert MethodConfig(reliability=value).reliability == value
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"reliability": "1.5"}, "--reliability"), ({"reliability": "sometimes"}, "--reliability"),
-    ({"joint_input": "heads"}, "--joint-input"), ({"imputation_loss": "l1"}, "--imputation-loss"),
-    ({"tla_min_patients": 0}, "--tla-min-patients"), ({"lambda0": -1.0}, "--lambda0"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"reliability": "1.5"}, "--reliability"),
+        ({"reliability": "sometimes"}, "--reliability"),
+        ({"joint_input": "heads"}, "--joint-input"),
+        ({"imputation_loss": "l1"}, "--imputation-loss"),
+        ({"tla_min_patients": 0}, "--tla-min-patients"),
+        ({"lambda0": -1.0}, "--lambda0"),
+    ],
+)
 def test_bad_method_options(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         MethodConfig(**kwargs)
@@ -278,15 +326,36 @@ def test_parse_widths() -> None:
 
 def test_cli_options_reach_the_run(tiny_manifest: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    result = invoke("train", tiny_manifest, "--out-dir", run, *TRAIN_ARGS, "--reliability",
-                    "0.5", "--joint-input", "both", "--select-by", "loss", "--ra-layers",
-                    "32,8", "--num-ra", "2", "--imputation-loss", "paper", "--lambda0", "1")
+    result = invoke(
+        "train",
+        tiny_manifest,
+        "--out-dir",
+        run,
+        *TRAIN_ARGS,
+        "--reliability",
+        "0.5",
+        "--joint-input",
+        "both",
+        "--select-by",
+        "loss",
+        "--ra-layers",
+        "32,8",
+        "--num-ra",
+        "2",
+        "--imputation-loss",
+        "paper",
+        "--lambda0",
+        "1",
+    )
     assert_ok(result)
     assert "best validation loss" in " ".join(result.output.split())
-    meta = dict(line.split(",", 1) for line in
-                (run / "meta.csv").read_text(encoding="utf-8").splitlines()[1:])
+    meta = dict(
+        line.split(",", 1)
+        for line in (run / "meta.csv").read_text(encoding="utf-8").splitlines()[1:]
+    )
     assert meta["reliability"] == "0.5" and meta["joint_input"] == "both"
     assert meta["select_metric"] == "loss" and meta["ra_layers"] == '"[32, 8]"'
-    bad = invoke("train", tiny_manifest, "--out-dir", tmp_path / "bad", *TRAIN_ARGS,
-                 "--reliability", "2")
+    bad = invoke(
+        "train", tiny_manifest, "--out-dir", tmp_path / "bad", *TRAIN_ARGS, "--reliability", "2"
+    )
     assert_user_error(bad, "--reliability")

@@ -43,9 +43,18 @@ def tiny_model(**method: object) -> OmniFuse:
     """Three vector modalities, small CRA (K=2, 16-4), no dropout so train/eval agree; the
     paper's equations unless an option says otherwise."""
     torch.manual_seed(0)
-    cfg = MethodConfig(**{"embed_dim": D, "ra_layers": (16, 4), "num_ra": 2, "head_hidden": 8,
-                          "dropout": 0.0, "cra_dropout": 0.0, **PAPER_OPTIONS,
-                          **method})  # type: ignore[arg-type]
+    cfg = MethodConfig(
+        **{
+            "embed_dim": D,
+            "ra_layers": (16, 4),
+            "num_ra": 2,
+            "head_hidden": 8,
+            "dropout": 0.0,
+            "cra_dropout": 0.0,
+            **PAPER_OPTIONS,
+            **method,
+        }
+    )  # type: ignore[arg-type]
     specs = tuple(ModalitySpec(n, "vector") for n in NAMES)
     return build_model(ModelConfig(specs, C, DIMS, cfg), ImageConfig(), {})
 
@@ -265,8 +274,9 @@ def test_dwfuse_loss_weights_are_detached() -> None:
     logits = torch.randn(6, 3, 4, generator=g, requires_grad=True)
     joint_logits = torch.randn(6, 4, generator=g, requires_grad=True)
     y = torch.tensor([0, 1, 2, 3, 0, 1])
-    loss, w = dwfuse_loss(torch.log_softmax(logits, -1), torch.log_softmax(joint_logits, -1), y,
-                          alpha=0.1, beta=0.5)
+    loss, w = dwfuse_loss(
+        torch.log_softmax(logits, -1), torch.log_softmax(joint_logits, -1), y, alpha=0.1, beta=0.5
+    )
     assert not w.requires_grad
     (grad,) = torch.autograd.grad(loss, logits)
 
@@ -352,8 +362,9 @@ def test_losses_total_is_the_weighted_sum() -> None:
     assert set(terms) == {"forward", "backward", "dwfuse", "tla", "total"}
     for key in ("forward", "backward", "dwfuse", "tla"):
         assert terms[key].item() > 0, key
-    expected = terms["forward"] + 2.0 * terms["backward"] + 3.0 * terms["dwfuse"] + 0.7 * terms[
-        "tla"]
+    expected = (
+        terms["forward"] + 2.0 * terms["backward"] + 3.0 * terms["dwfuse"] + 0.7 * terms["tla"]
+    )
     torch.testing.assert_close(terms["total"], expected)
 
 
@@ -411,8 +422,9 @@ def test_backward_cycle_can_be_learned() -> None:
     optimizer = torch.optim.Adam(model.cra_backward.parameters(), lr=1e-3)
     values = []
     for _ in range(200):
-        terms = model.losses(inputs, present, y, lazy=None,
-                             generator=torch.Generator().manual_seed(5))
+        terms = model.losses(
+            inputs, present, y, lazy=None, generator=torch.Generator().manual_seed(5)
+        )
         optimizer.zero_grad()
         terms["backward"].backward()
         optimizer.step()
@@ -427,8 +439,9 @@ def test_combinations_and_availability() -> None:
     assert laziness.combinations(3) == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
     assert len(laziness.combinations(4)) == 15
     assert laziness.combinations(1) == [(0,)]
-    present = torch.tensor([[True, True, False], [True, False, True], [True, True, True],
-                            [False, True, True]])
+    present = torch.tensor(
+        [[True, True, False], [True, False, True], [True, True, True], [False, True, True]]
+    )
     combo = laziness.combo_mask((0, 1), 3, torch.device("cpu"))
     assert combo.tolist() == [True, True, False]
     assert laziness.available(present, combo).tolist() == [True, False, True, False]
@@ -447,8 +460,9 @@ def test_pick_lazy_takes_the_largest_distance_and_skips_nan() -> None:
 def test_tla_mining_finds_the_noise_modality(noisy: int) -> None:
     signal = [1.5, 1.5, 1.5]
     signal[noisy] = 0.0  # pure noise, unrelated to the labels
-    cohort = synth_cohort(SynthConfig(n=300, dims=(8, 8, 8), signal=tuple(signal),
-                                      missing_rate=0.2, seed=noisy))
+    cohort = synth_cohort(
+        SynthConfig(n=300, dims=(8, 8, 8), signal=tuple(signal), missing_rate=0.2, seed=noisy)
+    )
     assert cohort.labels is not None
     splits = stratified_split(cohort.labels, train=0.7, val=0.15, test=0.15, seed=0)
     pre = Preprocessor.fit(cohort.subset(splits["train"]), ImageConfig(), TextConfig())
@@ -457,15 +471,15 @@ def test_tla_mining_finds_the_noise_modality(noisy: int) -> None:
     method = MethodConfig(embed_dim=16, ra_layers=(32, 8), num_ra=2, head_hidden=16)
     model = build_model(ModelConfig(cohort.modalities, 3, dims, method), ImageConfig(), {})
     data = pre.prepare(cohort)
-    records, _, _ = fit_model(model, data, splits, TrainConfig(epochs=3, device="cpu", seed=0),
-                              3, lambda event: None)
+    records, _, _ = fit_model(
+        model, data, splits, TrainConfig(epochs=3, device="cpu", seed=0), 3, lambda event: None
+    )
     names = cohort.names
     assert records[-1].lazy_combo == names[noisy]
     assert set(records[-1].tla_distances) == {
         laziness.combo_name(c, names) for c in laziness.combinations(3)
     }
-    distances = mine_lazy(model, data, splits["train"], device=torch.device("cpu"),
-                          batch_size=64)
+    distances = mine_lazy(model, data, splits["train"], device=torch.device("cpu"), batch_size=64)
     assert laziness.pick_lazy(distances) == (noisy,)
     others = [v for k, v in distances.items() if k != (noisy,)]
     assert distances[(noisy,)] > max(others) + 0.01

@@ -28,11 +28,27 @@ from omnifuse_cli.report.curves import pr_curves, reliability_bins, roc_curves
 from omnifuse_cli.report.inputs import LEGACY, recovered_temperature
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-RUN_SECTIONS = ["cohort", "discrimination", "calibration", "operating-point", "decision-curve",
-                "coverage", "subgroups", "training", "modalities", "tripod"]
+RUN_SECTIONS = [
+    "cohort",
+    "discrimination",
+    "calibration",
+    "operating-point",
+    "decision-curve",
+    "coverage",
+    "subgroups",
+    "training",
+    "modalities",
+    "tripod",
+]
 CV_SECTIONS = [*RUN_SECTIONS[:-1], "folds", "variants", "tripod"]
-CLINICAL_FILES = ("calibration", "operating_point", "decision_curve", "coverage", "subgroups",
-                  "subgroup_gaps")
+CLINICAL_FILES = (
+    "calibration",
+    "operating_point",
+    "decision_curve",
+    "coverage",
+    "subgroups",
+    "subgroup_gaps",
+)
 SUBGROUPS = ("--subgroup-col", "sex", "--subgroup-col", "age:q2")
 
 
@@ -75,8 +91,16 @@ class Page(HTMLParser):
     def handle_endtag(self, tag: str) -> None:
         if tag == "section":
             self._section = None
-        elif self._section is not None and tag in ("td", "th", "li", "p", "h2", "h3", "tr",
-                                                   "figcaption"):
+        elif self._section is not None and tag in (
+            "td",
+            "th",
+            "li",
+            "p",
+            "h2",
+            "h3",
+            "tr",
+            "figcaption",
+        ):
             self.text[self._section] += " "
         if tag == "td" and self._cell is not None and self._table and self._row is not None:
             self.tables[self._table][self._row].append("".join(self._cell).strip())
@@ -134,8 +158,9 @@ def evaluate(run: Path, *extra: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def run_dir(trained_run: tuple[Path, Any], tiny_manifest: Path,
-            tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_dir(
+    trained_run: tuple[Path, Any], tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """A copy of the conftest's run (3 classes, too few validation patients for a temperature,
     no --positive-class), its manifest with sex and age columns, evaluated by subgroup."""
     folder = tmp_path_factory.mktemp("r")
@@ -146,18 +171,32 @@ def run_dir(trained_run: tuple[Path, Any], tiny_manifest: Path,
 
 
 @pytest.fixture(scope="module")
-def op_run(run_dir: Path, tmp_path_factory: pytest.TempPathFactory
-           ) -> tuple[Path, Path, dict[str, Any]]:
+def op_run(
+    run_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path, dict[str, Any]]:
     """run_dir as if trained with --positive-class 2 and a fitted temperature (its bundle's
     post-hoc fit edited), evaluated again with --conformal 0.2, reported in-process: (run, page,
     the figures drawn by name)."""
     run = Path(shutil.copytree(run_dir, tmp_path_factory.mktemp("op") / "run"))
     bundle = json.loads((run / "model" / "bundle.json").read_text(encoding="utf-8"))
-    bundle["posthoc"].update(temperature=1.5, calibration="temperature", positive=2,
-                             threshold=0.3, rule="youden", notes=[], val_loss_after=0.9)
+    bundle["posthoc"].update(
+        temperature=1.5,
+        calibration="temperature",
+        positive=2,
+        threshold=0.3,
+        rule="youden",
+        notes=[],
+        val_loss_after=0.9,
+    )
     (run / "model" / "bundle.json").write_text(json.dumps(bundle), encoding="utf-8")
-    set_meta(run, calibration="temperature", temperature="1.5", positive_class="2",
-             threshold_rule="youden", threshold="0.3")
+    set_meta(
+        run,
+        calibration="temperature",
+        temperature="1.5",
+        positive_class="2",
+        threshold_rule="youden",
+        threshold="0.3",
+    )
     evaluate(run, *SUBGROUPS, "--conformal", "0.2")
     drawn: dict[str, Any] = {}
     with pytest.MonkeyPatch.context() as patch:
@@ -191,9 +230,18 @@ def test_cv_report_sections_and_embedded_figures(cv_report: Path) -> None:
     assert page.sections == CV_SECTIONS
     folder = cv_report.with_name("cv-report-figures")
     pngs = sorted(folder.glob("*.png"))
-    assert {p.stem for p in pngs} == {"classes", "missing", "discrimination", "confusion",
-                                      "calibration", "decision", "training", "weights",
-                                      "patterns", "forest"}
+    assert {p.stem for p in pngs} == {
+        "classes",
+        "missing",
+        "discrimination",
+        "confusion",
+        "calibration",
+        "decision",
+        "training",
+        "weights",
+        "patterns",
+        "forest",
+    }
     assert len(page.images) == len(pngs)
     for src in page.images:
         assert src.startswith("data:image/png;base64,")  # self-contained: nothing to fetch
@@ -228,7 +276,8 @@ def test_cv_report_numbers_match_the_csvs(cv_run: dict[str, Any], cv_report: Pat
     cm = cm[cm["variant"] == "base"]
     for _, row in cm.iterrows():
         assert page.tables["confusion"][str(row["true"])][1:] == [
-            str(row[f"pred_{k}"]) for k in range(3)]
+            str(row[f"pred_{k}"]) for k in range(3)
+        ]
     folds = pd.read_csv(out / "fold_metrics.csv")
     for _, row in folds[folds["variant"] == "base"].iterrows():
         cells = page.tables["fold-metrics"][f"{row['repeat']}-{row['fold']}"]
@@ -247,10 +296,11 @@ def test_cv_report_clinical_sections(cv_run: dict[str, Any], cv_report: Path) ->
     for _, row in calibration.iterrows():
         assert shown[row["metric"]][1:3] == [num(row["before"]), num(row["after"])]
     assert page.tables["fold-posthoc"] == {str(k): [str(k), "10", "1.000"] for k in (1, 2, 3)}
-    assert "Post-hoc fit of the final model refitted on every patient" in page.text[
-        "calibration"]
-    assert "No operating point: a 3-class task without --positive-class" in page.text[
-        "operating-point"]
+    assert "Post-hoc fit of the final model refitted on every patient" in page.text["calibration"]
+    assert (
+        "No operating point: a 3-class task without --positive-class"
+        in page.text["operating-point"]
+    )
     assert "omnifuse cv ... --positive-class CLASS" in page.text["operating-point"]
     curve = pd.read_csv(out / "decision_curve.csv")
     decision = page.tables["decision-curve"]
@@ -264,36 +314,80 @@ def test_cv_report_clinical_sections(cv_run: dict[str, Any], cv_report: Path) ->
     assert "omnifuse cv MANIFEST ... --subgroup-col COL" in page.text["subgroups"]
 
 
-def test_cv_report_with_an_operating_point_and_subgroups(cv_run: dict[str, Any],
-                                                         tmp_path: Path) -> None:
+def test_cv_report_with_an_operating_point_and_subgroups(
+    cv_run: dict[str, Any], tmp_path: Path
+) -> None:
     """A cv folder's operating_point.csv and subgroup files (written here by hand, with the
     binary-only subgroup columns) reach the page as a run's do."""
     out = Path(shutil.copytree(cv_run["dir"], tmp_path / "cv"))
-    rows = [("threshold", 0.41, "", ""), ("sensitivity", 0.8, 0.6, 0.95),
-            ("specificity", 0.7, 0.5, 0.9), ("ppv", 0.55, 0.3, 0.8), ("npv", 0.88, 0.7, 1.0),
-            ("f1", 0.65, 0.45, 0.8), ("tp", 8, "", ""), ("fp", 6, "", ""), ("tn", 14, "", ""),
-            ("fn", 2, "", "")]
-    pd.DataFrame([{"positive_class": "1", "rule": "youden per fold", "metric": m, "value": v,
-                   "ci_low": lo, "ci_high": hi} for m, v, lo, hi in rows]
-                 ).to_csv(out / "operating_point.csv", index=False)
-    metrics = ("auroc", "macro_f1", "acc", "brier", "ece", "sensitivity", "specificity", "ppv",
-               "npv")
+    rows = [
+        ("threshold", 0.41, "", ""),
+        ("sensitivity", 0.8, 0.6, 0.95),
+        ("specificity", 0.7, 0.5, 0.9),
+        ("ppv", 0.55, 0.3, 0.8),
+        ("npv", 0.88, 0.7, 1.0),
+        ("f1", 0.65, 0.45, 0.8),
+        ("tp", 8, "", ""),
+        ("fp", 6, "", ""),
+        ("tn", 14, "", ""),
+        ("fn", 2, "", ""),
+    ]
+    pd.DataFrame(
+        [
+            {
+                "positive_class": "1",
+                "rule": "youden per fold",
+                "metric": m,
+                "value": v,
+                "ci_low": lo,
+                "ci_high": hi,
+            }
+            for m, v, lo, hi in rows
+        ]
+    ).to_csv(out / "operating_point.csv", index=False)
+    metrics = (
+        "auroc",
+        "macro_f1",
+        "acc",
+        "brier",
+        "ece",
+        "sensitivity",
+        "specificity",
+        "ppv",
+        "npv",
+    )
     groups = []
     for group, n, value, small in (("A", 40, 0.9, False), ("B", 12, 0.8, True)):
-        row: dict[str, Any] = {"column": "site", "group": group, "n": n,
-                               "class_counts": f"{n // 2}/{n - n // 2}"}
+        row: dict[str, Any] = {
+            "column": "site",
+            "group": group,
+            "n": n,
+            "class_counts": f"{n // 2}/{n - n // 2}",
+        }
         for m in metrics:
             row.update({m: value, f"{m}_ci_low": value - 0.1, f"{m}_ci_high": value + 0.05})
         row.update(cal_intercept=0.1, cal_slope=0.9, small=small)
         groups.append(row)
     pd.DataFrame(groups).to_csv(out / "subgroups.csv", index=False)
-    pd.DataFrame([{"column": "site", "metric": m, "gap": 0.1, "best_group": "A",
-                   "worst_group": "B", "groups_compared": 2, "includes_small": True}
-                  for m in metrics]).to_csv(out / "subgroup_gaps.csv", index=False)
+    pd.DataFrame(
+        [
+            {
+                "column": "site",
+                "metric": m,
+                "gap": 0.1,
+                "best_group": "A",
+                "worst_group": "B",
+                "groups_compared": 2,
+                "includes_small": True,
+            }
+            for m in metrics
+        ]
+    ).to_csv(out / "subgroup_gaps.csv", index=False)
     drawn: dict[str, Any] = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(figures, "discrimination",
-                      keeping(drawn, "discrimination", figures.discrimination))
+        patch.setattr(
+            figures, "discrimination", keeping(drawn, "discrimination", figures.discrimination)
+        )
         build_report(out, tmp_path / "cv.html")
     page = Page((tmp_path / "cv.html").read_text(encoding="utf-8"))
     assert page.tables["operating-point"]["sensitivity"][1:] == ["0.800", "0.600 – 0.950"]
@@ -304,17 +398,27 @@ def test_cv_report_with_an_operating_point_and_subgroups(cv_run: dict[str, Any],
     assert "(threshold 0.410, the mean of the folds' thresholds)" in page.text["discrimination"]
     assert page.tables["subgroups"]["site:A"][2:5] == ["40", "20/20", "0.900 (0.800 – 0.950)"]
     assert page.tables["subgroups"]["site:B"][2] == "12 (under 30)"
-    assert page.tables["subgroups-operating"]["site:B"][4:] == [
-        "0.800 (0.700 – 0.850)"] * 4 + ["0.100", "0.900"]
-    assert "Warning: 1 subgroup(s) have fewer than 30 patients: site = B (12)." in page.text[
-        "subgroups"]
-    assert page.tables["subgroup-gaps"]["site:sensitivity"][1:5] == ["sensitivity", "0.100",
-                                                                     "A", "B"]
+    assert page.tables["subgroups-operating"]["site:B"][4:] == ["0.800 (0.700 – 0.850)"] * 4 + [
+        "0.100",
+        "0.900",
+    ]
+    assert (
+        "Warning: 1 subgroup(s) have fewer than 30 patients: site = B (12)."
+        in page.text["subgroups"]
+    )
+    assert page.tables["subgroup-gaps"]["site:sensitivity"][1:5] == [
+        "sensitivity",
+        "0.100",
+        "A",
+        "B",
+    ]
     items = page.tables["tripod"]
     assert "site AUROC 0.100 (best A, worst B)" in items["14"][3]
     assert "site sensitivity 0.100 (best A, worst B)" in items["14"][3]
-    assert ("class 1 is predicted when its probability is at least 0.410 (rule youden per fold"
-            in items["15"][3])
+    assert (
+        "class 1 is predicted when its probability is at least 0.410 (rule youden per fold"
+        in items["15"][3]
+    )
 
 
 def test_tripod_checklist(cv_report: Path) -> None:
@@ -326,8 +430,9 @@ def test_tripod_checklist(cv_report: Path) -> None:
     assert "3-fold stratified cross-validation" in items["12"][3]
     assert "imputed" in items["11"][3]
     assert "macro-F1" in items["23"][3] and "95% CI" in items["23"][3]
-    assert items["14"][3].startswith("no subgroup analysis in this output: `omnifuse cv "
-                                     "MANIFEST ... --subgroup-col COL`")
+    assert items["14"][3].startswith(
+        "no subgroup analysis in this output: `omnifuse cv MANIFEST ... --subgroup-col COL`"
+    )
     assert "Calibration before -> after (each fold's temperature): ECE" in items["23"][3]
 
 
@@ -339,8 +444,10 @@ def test_run_report_numbers_match_the_evaluation(run_dir: Path) -> None:
     metrics = pd.read_csv(run_dir / "eval" / "test" / "metrics.csv").set_index("metric")
     shown = {**page.tables["metrics-discrimination"], **page.tables["metrics-calibration"]}
     for metric, row in metrics.iterrows():
-        assert shown[str(metric)][1:3] == [num(row["value"]),
-                                          f"{num(row['ci_low'])} – {num(row['ci_high'])}"]
+        assert shown[str(metric)][1:3] == [
+            num(row["value"]),
+            f"{num(row['ci_low'])} – {num(row['ci_high'])}",
+        ]
     split = pd.read_csv(run_dir / "split_assignment.csv")
     counts = page.tables["class-counts"]["all"]
     assert counts[-1] == str(len(split))
@@ -350,14 +457,18 @@ def test_run_report_numbers_match_the_evaluation(run_dir: Path) -> None:
     assert set(page.tables["calibration-before-after"]) == set(calibration["metric"])
     assert "Probabilities are not calibrated (temperature 1)" in page.text["calibration"]
     assert "not calibrated: the validation split has 6 patient(s)" in page.text["calibration"]
-    assert "No operating point: a 3-class task without --positive-class" in page.text[
-        "operating-point"]
+    assert (
+        "No operating point: a 3-class task without --positive-class"
+        in page.text["operating-point"]
+    )
     assert "operating_point" not in page.tables and "operating-counts" not in page.tables
     assert set(pd.read_csv(run_dir / "eval" / "test" / "decision_curve.csv")["class"]) == {
-        0, 1, 2}  # every class against the rest: three panels
+        0,
+        1,
+        2,
+    }  # every class against the rest: three panels
     assert {k.split(":")[0] for k in page.tables["decision-curve"]} == {"0", "1", "2"}
-    assert "sex:F" in page.tables["subgroups"] and "age:q2:Q1 [30, 34]" in page.tables[
-        "subgroups"]
+    assert "sex:F" in page.tables["subgroups"] and "age:q2:Q1 [30, 34]" in page.tables["subgroups"]
     assert "subgroups-operating" not in page.tables  # sensitivity etc.: binary tasks only
 
 
@@ -390,7 +501,8 @@ def test_calibration_before_and_after(op_run: tuple[Path, Path, dict[str, Any]])
 
 
 def test_operating_point_table_and_its_mark_on_the_roc(
-        op_run: tuple[Path, Path, dict[str, Any]]) -> None:
+    op_run: tuple[Path, Path, dict[str, Any]],
+) -> None:
     run, html, drawn = op_run
     page = Page(html.read_text(encoding="utf-8"))
     op = pd.read_csv(run / "eval" / "test" / "operating_point.csv").set_index("metric")
@@ -400,22 +512,29 @@ def test_operating_point_table_and_its_mark_on_the_roc(
     assert shown["threshold"][1:] == ["0.300", ""]
     for key in list(shown)[1:]:
         row = op.loc[key]
-        assert shown[key][1:] == [num(row["value"]),
-                                  f"{num(row['ci_low'])} – {num(row['ci_high'])}"]
+        assert shown[key][1:] == [
+            num(row["value"]),
+            f"{num(row['ci_low'])} – {num(row['ci_high'])}",
+        ]
     counts = {k: int(op.loc[k, "value"]) for k in ("tp", "fp", "tn", "fn")}
     assert page.tables["operating-counts"] == {
         "called-positive": ["called 2", f"{counts['tp']} (TP)", f"{counts['fp']} (FP)"],
-        "called-negative": ["not called 2", f"{counts['fn']} (FN)", f"{counts['tn']} (TN)"]}
-    assert ("Class 2 is called positive when its probability is at least 0.300 (rule youden, "
-            "chosen on the validation split)") in page.text["operating-point"]
+        "called-negative": ["not called 2", f"{counts['fn']} (FN)", f"{counts['tn']} (TN)"],
+    }
+    assert (
+        "Class 2 is called positive when its probability is at least 0.300 (rule youden, "
+        "chosen on the validation split)"
+    ) in page.text["operating-point"]
     # The ROC figure marks (1 - specificity, sensitivity) on class 2's curve, in its colour.
     sens, spec = op.loc["sensitivity", "value"], op.loc["specificity", "value"]
     marks = lines_with_gid(drawn["discrimination"], "operating-point")
     assert len(marks) == 1
     assert (marks[0].get_xdata()[0], marks[0].get_ydata()[0]) == pytest.approx((1 - spec, sens))
     assert marks[0].get_markerfacecolor() == figures.COLORS[2]
-    assert (f"The diamond marks the operating point of class 2 (threshold 0.300): 1 - "
-            f"specificity {1 - spec:.3f}, sensitivity {sens:.3f}.") in page.text["discrimination"]
+    assert (
+        f"The diamond marks the operating point of class 2 (threshold 0.300): 1 - "
+        f"specificity {1 - spec:.3f}, sensitivity {sens:.3f}."
+    ) in page.text["discrimination"]
 
 
 def test_decision_curve(op_run: tuple[Path, Path, dict[str, Any]]) -> None:
@@ -435,8 +554,9 @@ def test_decision_curve(op_run: tuple[Path, Path, dict[str, Any]]) -> None:
     assert labels[:3] == ["model", "treat all", "treat none"]
     assert np.allclose(ax.lines[0].get_ydata(), curve["net_benefit"])
     assert ax.lines[3].get_xdata()[0] == pytest.approx(0.3)  # the operating threshold
-    prevalence = float((pd.read_csv(run / "eval" / "test" / "predictions.csv")["label"] == 2)
-                       .mean())
+    prevalence = float(
+        (pd.read_csv(run / "eval" / "test" / "predictions.csv")["label"] == 2).mean()
+    )
     assert ax.get_ylim() == pytest.approx((-0.05, prevalence * 1.1 + 0.02))
     assert "Net benefit = TP/n - FP/n x pt/(1 - pt)" in page.text["decision-curve"]
 
@@ -461,17 +581,30 @@ def test_subgroups_and_fairness(op_run: tuple[Path, Path, dict[str, Any]]) -> No
     subgroups = pd.read_csv(run / "eval" / "test" / "subgroups.csv", keep_default_na=False)
     assert len(subgroups) == 4 and (subgroups["n"] < 30).all()
     shown = page.tables["subgroups"]
-    assert list(shown) == [f"{c}:{g}" for c, g in zip(subgroups["column"], subgroups["group"],
-                                                      strict=True)]
+    assert list(shown) == [
+        f"{c}:{g}" for c, g in zip(subgroups["column"], subgroups["group"], strict=True)
+    ]
     for _, row in subgroups.iterrows():
         cells = shown[f"{row['column']}:{row['group']}"]
-        assert cells[:4] == [row["column"], row["group"], f"{row['n']} (under 30)",
-                             row["class_counts"]]
-        assert cells[4:] == [with_ci(*(float(row[f"{m}{k}"] if row[f"{m}{k}"] != "" else "nan")
-                                       for k in ("", "_ci_low", "_ci_high")))
-                             for m in ("auroc", "macro_f1", "acc", "brier", "ece")]
-    assert ("Warning: 4 subgroup(s) have fewer than 30 patients: sex = F (3), sex = M (3)"
-            in page.text["subgroups"])
+        assert cells[:4] == [
+            row["column"],
+            row["group"],
+            f"{row['n']} (under 30)",
+            row["class_counts"],
+        ]
+        assert cells[4:] == [
+            with_ci(
+                *(
+                    float(row[f"{m}{k}"] if row[f"{m}{k}"] != "" else "nan")
+                    for k in ("", "_ci_low", "_ci_high")
+                )
+            )
+            for m in ("auroc", "macro_f1", "acc", "brier", "ece")
+        ]
+    assert (
+        "Warning: 4 subgroup(s) have fewer than 30 patients: sex = F (3), sex = M (3)"
+        in page.text["subgroups"]
+    )
     assert 'class="warn" id="small-subgroups"' in html.read_text(encoding="utf-8")
     gaps = pd.read_csv(run / "eval" / "test" / "subgroup_gaps.csv", keep_default_na=False)
     for _, row in gaps.iterrows():
@@ -481,8 +614,9 @@ def test_subgroups_and_fairness(op_run: tuple[Path, Path, dict[str, Any]]) -> No
     assert len(drawn["subgroup_metrics"].axes) == 2  # AUROC and macro-F1 with intervals
 
 
-def test_tripod_items_from_the_clinical_files(op_run: tuple[Path, Path, dict[str, Any]],
-                                              run_dir: Path) -> None:
+def test_tripod_items_from_the_clinical_files(
+    op_run: tuple[Path, Path, dict[str, Any]], run_dir: Path
+) -> None:
     run, html, _ = op_run
     items = Page(html.read_text(encoding="utf-8")).tables["tripod"]
     assert list(items) == [str(k) for k in range(1, 28)]
@@ -490,34 +624,41 @@ def test_tripod_items_from_the_clinical_files(op_run: tuple[Path, Path, dict[str
     assert "the operating threshold of class 2 (rule youden)" in items["12"][3]
     fairness = items["14"][3]
     assert fairness.startswith("performance examined by subgroup of sex, age:q2 (sex: F (n=3)")
-    gaps = pd.read_csv(run / "eval" / "test" / "subgroup_gaps.csv").set_index(
-        ["column", "metric"])
+    gaps = pd.read_csv(run / "eval" / "test" / "subgroup_gaps.csv").set_index(["column", "metric"])
     gap = gaps.loc[("sex", "macro_f1")]
-    assert (f"sex macro-F1 {gap['gap']:.3f} (best {gap['best_group']}, worst "
-            f"{gap['worst_group']})") in fairness
+    assert (
+        f"sex macro-F1 {gap['gap']:.3f} (best {gap['best_group']}, worst {gap['worst_group']})"
+    ) in fairness
     assert "4 of 4 subgroups have fewer than 30 patients" in fairness
     assert "temperature 1.500" in items["15"][3]
-    assert ("class 2 is predicted when its probability is at least 0.300 (rule youden"
-            in items["15"][3])
+    assert (
+        "class 2 is predicted when its probability is at least 0.300 (rule youden" in items["15"][3]
+    )
     assert "conformal prediction sets with 80% target coverage" in items["15"][3]
     calibration = pd.read_csv(run / "eval" / "test" / "calibration.csv").set_index("metric")
     performance = items["23"][3]
-    assert (f"ECE {calibration.loc['ece', 'before']:.3f} -> "
-            f"{calibration.loc['ece', 'after']:.3f}") in performance
+    assert (
+        f"ECE {calibration.loc['ece', 'before']:.3f} -> {calibration.loc['ece', 'after']:.3f}"
+    ) in performance
     slope = calibration.loc["cal_slope_0"]
-    assert (f"calibration slope (one-vs-rest) class 0 {slope['before']:.3f} -> "
-            f"{slope['after']:.3f}") in performance
+    assert (
+        f"calibration slope (one-vs-rest) class 0 {slope['before']:.3f} -> {slope['after']:.3f}"
+    ) in performance
     assert "calibration intercept (one-vs-rest) class 0" in performance
     op = pd.read_csv(run / "eval" / "test" / "operating_point.csv").set_index("metric")
-    assert ("Operating point (class 2 positive at probability >= 0.300, rule youden): "
-            f"sensitivity {op.loc['sensitivity', 'value']:.3f}") in performance
+    assert (
+        "Operating point (class 2 positive at probability >= 0.300, rule youden): "
+        f"sensitivity {op.loc['sensitivity', 'value']:.3f}"
+    ) in performance
     assert "Subgroups: 4 subgroups of sex, age:q2" in performance
     # The run as trained: no temperature, no threshold.
     build_report(run_dir)
     items = Page((run_dir / "report.html").read_text(encoding="utf-8")).tables["tripod"]
     assert "no calibration (temperature 1); no operating threshold" in items["12"][3]
-    assert items["15"][3].startswith("a probability per class (not calibrated: temperature 1); "
-                                     "the predicted class is the most probable one")
+    assert items["15"][3].startswith(
+        "a probability per class (not calibrated: temperature 1); "
+        "the predicted class is the most probable one"
+    )
 
 
 def test_report_of_a_run_trained_before_calibration(run_dir: Path, tmp_path: Path) -> None:
@@ -528,13 +669,18 @@ def test_report_of_a_run_trained_before_calibration(run_dir: Path, tmp_path: Pat
     (run / "model" / "bundle.json").write_text(json.dumps(bundle), encoding="utf-8")
     for name in CLINICAL_FILES:
         (run / "eval" / "test" / f"{name}.csv").unlink(missing_ok=True)
-    predictions = pd.read_csv(run / "eval" / "test" / "predictions.csv", dtype=str,
-                              keep_default_na=False)
-    predictions.drop(columns=[c for c in predictions if c.startswith("raw_prob_") or c == "set"]
-                     ).to_csv(run / "eval" / "test" / "predictions.csv", index=False)
+    predictions = pd.read_csv(
+        run / "eval" / "test" / "predictions.csv", dtype=str, keep_default_na=False
+    )
+    predictions.drop(
+        columns=[c for c in predictions if c.startswith("raw_prob_") or c == "set"]
+    ).to_csv(run / "eval" / "test" / "predictions.csv", index=False)
     meta = pd.read_csv(run / "meta.csv", dtype=str, keep_default_na=False)
-    meta[~meta["key"].isin(["calibration", "temperature", "positive_class", "threshold_rule",
-                            "threshold"])].to_csv(run / "meta.csv", index=False)
+    meta[
+        ~meta["key"].isin(
+            ["calibration", "temperature", "positive_class", "threshold_rule", "threshold"]
+        )
+    ].to_csv(run / "meta.csv", index=False)
     result = invoke("report", run)
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert f"note: the run was {LEGACY}" in " ".join(result.output.split())
@@ -543,8 +689,10 @@ def test_report_of_a_run_trained_before_calibration(run_dir: Path, tmp_path: Pat
     for section in ("calibration", "operating-point"):
         assert f"This run was {LEGACY}." in page.text[section]
     assert "calibration-before-after" not in page.tables and "operating-point" not in page.tables
-    assert (f"No calibration.csv (before/after calibration) in {run / 'eval' / 'test'} (written "
-            f"by an older omnifuse): omnifuse evaluate {run}") in page.text["calibration"]
+    assert (
+        f"No calibration.csv (before/after calibration) in {run / 'eval' / 'test'} (written "
+        f"by an older omnifuse): omnifuse evaluate {run}"
+    ) in page.text["calibration"]
     assert "Grey, dotted" not in page.text["calibration"]  # no probabilities before calibration
     assert f"No decision_curve.csv in {run / 'eval' / 'test'}" in page.text["decision-curve"]
     assert "trained before omnifuse stored conformal scores" in page.text["coverage"]
@@ -553,12 +701,20 @@ def test_report_of_a_run_trained_before_calibration(run_dir: Path, tmp_path: Pat
     assert LEGACY in items["15"][3] and LEGACY in items["23"][3]
     assert f"omnifuse evaluate {run} --subgroup-col COL" in items["14"][3]
     assert {p.stem for p in (run / "report-figures").glob("*.png")} == {
-        "classes", "missing", "discrimination", "confusion", "calibration", "training",
-        "weights", "patterns"}
+        "classes",
+        "missing",
+        "discrimination",
+        "confusion",
+        "calibration",
+        "training",
+        "weights",
+        "patterns",
+    }
 
 
-def test_report_of_a_run_that_was_not_evaluated(trained_run: tuple[Path, Any],
-                                                tmp_path: Path) -> None:
+def test_report_of_a_run_that_was_not_evaluated(
+    trained_run: tuple[Path, Any], tmp_path: Path
+) -> None:
     run = Path(shutil.copytree(trained_run[0], tmp_path / "run"))
     shutil.rmtree(run / "eval", ignore_errors=True)
     result = invoke("report", run, "--out", tmp_path / "r.html")
@@ -566,13 +722,11 @@ def test_report_of_a_run_that_was_not_evaluated(trained_run: tuple[Path, Any],
     assert "omnifuse evaluate" in " ".join(result.output.split())
     page = Page((tmp_path / "r.html").read_text(encoding="utf-8"))
     test = pd.read_csv(run / "test.csv")
-    assert page.tables["metrics-discrimination"]["macro_f1"][1] == num(
-        test.loc[0, "test_macro_f1"])
+    assert page.tables["metrics-discrimination"]["macro_f1"][1] == num(test.loc[0, "test_macro_f1"])
     assert "fig-discrimination" not in (tmp_path / "r.html").read_text(encoding="utf-8")
     assert page.sections == RUN_SECTIONS
     for section in ("decision-curve", "coverage"):
-        assert f"the run has not been evaluated; run omnifuse evaluate {run}" in page.text[
-            section]
+        assert f"the run has not been evaluated; run omnifuse evaluate {run}" in page.text[section]
     assert f"omnifuse evaluate {run} --subgroup-col COL" in page.text["subgroups"]
 
 
@@ -583,13 +737,17 @@ def test_report_draws_without_pyplot(run_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "file", "final", "unfinished"])
-def test_report_of_a_folder_that_is_not_a_run_or_cv(kind: str, tmp_path: Path,
-                                                    cv_run: dict[str, Any]) -> None:
+def test_report_of_a_folder_that_is_not_a_run_or_cv(
+    kind: str, tmp_path: Path, cv_run: dict[str, Any]
+) -> None:
     target = tmp_path / "x"
-    expected = {"missing": "does not exist", "empty": "is not an omnifuse run or "
-                "cross-validation folder", "file": "is a file",
-                "final": "is the final model of a cross-validation",
-                "unfinished": "has not finished"}[kind]
+    expected = {
+        "missing": "does not exist",
+        "empty": "is not an omnifuse run or cross-validation folder",
+        "file": "is a file",
+        "final": "is the final model of a cross-validation",
+        "unfinished": "has not finished",
+    }[kind]
     if kind == "empty":
         target.mkdir()
     elif kind == "file":
@@ -613,8 +771,9 @@ def test_curves_by_hand() -> None:
     assert roc[1].y[0] == pytest.approx(1.0) and roc[1].y[-1] == 1.0  # perfectly separated
     pr = pr_curves(y, probs, n=20, seed=0)
     assert np.allclose(pr[1].y, 1.0) and pr[1].positives == 2
-    rel = reliability_bins(np.array([0, 1, 1, 0]), np.array(
-        [[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.3, 0.7]]), bins=2)
+    rel = reliability_bins(
+        np.array([0, 1, 1, 0]), np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.3, 0.7]]), bins=2
+    )
     # confidences 0.9, 0.8, 0.6, 0.7: low bin {0.6, 0.7} (one right), high {0.8, 0.9} (one right)
     assert rel.count.tolist() == [2, 2]
     assert rel.confidence.tolist() == pytest.approx([0.65, 0.85])
@@ -637,8 +796,7 @@ def test_decision_curve_figure_by_hand() -> None:
 
     y = np.array([0, 0, 0, 1, 1, 2, 0, 1, 0, 0])
     score = np.linspace(0.05, 0.95, 10)
-    frame = pd.concat([decision_curve(y == k, score).assign(**{"class": str(k)})
-                       for k in range(3)])
+    frame = pd.concat([decision_curve(y == k, score).assign(**{"class": str(k)}) for k in range(3)])
     fig = figures.decision_curves(frame, {"1": 0.4})
     panels = [ax for ax in fig.axes if ax.axison]
     assert len(panels) == 3
@@ -647,8 +805,7 @@ def test_decision_curve_figure_by_hand() -> None:
     assert "prevalence 0.30" in panels[1].get_title()
 
 
-def test_the_clinical_reading_needs_no_torch(op_run: tuple[Path, Path, dict[str, Any]]
-                                            ) -> None:
+def test_the_clinical_reading_needs_no_torch(op_run: tuple[Path, Path, dict[str, Any]]) -> None:
     run = op_run[0]
     code = (
         "import json, sys\n"
@@ -658,23 +815,39 @@ def test_the_clinical_reading_needs_no_torch(op_run: tuple[Path, Path, dict[str,
         "bundle = json.loads((run / 'model' / 'bundle.json').read_text(encoding='utf-8'))\n"
         "c = inputs._run_clinical(run, bundle, ['0', '1', '2'], run / 'eval' / 'test')\n"
         "assert c.threshold == 0.3 and c.operating is not None and c.subgroups is not None\n"
-        "assert 'torch' not in sys.modules, 'the report imported torch'\n")
+        "assert 'torch' not in sys.modules, 'the report imported torch'\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def _screenshot(html: Path, png: Path, profile: Path) -> np.ndarray:
     assert CHROMIUM is not None
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--user-data-dir={profile}", f"--screenshot={png}",
-                    "--window-size=1200,4000", html.resolve().as_uri()],
-                   check=True, timeout=180, capture_output=True)
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            f"--screenshot={png}",
+            "--window-size=1200,4000",
+            html.resolve().as_uri(),
+        ],
+        check=True,
+        timeout=180,
+        capture_output=True,
+    )
     return np.asarray(Image.open(png).convert("RGB")).astype(int)
 
 
-@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("OMNIFUSE_REQUIRE_BROWSER"),
-                    reason="chromium is not installed (apt-get install chromium)")
-def test_the_report_renders_its_figures_in_a_headless_browser(cv_report: Path,
-                                                              tmp_path: Path) -> None:
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("OMNIFUSE_REQUIRE_BROWSER"),
+    reason="chromium is not installed (apt-get install chromium)",
+)
+def test_the_report_renders_its_figures_in_a_headless_browser(
+    cv_report: Path, tmp_path: Path
+) -> None:
     assert CHROMIUM, "OMNIFUSE_REQUIRE_BROWSER is set but chromium is not on PATH"
     shot = _screenshot(cv_report, tmp_path / "report.png", tmp_path / "profile")
     # The same page without its images: what the figures add is what the browser drew.
@@ -692,26 +865,51 @@ def test_the_report_renders_its_figures_in_a_headless_browser(cv_report: Path,
     assert len(colours) > 500  # plots: lines, bands, bars, text anti-aliasing
 
 
-@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("OMNIFUSE_REQUIRE_BROWSER"),
-                    reason="chromium is not installed (apt-get install chromium)")
-def test_the_browser_lays_out_every_section_heading(op_run: tuple[Path, Path, dict[str, Any]],
-                                                    tmp_path: Path) -> None:
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("OMNIFUSE_REQUIRE_BROWSER"),
+    reason="chromium is not installed (apt-get install chromium)",
+)
+def test_the_browser_lays_out_every_section_heading(
+    op_run: tuple[Path, Path, dict[str, Any]], tmp_path: Path
+) -> None:
     """The headings chromium lays out (a script in a copy of the page writes the visible h2/h3
     texts into its title; --dump-dom returns the document after scripts ran)."""
     assert CHROMIUM, "OMNIFUSE_REQUIRE_BROWSER is set but chromium is not on PATH"
     probe = tmp_path / "probe.html"
-    script = ("<script>document.title = JSON.stringify(Array.from(document.querySelectorAll("
-              "'h2, h3')).filter(h => h.getBoundingClientRect().height > 0 && getComputedStyle("
-              "h).visibility === 'visible').map(h => h.textContent));</script>")
+    script = (
+        "<script>document.title = JSON.stringify(Array.from(document.querySelectorAll("
+        "'h2, h3')).filter(h => h.getBoundingClientRect().height > 0 && getComputedStyle("
+        "h).visibility === 'visible').map(h => h.textContent));</script>"
+    )
     text = op_run[1].read_text(encoding="utf-8")
     probe.write_text(text.replace("</body>", script + "</body>"), encoding="utf-8")
-    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
-                          probe.resolve().as_uri()],
-                         check=True, timeout=180, capture_output=True, text=True).stdout
+    dom = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--dump-dom",
+            probe.resolve().as_uri(),
+        ],
+        check=True,
+        timeout=180,
+        capture_output=True,
+        text=True,
+    ).stdout
     title = dom.split("<title>", 1)[1].split("</title>", 1)[0]
     headings = json.loads(title.replace("&amp;", "&"))
-    assert headings == ["Cohort", "Discrimination", "Calibration", "Operating point",
-                        "Decision curve", "Conformal prediction sets", "Subgroups and fairness",
-                        "Largest gap between subgroups", "Training", "Modalities",
-                        "TRIPOD+AI checklist"]
+    assert headings == [
+        "Cohort",
+        "Discrimination",
+        "Calibration",
+        "Operating point",
+        "Decision curve",
+        "Conformal prediction sets",
+        "Subgroups and fairness",
+        "Largest gap between subgroups",
+        "Training",
+        "Modalities",
+        "TRIPOD+AI checklist",
+    ]

@@ -40,15 +40,30 @@ from omnifuse_cli.errors import ManifestError, TrainingInterrupted
 from .conftest import N_PATIENTS, tiny_request
 
 Run = tuple[Path, TrainResult]
-MODEL_ARGS = ["--image-backbone", "resnet18", "--image-size", "32", "--device", "cpu",
-              "--no-pretrained-image"]
+MODEL_ARGS = [
+    "--image-backbone",
+    "resnet18",
+    "--image-size",
+    "32",
+    "--device",
+    "cpu",
+    "--no-pretrained-image",
+]
 RATIOS = ["--train-ratio", "0.6", "--val-ratio", "0.2", "--test-ratio", "0.2"]
 
 
 def train_args(epochs: int = 1, seed: int = 0) -> list[str]:
     """Options for a fast `omnifuse train` of the tiny cohort (30 patients, 3 classes)."""
-    return ["--num-classes", "3", "--epochs", str(epochs), *MODEL_ARGS, *RATIOS,
-            "--seed", str(seed)]
+    return [
+        "--num-classes",
+        "3",
+        "--epochs",
+        str(epochs),
+        *MODEL_ARGS,
+        *RATIOS,
+        "--seed",
+        str(seed),
+    ]
 
 
 def invoke(*args: object, env: dict[str, str] | None = None) -> Result:
@@ -116,9 +131,14 @@ def edit(manifest: Path, i: int, column: str, value: str) -> Path:
 
 def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
     """Every file under ``folder``: relative path -> (sha256, mtime_ns)."""
-    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(),
-                                         p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (
+            hashlib.sha256(p.read_bytes()).hexdigest(),
+            p.stat().st_mtime_ns,
+        )
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def copy_run(run_dir: Path, dest: Path) -> Path:
@@ -156,18 +176,24 @@ def test_required_column_missing(data: Path, tmp_path: Path, column: str, expect
 def test_duplicate_ids(data: Path, tmp_path: Path) -> None:
     edit(data, 3, "id", "01001")  # the same patient as row 2 once zero-padded
     result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args())
-    assert_user_error(result, str(data),
-                      "row 5 (id 0000001001), column 'id': duplicate id '0000001001' "
-                      "(first at row 2)")
+    assert_user_error(
+        result,
+        str(data),
+        "row 5 (id 0000001001), column 'id': duplicate id '0000001001' (first at row 2)",
+    )
 
 
 def test_labels_that_are_not_integers_are_all_listed(data: Path, tmp_path: Path) -> None:
     edit(data, 4, "label", "abc")
     edit(data, 6, "label", "1.5")
     result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args())
-    assert_user_error(result, str(data), "(2 problem(s))",
-                      "row 6 (id 0000001005), column 'label': 'abc' is not an integer class",
-                      "row 8 (id 0000001007), column 'label': '1.5' is not an integer class")
+    assert_user_error(
+        result,
+        str(data),
+        "(2 problem(s))",
+        "row 6 (id 0000001005), column 'label': 'abc' is not an integer class",
+        "row 8 (id 0000001007), column 'label': '1.5' is not an integer class",
+    )
 
 
 @pytest.mark.parametrize(
@@ -197,15 +223,21 @@ def break_images(data: Path) -> dict[int, tuple[Path, str]]:
     (us / "1004_0.png").write_bytes(raw[: len(raw) // 2])
     (us / "1005_0.png").write_text("not an image at all", encoding="utf-8")
     unsupported = "is not an image in a supported format"
-    return {0: (us / "1001_0.png", "does not exist"), 1: (us / "1002_0.png", unsupported),
-            3: (us / "1004_0.png", "is corrupt or truncated"), 4: (us / "1005_0.png", unsupported)}
+    return {
+        0: (us / "1001_0.png", "does not exist"),
+        1: (us / "1002_0.png", unsupported),
+        3: (us / "1004_0.png", "is corrupt or truncated"),
+        4: (us / "1005_0.png", unsupported),
+    }
 
 
 def test_unreadable_images_are_all_listed_in_one_message(data: Path, tmp_path: Path) -> None:
     broken = break_images(data)
     result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args())
-    fragments = [f"{where(data, i)}, column 'us': image {path} {problem}"
-                 for i, (path, problem) in broken.items()]
+    fragments = [
+        f"{where(data, i)}, column 'us': image {path} {problem}"
+        for i, (path, problem) in broken.items()
+    ]
     assert_user_error(result, str(data), "(4 problem(s))", *fragments, "hint: ")
     assert not (tmp_path / "run").exists()
 
@@ -244,8 +276,9 @@ class Payload:
         ("empty", "1001.npy is not a readable .npy array"),
     ],
 )
-def test_npy_vectors_that_are_not_numbers(data: Path, tmp_path: Path, kind: str,
-                                          expected: str) -> None:
+def test_npy_vectors_that_are_not_numbers(
+    data: Path, tmp_path: Path, kind: str, expected: str
+) -> None:
     path = data.parent / "labs" / "1001.npy"
     path.parent.mkdir()
     arrays = {
@@ -291,12 +324,16 @@ def test_bad_lab_vectors(data: Path, tmp_path: Path, cell: str, expected: str) -
 @pytest.mark.parametrize(
     ("table", "expected"),
     [
-        ("pid,ALT,AST\n1001,1,2\n", ["has no id column 'id' (columns: pid, ALT, AST)",
-                                      "--labs-id-col"]),
+        (
+            "pid,ALT,AST\n1001,1,2\n",
+            ["has no id column 'id' (columns: pid, ALT, AST)", "--labs-id-col"],
+        ),
         ("id,ALT,AST\n1001,1,2\n01001,3,4\n", ["has duplicate ids: 0000001001"]),
         ("id,ALT,AST\n5,1,2\n6,3,4\n", [f"matches none of the {N_PATIENTS} manifest ids"]),
-        ("id,ALT,AST\n1001,1,2\n1002,3,abc\n", ["row 3 (id 0000001002), column 'AST'",
-                                                "'abc' is not a number"]),
+        (
+            "id,ALT,AST\n1001,1,2\n1002,3,abc\n",
+            ["row 3 (id 0000001002), column 'AST'", "'abc' is not a number"],
+        ),
         ("id,ALT,AST\n1001,inf,2\n", ["row 2 (id 0000001001), column 'ALT'", "is infinite"]),
     ],
     ids=["no-id-column", "duplicate-ids", "no-match", "non-numeric", "inf"],
@@ -304,8 +341,9 @@ def test_bad_lab_vectors(data: Path, tmp_path: Path, cell: str, expected: str) -
 def test_bad_labs_table(data: Path, tmp_path: Path, table: str, expected: list[str]) -> None:
     path = data.parent / "labs_table.csv"
     path.write_text(table, encoding="utf-8")
-    result = invoke("train", data, "--labs-table", path, "--out-dir", tmp_path / "run",
-                    *train_args())
+    result = invoke(
+        "train", data, "--labs-table", path, "--out-dir", tmp_path / "run", *train_args()
+    )
     assert_user_error(result, str(path), *expected)
 
 
@@ -331,23 +369,33 @@ def test_a_note_of_invalid_bytes(data: Path, tmp_path: Path) -> None:
     note_path = data.parent / "notes" / "1002.txt"
     note_path.write_bytes(garbage)
     result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args())
-    assert_user_error(result, str(data), f"row 3 (id 0000001002), column 'text': note file "
-                      f"{note_path} is not text in utf-16: it decodes to the character U+")
+    assert_user_error(
+        result,
+        str(data),
+        f"row 3 (id 0000001002), column 'text': note file "
+        f"{note_path} is not text in utf-16: it decodes to the character U+",
+    )
 
 
 def test_a_patient_with_no_modality(data: Path, tmp_path: Path) -> None:
     for column in ("labs", "us", "text"):
         edit(data, 1, column, "")
-    result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args(),
-                    "--on-empty-patient", "error")
-    assert_user_error(result, str(data),
-                      "1 patient(s) have no modality at all: row 3 (id 0000001002)",
-                      "--on-empty-patient skip")
+    result = invoke(
+        "train", data, "--out-dir", tmp_path / "run", *train_args(), "--on-empty-patient", "error"
+    )
+    assert_user_error(
+        result,
+        str(data),
+        "1 patient(s) have no modality at all: row 3 (id 0000001002)",
+        "--on-empty-patient skip",
+    )
     # By default the patient is left out, said once, and recorded as excluded.
     result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args())
     assert_ok(result)
-    assert ("left out 1 patient(s) with no modality at all (--on-empty-patient skip): row 3 "
-            "(id 0000001002)") in " ".join(result.output.split())
+    assert (
+        "left out 1 patient(s) with no modality at all (--on-empty-patient skip): row 3 "
+        "(id 0000001002)"
+    ) in " ".join(result.output.split())
     assignment = pd.read_csv(tmp_path / "run" / "split_assignment.csv", dtype={"id": str})
     assert assignment.loc[assignment["split"] == "excluded", "id"].tolist() == ["0000001002"]
     assert len(assignment) == 30
@@ -359,29 +407,31 @@ def test_a_patient_with_no_modality(data: Path, tmp_path: Path) -> None:
 
 
 def test_vscode_links(data: Path, tmp_path: Path) -> None:
-    result = invoke("train", "http://_vscodecontentref_/0", "--out-dir", tmp_path / "run",
-                    *train_args())
-    assert_user_error(result, "is a VS Code link, not a file path", "hint: ",
-                      "_vscodecontentref_")
+    result = invoke(
+        "train", "http://_vscodecontentref_/0", "--out-dir", tmp_path / "run", *train_args()
+    )
+    assert_user_error(result, "is a VS Code link, not a file path", "hint: ", "_vscodecontentref_")
     edit(data, 3, "us", "http://_vscodecontentref_/5")
     result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args())
-    assert_user_error(result, str(data), "row 5 (id 0000001004), column 'us': "
-                      "'http://_vscodecontentref_/5' is a VS Code link")
+    assert_user_error(
+        result,
+        str(data),
+        "row 5 (id 0000001004), column 'us': 'http://_vscodecontentref_/5' is a VS Code link",
+    )
 
 
 def test_predict_with_a_different_lab_panel(trained_run: Run, tmp_path: Path) -> None:
     patients = tmp_path / "new_patients.csv"
     patients.write_text('id,labs,us,text\n1,"[1, 2, 3, 4]",,结节\n', encoding="utf-8")
     out = tmp_path / "predictions.csv"
-    result = invoke("predict", patients, "--run", trained_run[0], "--out", out,
-                    "--device", "cpu")
-    assert_user_error(result, "labs has 4 values per patient, the model was trained on 5",
-                      str(patients))
+    result = invoke("predict", patients, "--run", trained_run[0], "--out", out, "--device", "cpu")
+    assert_user_error(
+        result, "labs has 4 values per patient, the model was trained on 5", str(patients)
+    )
     assert not out.exists()
 
 
-def test_folders_that_are_not_runs(tmp_path: Path, tiny_manifest: Path,
-                                   trained_run: Run) -> None:
+def test_folders_that_are_not_runs(tmp_path: Path, tiny_manifest: Path, trained_run: Run) -> None:
     folder = tmp_path / "not_a_run"
     folder.mkdir()
     (folder / "notes.txt").write_text("hello", encoding="utf-8")
@@ -389,35 +439,43 @@ def test_folders_that_are_not_runs(tmp_path: Path, tiny_manifest: Path,
     result = invoke("predict", tiny_manifest, "--run", folder, "--out", out, "--device", "cpu")
     assert_user_error(result, f"{folder} is not an omnifuse run", "hint: ")
     assert not out.exists()
-    assert_user_error(invoke("train", "--resume", folder),
-                      f"{folder} is not a resumable run (no request.json)")
+    assert_user_error(
+        invoke("train", "--resume", folder), f"{folder} is not a resumable run (no request.json)"
+    )
     no_checkpoint = copy_run(trained_run[0], tmp_path / "no_checkpoint")
     (no_checkpoint / "checkpoint.pt").unlink()
-    assert_user_error(invoke("train", "--resume", no_checkpoint),
-                      "has no checkpoint.pt: no epoch was completed")
+    assert_user_error(
+        invoke("train", "--resume", no_checkpoint), "has no checkpoint.pt: no epoch was completed"
+    )
     damaged = copy_run(trained_run[0], tmp_path / "damaged")
     (damaged / "request.json").write_text('{"manifest": ', encoding="utf-8")
-    assert_user_error(invoke("train", "--resume", damaged),
-                      f"{damaged / 'request.json'} is damaged")
+    assert_user_error(
+        invoke("train", "--resume", damaged), f"{damaged / 'request.json'} is damaged"
+    )
 
 
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
 @pytest.mark.parametrize("damage", ["garbage-safetensors", "format-999"])
-def test_broken_bundles(trained_run: Run, tiny_manifest: Path, tmp_path: Path, command: str,
-                        damage: str) -> None:
+def test_broken_bundles(
+    trained_run: Run, tiny_manifest: Path, tmp_path: Path, command: str, damage: str
+) -> None:
     run = copy_run(trained_run[0], tmp_path / "run")
     before = snapshot(run)
     if damage == "garbage-safetensors":
         (run / "model" / "model.safetensors").write_bytes(b"garbage, not safetensors" * 10)
-        expected = [f"{run / 'model' / 'model.safetensors'} is missing or corrupted",
-                    "hint: re-run training"]
+        expected = [
+            f"{run / 'model' / 'model.safetensors'} is missing or corrupted",
+            "hint: re-run training",
+        ]
     else:
         path = run / "model" / "bundle.json"
         meta = json.loads(path.read_text(encoding="utf-8"))
         meta["format_version"] = 999
         path.write_text(json.dumps(meta), encoding="utf-8")
-        expected = ["bundle format 999 is newer than this omnifuse understands",
-                    "hint: upgrade omnifuse"]
+        expected = [
+            "bundle format 999 is newer than this omnifuse understands",
+            "hint: upgrade omnifuse",
+        ]
     if command == "predict":
         args = ["predict", tiny_manifest, "--run", run, "--out", tmp_path / "p.csv"]
     else:
@@ -426,14 +484,16 @@ def test_broken_bundles(trained_run: Run, tiny_manifest: Path, tmp_path: Path, c
     assert not (tmp_path / "p.csv").exists() and not (run / "eval").exists()
     after = snapshot(run)
     assert {k for k in before if before[k] != after.get(k)} <= {
-        "model/model.safetensors", "model/bundle.json"}
+        "model/model.safetensors",
+        "model/bundle.json",
+    }
 
 
-@pytest.mark.parametrize(("value", "debug"), [("1", True), ("yes", True), ("0", False),
-                                              ("", False)])
+@pytest.mark.parametrize(
+    ("value", "debug"), [("1", True), ("yes", True), ("0", False), ("", False)]
+)
 def test_omnifuse_debug_env_shows_the_traceback(tmp_path: Path, value: str, debug: bool) -> None:
-    result = invoke("train", tmp_path / "nope.csv", *train_args(),
-                    env={"OMNIFUSE_DEBUG": value})
+    result = invoke("train", tmp_path / "nope.csv", *train_args(), env={"OMNIFUSE_DEBUG": value})
     if debug:
         assert isinstance(result.exception, ManifestError), repr(result.exception)
         assert result.exit_code == 1
@@ -464,7 +524,11 @@ def test_ctrl_c_leaves_a_usable_run_and_resume_equals_an_uninterrupted_run(
     with stdout.open("w") as out, stderr.open("w") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "omnifuse_cli", "train", *map(str, args)],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env=env,
+            cwd=tmp_path,
             # A shell's background job (`.ci/run &`) inherits SIGINT ignored, and Python then
             # never raises KeyboardInterrupt: give the child the default, as a terminal would.
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -477,7 +541,8 @@ def test_ctrl_c_leaves_a_usable_run_and_resume_equals_an_uninterrupted_run(
                     break
                 time.sleep(0.02)
             assert proc.poll() is None, "training ended before it could be interrupted:\n" + (
-                stderr.read_text() + stdout.read_text())
+                stderr.read_text() + stdout.read_text()
+            )
             proc.send_signal(signal.SIGINT)
             code = proc.wait(timeout=120)
         finally:
@@ -495,14 +560,20 @@ def test_ctrl_c_leaves_a_usable_run_and_resume_equals_an_uninterrupted_run(
     k = len(done)
     assert 2 <= k < EPOCHS
     assert done["epoch"].tolist() == [str(e) for e in range(1, k + 1)]
-    for name in ("model/bundle.json", "model/model.safetensors", "checkpoint.pt",
-                 "request.json", "split_assignment.csv"):
+    for name in (
+        "model/bundle.json",
+        "model/model.safetensors",
+        "checkpoint.pt",
+        "request.json",
+        "split_assignment.csv",
+    ):
         assert (interrupted / name).is_file(), name
     checkpoint = torch.load(interrupted / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] in (k - 1, k)  # k - 1 when Ctrl-C hit while it was being saved
     preds = tmp_path / "interrupted_predictions.csv"
-    assert_ok(invoke("predict", tiny_manifest, "--run", interrupted, "--out", preds,
-                     "--device", "cpu"))
+    assert_ok(
+        invoke("predict", tiny_manifest, "--run", interrupted, "--out", preds, "--device", "cpu")
+    )
     assert len(pd.read_csv(preds)) == N_PATIENTS
 
     resumed = invoke("train", "--resume", interrupted)
@@ -511,14 +582,17 @@ def test_ctrl_c_leaves_a_usable_run_and_resume_equals_an_uninterrupted_run(
     assert read_metrics(interrupted)["epoch"].tolist() == [str(e) for e in range(1, EPOCHS + 1)]
 
     assert_ok(invoke("train", tiny_manifest, "--out-dir", uninterrupted, *train_args(EPOCHS)))
-    pd.testing.assert_frame_equal(read_metrics(interrupted).drop(columns=["seconds"]),
-                                  read_metrics(uninterrupted).drop(columns=["seconds"]))
+    pd.testing.assert_frame_equal(
+        read_metrics(interrupted).drop(columns=["seconds"]),
+        read_metrics(uninterrupted).drop(columns=["seconds"]),
+    )
     for name in ("test.csv", "confusion_matrix.csv", "split_assignment.csv"):
         assert (interrupted / name).read_text() == (uninterrupted / name).read_text(), name
 
 
-def interrupt_while_saving_checkpoint(monkeypatch: pytest.MonkeyPatch, out: Path,
-                                      manifest: Path) -> TrainingInterrupted:
+def interrupt_while_saving_checkpoint(
+    monkeypatch: pytest.MonkeyPatch, out: Path, manifest: Path
+) -> TrainingInterrupted:
     """Train 3 epochs; Ctrl-C arrives while epoch 2's checkpoint is half written."""
     real_save = torch.save
     calls: list[object] = []
@@ -576,8 +650,7 @@ def test_same_seed_gives_identical_metrics_and_predictions(
     assert_ok(invoke("train", tiny_manifest, "--out-dir", again, *train_args(3, seed=0)))
     first, second = read_metrics(seed0_run), read_metrics(again)
     assert len(first) == 3
-    pd.testing.assert_frame_equal(first.drop(columns=["seconds"]),
-                                  second.drop(columns=["seconds"]))
+    pd.testing.assert_frame_equal(first.drop(columns=["seconds"]), second.drop(columns=["seconds"]))
     for name in ("split_assignment.csv", "test.csv"):
         assert (seed0_run / name).read_text() == (again / name).read_text(), name
     outputs = []
@@ -589,8 +662,9 @@ def test_same_seed_gives_identical_metrics_and_predictions(
     assert len(pd.read_csv(tmp_path / "predictions_a.csv")) == N_PATIENTS
 
 
-def test_another_seed_gives_another_split(seed0_run: Path, tiny_manifest: Path,
-                                          tmp_path: Path) -> None:
+def test_another_seed_gives_another_split(
+    seed0_run: Path, tiny_manifest: Path, tmp_path: Path
+) -> None:
     other = tmp_path / "c"
     assert_ok(invoke("train", tiny_manifest, "--out-dir", other, *train_args(1, seed=1)))
     a = pd.read_csv(seed0_run / "split_assignment.csv", dtype=str)
@@ -598,8 +672,9 @@ def test_another_seed_gives_another_split(seed0_run: Path, tiny_manifest: Path,
     assert a["id"].tolist() == c["id"].tolist()
     assert a["split"].tolist() != c["split"].tolist()
     # Still stratified: 6/2/2 of each class.
-    assert (c.groupby(["split", "label"]).size().unstack().loc[["train", "val", "test"]]
-            .to_numpy().tolist() == [[6, 6, 6], [2, 2, 2], [2, 2, 2]])
+    assert c.groupby(["split", "label"]).size().unstack().loc[
+        ["train", "val", "test"]
+    ].to_numpy().tolist() == [[6, 6, 6], [2, 2, 2], [2, 2, 2]]
 
 
 # == 4. omnifuse check ========================================================================
@@ -651,7 +726,9 @@ def test_check_lists_every_problem_of_a_broken_cohort(made: Path, tmp_path: Path
     edit(data, label_i, "label", "7")
     result = invoke("check", data, "--num-classes", 3)
     assert_user_error(
-        result, str(data), "(3 problem(s))",
+        result,
+        str(data),
+        "(3 problem(s))",
         f"{where(data, gone_i)}, column 'us': image {gone} does not exist",
         f"{where(data, corrupt_i)}, column 'us': image {corrupt} is not an image",
         f"{where(data, label_i)}, column 'label': 7 is outside 0..2 (--num-classes)",
@@ -661,18 +738,19 @@ def test_check_lists_every_problem_of_a_broken_cohort(made: Path, tmp_path: Path
 # == 5. nothing lost ==========================================================================
 
 
-def test_an_existing_run_is_never_clobbered(trained_run: Run, tiny_manifest: Path,
-                                            tmp_path: Path) -> None:
+def test_an_existing_run_is_never_clobbered(
+    trained_run: Run, tiny_manifest: Path, tmp_path: Path
+) -> None:
     run = copy_run(trained_run[0], tmp_path / "run")
     before = snapshot(run)
     assert len(before) >= 10 and len(read_metrics(run)) == 2
     result = invoke("train", tiny_manifest, "--out-dir", run, *train_args())
-    assert_user_error(result, f"--out-dir {run} already exists and is not empty",
-                      "hint: ", "--overwrite")
+    assert_user_error(
+        result, f"--out-dir {run} already exists and is not empty", "hint: ", "--overwrite"
+    )
     assert snapshot(run) == before
     # --overwrite with input that turns out bad still touches nothing.
-    result = invoke("train", tmp_path / "nope.csv", "--out-dir", run, "--overwrite",
-                    *train_args())
+    result = invoke("train", tmp_path / "nope.csv", "--out-dir", run, "--overwrite", *train_args())
     assert_user_error(result, "does not exist")
     assert snapshot(run) == before
     assert_ok(invoke("train", tiny_manifest, "--out-dir", run, "--overwrite", *train_args()))
@@ -681,13 +759,15 @@ def test_an_existing_run_is_never_clobbered(trained_run: Run, tiny_manifest: Pat
 
 
 @pytest.fixture(params=["pickle-payload", "garbage"])
-def poisoned_run(request: pytest.FixtureRequest, trained_run: Run, tmp_path: Path
-                 ) -> tuple[Path, Path]:
+def poisoned_run(
+    request: pytest.FixtureRequest, trained_run: Run, tmp_path: Path
+) -> tuple[Path, Path]:
     """A copy of a run whose checkpoint.pt is a pickle that would print 'pwned' and create a
     marker file if unpickled (or plain garbage). Returns (run, marker)."""
     run = copy_run(trained_run[0], tmp_path / "run")
     marker = tmp_path / "payload_ran"
     if request.param == "pickle-payload":
+
         class Marker:
             def __reduce__(self) -> tuple[Any, tuple[str, str]]:
                 return (open, (str(marker), "w"))
@@ -714,5 +794,6 @@ def test_a_poisoned_checkpoint_is_refused_and_never_run(
 
 def test_a_poisoned_checkpoint_error_is_a_short_message(poisoned_run: tuple[Path, Path]) -> None:
     run, _ = poisoned_run
-    assert_user_error(invoke("train", "--resume", run), "is not a readable omnifuse checkpoint",
-                      "hint: ")
+    assert_user_error(
+        invoke("train", "--resume", run), "is not a readable omnifuse checkpoint", "hint: "
+    )

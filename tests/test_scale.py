@@ -31,10 +31,14 @@ def edge_cohort(root: Path) -> tuple[Path, Path]:
         '8.0,1,"[ -2.25e1 ,0.1, 7 ]",notes/a.txt\n'
         "0009,2,,  padded note  \n"
         'P-10,1,"[4, 5, null]",\n'
-        '11,0,"[1e-3, 2E+2, 0]",\n', encoding="utf-8")
+        '11,0,"[1e-3, 2E+2, 0]",\n',
+        encoding="utf-8",
+    )
     table = root / "labs_table.csv"
-    table.write_text("id,WBC,PLT,ALT\n7,1.5,,3\n0000000008, 2.5 ,nan,1e2\n11,-1,0,  \n"
-                     "99,1,2,3\nP-10,,,4\n", encoding="utf-8")
+    table.write_text(
+        "id,WBC,PLT,ALT\n7,1.5,,3\n0000000008, 2.5 ,nan,1e2\n11,-1,0,  \n99,1,2,3\nP-10,,,4\n",
+        encoding="utf-8",
+    )
     return path, table
 
 
@@ -47,25 +51,43 @@ def test_reader_edge_cases_give_the_per_cell_results(tmp_path: Path) -> None:
     cohort = read_manifest(path, LABS_TEXT, num_classes=3)
     assert cohort.ids == ["0000000007", "0000000008", "0000000009", "P-10", "0000000011"]
     assert cohort.labels is not None and cohort.labels.tolist() == [0, 1, 2, 1, 0]
-    assert cohort.present.tolist() == [[True, True], [True, True], [False, True],
-                                       [True, False], [True, False]]
-    assert same(cohort.vectors["labs"], [[1.5, NAN, 3], [-22.5, np.float32(0.1), 7],
-                                         [NAN] * 3, [4, 5, NAN], [np.float32(1e-3), 200, 0]])
+    assert cohort.present.tolist() == [
+        [True, True],
+        [True, True],
+        [False, True],
+        [True, False],
+        [True, False],
+    ]
+    assert same(
+        cohort.vectors["labs"],
+        [
+            [1.5, NAN, 3],
+            [-22.5, np.float32(0.1), 7],
+            [NAN] * 3,
+            [4, 5, NAN],
+            [np.float32(1e-3), 200, 0],
+        ],
+    )
     assert cohort.texts["text"] == ["inline note one", "短报告", "padded note", None, None]
 
     joined = read_manifest(path, LABS_TEXT, num_classes=3, labs_table=table)
     assert joined.vector_columns["labs"] == ["WBC", "PLT", "ALT"]
-    assert same(joined.vectors["labs"], [[1.5, NAN, 3], [2.5, NAN, 100], [NAN] * 3,
-                                         [NAN, NAN, 4], [-1, 0, NAN]])
+    assert same(
+        joined.vectors["labs"],
+        [[1.5, NAN, 3], [2.5, NAN, 100], [NAN] * 3, [NAN, NAN, 4], [-1, 0, NAN]],
+    )
     assert joined.present[:, 0].tolist() == [True, True, False, True, True]
-    assert joined.notes == ["labs table matched 4 of 5 manifest ids; the other 1 patients are "
-                            "treated as missing labs"]
+    assert joined.notes == [
+        "labs table matched 4 of 5 manifest ids; the other 1 patients are treated as missing labs"
+    ]
 
 
-def test_fast_inline_parse_equals_the_per_cell_path(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    summary = make_cohort(CohortSpec(n=60, seed=2, ultrasound=False, inline_notes=True,
-                                     labs_dim=24), tmp_path / "c")
+def test_fast_inline_parse_equals_the_per_cell_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    summary = make_cohort(
+        CohortSpec(n=60, seed=2, ultrasound=False, inline_notes=True, labs_dim=24), tmp_path / "c"
+    )
     fast = read_manifest(summary.manifest, LABS_TEXT, num_classes=3)
     monkeypatch.setattr(manifest, "_parse_inline_block", lambda cells: None)
     slow = read_manifest(summary.manifest, LABS_TEXT, num_classes=3)
@@ -75,9 +97,22 @@ def test_fast_inline_parse_equals_the_per_cell_path(tmp_path: Path,
     assert fast.texts == slow.texts and fast.ids == slow.ids
 
 
-@pytest.mark.parametrize("cell", ["[01, 2]", "[+1, 2]", "[.5, 2]", "[1, 2,]", "[1,, 2]",
-                                  "[1e, 2]", "[Infinity, 2]", "[1e999, 2]", "[1, nul]",
-                                  "[[1], 2]", "[]"])
+@pytest.mark.parametrize(
+    "cell",
+    [
+        "[01, 2]",
+        "[+1, 2]",
+        "[.5, 2]",
+        "[1, 2,]",
+        "[1,, 2]",
+        "[1e, 2]",
+        "[Infinity, 2]",
+        "[1e999, 2]",
+        "[1, nul]",
+        "[[1], 2]",
+        "[]",
+    ],
+)
 def test_cells_json_refuses_are_still_refused(tmp_path: Path, cell: str) -> None:
     """The fast parser hands anything unusual to json.loads, so the same cells fail."""
     path = tmp_path / "m.csv"
@@ -90,21 +125,28 @@ def test_duplicate_ids_in_a_long_labs_table_are_named(tmp_path: Path) -> None:
     rows = [f"{i},1.0" for i in range(5000)] + ["17,2.0", "4999,3.0"]
     (tmp_path / "t.csv").write_text("id,WBC\n" + "\n".join(rows) + "\n", encoding="utf-8")
     (tmp_path / "m.csv").write_text("id,label\n1,0\n", encoding="utf-8")
-    with pytest.raises(manifest.ManifestError,
-                       match=r"duplicate ids: 0000000017, 0000004999$"):
+    with pytest.raises(manifest.ManifestError, match=r"duplicate ids: 0000000017, 0000004999$"):
         read_manifest(tmp_path / "m.csv", LABS_TEXT[:1], labs_table=tmp_path / "t.csv")
 
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary, compact tokens, batched dataset
 
-NOTES = ["肝内见一低回声小结节，大小约1.2cm。", None, "", "CDFI: no flow 血流信号丰富",
-         "肝脏形态大小正常，包膜光滑。肝脏形态大小正常。", "unknown 词汇 only", "随诊。"]
+NOTES = [
+    "肝内见一低回声小结节，大小约1.2cm。",
+    None,
+    "",
+    "CDFI: no flow 血流信号丰富",
+    "肝脏形态大小正常，包膜光滑。肝脏形态大小正常。",
+    "unknown 词汇 only",
+    "随诊。",
+]
 
 
 @pytest.mark.parametrize("note_chunk", [65_536, 3, 1])  # one chunk, several, one note each
 def test_streamed_vocabulary_and_compact_encoding_match_note_by_note(
-        note_chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    note_chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from omnifuse_cli.data import text
 
     monkeypatch.setattr(text, "NOTE_CHUNK", note_chunk)
@@ -119,9 +161,10 @@ def test_streamed_vocabulary_and_compact_encoding_match_note_by_note(
     assert ids.dtype == np.int32 and weights.dtype == np.float32 and len(offsets) == len(new) + 1
     for k, note in enumerate(new):
         want_ids, want_weights = text.encode(note, index, idf, 12)
-        assert ids[offsets[k]:offsets[k + 1]].tolist() == want_ids
-        assert weights[offsets[k]:offsets[k + 1]].tolist() == (
-            np.asarray(want_weights, dtype=np.float32).tolist())
+        assert ids[offsets[k] : offsets[k + 1]].tolist() == want_ids
+        assert weights[offsets[k] : offsets[k + 1]].tolist() == (
+            np.asarray(want_weights, dtype=np.float32).tolist()
+        )
     assert offsets[2] == offsets[1] == offsets[3] - 0  # no note, empty note: empty rows
 
 
@@ -146,8 +189,9 @@ def test_batched_dataset_equals_the_per_patient_collate(tmp_path: Path) -> None:
     from omnifuse_cli.data.cache import FeatureArray
     from omnifuse_cli.data.prepared import PatientDataset, Preprocessor, make_collate
 
-    summary = make_cohort(CohortSpec(n=40, seed=3, ultrasound=False, inline_notes=True),
-                          tmp_path / "c")
+    summary = make_cohort(
+        CohortSpec(n=40, seed=3, ultrasound=False, inline_notes=True), tmp_path / "c"
+    )
     cohort = read_manifest(summary.manifest, LABS_TEXT, num_classes=3)
     pre = Preprocessor.fit(cohort, ImageConfig(), TextConfig(max_length=16))
     data = pre.prepare(cohort)
@@ -188,7 +232,8 @@ STAMP = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] "
 
 
 def test_train_writes_timestamped_progress_lines_without_a_terminal(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import re
 
     from typer.testing import CliRunner
@@ -198,12 +243,30 @@ def test_train_writes_timestamped_progress_lines_without_a_terminal(
 
     monkeypatch.setattr(training, "SLOW_STEP_SECONDS", 0.0)  # report every step's time
 
-    summary = make_cohort(CohortSpec(n=60, seed=1, ultrasound=False, inline_notes=True),
-                          tmp_path / "c")
-    result = CliRunner().invoke(app, [
-        "train", str(summary.manifest), "--num-classes", "3", "--modality", "labs=vector",
-        "--modality", "text=text", "--epochs", "2", "--batch-size", "16", "--no-cache",
-        "--out-dir", str(tmp_path / "run")], env={"COLUMNS": "200"})
+    summary = make_cohort(
+        CohortSpec(n=60, seed=1, ultrasound=False, inline_notes=True), tmp_path / "c"
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(summary.manifest),
+            "--num-classes",
+            "3",
+            "--modality",
+            "labs=vector",
+            "--modality",
+            "text=text",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--no-cache",
+            "--out-dir",
+            str(tmp_path / "run"),
+        ],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     passes = [ln for ln in lines if re.match(STAMP + r"training: (\d+)/\1 \(100%\)", ln)]
@@ -212,33 +275,64 @@ def test_train_writes_timestamped_progress_lines_without_a_terminal(
     assert len(epochs) == 2, result.output
     # What happened before the first batch, with its time (at 1M patients: minutes).
     assert any(re.match(r"· " + STAMP + r"read 60 patients in \d+ s$", ln) for ln in lines)
-    assert any(re.match(r"· " + STAMP + r"built the model and prepared the inputs", ln)
-               for ln in lines), result.output
+    assert any(
+        re.match(r"· " + STAMP + r"built the model and prepared the inputs", ln) for ln in lines
+    ), result.output
 
 
 def test_evaluate_and_predict_write_timestamped_pass_lines_without_a_terminal(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     import re
 
     from typer.testing import CliRunner
 
     from omnifuse_cli.cli.app import app
 
-    summary = make_cohort(CohortSpec(n=60, seed=1, ultrasound=False, inline_notes=True),
-                          tmp_path / "c")
+    summary = make_cohort(
+        CohortSpec(n=60, seed=1, ultrasound=False, inline_notes=True), tmp_path / "c"
+    )
     run = tmp_path / "run"
     runner = CliRunner()
-    trained = runner.invoke(app, [
-        "train", str(summary.manifest), "--num-classes", "3", "--modality", "labs=vector",
-        "--modality", "text=text", "--epochs", "1", "--no-cache", "--out-dir", str(run)])
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            str(summary.manifest),
+            "--num-classes",
+            "3",
+            "--modality",
+            "labs=vector",
+            "--modality",
+            "text=text",
+            "--epochs",
+            "1",
+            "--no-cache",
+            "--out-dir",
+            str(run),
+        ],
+    )
     assert trained.exit_code == 0, trained.output
-    for command in (["predict", str(summary.manifest), "--run", str(run), "--out",
-                     str(tmp_path / "p.csv"), "--batch-size", "16"],
-                    ["evaluate", str(run), "--batch-size", "4", "--bootstrap", "10"]):
+    for command in (
+        [
+            "predict",
+            str(summary.manifest),
+            "--run",
+            str(run),
+            "--out",
+            str(tmp_path / "p.csv"),
+            "--batch-size",
+            "16",
+        ],
+        ["evaluate", str(run), "--batch-size", "4", "--bootstrap", "10"],
+    ):
         result = runner.invoke(app, command, env={"COLUMNS": "200"})
         assert result.exit_code == 0, result.output
-        done = [ln for ln in result.output.splitlines()
-                if re.match(STAMP + r"scoring: (\d+)/\1 \(100%\)", ln)]
+        done = [
+            ln
+            for ln in result.output.splitlines()
+            if re.match(STAMP + r"scoring: (\d+)/\1 \(100%\)", ln)
+        ]
         assert len(done) == 1, (command[0], result.output)
 
 

@@ -66,7 +66,8 @@ def test_omnifuse_run_on_cached_image_features(study, tmp_path):
     cfg = TrainConfig(seed=0, device="cpu", epochs=2)
     rows = study.omnifuse_run(ds, "full OmniFuse", 0, 0.5, train=cfg)
     assert {(r["split"], r["rule"]) for r in rows} == {
-        (s, r) for s in ("val", "test") for r in study.RULES}
+        (s, r) for s in ("val", "test") for r in study.RULES
+    }
     assert all(0.0 <= r["acc"] <= 1.0 and r["best_epoch"] in (1, 2) for r in rows)
     concat = study.omnifuse_run(ds, "concat", 0, 0.5, train=cfg)
     assert {r["rule"] for r in concat} == {"joint"}  # no modality heads without DWFuse
@@ -74,15 +75,28 @@ def test_omnifuse_run_on_cached_image_features(study, tmp_path):
 
 def test_goal_table_says_no_when_omnifuse_falls_behind(study):
     def row(method, rate, auc, std=0.01):
-        return {"method": method, "rate": rate, "seeds": 5, "auroc_mean": auc,
-                "auroc_std": std, "f1_mean": auc, "f1_std": std}
+        return {
+            "method": method,
+            "rate": rate,
+            "seeds": 5,
+            "auroc_mean": auc,
+            "auroc_std": std,
+            "f1_mean": auc,
+            "f1_std": std,
+        }
 
-    curves = pd.DataFrame([
-        row("OmniFuse (full)", 0.0, 0.90), row("HistGradientBoosting (NaN)", 0.0, 0.89),
-        row("mean-impute + indicators + LogReg", 0.0, 0.80), row("concat fusion", 0.0, 0.88),
-        row("OmniFuse (full)", 0.6, 0.80), row("HistGradientBoosting (NaN)", 0.6, 0.85),
-        row("mean-impute + indicators + LogReg", 0.6, 0.70), row("concat fusion", 0.6, 0.795),
-    ])
+    curves = pd.DataFrame(
+        [
+            row("OmniFuse (full)", 0.0, 0.90),
+            row("HistGradientBoosting (NaN)", 0.0, 0.89),
+            row("mean-impute + indicators + LogReg", 0.0, 0.80),
+            row("concat fusion", 0.0, 0.88),
+            row("OmniFuse (full)", 0.6, 0.80),
+            row("HistGradientBoosting (NaN)", 0.6, 0.85),
+            row("mean-impute + indicators + LogReg", 0.6, 0.70),
+            row("concat fusion", 0.6, 0.795),
+        ]
+    )
     goal = study.goal_table(curves).set_index("rate")
     assert goal.loc["0.0", "matches (within spread)"] == "yes"
     assert goal.loc["0.6", "matches (within spread)"] == "NO"
@@ -135,11 +149,24 @@ def test_contrasts_and_verdicts_on_made_up_runs(power):
     rows = []
     for seed in range(10):
         for rate in power.RATES:
-            for variant, auc in (("full", 0.90 + 0.03 * (rate >= 0.7)), (power.NO_IMP, 0.90),
-                                 ("concat", 0.90), ("hgb", 0.80), ("logreg", 0.85)):
-                rows.append({"dataset": "shared", "regime": "own", "variant": variant,
-                             "seed": seed, "split": "test", "rate": rate,
-                             "auroc": auc + 0.002 * ((seed * 7 + len(variant)) % 3)})
+            for variant, auc in (
+                ("full", 0.90 + 0.03 * (rate >= 0.7)),
+                (power.NO_IMP, 0.90),
+                ("concat", 0.90),
+                ("hgb", 0.80),
+                ("logreg", 0.85),
+            ):
+                rows.append(
+                    {
+                        "dataset": "shared",
+                        "regime": "own",
+                        "variant": variant,
+                        "seed": seed,
+                        "split": "test",
+                        "rate": rate,
+                        "auroc": auc + 0.002 * ((seed * 7 + len(variant)) % 3),
+                    }
+                )
     table = power.contrast_table(pd.DataFrame(rows)).set_index("contrast")
     imputation = table.loc["imputation at high missing rates"]
     assert imputation["diff"] == pytest.approx(0.03, abs=0.003)
@@ -147,6 +174,8 @@ def test_contrasts_and_verdicts_on_made_up_runs(power):
     classical = table.loc["full vs best classical, rates >= 0.5"]
     assert classical["b"] == "best classical (logreg)" and classical["verdict"] == "met"
     # Only the declared contrasts whose variants were run appear.
-    assert set(table.index) == {"imputation at high missing rates",
-                                "full vs best classical, rates >= 0.5",
-                                "full vs best classical (own missingness)"}
+    assert set(table.index) == {
+        "imputation at high missing rates",
+        "full vs best classical, rates >= 0.5",
+        "full vs best classical (own missingness)",
+    }

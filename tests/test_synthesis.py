@@ -46,8 +46,9 @@ def labs_of(row: dict[str, str]) -> list[float | None]:
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +92,9 @@ def test_layout_matches_the_contract(small: tuple[CohortSummary, Path]) -> None:
             assert len(re.findall(r"[\u4e00-\u9fff]", note)) >= 20
     assert summary.n_images == n_images == len(list((out / "us").glob("*.png")))
     assert summary.n_patients == 18
-    assert summary.present_counts == {m: sum(bool(r[m]) for r in rows)
-                                      for m in ("labs", "us", "text")}
+    assert summary.present_counts == {
+        m: sum(bool(r[m]) for r in rows) for m in ("labs", "us", "text")
+    }
 
 
 def test_labs_table_agrees_with_the_manifest(small: tuple[CohortSummary, Path]) -> None:
@@ -121,8 +123,15 @@ def test_the_project_reader_accepts_the_cohort(small: tuple[CohortSummary, Path]
 
 
 def test_missing_rates_are_respected_and_nobody_is_empty(tmp_path: Path) -> None:
-    spec = CohortSpec(n=200, seed=5, image_size=32, images_per_patient=1,
-                      missing_labs=0.2, missing_us=0.3, missing_text=0.5)
+    spec = CohortSpec(
+        n=200,
+        seed=5,
+        image_size=32,
+        images_per_patient=1,
+        missing_labs=0.2,
+        missing_us=0.3,
+        missing_text=0.5,
+    )
     summary = make_cohort(spec, tmp_path)
     rows = read_rows(summary.manifest)
     for name, rate in (("labs", 0.2), ("us", 0.3), ("text", 0.5)):
@@ -135,8 +144,9 @@ def test_missing_rates_are_respected_and_nobody_is_empty(tmp_path: Path) -> None
 
 
 def test_heavy_missingness_still_leaves_one_modality(tmp_path: Path) -> None:
-    spec = CohortSpec(n=60, seed=1, image_size=32, missing_labs=0.9, missing_us=0.9,
-                      missing_text=0.9)
+    spec = CohortSpec(
+        n=60, seed=1, image_size=32, missing_labs=0.9, missing_us=0.9, missing_text=0.9
+    )
     rows = read_rows(make_cohort(spec, tmp_path).manifest)
     assert all(r["labs"] or r["us"] or r["text"] for r in rows)
     assert sum(not (r["labs"] or r["us"] or r["text"]) for r in rows) == 0
@@ -161,23 +171,34 @@ def test_one_modality_knob_leaves_the_others_alone(tmp_path: Path) -> None:
     b = tree_bytes(make_cohort(noisy, tmp_path / "b").out_dir)
     assert a["labs_table.csv"] == b["labs_table.csv"]
     assert {n: v for n, v in a.items() if n.endswith(".png")} == {
-        n: v for n, v in b.items() if n.endswith(".png")}
+        n: v for n, v in b.items() if n.endswith(".png")
+    }
     assert {n: v for n, v in a.items() if n.startswith("text")} != {
-        n: v for n, v in b.items() if n.startswith("text")}
+        n: v for n, v in b.items() if n.startswith("text")
+    }
 
 
 def test_progress_reports_every_patient(tmp_path: Path) -> None:
     calls: list[tuple[int, int]] = []
-    make_cohort(CohortSpec(n=8, image_size=32), tmp_path,
-                progress=lambda done, total: calls.append((done, total)))
+    make_cohort(
+        CohortSpec(n=8, image_size=32),
+        tmp_path,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert calls == [(i, 8) for i in range(9)]
 
 
 @pytest.mark.parametrize("num_classes, labs_dim", [(2, 1), (5, 30)])
-def test_other_class_counts_and_panel_sizes(tmp_path: Path, num_classes: int,
-                                            labs_dim: int) -> None:
-    spec = CohortSpec(n=4 * num_classes, num_classes=num_classes, labs_dim=labs_dim,
-                      image_size=32, missing_labs=0.0)
+def test_other_class_counts_and_panel_sizes(
+    tmp_path: Path, num_classes: int, labs_dim: int
+) -> None:
+    spec = CohortSpec(
+        n=4 * num_classes,
+        num_classes=num_classes,
+        labs_dim=labs_dim,
+        image_size=32,
+        missing_labs=0.0,
+    )
     summary = make_cohort(spec, tmp_path)
     assert summary.label_counts == {c: 4 for c in range(num_classes)}
     rows = read_rows(summary.manifest)
@@ -189,30 +210,33 @@ def test_other_class_counts_and_panel_sizes(tmp_path: Path, num_classes: int,
         assert columns[-1] == f"X{labs_dim}"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"missing_us": 1.5}, r"--missing-us must be in \[0, 1\), got 1\.5"),
-    ({"missing_labs": 1.0}, r"--missing-labs must be in \[0, 1\)"),
-    ({"missing_text": -0.1}, r"--missing-text"),
-    ({"us_signal": 1.2}, r"--us-signal must be in \[0, 1\]"),
-    ({"text_signal": float("nan")}, r"--text-signal"),
-    ({"labs_signal": -1.0}, r"--labs-signal must be >= 0"),
-    ({"labs_noise": -0.5}, r"--labs-noise"),
-    ({"us_noise": float("inf")}, r"--us-noise"),
-    ({"text_noise": -2}, r"--text-noise"),
-    ({"num_classes": 1}, r"--num-classes must be at least 2"),
-    ({"n": 5}, r"--n must be at least 6"),
-    ({"n": 2.5}, r"--n must be an integer"),
-    ({"labs_dim": 0}, r"--labs-dim"),
-    ({"image_size": 8}, r"--image-size"),
-    ({"images_per_patient": 0}, r"--images-per-patient"),
-    ({"shared_severity": 1.5}, r"--shared-severity must be in \[0, 1\], got 1\.5"),
-    ({"shared_severity": -0.1}, r"--shared-severity"),
-    ({"shared_severity": float("nan")}, r"--shared-severity"),
-    ({"corrupt_rate": 1.0}, r"--corrupt-rate must be in \[0, 1\), got 1\.0"),
-    ({"corrupt_rate": -0.01}, r"--corrupt-rate"),
-    ({"missing_mode": "random"}, r"--missing-mode must be mcar or mnar, got 'random'"),
-    ({"missing_mode": 1}, r"--missing-mode must be mcar or mnar"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"missing_us": 1.5}, r"--missing-us must be in \[0, 1\), got 1\.5"),
+        ({"missing_labs": 1.0}, r"--missing-labs must be in \[0, 1\)"),
+        ({"missing_text": -0.1}, r"--missing-text"),
+        ({"us_signal": 1.2}, r"--us-signal must be in \[0, 1\]"),
+        ({"text_signal": float("nan")}, r"--text-signal"),
+        ({"labs_signal": -1.0}, r"--labs-signal must be >= 0"),
+        ({"labs_noise": -0.5}, r"--labs-noise"),
+        ({"us_noise": float("inf")}, r"--us-noise"),
+        ({"text_noise": -2}, r"--text-noise"),
+        ({"num_classes": 1}, r"--num-classes must be at least 2"),
+        ({"n": 5}, r"--n must be at least 6"),
+        ({"n": 2.5}, r"--n must be an integer"),
+        ({"labs_dim": 0}, r"--labs-dim"),
+        ({"image_size": 8}, r"--image-size"),
+        ({"images_per_patient": 0}, r"--images-per-patient"),
+        ({"shared_severity": 1.5}, r"--shared-severity must be in \[0, 1\], got 1\.5"),
+        ({"shared_severity": -0.1}, r"--shared-severity"),
+        ({"shared_severity": float("nan")}, r"--shared-severity"),
+        ({"corrupt_rate": 1.0}, r"--corrupt-rate must be in \[0, 1\), got 1\.0"),
+        ({"corrupt_rate": -0.01}, r"--corrupt-rate"),
+        ({"missing_mode": "random"}, r"--missing-mode must be mcar or mnar, got 'random'"),
+        ({"missing_mode": 1}, r"--missing-mode must be mcar or mnar"),
+    ],
+)
 def test_invalid_specs_name_the_option(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         CohortSpec(**kwargs)
@@ -228,8 +252,9 @@ def signal_gap(values: np.ndarray, labels: np.ndarray) -> float:
 def test_labs_signal_moves_the_signal_analytes(tmp_path: Path) -> None:
     gaps = []
     for k, strength in enumerate((0.0, 3.0)):
-        spec = CohortSpec(n=90, seed=2, image_size=32, missing_labs=0.0, labs_signal=strength,
-                          **ISOLATED)
+        spec = CohortSpec(
+            n=90, seed=2, image_size=32, missing_labs=0.0, labs_signal=strength, **ISOLATED
+        )
         summary = make_cohort(spec, tmp_path / str(k))
         rows = read_rows(summary.labs_table)
         labels = {r["id"]: int(r["label"]) for r in read_rows(summary.manifest)}
@@ -242,11 +267,19 @@ def test_labs_signal_moves_the_signal_analytes(tmp_path: Path) -> None:
 def test_us_signal_darkens_severe_livers(tmp_path: Path) -> None:
     gaps = []
     for k, strength in enumerate((0.0, 1.0)):
-        spec = CohortSpec(n=90, seed=6, image_size=48, images_per_patient=1, missing_us=0.0,
-                          us_signal=strength, **ISOLATED)
+        spec = CohortSpec(
+            n=90,
+            seed=6,
+            image_size=48,
+            images_per_patient=1,
+            missing_us=0.0,
+            us_signal=strength,
+            **ISOLATED,
+        )
         rows = read_rows(make_cohort(spec, tmp_path / str(k)).manifest)
-        images = np.stack([np.asarray(Image.open(tmp_path / str(k) / r["us"]), np.float64)
-                           for r in rows])
+        images = np.stack(
+            [np.asarray(Image.open(tmp_path / str(k) / r["us"]), np.float64) for r in rows]
+        )
         fan = images.mean(axis=0) > 10
         dark = np.array([(img[fan] < 60).mean() for img in images])
         gaps.append(signal_gap(dark, np.array([int(r["label"]) for r in rows])))
@@ -256,12 +289,18 @@ def test_us_signal_darkens_severe_livers(tmp_path: Path) -> None:
 def test_text_signal_decides_which_findings_appear(tmp_path: Path) -> None:
     shares = []
     for k, strength in enumerate((0.0, 1.0)):
-        spec = CohortSpec(n=60, seed=8, image_size=32, missing_text=0.0, text_noise=0.0,
-                          text_signal=strength, **ISOLATED)
+        spec = CohortSpec(
+            n=60,
+            seed=8,
+            image_size=32,
+            missing_text=0.0,
+            text_noise=0.0,
+            text_signal=strength,
+            **ISOLATED,
+        )
         out = tmp_path / str(k)
         rows = read_rows(make_cohort(spec, out).manifest)
-        normal = [(out / r["text"]).read_text(encoding="utf-8") for r in rows
-                  if r["label"] == "0"]
+        normal = [(out / r["text"]).read_text(encoding="utf-8") for r in rows if r["label"] == "0"]
         shares.append(np.mean([bool(SEVERE_WORDS.search(note)) for note in normal]))
     assert shares[1] == 0.0
     assert shares[0] > 0.2, shares
@@ -288,18 +327,21 @@ def sha256(data: bytes) -> str:
 def folder_digest(root: Path, folder: str) -> str:
     lines = []
     for path in sorted((root / folder).iterdir()):
-        data = (np.asarray(Image.open(path)).tobytes() if path.suffix == ".png"
-                else path.read_bytes())
+        data = (
+            np.asarray(Image.open(path)).tobytes() if path.suffix == ".png" else path.read_bytes()
+        )
         lines.append(f"{folder}/{path.name} {sha256(data)}\n")
     return sha256("".join(lines).encode())
 
 
 def test_old_settings_reproduce_earlier_cohorts(tmp_path: Path) -> None:
-    spec = CohortSpec(n=24, seed=5, image_size=64, shared_severity=0.0, corrupt_rate=0.0,
-                      missing_mode="mcar")
+    spec = CohortSpec(
+        n=24, seed=5, image_size=64, shared_severity=0.0, corrupt_rate=0.0, missing_mode="mcar"
+    )
     make_cohort(spec, tmp_path)
-    found = {name: sha256((tmp_path / name).read_bytes())
-             for name in ("manifest.csv", "labs_table.csv")}
+    found = {
+        name: sha256((tmp_path / name).read_bytes()) for name in ("manifest.csv", "labs_table.csv")
+    }
     found.update({folder: folder_digest(tmp_path, folder) for folder in ("text", "us")})
     assert found == REFERENCE
 
@@ -314,8 +356,12 @@ def within_class_correlation(x: np.ndarray, y: np.ndarray, labels: np.ndarray) -
 
 
 FINDING_PATTERNS = [
-    [re.compile(re.escape(t).replace(r"\{size\}", r"[\d.]+").replace(r"\{kg\}", r"\d+"))
-     for t in pool] for pool in _FINDINGS]
+    [
+        re.compile(re.escape(t).replace(r"\{size\}", r"[\d.]+").replace(r"\{kg\}", r"\d+"))
+        for t in pool
+    ]
+    for pool in _FINDINGS
+]
 
 
 def findings_level(note: str) -> float:
@@ -326,15 +372,22 @@ def findings_level(note: str) -> float:
 
 @pytest.mark.parametrize("shared, low, high", [(0.0, -0.1, 0.1), (1.0, 0.15, 1.0)])
 def test_shared_severity_correlates_labs_and_notes_within_a_class(
-        shared: float, low: float, high: float) -> None:
-    spec = CohortSpec(n=900, seed=1, shared_severity=shared, corrupt_rate=0.0, labs_noise=0.5,
-                      text_signal=0.8, text_noise=0.0)
+    shared: float, low: float, high: float
+) -> None:
+    spec = CohortSpec(
+        n=900,
+        seed=1,
+        shared_severity=shared,
+        corrupt_rate=0.0,
+        labs_noise=0.5,
+        text_signal=0.8,
+        text_noise=0.0,
+    )
     cohort = draw_cohort(spec)  # no images: the correlation needs many patients
     level = np.array([findings_level(note) for note in cohort.notes])
     names = cohort.lab_names
     # The liver axis: ALT follows the early "abnormal" driver, TBIL the "advanced" one.
-    liver = (np.log(cohort.labs[:, names.index("ALT")])
-             + np.log(cohort.labs[:, names.index("TBIL")]))
+    liver = np.log(cohort.labs[:, names.index("ALT")]) + np.log(cohort.labs[:, names.index("TBIL")])
     ok = ~np.isnan(level) & ~np.isnan(liver)
     assert ok.sum() > 800
     r = within_class_correlation(liver[ok], level[ok], cohort.labels[ok])
@@ -342,8 +395,10 @@ def test_shared_severity_correlates_labs_and_notes_within_a_class(
 
 
 def test_shared_severity_moves_ultrasound_with_the_patient() -> None:
-    drawn = {a: draw_cohort(CohortSpec(n=300, seed=2, shared_severity=a, corrupt_rate=0.0))
-             for a in (0.0, 0.5, 1.0)}
+    drawn = {
+        a: draw_cohort(CohortSpec(n=300, seed=2, shared_severity=a, corrupt_rate=0.0))
+        for a in (0.0, 0.5, 1.0)
+    }
     classes = synthesis.severities(3)[drawn[0.0].labels]
     np.testing.assert_array_equal(drawn[0.0].us_severity, classes)
     patient = drawn[1.0].severity
@@ -366,8 +421,9 @@ def test_truth_csv_and_corruption_leave_the_rest_alone(tmp_path: Path) -> None:
     kinds = {r["corruption"] for r in truth if r["corrupted"]}
     assert kinds == {"uninformative", "other_patient"}
     assert all(not r["corruption"] for r in truth if not r["corrupted"])
-    assert bad.corrupted_counts == {m: sum(r["corrupted"] == m for r in truth)
-                                    for m in ("labs", "us", "text")}
+    assert bad.corrupted_counts == {
+        m: sum(r["corrupted"] == m for r in truth) for m in ("labs", "us", "text")
+    }
     assert sum(bad.corrupted_counts.values()) >= 10
     assert not any(r["corrupted"] for r in read_rows(clean.truth))
     assert [r["severity"] for r in read_rows(clean.truth)] == [r["severity"] for r in truth]
@@ -382,7 +438,8 @@ def test_truth_csv_and_corruption_leave_the_rest_alone(tmp_path: Path) -> None:
     for row, before, after in zip(truth, clean_rows, manifest, strict=True):
         pid, modality = row["id"], row["corrupted"]
         assert [bool(before[m]) for m in ("labs", "us", "text")] == [
-            bool(after[m]) for m in ("labs", "us", "text")]
+            bool(after[m]) for m in ("labs", "us", "text")
+        ]
         assert not modality or after[modality], "a missing modality was corrupted"
         if after["labs"]:
             assert (bad_labs[pid] == clean_labs[pid]) == (modality != "labs"), pid
@@ -390,8 +447,9 @@ def test_truth_csv_and_corruption_leave_the_rest_alone(tmp_path: Path) -> None:
             same = views(tmp_path / "clean", before) == views(tmp_path / "bad", after)
             assert same == (modality != "us"), pid
         if after["text"]:
-            same = ((tmp_path / "clean" / before["text"]).read_bytes()
-                    == (tmp_path / "bad" / after["text"]).read_bytes())
+            same = (tmp_path / "clean" / before["text"]).read_bytes() == (
+                tmp_path / "bad" / after["text"]
+            ).read_bytes()
             assert same == (modality != "text"), pid
 
 
@@ -400,8 +458,9 @@ def modality_counts(cohort: DrawnCohort) -> np.ndarray:
 
 
 def test_corrupt_rate_is_the_share_of_patients_with_two_modalities() -> None:
-    spec = CohortSpec(n=3000, seed=3, corrupt_rate=0.2, missing_labs=0.5, missing_us=0.5,
-                      missing_text=0.5)
+    spec = CohortSpec(
+        n=3000, seed=3, corrupt_rate=0.2, missing_labs=0.5, missing_us=0.5, missing_text=0.5
+    )
     cohort = draw_cohort(spec)
     corrupted = np.array([bool(m) for m in cohort.corrupted])
     eligible = modality_counts(cohort) >= 2
@@ -417,8 +476,9 @@ def test_corrupt_rate_is_the_share_of_patients_with_two_modalities() -> None:
 
 
 def test_other_patient_corruption_copies_someone_elses_data() -> None:
-    spec = CohortSpec(n=200, seed=4, corrupt_rate=0.6, missing_labs=0.0, missing_us=0.0,
-                      missing_text=0.0)
+    spec = CohortSpec(
+        n=200, seed=4, corrupt_rate=0.6, missing_labs=0.0, missing_us=0.0, missing_text=0.0
+    )
     clean = draw_cohort(dataclasses.replace(spec, corrupt_rate=0.0))
     bad = draw_cohort(spec)
     for i, (modality, kind) in enumerate(zip(bad.corrupted, bad.corruption, strict=True)):
@@ -426,8 +486,7 @@ def test_other_patient_corruption_copies_someone_elses_data() -> None:
             continue
         others = [j for j in range(spec.n) if j != i]
         if modality == "labs":
-            assert any(np.array_equal(bad.labs[i], clean.labs[j], equal_nan=True)
-                       for j in others)
+            assert any(np.array_equal(bad.labs[i], clean.labs[j], equal_nan=True) for j in others)
         elif modality == "text":
             assert bad.notes[i] in [clean.notes[j] for j in others]
         else:
@@ -476,21 +535,40 @@ def test_cli_options_reach_the_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(synthesis, "make_cohort", spy)
     runner = CliRunner()
     common = ["make-data", "--n", "12", "--image-size", "32"]
-    result = runner.invoke(app, [*common, "--out-dir", str(tmp_path / "a"), "--shared-severity",
-                                 "0.25", "--corrupt-rate", "0.5", "--missing-mode", "mnar"],
-                           env={"COLUMNS": "200"})
+    result = runner.invoke(
+        app,
+        [
+            *common,
+            "--out-dir",
+            str(tmp_path / "a"),
+            "--shared-severity",
+            "0.25",
+            "--corrupt-rate",
+            "0.5",
+            "--missing-mode",
+            "mnar",
+        ],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 0, result.output
     assert (specs[0].shared_severity, specs[0].corrupt_rate, specs[0].missing_mode) == (
-        0.25, 0.5, "mnar")
+        0.25,
+        0.5,
+        "mnar",
+    )
     assert "listed in truth.csv" in result.output
     assert (tmp_path / "a" / "truth.csv").is_file()
     result = runner.invoke(app, [*common, "--out-dir", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
     defaults = CohortSpec()
     assert (specs[1].shared_severity, specs[1].corrupt_rate, specs[1].missing_mode) == (
-        defaults.shared_severity, defaults.corrupt_rate, defaults.missing_mode)
-    result = runner.invoke(app, [*common, "--out-dir", str(tmp_path / "c"), "--missing-mode",
-                                 "sometimes"])
+        defaults.shared_severity,
+        defaults.corrupt_rate,
+        defaults.missing_mode,
+    )
+    result = runner.invoke(
+        app, [*common, "--out-dir", str(tmp_path / "c"), "--missing-mode", "sometimes"]
+    )
     assert result.exit_code == 2
     assert "--missing-mode must be mcar or mnar" in result.stderr
 
@@ -500,15 +578,19 @@ def test_no_images_inline_notes_keep_labs_and_notes(tmp_path: Path) -> None:
     notes are the ones the full layout writes for the same seed."""
     runner = CliRunner()
     args = ["make-data", "--n", "30", "--seed", "4", "--image-size", "32"]
-    result = runner.invoke(app, [*args, "--out-dir", str(tmp_path / "fast"), "--no-images",
-                                 "--inline-notes"], env={"COLUMNS": "200"})
+    result = runner.invoke(
+        app,
+        [*args, "--out-dir", str(tmp_path / "fast"), "--no-images", "--inline-notes"],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 0, result.output
     assert "--modality labs=vector --modality text=text" in result.output
     full = make_cohort(CohortSpec(n=30, seed=4, image_size=32), tmp_path / "full")
     fast = tmp_path / "fast"
     assert not (fast / "us").exists() and not (fast / "text").exists()
     assert (fast / "manifest.csv").read_text(encoding="utf-8").splitlines()[0] == (
-        "id,label,labs,text")
+        "id,label,labs,text"
+    )
     full_rows = {r["id"]: r for r in read_rows(full.manifest)}
     fast_rows = read_rows(fast / "manifest.csv")
     assert all(r["labs"] or r["text"] for r in fast_rows)

@@ -43,8 +43,19 @@ LABS_TEXT = ("--modality", "labs=vector", "--modality", "text=text")
 def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """90 labelled + 60 unlabeled patients (labs and notes), from make-data --unlabeled."""
     root = tmp_path_factory.mktemp("unlabeled")
-    make_cohort(CohortSpec(n=90, unlabeled=60, labs_dim=6, ultrasound=False, inline_notes=True,
-                           seed=4, missing_labs=0.3, missing_text=0.3), root)
+    make_cohort(
+        CohortSpec(
+            n=90,
+            unlabeled=60,
+            labs_dim=6,
+            ultrasound=False,
+            inline_notes=True,
+            seed=4,
+            missing_labs=0.3,
+            missing_text=0.3,
+        ),
+        root,
+    )
     return root
 
 
@@ -66,7 +77,8 @@ def test_make_data_without_unlabeled_is_unchanged(tmp_path: Path) -> None:
     make_cohort(CohortSpec(**spec), tmp_path / "a")
     make_cohort(CohortSpec(**spec, unlabeled=0), tmp_path / "b")
     assert (tmp_path / "a" / "manifest.csv").read_bytes() == (
-        tmp_path / "b" / "manifest.csv").read_bytes()
+        tmp_path / "b" / "manifest.csv"
+    ).read_bytes()
 
 
 def test_empty_labels_are_unlabeled_only_where_allowed(tmp_path: Path) -> None:
@@ -94,7 +106,8 @@ def test_split_keeps_labelled_splits_and_sets_unlabeled_apart() -> None:
         assert splits[name].tolist() == where[alone[name]].tolist()
     assert splits["unlabeled"].tolist() == np.flatnonzero(labels < 0).tolist()
     assert sorted(training_patients(splits).tolist()) == sorted(
-        [*splits["train"].tolist(), *splits["unlabeled"].tolist()])
+        [*splits["train"].tolist(), *splits["unlabeled"].tolist()]
+    )
     assert "unlabeled" not in alone
 
 
@@ -112,17 +125,28 @@ def test_cv_folds_never_test_unlabeled_patients() -> None:
 
 def _tiny(**method: object):  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
-    cfg = MethodConfig(**{"embed_dim": 8, "ra_layers": (16, 4), "num_ra": 2, "head_hidden": 8,
-                          "dropout": 0.0, "cra_dropout": 0.0, "modality_drop": 0.5,
-                          **method})  # type: ignore[arg-type]
+    cfg = MethodConfig(
+        **{
+            "embed_dim": 8,
+            "ra_layers": (16, 4),
+            "num_ra": 2,
+            "head_hidden": 8,
+            "dropout": 0.0,
+            "cra_dropout": 0.0,
+            "modality_drop": 0.5,
+            **method,
+        }
+    )  # type: ignore[arg-type]
     specs = tuple(ModalitySpec(n, "vector") for n in "abc")
     return build_model(ModelConfig(specs, 3, (4, 5, 6), cfg), ImageConfig(), {})
 
 
 def _batch(size: int, seed: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    inputs = {n: {"x": torch.randn(size, d, generator=g), "mask": torch.ones(size, d, dtype=bool)}
-              for n, d in zip("abc", (4, 5, 6), strict=True)}
+    inputs = {
+        n: {"x": torch.randn(size, d, generator=g), "mask": torch.ones(size, d, dtype=bool)}
+        for n, d in zip("abc", (4, 5, 6), strict=True)
+    }
     present = torch.ones(size, 3, dtype=torch.bool)
     return inputs, present, torch.randint(0, 3, (size,), generator=g)
 
@@ -138,8 +162,12 @@ def test_unlabeled_rows_enter_imputation_terms_only() -> None:
     extra, extra_present, _ = _batch(20, 2)
     lazy = torch.tensor([True, False, False])
     alone = model.losses(inputs, present, y, lazy=lazy)
-    mixed = model.losses(_cat(inputs, extra), torch.cat([present, extra_present]),
-                         torch.cat([y, torch.full((20,), -1)]), lazy=lazy)
+    mixed = model.losses(
+        _cat(inputs, extra),
+        torch.cat([present, extra_present]),
+        torch.cat([y, torch.full((20,), -1)]),
+        lazy=lazy,
+    )
     # Label terms are the labelled patients' means, whatever unlabeled rows join the batch.
     torch.testing.assert_close(mixed["dwfuse"], alone["dwfuse"])
     torch.testing.assert_close(mixed["tla"], alone["tla"])
@@ -149,14 +177,20 @@ def test_unlabeled_rows_enter_imputation_terms_only() -> None:
 def test_a_batch_of_unlabeled_patients_trains_the_imputation_only() -> None:
     model = _tiny()
     inputs, present, _ = _batch(16, 3)
-    terms = model.losses(inputs, present, torch.full((16,), -1), lazy=None,
-                         generator=torch.Generator().manual_seed(0))
+    terms = model.losses(
+        inputs,
+        present,
+        torch.full((16,), -1),
+        lazy=None,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert terms["dwfuse"].item() == 0 and terms["tla"].item() == 0
     assert terms["forward"].item() > 0 and terms["backward"].item() > 0
     terms["total"].backward()
     assert model.cra_forward is not None
-    assert any(p.grad is not None and p.grad.abs().sum() > 0
-               for p in model.cra_forward.parameters())
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in model.cra_forward.parameters()
+    )
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.joint_head.parameters())
 
 
@@ -165,13 +199,14 @@ def test_held_out_patients_are_never_imputation_targets() -> None:
     inputs, present, y = _batch(16, 5)
     kwargs = {"lazy": None}
     everyone = torch.ones(16, dtype=torch.bool)
-    base = model.losses(inputs, present, y, generator=torch.Generator().manual_seed(1),
-                        holdout=~everyone, **kwargs)
-    plain = model.losses(inputs, present, y, generator=torch.Generator().manual_seed(1),
-                         **kwargs)
+    base = model.losses(
+        inputs, present, y, generator=torch.Generator().manual_seed(1), holdout=~everyone, **kwargs
+    )
+    plain = model.losses(inputs, present, y, generator=torch.Generator().manual_seed(1), **kwargs)
     torch.testing.assert_close(base["forward"], plain["forward"])
-    held = model.losses(inputs, present, y, generator=torch.Generator().manual_seed(1),
-                        holdout=everyone, **kwargs)
+    held = model.losses(
+        inputs, present, y, generator=torch.Generator().manual_seed(1), holdout=everyone, **kwargs
+    )
     assert held["forward"].item() == 0 and held["backward"].item() == 0
     torch.testing.assert_close(held["dwfuse"], plain["dwfuse"])  # they still train the heads
 
@@ -184,11 +219,12 @@ def test_mixed_batches_show_every_unlabeled_patient_once_per_epoch() -> None:
     plain, _ = _epoch_batches(None, train, None, cfg, g2, epoch=1)  # type: ignore[arg-type]
     assert isinstance(mixed, MixedBatches)
     batches, labelled = list(mixed), list(plain)
-    assert [b[:len(p)] for b, p in zip(batches, labelled, strict=True)] == labelled
-    seen = [indices[i] for b, p in zip(batches, labelled, strict=True) for i in b[len(p):]]
+    assert [b[: len(p)] for b, p in zip(batches, labelled, strict=True)] == labelled
+    seen = [indices[i] for b, p in zip(batches, labelled, strict=True) for i in b[len(p) :]]
     assert sorted(seen) == unlabeled.tolist()
-    again, _ = _epoch_batches(None, train, unlabeled, cfg, torch.Generator().manual_seed(0),
-                              epoch=2)  # type: ignore[arg-type]
+    again, _ = _epoch_batches(
+        None, train, unlabeled, cfg, torch.Generator().manual_seed(0), epoch=2
+    )  # type: ignore[arg-type]
     assert [b[8:] for b in again] != [b[8:] for b in batches]  # a new order each epoch
 
 
@@ -198,9 +234,25 @@ def test_mixed_batches_show_every_unlabeled_patient_once_per_epoch() -> None:
 @pytest.fixture(scope="module")
 def run_dir(cohort_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "r"
-    result = invoke("train", cohort_dir / "manifest.csv", "--num-classes", 3, *LABS_TEXT,
-                    "--epochs", 3, "--out-dir", out, "--device", "cpu", "--train-ratio", 0.6,
-                    "--val-ratio", 0.2, "--test-ratio", 0.2)
+    result = invoke(
+        "train",
+        cohort_dir / "manifest.csv",
+        "--num-classes",
+        3,
+        *LABS_TEXT,
+        "--epochs",
+        3,
+        "--out-dir",
+        out,
+        "--device",
+        "cpu",
+        "--train-ratio",
+        0.6,
+        "--val-ratio",
+        0.2,
+        "--test-ratio",
+        0.2,
+    )
     assert_ok(result)
     assert "60 unlabeled patient(s) (empty label) train the imputation" in flat(result.output)
     return out
@@ -217,7 +269,11 @@ def test_check_counts_unlabeled_patients(cohort_dir: Path) -> None:
 def test_train_records_unlabeled_patients_and_scores_only_labelled(run_dir: Path) -> None:
     split = pd.read_csv(run_dir / "split.csv")
     assert dict(zip(split["split"], split["n"], strict=True)) == {
-        "train": 54, "val": 18, "test": 18, "unlabeled": 60}
+        "train": 54,
+        "val": 18,
+        "test": 18,
+        "unlabeled": 60,
+    }
     assignment = pd.read_csv(run_dir / "split_assignment.csv", dtype={"id": str})
     unl = assignment[assignment["split"] == "unlabeled"]
     assert len(unl) == 60 and (unl["label"] == -1).all()
@@ -241,16 +297,25 @@ def test_metrics_csv_and_bundle_log_the_reliability(run_dir: Path) -> None:
     assert float(bundle["run"]["reliability_labs"]) == pytest.approx(best["reliability_labs"])
 
 
-def test_evaluate_and_predict_handle_unlabeled_rows(run_dir: Path, cohort_dir: Path,
-                                                    tmp_path: Path) -> None:
-    result = invoke("evaluate", run_dir, "--manifest", cohort_dir / "manifest.csv",
-                    "--bootstrap", 0, "--out-dir", tmp_path / "ev")
+def test_evaluate_and_predict_handle_unlabeled_rows(
+    run_dir: Path, cohort_dir: Path, tmp_path: Path
+) -> None:
+    result = invoke(
+        "evaluate",
+        run_dir,
+        "--manifest",
+        cohort_dir / "manifest.csv",
+        "--bootstrap",
+        0,
+        "--out-dir",
+        tmp_path / "ev",
+    )
     assert_ok(result)
-    assert "60 patient(s) have an empty label (unlabeled) and are not scored" in flat(
-        result.output)
+    assert "60 patient(s) have an empty label (unlabeled) and are not scored" in flat(result.output)
     assert len(pd.read_csv(tmp_path / "ev" / "predictions.csv")) == 90
-    result = invoke("predict", cohort_dir / "manifest.csv", "--run", run_dir, "--out",
-                    tmp_path / "p.csv")
+    result = invoke(
+        "predict", cohort_dir / "manifest.csv", "--run", run_dir, "--out", tmp_path / "p.csv"
+    )
     assert_ok(result)
     frame = pd.read_csv(tmp_path / "p.csv", dtype=str, keep_default_na=False)
     assert len(frame) == 150
@@ -258,19 +323,33 @@ def test_evaluate_and_predict_handle_unlabeled_rows(run_dir: Path, cohort_dir: P
     assert (frame["label"].iloc[90:] == "").all()
 
 
-def test_cv_trains_every_fold_with_the_unlabeled_patients(cohort_dir: Path,
-                                                          tmp_path: Path) -> None:
+def test_cv_trains_every_fold_with_the_unlabeled_patients(cohort_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "cv"
-    result = invoke("cv", cohort_dir / "manifest.csv", "--num-classes", 3, *LABS_TEXT,
-                    "--folds", 3, "--epochs", 2, "--out-dir", out, "--device", "cpu",
-                    "--bootstrap", 0)
+    result = invoke(
+        "cv",
+        cohort_dir / "manifest.csv",
+        "--num-classes",
+        3,
+        *LABS_TEXT,
+        "--folds",
+        3,
+        "--epochs",
+        2,
+        "--out-dir",
+        out,
+        "--device",
+        "cpu",
+        "--bootstrap",
+        0,
+    )
     assert_ok(result)
     folds = pd.read_csv(out / "folds.csv", dtype={"id": str})
     assert (folds.loc[folds["label"] < 0, "fold"] == 0).all()
     assert (folds.loc[folds["label"] < 0].shape[0]) == 60
     predictions = pd.read_csv(out / "predictions.csv", dtype={"id": str})
     assert len(predictions) == 90 and set(predictions["id"]).isdisjoint(
-        folds.loc[folds["label"] < 0, "id"])
+        folds.loc[folds["label"] < 0, "id"]
+    )
     for k in (1, 2, 3):
         parts = pd.read_csv(out / "folds" / "base" / f"rep1-fold{k}" / "split_assignment.csv")
         assert (parts["split"] == "unlabeled").sum() == 60
@@ -283,15 +362,19 @@ def test_cv_trains_every_fold_with_the_unlabeled_patients(cohort_dir: Path,
 
 def _request(manifest: Path, out: Path, **train: object) -> TrainRequest:
     return TrainRequest(
-        manifest=manifest, num_classes=3, out_dir=out, overwrite=True,
+        manifest=manifest,
+        num_classes=3,
+        out_dir=out,
+        overwrite=True,
         data=DataConfig(modalities=(ModalitySpec("labs", "vector"), ModalitySpec("text", "text"))),
         method=MethodConfig(embed_dim=16, ra_layers=(16, 8), num_ra=2),
-        train=TrainConfig(**{"epochs": 2, "device": "cpu", "cache": False,
-                             **train}))  # type: ignore[arg-type]
+        train=TrainConfig(**{"epochs": 2, "device": "cpu", "cache": False, **train}),
+    )  # type: ignore[arg-type]
 
 
 def test_reliability_comes_from_held_out_training_slots_when_validation_is_short(
-        cohort_dir: Path, tmp_path: Path) -> None:
+    cohort_dir: Path, tmp_path: Path
+) -> None:
     from omnifuse_cli.engine.training import build_for_cohort
 
     request = _request(cohort_dir / "manifest.csv", tmp_path / "r")
@@ -307,25 +390,38 @@ def test_reliability_comes_from_held_out_training_slots_when_validation_is_short
     assert set(held) <= set(training_patients(splits).tolist())  # never a test patient
     assert (cohort.present[held].sum(axis=1) >= 2).all()
     assert set(short["val"]) <= set(plan.held)  # validation patients join the estimate
-    assert any(line.startswith("reliability of labs, text: validation has fewer than")
-               for line in plan.messages)
+    assert any(
+        line.startswith("reliability of labs, text: validation has fewer than")
+        for line in plan.messages
+    )
     enough = reliability_plan(model, data, {**splits, "val": splits["train"]}, seed=1)
     assert enough is not None and enough.mask is None
     assert set(enough.source.values()) == {"validation"}
-    fixed = build_for_cohort(cohort, splits["train"], TrainRequest(
-        **{**request.__dict__, "method": MethodConfig(embed_dim=16, reliability="1")}))[0]
+    fixed = build_for_cohort(
+        cohort,
+        splits["train"],
+        TrainRequest(**{**request.__dict__, "method": MethodConfig(embed_dim=16, reliability="1")}),
+    )[0]
     assert reliability_plan(fixed, data, short, seed=1) is None
 
 
 def test_a_short_validation_split_estimates_the_gate_on_held_out_slots(
-        cohort_dir: Path, tmp_path: Path) -> None:
+    cohort_dir: Path, tmp_path: Path
+) -> None:
     events: list[str] = []
-    result = run_training(_request(cohort_dir / "manifest.csv", tmp_path / "r", epochs=2,
-                                   train_ratio=0.85, val_ratio=0.05, test_ratio=0.1),
-                          lambda e: events.append(e.text))
+    result = run_training(
+        _request(
+            cohort_dir / "manifest.csv",
+            tmp_path / "r",
+            epochs=2,
+            train_ratio=0.85,
+            val_ratio=0.05,
+            test_ratio=0.1,
+        ),
+        lambda e: events.append(e.text),
+    )
     assert any("estimated on" in t and "held-out training patients" in t for t in events)
-    meta = dict(pd.read_csv(result.out_dir / "meta.csv", dtype=str,
-                            keep_default_na=False).values)
+    meta = dict(pd.read_csv(result.out_dir / "meta.csv", dtype=str, keep_default_na=False).values)
     sources = dict(part.split("=") for part in meta["reliability_source"].split(";"))
     assert all(s.startswith("held-out training slots (") for s in sources.values())
     assert all(int(s.split("(")[1].rstrip(")")) >= 10 for s in sources.values())
@@ -347,8 +443,16 @@ def test_per_modality_missing_rate_hides_that_modality_more() -> None:
 
 
 def test_evaluate_takes_a_modality_missing_rate(run_dir: Path, tmp_path: Path) -> None:
-    result = invoke("evaluate", run_dir, "--modality-missing-rate", "text=0.9", "--bootstrap", 0,
-                    "--out-dir", tmp_path / "ev")
+    result = invoke(
+        "evaluate",
+        run_dir,
+        "--modality-missing-rate",
+        "text=0.9",
+        "--bootstrap",
+        0,
+        "--out-dir",
+        tmp_path / "ev",
+    )
     assert_ok(result)
     assert "missing rate 0, text 0.9 (seed 42)" in flat(result.output)
     result = invoke("evaluate", run_dir, "--modality-missing-rate", "us=0.5")
@@ -358,8 +462,17 @@ def test_evaluate_takes_a_modality_missing_rate(run_dir: Path, tmp_path: Path) -
 
 
 def test_make_data_cli_writes_unlabeled_patients(tmp_path: Path) -> None:
-    result = invoke("make-data", "--n", 12, "--unlabeled", 5, "--no-images", "--inline-notes",
-                    "--out-dir", tmp_path / "c")
+    result = invoke(
+        "make-data",
+        "--n",
+        12,
+        "--unlabeled",
+        5,
+        "--no-images",
+        "--inline-notes",
+        "--out-dir",
+        tmp_path / "c",
+    )
     assert_ok(result)
     assert "5 more patients with an empty label" in flat(result.output)
     manifest = pd.read_csv(tmp_path / "c" / "manifest.csv", dtype=str, keep_default_na=False)

@@ -7,6 +7,7 @@ omnifuse's environment.
 
 TRAIN/TEST: columns id,label,text,num_0..num_{d-1} (NaN allowed). Writes id,prob_0..prob_{C-1}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,16 @@ def main() -> None:
     metric = "roc_auc" if n_cls == 2 else "roc_auc_ovo_macro"
     feats = [c for c in tr.columns if c not in ("id",)]
     t0 = time.time()
-    pred = TabularPredictor(label="label", problem_type=problem, eval_metric=metric,
-                            path=args.work_dir, verbosity=1)
-    pred.fit(tr[feats], presets=args.presets, time_limit=args.time_limit,
-             # no GPU / no multimodal torch text models: keep to the tabular defaults
-             ag_args_fit={"num_cpus": 1, "num_gpus": 0})
+    pred = TabularPredictor(
+        label="label", problem_type=problem, eval_metric=metric, path=args.work_dir, verbosity=1
+    )
+    pred.fit(
+        tr[feats],
+        presets=args.presets,
+        time_limit=args.time_limit,
+        # no GPU / no multimodal torch text models: keep to the tabular defaults
+        ag_args_fit={"num_cpus": 1, "num_gpus": 0},
+    )
     fit_s = time.time() - t0
     proba = pred.predict_proba(te[[c for c in feats if c != "label"]], as_multiclass=True)
     cols = sorted(proba.columns, key=lambda c: int(c))

@@ -26,6 +26,7 @@ Writes benchmarks/real/results/<name>[-<tag>].csv (one row per seed x method; re
 only the missing rows unless --fresh) and the same name .md (mean, SD, paired differences
 omnifuse - baseline with a 95% t-interval over seeds, timings).
 """
+
 from __future__ import annotations
 
 import os
@@ -66,6 +67,7 @@ def load_manifest(path: Path) -> tuple[pd.DataFrame, np.ndarray, int]:
 
 def split(labels: np.ndarray, seed: int, test_size: float) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import StratifiedShuffleSplit
+
     sss = StratifiedShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
     tr, te = next(sss.split(np.zeros(len(labels)), labels))
     return np.sort(tr), np.sort(te)
@@ -74,6 +76,7 @@ def split(labels: np.ndarray, seed: int, test_size: float) -> tuple[np.ndarray, 
 # ----------------------------------------------------------------------------- metrics
 def score(y: np.ndarray, p: np.ndarray, n_cls: int) -> dict:
     from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
+
     p = np.clip(np.asarray(p, dtype=float), 1e-7, 1.0)
     p = p / p.sum(1, keepdims=True)
     out = {}
@@ -81,8 +84,9 @@ def score(y: np.ndarray, p: np.ndarray, n_cls: int) -> dict:
         out["auroc"] = roc_auc_score(y, p[:, 1])
         out["brier"] = brier_score_loss(y, p[:, 1])
     else:
-        out["auroc"] = roc_auc_score(y, p, multi_class="ovr", average="macro",
-                                     labels=list(range(n_cls)))
+        out["auroc"] = roc_auc_score(
+            y, p, multi_class="ovr", average="macro", labels=list(range(n_cls))
+        )
         out["brier"] = float(np.mean(np.sum((p - np.eye(n_cls)[y]) ** 2, axis=1)))
     out["logloss"] = log_loss(y, p, labels=list(range(n_cls)))
     return out
@@ -91,6 +95,7 @@ def score(y: np.ndarray, p: np.ndarray, n_cls: int) -> dict:
 # ----------------------------------------------------------------------------- baselines
 def tfidf():
     from sklearn.feature_extraction.text import TfidfVectorizer
+
     return TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
 
 
@@ -103,18 +108,24 @@ def run_lr(df, x, tr, te, n_cls, seed, args) -> tuple[np.ndarray, str]:
     from sklearn.preprocessing import StandardScaler
 
     ncols = [f"n{j}" for j in range(x.shape[1])]
-    frame = pd.concat([df[["text"]].reset_index(drop=True),
-                       pd.DataFrame(x, columns=ncols)], axis=1)
+    frame = pd.concat([df[["text"]].reset_index(drop=True), pd.DataFrame(x, columns=ncols)], axis=1)
     # columns entirely NaN in training would break the median imputer: keep_empty_features
-    num = Pipeline([("imp", SimpleImputer(strategy="median", add_indicator=True,
-                                          keep_empty_features=True)),
-                    ("sc", StandardScaler())])
+    num = Pipeline(
+        [
+            ("imp", SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True)),
+            ("sc", StandardScaler()),
+        ]
+    )
     pre = ColumnTransformer([("txt", tfidf(), "text"), ("num", num, ncols)])
     pipe = Pipeline([("pre", pre), ("clf", LogisticRegression(max_iter=5000))])
-    grid = GridSearchCV(pipe, {"clf__C": np.logspace(-2, 2, 9)},
-                        scoring="roc_auc" if n_cls == 2 else "roc_auc_ovr",
-                        cv=StratifiedKFold(5, shuffle=True, random_state=seed), n_jobs=1,
-                        refit=True)
+    grid = GridSearchCV(
+        pipe,
+        {"clf__C": np.logspace(-2, 2, 9)},
+        scoring="roc_auc" if n_cls == 2 else "roc_auc_ovr",
+        cv=StratifiedKFold(5, shuffle=True, random_state=seed),
+        n_jobs=1,
+        refit=True,
+    )
     grid.fit(frame.iloc[tr], df["label"].to_numpy()[tr])
     vocab = len(grid.best_estimator_.named_steps["pre"].named_transformers_["txt"].vocabulary_)
     note = f"C={grid.best_params_['clf__C']:.3g}; cv_auroc={grid.best_score_:.3f}; vocab={vocab}"
@@ -124,6 +135,7 @@ def run_lr(df, x, tr, te, n_cls, seed, args) -> tuple[np.ndarray, str]:
 def run_hgb(df, x, tr, te, n_cls, seed, args) -> tuple[np.ndarray, str]:
     from sklearn.decomposition import TruncatedSVD
     from sklearn.ensemble import HistGradientBoostingClassifier
+
     vec = tfidf()
     t_tr = vec.fit_transform(df["text"].to_numpy()[tr])
     t_te = vec.transform(df["text"].to_numpy()[te])
@@ -146,16 +158,28 @@ def ag_available(py: str | None) -> bool:
 def run_ag(df, x, tr, te, n_cls, seed, args, work: Path) -> tuple[np.ndarray, str]:
     work.mkdir(parents=True, exist_ok=True)
     ncols = [f"num_{j}" for j in range(x.shape[1])]
-    full = pd.concat([df[["id", "label", "text"]].reset_index(drop=True),
-                      pd.DataFrame(x, columns=ncols)], axis=1)
+    full = pd.concat(
+        [df[["id", "label", "text"]].reset_index(drop=True), pd.DataFrame(x, columns=ncols)], axis=1
+    )
     full.iloc[tr].to_csv(work / "ag_train.csv", index=False)
     full.iloc[te].to_csv(work / "ag_test.csv", index=False)
     agdir = work / "ag_model"
     shutil.rmtree(agdir, ignore_errors=True)
-    cmd = [args.autogluon_python, str(HERE / "ag_runner.py"), str(work / "ag_train.csv"),
-           str(work / "ag_test.csv"), str(work / "ag_probs.csv"),
-           "--time-limit", str(args.ag_time_limit), "--presets", args.ag_presets,
-           "--work-dir", str(agdir), "--seed", str(seed)]
+    cmd = [
+        args.autogluon_python,
+        str(HERE / "ag_runner.py"),
+        str(work / "ag_train.csv"),
+        str(work / "ag_test.csv"),
+        str(work / "ag_probs.csv"),
+        "--time-limit",
+        str(args.ag_time_limit),
+        "--presets",
+        args.ag_presets,
+        "--work-dir",
+        str(agdir),
+        "--seed",
+        str(seed),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     (work / "ag_log.txt").write_text(r.stdout + "\n" + r.stderr)
     if r.returncode != 0:
@@ -188,26 +212,45 @@ def run_omnifuse(df, x, tr, te, n_cls, seed, args, work: Path) -> tuple[np.ndarr
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    base = [exe, "train", str(train_csv), "--num-classes", str(n_cls),
-            "--modality", "labs=vector", "--modality", "text=text",
-            "--out-dir", str(run), "--seed", str(seed)]
+    base = [
+        exe,
+        "train",
+        str(train_csv),
+        "--num-classes",
+        str(n_cls),
+        "--modality",
+        "labs=vector",
+        "--modality",
+        "text=text",
+        "--out-dir",
+        str(run),
+        "--seed",
+        str(seed),
+    ]
     extra = shlex.split(args.omnifuse_args or "")
     # default settings: --test-ratio 0 gives the test share to training (0.9/0.1)
     split_flags = ["--test-ratio", "0", "--threads", "1"]
     note = "defaults, --test-ratio 0 (train/val 0.9/0.1 of the 70%)"
     r = subprocess.run(base + split_flags + extra, capture_output=True, text=True, env=env)
-    (work / "train_log.txt").write_text(" ".join(base + split_flags + extra) + "\n"
-                                        + r.stdout + "\n" + r.stderr)
+    (work / "train_log.txt").write_text(
+        " ".join(base + split_flags + extra) + "\n" + r.stdout + "\n" + r.stderr
+    )
     if r.returncode != 0:
-        raise RuntimeError(f"omnifuse train failed (rc {r.returncode}): "
-                           f"{(r.stderr or r.stdout)[-800:]}")
+        raise RuntimeError(
+            f"omnifuse train failed (rc {r.returncode}): {(r.stderr or r.stdout)[-800:]}"
+        )
     preds = work / "preds.csv"
-    p = subprocess.run([exe, "predict", str(test_csv), "--run", str(run), "--out", str(preds)],
-                       capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [exe, "predict", str(test_csv), "--run", str(run), "--out", str(preds)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     (work / "predict_log.txt").write_text(p.stdout + "\n" + p.stderr)
     if p.returncode != 0:
-        raise RuntimeError(f"omnifuse predict failed (rc {p.returncode}): "
-                           f"{(p.stderr or p.stdout)[-800:]}")
+        raise RuntimeError(
+            f"omnifuse predict failed (rc {p.returncode}): {(p.stderr or p.stdout)[-800:]}"
+        )
     out = pd.read_csv(preds, dtype={"id": str})
     pcols = [c for c in out.columns if c.startswith("prob_")]
     if len(pcols) != n_cls:
@@ -231,6 +274,7 @@ def run_omnifuse(df, x, tr, te, n_cls, seed, args, work: Path) -> tuple[np.ndarr
 # ----------------------------------------------------------------------------- report
 def t_interval(d: np.ndarray) -> tuple[float, float, float]:
     from scipy import stats
+
     d = np.asarray(d, dtype=float)
     m = float(d.mean())
     if len(d) < 2:
@@ -244,26 +288,46 @@ def markdown(res: pd.DataFrame, title: str, n_cls: int) -> str:
     methods = [m for m in ALL_METHODS if m in set(res["method"])]
     seeds = sorted(res["seed"].unique())
     piv = res.pivot_table(index="seed", columns="method", values="auroc")
-    lines += ["AUROC on the 30% test split" + (" (macro one-vs-rest)" if n_cls > 2 else "")
-              + " per split seed:", "",
-              "| seed | " + " | ".join(methods) + " |",
-              "|---" * (len(methods) + 1) + "|"]
+    lines += [
+        "AUROC on the 30% test split"
+        + (" (macro one-vs-rest)" if n_cls > 2 else "")
+        + " per split seed:",
+        "",
+        "| seed | " + " | ".join(methods) + " |",
+        "|---" * (len(methods) + 1) + "|",
+    ]
     for s in seeds:
-        lines.append(f"| {s} | " + " | ".join(
-            f"{piv.loc[s, m]:.4f}" if m in piv.columns and pd.notna(piv.loc[s, m]) else "-"
-            for m in methods) + " |")
-    lines += ["", "| method | n seeds | AUROC mean | AUROC SD | log loss mean | Brier mean "
-              "| fit+predict s (mean) |", "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {s} | "
+            + " | ".join(
+                f"{piv.loc[s, m]:.4f}" if m in piv.columns and pd.notna(piv.loc[s, m]) else "-"
+                for m in methods
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "| method | n seeds | AUROC mean | AUROC SD | log loss mean | Brier mean "
+        "| fit+predict s (mean) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in methods:
         r = res[res["method"] == m]
-        lines.append(f"| {m} | {len(r)} | {r['auroc'].mean():.4f} | "
-                     f"{r['auroc'].std(ddof=1) if len(r) > 1 else float('nan'):.4f} | "
-                     f"{r['logloss'].mean():.4f} | {r['brier'].mean():.4f} | "
-                     f"{r['seconds'].mean():.1f} |")
+        lines.append(
+            f"| {m} | {len(r)} | {r['auroc'].mean():.4f} | "
+            f"{r['auroc'].std(ddof=1) if len(r) > 1 else float('nan'):.4f} | "
+            f"{r['logloss'].mean():.4f} | {r['brier'].mean():.4f} | "
+            f"{r['seconds'].mean():.1f} |"
+        )
     if "omnifuse" in methods:
-        lines += ["", "Paired difference omnifuse - baseline (AUROC, same seeds), mean and "
-                  "95% t-interval over seeds:", "",
-                  "| baseline | per-seed differences | mean | 95% CI |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Paired difference omnifuse - baseline (AUROC, same seeds), mean and "
+            "95% t-interval over seeds:",
+            "",
+            "| baseline | per-seed differences | mean | 95% CI |",
+            "|---|---|---|---|",
+        ]
         for m in methods:
             if m == "omnifuse":
                 continue
@@ -272,8 +336,11 @@ def markdown(res: pd.DataFrame, title: str, n_cls: int) -> str:
                 continue
             d = (both["omnifuse"] - both[m]).to_numpy()
             mean, lo, hi = t_interval(d)
-            lines.append(f"| {m} | " + ", ".join(f"{v:+.4f}" for v in d)
-                         + f" | {mean:+.4f} | [{lo:+.4f}, {hi:+.4f}] |")
+            lines.append(
+                f"| {m} | "
+                + ", ".join(f"{v:+.4f}" for v in d)
+                + f" | {mean:+.4f} | [{lo:+.4f}, {hi:+.4f}] |"
+            )
     notes = res.dropna(subset=["note"])
     if len(notes):
         lines += ["", "Notes per run:", ""]
@@ -304,8 +371,9 @@ def main() -> None:
     manifest = Path(args.manifest)
     name = manifest.parent.name + (f"-{args.tag}" if args.tag else "")
     df, x, n_cls = load_manifest(manifest)
-    seeds = ([int(s) for s in args.seed_list.split(",")] if args.seed_list
-             else list(range(args.seeds)))
+    seeds = (
+        [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
+    )
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = set(methods) - set(ALL_METHODS)
     if bad:
@@ -320,8 +388,11 @@ def main() -> None:
     old = pd.read_csv(csv_path) if csv_path.exists() and not args.fresh else None
     done = set() if old is None else set(zip(old["seed"], old["method"], strict=True))
     rows = [] if old is None else old.to_dict("records")
-    print(f"{manifest}: {len(df)} patients, {n_cls} classes, {x.shape[1]} numeric columns; "
-          f"seeds {seeds}; methods {methods}", flush=True)
+    print(
+        f"{manifest}: {len(df)} patients, {n_cls} classes, {x.shape[1]} numeric columns; "
+        f"seeds {seeds}; methods {methods}",
+        flush=True,
+    )
     if "omnifuse" in methods:
         print(f"omnifuse: {omnifuse_bin(args)}; extra args: {args.omnifuse_args!r}", flush=True)
 
@@ -340,18 +411,32 @@ def main() -> None:
                 elif m == "ag":
                     p, note = run_ag(df, x, tr, te, n_cls, seed, args, work_root / f"seed{seed}")
                 else:
-                    p, note = run_omnifuse(df, x, tr, te, n_cls, seed, args,
-                                           work_root / f"seed{seed}")
+                    p, note = run_omnifuse(
+                        df, x, tr, te, n_cls, seed, args, work_root / f"seed{seed}"
+                    )
             except Exception as e:  # one failing method must not lose the others
                 print(f"seed {seed} {m}: FAILED {e}", flush=True)
                 continue
             sec = time.time() - t0
             s = score(y_te, p, n_cls)
-            rows.append({"dataset": name, "seed": seed, "method": m, "n_train": len(tr),
-                         "n_test": len(te), **s, "seconds": round(sec, 1), "note": note,
-                         "omnifuse_args": args.omnifuse_args if m == "omnifuse" else ""})
-            print(f"seed {seed} {m:9s} AUROC {s['auroc']:.4f}  logloss {s['logloss']:.4f}  "
-                  f"Brier {s['brier']:.4f}  {sec:7.1f}s  {note}", flush=True)
+            rows.append(
+                {
+                    "dataset": name,
+                    "seed": seed,
+                    "method": m,
+                    "n_train": len(tr),
+                    "n_test": len(te),
+                    **s,
+                    "seconds": round(sec, 1),
+                    "note": note,
+                    "omnifuse_args": args.omnifuse_args if m == "omnifuse" else "",
+                }
+            )
+            print(
+                f"seed {seed} {m:9s} AUROC {s['auroc']:.4f}  logloss {s['logloss']:.4f}  "
+                f"Brier {s['brier']:.4f}  {sec:7.1f}s  {note}",
+                flush=True,
+            )
             res = pd.DataFrame(rows)
             res.to_csv(csv_path, index=False)
             (out_dir / f"{name}.md").write_text(markdown(res, name, n_cls))

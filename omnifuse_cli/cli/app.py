@@ -28,10 +28,16 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Show the version and exit.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors "
-                                        "(or set OMNIFUSE_DEBUG=1).")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="Show full tracebacks on errors (or set OMNIFUSE_DEBUG=1)."),
+    ] = False,
 ) -> None:
     set_debug(debug)
 

@@ -41,8 +41,9 @@ def report_error(error: OmnifuseError) -> None:
         if getattr(error, "all_ranks", False):
             return  # rank 0 prints the same error
         label = f"{label} (rank {os.environ['RANK']})"
-    err_console.print(f"[bold red]{label}:[/] {error.message}", markup=True, soft_wrap=True,
-                      highlight=False)
+    err_console.print(
+        f"[bold red]{label}:[/] {error.message}", markup=True, soft_wrap=True, highlight=False
+    )
     if error.hint:
         err_console.print(f"[yellow]hint:[/] {error.hint}", soft_wrap=True)
 

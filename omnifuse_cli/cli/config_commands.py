@@ -14,27 +14,33 @@ COMMANDS = ("train", "cv", "evaluate", "predict")  # the commands that take --co
 
 config_app = typer.Typer(
     help="Settings files for --config: a commented template, a run's resolved settings.",
-    no_args_is_help=True, add_completion=False,
+    no_args_is_help=True,
+    add_completion=False,
 )
 
 
 @config_app.command("init")
 @handle_errors
 def init(
-    path: Annotated[Path | None, typer.Argument(
-        help="File to write (default: print to the terminal).", show_default=False)] = None,
-    command: Annotated[str, typer.Option(
-        "--command", help=f"Whose settings: {', '.join(COMMANDS)}.")] = "train",
-    overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace PATH if it exists.")] = False,
+    path: Annotated[
+        Path | None,
+        typer.Argument(help="File to write (default: print to the terminal).", show_default=False),
+    ] = None,
+    command: Annotated[
+        str, typer.Option("--command", help=f"Whose settings: {', '.join(COMMANDS)}.")
+    ] = "train",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace PATH if it exists.")
+    ] = False,
 ) -> None:
     """Write a commented template of every setting with its default, for --config."""
     from omnifuse_cli.cli.config_file import template
     from omnifuse_cli.engine.files import write_text_atomic
 
     if command not in COMMANDS:
-        raise ConfigError(f"--command {command!r} takes no config file",
-                          hint=f"one of {', '.join(COMMANDS)}")
+        raise ConfigError(
+            f"--command {command!r} takes no config file", hint=f"one of {', '.join(COMMANDS)}"
+        )
     text = template(command)
     if path is None:
         typer.echo(text, nl=False)
@@ -58,7 +64,9 @@ def show(
     if not path.is_file():
         if not run.is_dir():
             raise BundleError(f"{run} is not a folder")
-        raise BundleError(f"{run} has no {CONFIG_FILE}",
-                          hint="runs started before config files keep their settings in "
-                          "request.json (cv.json for cv)")
+        raise BundleError(
+            f"{run} has no {CONFIG_FILE}",
+            hint="runs started before config files keep their settings in "
+            "request.json (cv.json for cv)",
+        )
     typer.echo(path.read_text(encoding="utf-8"), nl=False)

@@ -35,9 +35,14 @@ CONFIG_FILE = "config.yaml"  # a run's resolved settings, in the --config format
 NOT_IN_FILE = ("resume",)
 ConfigOption = Annotated[
     list[Path] | None,
-    typer.Option("--config", metavar="FILE.yaml", help="YAML file of settings under the flags' "
-                 "names (see omnifuse config init); repeat to merge several, later files win; "
-                 "flags given here win over every file.", show_default=False),
+    typer.Option(
+        "--config",
+        metavar="FILE.yaml",
+        help="YAML file of settings under the flags' "
+        "names (see omnifuse config init); repeat to merge several, later files win; "
+        "flags given here win over every file.",
+        show_default=False,
+    ),
 ]
 
 
@@ -79,7 +84,8 @@ def _loader() -> Any:
                 key = self.construct_object(key_node, deep=deep)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"{key} is given twice", key_node.start_mark)
+                        None, None, f"{key} is given twice", key_node.start_mark
+                    )
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
@@ -94,8 +100,10 @@ def read_files(paths: Sequence[Path]) -> dict[str, tuple[Any, Path]]:
     for path in paths:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"--config {path} does not exist",
-                              hint="omnifuse config init FILE.yaml writes a template")
+            raise ConfigError(
+                f"--config {path} does not exist",
+                hint="omnifuse config init FILE.yaml writes a template",
+            )
         try:
             raw = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_loader())
         except yaml.YAMLError as err:
@@ -108,31 +116,40 @@ def read_files(paths: Sequence[Path]) -> dict[str, tuple[Any, Path]]:
         if raw is None:
             continue
         if not isinstance(raw, dict):
-            raise ConfigError(f"--config {path} must be a mapping of settings (key: value), "
-                              f"not a {type(raw).__name__}", hint="e.g. a line 'epochs: 10'")
+            raise ConfigError(
+                f"--config {path} must be a mapping of settings (key: value), "
+                f"not a {type(raw).__name__}",
+                hint="e.g. a line 'epochs: 10'",
+            )
         seen: dict[str, str] = {}
         for name, value in raw.items():
             key = str(name).strip().replace("_", "-")
             if key in seen:
-                raise ConfigError(f"--config {path} sets {key} twice ({seen[key]!r} and "
-                                  f"{name!r})")
+                raise ConfigError(f"--config {path} sets {key} twice ({seen[key]!r} and {name!r})")
             seen[key] = str(name)
             merged[key] = (value, path)
     return merged
 
 
-def resolve(ctx: Any, signature: inspect.Signature, values: dict[str, Any],
-            paths: Sequence[Path]) -> dict[str, Any]:
+def resolve(
+    ctx: Any, signature: inspect.Signature, values: dict[str, Any], paths: Sequence[Path]
+) -> dict[str, Any]:
     """``values`` (the parsed command line) with every setting the files give and the command
     line does not."""
     command = ctx.command
     keys = file_keys(command)
-    given = {name for name in values
-             if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
+    given = {
+        name
+        for name in values
+        if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+    }
     for name in NOT_IN_FILE:
         if name in given:
-            raise ConfigError(f"--config and --{name} together: a resumed run takes every "
-                              "setting from its own folder", hint=f"drop --config, or --{name}")
+            raise ConfigError(
+                f"--config and --{name} together: a resumed run takes every "
+                "setting from its own folder",
+                hint=f"drop --config, or --{name}",
+            )
     out = dict(values)
     settings = read_files(paths)
     for key, (_, path) in settings.items():
@@ -143,19 +160,22 @@ def resolve(ctx: Any, signature: inspect.Signature, values: dict[str, Any],
         if any(p.name in given for p in params):
             continue
         param = params[0]
-        out[param.name] = _convert(value, signature.parameters[param.name].annotation, param,
-                                   f"{path}: {key}")
+        out[param.name] = _convert(
+            value, signature.parameters[param.name].annotation, param, f"{path}: {key}"
+        )
     return out
 
 
 def _unknown(key: str, path: Path, command: str, keys: Mapping[str, Any]) -> ConfigError:
     if key in NOT_IN_FILE:
-        return ConfigError(f"{path}: {key} cannot come from a config file",
-                           hint=f"pass --{key} RUN on the command line (it takes every setting "
-                           "from the run)")
+        return ConfigError(
+            f"{path}: {key} cannot come from a config file",
+            hint=f"pass --{key} RUN on the command line (it takes every setting from the run)",
+        )
     close = difflib.get_close_matches(key, list(keys), n=1)
     hint = (f"did you mean {close[0]}?" if close else "") + (
-        f" omnifuse config init --command {command} lists every key")
+        f" omnifuse config init --command {command} lists every key"
+    )
     return ConfigError(f"{path}: unknown key {key!r} for omnifuse {command}", hint=hint.strip())
 
 
@@ -185,8 +205,7 @@ def _convert(value: Any, annotation: Any, param: Any, where: str) -> Any:
         items = value if isinstance(value, list) else [value]
         return [_scalar(v, base, param, where) for v in items]
     if isinstance(value, (list, dict)):
-        raise ConfigError(f"{where} takes one value, not a {type(value).__name__}: "
-                          f"{value!r}")
+        raise ConfigError(f"{where} takes one value, not a {type(value).__name__}: {value!r}")
     return _scalar(value, base, param, where)
 
 
@@ -244,7 +263,8 @@ def _in_range(number: Any, param: Any, where: str) -> Any:
 
 def _describe(base: Any) -> str:
     return {int: "a whole number", float: "a number", Path: "a path", str: "text"}.get(
-        base, str(base))
+        base, str(base)
+    )
 
 
 def with_config_file(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -252,9 +272,11 @@ def with_config_file(command: Callable[..., Any]) -> Callable[..., Any]:
     with the files' values filled in where the command line gives none."""
     own = inspect.signature(command, eval_str=True)
     keyword = inspect.Parameter.KEYWORD_ONLY
-    params = [inspect.Parameter("ctx", keyword, annotation=typer.Context),
-              inspect.Parameter("config", keyword, default=None, annotation=ConfigOption),
-              *(p.replace(kind=keyword) for p in own.parameters.values())]
+    params = [
+        inspect.Parameter("ctx", keyword, annotation=typer.Context),
+        inspect.Parameter("config", keyword, default=None, annotation=ConfigOption),
+        *(p.replace(kind=keyword) for p in own.parameters.values()),
+    ]
 
     @functools.wraps(command)
     def wrapper(ctx: typer.Context, config: list[Path] | None = None, **values: Any) -> Any:
@@ -280,8 +302,13 @@ def _yaml_value(value: Any) -> Any:
 def _line(key: str, value: Any) -> str:
     import yaml
 
-    return yaml.safe_dump({key: _yaml_value(value)}, allow_unicode=True, sort_keys=False,
-                          default_flow_style=False, width=1000)
+    return yaml.safe_dump(
+        {key: _yaml_value(value)},
+        allow_unicode=True,
+        sort_keys=False,
+        default_flow_style=False,
+        width=1000,
+    )
 
 
 def _groups(command_name: str, names: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -290,9 +317,13 @@ def _groups(command_name: str, names: Sequence[str]) -> list[tuple[str, list[str
     from omnifuse_cli.cli.train_options import FOLDED, TRAIN_ONLY, route, train_defaults
 
     shared = set(train_defaults()) if command_name in ("train", "cv") else set()
-    titles = {"data": "data: which patients and values are read",
-              "image": "images", "text": "notes", "method": "method",
-              "train": "training"}
+    titles = {
+        "data": "data: which patients and values are read",
+        "image": "images",
+        "text": "notes",
+        "method": "method",
+        "train": "training",
+    }
     own_title = {"train": "run", "cv": "cross-validation"}.get(command_name, command_name)
     sections: dict[str, list[str]] = {own_title: []}
     for title in titles.values():
@@ -333,15 +364,22 @@ def run_settings(command_name: str, values: Mapping[str, Any]) -> str:
             continue
         # Absolute paths, so the saved file works from any folder.
         saved[name] = str(value.resolve()) if isinstance(value, Path) else value
-    header = (f"Resolved settings of this omnifuse {command_name} run, defaults included.\n"
-              f"Repeat it: omnifuse {command_name} --config config.yaml --out-dir NEW_DIR")
+    header = (
+        f"Resolved settings of this omnifuse {command_name} run, defaults included.\n"
+        f"Repeat it: omnifuse {command_name} --config config.yaml --out-dir NEW_DIR"
+    )
     return settings_yaml(command_name, saved, header=header)
 
 
 # What a template shows (commented out) for a setting the command needs that has no default.
-_NEEDED = {("train", "manifest"): "data/manifest.csv", ("train", "num-classes"): 3,
-           ("cv", "manifest"): "data/manifest.csv", ("cv", "num-classes"): 3,
-           ("evaluate", "run-dir"): "runs/NAME", ("predict", "patients"): "patients.csv"}
+_NEEDED = {
+    ("train", "manifest"): "data/manifest.csv",
+    ("train", "num-classes"): 3,
+    ("cv", "manifest"): "data/manifest.csv",
+    ("cv", "num-classes"): 3,
+    ("evaluate", "run-dir"): "runs/NAME",
+    ("predict", "patients"): "patients.csv",
+}
 
 
 def template(command_name: str) -> str:
@@ -350,11 +388,14 @@ def template(command_name: str) -> str:
     command = click_command(command_name)
     keys = file_keys(command)
     first = {params[0].name: key for key, params in keys.items()}
-    lines = [f"# Settings of omnifuse {command_name}, for --config (every key is a flag without "
-             "its dashes;", "# flags given on the command line win). Delete what you keep at "
-             "its default."]
-    for title, members in _groups(command_name, [p.name for p in command.params
-                                                 if p.name in first]):
+    lines = [
+        f"# Settings of omnifuse {command_name}, for --config (every key is a flag without "
+        "its dashes;",
+        "# flags given on the command line win). Delete what you keep at its default.",
+    ]
+    for title, members in _groups(
+        command_name, [p.name for p in command.params if p.name in first]
+    ):
         lines.append(f"\n# -- {title} --")
         for name in members:
             param = next(p for p in command.params if p.name == name)

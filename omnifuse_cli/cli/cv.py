@@ -19,41 +19,101 @@ from omnifuse_cli.errors import ConfigError
 @with_config_file
 @with_train_options
 def cv(
-    manifest: Annotated[Path | None, typer.Argument(
-        help="manifest.csv with columns id,label,<modalities>.", show_default=False)] = None,
-    num_classes: Annotated[int | None, typer.Option(
-        "--num-classes", min=2, help="Number of classes; labels are 0..C-1. Required.",
-        show_default=False)] = None,
-    folds: Annotated[int, typer.Option(
-        "--folds", min=2, help="Folds, stratified by label (each class needs at least this "
-        "many patients).")] = 5,
-    repeats: Annotated[int, typer.Option(
-        "--repeats", min=1, help="Repeat the cross-validation with new folds (seed + repeat - "
-        "1); pooled metrics are the mean over repeats.")] = 1,
-    group_col: Annotated[str | None, typer.Option(
-        "--group-col", help="Manifest column of a patient or site id: all its rows land in one "
-        "fold (and one side of each inner validation split).", show_default=False)] = None,
-    variant: Annotated[list[str] | None, typer.Option(
-        "--variant", help='NAME="TRAIN FLAGS": also train this variant on the same folds and '
-        'report its paired differences from the base model, e.g. --variant '
-        'no-imputation="--no-imputation" (repeatable).', show_default=False)] = None,
-    variants_file: Annotated[Path | None, typer.Option(
-        "--variants-file", help="Variants, one NAME=FLAGS per line (# comments).",
-        show_default=False)] = None,
-    refit: Annotated[bool, typer.Option(
-        "--refit", help="Also train one final model on all patients (an inner validation split "
-        "picks its epoch) and save it under OUT_DIR/final for omnifuse predict.")] = False,
-    bootstrap: Annotated[int, typer.Option(
-        "--bootstrap", min=0, help="Bootstrap resamples of patients for the 95% intervals and "
-        "paired differences (0 = none).")] = 1000,
-    resume: Annotated[Path | None, typer.Option(
-        "--resume", help="Continue an interrupted cross-validation after its last complete "
-        "fold (all other settings come from its cv.json).", show_default=False)] = None,
-    out_dir: Annotated[Path | None, typer.Option(
-        "--out-dir", help="Folder for the results (default: runs/cv-YYYYmmdd-HHMMSS).",
-        show_default=False)] = None,
-    overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Write into a non-empty --out-dir, replacing its files.")] = False,
+    manifest: Annotated[
+        Path | None,
+        typer.Argument(help="manifest.csv with columns id,label,<modalities>.", show_default=False),
+    ] = None,
+    num_classes: Annotated[
+        int | None,
+        typer.Option(
+            "--num-classes",
+            min=2,
+            help="Number of classes; labels are 0..C-1. Required.",
+            show_default=False,
+        ),
+    ] = None,
+    folds: Annotated[
+        int,
+        typer.Option(
+            "--folds",
+            min=2,
+            help="Folds, stratified by label (each class needs at least this many patients).",
+        ),
+    ] = 5,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            "--repeats",
+            min=1,
+            help="Repeat the cross-validation with new folds (seed + repeat - "
+            "1); pooled metrics are the mean over repeats.",
+        ),
+    ] = 1,
+    group_col: Annotated[
+        str | None,
+        typer.Option(
+            "--group-col",
+            help="Manifest column of a patient or site id: all its rows land in one "
+            "fold (and one side of each inner validation split).",
+            show_default=False,
+        ),
+    ] = None,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--variant",
+            help='NAME="TRAIN FLAGS": also train this variant on the same folds and '
+            "report its paired differences from the base model, e.g. --variant "
+            'no-imputation="--no-imputation" (repeatable).',
+            show_default=False,
+        ),
+    ] = None,
+    variants_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--variants-file",
+            help="Variants, one NAME=FLAGS per line (# comments).",
+            show_default=False,
+        ),
+    ] = None,
+    refit: Annotated[
+        bool,
+        typer.Option(
+            "--refit",
+            help="Also train one final model on all patients (an inner validation split "
+            "picks its epoch) and save it under OUT_DIR/final for omnifuse predict.",
+        ),
+    ] = False,
+    bootstrap: Annotated[
+        int,
+        typer.Option(
+            "--bootstrap",
+            min=0,
+            help="Bootstrap resamples of patients for the 95% intervals and "
+            "paired differences (0 = none).",
+        ),
+    ] = 1000,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted cross-validation after its last complete "
+            "fold (all other settings come from its cv.json).",
+            show_default=False,
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out-dir",
+            help="Folder for the results (default: runs/cv-YYYYmmdd-HHMMSS).",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Write into a non-empty --out-dir, replacing its files."),
+    ] = False,
     subgroup_col: options.SubgroupCol = None,
     conformal: options.Conformal = None,
     **train_options: Any,
@@ -77,8 +137,9 @@ def cv(
         if manifest is None:
             raise ConfigError("no manifest given", hint="omnifuse cv MANIFEST --num-classes C")
         if num_classes is None:
-            raise ConfigError("--num-classes is required",
-                              hint=f"omnifuse cv {manifest} --num-classes C")
+            raise ConfigError(
+                "--num-classes is required", hint=f"omnifuse cv {manifest} --num-classes C"
+            )
         settings = build_configs(train_options)
         variants = []
         specs = [*(variant or []), *_read_variants_file(variants_file)]
@@ -90,18 +151,35 @@ def cv(
                 raise ConfigError(f"--variant {name}: {err.message}", hint=err.hint) from None
             variants.append(Variant(name, made.data, made.method, made.train, flags))
         request = CVRequest(
-            manifest=manifest, num_classes=num_classes,
+            manifest=manifest,
+            num_classes=num_classes,
             out_dir=out_dir or Path("runs") / datetime.now().strftime("cv-%Y%m%d-%H%M%S"),
             base=Variant(BASE, settings.data, settings.method, settings.train),
-            variants=tuple(variants), folds=folds, repeats=repeats, group_col=group_col,
-            refit=refit, bootstrap=bootstrap, overwrite=overwrite,
+            variants=tuple(variants),
+            folds=folds,
+            repeats=repeats,
+            group_col=group_col,
+            refit=refit,
+            bootstrap=bootstrap,
+            overwrite=overwrite,
             subgroup_cols=tuple(subgroup_col or ()),
             conformal=DEFAULT_ALPHA if conformal is None else conformal,
-            config_yaml=run_settings("cv", {
-                "manifest": manifest, "num_classes": num_classes, "folds": folds,
-                "repeats": repeats, "group_col": group_col, "variant": specs, "refit": refit,
-                "bootstrap": bootstrap, "subgroup_col": list(subgroup_col or []),
-                "conformal": conformal, **train_options}),
+            config_yaml=run_settings(
+                "cv",
+                {
+                    "manifest": manifest,
+                    "num_classes": num_classes,
+                    "folds": folds,
+                    "repeats": repeats,
+                    "group_col": group_col,
+                    "variant": specs,
+                    "refit": refit,
+                    "bootstrap": bootstrap,
+                    "subgroup_col": list(subgroup_col or []),
+                    "conformal": conformal,
+                    **train_options,
+                },
+            ),
         )
     _run(request, resume is not None)
 
@@ -129,8 +207,10 @@ def _run(request: Any, resume: bool) -> None:
     )
     from omnifuse_cli.engine.crossval import CVEvent, run_cv
 
-    table = fold_table(f"cross-validation of {request.manifest}: {request.folds} folds"
-                       + (f" x {request.repeats} repeats" if request.repeats > 1 else ""))
+    table = fold_table(
+        f"cross-validation of {request.manifest}: {request.folds} folds"
+        + (f" x {request.repeats} repeats" if request.repeats > 1 else "")
+    )
     live, progress = live_progress(table, console)  # plain timestamped lines without a TTY
     overall = progress.add_task("folds", total=None)
     inner = progress.add_task("preparing", total=None)
@@ -142,14 +222,15 @@ def _run(request: Any, resume: bool) -> None:
         if not live.is_started:
             live.start()
         if event.kind == "encode":
-            progress.update(inner, description="encoding (once)", completed=event.done,
-                            total=event.total)
+            progress.update(
+                inner, description="encoding (once)", completed=event.done, total=event.total
+            )
         elif event.kind in ("fold", "refit"):
-            progress.update(overall, description=event.text, completed=event.done,
-                            total=event.total)
+            progress.update(
+                overall, description=event.text, completed=event.done, total=event.total
+            )
         elif event.kind == "batch":
-            progress.update(inner, description="training", completed=event.done,
-                            total=event.total)
+            progress.update(inner, description="training", completed=event.done, total=event.total)
         elif event.kind == "epoch" and event.record is not None:
             progress.update(inner, description=f"epoch {event.done}/{event.total}")
         elif event.kind == "fold-done" and event.fold is not None:
@@ -163,23 +244,37 @@ def _run(request: Any, resume: bool) -> None:
         progress.update(inner, visible=False)
         live.stop()
     console.print()
-    console.print(f"{result.n_patients} patients; each fold's epoch picked on an inner "
-                  "validation split of its training patients; out-of-fold predictions pooled")
+    console.print(
+        f"{result.n_patients} patients; each fold's epoch picked on an inner "
+        "validation split of its training patients; out-of-fold predictions pooled"
+    )
     for name in result.variants:
         rows = result.metrics[result.metrics["variant"] == name]
         console.print(cv_metrics_table(rows, f"{name}: pooled out-of-fold metrics"))
     base = result.variants[0]
     console.print(patterns_table(result.patterns[result.patterns["variant"] == base]))
-    console.print(confusion_table(result.confusion[base], result.class_names,
-                                  f"{base}: out-of-fold confusion matrix (rows = true)"))
+    console.print(
+        confusion_table(
+            result.confusion[base],
+            result.class_names,
+            f"{base}: out-of-fold confusion matrix (rows = true)",
+        )
+    )
     if len(result.variants) > 1:
-        console.print(differences_table(result.differences,
-                                         f"paired differences from {base} (variant - {base})"))
-    files = "metrics.csv, fold_metrics.csv, predictions.csv, patterns.csv, " \
-            "confusion_matrix.csv, folds.csv" + (", differences.csv"
-                                                 if len(result.variants) > 1 else "")
+        console.print(
+            differences_table(
+                result.differences, f"paired differences from {base} (variant - {base})"
+            )
+        )
+    files = (
+        "metrics.csv, fold_metrics.csv, predictions.csv, patterns.csv, "
+        "confusion_matrix.csv, folds.csv"
+        + (", differences.csv" if len(result.variants) > 1 else "")
+    )
     console.print(f"written to [bold]{result.out_dir}[/] ({files})")
     if result.refit_dir is not None:
-        console.print(f"final model on all patients: {result.refit_dir}  ·  omnifuse predict "
-                      f"PATIENTS.csv --run {result.refit_dir}")
+        console.print(
+            f"final model on all patients: {result.refit_dir}  ·  omnifuse predict "
+            f"PATIENTS.csv --run {result.refit_dir}"
+        )
     console.print(f"figures and a paper-ready page: omnifuse report {result.out_dir}")

@@ -16,35 +16,64 @@ from omnifuse_cli.errors import ConfigError
 @handle_errors
 @with_config_file
 def evaluate(
-    run_dir: Annotated[Path | None, typer.Argument(
-        help="A run directory written by omnifuse train (or run-dir in --config).",
-        show_default=False)] = None,
-    manifest: Annotated[Path | None, typer.Option(
-        "--manifest", help="External cohort to evaluate instead of the run's test split.")
+    run_dir: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A run directory written by omnifuse train (or run-dir in --config).",
+            show_default=False,
+        ),
+    ] = None,
+    manifest: Annotated[
+        Path | None,
+        typer.Option(
+            "--manifest", help="External cohort to evaluate instead of the run's test split."
+        ),
     ] = None,
     labs_table: options.LabsTable = None,
     labs_id_col: options.LabsIdCol = None,
     labs_format: options.RunLabsFormat = None,
     labs_agg: options.RunLabsAgg = None,
     encoding: options.RunEncoding = None,
-    out_dir: Annotated[Path | None, typer.Option(
-        "--out-dir", help="Where to write the CSVs.",
-        show_default="RUN_DIR/eval/<test|manifest>")
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out-dir",
+            help="Where to write the CSVs.",
+            show_default="RUN_DIR/eval/<test|manifest>",
+        ),
     ] = None,
-    drop_modality: Annotated[list[str] | None, typer.Option(
-        "--drop-modality", help="Simulate a missing modality for every patient (repeatable).")
+    drop_modality: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--drop-modality", help="Simulate a missing modality for every patient (repeatable)."
+        ),
     ] = None,
-    missing_rate: Annotated[float, typer.Option(
-        "--missing-rate", help="Hide each present modality with this probability, keeping one "
-        "per patient (seeded).")] = 0.0,
-    modality_missing_rate: Annotated[list[str] | None, typer.Option(
-        "--modality-missing-rate", metavar="NAME=RATE",
-        help="Hide this modality with probability RATE instead of --missing-rate (repeatable): "
-        "a deployment site that images fewer patients, e.g. us=0.8.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of --missing-rate and the "
-                                      "bootstrap.")] = 42,
-    bootstrap: Annotated[int, typer.Option(
-        "--bootstrap", min=0, help="Bootstrap resamples for 95% intervals (0 = none).")] = 1000,
+    missing_rate: Annotated[
+        float,
+        typer.Option(
+            "--missing-rate",
+            help="Hide each present modality with this probability, keeping one "
+            "per patient (seeded).",
+        ),
+    ] = 0.0,
+    modality_missing_rate: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--modality-missing-rate",
+            metavar="NAME=RATE",
+            help="Hide this modality with probability RATE instead of --missing-rate (repeatable): "
+            "a deployment site that images fewer patients, e.g. us=0.8.",
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of --missing-rate and the bootstrap.")
+    ] = 42,
+    bootstrap: Annotated[
+        int,
+        typer.Option(
+            "--bootstrap", min=0, help="Bootstrap resamples for 95% intervals (0 = none)."
+        ),
+    ] = 1000,
     device: options.Device = "auto",
     batch_size: options.BatchSize = 32,
     cache: options.Cache = True,
@@ -73,27 +102,42 @@ def evaluate(
 
     if run_dir is None:
         raise ConfigError("no run directory given", hint="omnifuse evaluate RUN_DIR")
-    request = EvalRequest(run_dir=run_dir, manifest=manifest, labs_table=labs_table,
-                          labs_id_col=labs_id_col, out_dir=out_dir, device=device,
-                          batch_size=batch_size, drop_modalities=tuple(drop_modality or ()),
-                          missing_rate=missing_rate,
-                          modality_missing_rates=parse_modality_rates(modality_missing_rate),
-                          seed=seed, bootstrap=bootstrap,
-                          cache=cache, cache_dir=cache_dir, threads=threads,
-                          encoding=encoding and check_encoding(encoding),
-                          labs_format=labs_format, labs_agg=labs_agg,
-                          subgroup_cols=tuple(subgroup_col or ()), conformal=conformal)
+    request = EvalRequest(
+        run_dir=run_dir,
+        manifest=manifest,
+        labs_table=labs_table,
+        labs_id_col=labs_id_col,
+        out_dir=out_dir,
+        device=device,
+        batch_size=batch_size,
+        drop_modalities=tuple(drop_modality or ()),
+        missing_rate=missing_rate,
+        modality_missing_rates=parse_modality_rates(modality_missing_rate),
+        seed=seed,
+        bootstrap=bootstrap,
+        cache=cache,
+        cache_dir=cache_dir,
+        threads=threads,
+        encoding=encoding and check_encoding(encoding),
+        labs_format=labs_format,
+        labs_agg=labs_agg,
+        subgroup_cols=tuple(subgroup_col or ()),
+        conformal=conformal,
+    )
     with pass_progress(console) as progress:
         result = evaluate_run(request, progress)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
-    console.print(metrics_table(result.metrics, f"{result.source} ({result.n} patients)",
-                                result.intervals))
+    console.print(
+        metrics_table(result.metrics, f"{result.source} ({result.n} patients)", result.intervals)
+    )
     clinical = result.clinical
     if clinical is not None:
-        temperature = (f"temperature {result.posthoc.temperature:.3f}"
-                       if result.posthoc and result.posthoc.calibration == "temperature"
-                       else "not calibrated")
+        temperature = (
+            f"temperature {result.posthoc.temperature:.3f}"
+            if result.posthoc and result.posthoc.calibration == "temperature"
+            else "not calibrated"
+        )
         console.print(calibration_table(clinical.calibration, temperature))
         if clinical.operating_point is not None:
             console.print(operating_point_table(clinical.operating_point))
@@ -102,8 +146,9 @@ def evaluate(
         if clinical.gaps is not None:
             console.print(subgroup_gaps_table(clinical.gaps))
     console.print(patterns_table(result.patterns))
-    console.print(confusion_table(result.confusion, result.class_names,
-                                  "confusion matrix (rows = true)"))
+    console.print(
+        confusion_table(result.confusion, result.class_names, "confusion matrix (rows = true)")
+    )
     written = sorted(p.name for p in result.out_dir.glob("*.csv"))
     console.print(f"written to [bold]{result.out_dir}[/] ({', '.join(written)})")
     console.print(f"figures and a paper-ready page: omnifuse report {run_dir}")

@@ -16,14 +16,23 @@ from omnifuse_cli.errors import ConfigError
 @handle_errors
 @with_config_file
 def predict(
-    patients: Annotated[Path | None, typer.Argument(
-        help="CSV in the manifest format (id,<modalities>; label optional), or patients in "
-        "--config.", show_default=False)] = None,
-    run: Annotated[Path | None, typer.Option(
-        "--run", help="Run directory to use.", show_default="the newest run under ./runs")
+    patients: Annotated[
+        Path | None,
+        typer.Argument(
+            help="CSV in the manifest format (id,<modalities>; label optional), or patients in "
+            "--config.",
+            show_default=False,
+        ),
     ] = None,
-    out: Annotated[Path, typer.Option("--out", help="Where to write the predictions CSV.")
-                   ] = Path("predictions.csv"),
+    run: Annotated[
+        Path | None,
+        typer.Option(
+            "--run", help="Run directory to use.", show_default="the newest run under ./runs"
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Where to write the predictions CSV.")] = Path(
+        "predictions.csv"
+    ),
     labs_table: options.LabsTable = None,
     labs_id_col: options.LabsIdCol = None,
     labs_format: options.RunLabsFormat = None,
@@ -51,11 +60,21 @@ def predict(
     if run is None:
         run = find_latest_run()
         console.print(f"using the newest run: [bold]{run}[/] (choose another with --run)")
-    request = PredictRequest(run_dir=run, patients=patients, labs_table=labs_table,
-                             labs_id_col=labs_id_col, device=device, batch_size=batch_size,
-                             cache=cache, cache_dir=cache_dir, threads=threads,
-                          encoding=encoding and check_encoding(encoding),
-                          labs_format=labs_format, labs_agg=labs_agg, conformal=conformal)
+    request = PredictRequest(
+        run_dir=run,
+        patients=patients,
+        labs_table=labs_table,
+        labs_id_col=labs_id_col,
+        device=device,
+        batch_size=batch_size,
+        cache=cache,
+        cache_dir=cache_dir,
+        threads=threads,
+        encoding=encoding and check_encoding(encoding),
+        labs_format=labs_format,
+        labs_agg=labs_agg,
+        conformal=conformal,
+    )
     with pass_progress(console) as progress:
         result = predict_patients(request, progress)
     for note in result.notes:

@@ -47,8 +47,14 @@ def _bars(console: Console) -> Any:
     """The terminal's transient progress bars: description, bar, done/total, elapsed time."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 def _timestamp() -> str:
@@ -89,14 +95,21 @@ class PlainProgress:
         self.tasks.append(_Task(description, total))
         return len(self.tasks) - 1
 
-    def update(self, task_id: int, *, description: str | None = None,
-               completed: float | None = None, total: float | None = None,
-               visible: bool | None = None) -> None:
+    def update(
+        self,
+        task_id: int,
+        *,
+        description: str | None = None,
+        completed: float | None = None,
+        total: float | None = None,
+        visible: bool | None = None,
+    ) -> None:
         self._new_rows()
         task = self.tasks[task_id]
         now = time.monotonic()
         restarted = (description is not None and description != task.description) or (
-            completed is not None and completed < task.completed)
+            completed is not None and completed < task.completed
+        )
         if restarted:  # a new phase or the next epoch's pass
             task.started = task.printed_at = now
             task.printed_done = 0.0
@@ -109,11 +122,15 @@ class PlainProgress:
         task.completed = completed
         if task.total:
             finished = completed >= task.total
-            due = (now - task.printed_at >= INTERVAL_SECONDS
-                   and completed - task.printed_done >= INTERVAL_SHARE * task.total)
+            due = (
+                now - task.printed_at >= INTERVAL_SECONDS
+                and completed - task.printed_done >= INTERVAL_SHARE * task.total
+            )
             if finished or due:
-                self._line(f"{task.description}: {completed:g}/{task.total:g} "
-                           f"({100 * completed / task.total:.0f}%), {now - task.started:.1f} s")
+                self._line(
+                    f"{task.description}: {completed:g}/{task.total:g} "
+                    f"({100 * completed / task.total:.0f}%), {now - task.started:.1f} s"
+                )
                 task.printed_at, task.printed_done = now, completed
 
     def _new_rows(self) -> None:

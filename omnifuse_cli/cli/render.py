@@ -13,9 +13,14 @@ from rich.markup import escape
 from rich.table import Table
 
 METRIC_LABELS = {
-    "acc": "accuracy", "macro_f1": "macro-F1", "balanced_acc": "balanced accuracy",
-    "auroc": "AUROC (OvR macro)", "loss": "log loss", "auprc": "AUPRC (OvR macro)",
-    "ece": "calibration error (ECE)", "brier": "Brier score",
+    "acc": "accuracy",
+    "macro_f1": "macro-F1",
+    "balanced_acc": "balanced accuracy",
+    "auroc": "AUROC (OvR macro)",
+    "loss": "log loss",
+    "auprc": "AUPRC (OvR macro)",
+    "ece": "calibration error (ECE)",
+    "brier": "Brier score",
 }
 
 
@@ -35,10 +40,20 @@ def epoch_table(title: str = "training") -> Table:
     """One row per epoch: each loss term of Eq. 18, validation metrics and the lazy combination.
 
     ``*`` marks a new best epoch, ``ft`` an epoch that fine-tuned backbones."""
-    table = titled(title, box=None, padding=(0, 1, 0, 0),
-                  header_style="bold underline")
-    for name in ("epoch", "loss", "fwd", "bwd", "dwfuse", "tla", "val_loss", "val_acc",
-                 "val_F1", "lazy", "s"):
+    table = titled(title, box=None, padding=(0, 1, 0, 0), header_style="bold underline")
+    for name in (
+        "epoch",
+        "loss",
+        "fwd",
+        "bwd",
+        "dwfuse",
+        "tla",
+        "val_loss",
+        "val_acc",
+        "val_F1",
+        "lazy",
+        "s",
+    ):
         table.add_column(name, justify="left" if name == "lazy" else "right", no_wrap=True)
     return table
 
@@ -47,15 +62,25 @@ def add_epoch_row(table: Table, record) -> None:  # type: ignore[no-untyped-def]
     losses = record.losses
     mark = ("*" if record.is_best else "") + (" ft" if record.phase == "finetune" else "")
     table.add_row(
-        f"{record.epoch}{mark}", fmt(record.train_loss, 2), fmt(losses["forward"]),
-        fmt(losses["backward"]), fmt(losses["dwfuse"]), fmt(losses["tla"]),
-        fmt(record.val_loss), fmt(record.val_acc), fmt(record.val_macro_f1),
-        record.lazy_combo or "-", f"{record.seconds:.1f}",
+        f"{record.epoch}{mark}",
+        fmt(record.train_loss, 2),
+        fmt(losses["forward"]),
+        fmt(losses["backward"]),
+        fmt(losses["dwfuse"]),
+        fmt(losses["tla"]),
+        fmt(record.val_loss),
+        fmt(record.val_acc),
+        fmt(record.val_macro_f1),
+        record.lazy_combo or "-",
+        f"{record.seconds:.1f}",
     )
 
 
-def metrics_table(metrics: Mapping[str, float], title: str,
-                  intervals: Mapping[str, tuple[float, float]] | None = None) -> Table:
+def metrics_table(
+    metrics: Mapping[str, float],
+    title: str,
+    intervals: Mapping[str, tuple[float, float]] | None = None,
+) -> Table:
     table = titled(title)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -75,8 +100,13 @@ def patterns_table(frame: pd.DataFrame) -> Table:
     for col in ("present", "n", "acc", "macro_f1", "auroc"):
         table.add_column(col, justify="left" if col == "present" else "right")
     for _, row in frame.iterrows():
-        table.add_row(str(row["present"]), str(int(row["n"])), fmt(row["acc"]),
-                      fmt(row["macro_f1"]), fmt(row["auroc"]))
+        table.add_row(
+            str(row["present"]),
+            str(int(row["n"])),
+            fmt(row["acc"]),
+            fmt(row["macro_f1"]),
+            fmt(row["auroc"]),
+        )
     return table
 
 
@@ -90,8 +120,9 @@ def confusion_table(cm: np.ndarray, class_names: Sequence[str], title: str) -> T
     return table
 
 
-def counts_table(counts: Mapping[str, object], title: str, key: str = "", value: str = "n"
-                 ) -> Table:
+def counts_table(
+    counts: Mapping[str, object], title: str, key: str = "", value: str = "n"
+) -> Table:
     table = titled(title)
     table.add_column(key)
     table.add_column(value, justify="right")
@@ -107,26 +138,40 @@ def _cell(value: object) -> str:
     return fmt(value) if isinstance(value, float) else str(value)
 
 
-def predictions_table(frame: pd.DataFrame, class_names: Sequence[str],
-                      modality_names: Sequence[str], limit: int = 20) -> Table:
+def predictions_table(
+    frame: pd.DataFrame, class_names: Sequence[str], modality_names: Sequence[str], limit: int = 20
+) -> Table:
     reasons = frame["reason"] if "reason" in frame else pd.Series([], dtype=str)
     unscored = int((reasons.fillna("") != "").sum())
-    title = (f"predictions ({len(frame)} patients"
-             + (f", {unscored} not scored" if unscored else "")
-             + (f", first {limit} shown)" if len(frame) > limit else ")"))
-    table = titled(title, box=None, padding=(0, 1, 0, 0),
-                  header_style="bold underline",
-                  caption="pN = probability of class N; w_M = DWFuse weight of modality M at "
-                  "the predicted class", caption_justify="left")
-    columns = ["id", *(["label"] if "label" in frame else []), "pred",
-               *(f"prob_{c}" for c in class_names), "modalities",
-               *(f"weight_{m}" for m in modality_names if f"weight_{m}" in frame),
-               *(["reason"] if unscored else [])]
+    title = (
+        f"predictions ({len(frame)} patients"
+        + (f", {unscored} not scored" if unscored else "")
+        + (f", first {limit} shown)" if len(frame) > limit else ")")
+    )
+    table = titled(
+        title,
+        box=None,
+        padding=(0, 1, 0, 0),
+        header_style="bold underline",
+        caption="pN = probability of class N; w_M = DWFuse weight of modality M at "
+        "the predicted class",
+        caption_justify="left",
+    )
+    columns = [
+        "id",
+        *(["label"] if "label" in frame else []),
+        "pred",
+        *(f"prob_{c}" for c in class_names),
+        "modalities",
+        *(f"weight_{m}" for m in modality_names if f"weight_{m}" in frame),
+        *(["reason"] if unscored else []),
+    ]
     for col in columns:
         header = col.replace("prob_", "p").replace("weight_", "w_")
         left = col in ("id", "modalities", "reason")
-        table.add_column(header, justify="left" if left else "right",
-                         no_wrap=col != "reason", overflow="fold")
+        table.add_column(
+            header, justify="left" if left else "right", no_wrap=col != "reason", overflow="fold"
+        )
     for _, row in frame.head(limit).iterrows():
         table.add_row(*(escape(_cell(row[col])) for col in columns))
     return table
@@ -148,22 +193,34 @@ def audit_tables(report) -> list[Table]:  # type: ignore[no-untyped-def]
         detail = ""
         if name in report.images_per_patient:
             s = report.images_per_patient[name]
-            detail = (f"{int(s['total'])} images, {int(s['min'])}-{int(s['max'])} per patient "
-                      f"(mean {s['mean']:.1f})")
+            detail = (
+                f"{int(s['total'])} images, {int(s['min'])}-{int(s['max'])} per patient "
+                f"(mean {s['mean']:.1f})"
+            )
         elif name in report.vector_sizes:
             detail = f"{report.vector_sizes[name]} values"
         presence.add_row(name, str(count), f"{count / n:.0%}", detail)
     tables.append(presence)
-    tables.append(counts_table(report.patterns, "missing patterns (modalities present)",
-                               key="present", value="patients"))
+    tables.append(
+        counts_table(
+            report.patterns,
+            "missing patterns (modalities present)",
+            key="present",
+            value="patients",
+        )
+    )
     for name, kinds in report.image_files.items():
         if kinds:
             files = titled(f"{name} files")
             for col in ("format", "photometric", "frames", "size", "files"):
                 files.add_column(col, justify="right" if col in ("frames", "files") else "left")
             for kind in kinds:
-                files.add_row(*(escape(str(kind.get(c, "-"))) for c in
-                                ("format", "photometric", "frames", "size", "files")))
+                files.add_row(
+                    *(
+                        escape(str(kind.get(c, "-")))
+                        for c in ("format", "photometric", "frames", "size", "files")
+                    )
+                )
             tables.append(files)
     for name, stats in report.note_stats.items():
         if stats.encodings or stats.empty:
@@ -180,8 +237,9 @@ def audit_tables(report) -> list[Table]:  # type: ignore[no-untyped-def]
     return tables
 
 
-def split_summary_table(frame: pd.DataFrame,
-                        title: str = "patients per split, by class and missing pattern") -> Table:
+def split_summary_table(
+    frame: pd.DataFrame, title: str = "patients per split, by class and missing pattern"
+) -> Table:
     """engine.audit.split_summary as a table; a class or pattern missing from a split shows a
     yellow 0 (it cannot be learnt, tuned or tested there)."""
     splits = [c for c in frame.columns if c not in ("kind", "value", "total")]
@@ -194,26 +252,35 @@ def split_summary_table(frame: pd.DataFrame,
         for _, row in part.iterrows():
             label = f"class {row['value']}" if kind == "class" else str(row["value"])
             cells = [str(row[n]) if row[n] else "[yellow]0[/]" for n in splits]
-            table.add_row(escape(label), *cells, str(row["total"]),
-                          end_section=kind == "class" and row.name == part.index[-1])
+            table.add_row(
+                escape(label),
+                *cells,
+                str(row["total"]),
+                end_section=kind == "class" and row.name == part.index[-1],
+            )
     return table
 
 
 def fold_table(title: str) -> Table:
     """One row per completed fold fit of `omnifuse cv` (``r`` marks one read from an earlier,
     interrupted invocation)."""
-    table = titled(title, box=None, padding=(0, 1, 0, 0),
-                  header_style="bold underline")
+    table = titled(title, box=None, padding=(0, 1, 0, 0), header_style="bold underline")
     for name in ("variant", "rep", "fold", "train/val/test", "best", "macro-F1", "AUROC", "s"):
         table.add_column(name, justify="left" if name == "variant" else "right", no_wrap=True)
     return table
 
 
 def add_fold_row(table: Table, fold) -> None:  # type: ignore[no-untyped-def]
-    table.add_row(fold.variant, str(fold.repeat), f"{fold.fold}{' r' if fold.resumed else ''}",
-                  f"{fold.n_train}/{fold.n_val}/{fold.n_test}", str(fold.best_epoch),
-                  fmt(fold.metrics["macro_f1"]), fmt(fold.metrics["auroc"]),
-                  f"{fold.seconds:.1f}")
+    table.add_row(
+        fold.variant,
+        str(fold.repeat),
+        f"{fold.fold}{' r' if fold.resumed else ''}",
+        f"{fold.n_train}/{fold.n_val}/{fold.n_test}",
+        str(fold.best_epoch),
+        fmt(fold.metrics["macro_f1"]),
+        fmt(fold.metrics["auroc"]),
+        f"{fold.seconds:.1f}",
+    )
 
 
 def _interval(low: float, high: float) -> str:
@@ -232,22 +299,34 @@ def cv_metrics_table(frame: pd.DataFrame, title: str) -> Table:
     table.add_column("95% CI (bootstrap)", justify="right")
     table.add_column("folds: mean ± SD", justify="right")
     for _, row in frame.iterrows():
-        table.add_row(METRIC_LABELS.get(row["metric"], row["metric"]), fmt(row["value"]),
-                      _interval(row["ci_low"], row["ci_high"]),
-                      _mean_sd(row["fold_mean"], row["fold_sd"]))
+        table.add_row(
+            METRIC_LABELS.get(row["metric"], row["metric"]),
+            fmt(row["value"]),
+            _interval(row["ci_low"], row["ci_high"]),
+            _mean_sd(row["fold_mean"], row["fold_sd"]),
+        )
     return table
 
 
 def differences_table(frame: pd.DataFrame, title: str) -> Table:
     """Paired differences of each variant from the base model, pooled and per fold."""
     table = titled(title)
-    for name in ("variant", "metric", "difference", "95% CI (paired bootstrap)",
-                 "folds: mean ± SD"):
+    for name in (
+        "variant",
+        "metric",
+        "difference",
+        "95% CI (paired bootstrap)",
+        "folds: mean ± SD",
+    ):
         table.add_column(name, justify="left" if name in ("variant", "metric") else "right")
     for _, row in frame.iterrows():
-        table.add_row(row["variant"], METRIC_LABELS.get(row["metric"], row["metric"]),
-                      f"{row['difference']:+.3f}", _interval(row["ci_low"], row["ci_high"]),
-                      _mean_sd(row["fold_mean"], row["fold_sd"]))
+        table.add_row(
+            row["variant"],
+            METRIC_LABELS.get(row["metric"], row["metric"]),
+            f"{row['difference']:+.3f}",
+            _interval(row["ci_low"], row["ci_high"]),
+            _mean_sd(row["fold_mean"], row["fold_sd"]),
+        )
     return table
 
 
@@ -256,35 +335,48 @@ def calibration_table(frame: pd.DataFrame, temperature: str) -> Table:
     for col in ("metric", "before", "after"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for _, row in frame.iterrows():
-        table.add_row(METRIC_LABELS.get(row["metric"], str(row["metric"])), fmt(row["before"]),
-                      fmt(row["after"]))
+        table.add_row(
+            METRIC_LABELS.get(row["metric"], str(row["metric"])),
+            fmt(row["before"]),
+            fmt(row["after"]),
+        )
     return table
 
 
 def operating_point_table(frame: pd.DataFrame) -> Table:
     first = frame.iloc[0]
-    table = titled(f"operating point: class {first['positive_class']} positive "
-                   f"({first['rule']} on validation)")
+    table = titled(
+        f"operating point: class {first['positive_class']} positive ({first['rule']} on validation)"
+    )
     for col in ("metric", "value", "95% CI (bootstrap)"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for _, row in frame.iterrows():
         if row["metric"] in ("tp", "fp", "tn", "fn"):
             continue
-        table.add_row(str(row["metric"]), fmt(row["value"], 4 if row["metric"] == "threshold"
-                                              else 3),
-                      _interval(row["ci_low"], row["ci_high"]))
+        table.add_row(
+            str(row["metric"]),
+            fmt(row["value"], 4 if row["metric"] == "threshold" else 3),
+            _interval(row["ci_low"], row["ci_high"]),
+        )
     return table
 
 
 def coverage_summary_table(frame: pd.DataFrame) -> Table:
     first = frame.iloc[0]
-    table = titled(f"conformal sets at alpha {first['alpha']:g} ({first['mode']}; target "
-                   f"coverage {1 - first['alpha']:.0%})")
+    table = titled(
+        f"conformal sets at alpha {first['alpha']:g} ({first['mode']}; target "
+        f"coverage {1 - first['alpha']:.0%})"
+    )
     for col in ("by", "group", "n", "coverage", "mean set size"):
         table.add_column(col, justify="left" if col in ("by", "group") else "right")
     for _, row in frame.iterrows():
-        table.add_row(str(row["by"]), str(row["group"]), str(int(row["n"])),
-                      fmt(row["coverage"]), fmt(row["mean_set_size"], 2))
+        table.add_row(
+            str(row["by"]),
+            str(row["group"]),
+            str(int(row["n"])),
+            fmt(row["coverage"]),
+            fmt(row["mean_set_size"], 2),
+        )
     return table
 
 
@@ -293,6 +385,11 @@ def subgroup_gaps_table(frame: pd.DataFrame) -> Table:
     for col in ("column", "metric", "gap", "best", "worst"):
         table.add_column(col, justify="right" if col == "gap" else "left")
     for _, row in frame.iterrows():
-        table.add_row(str(row["column"]), METRIC_LABELS.get(row["metric"], str(row["metric"])),
-                      fmt(row["gap"]), str(row["best_group"]), str(row["worst_group"]))
+        table.add_row(
+            str(row["column"]),
+            METRIC_LABELS.get(row["metric"], str(row["metric"])),
+            fmt(row["gap"]),
+            str(row["best_group"]),
+            str(row["worst_group"]),
+        )
     return table

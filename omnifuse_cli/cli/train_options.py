@@ -46,8 +46,16 @@ TRAIN_ONLY = ("manifest", "manifest_opt", "num_classes", "resume", "out_dir", "o
 CONFIG_PARAMS = ("ctx", "config")
 # Options that decide which patients and values are read: a variant compared with the base model
 # on the same folds must not change them.
-DATA_READING = ("modality", "labs_table", "labs_id_col", "on_bad_file", "labs_format",
-                "labs_agg", "encoding", "on_empty_patient")
+DATA_READING = (
+    "modality",
+    "labs_table",
+    "labs_id_col",
+    "on_bad_file",
+    "labs_format",
+    "labs_agg",
+    "encoding",
+    "on_empty_patient",
+)
 HELP_PANEL = "Model and training options (as omnifuse train)"
 
 
@@ -85,8 +93,11 @@ CONVERTERS: dict[str, tuple[str, str, Callable[[Any, Mapping[str, Any]], Any]]] 
     "image_weights": ("image", "weights_path", lambda v, _: str(v) if v else None),
     "cache_dir": ("train", "cache_dir", lambda v, _: str(v) if v else None),
     "max_us_images": ("image", "max_images", lambda v, _: v),
-    "finetune_text_last_n": ("train", "finetune_text_last_n",
-                             lambda v, values: 0 if values.get("freeze_text") else v),
+    "finetune_text_last_n": (
+        "train",
+        "finetune_text_last_n",
+        lambda v, values: 0 if values.get("freeze_text") else v,
+    ),
     "select_by": ("train", "select_metric", lambda v, _: v),
     "ra_layers": ("method", "ra_layers", _widths),
     "reliability": ("method", "reliability", lambda v, _: str(v).strip().lower()),
@@ -98,8 +109,13 @@ CONVERTERS: dict[str, tuple[str, str, Callable[[Any, Mapping[str, Any]], Any]]] 
 }
 FOLDED = ("freeze_text",)  # read by another option's converter (finetune_text_last_n)
 
-_CONFIGS: dict[str, type] = {"train": TrainConfig, "method": MethodConfig, "data": DataConfig,
-                             "image": ImageConfig, "text": TextConfig}
+_CONFIGS: dict[str, type] = {
+    "train": TrainConfig,
+    "method": MethodConfig,
+    "data": DataConfig,
+    "image": ImageConfig,
+    "text": TextConfig,
+}
 _NESTED = ("image", "text")  # DataConfig fields that are configs of their own
 
 
@@ -130,8 +146,8 @@ def route(option: str) -> tuple[str, str, bool]:
         return "method", f"use_{option[3:]}", True
     for kind in _NESTED:
         prefix = f"{kind}_"
-        if option.startswith(prefix) and option[len(prefix):] in _fields(kind):
-            return kind, option[len(prefix):], False
+        if option.startswith(prefix) and option[len(prefix) :] in _fields(kind):
+            return kind, option[len(prefix) :], False
     raise KeyError(
         f"train option {option!r} matches no config field: add it to CONVERTERS in "
         "omnifuse_cli/cli/train_options.py"
@@ -150,10 +166,12 @@ def build_configs(values: Mapping[str, Any]) -> TrainSettings:
         if option in CONVERTERS:
             value = CONVERTERS[option][2](value, merged)
         parts[kind][field] = (not value) if negated else value
-    data = DataConfig(image=ImageConfig(**parts["image"]), text=TextConfig(**parts["text"]),
-                      **parts["data"])
-    return TrainSettings(data=data, method=MethodConfig(**parts["method"]),
-                         train=TrainConfig(**parts["train"]))
+    data = DataConfig(
+        image=ImageConfig(**parts["image"]), text=TextConfig(**parts["text"]), **parts["data"]
+    )
+    return TrainSettings(
+        data=data, method=MethodConfig(**parts["method"]), train=TrainConfig(**parts["train"])
+    )
 
 
 def train_parameters() -> list[inspect.Parameter]:
@@ -161,8 +179,11 @@ def train_parameters() -> list[inspect.Parameter]:
     from omnifuse_cli.cli.train import train
 
     signature = inspect.signature(train, eval_str=True)
-    return [p for p in signature.parameters.values()
-            if p.name not in TRAIN_ONLY and p.name not in CONFIG_PARAMS]
+    return [
+        p
+        for p in signature.parameters.values()
+        if p.name not in TRAIN_ONLY and p.name not in CONFIG_PARAMS
+    ]
 
 
 def train_defaults() -> dict[str, Any]:
@@ -180,8 +201,10 @@ def _in_panel(parameter: inspect.Parameter) -> inspect.Parameter:
             extra = copy.copy(extra)
             extra.rich_help_panel = HELP_PANEL
         moved.append(extra)
-    return parameter.replace(annotation=Annotated[(base, *moved)],  # type: ignore[valid-type]
-                             kind=inspect.Parameter.KEYWORD_ONLY)
+    return parameter.replace(
+        annotation=Annotated[(base, *moved)],  # type: ignore[valid-type]
+        kind=inspect.Parameter.KEYWORD_ONLY,
+    )
 
 
 def with_train_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -210,8 +233,10 @@ def parse_variant(spec: str, base: Mapping[str, Any]) -> tuple[str, str, dict[st
     name, sep, flags = spec.partition("=")
     name = name.strip()
     if not sep or not name:
-        raise ConfigError(f"--variant {spec!r} is not NAME=\"FLAGS\"",
-                          hint='write e.g. --variant no-imputation="--no-imputation"')
+        raise ConfigError(
+            f'--variant {spec!r} is not NAME="FLAGS"',
+            hint='write e.g. --variant no-imputation="--no-imputation"',
+        )
     try:
         args = shlex.split(flags)
     except ValueError as err:
@@ -219,14 +244,17 @@ def parse_variant(spec: str, base: Mapping[str, Any]) -> tuple[str, str, dict[st
     if "--help" in args:
         raise ConfigError(f"--variant {name}: give train options, not --help")
     if not args:
-        raise ConfigError(f"--variant {name} has no flags",
-                          hint=f'give the train options it changes, e.g. {name}="--no-tla"')
+        raise ConfigError(
+            f"--variant {name} has no flags",
+            hint=f'give the train options it changes, e.g. {name}="--no-tla"',
+        )
 
     def parse_only(**_: Any) -> None:
         """(parses a variant's flags)"""
 
     parse_only.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in train_parameters()])
+        [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in train_parameters()]
+    )
     app = typer.Typer(add_completion=False)
     app.command()(parse_only)
     command = typer.main.get_command(app)
@@ -244,8 +272,11 @@ def parse_variant(spec: str, base: Mapping[str, Any]) -> tuple[str, str, dict[st
         if hasattr(err, "format_message"):
             raise ConfigError(f"--variant {name}: {err.format_message()}") from err
         raise
-    given = {k: v for k, v in ctx.params.items()
-             if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
+    given = {
+        k: v
+        for k, v in ctx.params.items()
+        if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"
+    }
     fixed = [f"--{k.replace('_', '-')}" for k in given if k in DATA_READING]
     if fixed:
         raise ConfigError(

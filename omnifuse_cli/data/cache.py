@@ -65,8 +65,10 @@ def files_fingerprint(paths: Iterable[os.PathLike | str]) -> str:
             digest.update(f"#{frame}".encode())
         try:
             st = os.stat(name)
-            stamp = (f"{os.path.realpath(name)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:"
-                     f"{st.st_ctime_ns}")
+            stamp = (
+                f"{os.path.realpath(name)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:"
+                f"{st.st_ctime_ns}"
+            )
         except OSError:
             stamp = "missing"
         digest.update(f"{name}\0{stamp}\n".encode())
@@ -88,8 +90,13 @@ def code_versions(images: bool = False) -> dict[str, str]:
 
         from omnifuse_cli.data.images import PREPROCESSING_VERSION
 
-        out.update({"preprocessing": str(PREPROCESSING_VERSION),
-                    "torchvision": torchvision.__version__, "Pillow": PIL.__version__})
+        out.update(
+            {
+                "preprocessing": str(PREPROCESSING_VERSION),
+                "torchvision": torchvision.__version__,
+                "Pillow": PIL.__version__,
+            }
+        )
         try:
             import pydicom
         except ImportError:  # the dicom extra is not installed: no DICOM input can be read
@@ -107,16 +114,19 @@ def tokens_fingerprint(seqs: Sequence[Sequence[int]]) -> str:
     if offsets is not None:  # data.prepared.Ragged: the same bytes straight from its arrays
         values = seqs.values  # type: ignore[attr-defined]
         for start in range(0, len(seqs), _CHUNK_ROWS):
-            bounds = offsets[start:start + _CHUNK_ROWS + 1]
+            bounds = offsets[start : start + _CHUNK_ROWS + 1]
             digest.update(np.diff(bounds).astype(np.int64).tobytes())
-            digest.update(values[bounds[0]:bounds[-1]].astype(np.int64).tobytes())
+            digest.update(values[bounds[0] : bounds[-1]].astype(np.int64).tobytes())
         return digest.hexdigest()
     for start in range(0, len(seqs), _CHUNK_ROWS):
-        block = seqs[start:start + _CHUNK_ROWS]
+        block = seqs[start : start + _CHUNK_ROWS]
         lengths = np.fromiter((len(s) for s in block), dtype=np.int64, count=len(block))
         digest.update(lengths.tobytes())
-        digest.update(np.fromiter((t for s in block for t in s), dtype=np.int64,
-                                  count=int(lengths.sum())).tobytes())
+        digest.update(
+            np.fromiter(
+                (t for s in block for t in s), dtype=np.int64, count=int(lengths.sum())
+            ).tobytes()
+        )
     return digest.hexdigest()
 
 
@@ -139,7 +149,7 @@ def entry_key(parts: Mapping[str, Any]) -> str:
 def _array_checksum(array: np.ndarray) -> str:
     digest = hashlib.blake2b(digest_size=20)
     for start in range(0, len(array), _CHUNK_ROWS):
-        digest.update(np.ascontiguousarray(array[start:start + _CHUNK_ROWS]).tobytes())
+        digest.update(np.ascontiguousarray(array[start : start + _CHUNK_ROWS]).tobytes())
     return digest.hexdigest()
 
 
@@ -155,15 +165,17 @@ class FeatureArray:
     (DataLoader workers) sends the file's path, not the features.
     """
 
-    def __init__(self, array: np.ndarray, offsets: np.ndarray | None = None,
-                 path: Path | None = None) -> None:
+    def __init__(
+        self, array: np.ndarray, offsets: np.ndarray | None = None, path: Path | None = None
+    ) -> None:
         self.array = array
         self.offsets = offsets
         self.path = path
 
     @classmethod
-    def from_rows(cls, rows: np.ndarray | torch.Tensor, sizes: Sequence[int] | None = None
-                  ) -> FeatureArray:
+    def from_rows(
+        cls, rows: np.ndarray | torch.Tensor, sizes: Sequence[int] | None = None
+    ) -> FeatureArray:
         """In-memory features; ``sizes`` = rows per patient (images)."""
         array = np.asarray(rows, dtype=np.float32)
         return cls(array, None if sizes is None else offsets_from_sizes(sizes))
@@ -222,8 +234,9 @@ class FeatureCache:
     def entry_dir(self, modality: str, key: str) -> Path:
         return self.root / f"{modality}-{key[:20]}"
 
-    def open(self, modality: str, key: str, *, verify: bool = True
-             ) -> tuple[FeatureArray | None, str | None]:
+    def open(
+        self, modality: str, key: str, *, verify: bool = True
+    ) -> tuple[FeatureArray | None, str | None]:
         """(features, None) for a complete entry; (None, None) when there is none; (None,
         reason) when one is there but damaged or stale (the caller rebuilds it)."""
         folder = self.entry_dir(modality, key)
@@ -271,8 +284,10 @@ def _open_entry(folder: Path, key: str, *, verify: bool) -> FeatureArray:
             raise ValueError(f"{name} has {size} bytes, {want['bytes']} were written")
         array = np.load(path, mmap_mode="r")
         if list(array.shape) != want["shape"] or str(array.dtype) != want["dtype"]:
-            raise ValueError(f"{name} is {array.dtype} {list(array.shape)}, expected "
-                             f"{want['dtype']} {want['shape']}")
+            raise ValueError(
+                f"{name} is {array.dtype} {list(array.shape)}, expected "
+                f"{want['dtype']} {want['shape']}"
+            )
         if verify and _array_checksum(array) != want["blake2b"]:
             raise ValueError(f"{name} does not match its checksum")
         arrays[name] = array
@@ -301,8 +316,14 @@ def create_rows(path: Path, rows: int, dim: int) -> np.memmap:
     return array
 
 
-def commit(cache: FeatureCache, build_dir: Path, modality: str, key: str,
-           offsets: np.ndarray | None, describe: Mapping[str, Any]) -> FeatureArray:
+def commit(
+    cache: FeatureCache,
+    build_dir: Path,
+    modality: str,
+    key: str,
+    offsets: np.ndarray | None,
+    describe: Mapping[str, Any],
+) -> FeatureArray:
     """Checksum the built files, write entry.json last and move the folder into place. A
     damaged entry already there is replaced; a valid one built meanwhile by another process
     is kept."""
@@ -314,8 +335,12 @@ def commit(cache: FeatureCache, build_dir: Path, modality: str, key: str,
         if not path.is_file():
             continue
         array = np.load(path, mmap_mode="r")
-        files[name] = {"bytes": path.stat().st_size, "shape": list(array.shape),
-                       "dtype": str(array.dtype), "blake2b": _array_checksum(array)}
+        files[name] = {
+            "bytes": path.stat().st_size,
+            "shape": list(array.shape),
+            "dtype": str(array.dtype),
+            "blake2b": _array_checksum(array),
+        }
         del array
     info = {"format": FORMAT_VERSION, "key": key, "files": files, "describe": dict(describe)}
     (build_dir / ENTRY_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
@@ -345,12 +370,13 @@ def assemble_shards(build_dir: Path, shard_rows: Sequence[int], dim: int) -> Non
     for r in range(world):
         shard = np.load(shard_path(build_dir, r), mmap_mode="r")
         if shard.shape != (shard_rows[r], dim):
-            raise ValueError(f"shard of rank {r} is {list(shard.shape)}, expected "
-                             f"{[shard_rows[r], dim]}")
+            raise ValueError(
+                f"shard of rank {r} is {list(shard.shape)}, expected {[shard_rows[r], dim]}"
+            )
         for start in range(0, len(shard), _CHUNK_ROWS):
-            block = shard[start:start + _CHUNK_ROWS]
+            block = shard[start : start + _CHUNK_ROWS]
             first = r + world * start
-            out[first:first + world * len(block):world] = block
+            out[first : first + world * len(block) : world] = block
         del shard
     out.flush()
     del out

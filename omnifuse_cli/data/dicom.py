@@ -60,8 +60,28 @@ _DECODED_AS_RGB = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 
 # Value representations that never hold a person's details (codes, numbers) are not checked
 # against error text; everything else is (see _clean).
-_CODED_VRS = frozenset({"CS", "AT", "FL", "FD", "SL", "SS", "SV", "UL", "US", "UV", "OB", "OW",
-                        "OF", "OD", "OL", "OV", "UN", "SQ"})
+_CODED_VRS = frozenset(
+    {
+        "CS",
+        "AT",
+        "FL",
+        "FD",
+        "SL",
+        "SS",
+        "SV",
+        "UL",
+        "US",
+        "UV",
+        "OB",
+        "OW",
+        "OF",
+        "OD",
+        "OL",
+        "OV",
+        "UN",
+        "SQ",
+    }
+)
 _MAX_DETAIL = 200
 _ALL_PLUGINS_FAILED = "Unable to decode as exceptions were raised by all available plugins:"
 

@@ -26,12 +26,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def image_transform(size: int):  # type: ignore[no-untyped-def]
     from torchvision import transforms
 
-    return transforms.Compose([
-        transforms.Resize(size),
-        transforms.CenterCrop(size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(size),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,33 @@ from omnifuse_cli.errors import ConfigError, ManifestError
 _BY_ORDER = ("last", "first")  # the aggregations that need an order (time, else row order)
 
 # Spellings of the long layout's columns, compared after _key(); the first one found wins.
-_ANALYTE = ("analyte", "analytename", "test", "testname", "testcode", "item", "itemid",
-            "itemname", "lab", "labname", "labtest", "name", "code")
+_ANALYTE = (
+    "analyte",
+    "analytename",
+    "test",
+    "testname",
+    "testcode",
+    "item",
+    "itemid",
+    "itemname",
+    "lab",
+    "labname",
+    "labtest",
+    "name",
+    "code",
+)
 _VALUE = ("value", "result", "valuenum", "resultvalue", "numericvalue")
-_TIME = ("time", "charttime", "date", "datetime", "timestamp", "collected", "collectiontime",
-         "collectedat", "resulttime")
+_TIME = (
+    "time",
+    "charttime",
+    "date",
+    "datetime",
+    "timestamp",
+    "collected",
+    "collectiontime",
+    "collectedat",
+    "resulttime",
+)
 _UNIT = ("unit", "units", "valueuom", "uom")
 _ROWS_PER_VALUE = 3  # rows named per non-numeric value in the note
 _LONG_SHAPE = "a long lab table has one row per measurement: id, analyte, value[, time][, unit]"
@@ -161,8 +183,9 @@ def _key(name: str) -> str:
 
 def _find_columns(columns: list[str], id_col: str) -> _Columns:
     keys = {c: _key(c) for c in columns}
-    id_column = id_col if id_col in columns else next(
-        (c for c in columns if keys[c] == _key(id_col)), None)
+    id_column = (
+        id_col if id_col in columns else next((c for c in columns if keys[c] == _key(id_col)), None)
+    )
     taken = {id_column}
 
     def first_of(spellings: tuple[str, ...]) -> str | None:
@@ -199,19 +222,24 @@ def _forced_notes(wanted: list[str], table_has: Sequence[str]) -> list[str]:
     extra = sorted(set(table_has) - set(wanted))
     notes: list[str] = []
     if missing:
-        notes.append(f"{len(missing)} analyte(s) of the run missing from this lab table (empty "
-                     f"for every patient): {_listed(missing)}")
+        notes.append(
+            f"{len(missing)} analyte(s) of the run missing from this lab table (empty "
+            f"for every patient): {_listed(missing)}"
+        )
     if extra:
-        notes.append(f"{len(extra)} analyte(s) in this lab table that the run does not use "
-                     f"(ignored): {_listed(extra)}")
+        notes.append(
+            f"{len(extra)} analyte(s) in this lab table that the run does not use "
+            f"(ignored): {_listed(extra)}"
+        )
     return notes
 
 
 # -- wide ---------------------------------------------------------------------------------------
 
 
-def _read_wide(frame: pd.DataFrame, path: Path, found: _Columns, agg: LabsAgg,
-               wanted: list[str] | None) -> LabsTable:
+def _read_wide(
+    frame: pd.DataFrame, path: Path, found: _Columns, agg: LabsAgg, wanted: list[str] | None
+) -> LabsTable:
     id_column = cast(str, found.id)
     ids = normalize_ids(frame[id_column])
     repeated = pd.Series(ids).duplicated(keep=False).to_numpy()
@@ -219,10 +247,15 @@ def _read_wide(frame: pd.DataFrame, path: Path, found: _Columns, agg: LabsAgg,
         dupes = sorted({ids[i] for i in np.flatnonzero(repeated)})
         hint = "keep one row per patient"
         if found.looks_long:
-            others = (f" but has other columns too ({', '.join(found.other)}), which a long "
-                      "table ignores" if found.other else "")
-            hint += (f"; it looks like a long table (columns {found.analyte!r} and "
-                     f"{found.value!r}){others}: pass --labs-format long to read it as one")
+            others = (
+                f" but has other columns too ({', '.join(found.other)}), which a long table ignores"
+                if found.other
+                else ""
+            )
+            hint += (
+                f"; it looks like a long table (columns {found.analyte!r} and "
+                f"{found.value!r}){others}: pass --labs-format long to read it as one"
+            )
         raise ManifestError(
             f"labs table {path} has duplicate ids: {', '.join(dupes[:MAX_LISTED])}", hint=hint
         )
@@ -237,8 +270,15 @@ def _read_wide(frame: pd.DataFrame, path: Path, found: _Columns, agg: LabsAgg,
         if column in frame.columns:
             values[:, j] = _numeric_column(frame[column], column, problems)
     problems.raise_if_any("unreadable lab values", "lab values must be numbers or empty")
-    return LabsTable(source=path, ids=ids, values=values, columns=list(columns), layout="wide",
-                     agg=agg, notes=notes)
+    return LabsTable(
+        source=path,
+        ids=ids,
+        values=values,
+        columns=list(columns),
+        layout="wide",
+        agg=agg,
+        notes=notes,
+    )
 
 
 def _numeric_column(cells: pd.Series, column: str, problems: _Problems) -> np.ndarray:
@@ -260,10 +300,13 @@ def _numeric_column(cells: pd.Series, column: str, problems: _Problems) -> np.nd
 # -- long ---------------------------------------------------------------------------------------
 
 
-def _read_long(frame: pd.DataFrame, path: Path, found: _Columns, agg: LabsAgg,
-               wanted: list[str] | None) -> LabsTable:
-    for role, column, spellings in (("analyte", found.analyte, _ANALYTE),
-                                    ("value", found.value, _VALUE)):
+def _read_long(
+    frame: pd.DataFrame, path: Path, found: _Columns, agg: LabsAgg, wanted: list[str] | None
+) -> LabsTable:
+    for role, column, spellings in (
+        ("analyte", found.analyte, _ANALYTE),
+        ("value", found.value, _VALUE),
+    ):
         if column is None:
             raise ManifestError(
                 f"labs table {path} has no {role} column for the long layout (looked for "
@@ -276,8 +319,9 @@ def _read_long(frame: pd.DataFrame, path: Path, found: _Columns, agg: LabsAgg,
         raise ManifestError(f"labs table {path} has a header but no measurements")
     notes: list[str] = []
     if found.other:
-        notes.append(f"ignored column(s) of the long lab table {path.name}: "
-                     f"{', '.join(found.other)}")
+        notes.append(
+            f"ignored column(s) of the long lab table {path.name}: {', '.join(found.other)}"
+        )
     id_code, id_text = _distinct(frame[id_column])
     name_code, name_text = _distinct(frame[analyte_column])
     _require_filled(id_code, id_text, id_column, "no id", path)
@@ -299,8 +343,9 @@ def _read_long(frame: pd.DataFrame, path: Path, found: _Columns, agg: LabsAgg,
     analyte = analyte_all[rows]
 
     value_code, value_text = _distinct(frame[found.value])
-    numbers = np.array(pd.to_numeric(pd.Series(value_text, dtype=object), errors="coerce"),
-                       np.float64)  # '' -> NaN
+    numbers = np.array(
+        pd.to_numeric(pd.Series(value_text, dtype=object), errors="coerce"), np.float64
+    )  # '' -> NaN
     # Not a number, or infinite: missing, and reported.
     unreadable = (value_text != "") & ~np.isfinite(numbers)
     numbers[~np.isfinite(numbers)] = np.nan
@@ -324,14 +369,31 @@ def _read_long(frame: pd.DataFrame, path: Path, found: _Columns, agg: LabsAgg,
     matrix[cell // width, cell % width] = combined.to_numpy(np.float64)
 
     repeats = key[key.duplicated()].to_numpy()
-    how = {"last": "last by time" if by_time else "last by row order",
-           "first": "first by time" if by_time else "first by row order"}.get(agg, agg)
-    repeated = (f"{len(np.unique(repeats // width)):,} patient(s) had repeated values "
-                f"(aggregated: {how})" if len(repeats) else "no repeated values")
-    notes.insert(0, f"long lab table: {len(rows):,} measurement(s) of {n_found:,} analyte(s) "
-                    f"for {len(ids):,} patient(s); {repeated}")
-    return LabsTable(source=path, ids=ids, values=matrix, columns=list(columns), layout="long",
-                     agg=agg, units=units, non_numeric=non_numeric, notes=notes)
+    how = {
+        "last": "last by time" if by_time else "last by row order",
+        "first": "first by time" if by_time else "first by row order",
+    }.get(agg, agg)
+    repeated = (
+        f"{len(np.unique(repeats // width)):,} patient(s) had repeated values (aggregated: {how})"
+        if len(repeats)
+        else "no repeated values"
+    )
+    notes.insert(
+        0,
+        f"long lab table: {len(rows):,} measurement(s) of {n_found:,} analyte(s) "
+        f"for {len(ids):,} patient(s); {repeated}",
+    )
+    return LabsTable(
+        source=path,
+        ids=ids,
+        values=matrix,
+        columns=list(columns),
+        layout="long",
+        agg=agg,
+        units=units,
+        non_numeric=non_numeric,
+        notes=notes,
+    )
 
 
 def _distinct(cells: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -344,8 +406,9 @@ def _distinct(cells: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return merged[codes], np.asarray(texts, dtype=object)
 
 
-def _require_filled(codes: np.ndarray, texts: np.ndarray, column: str, what: str,
-                    path: Path) -> None:
+def _require_filled(
+    codes: np.ndarray, texts: np.ndarray, column: str, what: str, path: Path
+) -> None:
     blank = np.flatnonzero(texts == "")
     empty = np.flatnonzero(codes == blank[0]) if len(blank) else blank
     if len(empty):
@@ -357,67 +420,83 @@ def _require_filled(codes: np.ndarray, texts: np.ndarray, column: str, what: str
         )
 
 
-def _units(cells: pd.Series, rows: np.ndarray, analyte: np.ndarray, columns: list[str],
-           path: Path) -> dict[str, str]:
+def _units(
+    cells: pd.Series, rows: np.ndarray, analyte: np.ndarray, columns: list[str], path: Path
+) -> dict[str, str]:
     """The unit of each analyte; an analyte written in two units cannot be one column."""
     unit_code, unit_text = _distinct(cells)
     code = unit_code[rows]
     given = (unit_text != "")[code]
-    counts = (pd.DataFrame({"analyte": analyte[given], "unit": code[given]})
-              .groupby(["analyte", "unit"], sort=True).size()
-              .sort_values(ascending=False, kind="stable"))
+    counts = (
+        pd.DataFrame({"analyte": analyte[given], "unit": code[given]})
+        .groupby(["analyte", "unit"], sort=True)
+        .size()
+        .sort_values(ascending=False, kind="stable")
+    )
     per_analyte = counts.groupby(level="analyte").size()
     mixed = per_analyte.index[per_analyte.to_numpy() > 1].tolist()
     if mixed:
         lines = []
         for a in sorted(mixed, key=lambda a: columns[a])[:MAX_LISTED]:
             of_a = counts.xs(a, level="analyte")
-            lines.append(f"{columns[a]!r} in " + ", ".join(
-                f"{unit_text[u]} ({n:,} row{'' if n == 1 else 's'})" for u, n in of_a.items()))
+            lines.append(
+                f"{columns[a]!r} in "
+                + ", ".join(
+                    f"{unit_text[u]} ({n:,} row{'' if n == 1 else 's'})" for u, n in of_a.items()
+                )
+            )
         more = f"\n  ... and {len(mixed) - MAX_LISTED} more" if len(mixed) > MAX_LISTED else ""
         raise ManifestError(
             f"labs table {path}: {len(mixed)} analyte(s) have more than one unit:\n  "
-            + "\n  ".join(lines) + more,
+            + "\n  ".join(lines)
+            + more,
             hint="convert each analyte's values to one unit (or give the analytes in other units "
             "their own names), then read the table again",
         )
     return {columns[a]: str(unit_text[u]) for a, u in sorted(counts.index.tolist())}
 
 
-def _non_numeric(text: np.ndarray, analyte: np.ndarray, rows: np.ndarray, columns: list[str]
-                 ) -> tuple[list[tuple[str, str, int]], str | None]:
+def _non_numeric(
+    text: np.ndarray, analyte: np.ndarray, rows: np.ndarray, columns: list[str]
+) -> tuple[list[tuple[str, str, int]], str | None]:
     """(analyte, value, count) of the values counted missing, most frequent first, and the note
     naming the first rows of each."""
     if len(text) == 0:
         return [], None
-    frame = pd.DataFrame({"analyte": np.asarray(columns, dtype=object)[analyte], "value": text,
-                          "row": rows})
+    frame = pd.DataFrame(
+        {"analyte": np.asarray(columns, dtype=object)[analyte], "value": text, "row": rows}
+    )
     groups = frame.groupby(["analyte", "value"], sort=True)
     sizes = groups.size().sort_values(ascending=False, kind="stable")
     found = [(str(a), str(v), int(n)) for (a, v), n in sizes.items()]
     first_rows = groups.head(_ROWS_PER_VALUE).groupby(["analyte", "value"])["row"]
     where = {k: ", ".join(str(_row(int(i))) for i in r) for k, r in first_rows}
-    shown = ", ".join(f"{v!r} ({a}, {n:,}x, row{'s' if n > 1 else ''} {where[(a, v)]}"
-                      f"{', ...' if n > _ROWS_PER_VALUE else ''})"
-                      for a, v, n in found[:MAX_LISTED])
+    shown = ", ".join(
+        f"{v!r} ({a}, {n:,}x, row{'s' if n > 1 else ''} {where[(a, v)]}"
+        f"{', ...' if n > _ROWS_PER_VALUE else ''})"
+        for a, v, n in found[:MAX_LISTED]
+    )
     more = len(found) - MAX_LISTED
     extra = f" and {more} more distinct value(s)" if more > 0 else ""
-    note = (f"{len(text):,} non-numeric lab value(s) counted missing: {shown}{extra}")
+    note = f"{len(text):,} non-numeric lab value(s) counted missing: {shown}{extra}"
     return found, note
 
 
 def _parse_times(cells: pd.Series, rows: np.ndarray, column: str, path: Path) -> np.ndarray:
     """Sortable times (float64) of the given rows: numbers when the times are numbers, else
     dates (microseconds since 1970, UTC)."""
-    hint = ("write times as dates (2024-01-31 08:15) or as numbers, or use --labs-agg mean, min "
-            "or max, which do not need them")
+    hint = (
+        "write times as dates (2024-01-31 08:15) or as numbers, or use --labs-agg mean, min "
+        "or max, which do not need them"
+    )
     text = pd.Series(cells.to_numpy(dtype=object)[rows], dtype=object).str.strip()
     empty = np.flatnonzero((text == "").to_numpy())
     if len(empty):
         raise ManifestError(
             f"labs table {path}: {len(empty):,} measurement(s) have no time in column "
             f"{column!r}, so --labs-agg last/first cannot order them: rows "
-            f"{_rows_listed(rows[empty])}", hint=hint,
+            f"{_rows_listed(rows[empty])}",
+            hint=hint,
         )
     if len(text) and _is_number(str(text.iat[0])):
         numbers = np.array(pd.to_numeric(text, errors="coerce"), np.float64)
@@ -434,13 +513,13 @@ def _parse_times(cells: pd.Series, rows: np.ndarray, column: str, path: Path) ->
             warnings.simplefilter("ignore", UserWarning)  # "could not infer format"
             got = pd.to_datetime(text.iloc[left], errors="coerce", utc=True, format=fmt)
         ok = got.notna().to_numpy()
-        stamps[left[ok]] = (got[ok].dt.tz_localize(None).to_numpy("datetime64[us]")
-                            .astype(np.int64))
+        stamps[left[ok]] = got[ok].dt.tz_localize(None).to_numpy("datetime64[us]").astype(np.int64)
         left = left[~ok]
     if len(left):
         distinct = text.iloc[left].drop_duplicates()
-        shown = ", ".join(f"row {_row(int(rows[i]))} {t!r}"
-                          for i, t in distinct.iloc[:MAX_LISTED].items())
+        shown = ", ".join(
+            f"row {_row(int(rows[i]))} {t!r}" for i, t in distinct.iloc[:MAX_LISTED].items()
+        )
         more = len(distinct) - MAX_LISTED
         raise ManifestError(
             f"labs table {path}: {len(distinct):,} distinct time(s) in column {column!r} are "

@@ -104,8 +104,9 @@ def normalize_id(raw: object) -> str:
 def normalize_ids(values: pd.Series) -> list[str]:
     """normalize_id over a column; ids already written as 10 digits (make-data's, and most
     exports) skip the full rules, which keeps a million rows well under a second."""
-    return [v if len(v) == 10 and v.isdigit() else normalize_id(v)
-            for v in values.astype(str).tolist()]
+    return [
+        v if len(v) == 10 and v.isdigit() else normalize_id(v) for v in values.astype(str).tolist()
+    ]
 
 
 def _row(i: int) -> int:
@@ -203,9 +204,12 @@ def read_table(path: Path, what: str, encoding: str = AUTO) -> pd.DataFrame:
     except pd.errors.EmptyDataError as err:
         raise ManifestError(f"{what} {path} is empty", hint="it needs a header row") from err
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise ManifestError(f"{what} {path} is not a readable CSV: {err}",
-                            hint="name its encoding with --encoding" if isinstance(
-                                err, UnicodeDecodeError) else None) from err
+        raise ManifestError(
+            f"{what} {path} is not a readable CSV: {err}",
+            hint="name its encoding with --encoding"
+            if isinstance(err, UnicodeDecodeError)
+            else None,
+        ) from err
     frame.columns = [str(c).strip().lstrip("\ufeff") for c in frame.columns]
     return frame
 
@@ -239,8 +243,10 @@ def parse_vector_cell(cell: str, base: Path) -> np.ndarray:
         try:
             array = np.load(path, allow_pickle=False)
         except (OSError, EOFError, ValueError) as err:
-            raise ValueError(f"{path.name} is not a readable .npy array ({err or 'empty file'}); "
-                             "pickled object arrays are refused") from None
+            raise ValueError(
+                f"{path.name} is not a readable .npy array ({err or 'empty file'}); "
+                "pickled object arrays are refused"
+            ) from None
         if array.ndim == 2 and 1 in array.shape:
             array = array.reshape(-1)
         if array.ndim != 1:
@@ -382,8 +388,14 @@ def read_manifest(
         # Here, not at the top: data.labs builds on this module's readers.
         from omnifuse_cli.data.labs import read_labs
 
-        table = read_labs(Path(labs_table), id_col=labs_id_col, layout=labs_format,
-                          agg=labs_agg, analytes=labs_analytes, encoding=encoding)
+        table = read_labs(
+            Path(labs_table),
+            id_col=labs_id_col,
+            layout=labs_format,
+            agg=labs_agg,
+            analytes=labs_analytes,
+            encoding=encoding,
+        )
         table_vectors = (table.ids, table.values, table.columns)
         table_notes = table.notes
     needed = [m.name for m in modalities if not (m.name == table_modality and table_vectors)]
@@ -399,8 +411,13 @@ def read_manifest(
     problems = _Problems(path, ids)
     _check_ids(ids, problems)
 
-    labels = _read_labels(frame, problems, require_labels and not allow_unlabeled, num_classes,
-                          keep_column=allow_unlabeled)
+    labels = _read_labels(
+        frame,
+        problems,
+        require_labels and not allow_unlabeled,
+        num_classes,
+        keep_column=allow_unlabeled,
+    )
     for column in frame.columns:
         hits = frame[column].str.contains(VSCODE_MARKER, regex=False).to_numpy()
         for i in np.flatnonzero(hits).tolist():
@@ -413,16 +430,23 @@ def read_manifest(
                 )
     n = len(ids)
     present = np.zeros((n, len(modalities)), dtype=bool)
-    cohort = Cohort(source=path, ids=ids, labels=labels, modalities=modalities, present=present,
-                    notes=list(table_notes))
+    cohort = Cohort(
+        source=path,
+        ids=ids,
+        labels=labels,
+        modalities=modalities,
+        present=present,
+        notes=list(table_notes),
+    )
     for m_idx, spec in enumerate(modalities):
         if spec.kind == "vector" and spec.name == table_modality and table_vectors is not None:
             _fill_from_table(cohort, m_idx, *table_vectors, labs_table)
         elif spec.kind == "vector":
             _fill_vectors(cohort, m_idx, frame[spec.name], base, problems)
         elif spec.kind == "image":
-            _fill_images(cohort, m_idx, frame[spec.name].tolist(), base, problems,
-                         check_files, on_bad_file)
+            _fill_images(
+                cohort, m_idx, frame[spec.name].tolist(), base, problems, check_files, on_bad_file
+            )
         else:
             _fill_texts(cohort, m_idx, frame[spec.name], base, problems, encoding)
     if keep_bad_rows:
@@ -445,16 +469,21 @@ def read_manifest(
                 "them out with --on-empty-patient skip",
             )
         if len(none_present) == n:
-            raise ManifestError(f"{path}: none of the {n} patients has any modality",
-                                hint="check --modality: the columns it names are all empty")
+            raise ManifestError(
+                f"{path}: none of the {n} patients has any modality",
+                hint="check --modality: the columns it names are all empty",
+            )
         keep = np.ones(n, dtype=bool)
         keep[none_present] = False
-        excluded = [(ids[i], -1 if labels is None else int(labels[i]))
-                    for i in none_present.tolist()]
+        excluded = [
+            (ids[i], -1 if labels is None else int(labels[i])) for i in none_present.tolist()
+        ]
         cohort = cohort.subset(np.flatnonzero(keep))
         cohort.excluded = excluded
-        cohort.notes.append(f"left out {len(none_present)} patient(s) with no modality at all "
-                            f"(--on-empty-patient skip): {rows}{more}")
+        cohort.notes.append(
+            f"left out {len(none_present)} patient(s) with no modality at all "
+            f"(--on-empty-patient skip): {rows}{more}"
+        )
     if n == 0:
         raise ManifestError(f"manifest {path} has a header but no patients")
     return cohort
@@ -462,10 +491,15 @@ def read_manifest(
 
 def reading_options(data: DataConfig) -> dict[str, object]:
     """read_manifest's keyword arguments for a DataConfig (train, cv, check read alike)."""
-    return {"labs_table": Path(data.labs_table) if data.labs_table else None,
-            "labs_id_col": data.labs_id_col, "on_bad_file": data.on_bad_file,
-            "encoding": data.encoding, "on_empty_patient": data.on_empty_patient,
-            "labs_format": data.labs_format, "labs_agg": data.labs_agg}
+    return {
+        "labs_table": Path(data.labs_table) if data.labs_table else None,
+        "labs_id_col": data.labs_id_col,
+        "on_bad_file": data.on_bad_file,
+        "encoding": data.encoding,
+        "on_empty_patient": data.on_empty_patient,
+        "labs_format": data.labs_format,
+        "labs_agg": data.labs_agg,
+    }
 
 
 def _bad_mask(cohort: Cohort) -> np.ndarray:
@@ -500,12 +534,18 @@ def _check_ids(ids: list[str], problems: _Problems) -> None:
         codes, _ = pd.factorize(series)
         first = np.unique(codes, return_index=True)[1]  # codes number ids by first appearance
         for i in np.flatnonzero(repeated).tolist():
-            problems.add(_row(i), "id",
-                         f"duplicate id {ids[i]!r} (first at row {_row(int(first[codes[i]]))})")
+            problems.add(
+                _row(i),
+                "id",
+                f"duplicate id {ids[i]!r} (first at row {_row(int(first[codes[i]]))})",
+            )
 
 
 def _read_labels(
-    frame: pd.DataFrame, problems: _Problems, required: bool, num_classes: int | None,
+    frame: pd.DataFrame,
+    problems: _Problems,
+    required: bool,
+    num_classes: int | None,
     keep_column: bool = False,
 ) -> np.ndarray | None:
     """Class indices, -1 for an empty cell (an unlabeled patient where allowed). None without
@@ -535,8 +575,14 @@ def _read_labels(
     return labels
 
 
-def _read_label(text: str, i: int, labels: np.ndarray, problems: _Problems, required: bool,
-                num_classes: int | None) -> None:
+def _read_label(
+    text: str,
+    i: int,
+    labels: np.ndarray,
+    problems: _Problems,
+    required: bool,
+    num_classes: int | None,
+) -> None:
     if text == "":
         if required:
             problems.add(_row(i), "label", "empty label")
@@ -585,9 +631,7 @@ def _fill_vectors(
         common = int(counts.index[0])
         for i, v in list(rows.items()):
             if len(v) != common:
-                problems.add(
-                    _row(i), name, f"vector has {len(v)} values, most rows have {common}"
-                )
+                problems.add(_row(i), name, f"vector has {len(v)} values, most rows have {common}")
                 del rows[i]  # the other rows stay usable under keep_bad_rows
         lengths = {common}
     dim = lengths.pop() if lengths else 1
@@ -603,6 +647,8 @@ def _fill_vectors(
 
 
 _BLOCK = 200_000  # inline vector cells parsed per pandas call (bounds the temporary copies)
+
+
 def _byte_table(chars: bytes) -> np.ndarray:
     """Look-up table: table[byte] is True for the given characters (fast per-byte tests)."""
     table = np.zeros(256, dtype=bool)
@@ -621,7 +667,7 @@ def _parse_inline_block(cells: np.ndarray) -> np.ndarray | None:
     seconds instead of a minute of json.loads and per-value float()."""
     parts = []
     for start in range(0, len(cells), _BLOCK):
-        part = _parse_cells(cells[start:start + _BLOCK])
+        part = _parse_cells(cells[start : start + _BLOCK])
         if part is None or (parts and part.shape[1] != parts[0].shape[1]):
             return None
         parts.append(part)
@@ -632,16 +678,26 @@ def _parse_cells(cells: np.ndarray) -> np.ndarray | None:
     k = len(cells)
     joined = "\n".join(cells.tolist())
     # Exactly one '[' and one ']' per cell, the ']' last: every cell is one flat list.
-    if (joined.count("[") != k or joined.count("]") != k or joined.count("]\n") != k - 1
-            or not joined.endswith("]")):
+    if (
+        joined.count("[") != k
+        or joined.count("]") != k
+        or joined.count("]\n") != k - 1
+        or not joined.endswith("]")
+    ):
         return None
     body = joined.replace("[", "").replace("]", "")
     if body.count("\n") != k - 1 or "\n\n" in body or not _plain_json_numbers(body):
         return None
     try:
-        frame = pd.read_csv(io.StringIO(body), header=None, na_values=["null"],
-                            keep_default_na=False, dtype=np.float64, skipinitialspace=True,
-                            skip_blank_lines=False)
+        frame = pd.read_csv(
+            io.StringIO(body),
+            header=None,
+            na_values=["null"],
+            keep_default_na=False,
+            dtype=np.float64,
+            skipinitialspace=True,
+            skip_blank_lines=False,
+        )
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
         return None  # a letter salad, an empty value, more values than the first row has
     values = frame.to_numpy(np.float64)
@@ -675,8 +731,14 @@ def _plain_json_numbers(body: str) -> bool:
     bad |= exp[here] & ~(digit[nxt] | (sign[nxt] & digit[nxt2]))
     bad |= sign[here] & ~digit[nxt]
     # A leading zero of an integer part ('01', '-01'), not of an exponent ('1e-05').
-    bad |= ((cur == ord("0")) & digit[nxt] & ~digit[prev] & (b[prev] != ord("."))
-            & ~exp[prev] & ~(sign[prev] & exp[prev2]))
+    bad |= (
+        (cur == ord("0"))
+        & digit[nxt]
+        & ~digit[prev]
+        & (b[prev] != ord("."))
+        & ~exp[prev]
+        & ~(sign[prev] & exp[prev2])
+    )
     return not bad.any()
 
 
@@ -746,8 +808,10 @@ def _fill_images(
     if skipped:
         listed = "; ".join(skipped[:MAX_LISTED])
         more = f"; ... and {len(skipped) - MAX_LISTED} more" if len(skipped) > MAX_LISTED else ""
-        cohort.notes.append(f"skipped {len(skipped)} unreadable {name} image(s) "
-                            f"(--on-bad-file skip): {listed}{more}")
+        cohort.notes.append(
+            f"skipped {len(skipped)} unreadable {name} image(s) "
+            f"(--on-bad-file skip): {listed}{more}"
+        )
 
 
 def _image_problem(path: Path) -> str | None:
@@ -806,7 +870,8 @@ def _fill_texts(
         cohort.notes.append(
             f"{len(stats.path_like)} {name} cell(s) look like a file path but no such file "
             f"exists, so they are read as the note itself: {'; '.join(stats.path_like[:3])}"
-            + (" ..." if len(stats.path_like) > 3 else ""))
+            + (" ..." if len(stats.path_like) > 3 else "")
+        )
 
 
 def check_trainable(cohort: Cohort, num_classes: int) -> None:
@@ -815,9 +880,10 @@ def check_trainable(cohort: Cohort, num_classes: int) -> None:
     if cohort.labels is None:
         raise DataError("training needs labels", hint="add a 'label' column")
     if not (cohort.labels >= 0).any():
-        raise DataError(f"none of the {len(cohort)} patients has a label (every label cell is "
-                        "empty)", hint="training needs labelled patients; unlabeled ones only "
-                        "join them")
+        raise DataError(
+            f"none of the {len(cohort)} patients has a label (every label cell is empty)",
+            hint="training needs labelled patients; unlabeled ones only join them",
+        )
     counts = np.bincount(cohort.labels[cohort.labels >= 0], minlength=num_classes)
     empty = [str(c) for c in range(num_classes) if counts[c] == 0]
     if empty:

@@ -36,8 +36,13 @@ class Preprocessor:
     tokenizers: dict[str, Any] = field(default_factory=dict)  # hf text modality -> tokenizer
 
     @classmethod
-    def fit(cls, train: Cohort, image: ImageConfig, text: TextConfig,
-            tokenizers: dict[str, Any] | None = None) -> Preprocessor:
+    def fit(
+        cls,
+        train: Cohort,
+        image: ImageConfig,
+        text: TextConfig,
+        tokenizers: dict[str, Any] | None = None,
+    ) -> Preprocessor:
         pre = cls(train.modalities, image, text, tokenizers=dict(tokenizers or {}))
         for spec in train.modalities:
             if spec.kind == "vector":
@@ -54,21 +59,38 @@ class Preprocessor:
                 }
             elif spec.kind == "text" and text.encoder == "simple":
                 pre.vocabularies[spec.name], pre.idf[spec.name] = simple_text.fit_vocabulary(
-                    train.texts[spec.name], size=text.vocab_size, min_freq=text.min_freq,
-                    ngrams=text.ngrams
+                    train.texts[spec.name],
+                    size=text.vocab_size,
+                    min_freq=text.min_freq,
+                    ngrams=text.ngrams,
                 )
         return pre
 
     def state(self) -> dict[str, Any]:
-        return {"vector_stats": self.vector_stats, "vocabularies": self.vocabularies,
-                "idf": self.idf}
+        return {
+            "vector_stats": self.vector_stats,
+            "vocabularies": self.vocabularies,
+            "idf": self.idf,
+        }
 
     @classmethod
-    def from_state(cls, modalities: tuple[ModalitySpec, ...], image: ImageConfig,
-                   text: TextConfig, state: dict[str, Any],
-                   tokenizers: dict[str, Any] | None = None) -> Preprocessor:
-        return cls(modalities, image, text, dict(state["vector_stats"]),
-                   dict(state["vocabularies"]), dict(state["idf"]), dict(tokenizers or {}))
+    def from_state(
+        cls,
+        modalities: tuple[ModalitySpec, ...],
+        image: ImageConfig,
+        text: TextConfig,
+        state: dict[str, Any],
+        tokenizers: dict[str, Any] | None = None,
+    ) -> Preprocessor:
+        return cls(
+            modalities,
+            image,
+            text,
+            dict(state["vector_stats"]),
+            dict(state["vocabularies"]),
+            dict(state["idf"]),
+            dict(tokenizers or {}),
+        )
 
     def input_dim(self, spec: ModalitySpec) -> int:
         """Size the encoder needs to be built: vector length or vocabulary size (0 otherwise)."""
@@ -127,21 +149,32 @@ class Preprocessor:
                     torch.as_tensor(mask),
                 )
             elif spec.kind == "image":
-                prepared.images[name] = [select_views(p, self.image.max_images)
-                                         for p in cohort.images[name]]
+                prepared.images[name] = [
+                    select_views(p, self.image.max_images) for p in cohort.images[name]
+                ]
             elif name in self.vocabularies:
                 index = {t: i for i, t in enumerate(self.vocabularies[name])}
                 ids, weights, offsets = simple_text.encode_many(
-                    cohort.texts[name], index, self.idf[name], self.text.max_ngrams,
-                    ngrams=self.text.ngrams, sublinear=self.text.sublinear_tf)
+                    cohort.texts[name],
+                    index,
+                    self.idf[name],
+                    self.text.max_ngrams,
+                    ngrams=self.text.ngrams,
+                    sublinear=self.text.sublinear_tf,
+                )
                 prepared.token_ids[name] = Ragged(ids, offsets)
                 prepared.token_weights[name] = Ragged(weights, offsets)
             else:
                 tokenizer = self.tokenizers[name]
-                prepared.token_ids[name] = Ragged.from_lists([
-                    tokenizer(t, truncation=True, max_length=self.text.max_length)["input_ids"]
-                    if t else [] for t in cohort.texts[name]
-                ], np.int64)
+                prepared.token_ids[name] = Ragged.from_lists(
+                    [
+                        tokenizer(t, truncation=True, max_length=self.text.max_length)["input_ids"]
+                        if t
+                        else []
+                        for t in cohort.texts[name]
+                    ],
+                    np.int64,
+                )
                 prepared.pad_ids[name] = int(tokenizer.pad_token_id or 0)
         return prepared
 
@@ -166,7 +199,7 @@ class Ragged:
     def __getitem__(self, i: int | slice) -> Any:
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
-        return self.values[self.offsets[i]:self.offsets[i + 1]]
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return (self[i] for i in range(len(self)))
@@ -174,8 +207,7 @@ class Ragged:
     def lengths(self, rows: np.ndarray) -> np.ndarray:
         return self.offsets[rows + 1] - self.offsets[rows]
 
-    def batch(self, rows: np.ndarray, fill: float | int = 0
-              ) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, rows: np.ndarray, fill: float | int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(len(rows), max(1, longest)) padded with ``fill``, and the (B, L) mask of real
         entries, gathered with one fancy index instead of a loop over patients."""
         positions, mask = self.positions(rows)
@@ -233,8 +265,10 @@ class PatientDataset(Dataset):
         spend its time in per-patient Python. Images read from disk take the per-patient
         path."""
         d = self.data
-        if any(kind == "image" and name not in d.image_cache
-               for name, kind in zip(d.names, d.kinds, strict=True)):
+        if any(
+            kind == "image" and name not in d.image_cache
+            for name, kind in zip(d.names, d.kinds, strict=True)
+        ):
             return make_collate(d)([self[k] for k in ks])
         rows = self.indices[np.asarray(ks, dtype=np.int64)]
         index = torch.from_numpy(rows)
@@ -255,12 +289,16 @@ class PatientDataset(Dataset):
                 if name in d.pad_ids:
                     attention = torch.from_numpy(real.astype(np.int64))
                     attention[:, 0] = 1  # see collate_tokens
-                    batch["inputs"][name] = {"input_ids": torch.from_numpy(ids.astype(np.int64)),
-                                             "attention_mask": attention}
+                    batch["inputs"][name] = {
+                        "input_ids": torch.from_numpy(ids.astype(np.int64)),
+                        "attention_mask": attention,
+                    }
                 else:
                     weights, _ = d.token_weights[name].batch(rows, 0.0)
-                    batch["inputs"][name] = {"ids": torch.from_numpy(ids.astype(np.int64)),
-                                             "weights": torch.from_numpy(weights)}
+                    batch["inputs"][name] = {
+                        "ids": torch.from_numpy(ids.astype(np.int64)),
+                        "weights": torch.from_numpy(weights),
+                    }
         return batch
 
     def __getitem__(self, k: int) -> dict[str, Any]:
@@ -310,14 +348,18 @@ def make_collate(data: PreparedCohort):  # type: ignore[no-untyped-def]
                 }
             elif kind == "image":
                 batch["inputs"][name] = _collate_images(
-                    [v[1] for v in values], values[0][0], data.image_size,
+                    [v[1] for v in values],
+                    values[0][0],
+                    data.image_size,
                     data.image_feature_dims.get(name, 0),
                 )
             elif values[0][0] == "feats":
                 batch["inputs"][name] = {"feats": torch.stack([v[1] for v in values])}
             else:
                 batch["inputs"][name] = collate_tokens(
-                    [v[1][0] for v in values], data.pad_ids.get(name, 0), hf=name in data.pad_ids,
+                    [v[1][0] for v in values],
+                    data.pad_ids.get(name, 0),
+                    hf=name in data.pad_ids,
                     weights=None if name in data.pad_ids else [v[1][1] for v in values],
                 )
         return batch
@@ -325,8 +367,9 @@ def make_collate(data: PreparedCohort):  # type: ignore[no-untyped-def]
     return collate
 
 
-def _batch_image_features(data: PreparedCohort, name: str, rows: np.ndarray
-                          ) -> dict[str, torch.Tensor]:
+def _batch_image_features(
+    data: PreparedCohort, name: str, rows: np.ndarray
+) -> dict[str, torch.Tensor]:
     """Cached image features of a batch: (B, n_max, F) and the (B, n_max) view mask."""
     cache = data.image_cache[name]
     position, mask = Ragged(cache.array, cache.offsets).positions(rows)  # rows of the views
@@ -335,8 +378,9 @@ def _batch_image_features(data: PreparedCohort, name: str, rows: np.ndarray
     return {"feats": torch.from_numpy(feats), "mask": torch.from_numpy(mask)}
 
 
-def _collate_images(per_patient: list, mode: str, size: int, feature_dim: int
-                    ) -> dict[str, torch.Tensor]:
+def _collate_images(
+    per_patient: list, mode: str, size: int, feature_dim: int
+) -> dict[str, torch.Tensor]:
     n_max = max(1, max(len(p) for p in per_patient))
     mask = torch.zeros(len(per_patient), n_max, dtype=torch.bool)
     for b, p in enumerate(per_patient):
@@ -354,8 +398,9 @@ def _collate_images(per_patient: list, mode: str, size: int, feature_dim: int
     return {"pixels": pixels, "mask": mask}
 
 
-def collate_tokens(seqs: list[list[int]], pad: int, *, hf: bool,
-                   weights: list[list[float]] | None = None) -> dict[str, torch.Tensor]:
+def collate_tokens(
+    seqs: list[list[int]], pad: int, *, hf: bool, weights: list[list[float]] | None = None
+) -> dict[str, torch.Tensor]:
     length = max(1, max(len(s) for s in seqs))
     ids = torch.full((len(seqs), length), pad, dtype=torch.long)
     attention = torch.zeros(len(seqs), length, dtype=torch.long)

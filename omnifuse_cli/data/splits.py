@@ -8,8 +8,9 @@ from sklearn.model_selection import train_test_split
 from omnifuse_cli.errors import DataError
 
 
-def stratified_split(labels: np.ndarray, *, train: float, val: float, test: float, seed: int
-                     ) -> dict[str, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, *, train: float, val: float, test: float, seed: int
+) -> dict[str, np.ndarray]:
     """Indices of each split, stratified by label; a clear error when a class is too small.
     ``test=0`` gives an empty test split (the cohort is tested elsewhere).
 
@@ -29,11 +30,13 @@ def stratified_split(labels: np.ndarray, *, train: float, val: float, test: floa
     counts = np.bincount(labels)
     smallest = int(np.argmin(np.where(counts > 0, counts, n + 1)))
     try:
-        train_idx, rest = train_test_split(index, train_size=train,
-                                           random_state=seed, stratify=labels)
+        train_idx, rest = train_test_split(
+            index, train_size=train, random_state=seed, stratify=labels
+        )
         if test > 0:
-            val_idx, test_idx = train_test_split(rest, train_size=val / (val + test),
-                                                 random_state=seed, stratify=labels[rest])
+            val_idx, test_idx = train_test_split(
+                rest, train_size=val / (val + test), random_state=seed, stratify=labels[rest]
+            )
         else:
             val_idx, test_idx = rest, rest[:0]
     except ValueError as err:

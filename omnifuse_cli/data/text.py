@@ -24,8 +24,10 @@ from omnifuse_cli.errors import ConfigError
 
 AUTO = "auto"
 _BOMS = (  # UTF-32 first: its little-endian BOM starts with UTF-16's
-    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-    (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
     (codecs.BOM_UTF16_BE, "utf-16"),
 )
 # Without a BOM and not UTF-8, a hospital export is almost always Windows-1252 (which reads
@@ -54,9 +56,10 @@ def check_encoding(name: str) -> str:
     try:
         return codecs.lookup(value).name
     except LookupError:
-        raise ConfigError(f"--encoding {name!r} is not an encoding Python knows",
-                          hint="use auto, or e.g. utf-8, utf-16, gb18030, cp1252, latin-1"
-                          ) from None
+        raise ConfigError(
+            f"--encoding {name!r} is not an encoding Python knows",
+            hint="use auto, or e.g. utf-8, utf-16, gb18030, cp1252, latin-1",
+        ) from None
 
 
 def decode_note(raw: bytes, encoding: str = AUTO) -> Decoded:
@@ -68,11 +71,16 @@ def decode_note(raw: bytes, encoding: str = AUTO) -> Decoded:
     garbage decodes to)."""
     decoded = _decode(raw, encoding)
     for ch in set(decoded.text):
-        if (ch < " " and ch not in "\t\n\r\f") or ("\x7f" <= ch <= "\x9f") or (
-                ch > "\x7f" and unicodedata.category(ch) in ("Cn", "Co", "Cs")):
-            raise ValueError(f"is not text in {decoded.encoding}: it decodes to the character "
-                             f"U+{ord(ch):04X}, which no note contains; name the file's encoding "
-                             "with --encoding")
+        if (
+            (ch < " " and ch not in "\t\n\r\f")
+            or ("\x7f" <= ch <= "\x9f")
+            or (ch > "\x7f" and unicodedata.category(ch) in ("Cn", "Co", "Cs"))
+        ):
+            raise ValueError(
+                f"is not text in {decoded.encoding}: it decodes to the character "
+                f"U+{ord(ch):04X}, which no note contains; name the file's encoding "
+                "with --encoding"
+            )
     return decoded
 
 
@@ -82,15 +90,19 @@ def _decode(raw: bytes, encoding: str) -> Decoded:
             # --encoding utf-8 on a file with a BOM: the mark is no part of the note
             return Decoded(raw.decode(encoding).removeprefix("\ufeff"), encoding)
         except UnicodeDecodeError as err:
-            raise ValueError(f"is not valid {encoding} text (byte 0x{raw[err.start]:02x} at "
-                             f"position {err.start}); check --encoding") from None
+            raise ValueError(
+                f"is not valid {encoding} text (byte 0x{raw[err.start]:02x} at "
+                f"position {err.start}); check --encoding"
+            ) from None
     for bom, name in _BOMS:
         if raw.startswith(bom):
             try:
                 return Decoded(raw.decode(name), name)
             except UnicodeDecodeError as err:
-                raise ValueError(f"starts with a {name} byte-order mark but is not valid {name} "
-                                 f"({err.reason} at byte {err.start})") from None
+                raise ValueError(
+                    f"starts with a {name} byte-order mark but is not valid {name} "
+                    f"({err.reason} at byte {err.start})"
+                ) from None
     try:
         return Decoded(raw.decode("utf-8"), "utf-8")
     except UnicodeDecodeError:
@@ -104,14 +116,19 @@ def _decode(raw: bytes, encoding: str) -> Decoded:
             readings[name] = raw.decode(name)
         except UnicodeDecodeError:
             continue
-    plausible = [n for n, text in readings.items()
-                 if (_looks_chinese if n == _CHINESE else _looks_western)(text)]
+    plausible = [
+        n
+        for n, text in readings.items()
+        if (_looks_chinese if n == _CHINESE else _looks_western)(text)
+    ]
     if len(plausible) == 2:
         plausible = [_detector_choice(raw, plausible)]
     if len(plausible) == 1:
         return Decoded(readings[plausible[0]], plausible[0], guessed=True)
-    raise ValueError("is neither UTF-8 (with or without a BOM), UTF-16/32, nor recognisably "
-                     "Windows-1252 or GB18030 text; name its encoding with --encoding")
+    raise ValueError(
+        "is neither UTF-8 (with or without a BOM), UTF-16/32, nor recognisably "
+        "Windows-1252 or GB18030 text; name its encoding with --encoding"
+    )
 
 
 def _utf16_without_bom(raw: bytes) -> str | None:
@@ -159,6 +176,7 @@ def _detector_choice(raw: bytes, names: list[str]) -> str:
         raise ValueError(f"could be {' or '.join(names)} text; name its encoding with --encoding")
     return codecs.lookup(best.encoding).name
 
+
 PAD, UNK = "<pad>", "<unk>"
 _CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _PIECES = re.compile(rf"[{_CJK}]+|[^\W{_CJK}]+", re.UNICODE)
@@ -177,17 +195,18 @@ def tokenize(text: str, ngrams: int = 2) -> list[str]:
         if _IS_CJK.match(piece):
             tokens.extend(piece)
             for n in range(2, ngrams + 2):
-                tokens.extend(piece[i:i + n] for i in range(len(piece) - n + 1))
+                tokens.extend(piece[i : i + n] for i in range(len(piece) - n + 1))
         else:
             tokens.append(piece)
             words.append(piece)
     for n in range(2, ngrams + 1):
-        tokens.extend(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
+        tokens.extend(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
     return tokens
 
 
-def fit_vocabulary(texts: Iterable[str | None], *, size: int, min_freq: int, ngrams: int = 2
-                   ) -> tuple[list[str], list[float]]:
+def fit_vocabulary(
+    texts: Iterable[str | None], *, size: int, min_freq: int, ngrams: int = 2
+) -> tuple[list[str], list[float]]:
     """The n-grams of at least ``min_freq`` training notes (document frequency; the most
     frequent first, ties alphabetical, so the result is deterministic; at most ``size``) and
     their smoothed inverse document frequency, as scikit-learn's TfidfVectorizer computes it.
@@ -209,8 +228,9 @@ def fit_vocabulary(texts: Iterable[str | None], *, size: int, min_freq: int, ngr
     return vocab, idf
 
 
-def _note_ids(text: str | None, index: dict[str, int], max_length: int, ngrams: int,
-              sublinear: bool) -> tuple[list[int], list[float]]:
+def _note_ids(
+    text: str | None, index: dict[str, int], max_length: int, ngrams: int, sublinear: bool
+) -> tuple[list[int], list[float]]:
     """A note's distinct token ids (the most frequent n-grams first when more than
     ``max_length``) and their term frequencies: 1 + log(count) (sublinear), or 1 (binary)."""
     if not text:
@@ -223,8 +243,15 @@ def _note_ids(text: str | None, index: dict[str, int], max_length: int, ngrams: 
     return ids, [1.0 + math.log(counted[i]) for i in ids]
 
 
-def encode(text: str | None, index: dict[str, int], idf: list[float], max_length: int, *,
-           ngrams: int = 2, sublinear: bool = True) -> tuple[list[int], list[float]]:
+def encode(
+    text: str | None,
+    index: dict[str, int],
+    idf: list[float],
+    max_length: int,
+    *,
+    ngrams: int = 2,
+    sublinear: bool = True,
+) -> tuple[list[int], list[float]]:
     """Distinct token ids of a note and their tf-idf weights (sublinear or binary term
     frequency), scaled to unit length, so long notes full of neutral sentences do not drown
     findings: the rows of scikit-learn's TfidfVectorizer(sublinear_tf=True)."""
@@ -237,9 +264,15 @@ def encode(text: str | None, index: dict[str, int], idf: list[float], max_length
 NOTE_CHUNK = 65_536  # notes encoded and normalised together before they move to numpy
 
 
-def encode_many(texts: Iterable[str | None], index: dict[str, int], idf: list[float],
-                max_length: int, *, ngrams: int = 2, sublinear: bool = True
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def encode_many(
+    texts: Iterable[str | None],
+    index: dict[str, int],
+    idf: list[float],
+    max_length: int,
+    *,
+    ngrams: int = 2,
+    sublinear: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``encode`` for a whole cohort, stored flat: (ids int32, weights float32, offsets int64)
     with note i's ids at ``ids[offsets[i]:offsets[i + 1]]`` (an empty range without a note).
     The same numbers as ``encode`` note by note, at 4 + 4 bytes per token instead of two
@@ -261,8 +294,7 @@ def encode_many(texts: Iterable[str | None], index: dict[str, int], idf: list[fl
             weights = weights * np.array(chunk_tf, dtype=np.float64)
         # Unit length per note; bincount adds each note's squares in order, like encode's sum.
         owner = np.repeat(np.arange(len(chunk_lengths)), chunk_lengths)
-        norms = np.sqrt(np.bincount(owner, weights=weights * weights,
-                                    minlength=len(chunk_lengths)))
+        norms = np.sqrt(np.bincount(owner, weights=weights * weights, minlength=len(chunk_lengths)))
         norms[norms == 0] = 1.0
         id_parts.append(ids)
         weight_parts.append((weights / norms[owner]).astype(np.float32))

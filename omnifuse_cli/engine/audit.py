@@ -48,36 +48,58 @@ class AuditReport:
         return not self.problems
 
 
-def audit_manifest(manifest: Path, data: DataConfig, *, num_classes: int | None = None,
-                   split: TrainConfig | None = None) -> AuditReport:
+def audit_manifest(
+    manifest: Path,
+    data: DataConfig,
+    *,
+    num_classes: int | None = None,
+    split: TrainConfig | None = None,
+) -> AuditReport:
     """Read and validate like `train` does; unreadable input raises, as it would there."""
-    cohort = read_manifest(manifest, data.modalities, num_classes=num_classes,
-                           require_labels=False, **reading_options(data))
+    cohort = read_manifest(
+        manifest,
+        data.modalities,
+        num_classes=num_classes,
+        require_labels=False,
+        **reading_options(data),
+    )
     names = cohort.names
     # One count per distinct presence row, not a string per patient (a million patients).
     # Ties keep the order of first appearance, as counting patient by patient did.
-    rows, first, counts = np.unique(cohort.present, axis=0, return_index=True,
-                                    return_counts=True)
-    patterns = Counter({"+".join(n for n, p in zip(names, rows[k], strict=True) if p):
-                        int(counts[k]) for k in np.argsort(first)})
+    rows, first, counts = np.unique(cohort.present, axis=0, return_index=True, return_counts=True)
+    patterns = Counter(
+        {
+            "+".join(n for n, p in zip(names, rows[k], strict=True) if p): int(counts[k])
+            for k in np.argsort(first)
+        }
+    )
     images = {}
     for name, lists in cohort.images.items():
         sizes = np.array([len(p) for p in lists if p])
         if len(sizes):
-            images[name] = {"min": float(sizes.min()), "mean": float(sizes.mean()),
-                            "max": float(sizes.max()), "total": float(sizes.sum())}
+            images[name] = {
+                "min": float(sizes.min()),
+                "mean": float(sizes.mean()),
+                "max": float(sizes.max()),
+                "total": float(sizes.sum()),
+            }
     report = AuditReport(
-        manifest=Path(manifest), n_patients=len(cohort),
-        label_counts={}, presence={n: int(cohort.present[:, i].sum())
-                                   for i, n in enumerate(names)},
-        patterns=dict(patterns.most_common()), images_per_patient=images,
+        manifest=Path(manifest),
+        n_patients=len(cohort),
+        label_counts={},
+        presence={n: int(cohort.present[:, i].sum()) for i, n in enumerate(names)},
+        patterns=dict(patterns.most_common()),
+        images_per_patient=images,
         vector_sizes={n: v.shape[1] for n, v in cohort.vectors.items()},
         image_files={n: describe_files(lists) for n, lists in cohort.images.items()},
-        note_stats=dict(cohort.note_stats), notes=list(cohort.notes),
+        note_stats=dict(cohort.note_stats),
+        notes=list(cohort.notes),
     )
     if cohort.labels is None or not (cohort.labels >= 0).any():
-        report.problems.append("no patient has a label (training needs labelled patients; "
-                               "unlabeled ones, with an empty label cell, only join them)")
+        report.problems.append(
+            "no patient has a label (training needs labelled patients; "
+            "unlabeled ones, with an empty label cell, only join them)"
+        )
         return report
     labelled = cohort.labels[cohort.labels >= 0]
     report.n_unlabeled = int((cohort.labels < 0).sum())
@@ -87,8 +109,13 @@ def audit_manifest(manifest: Path, data: DataConfig, *, num_classes: int | None 
     cfg = split or TrainConfig()
     try:
         check_trainable(cohort, classes)
-        splits = stratified_split(cohort.labels, train=cfg.train_ratio, val=cfg.val_ratio,
-                                  test=cfg.test_ratio, seed=cfg.seed)
+        splits = stratified_split(
+            cohort.labels,
+            train=cfg.train_ratio,
+            val=cfg.val_ratio,
+            test=cfg.test_ratio,
+            seed=cfg.seed,
+        )
     except DataError as err:
         report.problems.append(err.message + (f" ({err.hint})" if err.hint else ""))
         return report
@@ -109,8 +136,9 @@ def describe_files(views: list[list[View]]) -> list[dict[str, str | int]]:
     return [{**dict(kind), "files": count} for kind, count in kinds.most_common()]
 
 
-def split_summary(cohort: Cohort, splits: dict[str, np.ndarray],
-                  class_names: list[str]) -> pd.DataFrame:
+def split_summary(
+    cohort: Cohort, splits: dict[str, np.ndarray], class_names: list[str]
+) -> pd.DataFrame:
     """Patients per class and per missing pattern in each split (train, val, test, all).
 
     One row per class (``kind`` class) then one per presence pattern (``kind`` pattern, most
@@ -119,11 +147,11 @@ def split_summary(cohort: Cohort, splits: dict[str, np.ndarray],
     split_of = np.full(len(cohort), -1, dtype=np.int64)
     for k, idx in enumerate(splits.values()):
         split_of[idx] = k
-    rows, first, code = np.unique(cohort.present, axis=0, return_index=True,
-                                  return_inverse=True)
+    rows, first, code = np.unique(cohort.present, axis=0, return_index=True, return_inverse=True)
     code = code.reshape(-1)
-    names = ["+".join(n for n, p in zip(cohort.names, row, strict=True) if p) or "(none)"
-             for row in rows]
+    names = [
+        "+".join(n for n, p in zip(cohort.names, row, strict=True) if p) or "(none)" for row in rows
+    ]
     labels = cohort.labels
     if (labels < 0).any():  # unlabeled patients: a class row of their own
         class_names = [*class_names, "unlabeled"]
@@ -134,10 +162,18 @@ def split_summary(cohort: Cohort, splits: dict[str, np.ndarray],
         table = np.zeros((len(values), len(splits)), dtype=np.int64)
         for k in range(len(splits)):
             table[:, k] = np.bincount(key[split_of == k], minlength=len(values))
-        order = range(len(values)) if kind == "class" else sorted(
-            range(len(values)), key=lambda v: (-table[v].sum(), first[v]))
+        order = (
+            range(len(values))
+            if kind == "class"
+            else sorted(range(len(values)), key=lambda v: (-table[v].sum(), first[v]))
+        )
         for v in order:
-            records.append({"kind": kind, "value": values[v],
-                            **{name: int(table[v, k]) for k, name in enumerate(splits)},
-                            "total": int(table[v].sum())})
+            records.append(
+                {
+                    "kind": kind,
+                    "value": values[v],
+                    **{name: int(table[v, k]) for k, name in enumerate(splits)},
+                    "total": int(table[v].sum()),
+                }
+            )
     return pd.DataFrame(records)

@@ -52,20 +52,33 @@ def versions() -> dict[str, str]:
     import sklearn
     import torchvision
 
-    return {"omnifuse": __version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": numpy.__version__,
-            "scikit-learn": sklearn.__version__, "python": platform.python_version()}
+    return {
+        "omnifuse": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "scikit-learn": sklearn.__version__,
+        "python": platform.python_version(),
+    }
 
 
-def save_bundle(folder: Path, model: OmniFuse, preprocessor: Preprocessor, *,
-                class_names: list[str], extra: dict[str, Any] | None = None,
-                state: dict[str, torch.Tensor] | None = None) -> None:
+def save_bundle(
+    folder: Path,
+    model: OmniFuse,
+    preprocessor: Preprocessor,
+    *,
+    class_names: list[str],
+    extra: dict[str, Any] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write the bundle into ``folder`` (created/replaced atomically file by file)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone()
-               for k, v in (state or model.state_dict()).items()}
+    tensors = {
+        k: v.detach().to("cpu").contiguous().clone()
+        for k, v in (state or model.state_dict()).items()
+    }
     tmp = temp_file_beside(folder / "model.safetensors")
     try:
         mode = stat.S_IMODE(tmp.stat().st_mode)  # what the user's umask allows
@@ -150,9 +163,12 @@ def load_bundle(run_or_bundle: Path, device: torch.device | str = "cpu") -> Load
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise BundleError(f"{folder / 'model.safetensors'} does not match its bundle.json: "
-                          f"{str(err).splitlines()[0]}") from err
+        raise BundleError(
+            f"{folder / 'model.safetensors'} does not match its bundle.json: "
+            f"{str(err).splitlines()[0]}"
+        ) from err
     model.to(device).eval()
-    preprocessor = Preprocessor.from_state(config.modalities, image, text, meta["preprocessor"],
-                                           tokenizers)
+    preprocessor = Preprocessor.from_state(
+        config.modalities, image, text, meta["preprocessor"], tokenizers
+    )
     return LoadedBundle(model, preprocessor, list(meta["class_names"]), meta)

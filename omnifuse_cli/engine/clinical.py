@@ -52,9 +52,12 @@ def fit_temperature(log_probs: np.ndarray, y: np.ndarray) -> float:
     y = np.asarray(y, dtype=int)
     if log_probs.ndim != 2 or len(log_probs) != len(y) or not len(y):
         raise ValueError("log_probs must be (N, C) with one label per row")
-    result = minimize_scalar(lambda t: _nll(log_probs, y, math.exp(t)), method="bounded",
-                             bounds=(math.log(0.05), math.log(20.0)),
-                             options={"xatol": 1e-7})
+    result = minimize_scalar(
+        lambda t: _nll(log_probs, y, math.exp(t)),
+        method="bounded",
+        bounds=(math.log(0.05), math.log(20.0)),
+        options={"xatol": 1e-7},
+    )
     return float(math.exp(result.x))
 
 
@@ -101,8 +104,9 @@ def calibration_slope_intercept(y_pos: np.ndarray, p: np.ndarray) -> tuple[float
     return (intercept, slope)
 
 
-def calibration_summary(y: np.ndarray, probs: np.ndarray, num_classes: int,
-                        class_names: Sequence[str] | None = None) -> dict[str, float]:
+def calibration_summary(
+    y: np.ndarray, probs: np.ndarray, num_classes: int, class_names: Sequence[str] | None = None
+) -> dict[str, float]:
     """ece, brier and loss; then cal_intercept / cal_slope of class 1 (binary) or
     cal_intercept_<name> / cal_slope_<name> one-vs-rest per class (C > 2)."""
     y = np.asarray(y, dtype=int)
@@ -161,8 +165,10 @@ def parse_threshold_rule(text: str) -> ThresholdRule:
             target = math.nan
         if 0 < target < 1:
             return ThresholdRule(kind, target)
-        raise ConfigError(f"--threshold {text!r}: the target must be a number between 0 and 1",
-                          hint=f"use {_RULE_FORMS}")
+        raise ConfigError(
+            f"--threshold {text!r}: the target must be a number between 0 and 1",
+            hint=f"use {_RULE_FORMS}",
+        )
     raise ConfigError(f"--threshold {text!r} is not a threshold rule", hint=f"use {_RULE_FORMS}")
 
 
@@ -188,8 +194,9 @@ _RULE_RATE = {"sens": "sensitivity", "spec": "specificity", "ppv": "ppv", "npv":
 _PREFER_HIGH = {"sens": True, "npv": True, "spec": False, "ppv": False}
 
 
-def choose_threshold(y_pos: np.ndarray, score: np.ndarray, rule: ThresholdRule
-                     ) -> tuple[float, bool]:
+def choose_threshold(
+    y_pos: np.ndarray, score: np.ndarray, rule: ThresholdRule
+) -> tuple[float, bool]:
     """(threshold, met): the candidate threshold (a distinct score) that ``rule`` picks.
 
     youden and f1 maximise their criterion (ties: the higher threshold) and are always met.
@@ -202,15 +209,20 @@ def choose_threshold(y_pos: np.ndarray, score: np.ndarray, rule: ThresholdRule
     n_pos = int(y_pos.sum())
     n_neg = len(y_pos) - n_pos
     if n_pos == 0 or n_neg == 0:
-        raise ConfigError("cannot choose a threshold: the labels hold one class only",
-                          hint="choose the threshold on data with both positives and negatives")
+        raise ConfigError(
+            "cannot choose a threshold: the labels hold one class only",
+            hint="choose the threshold on data with both positives and negatives",
+        )
     fpr, tpr, thresholds = roc_curve(y_pos.astype(int), score, drop_intermediate=False)
     keep = thresholds <= score.max()  # drop the leading inf ("nobody positive")
     thresholds = thresholds[keep]  # decreasing: index 0 is the highest threshold
     rates = _rates(np.rint(tpr[keep] * n_pos), np.rint(fpr[keep] * n_neg), n_pos, n_neg)
     if rule.kind in ("youden", "f1"):
-        value = (rates["sensitivity"] + rates["specificity"] - 1 if rule.kind == "youden"
-                 else rates["f1"])
+        value = (
+            rates["sensitivity"] + rates["specificity"] - 1
+            if rule.kind == "youden"
+            else rates["f1"]
+        )
         best = np.nanmax(value)
         return (float(thresholds[np.flatnonzero(value >= best - _EPS)[0]]), True)
     if rule.kind not in _RULE_RATE or rule.target is None:
@@ -238,8 +250,15 @@ def operating_point(y_pos: np.ndarray, score: np.ndarray, threshold: float) -> d
 _OP_RATES = ("sensitivity", "specificity", "ppv", "npv", "f1")
 
 
-def operating_point_ci(y_pos: np.ndarray, score: np.ndarray, threshold: float, *, n: int,
-                       seed: int, level: float = 0.95) -> dict[str, tuple[float, float]]:
+def operating_point_ci(
+    y_pos: np.ndarray,
+    score: np.ndarray,
+    threshold: float,
+    *,
+    n: int,
+    seed: int,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals over patients of sensitivity, specificity, ppv, npv and f1
     at a fixed threshold (chosen on other data, so not re-chosen per resample)."""
     if n <= 0:
@@ -252,8 +271,9 @@ def operating_point_ci(y_pos: np.ndarray, score: np.ndarray, threshold: float, *
         idx = rng.integers(0, len(y_pos), len(y_pos))
         yb, cb = y_pos[idx], called[idx]
         n_pos = int(yb.sum())
-        rates = _rates(np.count_nonzero(yb & cb), np.count_nonzero(~yb & cb), n_pos,
-                       len(yb) - n_pos)
+        rates = _rates(
+            np.count_nonzero(yb & cb), np.count_nonzero(~yb & cb), n_pos, len(yb) - n_pos
+        )
         for k in _OP_RATES:
             draws[k][b] = rates[k]
     return {k: percentile_interval(draws[k], level) for k in _OP_RATES}
@@ -266,8 +286,9 @@ def operating_point_ci(y_pos: np.ndarray, score: np.ndarray, threshold: float, *
 DEFAULT_THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)
 
 
-def decision_curve(y_pos: np.ndarray, score: np.ndarray,
-                   thresholds: np.ndarray = DEFAULT_THRESHOLDS) -> pd.DataFrame:
+def decision_curve(
+    y_pos: np.ndarray, score: np.ndarray, thresholds: np.ndarray = DEFAULT_THRESHOLDS
+) -> pd.DataFrame:
     """Net benefit of treating patients with score >= pt, against treat-all and treat-none.
 
     Columns threshold, net_benefit, treat_all, treat_none, tp, fp, n."""
@@ -284,15 +305,17 @@ def decision_curve(y_pos: np.ndarray, score: np.ndarray,
     fp = len(neg) - np.searchsorted(neg, pt, side="left")
     odds = pt / (1 - pt)
     prevalence = len(pos) / n
-    return pd.DataFrame({
-        "threshold": pt,
-        "net_benefit": tp / n - fp / n * odds,
-        "treat_all": prevalence - (1 - prevalence) * odds,
-        "treat_none": np.zeros(len(pt)),
-        "tp": tp.astype(int),
-        "fp": fp.astype(int),
-        "n": np.full(len(pt), n, dtype=int),
-    })
+    return pd.DataFrame(
+        {
+            "threshold": pt,
+            "net_benefit": tp / n - fp / n * odds,
+            "treat_all": prevalence - (1 - prevalence) * odds,
+            "treat_none": np.zeros(len(pt)),
+            "tp": tp.astype(int),
+            "fp": fp.astype(int),
+            "n": np.full(len(pt), n, dtype=int),
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,8 +327,10 @@ MAX_STORED_SCORES = 20000
 
 def _check_alpha(alpha: float) -> float:
     if not 0 < alpha < 1:
-        raise ConfigError(f"the conformal miscoverage alpha must lie in (0, 1), not {alpha}",
-                          hint="e.g. 0.1 for sets that hold the true class 90% of the time")
+        raise ConfigError(
+            f"the conformal miscoverage alpha must lie in (0, 1), not {alpha}",
+            hint="e.g. 0.1 for sets that hold the true class 90% of the time",
+        )
     return float(alpha)
 
 
@@ -334,8 +359,9 @@ class ConformalCalibration:
     weights: np.ndarray | None = None
 
     @classmethod
-    def from_validation(cls, y: np.ndarray, probs: np.ndarray, num_classes: int
-                        ) -> ConformalCalibration:
+    def from_validation(
+        cls, y: np.ndarray, probs: np.ndarray, num_classes: int
+    ) -> ConformalCalibration:
         """Scores of the validation patients (y, probs)."""
         y = np.asarray(y, dtype=int)
         probs = np.asarray(probs, dtype=float)
@@ -361,7 +387,7 @@ class ConformalCalibration:
         return bool((self.class_counts() >= self.min_per_class(alpha)).all())
 
     def mode(self, alpha: float) -> str:
-        """"class-conditional" or "marginal": how sets at ``alpha`` are calibrated."""
+        """ "class-conditional" or "marginal": how sets at ``alpha`` are calibrated."""
         return "class-conditional" if self.class_conditional(alpha) else "marginal"
 
     def quantiles(self, alpha: float) -> np.ndarray:
@@ -371,9 +397,12 @@ class ConformalCalibration:
         weights = self._weights()
         if not self.class_conditional(alpha):
             return np.full(self.num_classes, _weighted_quantile(self.scores, weights, alpha))
-        return np.array([_weighted_quantile(self.scores[self.labels == c],
-                                            weights[self.labels == c], alpha)
-                         for c in range(self.num_classes)])
+        return np.array(
+            [
+                _weighted_quantile(self.scores[self.labels == c], weights[self.labels == c], alpha)
+                for c in range(self.num_classes)
+            ]
+        )
 
     def sets(self, probs: np.ndarray, alpha: float) -> np.ndarray:
         """Bool (N, C) prediction sets: class c is in when 1 - probs[:, c] <= qhat_c (a set may
@@ -398,8 +427,12 @@ class ConformalCalibration:
                 if not len(mine):
                     continue
                 n_c = float(weights[mine].sum())
-                m = min(len(mine), max(math.ceil(MAX_STORED_SCORES * len(mine) / len(scores)),
-                                       min(len(mine), 1000)))
+                m = min(
+                    len(mine),
+                    max(
+                        math.ceil(MAX_STORED_SCORES * len(mine) / len(scores)), min(len(mine), 1000)
+                    ),
+                )
                 pick = mine[np.unique(np.rint(np.linspace(0, len(mine) - 1, m)).astype(int))]
                 parts.append((pick, np.full(len(pick), n_c / len(pick))))
             pick = np.concatenate([p for p, _ in parts])
@@ -418,10 +451,12 @@ class ConformalCalibration:
     def from_dict(cls, d: dict[str, Any]) -> ConformalCalibration:
         """Inverse of to_dict."""
         weights = d.get("weights")
-        return cls(scores=np.asarray(d["scores"], dtype=float),
-                   labels=np.asarray(d["labels"], dtype=int),
-                   num_classes=int(d["num_classes"]),
-                   weights=None if weights is None else np.asarray(weights, dtype=float))
+        return cls(
+            scores=np.asarray(d["scores"], dtype=float),
+            labels=np.asarray(d["labels"], dtype=int),
+            num_classes=int(d["num_classes"]),
+            weights=None if weights is None else np.asarray(weights, dtype=float),
+        )
 
 
 def _ordered_values(values: np.ndarray) -> list[Any]:
@@ -431,9 +466,12 @@ def _ordered_values(values: np.ndarray) -> list[Any]:
     return [uniq[i] for i in order]
 
 
-def coverage_table(y: np.ndarray, sets: np.ndarray,
-                   groups: dict[str, np.ndarray] | None = None,
-                   class_names: Sequence[str] | None = None) -> pd.DataFrame:
+def coverage_table(
+    y: np.ndarray,
+    sets: np.ndarray,
+    groups: dict[str, np.ndarray] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> pd.DataFrame:
     """Coverage, mean set size and number of empty sets: overall, per true class and per value
     of each grouping (most frequent first). Columns by, group, n, coverage, mean_set_size,
     empty_sets (a count)."""
@@ -444,18 +482,23 @@ def coverage_table(y: np.ndarray, sets: np.ndarray,
 
     def row(by: str, group: str, mask: np.ndarray) -> dict[str, Any]:
         n = int(mask.sum())
-        return {"by": by, "group": group, "n": n,
-                "coverage": float(covered[mask].mean()) if n else math.nan,
-                "mean_set_size": float(size[mask].mean()) if n else math.nan,
-                "empty_sets": int((size[mask] == 0).sum())}
+        return {
+            "by": by,
+            "group": group,
+            "n": n,
+            "coverage": float(covered[mask].mean()) if n else math.nan,
+            "mean_set_size": float(size[mask].mean()) if n else math.nan,
+            "empty_sets": int((size[mask] == 0).sum()),
+        }
 
     rows = [row("all", "all", np.ones(len(y), dtype=bool))]
     rows += [row("class", _class_name(c, class_names), y == c) for c in range(sets.shape[1])]
     for key, values in (groups or {}).items():
         text = np.asarray(values).astype(str)
         rows += [row(key, v, text == v) for v in _ordered_values(text)]
-    return pd.DataFrame(rows, columns=["by", "group", "n", "coverage", "mean_set_size",
-                                       "empty_sets"])
+    return pd.DataFrame(
+        rows, columns=["by", "group", "n", "coverage", "mean_set_size", "empty_sets"]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,19 +549,22 @@ def parse_subgroup(text: str) -> SubgroupSpec:
     if quantile:
         k = int(quantile.group(1))
         if k < 2:
-            raise ConfigError(f"subgroup {text!r}: quantile bands need K >= 2",
-                              hint=f"use {_SUBGROUP_FORMS}")
+            raise ConfigError(
+                f"subgroup {text!r}: quantile bands need K >= 2", hint=f"use {_SUBGROUP_FORMS}"
+            )
         return SubgroupSpec(column, f"q{k}")
     try:
         cuts = [float(v) for v in bands.split(",")] if looks_numeric else []
     except ValueError:
         cuts = []
     if not cuts or not all(math.isfinite(c) for c in cuts):
-        raise ConfigError(f"subgroup {text!r}: cannot read the bands {suffix!r}",
-                          hint=f"use {_SUBGROUP_FORMS}")
+        raise ConfigError(
+            f"subgroup {text!r}: cannot read the bands {suffix!r}", hint=f"use {_SUBGROUP_FORMS}"
+        )
     if any(b <= a for a, b in zip(cuts, cuts[1:], strict=False)):
-        raise ConfigError(f"subgroup {text!r}: cut points must increase",
-                          hint=f"use {_SUBGROUP_FORMS}")
+        raise ConfigError(
+            f"subgroup {text!r}: cut points must increase", hint=f"use {_SUBGROUP_FORMS}"
+        )
     return SubgroupSpec(column, ",".join(_fmt(c) for c in cuts))
 
 
@@ -544,10 +590,12 @@ def band(values: pd.Series, spec: SubgroupSpec) -> pd.Series:
     bad = numbers.isna() & ~missing
     if bad.any():
         shown = ", ".join(repr(str(v)) for v in pd.unique(values[bad])[:5])
-        raise ConfigError(f"subgroup {str(spec)!r}: column {spec.column!r} has values that are "
-                          f"not numbers ({shown})",
-                          hint=f"band only numeric columns; use {spec.column!r} alone to group "
-                               "by its values as they are")
+        raise ConfigError(
+            f"subgroup {str(spec)!r}: column {spec.column!r} has values that are "
+            f"not numbers ({shown})",
+            hint=f"band only numeric columns; use {spec.column!r} alone to group "
+            "by its values as they are",
+        )
     labels = pd.Series(np.full(len(values), MISSING, dtype=object), index=values.index)
     present = numbers.notna()
     if spec.bands.startswith("q"):
@@ -555,19 +603,23 @@ def band(values: pd.Series, spec: SubgroupSpec) -> pd.Series:
     else:
         cuts = spec.cut_points()
         edges = [-math.inf, *cuts, math.inf]
-        categories = ([f"<{_fmt(cuts[0])}"]
-                      + [f"{_fmt(a)}-<{_fmt(b)}" for a, b in zip(cuts, cuts[1:], strict=False)]
-                      + [f">={_fmt(cuts[-1])}"])
+        categories = (
+            [f"<{_fmt(cuts[0])}"]
+            + [f"{_fmt(a)}-<{_fmt(b)}" for a, b in zip(cuts, cuts[1:], strict=False)]
+            + [f">={_fmt(cuts[-1])}"]
+        )
         cut = pd.cut(numbers[present], edges, right=False, labels=categories)
         labels[present] = cut.astype(str)
     if missing.any():
         categories = [*categories, MISSING]
-    return pd.Series(pd.Categorical(labels, categories=categories, ordered=True),
-                     index=values.index)
+    return pd.Series(
+        pd.Categorical(labels, categories=categories, ordered=True), index=values.index
+    )
 
 
-def _quantile_labels(numbers: pd.Series, present: pd.Series, k: int, labels: pd.Series
-                     ) -> list[str]:
+def _quantile_labels(
+    numbers: pd.Series, present: pd.Series, k: int, labels: pd.Series
+) -> list[str]:
     """Fill labels[present] with "Qi [min, max]" quantile bands; return the band labels."""
     values = numbers[present]
     if not len(values):
@@ -586,10 +638,18 @@ def _quantile_labels(numbers: pd.Series, present: pd.Series, k: int, labels: pd.
     return categories
 
 
-def subgroup_table(y: np.ndarray, probs: np.ndarray, groups: pd.Series, num_classes: int, *,
-                   column: str, n_boot: int, seed: int,
-                   names: Sequence[str] = ("auroc", "macro_f1", "acc", "brier", "ece"),
-                   op: float | None = None) -> pd.DataFrame:
+def subgroup_table(
+    y: np.ndarray,
+    probs: np.ndarray,
+    groups: pd.Series,
+    num_classes: int,
+    *,
+    column: str,
+    n_boot: int,
+    seed: int,
+    names: Sequence[str] = ("auroc", "macro_f1", "acc", "brier", "ece"),
+    op: float | None = None,
+) -> pd.DataFrame:
     """Metrics with bootstrap intervals per subgroup (one row per group value).
 
     Rows follow the categories of a Categorical ``groups`` (band order), else group size
@@ -614,7 +674,9 @@ def subgroup_table(y: np.ndarray, probs: np.ndarray, groups: pd.Series, num_clas
         mask = text == value
         yg, pg = y[mask], probs[mask]
         row: dict[str, Any] = {
-            "column": column, "group": value, "n": int(mask.sum()),
+            "column": column,
+            "group": value,
+            "n": int(mask.sum()),
             "class_counts": "/".join(str(int(c)) for c in np.bincount(yg, minlength=num_classes)),
         }
         with warnings.catch_warnings():
@@ -624,8 +686,7 @@ def subgroup_table(y: np.ndarray, probs: np.ndarray, groups: pd.Series, num_clas
                 row[m] = _safe_metric(m, yg, pg, num_classes)
                 row[f"{m}_ci_low"], row[f"{m}_ci_high"] = cis.get(m, (math.nan, math.nan))
         if num_classes == 2:
-            row["cal_intercept"], row["cal_slope"] = calibration_slope_intercept(yg == 1,
-                                                                                 pg[:, 1])
+            row["cal_intercept"], row["cal_slope"] = calibration_slope_intercept(yg == 1, pg[:, 1])
             if op is not None:
                 point = operating_point(yg == 1, pg[:, 1], op)
                 op_cis = operating_point_ci(yg == 1, pg[:, 1], op, n=n_boot, seed=seed)
@@ -661,10 +722,15 @@ def subgroup_gaps(table: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
             finite = part[np.isfinite(part[m].astype(float))]
             large = finite[finite["n"] >= SMALL_SUBGROUP]
             used = large if len(large) >= 2 else finite
-            row: dict[str, Any] = {"column": column, "metric": m, "gap": math.nan,
-                                   "best_group": None, "worst_group": None,
-                                   "groups_compared": len(used),
-                                   "includes_small": bool(len(used) and len(large) < 2)}
+            row: dict[str, Any] = {
+                "column": column,
+                "metric": m,
+                "gap": math.nan,
+                "best_group": None,
+                "worst_group": None,
+                "groups_compared": len(used),
+                "includes_small": bool(len(used) and len(large) < 2),
+            }
             if len(used) >= 2:
                 values = used[m].astype(float).to_numpy()
                 if m in _IDEAL:
@@ -677,5 +743,15 @@ def subgroup_gaps(table: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
                 row["best_group"] = used["group"].iloc[int(np.argmin(badness))]
                 row["worst_group"] = used["group"].iloc[int(np.argmax(badness))]
             rows.append(row)
-    return pd.DataFrame(rows, columns=["column", "metric", "gap", "best_group", "worst_group",
-                                       "groups_compared", "includes_small"])
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "column",
+            "metric",
+            "gap",
+            "best_group",
+            "worst_group",
+            "groups_compared",
+            "includes_small",
+        ],
+    )

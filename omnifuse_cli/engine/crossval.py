@@ -156,17 +156,22 @@ class CVRequest:
         names = [v.name for v in self.all_variants]
         for name in names[1:]:
             if not _NAME_RE.match(name):
-                raise ConfigError(f"--variant name {name!r} is not usable as a folder name",
-                                  hint="use letters, digits, '-', '_', '.', '+'")
+                raise ConfigError(
+                    f"--variant name {name!r} is not usable as a folder name",
+                    hint="use letters, digits, '-', '_', '.', '+'",
+                )
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ConfigError(f"--variant {', '.join(dupes)} is given more than once"
-                              + (f" ({BASE!r} is the model without variant flags)"
-                                 if BASE in dupes else ""))
+            raise ConfigError(
+                f"--variant {', '.join(dupes)} is given more than once"
+                + (f" ({BASE!r} is the model without variant flags)" if BASE in dupes else "")
+            )
         for v in self.variants:
             if _reading(v.data) != _reading(self.base.data):
-                raise ConfigError(f"--variant {v.name} reads the data differently from the base "
-                                  "model; variants are compared on the same patients")
+                raise ConfigError(
+                    f"--variant {v.name} reads the data differently from the base "
+                    "model; variants are compared on the same patients"
+                )
 
     @property
     def all_variants(self) -> tuple[Variant, ...]:
@@ -233,25 +238,36 @@ def read_groups(manifest: Path, column: str, n: int) -> np.ndarray:
     """The group of every manifest row (in manifest order), checked to make folds."""
     frame = read_table(Path(manifest), "manifest")
     if column not in frame.columns:
-        raise DataError(f"--group-col {column!r} is not a column of {manifest} "
-                        f"(columns: {', '.join(frame.columns)})",
-                        hint="name the column that holds each row's patient or site")
+        raise DataError(
+            f"--group-col {column!r} is not a column of {manifest} "
+            f"(columns: {', '.join(frame.columns)})",
+            hint="name the column that holds each row's patient or site",
+        )
     values = frame[column].astype(str).str.strip()
     empty = np.flatnonzero((values == "").to_numpy())
     if len(empty):
         rows = ", ".join(str(i + 2) for i in empty[:20])
-        raise DataError(f"--group-col {column!r} is empty on {len(empty)} row(s) of {manifest} "
-                        f"(rows {rows})", hint="give every row its group")
+        raise DataError(
+            f"--group-col {column!r} is empty on {len(empty)} row(s) of {manifest} (rows {rows})",
+            hint="give every row its group",
+        )
     if values.nunique() < 2:
-        raise DataError(f"--group-col {column!r} puts all {n} patients in one group "
-                        f"({values.iloc[0]!r})",
-                        hint="cross-validation by group needs at least as many groups as folds")
+        raise DataError(
+            f"--group-col {column!r} puts all {n} patients in one group ({values.iloc[0]!r})",
+            hint="cross-validation by group needs at least as many groups as folds",
+        )
     assert len(values) == n
     return values.to_numpy(dtype=object)
 
 
-def assign_folds(labels: np.ndarray, folds: int, repeats: int, seed: int,
-                 groups: np.ndarray | None = None, group_col: str = "") -> np.ndarray:
+def assign_folds(
+    labels: np.ndarray,
+    folds: int,
+    repeats: int,
+    seed: int,
+    groups: np.ndarray | None = None,
+    group_col: str = "",
+) -> np.ndarray:
     """Fold number (1..folds) of every patient in every repeat: (repeats, N)."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
@@ -266,9 +282,11 @@ def assign_folds(labels: np.ndarray, folds: int, repeats: int, seed: int,
             f"class {smallest}",
         )
     if groups is not None and len(set(groups)) < folds:
-        raise DataError(f"--group-col {group_col!r} has {len(set(groups))} groups; --folds "
-                        f"{folds} needs at least {folds}",
-                        hint=f"use --folds {len(set(groups))} or fewer")
+        raise DataError(
+            f"--group-col {group_col!r} has {len(set(groups))} groups; --folds "
+            f"{folds} needs at least {folds}",
+            hint=f"use --folds {len(set(groups))} or fewer",
+        )
     out = np.zeros((repeats, len(labels)), dtype=np.int64)
     index = np.arange(len(labels))
     for r in range(repeats):
@@ -283,8 +301,14 @@ def assign_folds(labels: np.ndarray, folds: int, repeats: int, seed: int,
     return out
 
 
-def assign_folds_labelled(labels: np.ndarray, folds: int, repeats: int, seed: int,
-                          groups: np.ndarray | None = None, group_col: str = "") -> np.ndarray:
+def assign_folds_labelled(
+    labels: np.ndarray,
+    folds: int,
+    repeats: int,
+    seed: int,
+    groups: np.ndarray | None = None,
+    group_col: str = "",
+) -> np.ndarray:
     """assign_folds over the labelled patients; unlabeled ones (label -1) get fold 0: they
     join every training fold and are never tested. The labelled patients' folds are those
     the cohort would get without the unlabeled ones."""
@@ -292,14 +316,25 @@ def assign_folds_labelled(labels: np.ndarray, folds: int, repeats: int, seed: in
     if len(labelled) == len(labels):
         return assign_folds(labels, folds, repeats, seed, groups, group_col)
     out = np.zeros((repeats, len(labels)), dtype=np.int64)
-    out[:, labelled] = assign_folds(labels[labelled], folds, repeats, seed,
-                                    None if groups is None else groups[labelled], group_col)
+    out[:, labelled] = assign_folds(
+        labels[labelled],
+        folds,
+        repeats,
+        seed,
+        None if groups is None else groups[labelled],
+        group_col,
+    )
     return out
 
 
-def inner_split(labels: np.ndarray, idx: np.ndarray, share: float, seed: int,
-                groups: np.ndarray | None = None, where: str = "a training fold"
-                ) -> tuple[np.ndarray, np.ndarray]:
+def inner_split(
+    labels: np.ndarray,
+    idx: np.ndarray,
+    share: float,
+    seed: int,
+    groups: np.ndarray | None = None,
+    where: str = "a training fold",
+) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) patients of a training fold; validation stratified by label (and
     whole groups with ``groups``)."""
     from sklearn.model_selection import StratifiedGroupKFold, train_test_split
@@ -309,17 +344,21 @@ def inner_split(labels: np.ndarray, idx: np.ndarray, share: float, seed: int,
         g = groups[idx]
         splits = min(max(2, int(round(1 / share))), len(set(g)))
         if splits < 2:
-            raise DataError(f"{where}: its training patients form one group; no validation "
-                            "split is possible", hint="use fewer --folds")
+            raise DataError(
+                f"{where}: its training patients form one group; no validation split is possible",
+                hint="use fewer --folds",
+            )
         splitter = StratifiedGroupKFold(n_splits=splits, shuffle=True, random_state=seed)
         train_pos, val_pos = next(splitter.split(idx, y, g))
         return np.sort(idx[train_pos]), np.sort(idx[val_pos])
     classes, counts = np.unique(y, return_counts=True)
     if counts.min() < 2:
         c = int(classes[np.argmin(counts)])
-        raise DataError(f"{where}: class {c} has {counts.min()} training patient(s); the inner "
-                        "validation split needs at least 2 per class",
-                        hint=f"use fewer --folds, or add patients to class {c}")
+        raise DataError(
+            f"{where}: class {c} has {counts.min()} training patient(s); the inner "
+            "validation split needs at least 2 per class",
+            hint=f"use fewer --folds, or add patients to class {c}",
+        )
     n_val = max(len(classes), int(round(share * len(idx))))
     n_val = min(n_val, len(idx) - len(classes))
     train, val = train_test_split(idx, test_size=n_val, stratify=y, random_state=seed)
@@ -352,8 +391,9 @@ def save_cv_request(request: CVRequest) -> None:
             part["data"]["labs_table"] = str(Path(part["data"]["labs_table"]).resolve())
     raw["out_dir"] = str(request.out_dir)
     raw["kind"] = "omnifuse-cv"
-    write_text_atomic(Path(request.out_dir) / CV_FILE,
-                      json.dumps(raw, ensure_ascii=False, indent=1, default=str))
+    write_text_atomic(
+        Path(request.out_dir) / CV_FILE, json.dumps(raw, ensure_ascii=False, indent=1, default=str)
+    )
 
 
 def from_primitive(cls: type, raw: Any) -> Any:
@@ -377,8 +417,9 @@ def _coerce(hint: Any, value: Any) -> Any:
         return tuple(_coerce(inner, v) for v in value)
     if origin in (typing.Union, types.UnionType):
         for arg in args:
-            if arg is not type(None) and (dataclasses.is_dataclass(arg)
-                                          or typing.get_origin(arg) is tuple):
+            if arg is not type(None) and (
+                dataclasses.is_dataclass(arg) or typing.get_origin(arg) is tuple
+            ):
                 return _coerce(arg, value)
     if hint is Path and isinstance(value, str):
         return Path(value)
@@ -388,8 +429,10 @@ def _coerce(hint: Any, value: Any) -> Any:
 def load_cv_request(out_dir: Path) -> CVRequest:
     path = Path(out_dir) / CV_FILE
     if not path.is_file():
-        raise BundleError(f"{out_dir} is not a resumable cross-validation (no {CV_FILE})",
-                          hint="pass the folder that `omnifuse cv --out-dir` wrote")
+        raise BundleError(
+            f"{out_dir} is not a resumable cross-validation (no {CV_FILE})",
+            hint="pass the folder that `omnifuse cv --out-dir` wrote",
+        )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         raw.pop("kind", None)
@@ -407,11 +450,17 @@ def _backbone_names(model: OmniFuse) -> list[str]:
     return [n for n, e in model.encoders.items() if isinstance(e, (ImageEncoder, HFTextEncoder))]
 
 
-def _train_request(request: CVRequest, variant: Variant, cfg: TrainConfig | None = None
-                   ) -> TrainRequest:
-    return TrainRequest(manifest=request.manifest, num_classes=request.num_classes,
-                        out_dir=request.out_dir, data=variant.data, method=variant.method,
-                        train=cfg or variant.train)
+def _train_request(
+    request: CVRequest, variant: Variant, cfg: TrainConfig | None = None
+) -> TrainRequest:
+    return TrainRequest(
+        manifest=request.manifest,
+        num_classes=request.num_classes,
+        out_dir=request.out_dir,
+        data=variant.data,
+        method=variant.method,
+        train=cfg or variant.train,
+    )
 
 
 @dataclass
@@ -431,35 +480,67 @@ def _encoding_key(variant: Variant) -> str:
     return json.dumps([to_primitive(variant.data.image), text], sort_keys=True)
 
 
-def _encode(cohort: Cohort, request: CVRequest, variant: Variant, device: torch.device,
-            emit: CVEventFn) -> _Encoded:
+def _encode(
+    cohort: Cohort, request: CVRequest, variant: Variant, device: torch.device, emit: CVEventFn
+) -> _Encoded:
     cfg = variant.train
     torch.manual_seed(request.base.train.seed)
-    model, pre, weights = build_for_cohort(cohort, np.arange(len(cohort)),
-                                           _train_request(request, variant))
+    model, pre, weights = build_for_cohort(
+        cohort, np.arange(len(cohort)), _train_request(request, variant)
+    )
     names = _backbone_names(model)
     if not names:
         return _Encoded({}, {}, {}, {}, weights, 0.0)
-    emit(CVEvent("message", text="encoding images/notes once for every fold with the frozen "
-                 "backbones"))
+    emit(
+        CVEvent(
+            "message", text="encoding images/notes once for every fold with the frozen backbones"
+        )
+    )
     data = pre.prepare(cohort)
     model.to(device)
     t0 = time.perf_counter()
-    cache_frozen_features(model, data, names, device=device, batch_size=cfg.encode_batch_size,
-                          amp=cfg.amp, progress=lambda d, t: emit(CVEvent("encode", d, t)),
-                          num_workers=cfg.num_workers,
-                          cache=feature_cache(cfg.cache_dir, cfg.cache),
-                          notify=lambda text: emit(CVEvent("message", text=text)))
-    states = {n: {k: v.detach().to("cpu", copy=True)
-                  for k, v in model.encoders[n].backbone.state_dict().items()} for n in names}
-    return _Encoded(states, dict(data.image_cache), dict(data.image_feature_dims),
-                    dict(data.text_cache), weights, time.perf_counter() - t0)
+    cache_frozen_features(
+        model,
+        data,
+        names,
+        device=device,
+        batch_size=cfg.encode_batch_size,
+        amp=cfg.amp,
+        progress=lambda d, t: emit(CVEvent("encode", d, t)),
+        num_workers=cfg.num_workers,
+        cache=feature_cache(cfg.cache_dir, cfg.cache),
+        notify=lambda text: emit(CVEvent("message", text=text)),
+    )
+    states = {
+        n: {
+            k: v.detach().to("cpu", copy=True)
+            for k, v in model.encoders[n].backbone.state_dict().items()
+        }
+        for n in names
+    }
+    return _Encoded(
+        states,
+        dict(data.image_cache),
+        dict(data.image_feature_dims),
+        dict(data.text_cache),
+        weights,
+        time.perf_counter() - t0,
+    )
 
 
-def _fit(cohort: Cohort, request: CVRequest, variant: Variant, enc: _Encoded, cfg: TrainConfig,
-         train_idx: np.ndarray, val_idx: np.ndarray, device: torch.device, emit: CVEventFn,
-         out: Path, unlabeled: np.ndarray | None = None
-         ) -> tuple[OmniFuse, Preprocessor, PreparedCohort, int, PostHoc]:
+def _fit(
+    cohort: Cohort,
+    request: CVRequest,
+    variant: Variant,
+    enc: _Encoded,
+    cfg: TrainConfig,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    device: torch.device,
+    emit: CVEventFn,
+    out: Path,
+    unlabeled: np.ndarray | None = None,
+) -> tuple[OmniFuse, Preprocessor, PreparedCohort, int, PostHoc]:
     """`train`'s model building, epoch loop and post-hoc fit (temperature, operating point,
     conformal scores on the inner validation split) on given patients, with the shared
     features; ``unlabeled`` patients join the training patients (training.fit_model)."""
@@ -467,8 +548,9 @@ def _fit(cohort: Cohort, request: CVRequest, variant: Variant, enc: _Encoded, cf
     if unlabeled is not None and len(unlabeled):
         splits["unlabeled"] = unlabeled
     torch.manual_seed(cfg.seed)
-    model, pre, _ = build_for_cohort(cohort, training_patients(splits),
-                                     _train_request(request, variant, cfg))
+    model, pre, _ = build_for_cohort(
+        cohort, training_patients(splits), _train_request(request, variant, cfg)
+    )
     data = pre.prepare(cohort)
     for name, state in enc.states.items():
         backbone = model.encoders[name].backbone
@@ -486,11 +568,13 @@ def _fit(cohort: Cohort, request: CVRequest, variant: Variant, enc: _Encoded, cf
         write_csv(out / "metrics.csv", pd.DataFrame(rows))
 
     records, best_epoch, best_state = fit_model(
-        model, data, splits, cfg, request.num_classes, forward, on_epoch=on_epoch)
+        model, data, splits, cfg, request.num_classes, forward, on_epoch=on_epoch
+    )
     model.load_state_dict(best_state)
     linear = fit_linear(model, data, splits, cfg, device)
-    posthoc = fit_finish(model, data, splits, cfg, device,
-                         [str(c) for c in range(request.num_classes)], linear)
+    posthoc = fit_finish(
+        model, data, splits, cfg, device, [str(c) for c in range(request.num_classes)], linear
+    )
     return model, pre, data, best_epoch, posthoc
 
 
@@ -505,8 +589,9 @@ class _Plan:
     unlabeled: np.ndarray  # patients without a label: they join every training fold
 
 
-def _plan(request: CVRequest, labels: np.ndarray, assignment: np.ndarray,
-          groups: np.ndarray | None) -> list[_Plan]:
+def _plan(
+    request: CVRequest, labels: np.ndarray, assignment: np.ndarray, groups: np.ndarray | None
+) -> list[_Plan]:
     """Every fold fit, inner splits included, computed before anything is written (so a fold
     too small for its validation split is an error up front)."""
     plans = []
@@ -517,15 +602,18 @@ def _plan(request: CVRequest, labels: np.ndarray, assignment: np.ndarray,
                 test = np.flatnonzero(assignment[r - 1] == k)
                 rest = np.flatnonzero((assignment[r - 1] != k) & (assignment[r - 1] > 0))
                 where = f"fold {k}" + (f" of repeat {r}" if request.repeats > 1 else "")
-                train, val = inner_split(labels, rest, share, fold_seed(variant.train, r, k),
-                                         groups, where)
-                plans.append(_Plan(variant, r, k, train, val, test,
-                                   np.flatnonzero(assignment[r - 1] == 0)))
+                train, val = inner_split(
+                    labels, rest, share, fold_seed(variant.train, r, k), groups, where
+                )
+                plans.append(
+                    _Plan(variant, r, k, train, val, test, np.flatnonzero(assignment[r - 1] == 0))
+                )
     return plans
 
 
-def run_cv(request: CVRequest, on_event: CVEventFn | None = None, *, resume: bool = False
-           ) -> CVResult:
+def run_cv(
+    request: CVRequest, on_event: CVEventFn | None = None, *, resume: bool = False
+) -> CVResult:
     """Cross-validate (resume=True: continue after the last complete fold).
 
     Under torchrun every fold fit trains with DDP on all processes (engine/training.py); rank 0
@@ -534,24 +622,31 @@ def run_cv(request: CVRequest, on_event: CVEventFn | None = None, *, resume: boo
         return _run_cv(request, on_event or (lambda event: None), device, resume)
 
 
-def _run_cv(request: CVRequest, emit: CVEventFn, device: torch.device, resume: bool
-            ) -> CVResult:
+def _run_cv(request: CVRequest, emit: CVEventFn, device: torch.device, resume: bool) -> CVResult:
     t_start = time.perf_counter()
     base = request.base
     if device.type == "cpu" or base.train.threads:
         set_threads(base.train.threads)
     main = distributed.is_main()
     with distributed.together("reading the data"):
-        cohort = read_manifest(request.manifest, base.data.modalities,
-                               num_classes=request.num_classes, allow_unlabeled=True,
-                               **reading_options(base.data))
+        cohort = read_manifest(
+            request.manifest,
+            base.data.modalities,
+            num_classes=request.num_classes,
+            allow_unlabeled=True,
+            **reading_options(base.data),
+        )
         check_trainable(cohort, request.num_classes)
         assert cohort.labels is not None
         labels = cohort.labels
-        groups = (read_groups(request.manifest, request.group_col, len(cohort))
-                  if request.group_col else None)
-        assignment = assign_folds_labelled(labels, request.folds, request.repeats,
-                                           base.train.seed, groups, request.group_col or "")
+        groups = (
+            read_groups(request.manifest, request.group_col, len(cohort))
+            if request.group_col
+            else None
+        )
+        assignment = assign_folds_labelled(
+            labels, request.folds, request.repeats, base.train.seed, groups, request.group_col or ""
+        )
         plans = _plan(request, labels, assignment, groups)
         for plan in plans:
             distributed.check_world_fits(len(plan.train), plan.variant.train.batch_size)
@@ -575,21 +670,34 @@ def _run_cv(request: CVRequest, emit: CVEventFn, device: torch.device, resume: b
             out = fold_dir(out_dir, plan.variant.name, plan.repeat, plan.fold)
             current = f"{plan.variant.name} rep {plan.repeat} fold {plan.fold}"
             saved = distributed.broadcast_object(
-                _read_fold(out) if main and (out / FOLD_DONE).is_file() else None)
+                _read_fold(out) if main and (out / FOLD_DONE).is_file() else None
+            )
             if saved is not None:
                 results.append(saved)
                 emit(CVEvent("fold-done", i + 1, total, fold=saved))
                 continue
             emit(CVEvent("fold", i, total, text=current))
             enc = _encoded_for(encoded, cohort, request, plan.variant, device, emit)
-            cfg = dataclasses.replace(plan.variant.train,
-                                      seed=fold_seed(plan.variant.train, plan.repeat, plan.fold))
+            cfg = dataclasses.replace(
+                plan.variant.train, seed=fold_seed(plan.variant.train, plan.repeat, plan.fold)
+            )
             t0 = time.perf_counter()
-            model, _, data, best_epoch, posthoc = _fit(cohort, request, plan.variant, enc, cfg,
-                                                       plan.train, plan.val, device, emit, out,
-                                                       plan.unlabeled)
-            inference = infer_all(model, data, plan.test, device=device,
-                                  batch_size=cfg.batch_size, amp=cfg.amp)
+            model, _, data, best_epoch, posthoc = _fit(
+                cohort,
+                request,
+                plan.variant,
+                enc,
+                cfg,
+                plan.train,
+                plan.val,
+                device,
+                emit,
+                out,
+                plan.unlabeled,
+            )
+            inference = infer_all(
+                model, data, plan.test, device=device, batch_size=cfg.batch_size, amp=cfg.amp
+            )
             raw = np.exp(inference.log_probs)
             probs = posthoc.probabilities(inference.log_probs)
             pred = posthoc.decide(probs)
@@ -597,40 +705,67 @@ def _run_cv(request: CVRequest, emit: CVEventFn, device: torch.device, resume: b
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a small fold may miss a class: metrics say n/a
                 metrics = full_metrics(y, probs, request.num_classes, pred)
-            result = FoldResult(plan.variant.name, plan.repeat, plan.fold, len(plan.train),
-                                len(plan.val), len(plan.test), best_epoch, metrics,
-                                time.perf_counter() - t0)
+            result = FoldResult(
+                plan.variant.name,
+                plan.repeat,
+                plan.fold,
+                len(plan.train),
+                len(plan.val),
+                len(plan.test),
+                best_epoch,
+                metrics,
+                time.perf_counter() - t0,
+            )
             if main:
                 sets, mode = conformal_sets(posthoc.conformal, probs, request.conformal)
-                frame = prediction_frame([cohort.ids[j] for j in inference.index], y, probs,
-                                         cohort.present[inference.index], cohort.names,
-                                         class_names, inference.weights, pred=pred, sets=sets,
-                                         raw=raw)
+                frame = prediction_frame(
+                    [cohort.ids[j] for j in inference.index],
+                    y,
+                    probs,
+                    cohort.present[inference.index],
+                    cohort.names,
+                    class_names,
+                    inference.weights,
+                    pred=pred,
+                    sets=sets,
+                    raw=raw,
+                )
                 if posthoc.threshold is not None:
                     frame["threshold"] = posthoc.threshold
                 if sets is not None:
                     frame["conformal_mode"] = mode
                 for position, (key, value) in enumerate(
-                        (("variant", plan.variant.name), ("repeat", plan.repeat),
-                         ("fold", plan.fold))):
+                    (("variant", plan.variant.name), ("repeat", plan.repeat), ("fold", plan.fold))
+                ):
                     frame.insert(position, key, value)
                 write_csv(out / "predictions.csv", frame)
-                _write_split(out, cohort, {"train": plan.train, "val": plan.val,
-                                           "test": plan.test, "unlabeled": plan.unlabeled})
-                write_text_atomic(out / FOLD_DONE,
-                                  json.dumps(dataclasses.asdict(result), indent=1))
+                _write_split(
+                    out,
+                    cohort,
+                    {
+                        "train": plan.train,
+                        "val": plan.val,
+                        "test": plan.test,
+                        "unlabeled": plan.unlabeled,
+                    },
+                )
+                write_text_atomic(out / FOLD_DONE, json.dumps(dataclasses.asdict(result), indent=1))
             results.append(result)
             emit(CVEvent("fold-done", i + 1, total, fold=result))
         current = "the summary"
-        summary = distributed.broadcast_object(summarise(request, labelled_only(cohort))
-                                               if main else None)
+        summary = distributed.broadcast_object(
+            summarise(request, labelled_only(cohort)) if main else None
+        )
         refit_dir = None
         if request.refit:
             current = "the final --refit model"
             refit_dir = _refit(cohort, request, groups, encoded, device, emit, total)
     except (KeyboardInterrupt, TrainingInterrupted):
-        done = sum(1 for p in plans if (fold_dir(out_dir, p.variant.name, p.repeat, p.fold)
-                                        / FOLD_DONE).is_file())
+        done = sum(
+            1
+            for p in plans
+            if (fold_dir(out_dir, p.variant.name, p.repeat, p.fold) / FOLD_DONE).is_file()
+        )
         stop = TrainingInterrupted(
             f"cross-validation stopped during {current}; {done} of {len(plans)} fold fits are "
             f"complete and saved in {out_dir}",
@@ -638,8 +773,7 @@ def _run_cv(request: CVRequest, emit: CVEventFn, device: torch.device, resume: b
         )
         stop.all_ranks = True  # type: ignore[attr-defined]  # every rank got the Ctrl-C
         raise stop from None
-    encoding = distributed.broadcast_object(
-        _encoding_record(out_dir, encoded) if main else None)
+    encoding = distributed.broadcast_object(_encoding_record(out_dir, encoded) if main else None)
     encode_seconds = encoding["encode_seconds"]
     seconds = time.perf_counter() - t_start
     weights = encoding["image_weights"]
@@ -647,11 +781,19 @@ def _run_cv(request: CVRequest, emit: CVEventFn, device: torch.device, resume: b
         _write_meta(out_dir, request, cohort, device, weights, encode_seconds, seconds)
     distributed.barrier()  # no rank reports success before the last file is written
     return CVResult(
-        out_dir=out_dir, n_patients=len(cohort), class_names=class_names,
-        variants=[v.name for v in request.all_variants], metrics=summary["metrics"],
-        patterns=summary["patterns"], confusion=summary["confusion"],
-        differences=summary["differences"], folds=results, encode_seconds=encode_seconds,
-        seconds=seconds, refit_dir=refit_dir, notes=list(cohort.notes),
+        out_dir=out_dir,
+        n_patients=len(cohort),
+        class_names=class_names,
+        variants=[v.name for v in request.all_variants],
+        metrics=summary["metrics"],
+        patterns=summary["patterns"],
+        confusion=summary["confusion"],
+        differences=summary["differences"],
+        folds=results,
+        encode_seconds=encode_seconds,
+        seconds=seconds,
+        refit_dir=refit_dir,
+        notes=list(cohort.notes),
     )
 
 
@@ -681,17 +823,25 @@ def _prepare_cv_dir(request: CVRequest, resume: bool, folds_frame: pd.DataFrame)
             before = pd.read_csv(saved, dtype=str, keep_default_na=False)
             now = pd.read_csv(_as_csv(folds_frame), dtype=str, keep_default_na=False)
             if not before.equals(now):
-                raise BundleError(f"the folds of {request.manifest} are no longer those of "
-                                  f"{out_dir} (the manifest changed since)",
-                                  hint="start a new cross-validation with another --out-dir")
+                raise BundleError(
+                    f"the folds of {request.manifest} are no longer those of "
+                    f"{out_dir} (the manifest changed since)",
+                    hint="start a new cross-validation with another --out-dir",
+                )
     else:
         prepare_out_dir(out_dir, request.overwrite)
         save_cv_request(request)
     write_csv(out_dir / "folds.csv", folds_frame)
 
 
-def _encoded_for(cache: dict[str, _Encoded], cohort: Cohort, request: CVRequest,
-                 variant: Variant, device: torch.device, emit: CVEventFn) -> _Encoded:
+def _encoded_for(
+    cache: dict[str, _Encoded],
+    cohort: Cohort,
+    request: CVRequest,
+    variant: Variant,
+    device: torch.device,
+    emit: CVEventFn,
+) -> _Encoded:
     key = _encoding_key(variant)
     if key not in cache:
         cache[key] = _encode(cohort, request, variant, device, emit)
@@ -704,8 +854,10 @@ def _encoding_record(out_dir: Path, encoded: dict[str, _Encoded]) -> dict[str, A
     path = out_dir / ENCODING
     if not encoded and path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
-    record = {"image_weights": next(iter(encoded.values())).weights if encoded else "",
-              "encode_seconds": round(sum(e.seconds for e in encoded.values()), 3)}
+    record = {
+        "image_weights": next(iter(encoded.values())).weights if encoded else "",
+        "encode_seconds": round(sum(e.seconds for e in encoded.values()), 3),
+    }
     write_text_atomic(path, json.dumps(record))
     return record
 
@@ -719,11 +871,11 @@ def _as_csv(frame: pd.DataFrame) -> Any:
     return buffer
 
 
-def _folds_frame(cohort: Cohort, assignment: np.ndarray, groups: np.ndarray | None
-                 ) -> pd.DataFrame:
+def _folds_frame(cohort: Cohort, assignment: np.ndarray, groups: np.ndarray | None) -> pd.DataFrame:
     assert cohort.labels is not None
-    patterns = ["+".join(n for n, p in zip(cohort.names, row, strict=True) if p)
-                for row in cohort.present]
+    patterns = [
+        "+".join(n for n, p in zip(cohort.names, row, strict=True) if p) for row in cohort.present
+    ]
     frames = []
     for r, folds in enumerate(assignment, start=1):
         frame = pd.DataFrame({"id": cohort.ids, "label": cohort.labels})
@@ -747,9 +899,15 @@ def _read_fold(out: Path) -> FoldResult:
     return FoldResult(**{**raw, "resumed": True})
 
 
-def _refit(cohort: Cohort, request: CVRequest, groups: np.ndarray | None,
-           encoded: dict[str, _Encoded], device: torch.device, emit: CVEventFn,
-           total: int) -> Path:
+def _refit(
+    cohort: Cohort,
+    request: CVRequest,
+    groups: np.ndarray | None,
+    encoded: dict[str, _Encoded],
+    device: torch.device,
+    emit: CVEventFn,
+    total: int,
+) -> Path:
     """The base model trained on every patient (an inner validation split picks the epoch),
     saved as a run folder for `omnifuse predict`."""
     out = Path(request.out_dir) / FINAL_DIR
@@ -760,26 +918,44 @@ def _refit(cohort: Cohort, request: CVRequest, groups: np.ndarray | None,
     base = request.base
     emit(CVEvent("refit", total - 1, total, text="final model on all patients"))
     unlabeled = np.flatnonzero(cohort.labels < 0)
-    train_idx, val_idx = inner_split(cohort.labels, np.flatnonzero(cohort.labels >= 0),
-                                     _val_share(base.train), base.train.seed, groups,
-                                     "the final model")
+    train_idx, val_idx = inner_split(
+        cohort.labels,
+        np.flatnonzero(cohort.labels >= 0),
+        _val_share(base.train),
+        base.train.seed,
+        groups,
+        "the final model",
+    )
     enc = _encoded_for(encoded, cohort, request, base, device, emit)
-    model, pre, _, best_epoch, posthoc = _fit(cohort, request, base, enc, base.train,
-                                              train_idx, val_idx, device, emit, out, unlabeled)
+    model, pre, _, best_epoch, posthoc = _fit(
+        cohort, request, base, enc, base.train, train_idx, val_idx, device, emit, out, unlabeled
+    )
     if not distributed.is_main():
         return out
     _write_split(out, cohort, {"train": train_idx, "val": val_idx, "unlabeled": unlabeled})
     meta = _meta(request, cohort, device, enc.weights)
-    meta.update({"n_train": len(train_idx), "n_val": len(val_idx), "n_test": 0,
-                 "n_unlabeled": len(unlabeled),
-                 "best_epoch": best_epoch, **posthoc_meta(posthoc)})
-    save_bundle(out / BUNDLE_DIR, model, pre, class_names=[str(c) for c in
-                                                           range(request.num_classes)],
-                extra={"best_epoch": best_epoch, "run": meta, POSTHOC: posthoc.to_dict()})
+    meta.update(
+        {
+            "n_train": len(train_idx),
+            "n_val": len(val_idx),
+            "n_test": 0,
+            "n_unlabeled": len(unlabeled),
+            "best_epoch": best_epoch,
+            **posthoc_meta(posthoc),
+        }
+    )
+    save_bundle(
+        out / BUNDLE_DIR,
+        model,
+        pre,
+        class_names=[str(c) for c in range(request.num_classes)],
+        extra={"best_epoch": best_epoch, "run": meta, POSTHOC: posthoc.to_dict()},
+    )
     _write_key_values(out / "meta.csv", meta)
-    write_text_atomic(out / REFIT_DONE, json.dumps({"best_epoch": best_epoch,
-                                                    "n_train": len(train_idx),
-                                                    "n_val": len(val_idx)}))
+    write_text_atomic(
+        out / REFIT_DONE,
+        json.dumps({"best_epoch": best_epoch, "n_train": len(train_idx), "n_val": len(val_idx)}),
+    )
     emit(CVEvent("refit", total, total, text="final model saved"))
     return out
 
@@ -794,8 +970,9 @@ def read_oof(out_dir: Path, request: CVRequest) -> pd.DataFrame:
         for r in range(1, request.repeats + 1):
             for k in range(1, request.folds + 1):
                 path = fold_dir(out_dir, variant.name, r, k) / "predictions.csv"
-                frames.append(pd.read_csv(path, dtype={"id": str, "pred": str},
-                                          keep_default_na=False))
+                frames.append(
+                    pd.read_csv(path, dtype={"id": str, "pred": str}, keep_default_na=False)
+                )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -823,17 +1000,22 @@ def summarise(request: CVRequest, cohort: Cohort) -> dict[str, Any]:
             preds[r - 1, idx] = rows["pred"].astype(int).to_numpy()
         pooled[name] = probs
         decided[name] = preds
-    order = pd.DataFrame({"v": oof["variant"].map({n: i for i, n in enumerate(names)}),
-                          "r": oof["repeat"], "p": oof["id"].map(position)})
-    write_csv(out_dir / "predictions.csv",
-              oof.loc[order.sort_values(["v", "r", "p"]).index])
+    order = pd.DataFrame(
+        {
+            "v": oof["variant"].map({n: i for i, n in enumerate(names)}),
+            "r": oof["repeat"],
+            "p": oof["id"].map(position),
+        }
+    )
+    write_csv(out_dir / "predictions.csv", oof.loc[order.sort_values(["v", "r", "p"]).index])
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # folds and patterns may miss a class: metrics say n/a
         values = {}
         for n in names:
-            per_repeat = [full_metrics(y, p, c, d) for p, d in zip(pooled[n], decided[n],
-                                                                    strict=True)]
+            per_repeat = [
+                full_metrics(y, p, c, d) for p, d in zip(pooled[n], decided[n], strict=True)
+            ]
             values[n] = {m: float(np.mean([v[m] for v in per_repeat])) for m in METRICS}
         fold_rows = []
         for n in names:
@@ -841,52 +1023,96 @@ def summarise(request: CVRequest, cohort: Cohort) -> dict[str, Any]:
                 for k in range(1, request.folds + 1):
                     part = oof[(oof["variant"] == n) & (oof["repeat"] == r) & (oof["fold"] == k)]
                     yk = part["label"].to_numpy(dtype=np.int64)
-                    m = full_metrics(yk, part[prob_cols].to_numpy(dtype=float), c,
-                                     part["pred"].astype(int).to_numpy())
+                    m = full_metrics(
+                        yk,
+                        part[prob_cols].to_numpy(dtype=float),
+                        c,
+                        part["pred"].astype(int).to_numpy(),
+                    )
                     done = json.loads((fold_dir(out_dir, n, r, k) / FOLD_DONE).read_text())
-                    fold_rows.append({"variant": n, "repeat": r, "fold": k, "n": len(part),
-                                      **{key: m[key] for key in METRICS},
-                                      "best_epoch": done["best_epoch"],
-                                      "seconds": round(done["seconds"], 3)})
+                    fold_rows.append(
+                        {
+                            "variant": n,
+                            "repeat": r,
+                            "fold": k,
+                            "n": len(part),
+                            **{key: m[key] for key in METRICS},
+                            "best_epoch": done["best_epoch"],
+                            "seconds": round(done["seconds"], 3),
+                        }
+                    )
         fold_metrics = pd.DataFrame(fold_rows)
-        draws = (bootstrap_draws(y, [pooled[n] for n in names], c, n=request.bootstrap,
-                                 seed=request.base.train.seed, names=METRICS,
-                                 preds=[decided[n] for n in names])
-                 if request.bootstrap > 0 else None)
+        draws = (
+            bootstrap_draws(
+                y,
+                [pooled[n] for n in names],
+                c,
+                n=request.bootstrap,
+                seed=request.base.train.seed,
+                names=METRICS,
+                preds=[decided[n] for n in names],
+            )
+            if request.bootstrap > 0
+            else None
+        )
         metric_rows, diff_rows, pattern_frames = [], [], []
         confusions: dict[str, np.ndarray] = {}
         for s, n in enumerate(names):
             mine = fold_metrics[fold_metrics["variant"] == n]
             for j, m in enumerate(METRICS):
-                low, high = (percentile_interval(draws[:, s, j]) if draws is not None
-                             else (np.nan, np.nan))
-                metric_rows.append({"variant": n, "metric": m, "value": values[n][m],
-                                    "ci_low": low, "ci_high": high,
-                                    "fold_mean": float(mine[m].mean()),
-                                    "fold_sd": _sd(mine[m].to_numpy(dtype=float))})
+                low, high = (
+                    percentile_interval(draws[:, s, j]) if draws is not None else (np.nan, np.nan)
+                )
+                metric_rows.append(
+                    {
+                        "variant": n,
+                        "metric": m,
+                        "value": values[n][m],
+                        "ci_low": low,
+                        "ci_high": high,
+                        "fold_mean": float(mine[m].mean()),
+                        "fold_sd": _sd(mine[m].to_numpy(dtype=float)),
+                    }
+                )
                 if s == 0:
                     continue
                 base_folds = fold_metrics[fold_metrics["variant"] == names[0]]
                 per_fold = mine[m].to_numpy(dtype=float) - base_folds[m].to_numpy(dtype=float)
-                low, high = (percentile_interval(draws[:, s, j] - draws[:, 0, j])
-                             if draws is not None else (np.nan, np.nan))
-                diff_rows.append({"variant": n, "metric": m,
-                                  "difference": values[n][m] - values[names[0]][m],
-                                  "ci_low": low, "ci_high": high,
-                                  "fold_mean": float(np.nanmean(per_fold)),
-                                  "fold_sd": _sd(per_fold)})
+                low, high = (
+                    percentile_interval(draws[:, s, j] - draws[:, 0, j])
+                    if draws is not None
+                    else (np.nan, np.nan)
+                )
+                diff_rows.append(
+                    {
+                        "variant": n,
+                        "metric": m,
+                        "difference": values[n][m] - values[names[0]][m],
+                        "ci_low": low,
+                        "ci_high": high,
+                        "fold_mean": float(np.nanmean(per_fold)),
+                        "fold_sd": _sd(per_fold),
+                    }
+                )
             y_all = np.tile(y, request.repeats)
             probs_all = pooled[n].reshape(-1, c)
-            patterns = pattern_table(np.tile(cohort.present, (request.repeats, 1)),
-                                     cohort.names, y_all, probs_all, c,
-                                     decided[n].reshape(-1))
+            patterns = pattern_table(
+                np.tile(cohort.present, (request.repeats, 1)),
+                cohort.names,
+                y_all,
+                probs_all,
+                c,
+                decided[n].reshape(-1),
+            )
             patterns["n"] = patterns["n"] // request.repeats
             patterns.insert(0, "variant", n)
             pattern_frames.append(patterns)
             confusions[n] = sum(confusion(y, d, c) for d in decided[n])
     metrics = pd.DataFrame(metric_rows)
-    differences = pd.DataFrame(diff_rows, columns=["variant", "metric", "difference", "ci_low",
-                                                   "ci_high", "fold_mean", "fold_sd"])
+    differences = pd.DataFrame(
+        diff_rows,
+        columns=["variant", "metric", "difference", "ci_low", "ci_high", "fold_mean", "fold_sd"],
+    )
     patterns_all = pd.concat(pattern_frames, ignore_index=True)
     write_csv(out_dir / "metrics.csv", metrics)
     write_csv(out_dir / "fold_metrics.csv", fold_metrics)
@@ -901,8 +1127,13 @@ def summarise(request: CVRequest, cohort: Cohort) -> dict[str, Any]:
     if len(names) > 1:
         write_csv(out_dir / "differences.csv", differences)
     pooled_clinical(request, cohort, oof).write(out_dir)
-    return {"metrics": metrics, "fold_metrics": fold_metrics, "patterns": patterns_all,
-            "confusion": confusions, "differences": differences}
+    return {
+        "metrics": metrics,
+        "fold_metrics": fold_metrics,
+        "patterns": patterns_all,
+        "confusion": confusions,
+        "differences": differences,
+    }
 
 
 def pooled_clinical(request: CVRequest, cohort: Cohort, oof: pd.DataFrame) -> ClinicalOutputs:
@@ -930,13 +1161,25 @@ def pooled_clinical(request: CVRequest, cohort: Cohort, oof: pd.DataFrame) -> Cl
         sets = np.array([[k in str(cell).split("|") for k in names] for cell in part["set"]])
         mode = "/".join(sorted(set(part["conformal_mode"].astype(str))))
     return clinical_outputs(
-        y, raw, probs, pred, class_names=names, positive=positive, threshold=threshold,
+        y,
+        raw,
+        probs,
+        pred,
+        class_names=names,
+        positive=positive,
+        threshold=threshold,
         rule=request.base.train.threshold + " per fold (threshold: mean of the folds')",
-        present=cohort.present[idx], names=cohort.names, sets=sets,
-        alpha=request.conformal if sets is not None else None, conformal_mode=mode,
-        subgroups=read_subgroups(request.manifest, request.subgroup_cols,
-                                 part["id"].astype(str).tolist()),
-        n_boot=request.bootstrap, seed=request.base.train.seed)
+        present=cohort.present[idx],
+        names=cohort.names,
+        sets=sets,
+        alpha=request.conformal if sets is not None else None,
+        conformal_mode=mode,
+        subgroups=read_subgroups(
+            request.manifest, request.subgroup_cols, part["id"].astype(str).tolist()
+        ),
+        n_boot=request.bootstrap,
+        seed=request.base.train.seed,
+    )
 
 
 def _sd(values: np.ndarray) -> float:
@@ -947,8 +1190,7 @@ def _sd(values: np.ndarray) -> float:
 # -- meta -------------------------------------------------------------------------------------
 
 
-def _meta(request: CVRequest, cohort: Cohort, device: torch.device, weights: str
-          ) -> dict[str, Any]:
+def _meta(request: CVRequest, cohort: Cohort, device: torch.device, weights: str) -> dict[str, Any]:
     base = request.base
     data = base.data
     return {
@@ -983,12 +1225,18 @@ def _meta(request: CVRequest, cohort: Cohort, device: torch.device, weights: str
 
 
 def _write_key_values(path: Path, values: dict[str, Any]) -> None:
-    write_csv(path, pd.DataFrame({"key": list(values), "value": [str(v) for v in
-                                                                  values.values()]}))
+    write_csv(path, pd.DataFrame({"key": list(values), "value": [str(v) for v in values.values()]}))
 
 
-def _write_meta(out_dir: Path, request: CVRequest, cohort: Cohort, device: torch.device,
-                weights: str, encode_seconds: float, seconds: float) -> None:
+def _write_meta(
+    out_dir: Path,
+    request: CVRequest,
+    cohort: Cohort,
+    device: torch.device,
+    weights: str,
+    encode_seconds: float,
+    seconds: float,
+) -> None:
     meta = _meta(request, cohort, device, weights)
     meta.update({"encode_seconds": round(encode_seconds, 3), "seconds": round(seconds, 3)})
     _write_key_values(out_dir / "meta.csv", meta)

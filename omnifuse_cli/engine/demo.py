@@ -66,9 +66,13 @@ def synth_cohort(cfg: SynthConfig) -> Cohort:
     present = rng.random((cfg.n, len(names))) >= cfg.missing_rate
     empty = ~present.any(axis=1)
     present[empty, rng.integers(0, len(names), empty.sum())] = True
-    cohort = Cohort(source=Path("<synth>"), ids=[f"p{i:05d}" for i in range(cfg.n)],
-                    labels=labels, modalities=tuple(ModalitySpec(n, "vector") for n in names),
-                    present=present)
+    cohort = Cohort(
+        source=Path("<synth>"),
+        ids=[f"p{i:05d}" for i in range(cfg.n)],
+        labels=labels,
+        modalities=tuple(ModalitySpec(n, "vector") for n in names),
+        present=present,
+    )
     for m, (name, dim, signal) in enumerate(zip(names, cfg.dims, cfg.signal, strict=True)):
         centers = rng.normal(size=(cfg.num_classes, dim))
         x = signal * centers[labels] + rng.normal(size=(cfg.n, dim))
@@ -78,8 +82,9 @@ def synth_cohort(cfg: SynthConfig) -> Cohort:
     return cohort
 
 
-def run_synth(cfg: SynthConfig, method: MethodConfig, on_event: EventFn | None = None
-              ) -> SynthResult:
+def run_synth(
+    cfg: SynthConfig, method: MethodConfig, on_event: EventFn | None = None
+) -> SynthResult:
     import torch
 
     set_threads(cfg.threads)
@@ -89,14 +94,17 @@ def run_synth(cfg: SynthConfig, method: MethodConfig, on_event: EventFn | None =
     splits = stratified_split(cohort.labels, train=0.7, val=0.15, test=0.15, seed=cfg.seed)
     pre = Preprocessor.fit(cohort.subset(splits["train"]), ImageConfig(), TextConfig())
     dims = tuple(pre.input_dim(spec) for spec in cohort.modalities)
-    model = build_model(ModelConfig(cohort.modalities, cfg.num_classes, dims, method),
-                        ImageConfig(), {})
+    model = build_model(
+        ModelConfig(cohort.modalities, cfg.num_classes, dims, method), ImageConfig(), {}
+    )
     data = pre.prepare(cohort)
     train = TrainConfig(epochs=cfg.epochs, seed=cfg.seed, device="cpu", batch_size=64)
-    records, _, best = fit_model(model, data, splits, train, cfg.num_classes,
-                                 on_event or (lambda e: None))
+    records, _, best = fit_model(
+        model, data, splits, train, cfg.num_classes, on_event or (lambda e: None)
+    )
     model.load_state_dict(best)
     result = infer(model, data, splits["test"], device=torch.device("cpu"))
-    test = classification_metrics(cohort.labels[result.index], np.exp(result.log_probs),
-                                  cfg.num_classes)
+    test = classification_metrics(
+        cohort.labels[result.index], np.exp(result.log_probs), cfg.num_classes
+    )
     return SynthResult(records, test, cohort.names, {k: len(v) for k, v in splits.items()})

@@ -72,20 +72,24 @@ def session(device: torch.device, timeout_minutes: float = 30.0) -> Iterator[tor
         yield _own_device(device)
         return
     if not dist.is_available():
-        raise ConfigError("torchrun started several processes but this torch build has no "
-                          "torch.distributed", hint="run in one process (plain omnifuse)")
+        raise ConfigError(
+            "torchrun started several processes but this torch build has no torch.distributed",
+            hint="run in one process (plain omnifuse)",
+        )
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         count = torch.cuda.device_count()
         if local >= count:
             raise ConfigError(
                 f"torchrun process LOCAL_RANK={local} has no GPU of its own: this machine has "
-                f"{count}", hint=f"use --nproc-per-node {count} (one process per GPU), or "
-                "--device cpu")
+                f"{count}",
+                hint=f"use --nproc-per-node {count} (one process per GPU), or --device cpu",
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timedelta(minutes=timeout_minutes),
-                                device_id=device)
+        dist.init_process_group(
+            "nccl", timeout=timedelta(minutes=timeout_minutes), device_id=device
+        )
     else:
         dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_minutes))
     _state["device"] = device if device.type == "cuda" else torch.device("cpu")
@@ -149,13 +153,13 @@ def gather_rows(part: np.ndarray | None, total: int) -> np.ndarray | None:
     out = np.empty((total, *shapes[0].shape[1:]), dtype=shapes[0].dtype)
     for r, p in enumerate(parts):
         if p is not None:
-            out[r::len(parts)] = p
+            out[r :: len(parts)] = p
     return out
 
 
 def shard(indices: np.ndarray) -> np.ndarray:
     """This rank's interleaved share of ``indices`` (all of them in one process)."""
-    return np.asarray(indices)[rank()::world_size()]
+    return np.asarray(indices)[rank() :: world_size()]
 
 
 class _Failure(OmnifuseError):
@@ -205,8 +209,11 @@ def _describe(error: Exception) -> tuple[str, str, str | None]:
 def _known_errors() -> dict[str, type[OmnifuseError]]:
     from omnifuse_cli import errors
 
-    return {name: obj for name, obj in vars(errors).items()
-            if isinstance(obj, type) and issubclass(obj, OmnifuseError)}
+    return {
+        name: obj
+        for name, obj in vars(errors).items()
+        if isinstance(obj, type) and issubclass(obj, OmnifuseError)
+    }
 
 
 _ERRORS = _known_errors()
@@ -221,8 +228,9 @@ def file_digest(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-def digests(manifest: Path | str, labs_table: Path | str | None, settings: dict[str, Any]
-            ) -> dict[str, str]:
+def digests(
+    manifest: Path | str, labs_table: Path | str | None, settings: dict[str, Any]
+) -> dict[str, str]:
     """What every process must agree on: the manifest's and labs table's bytes and the
     settings, given without paths (nodes may mount the same files under different names).
     Files the manifest points to (images, notes) are not read: hashing every image would cost
@@ -256,7 +264,8 @@ def check_same_data(parts: dict[str, str]) -> None:
                     f"the processes disagree on {name}: rank {r} has sha256 {theirs[:12]}, "
                     f"rank 0 has {mine[:12]}",
                     hint="every node must see the same manifest, labs table and options "
-                    "(copy the files, or put them on a shared filesystem)")
+                    "(copy the files, or put them on a shared filesystem)",
+                )
                 error.all_ranks = True  # type: ignore[attr-defined]
                 raise error
 
@@ -269,9 +278,12 @@ def check_world_fits(n_train: int, batch_size: int) -> None:
     if world > n_train:
         raise DataError(
             f"torchrun started {world} processes but the training split has only {n_train} "
-            "patient(s)", hint="use fewer processes (--nproc-per-node / --nnodes) or more data")
+            "patient(s)",
+            hint="use fewer processes (--nproc-per-node / --nnodes) or more data",
+        )
     if batch_size < world:
         raise ConfigError(
             f"--batch-size {batch_size} is the global batch, shared by {world} processes: each "
             "needs at least one patient per step",
-            hint=f"use --batch-size {world} or more, or fewer processes")
+            hint=f"use --batch-size {world} or more, or fewer processes",
+        )

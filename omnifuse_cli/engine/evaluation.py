@@ -88,9 +88,14 @@ class EvalResult:
     posthoc: PostHoc | None = None
 
 
-def simulate_missing(present: np.ndarray, names: list[str], drop: tuple[str, ...], rate: float,
-                     seed: int, rates: dict[str, float] | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def simulate_missing(
+    present: np.ndarray,
+    names: list[str],
+    drop: tuple[str, ...],
+    rate: float,
+    seed: int,
+    rates: dict[str, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Hide modalities at test time. Returns the new presence mask and the patients left with
     nothing (they cannot be scored and are excluded).
 
@@ -100,9 +105,11 @@ def simulate_missing(present: np.ndarray, names: list[str], drop: tuple[str, ...
     hidden modalities are a superset (nested masks)."""
     unknown = [d for d in (*drop, *(rates or {})) if d not in names]
     if unknown:
-        raise ConfigError(f"--drop-modality/--modality-missing-rate {', '.join(unknown)} is not "
-                          "a modality of this model",
-                          hint=f"the model's modalities: {', '.join(names)}")
+        raise ConfigError(
+            f"--drop-modality/--modality-missing-rate {', '.join(unknown)} is not "
+            "a modality of this model",
+            hint=f"the model's modalities: {', '.join(names)}",
+        )
     per = np.array([(rates or {}).get(n, rate) for n in names], dtype=np.float64)
     for value in (rate, *per):
         if not 0.0 <= value < 1.0:
@@ -141,16 +148,25 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
     labs_table = request.labs_table
     if labs_table is None and not external and meta.get("labs_table"):
         labs_table = Path(meta["labs_table"])
-    if not external and (run_dir / "split_assignment.csv").is_file() and not (
-            read_split_assignment(run_dir)["split"] == "test").any():
-        raise ConfigError(f"{run_dir} has no test split (it was trained with --test-ratio 0)",
-                          hint=f"evaluate an external cohort: omnifuse evaluate {run_dir} "
-                          "--manifest TEST.csv")
+    if (
+        not external
+        and (run_dir / "split_assignment.csv").is_file()
+        and not (read_split_assignment(run_dir)["split"] == "test").any()
+    ):
+        raise ConfigError(
+            f"{run_dir} has no test split (it was trained with --test-ratio 0)",
+            hint=f"evaluate an external cohort: omnifuse evaluate {run_dir} --manifest TEST.csv",
+        )
     cohort = read_manifest(
-        manifest, bundle.model.config.modalities, labs_table=labs_table,
-        num_classes=num_classes, keep_empty_rows=True, allow_unlabeled=True,
-        **run_reading(meta, dataclasses.replace(request, labs_table=labs_table),
-                      bundle.preprocessor),
+        manifest,
+        bundle.model.config.modalities,
+        labs_table=labs_table,
+        num_classes=num_classes,
+        keep_empty_rows=True,
+        allow_unlabeled=True,
+        **run_reading(
+            meta, dataclasses.replace(request, labs_table=labs_table), bundle.preprocessor
+        ),
     )
     bundle.preprocessor.check_compatible(cohort)
     labs_hint = labs_table_hint(meta, labs_table)
@@ -172,33 +188,47 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
     assert cohort.labels is not None
     unlabeled = rows[cohort.labels[rows] < 0]
     if len(unlabeled):  # nothing to score them against
-        notes.append(f"{len(unlabeled)} patient(s) have an empty label (unlabeled) and are not "
-                     "scored; `omnifuse predict` gives their predictions")
+        notes.append(
+            f"{len(unlabeled)} patient(s) have an empty label (unlabeled) and are not "
+            "scored; `omnifuse predict` gives their predictions"
+        )
         rows = rows[cohort.labels[rows] >= 0]
         if not len(rows):
-            raise DataError(f"{manifest}: no patient has a label to evaluate against",
-                            hint="evaluate needs labels; use `omnifuse predict` for "
-                            "unlabeled patients")
+            raise DataError(
+                f"{manifest}: no patient has a label to evaluate against",
+                hint="evaluate needs labels; use `omnifuse predict` for unlabeled patients",
+            )
     # Patients without any modality cannot be scored by any model: they are left out, loudly,
     # as --drop-modality does; a broken cell is still an error to fix before reporting metrics.
     empty_rows = [int(i) for i in rows if int(i) in cohort.bad_rows]
     if empty_rows:
         named = ", ".join(row_name(i, cohort.ids) for i in empty_rows[:MAX_NAMED])
         more = f" and {len(empty_rows) - MAX_NAMED} more" if len(empty_rows) > MAX_NAMED else ""
-        notes.append(f"{len(empty_rows)} patient(s) have no modality and are not scored: "
-                     f"{named}{more}" + (f" ({labs_hint})" if labs_hint else ""))
+        notes.append(
+            f"{len(empty_rows)} patient(s) have no modality and are not scored: "
+            f"{named}{more}" + (f" ({labs_hint})" if labs_hint else "")
+        )
         rows = rows[~np.isin(rows, empty_rows)]
         if not len(rows):
-            raise DataError(f"{manifest}: no patient has a modality to score",
-                            hint=labs_hint or "give each patient at least one modality")
+            raise DataError(
+                f"{manifest}: no patient has a modality to score",
+                hint=labs_hint or "give each patient at least one modality",
+            )
     shift = dict(request.modality_missing_rates)
     if request.drop_modalities or request.missing_rate > 0 or shift:
         cohort.present, empty = simulate_missing(
-            cohort.present, cohort.names, request.drop_modalities, request.missing_rate,
-            request.seed, shift)
+            cohort.present,
+            cohort.names,
+            request.drop_modalities,
+            request.missing_rate,
+            request.seed,
+            shift,
+        )
         if empty[rows].any():
-            notes.append(f"{int(empty[rows].sum())} patient(s) had only the dropped modalities "
-                         "and are not scored")
+            notes.append(
+                f"{int(empty[rows].sum())} patient(s) had only the dropped modalities "
+                "and are not scored"
+            )
             rows = rows[~empty[rows]]
         if not len(rows):
             raise DataError("no patient keeps a modality after --drop-modality")
@@ -208,14 +238,30 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
         if request.missing_rate or shift:
             each = "".join(f", {n} {r:g}" for n, r in shift.items())
             source += f", missing rate {request.missing_rate:g}{each} (seed {request.seed})"
-            tag += (f"-missing{request.missing_rate:g}"
-                    + "".join(f"-{n}{r:g}" for n, r in shift.items()) + f"-seed{request.seed}")
+            tag += (
+                f"-missing{request.missing_rate:g}"
+                + "".join(f"-{n}{r:g}" for n, r in shift.items())
+                + f"-seed{request.seed}"
+            )
     data = bundle.preprocessor.prepare(cohort)
-    reuse_frozen_features(bundle.model, data, rows, device=device, batch_size=request.batch_size,
-                          cache=feature_cache(request.cache_dir, request.cache),
-                          notify=notes.append, progress=phase(progress, "encoding"))
-    result = infer(bundle.model, data, rows, device=device, batch_size=request.batch_size,
-                   progress=phase(progress, "scoring"))
+    reuse_frozen_features(
+        bundle.model,
+        data,
+        rows,
+        device=device,
+        batch_size=request.batch_size,
+        cache=feature_cache(request.cache_dir, request.cache),
+        notify=notes.append,
+        progress=phase(progress, "encoding"),
+    )
+    result = infer(
+        bundle.model,
+        data,
+        rows,
+        device=device,
+        batch_size=request.batch_size,
+        progress=phase(progress, "scoring"),
+    )
     posthoc = PostHoc.from_bundle(bundle.meta)
     notes.extend(posthoc.describe())
     raw = np.exp(result.log_probs)
@@ -223,8 +269,15 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
     pred = posthoc.decide(probs)
     y = cohort.labels[result.index]
     metrics = full_metrics(y, probs, num_classes, pred)
-    intervals = bootstrap_ci(y, probs, num_classes, n=request.bootstrap, seed=request.seed,
-                             names=tuple(metrics), pred=pred)
+    intervals = bootstrap_ci(
+        y,
+        probs,
+        num_classes,
+        n=request.bootstrap,
+        seed=request.seed,
+        names=tuple(metrics),
+        pred=pred,
+    )
     cm = confusion(y, pred, num_classes)
     present = cohort.present[result.index]
     patterns = pattern_table(present, cohort.names, y, probs, num_classes, pred)
@@ -232,44 +285,98 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
     sets, mode = conformal_sets(posthoc.conformal, probs, alpha)
     ids = [cohort.ids[i] for i in result.index]
     clinical = clinical_outputs(
-        y, raw, probs, pred, class_names=bundle.class_names, positive=posthoc.positive,
-        threshold=posthoc.threshold, rule=posthoc.rule, present=present, names=cohort.names,
-        sets=sets, alpha=alpha if sets is not None else None, conformal_mode=mode,
+        y,
+        raw,
+        probs,
+        pred,
+        class_names=bundle.class_names,
+        positive=posthoc.positive,
+        threshold=posthoc.threshold,
+        rule=posthoc.rule,
+        present=present,
+        names=cohort.names,
+        sets=sets,
+        alpha=alpha if sets is not None else None,
+        conformal_mode=mode,
         subgroups=read_subgroups(manifest, request.subgroup_cols, ids),
-        n_boot=request.bootstrap, seed=request.seed)
+        n_boot=request.bootstrap,
+        seed=request.seed,
+    )
     notes.extend(clinical.notes)
     out_dir = Path(request.out_dir) if request.out_dir else run_dir / "eval" / tag
-    write_csv(out_dir / "metrics.csv", pd.DataFrame({
-        "metric": list(metrics), "value": list(metrics.values()),
-        "ci_low": [intervals.get(k, (math.nan, math.nan))[0] for k in metrics],
-        "ci_high": [intervals.get(k, (math.nan, math.nan))[1] for k in metrics],
-    }))
+    write_csv(
+        out_dir / "metrics.csv",
+        pd.DataFrame(
+            {
+                "metric": list(metrics),
+                "value": list(metrics.values()),
+                "ci_low": [intervals.get(k, (math.nan, math.nan))[0] for k in metrics],
+                "ci_high": [intervals.get(k, (math.nan, math.nan))[1] for k in metrics],
+            }
+        ),
+    )
     frame = pd.DataFrame(cm, columns=[f"pred_{c}" for c in bundle.class_names])
     frame.insert(0, "true", bundle.class_names)
     write_csv(out_dir / "confusion_matrix.csv", frame)
     write_csv(out_dir / "patterns.csv", patterns)
     clinical.write(out_dir)
-    frame = prediction_frame(ids, y, probs, present, cohort.names, bundle.class_names,
-                             result.weights, pred=pred, sets=sets, raw=raw)
+    frame = prediction_frame(
+        ids,
+        y,
+        probs,
+        present,
+        cohort.names,
+        bundle.class_names,
+        result.weights,
+        pred=pred,
+        sets=sets,
+        raw=raw,
+    )
     write_csv(out_dir / "predictions.csv", frame)
-    return EvalResult(source, len(rows), metrics, intervals, cm, bundle.class_names, patterns,
-                      out_dir, notes, clinical, posthoc)
+    return EvalResult(
+        source,
+        len(rows),
+        metrics,
+        intervals,
+        cm,
+        bundle.class_names,
+        patterns,
+        out_dir,
+        notes,
+        clinical,
+        posthoc,
+    )
 
 
-def pattern_table(present: np.ndarray, names: list[str], y: np.ndarray, probs: np.ndarray,
-                   num_classes: int, pred: np.ndarray | None = None) -> pd.DataFrame:
+def pattern_table(
+    present: np.ndarray,
+    names: list[str],
+    y: np.ndarray,
+    probs: np.ndarray,
+    num_classes: int,
+    pred: np.ndarray | None = None,
+) -> pd.DataFrame:
     """Metrics per missing pattern (which modalities were present), most common first;
     ``pred``: the decisions (default the most probable class)."""
-    labels = np.array(["+".join(n for n, p in zip(names, row, strict=True) if p)
-                       for row in present])
+    labels = np.array(
+        ["+".join(n for n, p in zip(names, row, strict=True) if p) for row in present]
+    )
     rows = []
     for pattern in pd.Series(labels).value_counts().index:
         mask = labels == pattern
         with warnings.catch_warnings():
             # Small pattern groups often hold one class; the metrics say n/a where undefined.
             warnings.simplefilter("ignore", UserWarning)
-            m = classification_metrics(y[mask], probs[mask], num_classes,
-                                       None if pred is None else pred[mask])
-        rows.append({"present": pattern, "n": int(mask.sum()), "acc": m["acc"],
-                     "macro_f1": m["macro_f1"], "auroc": m["auroc"]})
+            m = classification_metrics(
+                y[mask], probs[mask], num_classes, None if pred is None else pred[mask]
+            )
+        rows.append(
+            {
+                "present": pattern,
+                "n": int(mask.sum()),
+                "acc": m["acc"],
+                "macro_f1": m["macro_f1"],
+                "auroc": m["auroc"],
+            }
+        )
     return pd.DataFrame(rows)

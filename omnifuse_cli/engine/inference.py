@@ -49,21 +49,37 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} was asked for but CUDA is not available here",
-                          hint="use --device cpu (or auto)")
+        raise ConfigError(
+            f"--device {name} was asked for but CUDA is not available here",
+            hint="use --device cpu (or auto)",
+        )
     return torch.device(name)
 
 
 def autocast(device: torch.device, enabled: bool):  # type: ignore[no-untyped-def]
     """bf16 autocast on CUDA; CPU stays fp32 (bf16 matmuls are slow on most laptop CPUs)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=enabled and device.type == "cuda")
+    return torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda"
+    )
 
 
-def loader(data: PreparedCohort, indices, *, batch_size: int, shuffle: bool = False,
-           generator: torch.Generator | None = None, num_workers: int = 0) -> DataLoader:
-    return DataLoader(PatientDataset(data, indices), batch_size=batch_size, shuffle=shuffle,
-                      generator=generator, collate_fn=make_collate(data), num_workers=num_workers)
+def loader(
+    data: PreparedCohort,
+    indices,
+    *,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    num_workers: int = 0,
+) -> DataLoader:
+    return DataLoader(
+        PatientDataset(data, indices),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=make_collate(data),
+        num_workers=num_workers,
+    )
 
 
 @dataclass
@@ -74,9 +90,18 @@ class Inference:
 
 
 @torch.no_grad()
-def infer(model: OmniFuse, data: PreparedCohort, indices, *, device: torch.device,
-          batch_size: int = 32, amp: bool = True, rule: str | None = None,
-          progress: ProgressFn | None = None, num_workers: int = 0) -> Inference:
+def infer(
+    model: OmniFuse,
+    data: PreparedCohort,
+    indices,
+    *,
+    device: torch.device,
+    batch_size: int = 32,
+    amp: bool = True,
+    rule: str | None = None,
+    progress: ProgressFn | None = None,
+    num_workers: int = 0,
+) -> Inference:
     model.eval()
     outs, weights, index = [], [], []
     batches = loader(data, indices, batch_size=batch_size, num_workers=num_workers)
@@ -90,8 +115,11 @@ def infer(model: OmniFuse, data: PreparedCohort, indices, *, device: torch.devic
         index.append(batch["index"].cpu())
         if progress:
             progress(k + 1, len(batches))
-    return Inference(torch.cat(outs).numpy(), torch.cat(weights).numpy() if weights else None,
-                     torch.cat(index).numpy())
+    return Inference(
+        torch.cat(outs).numpy(),
+        torch.cat(weights).numpy() if weights else None,
+        torch.cat(index).numpy(),
+    )
 
 
 def feature_cache(cache_dir: str | Path | None, enabled: bool = True) -> FeatureCache | None:
@@ -114,12 +142,20 @@ class _Job:
 
 
 @torch.no_grad()
-def cache_frozen_features(model: OmniFuse, data: PreparedCohort, names: list[str], *,
-                          device: torch.device, batch_size: int, amp: bool,
-                          progress: ProgressFn | None = None, num_workers: int = 0,
-                          cache: FeatureCache | None = None,
-                          notify: Callable[[str], None] | None = None,
-                          reuse_only: bool = False) -> None:
+def cache_frozen_features(
+    model: OmniFuse,
+    data: PreparedCohort,
+    names: list[str],
+    *,
+    device: torch.device,
+    batch_size: int,
+    amp: bool,
+    progress: ProgressFn | None = None,
+    num_workers: int = 0,
+    cache: FeatureCache | None = None,
+    notify: Callable[[str], None] | None = None,
+    reuse_only: bool = False,
+) -> None:
     """Encode every image and hf note once with the frozen backbones (streamed from disk).
 
     With a ``cache`` the features are written to, or reused from, an entry keyed by the data and
@@ -130,42 +166,78 @@ def cache_frozen_features(model: OmniFuse, data: PreparedCohort, names: list[str
     entries, encode nothing (modalities without one keep reading their raw inputs).
     """
     with torch.random.fork_rng(devices=[]):
-        _cache_frozen_features(model, data, names, device=device, batch_size=batch_size, amp=amp,
-                               progress=progress, num_workers=num_workers, cache=cache,
-                               notify=notify, reuse_only=reuse_only)
+        _cache_frozen_features(
+            model,
+            data,
+            names,
+            device=device,
+            batch_size=batch_size,
+            amp=amp,
+            progress=progress,
+            num_workers=num_workers,
+            cache=cache,
+            notify=notify,
+            reuse_only=reuse_only,
+        )
 
 
-def _cache_frozen_features(model: OmniFuse, data: PreparedCohort, names: list[str], *,
-                           device: torch.device, batch_size: int, amp: bool,
-                           progress: ProgressFn | None, num_workers: int,
-                           cache: FeatureCache | None, notify: Callable[[str], None] | None,
-                           reuse_only: bool) -> None:
+def _cache_frozen_features(
+    model: OmniFuse,
+    data: PreparedCohort,
+    names: list[str],
+    *,
+    device: torch.device,
+    batch_size: int,
+    amp: bool,
+    progress: ProgressFn | None,
+    num_workers: int,
+    cache: FeatureCache | None,
+    notify: Callable[[str], None] | None,
+    reuse_only: bool,
+) -> None:
     model.eval()
     say = notify or (lambda text: None)
     precision = "bf16" if amp and device.type == "cuda" else "fp32"
     for name in names:
         encoder = model.encoders[name]
-        common = {"modality": name, "backbone": type(encoder.backbone).__name__,
-                  "weights": state_fingerprint(encoder.backbone.state_dict()),
-                  "feature_dim": encoder.feature_dim, "precision": precision}
+        common = {
+            "modality": name,
+            "backbone": type(encoder.backbone).__name__,
+            "weights": state_fingerprint(encoder.backbone.state_dict()),
+            "feature_dim": encoder.feature_dim,
+            "precision": precision,
+        }
         if isinstance(encoder, ImageEncoder):
             paths = [p for patient in data.images[name] for p in patient]
             sizes = [len(patient) for patient in data.images[name]]
             offsets = offsets_from_sizes(sizes)
-            parts = {**common, "kind": "image", "files": files_fingerprint(paths),
-                     "views": tokens_fingerprint([sizes]), "image_size": data.image_size,
-                     "transform": "resize+center-crop+imagenet-normalize",
-                     "versions": code_versions(images=True)}
+            parts = {
+                **common,
+                "kind": "image",
+                "files": files_fingerprint(paths),
+                "views": tokens_fingerprint([sizes]),
+                "image_size": data.image_size,
+                "transform": "resize+center-crop+imagenet-normalize",
+                "versions": code_versions(images=True),
+            }
 
-            def encode_images(items: range, out: np.ndarray, report: ProgressFn | None,
-                              encoder: ImageEncoder = encoder, paths: list = paths) -> None:
-                files = DataLoader(ImageFiles([paths[i] for i in items], data.image_size),
-                                   batch_size=batch_size, num_workers=num_workers)
+            def encode_images(
+                items: range,
+                out: np.ndarray,
+                report: ProgressFn | None,
+                encoder: ImageEncoder = encoder,
+                paths: list = paths,
+            ) -> None:
+                files = DataLoader(
+                    ImageFiles([paths[i] for i in items], data.image_size),
+                    batch_size=batch_size,
+                    num_workers=num_workers,
+                )
                 row = 0
                 for k, pixels in enumerate(files):
                     with autocast(device, amp):
                         feats = encoder.forward_features(pixels.to(device))
-                    out[row:row + len(feats)] = feats.float().cpu().numpy()
+                    out[row : row + len(feats)] = feats.float().cpu().numpy()
                     row += len(feats)
                     if report:
                         report(k + 1, len(files))
@@ -177,18 +249,28 @@ def _cache_frozen_features(model: OmniFuse, data: PreparedCohort, names: list[st
                 data.image_feature_dims[name] = encoder.feature_dim
         elif isinstance(encoder, HFTextEncoder):
             seqs, pad = data.token_ids[name], data.pad_ids[name]
-            parts = {**common, "kind": "text", "tokens": tokens_fingerprint(seqs), "pad": pad,
-                     "versions": code_versions()}
+            parts = {
+                **common,
+                "kind": "text",
+                "tokens": tokens_fingerprint(seqs),
+                "pad": pad,
+                "versions": code_versions(),
+            }
 
-            def encode_notes(items: range, out: np.ndarray, report: ProgressFn | None,
-                             encoder: HFTextEncoder = encoder, seqs: list = seqs,
-                             pad: int = pad) -> None:
+            def encode_notes(
+                items: range,
+                out: np.ndarray,
+                report: ProgressFn | None,
+                encoder: HFTextEncoder = encoder,
+                seqs: list = seqs,
+                pad: int = pad,
+            ) -> None:
                 chosen = [seqs[i] for i in items]
                 for k in range(0, len(chosen), batch_size):
-                    tokens = collate_tokens(chosen[k:k + batch_size], pad, hf=True)
+                    tokens = collate_tokens(chosen[k : k + batch_size], pad, hf=True)
                     with autocast(device, amp):
                         feats = encoder.forward_features(move_to(tokens, device))
-                    out[k:k + len(feats)] = feats.float().cpu().numpy()
+                    out[k : k + len(feats)] = feats.float().cpu().numpy()
                     if report:
                         report(min(k + batch_size, len(chosen)), len(chosen))
 
@@ -208,19 +290,29 @@ def _describe(job: _Job) -> dict[str, Any]:
     from omnifuse_cli import __version__
 
     keep = ("modality", "kind", "backbone", "feature_dim", "image_size", "precision")
-    return {**{k: job.parts[k] for k in keep if k in job.parts}, "rows": job.rows,
-            "patients": len(job.offsets) - 1 if job.offsets is not None else job.rows,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "omnifuse": __version__}
+    return {
+        **{k: job.parts[k] for k in keep if k in job.parts},
+        "rows": job.rows,
+        "patients": len(job.offsets) - 1 if job.offsets is not None else job.rows,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "omnifuse": __version__,
+    }
 
 
 def _write_failed(cache: FeatureCache, err: OSError) -> DataError:
-    return DataError(f"could not write the feature cache under {cache.root}: {err}",
-                     hint="free disk space, choose another folder with --cache-dir, or run with "
-                     "--no-cache")
+    return DataError(
+        f"could not write the feature cache under {cache.root}: {err}",
+        hint="free disk space, choose another folder with --cache-dir, or run with --no-cache",
+    )
 
 
-def _features(job: _Job, cache: FeatureCache | None, say: Callable[[str], None],
-              progress: ProgressFn | None, reuse_only: bool = False) -> FeatureArray | None:
+def _features(
+    job: _Job,
+    cache: FeatureCache | None,
+    say: Callable[[str], None],
+    progress: ProgressFn | None,
+    reuse_only: bool = False,
+) -> FeatureArray | None:
     key = entry_key(job.parts)
     if distributed.active():
         return _features_distributed(job, key, cache, say, progress)
@@ -234,13 +326,17 @@ def _features(job: _Job, cache: FeatureCache | None, say: Callable[[str], None],
     if reuse_only:
         return None
     if damaged:
-        say(f"cached {job.name} features in {folder} are damaged or stale ({damaged}); "
-            "encoding them again")
+        say(
+            f"cached {job.name} features in {folder} are damaged or stale ({damaged}); "
+            "encoding them again"
+        )
     problem = cache.unwritable()
     if problem:
-        say(f"feature cache folder {cache.root} is not writable ({problem}): {job.name} "
+        say(
+            f"feature cache folder {cache.root} is not writable ({problem}): {job.name} "
             "features are kept in memory for this run only (choose a writable folder with "
-            "--cache-dir, or silence this with --no-cache)")
+            "--cache-dir, or silence this with --no-cache)"
+        )
         return _in_memory(job, progress)
     build = cache.new_build_dir(job.name, key)
     try:
@@ -259,9 +355,13 @@ def _features(job: _Job, cache: FeatureCache | None, say: Callable[[str], None],
     return entry
 
 
-def _features_distributed(job: _Job, key: str, cache: FeatureCache | None,
-                          say: Callable[[str], None], progress: ProgressFn | None
-                          ) -> FeatureArray:
+def _features_distributed(
+    job: _Job,
+    key: str,
+    cache: FeatureCache | None,
+    say: Callable[[str], None],
+    progress: ProgressFn | None,
+) -> FeatureArray:
     """Rank 0 looks the entry up; on a miss rank r encodes items r, r+W, ... into its shard,
     rank 0 interleaves the shards into the entry and every rank then maps it.
 
@@ -287,17 +387,23 @@ def _features_distributed(job: _Job, key: str, cache: FeatureCache | None,
             decision = ["build", str(cache.new_build_dir(job.name, key)), damaged]
     action, detail, damaged = distributed.broadcast_object(decision)
     folder = cache.entry_dir(job.name, key)
-    shared_hint = ("every rank must see the same --cache-dir (a folder shared by all nodes), or "
-                   "run with --no-cache")
+    shared_hint = (
+        "every rank must see the same --cache-dir (a folder shared by all nodes), or "
+        "run with --no-cache"
+    )
     if action == "memory":
-        say(f"feature cache folder {cache.root} is not writable ({detail}): every rank keeps "
+        say(
+            f"feature cache folder {cache.root} is not writable ({detail}): every rank keeps "
             f"its own {job.name} features in memory (choose a writable shared folder with "
-            "--cache-dir, or silence this with --no-cache)")
+            "--cache-dir, or silence this with --no-cache)"
+        )
         return _in_memory(job, progress)
     if action == "build":
         if damaged:
-            say(f"cached {job.name} features in {folder} are damaged or stale ({damaged}); "
-                "encoding them again")
+            say(
+                f"cached {job.name} features in {folder} are damaged or stale ({damaged}); "
+                "encoding them again"
+            )
         build = Path(detail)
         mine = range(rank, job.rows, world)
         error: Exception | None = None
@@ -312,8 +418,9 @@ def _features_distributed(job: _Job, key: str, cache: FeatureCache | None,
         failed = [f"rank {r}: {f}" for r, f in enumerate(failures) if f]
         if rank == 0 and not failed:
             try:
-                assemble_shards(build, [len(range(r, job.rows, world)) for r in range(world)],
-                                job.dim)
+                assemble_shards(
+                    build, [len(range(r, job.rows, world)) for r in range(world)], job.dim
+                )
                 commit(cache, build, job.name, key, job.offsets, _describe(job))
             except (OSError, ValueError) as err:
                 failed.append(f"rank 0: {err}")
@@ -323,22 +430,35 @@ def _features_distributed(job: _Job, key: str, cache: FeatureCache | None,
         if error is not None:
             raise error
         if failed:
-            raise DataError(f"could not build the shared feature cache under {cache.root} "
-                            f"({'; '.join(failed)})", hint=shared_hint)
+            raise DataError(
+                f"could not build the shared feature cache under {cache.root} "
+                f"({'; '.join(failed)})",
+                hint=shared_hint,
+            )
         say(f"cached {job.name} features in {folder} (encoded by {world} processes)")
     else:
         say(f"reusing cached {job.name} features from {folder}")
     found, reason = cache.open(job.name, key, verify=False)
     if found is None:
-        raise DataError(f"rank {rank} cannot read the feature cache entry {folder} "
-                        f"({reason or 'it is not there'})", hint=shared_hint)
+        raise DataError(
+            f"rank {rank} cannot read the feature cache entry {folder} "
+            f"({reason or 'it is not there'})",
+            hint=shared_hint,
+        )
     return found
 
 
-def reuse_frozen_features(model: OmniFuse, data: PreparedCohort, rows: np.ndarray, *,
-                          device: torch.device, batch_size: int, cache: FeatureCache | None,
-                          notify: Callable[[str], None] | None = None,
-                          progress: ProgressFn | None = None) -> None:
+def reuse_frozen_features(
+    model: OmniFuse,
+    data: PreparedCohort,
+    rows: np.ndarray,
+    *,
+    device: torch.device,
+    batch_size: int,
+    cache: FeatureCache | None,
+    notify: Callable[[str], None] | None = None,
+    progress: ProgressFn | None = None,
+) -> None:
     """evaluate/predict: take the backbones' features from the cache (a run's own test split
     finds the entry its training wrote). When every patient is scored a missing entry is
     encoded and stored; when only some ``rows`` are (a test split) it is not, since that would
@@ -346,6 +466,15 @@ def reuse_frozen_features(model: OmniFuse, data: PreparedCohort, rows: np.ndarra
     encodes batch by batch, holding no features."""
     names = [n for n, e in model.encoders.items() if isinstance(e, (ImageEncoder, HFTextEncoder))]
     if cache is not None and names:
-        cache_frozen_features(model, data, names, device=device, batch_size=batch_size, amp=True,
-                              cache=cache, notify=notify, reuse_only=len(rows) < len(data),
-                              progress=progress)
+        cache_frozen_features(
+            model,
+            data,
+            names,
+            device=device,
+            batch_size=batch_size,
+            amp=True,
+            cache=cache,
+            notify=notify,
+            reuse_only=len(rows) < len(data),
+            progress=progress,
+        )

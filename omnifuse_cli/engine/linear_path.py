@@ -73,9 +73,16 @@ def design_matrix(model: OmniFuse, data: PreparedCohort, rows: np.ndarray) -> sp
             take = positions[keep]  # row by row, in order: CSR's layout
             indptr = np.concatenate([[0], np.cumsum(keep.sum(axis=1))])
             vocab = getattr(model.linear, f"text_{name}").shape[0]
-            blocks.append(sp.csr_matrix((weights.values[take].astype(np.float64),
-                                         ids.values[take].astype(np.int64), indptr),
-                                        shape=(len(rows), vocab)))
+            blocks.append(
+                sp.csr_matrix(
+                    (
+                        weights.values[take].astype(np.float64),
+                        ids.values[take].astype(np.int64),
+                        indptr,
+                    ),
+                    shape=(len(rows), vocab),
+                )
+            )
         else:
             x, mask_v = (t[torch.from_numpy(rows)].numpy() for t in data.vectors[name])
             dense = np.concatenate([np.where(mask_v, x, 0.0), mask_v], axis=1) * fed[:, None]
@@ -84,9 +91,16 @@ def design_matrix(model: OmniFuse, data: PreparedCohort, rows: np.ndarray) -> sp
     return sp.hstack(blocks, format="csr")
 
 
-def fit_linear_path(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray,
-                    val_idx: np.ndarray, val_inference: Inference, *, seed: int,
-                    class_weight: dict[int, float] | None = None) -> LinearFit | None:
+def fit_linear_path(
+    model: OmniFuse,
+    data: PreparedCohort,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    val_inference: Inference,
+    *,
+    seed: int,
+    class_weight: dict[int, float] | None = None,
+) -> LinearFit | None:
     """Fit the path's logistic regression and blend into ``model.linear`` (in place). None when
     the model has no linear path or a class is missing from training. ``class_weight``
     (--class-weight) weighs the logistic regression's patients as the network's losses."""
@@ -104,10 +118,14 @@ def fit_linear_path(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray
     if folds >= 2:
         # C by discrimination, as a researcher tunes the baseline: the blend sets the scale.
         search = LogisticRegressionCV(
-            Cs=C_GRID, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-            scoring="roc_auc" if classes == 2 else "roc_auc_ovr", max_iter=3000,
-            tol=_tolerance(len(train_idx)), random_state=int(rng.integers(2**31)),
-            class_weight=class_weight)
+            Cs=C_GRID,
+            cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+            scoring="roc_auc" if classes == 2 else "roc_auc_ovr",
+            max_iter=3000,
+            tol=_tolerance(len(train_idx)),
+            random_state=int(rng.integers(2**31)),
+            class_weight=class_weight,
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.8's API notices
@@ -121,8 +139,9 @@ def fit_linear_path(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray
     # The blend, on validation patients the logistic regression has not seen.
     omni = torch.as_tensor(val_inference.log_probs, dtype=torch.float64)
     y_val = torch.as_tensor(labels[val_inference.index], dtype=torch.long)
-    z_val = torch.as_tensor(first.decision_function(design_matrix(model, data,
-                                                                  val_inference.index)))
+    z_val = torch.as_tensor(
+        first.decision_function(design_matrix(model, data, val_inference.index))
+    )
     z_val = _class_logits(z_val, classes)
     a, b, bias, loss_omni, loss_blend = _fit_blend(omni, z_val, y_val)
     val_log_probs = torch.log_softmax(a * omni + b * z_val + torch.as_tensor(bias), dim=1)
@@ -130,17 +149,23 @@ def fit_linear_path(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray
     all_rows = _sample(np.concatenate([train_idx, val_idx]), labels, LINEAR_MAX_PATIENTS, seed)
     final = _logistic(c_value, tol, model, data, all_rows, labels, class_weight)
     _store(model, final, classes, a, b, bias)
-    return LinearFit(C=c_value, blend_omnifuse=a, blend_linear=b,
-                     features=int(final.coef_.shape[1]), patients=len(all_rows),
-                     val_log_loss_omnifuse=loss_omni, val_log_loss_blend=loss_blend,
-                     val_log_probs=val_log_probs.numpy(), val_index=np.asarray(val_inference.index))
+    return LinearFit(
+        C=c_value,
+        blend_omnifuse=a,
+        blend_linear=b,
+        features=int(final.coef_.shape[1]),
+        patients=len(all_rows),
+        val_log_loss_omnifuse=loss_omni,
+        val_log_loss_blend=loss_blend,
+        val_log_probs=val_log_probs.numpy(),
+        val_index=np.asarray(val_inference.index),
+    )
 
 
 def _sample(rows: np.ndarray, labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     if len(rows) <= limit:
         return np.asarray(rows)
-    kept, _ = train_test_split(rows, train_size=limit, random_state=seed,
-                               stratify=labels[rows])
+    kept, _ = train_test_split(rows, train_size=limit, random_state=seed, stratify=labels[rows])
     return np.sort(kept)
 
 
@@ -148,9 +173,15 @@ def _tolerance(training_patients: int) -> float:
     return 1e-4 if training_patients <= SMALL else 1e-3
 
 
-def _logistic(c_value: float, tol: float, model: OmniFuse, data: PreparedCohort,
-              rows: np.ndarray, labels: np.ndarray,
-              class_weight: dict[int, float] | None = None) -> LogisticRegression:
+def _logistic(
+    c_value: float,
+    tol: float,
+    model: OmniFuse,
+    data: PreparedCohort,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    class_weight: dict[int, float] | None = None,
+) -> LogisticRegression:
     estimator = LogisticRegression(C=c_value, max_iter=3000, tol=tol, class_weight=class_weight)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -166,8 +197,9 @@ def _class_logits(z: torch.Tensor, classes: int) -> torch.Tensor:
     return z
 
 
-def _fit_blend(omni: torch.Tensor, z: torch.Tensor, y: torch.Tensor
-               ) -> tuple[float, float, np.ndarray, float, float]:
+def _fit_blend(
+    omni: torch.Tensor, z: torch.Tensor, y: torch.Tensor
+) -> tuple[float, float, np.ndarray, float, float]:
     """a, b >= 0 and c minimising the validation log loss of log_softmax(a omni + b z + c).
 
     The weights may not be negative: on a small validation split a negative weight fits noise
@@ -187,23 +219,25 @@ def _fit_blend(omni: torch.Tensor, z: torch.Tensor, y: torch.Tensor
     return a, b, bias, loss_omni, loss
 
 
-def _blend_loss(omni: torch.Tensor, z: torch.Tensor, y: torch.Tensor, free: tuple[bool, bool]
-                ) -> tuple[float, float, float, np.ndarray] | None:
+def _blend_loss(
+    omni: torch.Tensor, z: torch.Tensor, y: torch.Tensor, free: tuple[bool, bool]
+) -> tuple[float, float, float, np.ndarray] | None:
     """The blend with the weights marked free fitted (the others 0), or None when a fitted
     weight comes out negative."""
     nll = torch.nn.functional.nll_loss
     parts = [x for x, f in zip((omni, z), free, strict=True) if f]
     weights = torch.ones(len(parts), dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(omni.shape[1], dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weights, bias], lr=0.5, max_iter=200,
-                                  line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weights, bias], lr=0.5, max_iter=200, line_search_fn="strong_wolfe"
+    )
 
     def logits() -> torch.Tensor:
         return sum(w * x for w, x in zip(weights, parts, strict=True)) + bias
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = nll(torch.log_softmax(logits(), dim=1), y) + 1e-4 * (bias ** 2).sum()
+        loss = nll(torch.log_softmax(logits(), dim=1), y) + 1e-4 * (bias**2).sum()
         loss.backward()
         return loss
 
@@ -217,8 +251,14 @@ def _blend_loss(omni: torch.Tensor, z: torch.Tensor, y: torch.Tensor, free: tupl
     return (loss, a, b, bias.detach().numpy()) if np.isfinite(loss) else None
 
 
-def _store(model: OmniFuse, estimator: LogisticRegression, classes: int, a: float, b: float,
-           bias: np.ndarray) -> None:
+def _store(
+    model: OmniFuse,
+    estimator: LogisticRegression,
+    classes: int,
+    a: float,
+    b: float,
+    bias: np.ndarray,
+) -> None:
     """The fitted coefficients into the path's buffers, split by feature block."""
     linear = model.linear
     assert linear is not None
@@ -232,9 +272,9 @@ def _store(model: OmniFuse, estimator: LogisticRegression, classes: int, a: floa
         for _, name, kind in linear.terms:
             buffer = getattr(linear, f"{kind}_{name}")
             rows = buffer.shape[0]
-            buffer.copy_(torch.as_tensor(coef[start:start + rows]))
+            buffer.copy_(torch.as_tensor(coef[start : start + rows]))
             start += rows
-        linear.presence.copy_(torch.as_tensor(coef[start:start + len(linear.names)]))
+        linear.presence.copy_(torch.as_tensor(coef[start : start + len(linear.names)]))
         linear.intercept.copy_(torch.as_tensor(intercept))
         linear.blend.copy_(torch.tensor([a, b]))
         linear.bias.copy_(torch.as_tensor(bias))

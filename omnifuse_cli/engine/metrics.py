@@ -17,8 +17,9 @@ from sklearn.metrics import (
 )
 
 
-def classification_metrics(y: np.ndarray, probs: np.ndarray, num_classes: int,
-                           pred: np.ndarray | None = None) -> dict[str, float]:
+def classification_metrics(
+    y: np.ndarray, probs: np.ndarray, num_classes: int, pred: np.ndarray | None = None
+) -> dict[str, float]:
     """accuracy, macro-F1, balanced accuracy, AUROC (one-vs-rest macro) and log loss.
 
     ``pred``: the model's decisions (its operating point, engine/posthoc.py); None = the most
@@ -39,8 +40,11 @@ def auroc(y: np.ndarray, probs: np.ndarray) -> float:
     try:
         if probs.shape[1] == 2:
             return float(roc_auc_score(y, probs[:, 1]))
-        return float(roc_auc_score(y, probs, multi_class="ovr", average="macro",
-                                   labels=list(range(probs.shape[1]))))
+        return float(
+            roc_auc_score(
+                y, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))
+            )
+        )
     except ValueError:
         return math.nan
 
@@ -76,8 +80,9 @@ def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int = 10)
     return float(ece)
 
 
-def full_metrics(y: np.ndarray, probs: np.ndarray, num_classes: int,
-                 pred: np.ndarray | None = None) -> dict[str, float]:
+def full_metrics(
+    y: np.ndarray, probs: np.ndarray, num_classes: int, pred: np.ndarray | None = None
+) -> dict[str, float]:
     """classification_metrics plus AUPRC, expected calibration error and Brier score."""
     from sklearn.metrics import brier_score_loss
 
@@ -88,8 +93,9 @@ def full_metrics(y: np.ndarray, probs: np.ndarray, num_classes: int,
     return out
 
 
-def metric_value(name: str, y: np.ndarray, probs: np.ndarray, num_classes: int,
-                 pred: np.ndarray | None = None) -> float:
+def metric_value(
+    name: str, y: np.ndarray, probs: np.ndarray, num_classes: int, pred: np.ndarray | None = None
+) -> float:
     """One metric of full_metrics by name (for resampling, where computing all would be waste)."""
     labels = list(range(num_classes))
     pred = probs.argmax(axis=1) if pred is None else pred
@@ -114,9 +120,16 @@ def metric_value(name: str, y: np.ndarray, probs: np.ndarray, num_classes: int,
     raise KeyError(f"unknown metric {name!r}")
 
 
-def bootstrap_draws(y: np.ndarray, probs_sets: Sequence[np.ndarray], num_classes: int, *,
-                    n: int, seed: int, names: Sequence[str],
-                    preds: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
+def bootstrap_draws(
+    y: np.ndarray,
+    probs_sets: Sequence[np.ndarray],
+    num_classes: int,
+    *,
+    n: int,
+    seed: int,
+    names: Sequence[str],
+    preds: Sequence[np.ndarray | None] | None = None,
+) -> np.ndarray:
     """Metrics of every prediction set on the same patient resamples: (n, sets, names).
 
     A set is (N, C) probabilities, or (R, N, C) for R repeated cross-validations of the same
@@ -126,8 +139,10 @@ def bootstrap_draws(y: np.ndarray, probs_sets: Sequence[np.ndarray], num_classes
     """
     rng = np.random.default_rng(seed)
     sets = [p[None] if p.ndim == 2 else p for p in probs_sets]
-    decided = [None if d is None else (d[None] if d.ndim == 1 else d)
-               for d in (preds or [None] * len(sets))]
+    decided = [
+        None if d is None else (d[None] if d.ndim == 1 else d)
+        for d in (preds or [None] * len(sets))
+    ]
     out = np.full((n, len(sets), len(names)), np.nan)
     with warnings.catch_warnings():
         # A resample can miss a class; the metric is then NaN or scikit-learn's documented value.
@@ -136,10 +151,18 @@ def bootstrap_draws(y: np.ndarray, probs_sets: Sequence[np.ndarray], num_classes
             idx = rng.integers(0, len(y), len(y))
             for s, repeats in enumerate(sets):
                 for k, name in enumerate(names):
-                    out[b, s, k] = np.mean([
-                        metric_value(name, y[idx], p[idx], num_classes,
-                                     None if decided[s] is None else decided[s][r][idx])
-                        for r, p in enumerate(repeats)])
+                    out[b, s, k] = np.mean(
+                        [
+                            metric_value(
+                                name,
+                                y[idx],
+                                p[idx],
+                                num_classes,
+                                None if decided[s] is None else decided[s][r][idx],
+                            )
+                            for r, p in enumerate(repeats)
+                        ]
+                    )
     return out
 
 
@@ -152,9 +175,17 @@ def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float,
     return (float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail)))
 
 
-def bootstrap_ci(y: np.ndarray, probs: np.ndarray, num_classes: int, *, n: int, seed: int,
-                 names: Sequence[str] = ("auroc", "macro_f1", "acc"), level: float = 0.95,
-                 pred: np.ndarray | None = None) -> dict[str, tuple[float, float]]:
+def bootstrap_ci(
+    y: np.ndarray,
+    probs: np.ndarray,
+    num_classes: int,
+    *,
+    n: int,
+    seed: int,
+    names: Sequence[str] = ("auroc", "macro_f1", "acc"),
+    level: float = 0.95,
+    pred: np.ndarray | None = None,
+) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals over patients (resampled with replacement).
 
     ``probs`` is (N, C), or (R, N, C) for repeated cross-validation (see bootstrap_draws);
@@ -165,9 +196,17 @@ def bootstrap_ci(y: np.ndarray, probs: np.ndarray, num_classes: int, *, n: int, 
     return {k: percentile_interval(draws[:, 0, j], level) for j, k in enumerate(names)}
 
 
-def paired_bootstrap_diff(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray,
-                          num_classes: int, *, n: int, seed: int, names: Sequence[str],
-                          level: float = 0.95) -> dict[str, tuple[float, float]]:
+def paired_bootstrap_diff(
+    y: np.ndarray,
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    num_classes: int,
+    *,
+    n: int,
+    seed: int,
+    names: Sequence[str],
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
     """Percentile intervals of metric(b) - metric(a), both scored on the same resampled patients
     (the paired bootstrap: patient-level noise shared by the two models cancels)."""
     if n <= 0:

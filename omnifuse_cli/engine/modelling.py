@@ -33,8 +33,9 @@ def image_feature_dim(backbone: str) -> int:
         return image_trunk(backbone)[1]
 
 
-def build_model(config: ModelConfig, image: ImageConfig,
-                text_backbones: dict[str, nn.Module]) -> OmniFuse:
+def build_model(
+    config: ModelConfig, image: ImageConfig, text_backbones: dict[str, nn.Module]
+) -> OmniFuse:
     """The full model, randomly initialised (image trunks included; see load_image_weights)."""
     d, p = config.method.embed_dim, config.method.dropout
     encoders: dict[str, nn.Module] = {}
@@ -43,11 +44,13 @@ def build_model(config: ModelConfig, image: ImageConfig,
             encoders[spec.name] = VectorEncoder(in_dim=dim, embed_dim=d, dropout=p)
         elif spec.kind == "image":
             trunk, feature_dim = image_trunk(image.backbone)
-            encoders[spec.name] = ImageEncoder(trunk=trunk, feature_dim=feature_dim,
-                                               embed_dim=d, dropout=p)
+            encoders[spec.name] = ImageEncoder(
+                trunk=trunk, feature_dim=feature_dim, embed_dim=d, dropout=p
+            )
         elif spec.name in text_backbones:
-            encoders[spec.name] = HFTextEncoder(backbone=text_backbones[spec.name],
-                                                hidden_size=dim, embed_dim=d, dropout=p)
+            encoders[spec.name] = HFTextEncoder(
+                backbone=text_backbones[spec.name], hidden_size=dim, embed_dim=d, dropout=p
+            )
         else:
             encoders[spec.name] = SimpleTextEncoder(vocab_size=dim, embed_dim=d, dropout=p)
     return OmniFuse(config, encoders)
@@ -82,8 +85,10 @@ def load_image_weights(model: OmniFuse, image: ImageConfig) -> str:
 
 def _state_from_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise WeightsError(f"--image-weights {path} does not exist",
-                           hint="give the path of a saved torchvision model state dict (.pth)")
+        raise WeightsError(
+            f"--image-weights {path} does not exist",
+            hint="give the path of a saved torchvision model state dict (.pth)",
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -57,10 +57,13 @@ class ClinicalOutputs:
 
     def write(self, out_dir: Path) -> None:
         write_csv(out_dir / "calibration.csv", self.calibration)
-        for name, frame in (("operating_point", self.operating_point),
-                            ("decision_curve", self.decision_curve),
-                            ("coverage", self.coverage), ("subgroups", self.subgroups),
-                            ("subgroup_gaps", self.gaps)):
+        for name, frame in (
+            ("operating_point", self.operating_point),
+            ("decision_curve", self.decision_curve),
+            ("coverage", self.coverage),
+            ("subgroups", self.subgroups),
+            ("subgroup_gaps", self.gaps),
+        ):
             path = out_dir / f"{name}.csv"
             if frame is not None:
                 write_csv(path, frame)
@@ -68,40 +71,59 @@ class ClinicalOutputs:
                 path.unlink(missing_ok=True)  # a rerun without it must not leave a stale file
 
 
-def calibration_frame(y: np.ndarray, raw: np.ndarray, probs: np.ndarray,
-                      class_names: list[str]) -> pd.DataFrame:
+def calibration_frame(
+    y: np.ndarray, raw: np.ndarray, probs: np.ndarray, class_names: list[str]
+) -> pd.DataFrame:
     """Calibration metrics before (raw) and after (the run's temperature) on the same patients."""
     c = len(class_names)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         before = calibration_summary(y, raw, c, class_names)
         after = calibration_summary(y, probs, c, class_names)
-    return pd.DataFrame({"metric": list(after), "before": [before[k] for k in after],
-                         "after": list(after.values())})
+    return pd.DataFrame(
+        {"metric": list(after), "before": [before[k] for k in after], "after": list(after.values())}
+    )
 
 
-def operating_frame(y_pos: np.ndarray, called: np.ndarray, threshold: float, *, rule: str,
-                    positive: str, n_boot: int, seed: int) -> pd.DataFrame:
+def operating_frame(
+    y_pos: np.ndarray,
+    called: np.ndarray,
+    threshold: float,
+    *,
+    rule: str,
+    positive: str,
+    n_boot: int,
+    seed: int,
+) -> pd.DataFrame:
     """Sensitivity, specificity, PPV, NPV and F1 of the decisions ``called`` (bool: positive),
     with percentile bootstrap intervals over patients. ``threshold`` is reported as given (a
     cv folder's is the mean of its folds' thresholds)."""
     score = called.astype(np.float64)
     point = operating_point(y_pos, score, 0.5)
     ci = operating_point_ci(y_pos, score, 0.5, n=n_boot, seed=seed)
-    rows = [{"metric": "threshold", "value": threshold, "ci_low": math.nan,
-             "ci_high": math.nan}]
-    rows += [{"metric": m, "value": point[m], "ci_low": ci.get(m, (math.nan,))[0],
-              "ci_high": ci.get(m, (math.nan, math.nan))[1]} for m in OP_METRICS]
-    rows += [{"metric": m, "value": point[m], "ci_low": math.nan, "ci_high": math.nan}
-             for m in ("tp", "fp", "tn", "fn")]
+    rows = [{"metric": "threshold", "value": threshold, "ci_low": math.nan, "ci_high": math.nan}]
+    rows += [
+        {
+            "metric": m,
+            "value": point[m],
+            "ci_low": ci.get(m, (math.nan,))[0],
+            "ci_high": ci.get(m, (math.nan, math.nan))[1],
+        }
+        for m in OP_METRICS
+    ]
+    rows += [
+        {"metric": m, "value": point[m], "ci_low": math.nan, "ci_high": math.nan}
+        for m in ("tp", "fp", "tn", "fn")
+    ]
     frame = pd.DataFrame(rows)
     frame.insert(0, "rule", rule)
     frame.insert(0, "positive_class", positive)
     return frame
 
 
-def decision_frame(y: np.ndarray, probs: np.ndarray, class_names: list[str],
-                   positive: int | None) -> pd.DataFrame:
+def decision_frame(
+    y: np.ndarray, probs: np.ndarray, class_names: list[str], positive: int | None
+) -> pd.DataFrame:
     """Net benefit of the positive class (binary, --positive-class), else of each class one
     against the rest."""
     classes = [positive] if positive is not None else list(range(len(class_names)))
@@ -114,20 +136,25 @@ def decision_frame(y: np.ndarray, probs: np.ndarray, class_names: list[str],
 
 
 def pattern_labels(present: np.ndarray, names: list[str]) -> np.ndarray:
-    return np.array(["+".join(n for n, p in zip(names, row, strict=True) if p)
-                     for row in present])
+    return np.array(["+".join(n for n, p in zip(names, row, strict=True) if p) for row in present])
 
 
-def coverage_frame(y: np.ndarray, sets: np.ndarray, present: np.ndarray, names: list[str],
-                   class_names: list[str], alpha: float, mode: str) -> pd.DataFrame:
+def coverage_frame(
+    y: np.ndarray,
+    sets: np.ndarray,
+    present: np.ndarray,
+    names: list[str],
+    class_names: list[str],
+    alpha: float,
+    mode: str,
+) -> pd.DataFrame:
     frame = coverage_table(y, sets, {"pattern": pattern_labels(present, names)}, class_names)
     frame.insert(0, "mode", mode)
     frame.insert(0, "alpha", alpha)
     return frame
 
 
-def read_subgroups(manifest: Path, specs: tuple[str, ...], ids: list[str]
-                   ) -> dict[str, pd.Series]:
+def read_subgroups(manifest: Path, specs: tuple[str, ...], ids: list[str]) -> dict[str, pd.Series]:
     """Each --subgroup-col's band per patient of ``ids`` (manifest order by id)."""
     from omnifuse_cli.data.manifest import normalize_ids, read_table
 
@@ -140,28 +167,46 @@ def read_subgroups(manifest: Path, specs: tuple[str, ...], ids: list[str]
     for text in specs:
         spec = parse_subgroup(text)
         if spec.column not in frame.columns:
-            raise DataError(f"--subgroup-col {spec.column!r} is not a column of {manifest}",
-                            hint=f"its columns: {', '.join(frame.columns)}")
+            raise DataError(
+                f"--subgroup-col {spec.column!r} is not a column of {manifest}",
+                hint=f"its columns: {', '.join(frame.columns)}",
+            )
         if spec.column.lower() in ("id", "label"):
-            raise DataError(f"--subgroup-col {spec.column!r}: subgroups of the {spec.column} "
-                            "column mean nothing", hint="name a column such as sex, age or site")
+            raise DataError(
+                f"--subgroup-col {spec.column!r}: subgroups of the {spec.column} "
+                "column mean nothing",
+                hint="name a column such as sex, age or site",
+            )
         values = frame[spec.column]
         if id_col is not None:
             values = pd.Series(values.to_numpy(), index=normalize_ids(frame[id_col]))
             values = values[~values.index.duplicated()].reindex(ids)
         else:
-            values = values.iloc[:len(ids)]
+            values = values.iloc[: len(ids)]
         values = values.replace("", np.nan).reset_index(drop=True)
         out[text] = band(values, spec)
     return out
 
 
-def clinical_outputs(y: np.ndarray, raw: np.ndarray, probs: np.ndarray, pred: np.ndarray, *,
-                     class_names: list[str], positive: int | None, threshold: float | None,
-                     rule: str | None, present: np.ndarray, names: list[str],
-                     sets: np.ndarray | None, alpha: float | None, conformal_mode: str = "",
-                     subgroups: dict[str, pd.Series] | None = None, n_boot: int = 1000,
-                     seed: int = 42) -> ClinicalOutputs:
+def clinical_outputs(
+    y: np.ndarray,
+    raw: np.ndarray,
+    probs: np.ndarray,
+    pred: np.ndarray,
+    *,
+    class_names: list[str],
+    positive: int | None,
+    threshold: float | None,
+    rule: str | None,
+    present: np.ndarray,
+    names: list[str],
+    sets: np.ndarray | None,
+    alpha: float | None,
+    conformal_mode: str = "",
+    subgroups: dict[str, pd.Series] | None = None,
+    n_boot: int = 1000,
+    seed: int = 42,
+) -> ClinicalOutputs:
     """Every clinical output of one set of predictions (see the module docstring).
 
     raw/probs: (N, C) before and after calibration; pred: the decisions; sets: conformal sets
@@ -170,33 +215,54 @@ def clinical_outputs(y: np.ndarray, raw: np.ndarray, probs: np.ndarray, pred: np
     out = ClinicalOutputs(calibration=calibration_frame(y, raw, probs, class_names))
     if positive is not None and threshold is not None and len(np.unique(y == positive)) == 2:
         out.operating_point = operating_frame(
-            y == positive, pred == positive, threshold, rule=rule or "",
-            positive=class_names[positive], n_boot=n_boot, seed=seed)
+            y == positive,
+            pred == positive,
+            threshold,
+            rule=rule or "",
+            positive=class_names[positive],
+            n_boot=n_boot,
+            seed=seed,
+        )
     if len(np.unique(y)) >= 2:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out.decision_curve = decision_frame(y, probs, class_names, positive)
     if sets is not None and alpha is not None:
-        out.coverage = coverage_frame(y, sets, present, names, class_names, alpha,
-                                      conformal_mode)
+        out.coverage = coverage_frame(y, sets, present, names, class_names, alpha, conformal_mode)
     if subgroups:
         tables = []
         op = threshold if (c == 2 and positive == 1 and threshold is not None) else None
         for column, groups in subgroups.items():
-            tables.append(subgroup_table(y, probs, groups, c, column=column, n_boot=n_boot,
-                                         seed=seed, names=SUBGROUP_METRICS, op=op))
+            tables.append(
+                subgroup_table(
+                    y,
+                    probs,
+                    groups,
+                    c,
+                    column=column,
+                    n_boot=n_boot,
+                    seed=seed,
+                    names=SUBGROUP_METRICS,
+                    op=op,
+                )
+            )
         out.subgroups = pd.concat(tables, ignore_index=True)
-        out.gaps = subgroup_gaps(out.subgroups, [m for m in (*SUBGROUP_METRICS, *OP_METRICS)
-                                                 if m in out.subgroups.columns])
+        out.gaps = subgroup_gaps(
+            out.subgroups,
+            [m for m in (*SUBGROUP_METRICS, *OP_METRICS) if m in out.subgroups.columns],
+        )
         small = out.subgroups[out.subgroups["n"] < SMALL_SUBGROUP]
         for _, row in small.iterrows():
-            out.notes.append(f"subgroup {row['column']} = {row['group']} has {int(row['n'])} "
-                             f"patient(s) (under {SMALL_SUBGROUP}): its metrics are imprecise")
+            out.notes.append(
+                f"subgroup {row['column']} = {row['group']} has {int(row['n'])} "
+                f"patient(s) (under {SMALL_SUBGROUP}): its metrics are imprecise"
+            )
     return out
 
 
-def conformal_sets(calibration: ConformalCalibration | None, probs: np.ndarray,
-                   alpha: float | None) -> tuple[np.ndarray | None, str]:
+def conformal_sets(
+    calibration: ConformalCalibration | None, probs: np.ndarray, alpha: float | None
+) -> tuple[np.ndarray | None, str]:
     """(sets, mode) at ``alpha``; (None, "") without a calibration or an alpha."""
     if calibration is None or alpha is None:
         return None, ""

@@ -65,32 +65,44 @@ class PostHoc:
             return pred
         others = probs.copy()
         others[:, self.positive] = -np.inf
-        return np.where(probs[:, self.positive] >= self.threshold, self.positive,
-                        others.argmax(axis=1))
+        return np.where(
+            probs[:, self.positive] >= self.threshold, self.positive, others.argmax(axis=1)
+        )
 
     def describe(self) -> list[str]:
         """One line per fitted piece, for the CLI and the report."""
         if self.legacy:
-            return ["this run was trained before calibration and operating points: temperature "
-                    "1 (uncalibrated), most probable class, no conformal sets"]
+            return [
+                "this run was trained before calibration and operating points: temperature "
+                "1 (uncalibrated), most probable class, no conformal sets"
+            ]
         lines = list(self.notes)
         if self.calibration == "temperature":
-            lines.append(f"temperature {self.temperature:.3f} fitted on "
-                         f"{self.validation_patients} validation patients (log loss "
-                         f"{self.val_loss_before:.4f} -> {self.val_loss_after:.4f})")
+            lines.append(
+                f"temperature {self.temperature:.3f} fitted on "
+                f"{self.validation_patients} validation patients (log loss "
+                f"{self.val_loss_before:.4f} -> {self.val_loss_after:.4f})"
+            )
         if self.threshold is not None:
             met = "" if self.target_met else " (target not reached on validation)"
-            lines.append(f"operating point: class {self.positive} positive at probability >= "
-                         f"{self.threshold:.4f} ({self.rule} on validation){met}")
+            lines.append(
+                f"operating point: class {self.positive} positive at probability >= "
+                f"{self.threshold:.4f} ({self.rule} on validation){met}"
+            )
         return lines
 
     # -- storing -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
-            "temperature": self.temperature, "calibration": self.calibration,
-            "positive": self.positive, "threshold": self.threshold, "rule": self.rule,
-            "target_met": self.target_met, "validation_patients": self.validation_patients,
-            "notes": list(self.notes), "val_loss_before": self.val_loss_before,
+            "temperature": self.temperature,
+            "calibration": self.calibration,
+            "positive": self.positive,
+            "threshold": self.threshold,
+            "rule": self.rule,
+            "target_met": self.target_met,
+            "validation_patients": self.validation_patients,
+            "notes": list(self.notes),
+            "val_loss_before": self.val_loss_before,
             "val_loss_after": self.val_loss_after,
             "conformal": None if self.conformal is None else self.conformal.to_dict(),
         }
@@ -100,18 +112,24 @@ class PostHoc:
         if not raw:
             return cls(legacy=True)
         if raw.get("pending"):
-            return cls(notes=("training did not finish: the probabilities are not calibrated "
-                              "and there is no operating point",))
+            return cls(
+                notes=(
+                    "training did not finish: the probabilities are not calibrated "
+                    "and there is no operating point",
+                )
+            )
         conformal = raw.get("conformal")
         return cls(
             temperature=float(raw.get("temperature", 1.0)),
             calibration=str(raw.get("calibration", "none")),
             positive=None if raw.get("positive") is None else int(raw["positive"]),
             threshold=None if raw.get("threshold") is None else float(raw["threshold"]),
-            rule=raw.get("rule"), target_met=bool(raw.get("target_met", True)),
+            rule=raw.get("rule"),
+            target_met=bool(raw.get("target_met", True)),
             conformal=None if not conformal else ConformalCalibration.from_dict(conformal),
             validation_patients=int(raw.get("validation_patients", 0)),
-            notes=tuple(raw.get("notes", ())), val_loss_before=raw.get("val_loss_before"),
+            notes=tuple(raw.get("notes", ())),
+            val_loss_before=raw.get("val_loss_before"),
             val_loss_after=raw.get("val_loss_after"),
         )
 
@@ -125,13 +143,16 @@ def positive_index(cfg: TrainConfig, class_names: list[str]) -> int | None:
     if cfg.positive_class is None:
         return 1 if len(class_names) == 2 else None
     if cfg.positive_class not in class_names:
-        raise ConfigError(f"--positive-class {cfg.positive_class!r} is not a class of this task",
-                          hint=f"the classes are {', '.join(class_names)}")
+        raise ConfigError(
+            f"--positive-class {cfg.positive_class!r} is not a class of this task",
+            hint=f"the classes are {', '.join(class_names)}",
+        )
     return class_names.index(cfg.positive_class)
 
 
-def fit_posthoc(log_probs: np.ndarray, y: np.ndarray, cfg: TrainConfig,
-                class_names: list[str]) -> PostHoc:
+def fit_posthoc(
+    log_probs: np.ndarray, y: np.ndarray, cfg: TrainConfig, class_names: list[str]
+) -> PostHoc:
     """Temperature, operating point and conformal scores from the validation patients'
     log-probabilities (after the best epoch and the linear path)."""
     from omnifuse_cli.engine.metrics import metric_value
@@ -144,8 +165,10 @@ def fit_posthoc(log_probs: np.ndarray, y: np.ndarray, cfg: TrainConfig,
     before = after = None
     if cfg.calibrate == "temperature":
         if n < MIN_CALIBRATION_PATIENTS or len(np.unique(y)) < 2:
-            notes.append(f"not calibrated: the validation split has {n} patient(s) "
-                         f"(temperature scaling needs {MIN_CALIBRATION_PATIENTS} and two classes)")
+            notes.append(
+                f"not calibrated: the validation split has {n} patient(s) "
+                f"(temperature scaling needs {MIN_CALIBRATION_PATIENTS} and two classes)"
+            )
         else:
             temperature, calibration = fit_temperature(log_probs, y), "temperature"
     log_probs = apply_temperature(log_probs, 1.0)  # renormalised in float64
@@ -159,20 +182,33 @@ def fit_posthoc(log_probs: np.ndarray, y: np.ndarray, cfg: TrainConfig,
     if positive is not None:
         y_pos = y == positive
         if y_pos.all() or not y_pos.any():
-            notes.append(f"no operating point: the validation split lacks "
-                         f"{'negatives' if y_pos.all() else 'positives'} of class {positive}")
+            notes.append(
+                f"no operating point: the validation split lacks "
+                f"{'negatives' if y_pos.all() else 'positives'} of class {positive}"
+            )
         else:
             parsed = parse_threshold_rule(cfg.threshold)
             threshold, met = choose_threshold(y_pos, probs[:, positive], parsed)
             rule = str(parsed)
             if not met:
-                notes.append(f"--threshold {rule}: no threshold reaches the target on the "
-                             f"validation split; the closest ({threshold:.4f}) is used")
+                notes.append(
+                    f"--threshold {rule}: no threshold reaches the target on the "
+                    f"validation split; the closest ({threshold:.4f}) is used"
+                )
     conformal = ConformalCalibration.from_validation(y, probs, num_classes) if n else None
-    return PostHoc(temperature=float(temperature), calibration=calibration, positive=positive,
-                   threshold=None if threshold is None else float(threshold), rule=rule,
-                   target_met=bool(met), conformal=conformal, validation_patients=n,
-                   notes=tuple(notes), val_loss_before=before, val_loss_after=after)
+    return PostHoc(
+        temperature=float(temperature),
+        calibration=calibration,
+        positive=positive,
+        threshold=None if threshold is None else float(threshold),
+        rule=rule,
+        target_met=bool(met),
+        conformal=conformal,
+        validation_patients=n,
+        notes=tuple(notes),
+        val_loss_before=before,
+        val_loss_after=after,
+    )
 
 
 def class_weights(spec: str, labels: np.ndarray, num_classes: int) -> np.ndarray | None:

@@ -57,8 +57,9 @@ class PredictResult:
     notes: list[str] = field(default_factory=list)  # information (the feature cache used)
 
 
-def run_reading(run_meta: dict[str, Any], request: PredictRequest | Any,
-                preprocessor: Preprocessor) -> dict[str, Any]:
+def run_reading(
+    run_meta: dict[str, Any], request: PredictRequest | Any, preprocessor: Preprocessor
+) -> dict[str, Any]:
     """read_manifest's options for new patients of a run: what the request says, else what the
     run was trained with (the id column, how notes and lab tables were read); a lab table is
     read into the run's analytes, in the run's order."""
@@ -69,11 +70,13 @@ def run_reading(run_meta: dict[str, Any], request: PredictRequest | Any,
         # Columns named labs_0, labs_1, ... came from manifest cells: no analyte names to match.
         if not all(c == f"{vector}_{j}" for j, c in enumerate(columns)):
             analytes = columns
-    return {"labs_id_col": request.labs_id_col or run_meta.get("labs_id_col") or "id",
-            "encoding": request.encoding or run_meta.get("encoding") or "auto",
-            "labs_format": request.labs_format or run_meta.get("labs_format") or "auto",
-            "labs_agg": request.labs_agg or run_meta.get("labs_agg") or "last",
-            "labs_analytes": analytes}
+    return {
+        "labs_id_col": request.labs_id_col or run_meta.get("labs_id_col") or "id",
+        "encoding": request.encoding or run_meta.get("encoding") or "auto",
+        "labs_format": request.labs_format or run_meta.get("labs_format") or "auto",
+        "labs_agg": request.labs_agg or run_meta.get("labs_agg") or "last",
+        "labs_analytes": analytes,
+    }
 
 
 def labs_table_hint(run_meta: dict[str, Any], given: Path | None) -> str | None:
@@ -83,9 +86,11 @@ def labs_table_hint(run_meta: dict[str, Any], given: Path | None) -> str | None:
     if not trained or given is not None:
         return None
     id_col = run_meta.get("labs_id_col") or "id"
-    return (f"this run was trained with --labs-table {trained} --labs-id-col {id_col}; "
-            f"pass --labs-table LABS.csv --labs-id-col {id_col} to give these patients their "
-            "labs from a table")
+    return (
+        f"this run was trained with --labs-table {trained} --labs-id-col {id_col}; "
+        f"pass --labs-table LABS.csv --labs-id-col {id_col} to give these patients their "
+        "labs from a table"
+    )
 
 
 def labs_column_note(labs_hint: str | None, cohort: Cohort) -> str | None:
@@ -94,20 +99,24 @@ def labs_column_note(labs_hint: str | None, cohort: Cohort) -> str | None:
     if not labs_hint or vector is None:
         return None
     have = int(cohort.present[:, cohort.names.index(vector)].sum())
-    return (f"{labs_hint}; without one, {vector} come from the manifest's {vector!r} column "
-            f"({have} of {len(cohort)} patients have them)")
+    return (
+        f"{labs_hint}; without one, {vector} come from the manifest's {vector!r} column "
+        f"({have} of {len(cohort)} patients have them)"
+    )
 
 
 def unscored_summary(cohort: Cohort, rows: list[int]) -> str:
     """``row 3 (id X): no modality present; ...`` for the first few unscored rows."""
-    named = "; ".join(f"{row_name(i, cohort.ids)}: {', '.join(cohort.bad_rows[i])}"
-                      for i in rows[:MAX_NAMED])
+    named = "; ".join(
+        f"{row_name(i, cohort.ids)}: {', '.join(cohort.bad_rows[i])}" for i in rows[:MAX_NAMED]
+    )
     more = f"; ... and {len(rows) - MAX_NAMED} more" if len(rows) > MAX_NAMED else ""
     return named + more
 
 
-def predict_patients(request: PredictRequest,
-                     progress: PassProgress | None = None) -> PredictResult:
+def predict_patients(
+    request: PredictRequest, progress: PassProgress | None = None
+) -> PredictResult:
     """Score every patient that can be scored; the others keep their row, with a reason."""
     device = resolve_device(request.device)
     if device.type == "cpu" or request.threads:
@@ -118,16 +127,25 @@ def predict_patients(request: PredictRequest,
     posthoc = PostHoc.from_bundle(bundle.meta)
     if request.conformal is not None:
         if not 0.0 < request.conformal < 1.0:
-            raise ConfigError(f"--conformal must be in (0, 1), got {request.conformal}",
-                              hint="e.g. --conformal 0.1 for sets that cover 90% of patients")
+            raise ConfigError(
+                f"--conformal must be in (0, 1), got {request.conformal}",
+                hint="e.g. --conformal 0.1 for sets that cover 90% of patients",
+            )
         if posthoc.conformal is None:
-            raise BundleError(f"{request.run_dir} has no conformal calibration (it was trained "
-                              "before conformal sets, or without a validation split)",
-                              hint="train the run again to use --conformal")
+            raise BundleError(
+                f"{request.run_dir} has no conformal calibration (it was trained "
+                "before conformal sets, or without a validation split)",
+                hint="train the run again to use --conformal",
+            )
     cohort = read_manifest(
-        Path(request.patients), config.modalities, labs_table=request.labs_table,
-        require_labels=False, num_classes=config.num_classes, keep_bad_rows=True,
-        keep_empty_rows=True, **run_reading(run_meta, request, bundle.preprocessor),
+        Path(request.patients),
+        config.modalities,
+        labs_table=request.labs_table,
+        require_labels=False,
+        num_classes=config.num_classes,
+        keep_bad_rows=True,
+        keep_empty_rows=True,
+        **run_reading(run_meta, request, bundle.preprocessor),
     )
     labs_hint = labs_table_hint(run_meta, request.labs_table)
     names = [m.name for m in config.modalities]
@@ -147,20 +165,34 @@ def predict_patients(request: PredictRequest,
             hint=labs_hint or "give each patient at least one readable modality",
         )
     if bad:
-        warnings.append(f"{len(bad)} of {len(cohort)} patient(s) could not be scored and have an "
-                        f"empty prediction (see the reason column): "
-                        f"{unscored_summary(cohort, bad)}")
+        warnings.append(
+            f"{len(bad)} of {len(cohort)} patient(s) could not be scored and have an "
+            f"empty prediction (see the reason column): "
+            f"{unscored_summary(cohort, bad)}"
+        )
     ok = np.setdiff1d(np.arange(len(cohort)), np.array(bad, dtype=np.int64))
     scored = cohort.subset(ok)
     bundle.preprocessor.check_compatible(scored)
     data = bundle.preprocessor.prepare(scored)
     notes: list[str] = list(cohort.notes)
-    reuse_frozen_features(bundle.model, data, np.arange(len(data)), device=device,
-                          batch_size=request.batch_size,
-                          cache=feature_cache(request.cache_dir, request.cache),
-                          notify=notes.append, progress=phase(progress, "encoding"))
-    result = infer(bundle.model, data, np.arange(len(scored)), device=device,
-                   batch_size=request.batch_size, progress=phase(progress, "scoring"))
+    reuse_frozen_features(
+        bundle.model,
+        data,
+        np.arange(len(data)),
+        device=device,
+        batch_size=request.batch_size,
+        cache=feature_cache(request.cache_dir, request.cache),
+        notify=notes.append,
+        progress=phase(progress, "encoding"),
+    )
+    result = infer(
+        bundle.model,
+        data,
+        np.arange(len(scored)),
+        device=device,
+        batch_size=request.batch_size,
+        progress=phase(progress, "scoring"),
+    )
     rows = ok[result.index]
     notes.extend(posthoc.describe())
     probs = np.full((len(cohort), len(bundle.class_names)), np.nan, dtype=np.float64)
@@ -172,26 +204,52 @@ def predict_patients(request: PredictRequest,
         assert posthoc.conformal is not None
         sets = np.zeros(probs.shape, dtype=bool)
         sets[rows] = posthoc.conformal.sets(probs[rows], request.conformal)
-        notes.append(f"conformal sets at alpha {request.conformal:g} "
-                     f"({posthoc.conformal.mode(request.conformal)}, calibrated on "
-                     f"{len(posthoc.conformal.scores)} validation patients): each set holds "
-                     f"the true class for about {1 - request.conformal:.0%} of patients")
+        notes.append(
+            f"conformal sets at alpha {request.conformal:g} "
+            f"({posthoc.conformal.mode(request.conformal)}, calibrated on "
+            f"{len(posthoc.conformal.scores)} validation patients): each set holds "
+            f"the true class for about {1 - request.conformal:.0%} of patients"
+        )
     weights = None
     if result.weights is not None:
         weights = np.full((len(cohort), *result.weights.shape[1:]), np.nan)
         weights[rows] = result.weights
-    frame = prediction_frame(cohort.ids, cohort.labels, probs, cohort.present, names,
-                             bundle.class_names, weights, pred=pred, sets=sets)
+    frame = prediction_frame(
+        cohort.ids,
+        cohort.labels,
+        probs,
+        cohort.present,
+        names,
+        bundle.class_names,
+        weights,
+        pred=pred,
+        sets=sets,
+    )
     frame["reason"] = reasons
-    return PredictResult(Path(request.run_dir), frame, bundle.class_names, names,
-                         n_unscored=len(bad), warnings=warnings, notes=notes)
+    return PredictResult(
+        Path(request.run_dir),
+        frame,
+        bundle.class_names,
+        names,
+        n_unscored=len(bad),
+        warnings=warnings,
+        notes=notes,
+    )
 
 
-def prediction_frame(ids: list[str], labels: np.ndarray | None, probs: np.ndarray,
-                     present: np.ndarray, names: list[str], class_names: list[str],
-                     weights: np.ndarray | None, *, pred: np.ndarray | None = None,
-                     sets: np.ndarray | None = None, raw: np.ndarray | None = None
-                     ) -> pd.DataFrame:
+def prediction_frame(
+    ids: list[str],
+    labels: np.ndarray | None,
+    probs: np.ndarray,
+    present: np.ndarray,
+    names: list[str],
+    class_names: list[str],
+    weights: np.ndarray | None,
+    *,
+    pred: np.ndarray | None = None,
+    sets: np.ndarray | None = None,
+    raw: np.ndarray | None = None,
+) -> pd.DataFrame:
     """One row per patient: id, label (if known), pred, prob_<class>, modalities present and
     weight_<modality>, each modality's DWFuse weight at the predicted class (predictions.csv of
     predict, evaluate and cv). ``pred``: the decisions at the run's operating point (default:
@@ -214,10 +272,13 @@ def prediction_frame(ids: list[str], labels: np.ndarray | None, probs: np.ndarra
         for c, cname in enumerate(class_names):
             frame[f"raw_prob_{cname}"] = raw[:, c]
     if sets is not None:
-        frame["set"] = ["|".join(n for n, keep in zip(class_names, row, strict=True) if keep)
-                        if ok else None for row, ok in zip(sets, scored, strict=True)]
-    frame["modalities"] = ["+".join(n for n, p in zip(names, row, strict=True) if p)
-                           for row in present]
+        frame["set"] = [
+            "|".join(n for n, keep in zip(class_names, row, strict=True) if keep) if ok else None
+            for row, ok in zip(sets, scored, strict=True)
+        ]
+    frame["modalities"] = [
+        "+".join(n for n, p in zip(names, row, strict=True) if p) for row in present
+    ]
     if weights is not None:
         # w_m at the predicted class: how much each modality's own head counts for this patient.
         at_pred = np.take_along_axis(weights, pred[:, None, None], axis=2)[:, :, 0]

@@ -15,8 +15,10 @@ def read_meta(run_dir: Path) -> dict[str, str]:
     path = Path(run_dir) / "meta.csv"
     if not path.is_file():
         bundle_folder(run_dir)  # the clearer error when this is not a run at all
-        raise BundleError(f"{run_dir} has no meta.csv; was training interrupted before the end?",
-                          hint="evaluate an external cohort with --manifest instead")
+        raise BundleError(
+            f"{run_dir} has no meta.csv; was training interrupted before the end?",
+            hint="evaluate an external cohort with --manifest instead",
+        )
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     return dict(zip(frame["key"], frame["value"], strict=True))
 
@@ -30,8 +32,9 @@ def read_split_assignment(run_dir: Path) -> pd.DataFrame:
 
 def find_latest_run(root: Path = Path("runs")) -> Path:
     """The most recently trained run under ``root`` (by its bundle's modification time)."""
-    bundles = sorted(Path(root).glob(f"*/{BUNDLE_DIR}/bundle.json"),
-                     key=lambda p: p.stat().st_mtime)
+    bundles = sorted(
+        Path(root).glob(f"*/{BUNDLE_DIR}/bundle.json"), key=lambda p: p.stat().st_mtime
+    )
     if not bundles:
         raise BundleError(
             f"no trained run found under {Path(root).resolve()}",

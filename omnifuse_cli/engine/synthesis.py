@@ -255,8 +255,9 @@ _FINDINGS: tuple[tuple[str, ...], ...] = (
 # Typos are drawn from frequent characters so they look like input-method slips, not garbage.
 _TYPO_CHARS = "的一是了不在有人这中大为上个我以要时来用们生到作地于出就分对成会可主发年动同工也能"
 
-_INT_FIELDS = frozenset({"n", "unlabeled", "seed", "num_classes", "labs_dim", "image_size",
-                         "images_per_patient"})
+_INT_FIELDS = frozenset(
+    {"n", "unlabeled", "seed", "num_classes", "labs_dim", "image_size", "images_per_patient"}
+)
 _FLAG_FIELDS = frozenset({"ultrasound", "inline_notes"})
 WRITE_CHUNK = 20_000  # patients formatted and written at a time: bounded memory at any n
 
@@ -298,9 +299,13 @@ class CohortSpec:
 
     def __post_init__(self) -> None:
         if self.missing_mode not in MISSING_MODES:
-            _bad("missing_mode", repr(self.missing_mode), " or ".join(MISSING_MODES),
-                 "mcar: missing at random; mnar: milder patients skip labs and ultrasound "
-                 "more often")
+            _bad(
+                "missing_mode",
+                repr(self.missing_mode),
+                " or ".join(MISSING_MODES),
+                "mcar: missing at random; mnar: milder patients skip labs and ultrasound "
+                "more often",
+            )
         for f in fields(self):
             if f.name in _FLAG_FIELDS:
                 if not isinstance(getattr(self, f.name), bool):
@@ -318,33 +323,64 @@ class CohortSpec:
         if self.num_classes < 2:
             _bad("num_classes", self.num_classes, "at least 2", "a classifier needs two classes")
         if self.n < 2 * self.num_classes:
-            _bad("n", self.n, f"at least {2 * self.num_classes} (2 per class)",
-                 "raise --n or lower --num-classes")
+            _bad(
+                "n",
+                self.n,
+                f"at least {2 * self.num_classes} (2 per class)",
+                "raise --n or lower --num-classes",
+            )
         if self.unlabeled < 0:
             _bad("unlabeled", self.unlabeled, "0 or more", "extra patients without a label")
         if self.total > MAX_ID:
-            _bad("n", self.n, f"at most {MAX_ID} with the unlabeled patients",
-                 "ids are 10 digits")
+            _bad("n", self.n, f"at most {MAX_ID} with the unlabeled patients", "ids are 10 digits")
         if self.labs_dim < 1:
             _bad("labs_dim", self.labs_dim, "at least 1", "it is the number of analytes")
         if not 32 <= self.image_size <= 4096:
-            _bad("image_size", self.image_size, "between 32 and 4096",
-                 "it is the side of the square PNGs in pixels")
+            _bad(
+                "image_size",
+                self.image_size,
+                "between 32 and 4096",
+                "it is the side of the square PNGs in pixels",
+            )
         if not 1 <= self.images_per_patient <= 100:
-            _bad("images_per_patient", self.images_per_patient, "between 1 and 100",
-                 "it is the most ultrasound views a patient gets")
+            _bad(
+                "images_per_patient",
+                self.images_per_patient,
+                "between 1 and 100",
+                "it is the most ultrasound views a patient gets",
+            )
         for name in ("missing_labs", "missing_us", "missing_text"):
-            _check(self, name, lambda v: 0 <= v < 1, "in [0, 1)",
-                   "it is the probability that a patient lacks the modality")
+            _check(
+                self,
+                name,
+                lambda v: 0 <= v < 1,
+                "in [0, 1)",
+                "it is the probability that a patient lacks the modality",
+            )
         for name in ("us_signal", "text_signal"):
-            _check(self, name, lambda v: 0 <= v <= 1, "in [0, 1]",
-                   "0 = no class signal, 1 = the full class signal")
-        _check(self, "shared_severity", lambda v: 0 <= v <= 1, "in [0, 1]",
-               "it is the share of each modality's signal that follows the patient's own "
-               "severity: 0 = the class's only, 1 = the patient's only")
-        _check(self, "corrupt_rate", lambda v: 0 <= v < 1, "in [0, 1)",
-               "it is the share of patients (with two or more modalities) who get one "
-               "low-quality modality")
+            _check(
+                self,
+                name,
+                lambda v: 0 <= v <= 1,
+                "in [0, 1]",
+                "0 = no class signal, 1 = the full class signal",
+            )
+        _check(
+            self,
+            "shared_severity",
+            lambda v: 0 <= v <= 1,
+            "in [0, 1]",
+            "it is the share of each modality's signal that follows the patient's own "
+            "severity: 0 = the class's only, 1 = the patient's only",
+        )
+        _check(
+            self,
+            "corrupt_rate",
+            lambda v: 0 <= v < 1,
+            "in [0, 1)",
+            "it is the share of patients (with two or more modalities) who get one "
+            "low-quality modality",
+        )
         for name in ("labs_signal", "labs_noise", "us_noise", "text_noise"):
             _check(self, name, lambda v: v >= 0, ">= 0", "0 turns it off")
 
@@ -357,8 +393,9 @@ def _bad(name: str, value: object, wanted: str, hint: str) -> None:
     raise ConfigError(f"{_option(name)} must be {wanted}, got {value}", hint=hint)
 
 
-def _check(spec: CohortSpec, name: str, ok: Callable[[float], bool], wanted: str,
-           hint: str) -> None:
+def _check(
+    spec: CohortSpec, name: str, ok: Callable[[float], bool], wanted: str, hint: str
+) -> None:
     value = getattr(spec, name)
     if not ok(value):
         _bad(name, value, wanted, hint)
@@ -410,8 +447,9 @@ def draw_cohort(spec: CohortSpec) -> DrawnCohort:
     labels = design.permutation(np.arange(n) % classes)
     class_severity = severities(classes)[labels]
     spread = SEVERITY_SPREAD / (classes - 1)
-    severity = np.clip(class_severity
-                       + spread * np.random.default_rng(s_patient).standard_normal(n), 0, 1)
+    severity = np.clip(
+        class_severity + spread * np.random.default_rng(s_patient).standard_normal(n), 0, 1
+    )
     present = design.random((n, len(MODALITIES))) >= _missing_probabilities(spec, severity)
     empty = np.flatnonzero(~present.any(axis=1))
     if spec.ultrasound:
@@ -466,12 +504,19 @@ def draw_cohort(spec: CohortSpec) -> DrawnCohort:
     us_severity[junk["us"]] = random_severity[junk["us"]]
 
     return DrawnCohort(
-        labels=labels, severity=severity, present=present, lab_names=names, labs=labs,
-        notes=notes, us_severity=us_severity,
+        labels=labels,
+        severity=severity,
+        present=present,
+        lab_names=names,
+        labs=labs,
+        notes=notes,
+        us_severity=us_severity,
         us_seeds=[patient_seeds[j] for j in source] if spec.ultrasound else [],
         corrupted=[MODALITIES[j] if j >= 0 else "" for j in target],
-        corruption=["" if j < 0 else CORRUPTIONS[0 if u else 1]
-                    for j, u in zip(target, uninformative, strict=True)],
+        corruption=[
+            "" if j < 0 else CORRUPTIONS[0 if u else 1]
+            for j, u in zip(target, uninformative, strict=True)
+        ],
     )
 
 
@@ -490,8 +535,9 @@ def _missing_probabilities(spec: CohortSpec, severity: np.ndarray) -> np.ndarray
     return probabilities
 
 
-def make_cohort(spec: CohortSpec, out_dir: Path, *,
-                progress: Callable[[int, int], None] | None = None) -> CohortSummary:
+def make_cohort(
+    spec: CohortSpec, out_dir: Path, *, progress: Callable[[int, int], None] | None = None
+) -> CohortSummary:
     """Write the cohort under ``out_dir`` (created if needed; existing files are overwritten).
 
     ``progress(done, total)`` is called with 0 first, then after every patient with views to
@@ -508,14 +554,19 @@ def make_cohort(spec: CohortSpec, out_dir: Path, *,
     labels, present, names = cohort.labels, cohort.present, cohort.lab_names
     renderer = _UltrasoundRenderer(spec) if spec.ultrasound else None
     columns = [m for m in MODALITIES if m != "us" or spec.ultrasound]
-    manifest, labs_table, truth = (out_dir / "manifest.csv", out_dir / "labs_table.csv",
-                                   out_dir / "truth.csv")
+    manifest, labs_table, truth = (
+        out_dir / "manifest.csv",
+        out_dir / "labs_table.csv",
+        out_dir / "truth.csv",
+    )
     n_images = 0
     if progress is not None:
         progress(0, spec.total)
-    with _CsvFile(manifest, ["id", "label", *columns]) as rows, \
-            _CsvFile(labs_table, ["id", *names]) as table_rows, \
-            _CsvFile(truth, ["id", "label", "severity", "corrupted", "corruption"]) as truth_rows:
+    with (
+        _CsvFile(manifest, ["id", "label", *columns]) as rows,
+        _CsvFile(labs_table, ["id", *names]) as table_rows,
+        _CsvFile(truth, ["id", "label", "severity", "corrupted", "corruption"]) as truth_rows,
+    ):
         for start in range(0, spec.total, WRITE_CHUNK):
             stop = min(start + WRITE_CHUNK, spec.total)
             cells = _format_labs(cohort.labs[start:stop], names)
@@ -528,9 +579,12 @@ def make_cohort(spec: CohortSpec, out_dir: Path, *,
                     labs_cell = "[" + ", ".join(c or "null" for c in values) + "]"
                     table_rows.append([pid, *values])
                 if renderer is not None and present[i, 1]:
-                    paths = renderer.write_patient(float(cohort.us_severity[i]),
-                                                   np.random.default_rng(cohort.us_seeds[i]),
-                                                   out_dir, pid)
+                    paths = renderer.write_patient(
+                        float(cohort.us_severity[i]),
+                        np.random.default_rng(cohort.us_seeds[i]),
+                        out_dir,
+                        pid,
+                    )
                     n_images += len(paths)
                     us_cell = ";".join(paths)
                 if present[i, 2] and spec.inline_notes:
@@ -541,8 +595,15 @@ def make_cohort(spec: CohortSpec, out_dir: Path, *,
                 middle = [labs_cell, us_cell] if renderer is not None else [labs_cell]
                 label = str(int(labels[i])) if i < spec.n else ""  # withheld: unlabeled
                 rows.append([pid, label, *middle, text_cell])
-                truth_rows.append([pid, str(int(labels[i])), f"{cohort.severity[i]:.4f}",
-                                   cohort.corrupted[i], cohort.corruption[i]])
+                truth_rows.append(
+                    [
+                        pid,
+                        str(int(labels[i])),
+                        f"{cohort.severity[i]:.4f}",
+                        cohort.corrupted[i],
+                        cohort.corruption[i],
+                    ]
+                )
                 if progress is not None and renderer is not None:
                     progress(i + 1, spec.total)
             for writer in (rows, table_rows, truth_rows):
@@ -550,13 +611,19 @@ def make_cohort(spec: CohortSpec, out_dir: Path, *,
             if progress is not None and renderer is None:
                 progress(stop, spec.total)
 
-    counts = np.bincount(labels[:spec.n], minlength=spec.num_classes)
+    counts = np.bincount(labels[: spec.n], minlength=spec.num_classes)
     return CohortSummary(
-        out_dir=out_dir, manifest=manifest, labs_table=labs_table, truth=truth,
-        n_patients=spec.total, n_images=n_images, n_unlabeled=spec.unlabeled,
+        out_dir=out_dir,
+        manifest=manifest,
+        labs_table=labs_table,
+        truth=truth,
+        n_patients=spec.total,
+        n_images=n_images,
+        n_unlabeled=spec.unlabeled,
         label_counts={c: int(k) for c, k in enumerate(counts)},
-        present_counts={m: int(present[:, j].sum()) for j, m in enumerate(MODALITIES)
-                        if m in columns},
+        present_counts={
+            m: int(present[:, j].sum()) for j, m in enumerate(MODALITIES) if m in columns
+        },
         corrupted_counts={m: cohort.corrupted.count(m) for m in columns},
     )
 
@@ -613,8 +680,9 @@ def analyte_names(labs_dim: int) -> list[str]:
 # Labs
 
 
-def lab_values(spec: CohortSpec, severity: np.ndarray, rng: np.random.Generator
-               ) -> tuple[list[str], np.ndarray]:
+def lab_values(
+    spec: CohortSpec, severity: np.ndarray, rng: np.random.Generator
+) -> tuple[list[str], np.ndarray]:
     """(names, values) for the severity (n,) each patient's labs show: values (n, labs_dim) in
     physical units, NaN for a missing analyte. The draws do not depend on ``severity``."""
     drivers = lab_drivers(severity)
@@ -693,16 +761,20 @@ class _UltrasoundRenderer:
         self.theta = np.arctan2(xx - self.apex[1], yy - self.apex[0])
         self.depth = np.clip((r - self.r0) / (self.r1 - self.r0), 0.0, 1.0)
         soft = 1.5 / size  # radians, about a pixel and a half at the bottom: no jagged edge
-        self.fan = (np.clip((self.HALF_ANGLE - np.abs(self.theta)) / (2 * soft), 0, 1)
-                    * np.clip((r - self.r0) / 1.5, 0, 1) * np.clip((self.r1 - r) / 1.5, 0, 1))
+        self.fan = (
+            np.clip((self.HALF_ANGLE - np.abs(self.theta)) / (2 * soft), 0, 1)
+            * np.clip((r - self.r0) / 1.5, 0, 1)
+            * np.clip((self.r1 - r) / 1.5, 0, 1)
+        )
         # Speckle = magnitude of a blurred complex Gaussian field (Rayleigh distributed); the
         # point spread is wider laterally than axially, as with a real transducer.
         scale = size / 256
         self.psf_axial = _gaussian_taps(0.7 * scale)
         self.psf_lateral = _gaussian_taps(1.4 * scale)
 
-    def write_patient(self, severity: float, rng: np.random.Generator, out_dir: Path,
-                      pid: str) -> list[str]:
+    def write_patient(
+        self, severity: float, rng: np.random.Generator, out_dir: Path, pid: str
+    ) -> list[str]:
         most = self.spec.images_per_patient
         count = most if rng.random() < 0.7 else int(rng.integers(1, most + 1))
         paths = []
@@ -723,22 +795,46 @@ class _UltrasoundRenderer:
         mass_size, dark, bright = self.centre + signal * (drivers - self.centre)
 
         tissue = np.full((size, size), 0.5, dtype=np.float32)
-        tissue *= np.exp(0.15 * noise * self._smooth_noise(rng, 6)
-                         + 0.08 * noise * self._smooth_noise(rng, 24))
+        tissue *= np.exp(
+            0.15 * noise * self._smooth_noise(rng, 6) + 0.08 * noise * self._smooth_noise(rng, 24)
+        )
         bounds = self._layers(tissue, rng)
         for _ in range(rng.poisson(0.05 + US_DARK_RATE * dark)):
             radius = size * (0.035 + 0.06 * mass_size) * rng.uniform(0.7, 1.3)
-            self._blob(tissue, rng, bounds, radius, gain=0.6 - 0.45 * mass_size,
-                       irregular=0.3 * mass_size, edge=0.05 + 0.1 * mass_size)
+            self._blob(
+                tissue,
+                rng,
+                bounds,
+                radius,
+                gain=0.6 - 0.45 * mass_size,
+                irregular=0.3 * mass_size,
+                edge=0.05 + 0.1 * mass_size,
+            )
         for _ in range(rng.poisson(0.1 + US_BRIGHT_RATE * bright)):
             radius = size * rng.uniform(0.022, 0.045)
-            self._blob(tissue, rng, bounds, radius, gain=3.5 * rng.uniform(0.8, 1.2),
-                       irregular=0.05, edge=0.08)
+            self._blob(
+                tissue,
+                rng,
+                bounds,
+                radius,
+                gain=3.5 * rng.uniform(0.8, 1.2),
+                irregular=0.05,
+                edge=0.08,
+            )
         # Vessels: anechoic, bright-walled, in every liver; they mimic small dark lesions.
         for _ in range(rng.poisson(US_VESSEL_RATE * noise)):
             radius = size * rng.uniform(0.015, 0.04)
-            self._blob(tissue, rng, bounds, radius, gain=0.12, irregular=0.0, edge=0.06,
-                       elongation=rng.uniform(1.0, 2.5), wall=0.8)
+            self._blob(
+                tissue,
+                rng,
+                bounds,
+                radius,
+                gain=0.12,
+                irregular=0.0,
+                edge=0.06,
+                elongation=rng.uniform(1.0, 2.5),
+                wall=0.8,
+            )
 
         gain = math.exp(0.12 * noise * rng.standard_normal())
         attenuation = rng.uniform(0.6, 1.0)  # partly undone by time-gain compensation
@@ -773,9 +869,19 @@ class _UltrasoundRenderer:
         tissue[self.depth > diaphragm + 0.02] *= 0.3  # lung behind the diaphragm
         return float(capsule.mean()) + 0.06, float(diaphragm.mean()) - 0.08
 
-    def _blob(self, tissue: np.ndarray, rng: np.random.Generator, bounds: tuple[float, float],
-              radius: float, *, gain: float, irregular: float, edge: float,
-              elongation: float = 1.0, wall: float = 0.0) -> None:
+    def _blob(
+        self,
+        tissue: np.ndarray,
+        rng: np.random.Generator,
+        bounds: tuple[float, float],
+        radius: float,
+        *,
+        gain: float,
+        irregular: float,
+        edge: float,
+        elongation: float = 1.0,
+        wall: float = 0.0,
+    ) -> None:
         """A soft-edged, possibly irregular ellipse multiplying the echo by ``gain`` inside."""
         size = self.size
         top, bottom = bounds
@@ -797,8 +903,9 @@ class _UltrasoundRenderer:
         dist = np.hypot(u, v)
         if irregular > 0:  # lobulated border: the radius wobbles with the polar angle
             alpha = np.arctan2(v, u)
-            wobble = (0.6 * np.sin(3 * alpha + rng.uniform(0, 6))
-                      + 0.4 * np.sin(5 * alpha + rng.uniform(0, 6)))
+            wobble = 0.6 * np.sin(3 * alpha + rng.uniform(0, 6)) + 0.4 * np.sin(
+                5 * alpha + rng.uniform(0, 6)
+            )
             dist = dist / (1 + irregular * wobble)
         mask = 1 / (1 + np.exp(np.clip((dist - 1) / edge, -50, 50)))
         region = tissue[y0:y1, x0:x1]
@@ -836,7 +943,8 @@ def _note(spec: CohortSpec, severity: float, rng: np.random.Generator) -> str:
     """A note whose correct findings describe ``severity``'s level (of five)."""
     classes, noise = spec.num_classes, spec.text_noise
     opener = _OPENERS[rng.integers(len(_OPENERS))].format(
-        sex="男" if rng.random() < 0.5 else "女", age=int(rng.integers(25, 80)))
+        sex="男" if rng.random() < 0.5 else "女", age=int(rng.integers(25, 80))
+    )
     n_neutral = int(rng.integers(1, 3) + rng.poisson(0.8 * noise))
     neutral = [_NEUTRAL[j] for j in rng.permutation(len(_NEUTRAL))[:n_neutral]]
 

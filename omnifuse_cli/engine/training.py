@@ -114,9 +114,13 @@ class EpochRecord:
 
     def row(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "epoch": self.epoch, "phase": self.phase, "train_loss": self.train_loss,
-            "val_loss": self.val_loss, "val_acc": self.val_acc,
-            "val_macro_f1": self.val_macro_f1, "val_auroc": self.val_auroc,
+            "epoch": self.epoch,
+            "phase": self.phase,
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
+            "val_acc": self.val_acc,
+            "val_macro_f1": self.val_macro_f1,
+            "val_auroc": self.val_auroc,
         }
         out.update({f"loss_{k}": v for k, v in self.losses.items()})
         out["lazy_combo"] = self.lazy_combo
@@ -169,35 +173,45 @@ def save_request(request: TrainRequest) -> None:
     raw["manifest"] = str(Path(request.manifest).resolve())
     if request.data.labs_table:
         raw["data"]["labs_table"] = str(Path(request.data.labs_table).resolve())
-    write_text_atomic(request.out_dir / REQUEST,
-                      json.dumps(raw, ensure_ascii=False, indent=1, default=str))
+    write_text_atomic(
+        request.out_dir / REQUEST, json.dumps(raw, ensure_ascii=False, indent=1, default=str)
+    )
 
 
 def load_request(run_dir: Path) -> TrainRequest:
     """The request a run was started with (for --resume)."""
     path = Path(run_dir) / REQUEST
     if not path.is_file():
-        raise BundleError(f"{run_dir} is not a resumable run (no {REQUEST})",
-                          hint="pass the folder that `omnifuse train --out-dir` wrote")
+        raise BundleError(
+            f"{run_dir} is not a resumable run (no {REQUEST})",
+            hint="pass the folder that `omnifuse train --out-dir` wrote",
+        )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         data = raw["data"]
         return TrainRequest(
-            manifest=Path(raw["manifest"]), num_classes=int(raw["num_classes"]),
+            manifest=Path(raw["manifest"]),
+            num_classes=int(raw["num_classes"]),
             out_dir=Path(run_dir),
-            data=DataConfig(**{
-                **data, "modalities": tuple(ModalitySpec(**m) for m in data["modalities"]),
-                "image": ImageConfig(**data["image"]), "text": text_config_from_dict(data["text"]),
-            }),
-            method=method_config_from_dict(raw["method"]), train=TrainConfig(**raw["train"]),
+            data=DataConfig(
+                **{
+                    **data,
+                    "modalities": tuple(ModalitySpec(**m) for m in data["modalities"]),
+                    "image": ImageConfig(**data["image"]),
+                    "text": text_config_from_dict(data["text"]),
+                }
+            ),
+            method=method_config_from_dict(raw["method"]),
+            train=TrainConfig(**raw["train"]),
             overwrite=True,
         )
     except (KeyError, TypeError, ValueError) as err:
         raise BundleError(f"{path} is damaged: {err}") from err
 
 
-def run_training(request: TrainRequest, on_event: EventFn | None = None, *,
-                 resume: bool = False) -> TrainResult:
+def run_training(
+    request: TrainRequest, on_event: EventFn | None = None, *, resume: bool = False
+) -> TrainResult:
     """Train a run from scratch, or (resume=True) continue one from its last complete epoch.
 
     Started by torchrun, every process runs this: they join one process group, train one
@@ -207,8 +221,9 @@ def run_training(request: TrainRequest, on_event: EventFn | None = None, *,
         return _run_training(request, on_event or (lambda event: None), device, resume)
 
 
-def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
-                  resume: bool) -> TrainResult:
+def _run_training(
+    request: TrainRequest, emit: EventFn, device: torch.device, resume: bool
+) -> TrainResult:
     cfg, data_cfg = request.train, request.data
     if device.type == "cpu" or cfg.threads:
         set_threads(cfg.threads)
@@ -216,13 +231,22 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
     t_read = time.perf_counter()
     with distributed.together("reading the data"):
         resume_state = _load_resume_state(request.out_dir) if resume else None
-        cohort = read_manifest(request.manifest, data_cfg.modalities,
-                               num_classes=request.num_classes, allow_unlabeled=True,
-                               **reading_options(data_cfg))
+        cohort = read_manifest(
+            request.manifest,
+            data_cfg.modalities,
+            num_classes=request.num_classes,
+            allow_unlabeled=True,
+            **reading_options(data_cfg),
+        )
         check_trainable(cohort, request.num_classes)
         assert cohort.labels is not None
-        splits = stratified_split(cohort.labels, train=cfg.train_ratio, val=cfg.val_ratio,
-                                  test=cfg.test_ratio, seed=cfg.seed)
+        splits = stratified_split(
+            cohort.labels,
+            train=cfg.train_ratio,
+            val=cfg.val_ratio,
+            test=cfg.test_ratio,
+            seed=cfg.seed,
+        )
         distributed.check_world_fits(len(splits["train"]), cfg.batch_size)
         summary = split_summary(cohort, splits, [str(c) for c in range(request.num_classes)])
         digests = data_digests(request) if distributed.active() else {}
@@ -243,8 +267,11 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
     with distributed.together("building the model"):
         model, pre, weights_desc = build_for_cohort(cohort, training_patients(splits), request)
         data = pre.prepare(cohort)
-    _say_if_slow(emit, t_prepare, "built the model and prepared the inputs (vocabulary, "
-                 "tokens, standardised labs)")
+    _say_if_slow(
+        emit,
+        t_prepare,
+        "built the model and prepared the inputs (vocabulary, tokens, standardised labs)",
+    )
     if not weights_desc.startswith(("file", "ImageNet", "none")):
         emit(TrainEvent("message", text=f"image backbone: {weights_desc}"))
     model.to(device)
@@ -258,9 +285,15 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
         emit(TrainEvent("message", text="encoding images/notes once with the frozen backbones"))
         with distributed.together("encoding images/notes"):
             cache_frozen_features(
-                model, data, frozen, device=device, batch_size=cfg.encode_batch_size,
-                amp=cfg.amp, progress=lambda d, t: emit(TrainEvent("encode", d, t)),
-                num_workers=cfg.num_workers, cache=feature_cache(cfg.cache_dir, cfg.cache),
+                model,
+                data,
+                frozen,
+                device=device,
+                batch_size=cfg.encode_batch_size,
+                amp=cfg.amp,
+                progress=lambda d, t: emit(TrainEvent("encode", d, t)),
+                num_workers=cfg.num_workers,
+                cache=feature_cache(cfg.cache_dir, cfg.cache),
                 notify=lambda text: emit(TrainEvent("message", text=text)),
             )
     encode_seconds = time.perf_counter() - t0
@@ -270,16 +303,30 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
     meta = _meta(request, cohort, device, weights_desc, splits)
 
     def on_best(epoch: int, state: dict[str, torch.Tensor]) -> None:
-        save_bundle(request.out_dir / BUNDLE_DIR, model, pre, class_names=class_names,
-                    extra={"best_epoch": epoch, "run": meta, POSTHOC: PENDING}, state=state)
+        save_bundle(
+            request.out_dir / BUNDLE_DIR,
+            model,
+            pre,
+            class_names=class_names,
+            extra={"best_epoch": epoch, "run": meta, POSTHOC: PENDING},
+            state=state,
+        )
 
     def on_epoch(rows: list[dict[str, Any]]) -> None:
         write_csv(request.out_dir / "metrics.csv", pd.DataFrame(rows))
 
     try:
         records, best_epoch, best_state = fit_model(
-            model, data, splits, cfg, request.num_classes, emit, on_best=on_best,
-            on_epoch=on_epoch, checkpoint=request.out_dir / CHECKPOINT, resume=resume_state,
+            model,
+            data,
+            splits,
+            cfg,
+            request.num_classes,
+            emit,
+            on_best=on_best,
+            on_epoch=on_epoch,
+            checkpoint=request.out_dir / CHECKPOINT,
+            resume=resume_state,
         )
     except TrainingInterrupted as stop:
         stop.hint = f"continue with: omnifuse train --resume {request.out_dir}"
@@ -296,54 +343,96 @@ def _run_training(request: TrainRequest, emit: EventFn, device: torch.device,
         emit(TrainEvent("message", text=line))
     meta.update(posthoc_meta(posthoc))
     if distributed.is_main():
-        save_bundle(request.out_dir / BUNDLE_DIR, model, pre, class_names=class_names,
-                    extra={"best_epoch": best_epoch, "run": meta, POSTHOC: posthoc.to_dict()},
-                    state={**best_state, **(linear_state(model) if model.linear is not None
-                                            else {})})
+        save_bundle(
+            request.out_dir / BUNDLE_DIR,
+            model,
+            pre,
+            class_names=class_names,
+            extra={"best_epoch": best_epoch, "run": meta, POSTHOC: posthoc.to_dict()},
+            state={**best_state, **(linear_state(model) if model.linear is not None else {})},
+        )
     test: dict[str, float] = {}
     cm = None
     if len(splits["test"]):  # --test-ratio 0: the user evaluates an external cohort
-        result = infer_all(model, data, splits["test"], device=device,
-                           batch_size=cfg.batch_size, amp=cfg.amp)
+        result = infer_all(
+            model, data, splits["test"], device=device, batch_size=cfg.batch_size, amp=cfg.amp
+        )
         probs = posthoc.probabilities(result.log_probs)
         pred = posthoc.decide(probs)
         y_test = cohort.labels[result.index]
         test = classification_metrics(y_test, probs, request.num_classes, pred)
         cm = confusion(y_test, pred, request.num_classes)
     if distributed.is_main():
-        _write_results(request.out_dir, test, cm, class_names, meta,
-                       {"best_epoch": best_epoch, "encode_seconds": round(encode_seconds, 3),
-                        "train_seconds": round(sum(r.seconds for r in records), 3)})
+        _write_results(
+            request.out_dir,
+            test,
+            cm,
+            class_names,
+            meta,
+            {
+                "best_epoch": best_epoch,
+                "encode_seconds": round(encode_seconds, 3),
+                "train_seconds": round(sum(r.seconds for r in records), 3),
+            },
+        )
     distributed.barrier()  # no rank reports success before the run's last file is written
     return TrainResult(
-        out_dir=request.out_dir, records=records, best_epoch=best_epoch, test=test,
-        confusion=cm, split_counts={k: len(v) for k, v in splits.items()},
-        class_names=class_names, encode_seconds=encode_seconds, device=str(device),
-        image_weights=weights_desc, notes=list(cohort.notes), split_summary=summary,
+        out_dir=request.out_dir,
+        records=records,
+        best_epoch=best_epoch,
+        test=test,
+        confusion=cm,
+        split_counts={k: len(v) for k, v in splits.items()},
+        class_names=class_names,
+        encode_seconds=encode_seconds,
+        device=str(device),
+        image_weights=weights_desc,
+        notes=list(cohort.notes),
+        split_summary=summary,
     )
 
 
 SLOW_STEP_SECONDS = 10.0  # steps before training that took longer are reported with their time
 
 
-def fit_linear(model: OmniFuse, data: PreparedCohort, splits: dict[str, np.ndarray],
-               cfg: TrainConfig, device: torch.device) -> LinearFit | None:
+def fit_linear(
+    model: OmniFuse,
+    data: PreparedCohort,
+    splits: dict[str, np.ndarray],
+    cfg: TrainConfig,
+    device: torch.device,
+) -> LinearFit | None:
     """Fit the model's linear path (engine/linear_path.py) after the best epoch is restored:
     scikit-learn on the training split, the blend on validation."""
     if model.linear is None:
         return None
-    val = infer_all(model, data, splits["val"], device=device,
-                    batch_size=max(cfg.batch_size, 256), amp=cfg.amp)
+    val = infer_all(
+        model, data, splits["val"], device=device, batch_size=max(cfg.batch_size, 256), amp=cfg.amp
+    )
     assert data.labels is not None
-    weights = class_weights(cfg.class_weight, data.labels[splits["train"]].numpy(),
-                            model.config.num_classes)
-    return fit_linear_path(model, data, splits["train"], splits["val"], val, seed=cfg.seed,
-                           class_weight=None if weights is None else dict(enumerate(weights)))
+    weights = class_weights(
+        cfg.class_weight, data.labels[splits["train"]].numpy(), model.config.num_classes
+    )
+    return fit_linear_path(
+        model,
+        data,
+        splits["train"],
+        splits["val"],
+        val,
+        seed=cfg.seed,
+        class_weight=None if weights is None else dict(enumerate(weights)),
+    )
 
 
-def fit_finish(model: OmniFuse, data: PreparedCohort, splits: dict[str, np.ndarray],
-               cfg: TrainConfig, device: torch.device, class_names: list[str],
-               linear: LinearFit | None = None) -> PostHoc:
+def fit_finish(
+    model: OmniFuse,
+    data: PreparedCohort,
+    splits: dict[str, np.ndarray],
+    cfg: TrainConfig,
+    device: torch.device,
+    class_names: list[str],
+    linear: LinearFit | None = None,
+) -> PostHoc:
     """Temperature, operating point and conformal scores on the validation split
     (engine/posthoc.py), after the best epoch and the linear path. With a linear path, on its
     validation predictions before its refit on training + validation patients: after the refit
@@ -353,19 +442,27 @@ def fit_finish(model: OmniFuse, data: PreparedCohort, splits: dict[str, np.ndarr
         index = linear.val_index
         log_probs = linear.val_log_probs
     else:
-        val = infer_all(model, data, splits["val"], device=device,
-                        batch_size=max(cfg.batch_size, 256), amp=cfg.amp)
+        val = infer_all(
+            model,
+            data,
+            splits["val"],
+            device=device,
+            batch_size=max(cfg.batch_size, 256),
+            amp=cfg.amp,
+        )
         index, log_probs = val.index, val.log_probs
     return fit_posthoc(log_probs, data.labels[index].numpy(), cfg, class_names)
 
 
 def posthoc_meta(posthoc: PostHoc) -> dict[str, Any]:
     """The run's record of its post-hoc fit (meta.csv)."""
-    return {"calibration": posthoc.calibration,
-            "temperature": round(posthoc.temperature, 6),
-            "positive_class": "" if posthoc.positive is None else posthoc.positive,
-            "threshold_rule": posthoc.rule or "",
-            "threshold": "" if posthoc.threshold is None else round(posthoc.threshold, 6)}
+    return {
+        "calibration": posthoc.calibration,
+        "temperature": round(posthoc.temperature, 6),
+        "positive_class": "" if posthoc.positive is None else posthoc.positive,
+        "threshold_rule": posthoc.rule or "",
+        "threshold": "" if posthoc.threshold is None else round(posthoc.threshold, 6),
+    }
 
 
 def linear_state(model: OmniFuse) -> dict[str, torch.Tensor]:
@@ -375,17 +472,23 @@ def linear_state(model: OmniFuse) -> dict[str, torch.Tensor]:
 
 
 def linear_summary(fit: LinearFit) -> str:
-    return (f"linear path: logistic regression C={fit.C:g} on {fit.features:,} features; "
-            f"blend {fit.blend_omnifuse:.2f} x OmniFuse + {fit.blend_linear:.2f} x linear "
-            f"(validation log loss {fit.val_log_loss_omnifuse:.3f} -> "
-            f"{fit.val_log_loss_blend:.3f})")
+    return (
+        f"linear path: logistic regression C={fit.C:g} on {fit.features:,} features; "
+        f"blend {fit.blend_omnifuse:.2f} x OmniFuse + {fit.blend_linear:.2f} x linear "
+        f"(validation log loss {fit.val_log_loss_omnifuse:.3f} -> "
+        f"{fit.val_log_loss_blend:.3f})"
+    )
 
 
 def linear_meta(fit: LinearFit) -> dict[str, Any]:
-    return {"linear_C": fit.C, "linear_blend_omnifuse": round(fit.blend_omnifuse, 4),
-            "linear_blend_linear": round(fit.blend_linear, 4), "linear_features": fit.features,
-            "val_log_loss_omnifuse": round(fit.val_log_loss_omnifuse, 4),
-            "val_log_loss_blend": round(fit.val_log_loss_blend, 4)}
+    return {
+        "linear_C": fit.C,
+        "linear_blend_omnifuse": round(fit.blend_omnifuse, 4),
+        "linear_blend_linear": round(fit.blend_linear, 4),
+        "linear_features": fit.features,
+        "val_log_loss_omnifuse": round(fit.val_log_loss_omnifuse, 4),
+        "val_log_loss_blend": round(fit.val_log_loss_blend, 4),
+    }
 
 
 def _say_if_slow(emit: EventFn, started: float, what: str) -> None:
@@ -410,8 +513,10 @@ def _load_resume_state(run_dir: Path) -> dict[str, Any]:
 
     path = run_dir / CHECKPOINT
     if not path.is_file():
-        raise BundleError(f"{run_dir} has no {CHECKPOINT}: no epoch was completed, nothing to "
-                          "resume", hint="start the run again (with --overwrite)")
+        raise BundleError(
+            f"{run_dir} has no {CHECKPOINT}: no epoch was completed, nothing to resume",
+            hint="start the run again (with --overwrite)",
+        )
     state = load_checkpoint(path)
     state["best_state"] = load_file(str(run_dir / BUNDLE_DIR / "model.safetensors"))
     return state
@@ -451,8 +556,9 @@ def fit_model(
     train_idx = splits["train"]
     # Unlabeled patients only feed the imputation losses: a model without imputation has no
     # use for them in its batches (they still fitted its normalisation and vocabulary).
-    unlabeled = (splits.get("unlabeled", train_idx[:0]) if model.cra_forward is not None
-                 else train_idx[:0])
+    unlabeled = (
+        splits.get("unlabeled", train_idx[:0]) if model.cra_forward is not None else train_idx[:0]
+    )
     plan = reliability_plan(model, data, splits, cfg.seed)
     if plan is not None and plan.messages:
         for text in plan.messages:
@@ -475,15 +581,20 @@ def fit_model(
         missing, unexpected = model.load_state_dict(resume["model"], strict=False)
         frozen = _frozen_prefixes(model)
         if unexpected or any(not k.startswith(frozen) for k in missing):
-            raise BundleError("checkpoint.pt does not match this run's model",
-                              hint="start the run again without --resume")
+            raise BundleError(
+                "checkpoint.pt does not match this run's model",
+                hint="start the run again without --resume",
+            )
         optimizer.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["torch_rng"])
         generator.set_state(resume["loader_rng"])
         lazy = tuple(resume["lazy"]) or None
         # Checkpoints written before --select-by stored the macro-F1 key as two numbers.
-        best_key = tuple(resume["best_key"] if "best_key" in resume
-                         else (resume["best_f1"], resume["best_neg_loss"]))
+        best_key = tuple(
+            resume["best_key"]
+            if "best_key" in resume
+            else (resume["best_f1"], resume["best_neg_loss"])
+        )
         best_epoch, best_state = resume["best_epoch"], resume["best_state"]
         rows = list(resume["rows"])
         first = resume["epoch"] + 1
@@ -491,8 +602,9 @@ def fit_model(
         _fit_feature_stats(model, data, training_patients(splits))
     assert data.labels is not None
     weights = class_weights(cfg.class_weight, data.labels[train_idx].numpy(), num_classes)
-    model.class_weight = (None if weights is None else
-                          torch.as_tensor(weights, dtype=torch.float32, device=device))
+    model.class_weight = (
+        None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device)
+    )
     ddp = _wrap_ddp(model, device)
     main = distributed.is_main()
     epoch = first - 1
@@ -510,34 +622,65 @@ def fit_model(
             if ddp is not None:
                 noise = torch.Generator().manual_seed(_rank_seed(cfg.seed, epoch))
                 torch.manual_seed(_rank_seed(cfg.seed + 1, epoch))  # nn.Dropout, per rank
-            losses = train_epoch(model, data, train_idx, optimizer, lazy, cfg, device, generator,
-                                 emit, ddp=ddp, noise=noise, unlabeled=unlabeled, epoch=epoch,
-                                 holdout=None if plan is None else plan.mask)
+            losses = train_epoch(
+                model,
+                data,
+                train_idx,
+                optimizer,
+                lazy,
+                cfg,
+                device,
+                generator,
+                emit,
+                ddp=ddp,
+                noise=noise,
+                unlabeled=unlabeled,
+                epoch=epoch,
+                holdout=None if plan is None else plan.mask,
+            )
             if plan is not None:
                 plan.update(model, data, device=device, batch_size=cfg.batch_size, amp=cfg.amp)
                 model.reliability.copy_(distributed.broadcast_object(model.reliability.cpu()))
             val = distributed.broadcast_object(
-                evaluate_split(model, data, splits["val"], device, cfg, num_classes))
+                evaluate_split(model, data, splits["val"], device, cfg, num_classes)
+            )
             distances: dict[str, float] = {}
             lazy_name = ""
             if model.config.method.use_tla:
-                raw = distributed.broadcast_object(mine_lazy(
-                    model, data, mining_idx, device=device, batch_size=cfg.batch_size,
-                    amp=cfg.amp, min_patients=model.config.method.tla_min_patients))
+                raw = distributed.broadcast_object(
+                    mine_lazy(
+                        model,
+                        data,
+                        mining_idx,
+                        device=device,
+                        batch_size=cfg.batch_size,
+                        amp=cfg.amp,
+                        min_patients=model.config.method.tla_min_patients,
+                    )
+                )
                 lazy = pick_lazy(raw)
                 distances = {combo_name(k, model.names): v for k, v in raw.items()}
                 lazy_name = combo_name(lazy, model.names) if lazy is not None else ""
             record = EpochRecord(
-                epoch=epoch, phase=phase, train_loss=losses.pop("total"), losses=losses,
-                val_loss=val["loss"], val_acc=val["acc"], val_macro_f1=val["macro_f1"],
-                val_auroc=val["auroc"], lazy_combo=lazy_name, tla_distances=distances,
-                seconds=time.perf_counter() - t_epoch, reliability=reliability_values(model),
+                epoch=epoch,
+                phase=phase,
+                train_loss=losses.pop("total"),
+                losses=losses,
+                val_loss=val["loss"],
+                val_acc=val["acc"],
+                val_macro_f1=val["macro_f1"],
+                val_auroc=val["auroc"],
+                lazy_combo=lazy_name,
+                tla_distances=distances,
+                seconds=time.perf_counter() - t_epoch,
+                reliability=reliability_values(model),
             )
             key = selection_key(val, cfg.select_metric)
             if best_key is None or key > best_key:
                 best_key, best_epoch, record.is_best = key, epoch, True
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in
-                              model.state_dict().items()}
+                best_state = {
+                    k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
+                }
                 if on_best and main:
                     on_best(epoch, best_state)
             records.append(record)
@@ -545,13 +688,20 @@ def fit_model(
             if on_epoch and main:
                 on_epoch(rows)
             if checkpoint is not None and main:
-                save_checkpoint(checkpoint, {
-                    "epoch": epoch, "model": _trained_state(model, unfrozen),
-                    "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "loader_rng": generator.get_state(), "lazy": list(lazy or ()),
-                    "best_key": list(best_key),
-                    "best_epoch": best_epoch, "rows": rows,
-                })
+                save_checkpoint(
+                    checkpoint,
+                    {
+                        "epoch": epoch,
+                        "model": _trained_state(model, unfrozen),
+                        "optimizer": optimizer.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                        "loader_rng": generator.get_state(),
+                        "lazy": list(lazy or ()),
+                        "best_key": list(best_key),
+                        "best_epoch": best_epoch,
+                        "rows": rows,
+                    },
+                )
             saved = epoch
             emit(TrainEvent("epoch", epoch, cfg.epochs, record=record))
             # With fine-tuning, patience counts from the end of warm-up at the earliest: the
@@ -574,9 +724,11 @@ def fit_model(
 def stop_reason(cfg: TrainConfig, last_epoch: int, best_epoch: int) -> str:
     """Why training ended, for the run's records."""
     if last_epoch < cfg.epochs:
-        return (f"early stopping after epoch {last_epoch} of {cfg.epochs}: no better validation "
-                f"{cfg.select_metric.replace('_', '-')} for {cfg.patience} epochs (best: epoch "
-                f"{best_epoch})")
+        return (
+            f"early stopping after epoch {last_epoch} of {cfg.epochs}: no better validation "
+            f"{cfg.select_metric.replace('_', '-')} for {cfg.patience} epochs (best: epoch "
+            f"{best_epoch})"
+        )
     return f"all {cfg.epochs} epochs (best: epoch {best_epoch})"
 
 
@@ -587,12 +739,18 @@ class _LossModule(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs: dict[str, dict[str, torch.Tensor]], present: torch.Tensor,
-                y: torch.Tensor, lazy: torch.Tensor | None,
-                generator: torch.Generator | None,
-                holdout: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return self.model.losses(inputs, present, y, lazy=lazy, generator=generator,
-                                 holdout=holdout)
+    def forward(
+        self,
+        inputs: dict[str, dict[str, torch.Tensor]],
+        present: torch.Tensor,
+        y: torch.Tensor,
+        lazy: torch.Tensor | None,
+        generator: torch.Generator | None,
+        holdout: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        return self.model.losses(
+            inputs, present, y, lazy=lazy, generator=generator, holdout=holdout
+        )
 
 
 def _wrap_ddp(model: OmniFuse, device: torch.device) -> torch.nn.Module | None:
@@ -607,7 +765,8 @@ def _wrap_ddp(model: OmniFuse, device: torch.device) -> torch.nn.Module | None:
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(
-        _LossModule(model), device_ids=[device.index] if device.type == "cuda" else None)
+        _LossModule(model), device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def _rank_seed(seed: int, epoch: int) -> int:
@@ -629,10 +788,12 @@ RELIABILITY_HOLDOUT_SHARE = 0.2  # of the eligible training patients, when valid
 
 
 def unlabeled_note(splits: dict[str, np.ndarray]) -> str:
-    return (f"{len(splits['unlabeled']):,} unlabeled patient(s) (empty label) train the "
-            "imputation and fit the normalisation and vocabulary beside the "
-            f"{len(splits['train']):,} labelled training patients; no label loss, validation "
-            "score or test metric uses them")
+    return (
+        f"{len(splits['unlabeled']):,} unlabeled patient(s) (empty label) train the "
+        "imputation and fit the normalisation and vocabulary beside the "
+        f"{len(splits['train']):,} labelled training patients; no label loss, validation "
+        "score or test metric uses them"
+    )
 
 
 @dataclass
@@ -654,17 +815,27 @@ class ReliabilityPlan:
     mask: np.ndarray | None  # (N,) bool over the cohort: held-out rows (None when not needed)
     messages: list[str]
 
-    def update(self, model: OmniFuse, data: PreparedCohort, *, device: torch.device,
-               batch_size: int, amp: bool) -> None:
+    def update(
+        self,
+        model: OmniFuse,
+        data: PreparedCohort,
+        *,
+        device: torch.device,
+        batch_size: int,
+        amp: bool,
+    ) -> None:
         by_val = [k for k, n in enumerate(self.names) if self.source[n] == "validation"]
-        by_held = [k for k, n in enumerate(self.names)
-                   if self.source[n] == "held-out training slots"]
+        by_held = [
+            k for k, n in enumerate(self.names) if self.source[n] == "held-out training slots"
+        ]
         if by_val:
-            estimate_reliability(model, data, self.val, device=device, batch_size=batch_size,
-                                 amp=amp, only=by_val)
+            estimate_reliability(
+                model, data, self.val, device=device, batch_size=batch_size, amp=amp, only=by_val
+            )
         if by_held:
-            estimate_reliability(model, data, self.held, device=device, batch_size=batch_size,
-                                 amp=amp, only=by_held)
+            estimate_reliability(
+                model, data, self.held, device=device, batch_size=batch_size, amp=amp, only=by_held
+            )
 
 
 def _eligible(present: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -673,13 +844,13 @@ def _eligible(present: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return (rows & (rows.sum(axis=1, keepdims=True) >= 2)).sum(axis=0)
 
 
-def reliability_plan(model: OmniFuse, data: PreparedCohort, splits: dict[str, np.ndarray],
-                     seed: int) -> ReliabilityPlan | None:
+def reliability_plan(
+    model: OmniFuse, data: PreparedCohort, splits: dict[str, np.ndarray], seed: int
+) -> ReliabilityPlan | None:
     """The run's ReliabilityPlan (None without imputation or with a fixed --reliability)."""
     if model.cra_forward is None or model.config.method.reliability != "auto":
         return None
-    present = data.present.numpy() if torch.is_tensor(data.present) else np.asarray(
-        data.present)
+    present = data.present.numpy() if torch.is_tensor(data.present) else np.asarray(data.present)
     names = list(model.names)
     val = np.asarray(splits["val"])
     on_val = _eligible(present, val)
@@ -710,13 +881,15 @@ def reliability_plan(model: OmniFuse, data: PreparedCohort, splits: dict[str, np
             f"reliability of {', '.join(moved)}: validation has fewer than "
             f"{RELIABILITY_MIN_PATIENTS} patients with the modality and another, so it is "
             f"estimated on {len(held) - len(val):,} held-out training patients (their slots "
-            "are not imputation targets) and the validation patients")
+            "are not imputation targets) and the validation patients"
+        )
     lost = [n for n in names if source[n] == "none"]
     if lost:
         messages.append(
             f"reliability of {', '.join(lost)} stays 0 (its imputation never votes): fewer "
             f"than {RELIABILITY_MIN_PATIENTS} patients have it and another modality in "
-            "validation or the held-out training patients")
+            "validation or the held-out training patients"
+        )
     return ReliabilityPlan(names, source, counts, val, held, mask, messages)
 
 
@@ -728,23 +901,32 @@ def reliability_values(model: OmniFuse) -> dict[str, float]:
     return {n: round(float(v), 6) for n, v in zip(model.names, values, strict=True)}
 
 
-def reliability_meta(model: OmniFuse, data: PreparedCohort, splits: dict[str, np.ndarray],
-                     cfg: TrainConfig) -> dict[str, Any]:
+def reliability_meta(
+    model: OmniFuse, data: PreparedCohort, splits: dict[str, np.ndarray], cfg: TrainConfig
+) -> dict[str, Any]:
     """The best epoch's reliabilities and where they were estimated (meta.csv, bundle)."""
     plan = reliability_plan(model, data, splits, cfg.seed)
     if plan is None:
         return {}
     out: dict[str, Any] = {f"reliability_{k}": v for k, v in reliability_values(model).items()}
-    out["reliability_source"] = ";".join(f"{n}={plan.source[n]} ({plan.counts[n]})"
-                                         for n in plan.names)
+    out["reliability_source"] = ";".join(
+        f"{n}={plan.source[n]} ({plan.counts[n]})" for n in plan.names
+    )
     return out
 
 
 @torch.no_grad()
-def estimate_reliability(model: OmniFuse, data: PreparedCohort, indices: np.ndarray, *,
-                         device: torch.device, batch_size: int, amp: bool = True,
-                         min_patients: int = RELIABILITY_MIN_PATIENTS,
-                         only: list[int] | None = None) -> np.ndarray:
+def estimate_reliability(
+    model: OmniFuse,
+    data: PreparedCohort,
+    indices: np.ndarray,
+    *,
+    device: torch.device,
+    batch_size: int,
+    amp: bool = True,
+    min_patients: int = RELIABILITY_MIN_PATIENTS,
+    only: list[int] | None = None,
+) -> np.ndarray:
     """r_m = clip(R^2, 0, 1) of the forward imputation of modality m on held-out patients who
     have m and another modality: m is hidden, imputed from the rest, and compared with its
     real embedding (method.md Sec. 5.1). Sets and returns the model's reliability buffer; a
@@ -831,17 +1013,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from err
 
 
-
-def build_for_cohort(cohort: Cohort, train_idx: np.ndarray, request: TrainRequest
-           ) -> tuple[OmniFuse, Preprocessor, str]:
+def build_for_cohort(
+    cohort: Cohort, train_idx: np.ndarray, request: TrainRequest
+) -> tuple[OmniFuse, Preprocessor, str]:
     data_cfg = request.data
     tokenizers: dict[str, Any] = {}
     backbones: dict[str, torch.nn.Module] = {}
     hidden: dict[str, int] = {}
     for spec in cohort.modalities:
         if spec.kind == "text" and data_cfg.text.encoder == "hf":
-            tokenizers[spec.name], backbones[spec.name], hidden[spec.name] = (
-                load_text_backbone(data_cfg.text.model)
+            tokenizers[spec.name], backbones[spec.name], hidden[spec.name] = load_text_backbone(
+                data_cfg.text.model
             )
     pre = Preprocessor.fit(cohort.subset(train_idx), data_cfg.image, data_cfg.text, tokenizers)
     dims = []
@@ -903,12 +1085,23 @@ def _set_train_mode(model: OmniFuse) -> None:
             model.encoders[name].backbone.eval()
 
 
-def train_epoch(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray,
-                 optimizer: torch.optim.Optimizer, lazy: tuple[int, ...] | None,
-                 cfg: TrainConfig, device: torch.device, generator: torch.Generator,
-                 emit: EventFn, *, ddp: torch.nn.Module | None = None,
-                 noise: torch.Generator | None = None, unlabeled: np.ndarray | None = None,
-                 epoch: int = 0, holdout: np.ndarray | None = None) -> dict[str, float]:
+def train_epoch(
+    model: OmniFuse,
+    data: PreparedCohort,
+    train_idx: np.ndarray,
+    optimizer: torch.optim.Optimizer,
+    lazy: tuple[int, ...] | None,
+    cfg: TrainConfig,
+    device: torch.device,
+    generator: torch.Generator,
+    emit: EventFn,
+    *,
+    ddp: torch.nn.Module | None = None,
+    noise: torch.Generator | None = None,
+    unlabeled: np.ndarray | None = None,
+    epoch: int = 0,
+    holdout: np.ndarray | None = None,
+) -> dict[str, float]:
     """One epoch; returns each loss term's mean over the training patients.
 
     With ``ddp`` (torchrun) every rank draws the same shuffled global batches from
@@ -919,22 +1112,45 @@ def train_epoch(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray,
     """
     batches, indices = _epoch_batches(data, train_idx, unlabeled, cfg, generator, epoch)
     if ddp is not None:
-        return _train_epoch_ddp(model, ddp, data, indices, batches, optimizer, lazy, cfg,
-                                device, generator, noise, emit, holdout)
+        return _train_epoch_ddp(
+            model,
+            ddp,
+            data,
+            indices,
+            batches,
+            optimizer,
+            lazy,
+            cfg,
+            device,
+            generator,
+            noise,
+            emit,
+            holdout,
+        )
     _set_train_mode(model)
     lazy_mask = combo_mask(lazy, len(model.names), device) if lazy is not None else None
     sums = dict.fromkeys(("total", *LOSS_TERMS), 0.0)
     seen = 0
     held = None if holdout is None else torch.from_numpy(holdout)
-    loader_ = DataLoader(PatientDataset(data, indices), batch_sampler=batches,
-                         collate_fn=make_collate(data), num_workers=cfg.num_workers,
-                         generator=generator)
+    loader_ = DataLoader(
+        PatientDataset(data, indices),
+        batch_sampler=batches,
+        collate_fn=make_collate(data),
+        num_workers=cfg.num_workers,
+        generator=generator,
+    )
     for k, batch in enumerate(loader_):
         rows_held = None if held is None else held[batch["index"]].to(device)
         batch = move_to(batch, device)
         with autocast(device, cfg.amp):
-            terms = model.losses(batch["inputs"], batch["present"], batch["y"], lazy=lazy_mask,
-                                 generator=generator, holdout=rows_held)
+            terms = model.losses(
+                batch["inputs"],
+                batch["present"],
+                batch["y"],
+                lazy=lazy_mask,
+                generator=generator,
+                holdout=rows_held,
+            )
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         optimizer.step()
@@ -949,16 +1165,22 @@ def train_epoch(model: OmniFuse, data: PreparedCohort, train_idx: np.ndarray,
 UNLABELED_PER_LABELLED = 16  # most unlabeled patients joining each labelled one in a batch
 
 
-def _epoch_batches(data: PreparedCohort, train_idx: np.ndarray, unlabeled: np.ndarray | None,
-                   cfg: TrainConfig, generator: torch.Generator, epoch: int
-                   ) -> tuple[Any, np.ndarray]:
+def _epoch_batches(
+    data: PreparedCohort,
+    train_idx: np.ndarray,
+    unlabeled: np.ndarray | None,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    epoch: int,
+) -> tuple[Any, np.ndarray]:
     """The epoch's batch sampler over positions of ``indices`` (returned with it).
 
     Without unlabeled patients: shuffled batches of ``--batch-size`` training patients, drawn
     from ``generator`` exactly as DataLoader(shuffle=True) draws them. With them, each batch of
     labelled patients is joined by its share of the unlabeled ones (MixedBatches)."""
-    sampler = BatchSampler(RandomSampler(range(len(train_idx)), generator=generator),
-                           cfg.batch_size, drop_last=False)
+    sampler = BatchSampler(
+        RandomSampler(range(len(train_idx)), generator=generator), cfg.batch_size, drop_last=False
+    )
     if unlabeled is None or not len(unlabeled):
         return sampler, np.asarray(train_idx)
     indices = np.concatenate([train_idx, unlabeled])
@@ -974,8 +1196,9 @@ class MixedBatches:
     see exactly the batches they would see without unlabeled patients. Positions: labelled
     0..L-1, unlabeled L..L+U-1."""
 
-    def __init__(self, labelled: BatchSampler, n_labelled: int, n_unlabeled: int,
-                 rng: np.random.Generator) -> None:
+    def __init__(
+        self, labelled: BatchSampler, n_labelled: int, n_unlabeled: int, rng: np.random.Generator
+    ) -> None:
         self.labelled, self.n_l, self.n_u, self.rng = labelled, n_labelled, n_unlabeled, rng
 
     def __len__(self) -> int:
@@ -985,24 +1208,35 @@ class MixedBatches:
         order = self.rng.permutation(self.n_u)
         at = 0
         for batch in self.labelled:
-            k = min(math.ceil(len(batch) * self.n_u / self.n_l),
-                    UNLABELED_PER_LABELLED * len(batch))
+            k = min(
+                math.ceil(len(batch) * self.n_u / self.n_l), UNLABELED_PER_LABELLED * len(batch)
+            )
             take = []
             while k > 0:
                 if at == len(order):
                     order, at = self.rng.permutation(self.n_u), 0
-                part = order[at:at + k]
+                part = order[at : at + k]
                 take.append(part)
                 at += len(part)
                 k -= len(part)
             yield [*batch, *(int(self.n_l + i) for i in np.concatenate(take or [order[:0]]))]
 
 
-def _train_epoch_ddp(model: OmniFuse, ddp: torch.nn.Module, data: PreparedCohort,
-                     indices: np.ndarray, batches: Any, optimizer: torch.optim.Optimizer,
-                     lazy: tuple[int, ...] | None, cfg: TrainConfig, device: torch.device,
-                     generator: torch.Generator, noise: torch.Generator | None,
-                     emit: EventFn, holdout: np.ndarray | None = None) -> dict[str, float]:
+def _train_epoch_ddp(
+    model: OmniFuse,
+    ddp: torch.nn.Module,
+    data: PreparedCohort,
+    indices: np.ndarray,
+    batches: Any,
+    optimizer: torch.optim.Optimizer,
+    lazy: tuple[int, ...] | None,
+    cfg: TrainConfig,
+    device: torch.device,
+    generator: torch.Generator,
+    noise: torch.Generator | None,
+    emit: EventFn,
+    holdout: np.ndarray | None = None,
+) -> dict[str, float]:
     """The DDP epoch: the global batch of ``--batch-size`` patients is cut into one slice per
     rank (sizes differ by at most one), and each loss term is weighted by this rank's share of
     the rows it averages over (share of the batch; for TLA, share of the batch's patients who
@@ -1024,15 +1258,25 @@ def _train_epoch_ddp(model: OmniFuse, ddp: torch.nn.Module, data: PreparedCohort
     # draws that process's batches.
     dataset = PatientDataset(data, indices)
     slices = _RankSlices(batches, world, me)
-    loader_ = DataLoader(dataset, batch_sampler=slices, generator=generator,
-                         collate_fn=make_collate(data), num_workers=cfg.num_workers)
+    loader_ = DataLoader(
+        dataset,
+        batch_sampler=slices,
+        generator=generator,
+        collate_fn=make_collate(data),
+        num_workers=cfg.num_workers,
+    )
     trainable = [p for p in ddp.parameters() if p.requires_grad]
     assert data.labels is not None
     labelled = (data.labels[indices] >= 0).numpy()
     # Which training patients have the lazy combination: fixed for the epoch, looked up per batch.
-    has_lazy = (available(data.present[indices],
-                          combo_mask(lazy, len(model.names), torch.device("cpu"))).numpy()
-                & labelled if lazy is not None and method.use_tla else None)
+    has_lazy = (
+        available(
+            data.present[indices], combo_mask(lazy, len(model.names), torch.device("cpu"))
+        ).numpy()
+        & labelled
+        if lazy is not None and method.use_tla
+        else None
+    )
     held = None if holdout is None else torch.from_numpy(holdout)
     seen = 0  # rows of the global batches (unlabeled patients may come round twice)
     for k, batch in enumerate(loader_):
@@ -1042,7 +1286,8 @@ def _train_epoch_ddp(model: OmniFuse, ddp: torch.nn.Module, data: PreparedCohort
         part = _rank_part(len(rows), world, me)
         if not labelled[rows].all():
             share["dwfuse"] = (float(labelled[rows][part].sum()) if n else 0.0) / max(
-                float(labelled[rows].sum()), 1.0)
+                float(labelled[rows].sum()), 1.0
+            )
         if has_lazy is not None:
             has = has_lazy[rows]
             mine = has[part].sum() if n else 0
@@ -1050,8 +1295,7 @@ def _train_epoch_ddp(model: OmniFuse, ddp: torch.nn.Module, data: PreparedCohort
         rows_held = None if held is None else held[batch["index"]].to(device)
         batch = move_to(batch, device)
         with autocast(device, cfg.amp):
-            terms = ddp(batch["inputs"], batch["present"], batch["y"], lazy_mask, noise,
-                        rows_held)
+            terms = ddp(batch["inputs"], batch["present"], batch["y"], lazy_mask, noise, rows_held)
         loss = sum(lambdas[key] * share[key] * terms[key] for key in LOSS_TERMS)
         loss = loss + sum(p.reshape(-1)[0] for p in trainable) * 0.0  # see _wrap_ddp
         optimizer.zero_grad(set_to_none=True)
@@ -1093,8 +1337,15 @@ class _RankSlices:
             yield [int(i) for i in part] if len(part) else [int(rows[0])]
 
 
-def infer_all(model: OmniFuse, data: PreparedCohort, indices: np.ndarray, *,
-              device: torch.device, batch_size: int, amp: bool = True) -> Inference:
+def infer_all(
+    model: OmniFuse,
+    data: PreparedCohort,
+    indices: np.ndarray,
+    *,
+    device: torch.device,
+    batch_size: int,
+    amp: bool = True,
+) -> Inference:
     """``infer`` on every patient of ``indices``; under torchrun each rank predicts its
     interleaved share and the shares are gathered back in order (no padding, so no patient is
     counted twice). Every rank returns the full result."""
@@ -1102,27 +1353,45 @@ def infer_all(model: OmniFuse, data: PreparedCohort, indices: np.ndarray, *,
         return infer(model, data, indices, device=device, batch_size=batch_size, amp=amp)
     indices = np.asarray(indices)
     part = distributed.shard(indices)
-    mine = (infer(model, data, part, device=device, batch_size=batch_size, amp=amp)
-            if len(part) else None)
+    mine = (
+        infer(model, data, part, device=device, batch_size=batch_size, amp=amp)
+        if len(part)
+        else None
+    )
     log_probs = distributed.gather_rows(None if mine is None else mine.log_probs, len(indices))
     weights = distributed.gather_rows(None if mine is None else mine.weights, len(indices))
     assert log_probs is not None
     return Inference(log_probs, weights, indices)
 
 
-def evaluate_split(model: OmniFuse, data: PreparedCohort, idx: np.ndarray, device: torch.device,
-              cfg: TrainConfig, num_classes: int) -> dict[str, float]:
-    result = infer_all(model, data, idx, device=device, batch_size=max(cfg.batch_size, 256),
-                       amp=cfg.amp)
+def evaluate_split(
+    model: OmniFuse,
+    data: PreparedCohort,
+    idx: np.ndarray,
+    device: torch.device,
+    cfg: TrainConfig,
+    num_classes: int,
+) -> dict[str, float]:
+    result = infer_all(
+        model, data, idx, device=device, batch_size=max(cfg.batch_size, 256), amp=cfg.amp
+    )
     assert data.labels is not None
-    return classification_metrics(data.labels[result.index].numpy(), np.exp(result.log_probs),
-                                   num_classes)
+    return classification_metrics(
+        data.labels[result.index].numpy(), np.exp(result.log_probs), num_classes
+    )
 
 
 @torch.no_grad()
-def mine_lazy(model: OmniFuse, data: PreparedCohort, indices: np.ndarray, *,
-              device: torch.device, batch_size: int, amp: bool = True, min_patients: int = 1
-              ) -> dict[tuple[int, ...], float]:
+def mine_lazy(
+    model: OmniFuse,
+    data: PreparedCohort,
+    indices: np.ndarray,
+    *,
+    device: torch.device,
+    batch_size: int,
+    amp: bool = True,
+    min_patients: int = 1,
+) -> dict[tuple[int, ...], float]:
     """Mean cross-entropy of the prediction made from each modality combination alone, over
     the patients who have that whole combination (Eq. 15). NaN where fewer than
     ``min_patients`` have it: a mean over a handful of patients is noise, not laziness."""
@@ -1148,8 +1417,10 @@ def mine_lazy(model: OmniFuse, data: PreparedCohort, indices: np.ndarray, *,
             nll = -log_probs.gather(1, y[rows].view(-1, 1)).squeeze(1)
         sums += torch.zeros(len(combos)).index_add_(0, combo_idx.cpu(), nll.cpu()).numpy()
         counts += ok.sum(dim=1).cpu().numpy()
-    return {c: (float(sums[k] / counts[k]) if counts[k] >= max(min_patients, 1) else math.nan)
-            for k, c in enumerate(combos)}
+    return {
+        c: (float(sums[k] / counts[k]) if counts[k] >= max(min_patients, 1) else math.nan)
+        for k, c in enumerate(combos)
+    }
 
 
 def split_assignment(cohort: Cohort, splits: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -1173,12 +1444,18 @@ def _write_split_files(out_dir: Path, cohort: Cohort, splits: dict[str, np.ndarr
     counts = {name: len(idx) for name, idx in splits.items()}
     if cohort.excluded:
         counts["excluded"] = len(cohort.excluded)
-    write_csv(out_dir / "split.csv", pd.DataFrame({"split": list(counts),
-                                                   "n": list(counts.values())}))
+    write_csv(
+        out_dir / "split.csv", pd.DataFrame({"split": list(counts), "n": list(counts.values())})
+    )
 
 
-def _meta(request: TrainRequest, cohort: Cohort, device: torch.device, weights_desc: str,
-          splits: dict[str, np.ndarray]) -> dict[str, Any]:
+def _meta(
+    request: TrainRequest,
+    cohort: Cohort,
+    device: torch.device,
+    weights_desc: str,
+    splits: dict[str, np.ndarray],
+) -> dict[str, Any]:
     data_cfg = request.data
     return {
         "manifest": str(Path(request.manifest).resolve()),
@@ -1204,8 +1481,14 @@ def _meta(request: TrainRequest, cohort: Cohort, device: torch.device, weights_d
     }
 
 
-def _write_results(out_dir: Path, test: dict[str, float], cm: np.ndarray | None,
-                   class_names: list[str], meta: dict[str, Any], timings: dict[str, Any]) -> None:
+def _write_results(
+    out_dir: Path,
+    test: dict[str, float],
+    cm: np.ndarray | None,
+    class_names: list[str],
+    meta: dict[str, Any],
+    timings: dict[str, Any],
+) -> None:
     """meta.csv, and the test split's metrics and confusion matrix when there is one."""
     if cm is not None:
         write_csv(out_dir / "test.csv", pd.DataFrame([{f"test_{k}": v for k, v in test.items()}]))
@@ -1213,5 +1496,7 @@ def _write_results(out_dir: Path, test: dict[str, float], cm: np.ndarray | None,
         frame.insert(0, "true", class_names)
         write_csv(out_dir / "confusion_matrix.csv", frame)
     rows = {**meta, **timings}
-    write_csv(out_dir / "meta.csv", pd.DataFrame(
-        {"key": list(rows), "value": [str(v) for v in rows.values()]}))
+    write_csv(
+        out_dir / "meta.csv",
+        pd.DataFrame({"key": list(rows), "value": [str(v) for v in rows.values()]}),
+    )

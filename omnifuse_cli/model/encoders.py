@@ -24,7 +24,9 @@ class VectorEncoder(nn.Module):
         super().__init__()
         hidden = max(64, embed_dim)
         self.net = nn.Sequential(
-            nn.Linear(2 * in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(2 * in_dim, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
             nn.Linear(hidden, embed_dim),
         )
 
@@ -43,8 +45,12 @@ class SimpleTextEncoder(nn.Module):
     def __init__(self, *, vocab_size: int, embed_dim: int, dropout: float) -> None:
         super().__init__()
         self.bag = nn.EmbeddingBag(vocab_size, embed_dim, mode="sum", padding_idx=0)
-        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(embed_dim, embed_dim), nn.ReLU(),
-                                 nn.Linear(embed_dim, embed_dim))
+        self.net = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(embed_dim, embed_dim),
+            nn.ReLU(),
+            nn.Linear(embed_dim, embed_dim),
+        )
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         ids, weights = inputs["ids"], inputs["weights"]  # (B, L) 0 = padding, (B, L) tf-idf
@@ -61,13 +67,15 @@ class HFTextEncoder(nn.Module):
 
     cacheable = True
 
-    def __init__(self, *, backbone: nn.Module, hidden_size: int, embed_dim: int,
-                 dropout: float) -> None:
+    def __init__(
+        self, *, backbone: nn.Module, hidden_size: int, embed_dim: int, dropout: float
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.feature_dim = hidden_size
-        self.head = nn.Sequential(nn.LayerNorm(hidden_size), nn.Dropout(dropout),
-                                  nn.Linear(hidden_size, embed_dim))
+        self.head = nn.Sequential(
+            nn.LayerNorm(hidden_size), nn.Dropout(dropout), nn.Linear(hidden_size, embed_dim)
+        )
 
     def forward_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
@@ -105,8 +113,9 @@ class ImageEncoder(nn.Module):
 
     cacheable = True
 
-    def __init__(self, *, trunk: nn.Module, feature_dim: int, embed_dim: int,
-                 dropout: float) -> None:
+    def __init__(
+        self, *, trunk: nn.Module, feature_dim: int, embed_dim: int, dropout: float
+    ) -> None:
         super().__init__()
         self.backbone = trunk
         self.feature_dim = feature_dim
@@ -115,10 +124,10 @@ class ImageEncoder(nn.Module):
         # where lesion area and echogenicity show up.
         self.register_buffer("feat_mean", torch.zeros(feature_dim))
         self.register_buffer("feat_std", torch.ones(feature_dim))
-        self.proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, embed_dim),
-                                  nn.GELU())
-        self.attn = nn.Sequential(nn.Linear(embed_dim, embed_dim // 2), nn.Tanh(),
-                                  nn.Linear(embed_dim // 2, 1))
+        self.proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, embed_dim), nn.GELU())
+        self.attn = nn.Sequential(
+            nn.Linear(embed_dim, embed_dim // 2), nn.Tanh(), nn.Linear(embed_dim // 2, 1)
+        )
 
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.backbone(pixels), 1)  # (N, 3, S, S) -> (N, F)
@@ -164,11 +173,15 @@ class ImageEncoder(nn.Module):
             self.backbone.requires_grad_(scope == "all")
             return
         features = getattr(self.backbone, "features", None)
-        root, prefix = ((features, "features.") if isinstance(features, nn.Sequential)
-                        else (self.backbone, ""))
-        blocks = [f"{prefix}{name}." for name, child in root.named_children()
-                  if any(True for _ in child.parameters())]
-        tail = tuple(blocks[-{"layer4": 1, "layer3+": 2}[scope]:])
+        root, prefix = (
+            (features, "features.") if isinstance(features, nn.Sequential) else (self.backbone, "")
+        )
+        blocks = [
+            f"{prefix}{name}."
+            for name, child in root.named_children()
+            if any(True for _ in child.parameters())
+        ]
+        tail = tuple(blocks[-{"layer4": 1, "layer3+": 2}[scope] :])
         for name, param in self.backbone.named_parameters():
             param.requires_grad = name.startswith(tail) or not name.startswith(prefix)
 
@@ -214,10 +227,14 @@ def trunk_state(trunk: nn.Module, state: Mapping[str, Any]) -> dict[str, torch.T
     image_trunk, leaving out the classifier the trunk dropped."""
     if isinstance(trunk, nn.Sequential):  # image_trunk returns a Sequential for ResNets only
         return resnet_state_for_trunk(state)
-    dropped = tuple(f"{key}." for key, m in trunk.named_modules()
-                    if isinstance(m, DroppedClassifier))
-    return {_DENSENET_LEGACY_KEY.sub(r"\1\2", key): value for key, value in state.items()
-            if not key.startswith(dropped)}
+    dropped = tuple(
+        f"{key}." for key, m in trunk.named_modules() if isinstance(m, DroppedClassifier)
+    )
+    return {
+        _DENSENET_LEGACY_KEY.sub(r"\1\2", key): value
+        for key, value in state.items()
+        if not key.startswith(dropped)
+    }
 
 
 def resnet_state_for_trunk(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:

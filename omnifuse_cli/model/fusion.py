@@ -16,8 +16,9 @@ def classifier(in_dim: int, hidden: int, num_classes: int, dropout: float) -> nn
     )
 
 
-def dwfuse_weights(log_probs: torch.Tensor, beta: float,
-                   gate: torch.Tensor | None = None) -> torch.Tensor:
+def dwfuse_weights(
+    log_probs: torch.Tensor, beta: float, gate: torch.Tensor | None = None
+) -> torch.Tensor:
     """w_m(c) = prod_{n != m} (1 - p_n[c]) ** (g_n * beta / (M - 1)) for every class c.
 
     log_probs: (B, M, C) per-modality log-probabilities; gate: (B, M) how much each slot counts
@@ -44,8 +45,14 @@ def weights_at(weights: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 
 
 def dwfuse_loss(
-    log_probs: torch.Tensor, joint_log_probs: torch.Tensor, y: torch.Tensor, *, alpha: float,
-    beta: float, gate: torch.Tensor | None = None, sample_weight: torch.Tensor | None = None,
+    log_probs: torch.Tensor,
+    joint_log_probs: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    gate: torch.Tensor | None = None,
+    sample_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L_DWFuse = sum_m g_m w_m CE(p_m, y) + alpha CE(o, y) (Eqs. 12-14), weights detached.
 
@@ -66,7 +73,11 @@ def dwfuse_loss(
 
 
 def label_free_log_probs(
-    log_probs: torch.Tensor, joint_log_probs: torch.Tensor, *, alpha: float, beta: float,
+    log_probs: torch.Tensor,
+    joint_log_probs: torch.Tensor,
+    *,
+    alpha: float,
+    beta: float,
     gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score each class c as if it were the label, without ever seeing a label.

@@ -22,15 +22,19 @@ from torch import nn
 
 
 class LinearPath(nn.Module):
-    def __init__(self, *, names: list[str], kinds: list[str], dims: list[int],
-                 num_classes: int) -> None:
+    def __init__(
+        self, *, names: list[str], kinds: list[str], dims: list[int], num_classes: int
+    ) -> None:
         super().__init__()
         self.names = list(names)
         self.kinds = list(kinds)
         c = num_classes
         # text_<name>: (vocab, C); vector_<name>: (2 D, C); only these kinds have linear terms.
-        self.terms = [(i, n, k) for i, (n, k) in enumerate(zip(names, kinds, strict=True))
-                      if k in ("text", "vector")]
+        self.terms = [
+            (i, n, k)
+            for i, (n, k) in enumerate(zip(names, kinds, strict=True))
+            if k in ("text", "vector")
+        ]
         for i, name, kind in self.terms:
             rows = dims[i] if kind == "text" else 2 * dims[i]
             self.register_buffer(f"{kind}_{name}", torch.zeros(rows, c))
@@ -43,8 +47,9 @@ class LinearPath(nn.Module):
     def fitted(self) -> bool:
         return bool(self.blend[1] != 0) or bool(self.bias.any()) or bool(self.blend[0] != 1)
 
-    def logits(self, inputs: dict[str, dict[str, torch.Tensor]], present: torch.Tensor
-               ) -> torch.Tensor:
+    def logits(
+        self, inputs: dict[str, dict[str, torch.Tensor]], present: torch.Tensor
+    ) -> torch.Tensor:
         """z_linear: (B, C) from the batch's inputs; absent modalities contribute nothing."""
         fed = present.to(self.intercept.dtype)  # (B, M)
         z = self.intercept + fed @ self.presence
@@ -55,17 +60,22 @@ class LinearPath(nn.Module):
                 if "ids" not in part:  # an hf text encoder: no sparse features
                     continue
                 ids, w = part["ids"], part["weights"]  # (B, L) 0 = padding, (B, L) tf-idf
-                term = F.embedding_bag(ids, weight, per_sample_weights=w.to(weight.dtype),
-                                       mode="sum", padding_idx=0)
+                term = F.embedding_bag(
+                    ids, weight, per_sample_weights=w.to(weight.dtype), mode="sum", padding_idx=0
+                )
             else:
                 x, mask = part["x"], part["mask"]  # (B, D) standardised, (B, D) bool
                 x = torch.where(mask, x, torch.zeros_like(x)).to(weight.dtype)
                 term = torch.cat([x, mask.to(weight.dtype)], dim=1) @ weight
-            z = z + fed[:, i:i + 1] * term
+            z = z + fed[:, i : i + 1] * term
         return z
 
-    def combine(self, log_probs: torch.Tensor, inputs: dict[str, dict[str, torch.Tensor]],
-                present: torch.Tensor) -> torch.Tensor:
+    def combine(
+        self,
+        log_probs: torch.Tensor,
+        inputs: dict[str, dict[str, torch.Tensor]],
+        present: torch.Tensor,
+    ) -> torch.Tensor:
         """The blended class log-probabilities; OmniFuse's own until the path is fitted."""
         if not self.fitted:
             return log_probs

@@ -60,15 +60,20 @@ class OmniFuse(nn.Module):
         # Per-class loss weights (--class-weight), set by training; not part of the bundle.
         self.register_buffer("class_weight", None, persistent=False)
         if method.use_imputation:
-            kwargs = {"in_dim": m * d, "layers": method.ra_layers, "num_ra": method.num_ra,
-                      "dropout": method.cra_dropout}
+            kwargs = {
+                "in_dim": m * d,
+                "layers": method.ra_layers,
+                "num_ra": method.num_ra,
+                "dropout": method.cra_dropout,
+            }
             self.cra_forward = CascadeResidualAutoencoder(**kwargs)
             self.cra_backward = (
                 CascadeResidualAutoencoder(**kwargs) if method.use_backward else None
             )
             latent_dim = self.cra_forward.latent_dim
-            joint_in = {"latents": latent_dim, "slots": m * d,
-                        "both": latent_dim + m * d}[method.joint_input]
+            joint_in = {"latents": latent_dim, "slots": m * d, "both": latent_dim + m * d}[
+                method.joint_input
+            ]
         else:
             self.cra_forward = None
             self.cra_backward = None
@@ -83,15 +88,22 @@ class OmniFuse(nn.Module):
             self.modality_heads = None
             self.joint_head = classifier(m * d, h, c, p)
         # Sparse text features exist only for the simple encoder; other encoders get no term.
-        kinds = [spec.kind if spec.kind != "text" or isinstance(self.encoders[spec.name],
-                                                                 SimpleTextEncoder) else "other"
-                 for spec in config.modalities]
-        self.linear = (LinearPath(names=names, kinds=kinds, dims=list(config.input_dims),
-                                  num_classes=c) if method.linear_path else None)
+        kinds = [
+            spec.kind
+            if spec.kind != "text" or isinstance(self.encoders[spec.name], SimpleTextEncoder)
+            else "other"
+            for spec in config.modalities
+        ]
+        self.linear = (
+            LinearPath(names=names, kinds=kinds, dims=list(config.input_dims), num_classes=c)
+            if method.linear_path
+            else None
+        )
 
     # -- embeddings ---------------------------------------------------------------------------
-    def embed(self, inputs: dict[str, dict[str, torch.Tensor]], present: torch.Tensor
-              ) -> torch.Tensor:
+    def embed(
+        self, inputs: dict[str, dict[str, torch.Tensor]], present: torch.Tensor
+    ) -> torch.Tensor:
         """v_m = e_m(x_m) for every modality: (B, M, d). Slots of absent modalities hold
         whatever the encoder made of padding and are always masked downstream."""
         slots = [self.encoders[n](inputs[n]) for n in self.names]
@@ -114,8 +126,11 @@ class OmniFuse(nn.Module):
             h = torch.where(fed, v_in, rr * v_fwd + (1 - rr) * miss)
             gate = torch.where(mask, torch.ones_like(mask, dtype=v.dtype), r.unsqueeze(0))
             slots = h.reshape(b, m * d)
-            joint_in = {"latents": latents, "slots": slots,
-                        "both": torch.cat([latents, slots], dim=1)}[cfg.joint_input]
+            joint_in = {
+                "latents": latents,
+                "slots": slots,
+                "both": torch.cat([latents, slots], dim=1),
+            }[cfg.joint_input]
         else:
             v_fwd = None
             h = v_in
@@ -123,8 +138,9 @@ class OmniFuse(nn.Module):
             joint_in = h.reshape(b, m * d)
         if self.modality_heads is not None:
             head_in = torch.cat([h, (~fed).to(h.dtype)], dim=-1) if cfg.slot_flags else h
-            logits = torch.stack([g(head_in[:, i]) for i, g in enumerate(self.modality_heads)],
-                                 dim=1)
+            logits = torch.stack(
+                [g(head_in[:, i]) for i, g in enumerate(self.modality_heads)], dim=1
+            )
             modality_log_probs = torch.log_softmax(logits.float(), dim=-1)  # Eq. 9
             joint = torch.log_softmax(self.joint_head(joint_in).float(), dim=-1)  # Eq. 11
         else:
@@ -140,7 +156,10 @@ class OmniFuse(nn.Module):
             return Prediction(out.joint_log_probs, None)
         gate = self._vote_gate(out)
         log_probs, weights = label_free_log_probs(
-            out.modality_log_probs, out.joint_log_probs, alpha=cfg.alpha, beta=cfg.beta,
+            out.modality_log_probs,
+            out.joint_log_probs,
+            alpha=cfg.alpha,
+            beta=cfg.beta,
             gate=gate,
         )
         if rule == "joint":
@@ -161,8 +180,13 @@ class OmniFuse(nn.Module):
             return None
         return out.gate.float()
 
-    def forward(self, inputs: dict[str, dict[str, torch.Tensor]], present: torch.Tensor,
-                mask: torch.Tensor | None = None, rule: str | None = None) -> Prediction:
+    def forward(
+        self,
+        inputs: dict[str, dict[str, torch.Tensor]],
+        present: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        rule: str | None = None,
+    ) -> Prediction:
         """The model's prediction from the modalities ``mask`` feeds (default: all present),
         blended with the linear path once it is fitted."""
         fed = present if mask is None else mask
@@ -213,36 +237,49 @@ class OmniFuse(nn.Module):
                 rows = None
         stacked = self.fuse(torch.cat(views), torch.cat(masks))
         bounds = np.cumsum([0, *(len(x) for x in views)])
-        outs = [_rows(stacked, slice(int(lo), int(hi)))
-                for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+        outs = [
+            _rows(stacked, slice(int(lo), int(hi)))
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
         n_views = len(views) - (rows is not None)
         out = outs[0]
         zero = v.new_zeros(())
         terms: dict[str, torch.Tensor] = {"forward": zero, "backward": zero, "tla": zero}
         if out.v_fwd is not None:
             terms["forward"], terms["backward"] = self._imputation_losses(
-                v, present, mask, out, None if holdout is None else ~holdout)
+                v, present, mask, out, None if holdout is None else ~holdout
+            )
         labelled = y >= 0
         if bool(labelled.any()):
-            terms["dwfuse"], tla = self._label_terms(outs[:n_views], y, labelled,
-                                                     None if rows is None else outs[-1], rows)
+            terms["dwfuse"], tla = self._label_terms(
+                outs[:n_views], y, labelled, None if rows is None else outs[-1], rows
+            )
             terms["tla"] = zero if tla is None else tla
         else:  # a batch of unlabeled patients only: the graph still reaches every head
             terms["dwfuse"] = zero + 0.0 * out.joint_log_probs.sum()
         terms["total"] = sum(w * terms[k] for k, w in cfg.loss_weights.items())
         return terms
 
-    def _label_terms(self, views: list[FuseOutput], y: torch.Tensor, labelled: torch.Tensor,
-                     lazy_out: FuseOutput | None, lazy_rows: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _label_terms(
+        self,
+        views: list[FuseOutput],
+        y: torch.Tensor,
+        labelled: torch.Tensor,
+        lazy_out: FuseOutput | None,
+        lazy_rows: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """L_DWFuse (Eq. 14, mean over the views) and L_TLA (Eq. 17, on the lazy view of the
         patients ``lazy_rows`` selects; None when none of them has a label), each a mean over
         the batch's labelled patients (unlabeled ones have y = -1)."""
         keep = None if bool(labelled.all()) else labelled.nonzero(as_tuple=True)[0]
         y_l = y if keep is None else y[keep]
         weight = self.sample_weight(y_l)
-        dwfuse = torch.stack([self._classification_loss(o if keep is None else _rows(o, keep),
-                                                        y_l, weight) for o in views]).mean()
+        dwfuse = torch.stack(
+            [
+                self._classification_loss(o if keep is None else _rows(o, keep), y_l, weight)
+                for o in views
+            ]
+        ).mean()
         if lazy_out is None or lazy_rows is None:
             return dwfuse, None
         y_lazy, ok = y[lazy_rows], labelled[lazy_rows]
@@ -261,19 +298,32 @@ class OmniFuse(nn.Module):
         over the batch (which keeps DDP's per-rank shares exact)."""
         return None if self.class_weight is None else self.class_weight[y]
 
-    def _classification_loss(self, out: FuseOutput, y: torch.Tensor,
-                             weight: torch.Tensor | None = None) -> torch.Tensor:
+    def _classification_loss(
+        self, out: FuseOutput, y: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if out.modality_log_probs is None:
             nll = F.nll_loss(out.joint_log_probs, y, reduction="none")
             return (nll if weight is None else nll * weight).mean()
         cfg = self.config.method
-        loss, _ = dwfuse_loss(out.modality_log_probs, out.joint_log_probs, y, alpha=cfg.alpha,
-                              beta=cfg.beta, gate=self._vote_gate(out), sample_weight=weight)
+        loss, _ = dwfuse_loss(
+            out.modality_log_probs,
+            out.joint_log_probs,
+            y,
+            alpha=cfg.alpha,
+            beta=cfg.beta,
+            gate=self._vote_gate(out),
+            sample_weight=weight,
+        )
         return loss
 
-    def _imputation_losses(self, v: torch.Tensor, present: torch.Tensor, mask: torch.Tensor,
-                           out: FuseOutput, targets: torch.Tensor | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _imputation_losses(
+        self,
+        v: torch.Tensor,
+        present: torch.Tensor,
+        mask: torch.Tensor,
+        out: FuseOutput,
+        targets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """L_forward (Eq. 7) and L_backward (Eq. 8). Targets are detached. ``targets`` (B,)
         bool: the patients whose slots may serve as targets (None: all)."""
         assert out.v_fwd is not None
@@ -301,8 +351,9 @@ class OmniFuse(nn.Module):
         backward = v.new_zeros(())
         if self.cra_backward is not None:
             back, _ = self.cra_backward(out.v_fwd.reshape(b, m * d))
-            cycle = (_standardise(back.view(b, m, d))
-                     - _standardise(out.v_in.detach())) ** 2  # (B, M, d)
+            cycle = (
+                _standardise(back.view(b, m, d)) - _standardise(out.v_in.detach())
+            ) ** 2  # (B, M, d)
             if targets is None:
                 backward = cycle.mean()
             else:  # a plain batch mean with held-out rows at 0 (DDP's shares stay exact)
@@ -312,17 +363,28 @@ class OmniFuse(nn.Module):
 
 def _rows(out: FuseOutput, index: slice | torch.Tensor) -> FuseOutput:
     """The patients ``index`` of a fuse output (every field is batch-first)."""
-    return FuseOutput(*(None if f is None else f[index] for f in
-                        (out.v_in, out.v_fwd, out.h, out.gate, out.modality_log_probs,
-                         out.joint_log_probs)))
+    return FuseOutput(
+        *(
+            None if f is None else f[index]
+            for f in (
+                out.v_in,
+                out.v_fwd,
+                out.h,
+                out.gate,
+                out.modality_log_probs,
+                out.joint_log_probs,
+            )
+        )
+    )
 
 
 def _standardise(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:])
 
 
-def drop_modalities(present: torch.Tensor, rate: float,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+def drop_modalities(
+    present: torch.Tensor, rate: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Randomly hide present modalities (each with probability ``rate``), keeping at least one
     per patient, so the dropped ones can supervise imputation (method.md Sec. 1)."""
     if rate <= 0:

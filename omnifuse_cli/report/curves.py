@@ -35,8 +35,14 @@ def _pr_on_grid(positive: np.ndarray, score: np.ndarray) -> np.ndarray:
     return np.interp(GRID, recall, precision)
 
 
-def _band(y: np.ndarray, probs: np.ndarray, cls: int, fn, n: int, seed: int  # type: ignore[no-untyped-def]
-          ) -> Curve:
+def _band(
+    y: np.ndarray,
+    probs: np.ndarray,
+    cls: int,
+    fn,
+    n: int,
+    seed: int,  # type: ignore[no-untyped-def]
+) -> Curve:
     positive = y == cls
     main = fn(positive, probs[:, cls])
     rng = np.random.default_rng(seed)
@@ -53,22 +59,28 @@ def _band(y: np.ndarray, probs: np.ndarray, cls: int, fn, n: int, seed: int  # t
     return Curve(GRID, main, low, high, int(positive.sum()))
 
 
-def roc_curves(y: np.ndarray, probs: np.ndarray, *, n: int = 200, seed: int = 0
-               ) -> dict[int, Curve]:
+def roc_curves(
+    y: np.ndarray, probs: np.ndarray, *, n: int = 200, seed: int = 0
+) -> dict[int, Curve]:
     """One-vs-rest ROC of every class present with both outcomes, with a 95% bootstrap band."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return {c: _band(y, probs, c, _roc_on_grid, n, seed) for c in range(probs.shape[1])
-                if 0 < (y == c).sum() < len(y)}
+        return {
+            c: _band(y, probs, c, _roc_on_grid, n, seed)
+            for c in range(probs.shape[1])
+            if 0 < (y == c).sum() < len(y)
+        }
 
 
-def pr_curves(y: np.ndarray, probs: np.ndarray, *, n: int = 200, seed: int = 0
-              ) -> dict[int, Curve]:
+def pr_curves(y: np.ndarray, probs: np.ndarray, *, n: int = 200, seed: int = 0) -> dict[int, Curve]:
     """One-vs-rest precision-recall curves with a 95% bootstrap band."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return {c: _band(y, probs, c, _pr_on_grid, n, seed) for c in range(probs.shape[1])
-                if 0 < (y == c).sum() < len(y)}
+        return {
+            c: _band(y, probs, c, _pr_on_grid, n, seed)
+            for c in range(probs.shape[1])
+            if 0 < (y == c).sum() < len(y)
+        }
 
 
 @dataclass
@@ -85,8 +97,7 @@ def reliability_bins(y: np.ndarray, probs: np.ndarray, bins: int = 10) -> Reliab
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == y
     edges = np.unique(np.quantile(confidence, np.linspace(0.0, 1.0, bins + 1)))
-    which = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0,
-                    max(len(edges) - 2, 0))
+    which = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, max(len(edges) - 2, 0))
     groups = [which == b for b in range(max(len(edges) - 1, 1))]
     keep = [g for g in groups if g.any()]
     return Reliability(

@@ -14,13 +14,30 @@ from matplotlib.ticker import MaxNLocator
 from omnifuse_cli.report.curves import Curve, Reliability
 from omnifuse_cli.report.inputs import group_order
 
-COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
-          "#17becf", "#bcbd22", "#7f7f7f")
+COLORS = (
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#ff7f0e",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+    "#7f7f7f",
+)
 LOSS_TERMS = ("train_loss", "loss_forward", "loss_backward", "loss_dwfuse", "loss_tla")
 VAL_METRICS = ("val_macro_f1", "val_acc", "val_auroc", "val_loss")
-METRIC_NAMES = {"acc": "accuracy", "macro_f1": "macro-F1", "balanced_acc": "balanced accuracy",
-                "auroc": "AUROC", "auprc": "AUPRC", "loss": "log loss", "ece": "ECE",
-                "brier": "Brier score"}
+METRIC_NAMES = {
+    "acc": "accuracy",
+    "macro_f1": "macro-F1",
+    "balanced_acc": "balanced accuracy",
+    "auroc": "AUROC",
+    "auprc": "AUPRC",
+    "loss": "log loss",
+    "ece": "ECE",
+    "brier": "Brier score",
+}
 LOWER_IS_BETTER = ("loss", "ece", "brier")
 
 
@@ -40,13 +57,16 @@ def class_counts(cohort: pd.DataFrame, class_names: Sequence[str], group_name: s
     ax = fig.subplots()
     bottom = np.zeros(len(groups))
     for c, name in enumerate(class_names):
-        counts = np.array([int(((cohort["group"].astype(str) == g) & (cohort["label"] == c))
-                               .sum()) for g in groups])
+        counts = np.array(
+            [
+                int(((cohort["group"].astype(str) == g) & (cohort["label"] == c)).sum())
+                for g in groups
+            ]
+        )
         ax.bar(groups, counts, bottom=bottom, color=_color(c), label=f"class {name}")
         for x, (b, n) in enumerate(zip(bottom, counts, strict=True)):
             if n:
-                ax.text(x, b + n / 2, str(n), ha="center", va="center", fontsize=8,
-                        color="white")
+                ax.text(x, b + n / 2, str(n), ha="center", va="center", fontsize=8, color="white")
         bottom += counts
     ax.set_ylabel("patients")
     ax.set_title(f"patients per class and {group_name}")
@@ -73,8 +93,9 @@ def missing_patterns(patterns: pd.Series, modalities: Sequence[str]) -> Figure:
     bars.tick_params(labelbottom=False)
     for m, name in enumerate(modalities):
         has = np.array([name in s for s in sets])
-        dots.scatter(x, np.full(len(x), m), s=60, color=np.where(has, "#222222", "#dddddd"),
-                     zorder=2)
+        dots.scatter(
+            x, np.full(len(x), m), s=60, color=np.where(has, "#222222", "#dddddd"), zorder=2
+        )
         if has.any():
             dots.plot(x[has], np.full(has.sum(), m), color="#222222", lw=0, zorder=1)
     for xi, s in zip(x, sets, strict=True):
@@ -86,10 +107,11 @@ def missing_patterns(patterns: pd.Series, modalities: Sequence[str]) -> Figure:
     dots.set_ylim(-0.5, len(modalities) - 0.5)
     for spine in ("top", "right", "bottom"):
         dots.spines[spine].set_visible(False)
-    presence = [sum(n for s, n in zip(sets, patterns.to_numpy(), strict=True) if name in s)
-                for name in modalities]
-    side.barh(range(len(modalities)), presence, color=[_color(m) for m in
-                                                        range(len(modalities))])
+    presence = [
+        sum(n for s, n in zip(sets, patterns.to_numpy(), strict=True) if name in s)
+        for name in modalities
+    ]
+    side.barh(range(len(modalities)), presence, color=[_color(m) for m in range(len(modalities))])
     side.set_ylim(-0.5, len(modalities) - 0.5)
     side.set_yticks([])
     side.invert_xaxis()
@@ -101,8 +123,13 @@ def missing_patterns(patterns: pd.Series, modalities: Sequence[str]) -> Figure:
 def _curves(ax, curves: dict[int, Curve], class_names: Sequence[str], label: str) -> None:  # type: ignore[no-untyped-def]
     for c, curve in curves.items():
         color = _color(c)
-        ax.plot(curve.x, curve.y, color=color, lw=1.8,
-                label=f"class {class_names[c]} (n={curve.positives})")
+        ax.plot(
+            curve.x,
+            curve.y,
+            color=color,
+            lw=1.8,
+            label=f"class {class_names[c]} (n={curve.positives})",
+        )
         if np.isfinite(curve.low).all():
             ax.fill_between(curve.x, curve.low, curve.high, color=color, alpha=0.18, lw=0)
     ax.set_xlim(0, 1)
@@ -121,17 +148,30 @@ class OperatingMark:
     threshold: float
 
 
-def discrimination(roc: dict[int, Curve], pr: dict[int, Curve], class_names: Sequence[str],
-                   operating: OperatingMark | None = None) -> Figure:
+def discrimination(
+    roc: dict[int, Curve],
+    pr: dict[int, Curve],
+    class_names: Sequence[str],
+    operating: OperatingMark | None = None,
+) -> Figure:
     fig = _figure(9.0, 4.0)
     left, right = fig.subplots(1, 2)
     _curves(left, roc, class_names, "ROC")
     if operating is not None and np.isfinite([operating.fpr, operating.tpr]).all():
-        left.plot([operating.fpr], [operating.tpr], ls="none", marker="D", ms=8,
-                  mfc=_color(operating.cls), mec="black", mew=1.2, zorder=5,
-                  gid="operating-point",
-                  label=f"operating point, class {class_names[operating.cls]} "
-                  f"(p >= {operating.threshold:.2f})")
+        left.plot(
+            [operating.fpr],
+            [operating.tpr],
+            ls="none",
+            marker="D",
+            ms=8,
+            mfc=_color(operating.cls),
+            mec="black",
+            mew=1.2,
+            zorder=5,
+            gid="operating-point",
+            label=f"operating point, class {class_names[operating.cls]} "
+            f"(p >= {operating.threshold:.2f})",
+        )
         left.legend(fontsize=8, frameon=False, loc="lower right")
     left.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls="--")
     left.set_xlabel("false positive rate")
@@ -151,8 +191,15 @@ def confusion(cm: np.ndarray, class_names: Sequence[str]) -> Figure:
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(j, i, f"{int(cm[i, j])}\n{share[i, j]:.0%}", ha="center", va="center",
-                    fontsize=9, color="white" if share[i, j] > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{int(cm[i, j])}\n{share[i, j]:.0%}",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if share[i, j] > 0.6 else "black",
+            )
     ax.set_xticks(range(len(class_names)), list(class_names))
     ax.set_yticks(range(len(class_names)), list(class_names))
     ax.set_xlabel("predicted class")
@@ -161,8 +208,12 @@ def confusion(cm: np.ndarray, class_names: Sequence[str]) -> Figure:
     return fig
 
 
-def calibration(rel: Reliability, confidence: np.ndarray, before: Reliability | None = None,
-                label: str = "model") -> Figure:
+def calibration(
+    rel: Reliability,
+    confidence: np.ndarray,
+    before: Reliability | None = None,
+    label: str = "model",
+) -> Figure:
     """Reliability diagram (quantile bins, patients per bin written on each point) above the
     distribution of the top-label probability; ``before``: the same before calibration, drawn
     underneath in grey."""
@@ -170,12 +221,22 @@ def calibration(rel: Reliability, confidence: np.ndarray, before: Reliability | 
     top, bottom = fig.subplots(2, 1, height_ratios=(3, 1.2), sharex=True)
     top.plot([0, 1], [0, 1], color="#999999", ls="--", lw=0.8, label="perfect calibration")
     if before is not None:
-        top.plot(before.confidence, before.accuracy, marker="o", mfc="white", color="#888888",
-                 ls=":", lw=1.4, label="before calibration", gid="before-calibration")
+        top.plot(
+            before.confidence,
+            before.accuracy,
+            marker="o",
+            mfc="white",
+            color="#888888",
+            ls=":",
+            lw=1.4,
+            label="before calibration",
+            gid="before-calibration",
+        )
     top.plot(rel.confidence, rel.accuracy, marker="o", color=_color(0), label=label)
     for x, y, n in zip(rel.confidence, rel.accuracy, rel.count, strict=True):
-        top.annotate(str(int(n)), (x, y), textcoords="offset points", xytext=(0, 6),
-                     ha="center", fontsize=7)
+        top.annotate(
+            str(int(n)), (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7
+        )
     top.set_ylabel("accuracy in bin")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1.05)
@@ -204,17 +265,24 @@ def training(curves: dict[str, pd.DataFrame]) -> Figure:
             return
         epochs = table.index.to_numpy()
         mean = table.mean(axis=1).to_numpy()
-        ax.plot(epochs, mean, color=_color(k), lw=1.6, label=column.replace("loss_", "")
-                .replace("val_", "val "))
+        ax.plot(
+            epochs,
+            mean,
+            color=_color(k),
+            lw=1.6,
+            label=column.replace("loss_", "").replace("val_", "val "),
+        )
         if several:
-            ax.fill_between(epochs, table.min(axis=1), table.max(axis=1), color=_color(k),
-                            alpha=0.15, lw=0)
+            ax.fill_between(
+                epochs, table.min(axis=1), table.max(axis=1), color=_color(k), alpha=0.15, lw=0
+            )
 
     for k, column in enumerate(LOSS_TERMS):
         draw(losses, column, k)
     losses.set_yscale("symlog", linthresh=1.0)
-    losses.set_title("training loss terms" + (" (mean, range over folds)" if several else ""),
-                     fontsize=10)
+    losses.set_title(
+        "training loss terms" + (" (mean, range over folds)" if several else ""), fontsize=10
+    )
     for k, column in enumerate(VAL_METRICS):
         draw(vals, column, k)
     vals.set_title("validation (inner split)" if several else "validation", fontsize=10)
@@ -228,20 +296,32 @@ def training(curves: dict[str, pd.DataFrame]) -> Figure:
     if len(picks):
         combos = sorted(picks["lazy_combo"].astype(str).unique(), key=lambda c: (len(c), c))
         counts = picks.groupby(["epoch", "lazy_combo"]).size().reset_index(name="n")
-        lazy.scatter(counts["epoch"], [combos.index(c) for c in counts["lazy_combo"]],
-                     s=30 + 40 * counts["n"], color=_color(3), alpha=0.8)
+        lazy.scatter(
+            counts["epoch"],
+            [combos.index(c) for c in counts["lazy_combo"]],
+            s=30 + 40 * counts["n"],
+            color=_color(3),
+            alpha=0.8,
+        )
         lazy.set_yticks(range(len(combos)), combos, fontsize=8)
     else:
-        lazy.text(0.5, 0.5, "none picked\n(TLA off, or too few patients\nwith each combination)",
-                  ha="center", va="center", transform=lazy.transAxes, fontsize=9)
+        lazy.text(
+            0.5,
+            0.5,
+            "none picked\n(TLA off, or too few patients\nwith each combination)",
+            ha="center",
+            va="center",
+            transform=lazy.transAxes,
+            fontsize=9,
+        )
     lazy.set_xlabel("epoch")
-    lazy.set_title("lazy combination picked" + (" (size = folds)" if several else ""),
-                   fontsize=10)
+    lazy.set_title("lazy combination picked" + (" (size = folds)" if several else ""), fontsize=10)
     return fig
 
 
-def dwfuse_weights(predictions: pd.DataFrame, modalities: Sequence[str],
-                   class_names: Sequence[str]) -> Figure | None:
+def dwfuse_weights(
+    predictions: pd.DataFrame, modalities: Sequence[str], class_names: Sequence[str]
+) -> Figure | None:
     """Each modality's DWFuse weight at the predicted class, by true class (box plots)."""
     columns = [m for m in modalities if f"weight_{m}" in predictions]
     if not columns:
@@ -256,8 +336,13 @@ def dwfuse_weights(predictions: pd.DataFrame, modalities: Sequence[str],
         keep = [k for k, d in enumerate(data) if len(d)]
         if not keep:
             continue
-        parts = ax.boxplot([data[k] for k in keep], positions=positions[keep], widths=width * 0.9,
-                           patch_artist=True, showfliers=False)
+        parts = ax.boxplot(
+            [data[k] for k in keep],
+            positions=positions[keep],
+            widths=width * 0.9,
+            patch_artist=True,
+            showfliers=False,
+        )
         for box in parts["boxes"]:
             box.set_facecolor(_color(c))
             box.set_alpha(0.6)
@@ -279,8 +364,11 @@ def pattern_metrics(patterns: pd.DataFrame) -> Figure:
     for k, (column, label) in enumerate((("macro_f1", "macro-F1"), ("auroc", "AUROC"))):
         values = pd.to_numeric(frame[column], errors="coerce").fillna(0).to_numpy()
         ax.barh(y + (k - 0.5) * 0.38, values, height=0.36, color=_color(k), label=label)
-    ax.set_yticks(y, [f"{p} (n={int(n)})" for p, n in zip(frame["present"], frame["n"],
-                                                          strict=True)], fontsize=8)
+    ax.set_yticks(
+        y,
+        [f"{p} (n={int(n)})" for p, n in zip(frame["present"], frame["n"], strict=True)],
+        fontsize=8,
+    )
     ax.set_xlim(0, 1)
     ax.legend(fontsize=8, frameon=False, loc="lower right")
     ax.set_title("metrics by missing pattern (n/a drawn as 0)", fontsize=10)
@@ -299,9 +387,10 @@ def forest(differences: pd.DataFrame) -> Figure:
         color = _color(variants.index(row.variant))
         ax.plot([row.ci_low, row.ci_high], [yi, yi], color=color, lw=1.6)
         ax.plot(row.difference, yi, "o", color=color)
-    labels = [f"{v}: {METRIC_NAMES.get(m, m)}" + (" (lower better)" if m in LOWER_IS_BETTER
-                                                  else "")
-              for v, m in zip(frame["variant"], frame["metric"], strict=True)]
+    labels = [
+        f"{v}: {METRIC_NAMES.get(m, m)}" + (" (lower better)" if m in LOWER_IS_BETTER else "")
+        for v, m in zip(frame["variant"], frame["metric"], strict=True)
+    ]
     ax.set_yticks(y, labels, fontsize=8)
     ax.axvline(0, color="#999999", ls="--", lw=0.8)
     ax.set_xlabel("difference from the base model (variant - base), 95% paired bootstrap CI")
@@ -332,8 +421,13 @@ def decision_curves(frame: pd.DataFrame, thresholds: dict[str, float] | None = N
         ax.plot(x, part["treat_all"], color="#777777", lw=1.0, label="treat all")
         ax.plot(x, part["treat_none"], color="#222222", lw=1.0, ls="--", label="treat none")
         if thresholds and name in thresholds and np.isfinite(thresholds[name]):
-            ax.axvline(thresholds[name], color=_color(k), ls=":", lw=1.2,
-                       label=f"operating threshold {thresholds[name]:.2f}")
+            ax.axvline(
+                thresholds[name],
+                color=_color(k),
+                ls=":",
+                lw=1.2,
+                label=f"operating threshold {thresholds[name]:.2f}",
+            )
         ax.set_xlim(0, 1)
         ax.set_ylim(-0.05, top)
         ax.set_xlabel("threshold probability")
@@ -341,13 +435,16 @@ def decision_curves(frame: pd.DataFrame, thresholds: dict[str, float] | None = N
         ax.legend(fontsize=7, frameon=False, loc="upper right")
     for ax in axes[: len(classes)][::cols]:
         ax.set_ylabel("net benefit")
-    for ax in axes[len(classes):]:
+    for ax in axes[len(classes) :]:
         ax.axis("off")
     return fig
 
 
-def subgroup_metrics(frame: pd.DataFrame, metrics: Sequence[str] = ("auroc", "macro_f1"),
-                     overall: dict[str, float] | None = None) -> Figure | None:
+def subgroup_metrics(
+    frame: pd.DataFrame,
+    metrics: Sequence[str] = ("auroc", "macro_f1"),
+    overall: dict[str, float] | None = None,
+) -> Figure | None:
     """Each subgroup's metrics with their 95% intervals (one panel per metric); subgroups under
     30 patients drawn hollow; a dashed line at the value over all patients (``overall``)."""
     metrics = [m for m in metrics if m in frame and np.isfinite(frame[m].astype(float)).any()]
@@ -362,8 +459,10 @@ def subgroup_metrics(frame: pd.DataFrame, metrics: Sequence[str] = ("auroc", "ma
         for yi, row in zip(y, rows.itertuples(), strict=True):
             color = _color(columns.index(str(row.column)))
             value = float(getattr(row, m))
-            low, high = (float(getattr(row, f"{m}_ci_low", np.nan)),
-                         float(getattr(row, f"{m}_ci_high", np.nan)))
+            low, high = (
+                float(getattr(row, f"{m}_ci_low", np.nan)),
+                float(getattr(row, f"{m}_ci_high", np.nan)),
+            )
             if np.isfinite([low, high]).all():
                 ax.plot([low, high], [yi, yi], color=color, lw=1.6)
             if np.isfinite(value):
@@ -377,9 +476,13 @@ def subgroup_metrics(frame: pd.DataFrame, metrics: Sequence[str] = ("auroc", "ma
             ax.axvline(overall[m], color="#999999", ls="--", lw=0.8)
         ax.set_title(METRIC_NAMES.get(m, m), fontsize=10)
         ax.grid(axis="x", color="#eeeeee")
-    labels = [f"{c} = {g} (n={int(n)})" for c, g, n in zip(rows["column"], rows["group"],
-                                                          rows["n"], strict=True)]
+    labels = [
+        f"{c} = {g} (n={int(n)})"
+        for c, g, n in zip(rows["column"], rows["group"], rows["n"], strict=True)
+    ]
     axes[0].set_yticks(y, labels, fontsize=8)
-    fig.suptitle("metrics by subgroup, 95% bootstrap CI (hollow: under 30 patients; dashed: "
-                 "all patients)", fontsize=10)
+    fig.suptitle(
+        "metrics by subgroup, 95% bootstrap CI (hollow: under 30 patients; dashed: all patients)",
+        fontsize=10,
+    )
     return fig

@@ -51,13 +51,31 @@ class Clinical:
         return self.calibration is not None
 
 
-LEGACY = ("trained before calibration: probabilities are uncalibrated (temperature 1), no "
-          "operating point")
-CLINICAL_FILES = {"calibration": "calibration.csv", "operating": "operating_point.csv",
-                  "decision": "decision_curve.csv", "coverage": "coverage.csv",
-                  "subgroups": "subgroups.csv", "gaps": "subgroup_gaps.csv"}
-_CLINICAL_TEXT = ("class", "group", "column", "by", "mode", "rule", "positive_class",
-                  "best_group", "worst_group", "class_counts", "small", "includes_small")
+LEGACY = (
+    "trained before calibration: probabilities are uncalibrated (temperature 1), no operating point"
+)
+CLINICAL_FILES = {
+    "calibration": "calibration.csv",
+    "operating": "operating_point.csv",
+    "decision": "decision_curve.csv",
+    "coverage": "coverage.csv",
+    "subgroups": "subgroups.csv",
+    "gaps": "subgroup_gaps.csv",
+}
+_CLINICAL_TEXT = (
+    "class",
+    "group",
+    "column",
+    "by",
+    "mode",
+    "rule",
+    "positive_class",
+    "best_group",
+    "worst_group",
+    "class_counts",
+    "small",
+    "includes_small",
+)
 
 
 @dataclass
@@ -106,15 +124,29 @@ class ReportInputs:
         return frame[columns].to_numpy(dtype=float)
 
 
-_TEXT = ("id", "pred", "present", "modalities", "variant", "split", "phase", "lazy_combo",
-         "metric", "true", "label", "set", "conformal_mode")
+_TEXT = (
+    "id",
+    "pred",
+    "present",
+    "modalities",
+    "variant",
+    "split",
+    "phase",
+    "lazy_combo",
+    "metric",
+    "true",
+    "label",
+    "set",
+    "conformal_mode",
+)
 
 
 def group_order(groups: pd.Series) -> list[str]:
     """Splits in the order train, val, test; folds by number."""
     splits = ["train", "val", "test"]
-    return sorted({str(g) for g in groups},
-                  key=lambda g: (splits.index(g) if g in splits else 3, len(g), g))
+    return sorted(
+        {str(g) for g in groups}, key=lambda g: (splits.index(g) if g in splits else 3, len(g), g)
+    )
 
 
 def _csv(path: Path, text: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -142,24 +174,34 @@ def load_inputs(source: Path) -> ReportInputs:
     """Read a run or cv folder; a clear error for anything else (before anything is written)."""
     source = Path(source)
     if not source.exists():
-        raise BundleError(f"{source} does not exist",
-                          hint="pass a folder written by omnifuse train or omnifuse cv")
+        raise BundleError(
+            f"{source} does not exist",
+            hint="pass a folder written by omnifuse train or omnifuse cv",
+        )
     if not source.is_dir():
-        raise BundleError(f"{source} is a file, not a run or cross-validation folder",
-                          hint="pass a folder written by omnifuse train or omnifuse cv")
+        raise BundleError(
+            f"{source} is a file, not a run or cross-validation folder",
+            hint="pass a folder written by omnifuse train or omnifuse cv",
+        )
     if (source / "cv.json").is_file():
         if not (source / "metrics.csv").is_file():
-            raise BundleError(f"the cross-validation in {source} has not finished (no "
-                              "metrics.csv)", hint=f"finish it: omnifuse cv --resume {source}")
+            raise BundleError(
+                f"the cross-validation in {source} has not finished (no metrics.csv)",
+                hint=f"finish it: omnifuse cv --resume {source}",
+            )
         return _load_cv(source)
     if (source / "model" / "bundle.json").is_file() and (source / "metrics.csv").is_file():
         if (source.parent / "cv.json").is_file():
-            raise BundleError(f"{source} is the final model of a cross-validation; its results "
-                              "are in the cross-validation folder",
-                              hint=f"omnifuse report {source.parent}")
+            raise BundleError(
+                f"{source} is the final model of a cross-validation; its results "
+                "are in the cross-validation folder",
+                hint=f"omnifuse report {source.parent}",
+            )
         if not (source / "meta.csv").is_file():
-            raise BundleError(f"the run in {source} has not finished (no meta.csv)",
-                              hint=f"finish it: omnifuse train --resume {source}")
+            raise BundleError(
+                f"the run in {source} has not finished (no meta.csv)",
+                hint=f"finish it: omnifuse train --resume {source}",
+            )
         return _load_run(source)
     raise BundleError(
         f"{source} is not an omnifuse run or cross-validation folder (neither model/bundle.json "
@@ -177,54 +219,77 @@ def _load_run(source: Path) -> ReportInputs:
     meta = _key_values(source / "meta.csv")
     bundle = json.loads((source / "model" / "bundle.json").read_text(encoding="utf-8"))
     class_names = [str(c) for c in bundle.get("class_names", [])] or [
-        str(c) for c in range(int(meta.get("num_classes", 2)))]
+        str(c) for c in range(int(meta.get("num_classes", 2)))
+    ]
     notes: list[str] = []
     eval_dir = source / "eval" / "test"
     evaluated_on = "the run's test split"
     if not (source / "test.csv").is_file():  # --test-ratio 0: an external cohort's evaluation
-        external = sorted((d for d in (source / "eval").glob("*")
-                           if (d / "metrics.csv").is_file()),
-                          key=lambda d: (d / "metrics.csv").stat().st_mtime)
+        external = sorted(
+            (d for d in (source / "eval").glob("*") if (d / "metrics.csv").is_file()),
+            key=lambda d: (d / "metrics.csv").stat().st_mtime,
+        )
         if not external:
-            raise BundleError(f"the run in {source} has no test split (--test-ratio 0) and has "
-                              "not been evaluated on another cohort",
-                              hint=f"omnifuse evaluate {source} --manifest TEST.csv, then "
-                              "report again")
+            raise BundleError(
+                f"the run in {source} has no test split (--test-ratio 0) and has "
+                "not been evaluated on another cohort",
+                hint=f"omnifuse evaluate {source} --manifest TEST.csv, then report again",
+            )
         eval_dir = external[-1]
         evaluated_on = f"the external cohort {eval_dir.name} (the newest evaluation)"
     if (eval_dir / "metrics.csv").is_file():
         metrics = _csv(eval_dir / "metrics.csv")
     else:
         test = _csv(source / "test.csv")
-        metrics = pd.DataFrame({"metric": [c.removeprefix("test_") for c in test.columns],
-                                "value": [float(v) for v in test.iloc[0]]})
+        metrics = pd.DataFrame(
+            {
+                "metric": [c.removeprefix("test_") for c in test.columns],
+                "value": [float(v) for v in test.iloc[0]],
+            }
+        )
         metrics["ci_low"] = math.nan
         metrics["ci_high"] = math.nan
-        notes.append("the run has not been evaluated: run `omnifuse evaluate "
-                     f"{source}` first for intervals, ROC/PR and calibration curves, DWFuse "
-                     "weights and metrics per missing pattern")
-    predictions = _csv(eval_dir / "predictions.csv") if (eval_dir / "predictions.csv"
-                                                         ).is_file() else None
+        notes.append(
+            "the run has not been evaluated: run `omnifuse evaluate "
+            f"{source}` first for intervals, ROC/PR and calibration curves, DWFuse "
+            "weights and metrics per missing pattern"
+        )
+    predictions = (
+        _csv(eval_dir / "predictions.csv") if (eval_dir / "predictions.csv").is_file() else None
+    )
     if predictions is None and (eval_dir / "metrics.csv").is_file():
-        notes.append(f"{eval_dir} has no predictions.csv (evaluated by an older omnifuse): "
-                     f"run `omnifuse evaluate {source}` again for the curves")
+        notes.append(
+            f"{eval_dir} has no predictions.csv (evaluated by an older omnifuse): "
+            f"run `omnifuse evaluate {source}` again for the curves"
+        )
     cm_path = eval_dir / "confusion_matrix.csv"
     cm_path = cm_path if cm_path.is_file() else source / "confusion_matrix.csv"
     confusion = _csv(cm_path).drop(columns=["true"]).to_numpy(dtype=np.int64)
-    patterns = (_csv(eval_dir / "patterns.csv")
-                if (eval_dir / "patterns.csv").is_file() else None)
+    patterns = _csv(eval_dir / "patterns.csv") if (eval_dir / "patterns.csv").is_file() else None
     modalities = _modality_names(meta)
     cohort = _run_cohort(source, meta, modalities, notes)
     curves = {"run": _csv(source / "metrics.csv")}
-    clinical = _run_clinical(source, bundle, class_names,
-                             eval_dir if (eval_dir / "metrics.csv").is_file() else None)
+    clinical = _run_clinical(
+        source, bundle, class_names, eval_dir if (eval_dir / "metrics.csv").is_file() else None
+    )
     if clinical.legacy:
         notes.append(f"the run was {LEGACY}")
     return ReportInputs(
-        kind="run", source=source, meta=meta, class_names=class_names, modalities=modalities,
-        cohort=cohort, group_name="split", metrics=metrics,
-        evaluated_on=evaluated_on, predictions=predictions, confusion=confusion,
-        patterns=patterns, curves=curves, notes=notes, clinical=clinical,
+        kind="run",
+        source=source,
+        meta=meta,
+        class_names=class_names,
+        modalities=modalities,
+        cohort=cohort,
+        group_name="split",
+        metrics=metrics,
+        evaluated_on=evaluated_on,
+        predictions=predictions,
+        confusion=confusion,
+        patterns=patterns,
+        curves=curves,
+        notes=notes,
+        clinical=clinical,
     )
 
 
@@ -257,11 +322,13 @@ def _posthoc(bundle: dict[str, Any]) -> PostHoc:
     return PostHoc.from_bundle(bundle)
 
 
-def _run_clinical(source: Path, bundle: dict[str, Any], class_names: list[str],
-                  eval_dir: Path | None) -> Clinical:
+def _run_clinical(
+    source: Path, bundle: dict[str, Any], class_names: list[str], eval_dir: Path | None
+) -> Clinical:
     posthoc = _posthoc(bundle)
     clinical = Clinical(
-        legacy=posthoc.legacy, calibrated=posthoc.calibration == "temperature",
+        legacy=posthoc.legacy,
+        calibrated=posthoc.calibration == "temperature",
         temperature=float(posthoc.temperature),
         posthoc_lines=posthoc.describe(),
         posthoc_source="the run's model (fitted on its validation split)",
@@ -276,8 +343,9 @@ def _run_clinical(source: Path, bundle: dict[str, Any], class_names: list[str],
     return clinical
 
 
-def _run_cohort(source: Path, meta: dict[str, str], modalities: list[str],
-                notes: list[str]) -> pd.DataFrame | None:
+def _run_cohort(
+    source: Path, meta: dict[str, str], modalities: list[str], notes: list[str]
+) -> pd.DataFrame | None:
     """split_assignment.csv plus each patient's modalities, read from the run's manifest when it
     is on this machine (without decoding images)."""
     path = source / "split_assignment.csv"
@@ -289,27 +357,34 @@ def _run_cohort(source: Path, meta: dict[str, str], modalities: list[str],
     frame["modalities"] = ""
     manifest = Path(meta.get("manifest", ""))
     if not manifest.is_file():
-        notes.append(f"the run's manifest {manifest} is not on this machine: modality presence "
-                     "is shown for evaluated patients only")
+        notes.append(
+            f"the run's manifest {manifest} is not on this machine: modality presence "
+            "is shown for evaluated patients only"
+        )
         return frame
     from omnifuse_cli.config import ModalitySpec
     from omnifuse_cli.data.manifest import read_manifest
     from omnifuse_cli.errors import OmnifuseError
 
-    specs = tuple(ModalitySpec(*part.split("=", 1)) for part in
-                  meta.get("modalities", "").split(",") if part)
+    specs = tuple(
+        ModalitySpec(*part.split("=", 1)) for part in meta.get("modalities", "").split(",") if part
+    )
     try:
         cohort = read_manifest(
-            manifest, specs,
+            manifest,
+            specs,
             labs_table=Path(meta["labs_table"]) if meta.get("labs_table") else None,
-            labs_id_col=meta.get("labs_id_col", "id") or "id", check_files=False,
+            labs_id_col=meta.get("labs_id_col", "id") or "id",
+            check_files=False,
             allow_unlabeled=True,
         )
     except OmnifuseError as err:
         notes.append(f"could not read the run's manifest for modality presence: {err.message}")
         return frame
-    present = {pid: "+".join(n for n, p in zip(modalities, row, strict=True) if p)
-               for pid, row in zip(cohort.ids, cohort.present, strict=True)}
+    present = {
+        pid: "+".join(n for n, p in zip(modalities, row, strict=True) if p)
+        for pid, row in zip(cohort.ids, cohort.present, strict=True)
+    }
     frame["modalities"] = frame["id"].map(present).fillna("")
     return frame
 
@@ -337,9 +412,14 @@ def _load_cv(source: Path) -> ReportInputs:
     folds = _csv(source / "folds.csv")
     folds = folds[folds["repeat"].astype(int) == 1]
     fold = folds["fold"].astype(str)  # fold 0: unlabeled patients, in every training fold
-    cohort = pd.DataFrame({"id": folds["id"], "label": folds["label"].astype(int),
-                           "group": ("fold " + fold).where(fold != "0", "unlabeled"),
-                           "modalities": folds["modalities"]})
+    cohort = pd.DataFrame(
+        {
+            "id": folds["id"],
+            "label": folds["label"].astype(int),
+            "group": ("fold " + fold).where(fold != "0", "unlabeled"),
+            "modalities": folds["modalities"],
+        }
+    )
     curves = {}
     for path in sorted((source / "folds" / base).glob("rep*-fold*/metrics.csv")):
         curves[path.parent.name] = _csv(path)
@@ -354,17 +434,31 @@ def _load_cv(source: Path) -> ReportInputs:
     if clinical.legacy:
         notes.append(f"the cross-validation was {LEGACY}")
     return ReportInputs(
-        kind="cv", source=source, meta=meta, class_names=class_names,
-        modalities=_modality_names(meta), cohort=cohort, group_name="fold", metrics=metrics,
-        evaluated_on="out-of-fold predictions of every patient", predictions=predictions,
-        confusion=confusion, patterns=patterns, curves=curves, variant_metrics=all_metrics,
-        fold_metrics=fold_metrics, differences=differences, variants=variants, notes=notes,
+        kind="cv",
+        source=source,
+        meta=meta,
+        class_names=class_names,
+        modalities=_modality_names(meta),
+        cohort=cohort,
+        group_name="fold",
+        metrics=metrics,
+        evaluated_on="out-of-fold predictions of every patient",
+        predictions=predictions,
+        confusion=confusion,
+        patterns=patterns,
+        curves=curves,
+        variant_metrics=all_metrics,
+        fold_metrics=fold_metrics,
+        differences=differences,
+        variants=variants,
+        notes=notes,
         clinical=clinical,
     )
 
 
-def _cv_clinical(source: Path, meta: dict[str, str], predictions: pd.DataFrame,
-                 class_names: list[str]) -> Clinical:
+def _cv_clinical(
+    source: Path, meta: dict[str, str], predictions: pd.DataFrame, class_names: list[str]
+) -> Clinical:
     """The pooled clinical files of a cv folder, each fold's temperature and threshold, and the
     --refit model's post-hoc fit."""
     raw = [f"raw_prob_{c}" for c in class_names]
@@ -383,7 +477,8 @@ def _cv_clinical(source: Path, meta: dict[str, str], predictions: pd.DataFrame,
         if has_raw:
             row["temperature"] = recovered_temperature(
                 labelled[raw].to_numpy(dtype=float),
-                labelled[[f"prob_{c}" for c in class_names]].to_numpy(dtype=float))
+                labelled[[f"prob_{c}" for c in class_names]].to_numpy(dtype=float),
+            )
         if "threshold" in part:
             values = pd.to_numeric(part["threshold"], errors="coerce").dropna()
             row["threshold"] = float(values.iloc[0]) if len(values) else math.nan
@@ -396,8 +491,9 @@ def _cv_clinical(source: Path, meta: dict[str, str], predictions: pd.DataFrame,
     if final.is_file():
         posthoc = _posthoc(json.loads(final.read_text(encoding="utf-8")))
         clinical.posthoc_lines = posthoc.describe()
-        clinical.posthoc_source = ("the final model refitted on every patient (--refit; its "
-                                   "validation split)")
+        clinical.posthoc_source = (
+            "the final model refitted on every patient (--refit; its validation split)"
+        )
     return clinical
 
 

@@ -29,34 +29,47 @@ def _fmt(value: float) -> str:
 def _validation(inputs: ReportInputs) -> str:
     meta = inputs.meta
     if inputs.kind == "cv":
-        return (meta.get("validation", "k-fold cross-validation") + ". The test fold never "
-                "chooses anything: each fold's epoch is picked on its inner validation split; "
-                "out-of-fold predictions of every patient are pooled.")
-    return (f"one stratified split: {meta.get('n_train', '?')} training, "
-            f"{meta.get('n_val', '?')} validation (picks the epoch), {meta.get('n_test', '?')} "
-            f"test patients (ratios {meta.get('train_ratio', '?')}/{meta.get('val_ratio', '?')}"
-            f"/{meta.get('test_ratio', '?')}, seed {meta.get('seed', '?')})")
+        return (
+            meta.get("validation", "k-fold cross-validation") + ". The test fold never "
+            "chooses anything: each fold's epoch is picked on its inner validation split; "
+            "out-of-fold predictions of every patient are pooled."
+        )
+    return (
+        f"one stratified split: {meta.get('n_train', '?')} training, "
+        f"{meta.get('n_val', '?')} validation (picks the epoch), {meta.get('n_test', '?')} "
+        f"test patients (ratios {meta.get('train_ratio', '?')}/{meta.get('val_ratio', '?')}"
+        f"/{meta.get('test_ratio', '?')}, seed {meta.get('seed', '?')})"
+    )
 
 
 def _missing(inputs: ReportInputs) -> str:
     meta = inputs.meta
     if meta.get("use_imputation", "True") == "True":
-        cascades = ("forward and backward" if meta.get("use_backward", "True") == "True"
-                    else "forward")
-        handled = ("whole missing modalities are imputed in embedding space by OmniFuse's "
-                   f"cascaded residual autoencoders ({cascades} imputation), supervised by "
-                   "dropping present modalities during training (rate "
-                   f"{meta.get('modality_drop', '?')})")
+        cascades = (
+            "forward and backward" if meta.get("use_backward", "True") == "True" else "forward"
+        )
+        handled = (
+            "whole missing modalities are imputed in embedding space by OmniFuse's "
+            f"cascaded residual autoencoders ({cascades} imputation), supervised by "
+            "dropping present modalities during training (rate "
+            f"{meta.get('modality_drop', '?')})"
+        )
     else:
-        handled = ("whole missing modalities are not imputed (--no-imputation): their slot "
-                   "keeps a learned missing embedding")
-    text = (f"{handled}; a missing lab value is masked (the encoder sees the value and its "
-            "presence), never filled with a number; no patient is excluded for missing data.")
+        handled = (
+            "whole missing modalities are not imputed (--no-imputation): their slot "
+            "keeps a learned missing embedding"
+        )
+    text = (
+        f"{handled}; a missing lab value is masked (the encoder sees the value and its "
+        "presence), never filled with a number; no patient is excluded for missing data."
+    )
     if inputs.cohort is not None and (inputs.cohort["modalities"] != "").any():
         counts = inputs.cohort["modalities"].value_counts()
         full = "+".join(inputs.modalities)
-        text += (f" {int(counts.get(full, 0))} of {len(inputs.cohort)} patients have every "
-                 f"modality; {len(counts)} missing patterns (see Cohort).")
+        text += (
+            f" {int(counts.get(full, 0))} of {len(inputs.cohort)} patients have every "
+            f"modality; {len(counts)} missing patterns (see Cohort)."
+        )
     return text
 
 
@@ -65,31 +78,48 @@ def _subgroup_result(inputs: ReportInputs) -> str:
     if frame is None or not len(frame):
         return "Subgroups: none examined (see item 14)."
     columns = ", ".join(dict.fromkeys(frame["column"].astype(str)))
-    return (f"Subgroups: {len(frame)} subgroups of {columns} with 95% intervals (see Subgroups "
-            "and fairness; gaps in item 14).")
+    return (
+        f"Subgroups: {len(frame)} subgroups of {columns} with 95% intervals (see Subgroups "
+        "and fairness; gaps in item 14)."
+    )
 
 
 def _performance(inputs: ReportInputs) -> str:
     rows = inputs.metrics.set_index("metric")
     parts = []
-    for key, label in (("macro_f1", "macro-F1"), ("auroc", "AUROC"), ("acc", "accuracy"),
-                       ("brier", "Brier"), ("ece", "ECE")):
+    for key, label in (
+        ("macro_f1", "macro-F1"),
+        ("auroc", "AUROC"),
+        ("acc", "accuracy"),
+        ("brier", "Brier"),
+        ("ece", "ECE"),
+    ):
         if key not in rows.index:
             continue
         row = rows.loc[key]
-        interval = ("" if not np.isfinite(row.get("ci_low", np.nan))
-                    else f" (95% CI {_fmt(row['ci_low'])}-{_fmt(row['ci_high'])})")
+        interval = (
+            ""
+            if not np.isfinite(row.get("ci_low", np.nan))
+            else f" (95% CI {_fmt(row['ci_low'])}-{_fmt(row['ci_high'])})"
+        )
         parts.append(f"{label} {_fmt(row['value'])}{interval}")
     return "; ".join(parts) + f", on {inputs.evaluated_on}."
 
 
-GAP_METRICS = (("auroc", "AUROC"), ("macro_f1", "macro-F1"), ("ece", "ECE"),
-               ("sensitivity", "sensitivity"), ("specificity", "specificity"))
+GAP_METRICS = (
+    ("auroc", "AUROC"),
+    ("macro_f1", "macro-F1"),
+    ("ece", "ECE"),
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+)
 
 
 def _subgroup_hint(inputs: ReportInputs) -> str:
-    return (f"`{inputs.clinical.subgroup_command}` (e.g. --subgroup-col sex --subgroup-col "
-            "age:q4) reports every metric per subgroup with 95% intervals and the largest gap")
+    return (
+        f"`{inputs.clinical.subgroup_command}` (e.g. --subgroup-col sex --subgroup-col "
+        "age:q4) reports every metric per subgroup with 95% intervals and the largest gap"
+    )
 
 
 def _fairness(inputs: ReportInputs) -> str:
@@ -97,16 +127,24 @@ def _fairness(inputs: ReportInputs) -> str:
     clinical = inputs.clinical
     frame = clinical.subgroups
     if frame is None or not len(frame):
-        return (f"no subgroup analysis in this output: {_subgroup_hint(inputs)}; approaches "
-                "and rationale: for the author")
+        return (
+            f"no subgroup analysis in this output: {_subgroup_hint(inputs)}; approaches "
+            "and rationale: for the author"
+        )
     columns = list(dict.fromkeys(frame["column"].astype(str)))
     groups = "; ".join(
-        f"{c}: " + ", ".join(f"{r['group']} (n={int(r['n'])})"
-                             for _, r in frame[frame["column"].astype(str) == c].iterrows())
-        for c in columns)
-    text = (f"performance examined by subgroup of {', '.join(columns)} ({groups}): every "
-            "metric per subgroup with 95% bootstrap intervals (see Subgroups and fairness); no "
-            "fairness constraint in training")
+        f"{c}: "
+        + ", ".join(
+            f"{r['group']} (n={int(r['n'])})"
+            for _, r in frame[frame["column"].astype(str) == c].iterrows()
+        )
+        for c in columns
+    )
+    text = (
+        f"performance examined by subgroup of {', '.join(columns)} ({groups}): every "
+        "metric per subgroup with 95% bootstrap intervals (see Subgroups and fairness); no "
+        "fairness constraint in training"
+    )
     gaps = clinical.gaps
     if gaps is not None and len(gaps):
         found = []
@@ -115,14 +153,18 @@ def _fairness(inputs: ReportInputs) -> str:
             for key, label in GAP_METRICS:
                 if key in part.index and np.isfinite(float(part.loc[key, "gap"])):
                     row = part.loc[key]
-                    found.append(f"{column} {label} {_fmt(float(row['gap']))} (best "
-                                 f"{row['best_group']}, worst {row['worst_group']})")
+                    found.append(
+                        f"{column} {label} {_fmt(float(row['gap']))} (best "
+                        f"{row['best_group']}, worst {row['worst_group']})"
+                    )
         if found:
             text += "; largest gaps: " + ", ".join(found)
     small = frame[frame["small"].astype(bool)]
     if len(small):
-        text += (f"; {len(small)} of {len(frame)} subgroups have fewer than {SMALL_SUBGROUP} "
-                 "patients (imprecise)")
+        text += (
+            f"; {len(small)} of {len(frame)} subgroups have fewer than {SMALL_SUBGROUP} "
+            "patients (imprecise)"
+        )
     return text + ". Rationale and mitigation: for the author."
 
 
@@ -149,11 +191,17 @@ def _calibration_result(inputs: ReportInputs) -> str:
         else:
             per = [m for m in rows.index if str(m).startswith(key + "_")]
             if per:
-                parts.append(f"calibration {label} (one-vs-rest) " + ", ".join(
-                    f"class {m[len(key) + 1:]} {change(m)}" for m in per))
-    how = ("each fold's temperature" if inputs.kind == "cv" else
-           f"temperature {clinical.temperature:.3f}" if clinical.calibrated else
-           "not calibrated, temperature 1")
+                parts.append(
+                    f"calibration {label} (one-vs-rest) "
+                    + ", ".join(f"class {m[len(key) + 1 :]} {change(m)}" for m in per)
+                )
+    how = (
+        "each fold's temperature"
+        if inputs.kind == "cv"
+        else f"temperature {clinical.temperature:.3f}"
+        if clinical.calibrated
+        else "not calibrated, temperature 1"
+    )
     return f"Calibration before -> after ({how}): " + "; ".join(parts) + "."
 
 
@@ -164,16 +212,24 @@ def _operating_result(inputs: ReportInputs) -> str:
         return ""
     rows = frame.set_index("metric")
     parts = []
-    for key, label in (("sensitivity", "sensitivity"), ("specificity", "specificity"),
-                       ("ppv", "PPV"), ("npv", "NPV")):
+    for key, label in (
+        ("sensitivity", "sensitivity"),
+        ("specificity", "specificity"),
+        ("ppv", "PPV"),
+        ("npv", "NPV"),
+    ):
         if key in rows.index:
             row = rows.loc[key]
-            interval = ("" if not np.isfinite(float(row["ci_low"])) else
-                        f" ({_fmt(float(row['ci_low']))}-{_fmt(float(row['ci_high']))})")
+            interval = (
+                ""
+                if not np.isfinite(float(row["ci_low"]))
+                else f" ({_fmt(float(row['ci_low']))}-{_fmt(float(row['ci_high']))})"
+            )
             parts.append(f"{label} {_fmt(float(row['value']))}{interval}")
-    return (f"Operating point (class {clinical.positive_class} positive at probability >= "
-            f"{_fmt(clinical.threshold or math.nan)}, rule {clinical.rule}): "
-            + ", ".join(parts) + ".")
+    return (
+        f"Operating point (class {clinical.positive_class} positive at probability >= "
+        f"{_fmt(clinical.threshold or math.nan)}, rule {clinical.rule}): " + ", ".join(parts) + "."
+    )
 
 
 def _output(inputs: ReportInputs) -> str:
@@ -181,29 +237,38 @@ def _output(inputs: ReportInputs) -> str:
     clinical = inputs.clinical
     cv = inputs.kind == "cv"
     if clinical.legacy:
-        return (f"a probability per class; {LEGACY}: the predicted class is the most probable "
-                "one")
+        return f"a probability per class; {LEGACY}: the predicted class is the most probable one"
     if cv:
-        probs = ("a probability per class, calibrated by a temperature fitted on each fold's "
-                 "inner validation split" if clinical.calibrated else
-                 "a probability per class (not calibrated: temperature 1 in every fold)")
+        probs = (
+            "a probability per class, calibrated by a temperature fitted on each fold's "
+            "inner validation split"
+            if clinical.calibrated
+            else "a probability per class (not calibrated: temperature 1 in every fold)"
+        )
     elif clinical.calibrated:
-        probs = (f"a probability per class, calibrated by temperature scaling (temperature "
-                 f"{clinical.temperature:.3f}, fitted on the validation split)")
+        probs = (
+            f"a probability per class, calibrated by temperature scaling (temperature "
+            f"{clinical.temperature:.3f}, fitted on the validation split)"
+        )
     else:
         probs = "a probability per class (not calibrated: temperature 1)"
     if clinical.threshold is not None and clinical.positive_class is not None:
-        decision = (f"class {clinical.positive_class} is predicted when its probability is at "
-                    f"least {_fmt(clinical.threshold)} (rule {clinical.rule}, chosen on the "
-                    "validation split" + (" of each fold; the mean of the folds'" if cv else "")
-                    + "), otherwise the most probable other class")
+        decision = (
+            f"class {clinical.positive_class} is predicted when its probability is at "
+            f"least {_fmt(clinical.threshold)} (rule {clinical.rule}, chosen on the "
+            "validation split"
+            + (" of each fold; the mean of the folds'" if cv else "")
+            + "), otherwise the most probable other class"
+        )
     else:
         decision = "the predicted class is the most probable one (no threshold tuned)"
     sets = ""
     if clinical.coverage is not None and len(clinical.coverage):
         alpha = float(clinical.coverage["alpha"].iloc[0])
-        sets = (f"; conformal prediction sets with {1 - alpha:.0%} target coverage (omnifuse "
-                "predict --conformal)")
+        sets = (
+            f"; conformal prediction sets with {1 - alpha:.0%} target coverage (omnifuse "
+            "predict --conformal)"
+        )
     return f"{probs}; {decision}{sets}"
 
 
@@ -214,27 +279,39 @@ def _methods_posthoc(inputs: ReportInputs) -> str:
     if clinical.legacy:
         return f" Post-hoc: none ({LEGACY})."
     if cv:
-        calibration = ("a temperature per fold (temperature scaling, log loss)"
-                       if clinical.calibrated else "no calibration (temperature 1 in every fold)")
+        calibration = (
+            "a temperature per fold (temperature scaling, log loss)"
+            if clinical.calibrated
+            else "no calibration (temperature 1 in every fold)"
+        )
     else:
-        calibration = (f"temperature scaling by log loss (temperature {clinical.temperature:.3f})"
-                       if clinical.calibrated else "no calibration (temperature 1)")
-    threshold = (f"the operating threshold of class {clinical.positive_class} (rule "
-                 f"{clinical.rule})" if clinical.threshold is not None
-                 else "no operating threshold (the most probable class is predicted)")
+        calibration = (
+            f"temperature scaling by log loss (temperature {clinical.temperature:.3f})"
+            if clinical.calibrated
+            else "no calibration (temperature 1)"
+        )
+    threshold = (
+        f"the operating threshold of class {clinical.positive_class} (rule {clinical.rule})"
+        if clinical.threshold is not None
+        else "no operating threshold (the most probable class is predicted)"
+    )
     measures = []
     if clinical.calibration is not None:
-        measures.append("calibration before and after (ECE, Brier, log loss, calibration "
-                        "intercept and slope)")
+        measures.append(
+            "calibration before and after (ECE, Brier, log loss, calibration intercept and slope)"
+        )
     if clinical.operating is not None:
         measures.append("sensitivity, specificity, PPV, NPV and F1 at the operating point")
     if clinical.decision is not None:
         measures.append("net benefit (decision curves)")
     if clinical.coverage is not None:
         measures.append("conformal coverage by class and missing pattern")
-    return (" Post-hoc, on the validation split" + (" of each fold" if cv else "")
-            + f": {calibration}; {threshold}; split conformal scores (LAC)."
-            + (" Also measured: " + "; ".join(measures) + "." if measures else ""))
+    return (
+        " Post-hoc, on the validation split"
+        + (" of each fold" if cv else "")
+        + f": {calibration}; {threshold}; split conformal scores (LAC)."
+        + (" Also measured: " + "; ".join(measures) + "." if measures else "")
+    )
 
 
 def checklist(inputs: ReportInputs) -> list[Item]:
@@ -243,87 +320,170 @@ def checklist(inputs: ReportInputs) -> list[Item]:
     counts = ""
     if inputs.cohort is not None:
         per = inputs.cohort["label"].value_counts().sort_index()
-        counts = ", ".join(f"class {inputs.class_names[int(c)]}: {int(k)}"
-                           for c, k in per.items())
+        counts = ", ".join(f"class {inputs.class_names[int(c)]}: {int(k)}" for c, k in per.items())
     kinds = meta.get("modalities", "").replace(",", ", ")
-    image = (f"images resized and centre-cropped to {meta.get('image_image_size', '?')} px, at "
-             f"most {meta.get('image_max_images', '?')} per patient, encoded by "
-             f"{meta.get('image_backbone', '?')} ({meta.get('image_weights', '?')})")
-    method = (f"OmniFuse (embedding {meta.get('embed_dim', '?')}, DWFuse "
-              f"{'on' if meta.get('use_dwfuse', 'True') == 'True' else 'off'}, TLA "
-              f"{'on' if meta.get('use_tla', 'True') == 'True' else 'off'}, inference rule "
-              f"{meta.get('inference_rule', '?')}); AdamW lr {meta.get('lr', '?')}, "
-              f"{meta.get('epochs', '?')} epochs, batch {meta.get('batch_size', '?')}, seed "
-              f"{meta.get('seed', '?')}")
+    image = (
+        f"images resized and centre-cropped to {meta.get('image_image_size', '?')} px, at "
+        f"most {meta.get('image_max_images', '?')} per patient, encoded by "
+        f"{meta.get('image_backbone', '?')} ({meta.get('image_weights', '?')})"
+    )
+    method = (
+        f"OmniFuse (embedding {meta.get('embed_dim', '?')}, DWFuse "
+        f"{'on' if meta.get('use_dwfuse', 'True') == 'True' else 'off'}, TLA "
+        f"{'on' if meta.get('use_tla', 'True') == 'True' else 'off'}, inference rule "
+        f"{meta.get('inference_rule', '?')}); AdamW lr {meta.get('lr', '?')}, "
+        f"{meta.get('epochs', '?')} epochs, batch {meta.get('batch_size', '?')}, seed "
+        f"{meta.get('seed', '?')}"
+    )
     groups = ""
     if inputs.cohort is not None:
         sizes = inputs.cohort["group"].astype(str).value_counts()
         groups = ", ".join(f"{g}: {int(k)}" for g, k in sorted(sizes.items()))
-    versions = ", ".join(f"{k.removeprefix('version_')} {v}" for k, v in meta.items()
-                         if k.startswith("version_"))
+    versions = ", ".join(
+        f"{k.removeprefix('version_')} {v}" for k, v in meta.items() if k.startswith("version_")
+    )
     return [
-        Item("1", "Title", "development and/or evaluation of a prediction model, population, "
-             "outcome, modelling approach", AUTHOR),
+        Item(
+            "1",
+            "Title",
+            "development and/or evaluation of a prediction model, population, "
+            "outcome, modelling approach",
+            AUTHOR,
+        ),
         Item("2", "Abstract", "structured summary (TRIPOD+AI for Abstracts)", AUTHOR),
-        Item("3", "Background", "healthcare context, target population, health inequalities",
-             AUTHOR),
-        Item("4", "Objectives", "development, evaluation or both",
-             "development and internal validation of a multimodal classification model"
-             + (" by cross-validation" if inputs.kind == "cv" else " on a held-out test split")),
-        Item("5", "Data", "data sources and dates",
-             f"manifest {meta.get('manifest', '?')}" + (
-                 f", labs table {meta['labs_table']}" if meta.get("labs_table") else "")
-             + "; dates: for the author"),
+        Item(
+            "3", "Background", "healthcare context, target population, health inequalities", AUTHOR
+        ),
+        Item(
+            "4",
+            "Objectives",
+            "development, evaluation or both",
+            "development and internal validation of a multimodal classification model"
+            + (" by cross-validation" if inputs.kind == "cv" else " on a held-out test split"),
+        ),
+        Item(
+            "5",
+            "Data",
+            "data sources and dates",
+            f"manifest {meta.get('manifest', '?')}"
+            + (f", labs table {meta['labs_table']}" if meta.get("labs_table") else "")
+            + "; dates: for the author",
+        ),
         Item("6", "Participants", "setting, eligibility, treatments", AUTHOR),
-        Item("7", "Data preparation", "pre-processing and quality checks",
-             f"lab values standardised with the training patients' means and SDs; notes "
-             f"encoded by the {meta.get('text_encoder', '?')} text encoder (vocabulary fitted "
-             f"on training patients); {image}; unreadable images: "
-             f"{meta.get('on_bad_file', 'error')}"),
-        Item("8", "Outcome", "definition, how and when assessed",
-             f"{inputs.num_classes} classes ({counts}); definition: for the author"),
-        Item("9", "Predictors", "which, how and when measured",
-             f"modalities {kinds}; their clinical definition: for the author"),
-        Item("10", "Sample size", "how the study size was arrived at",
-             f"{n} patients ({counts}); justification: for the author"),
+        Item(
+            "7",
+            "Data preparation",
+            "pre-processing and quality checks",
+            f"lab values standardised with the training patients' means and SDs; notes "
+            f"encoded by the {meta.get('text_encoder', '?')} text encoder (vocabulary fitted "
+            f"on training patients); {image}; unreadable images: "
+            f"{meta.get('on_bad_file', 'error')}",
+        ),
+        Item(
+            "8",
+            "Outcome",
+            "definition, how and when assessed",
+            f"{inputs.num_classes} classes ({counts}); definition: for the author",
+        ),
+        Item(
+            "9",
+            "Predictors",
+            "which, how and when measured",
+            f"modalities {kinds}; their clinical definition: for the author",
+        ),
+        Item(
+            "10",
+            "Sample size",
+            "how the study size was arrived at",
+            f"{n} patients ({counts}); justification: for the author",
+        ),
         Item("11", "Missing data", "how missing data were handled", _missing(inputs)),
-        Item("12", "Analytical methods", "data use, model, tuning, internal validation, "
-             "performance measures",
-             f"{method}. Validation: {_validation(inputs).rstrip('.')}. Measures: accuracy, "
-             "macro-F1, balanced accuracy, AUROC and AUPRC (one-vs-rest macro), log loss, ECE, "
-             "Brier score, with percentile bootstrap 95% intervals over patients"
-             + (f" ({meta['bootstrap']} resamples)" if meta.get("bootstrap") else "") + "."
-             + _methods_posthoc(inputs)),
-        Item("13", "Class imbalance", "methods for class imbalance",
-             "no resampling or class weights; splits stratified by class; macro-F1 and balanced "
-             "accuracy reported"),
+        Item(
+            "12",
+            "Analytical methods",
+            "data use, model, tuning, internal validation, performance measures",
+            f"{method}. Validation: {_validation(inputs).rstrip('.')}. Measures: accuracy, "
+            "macro-F1, balanced accuracy, AUROC and AUPRC (one-vs-rest macro), log loss, ECE, "
+            "Brier score, with percentile bootstrap 95% intervals over patients"
+            + (f" ({meta['bootstrap']} resamples)" if meta.get("bootstrap") else "")
+            + "."
+            + _methods_posthoc(inputs),
+        ),
+        Item(
+            "13",
+            "Class imbalance",
+            "methods for class imbalance",
+            "no resampling or class weights; splits stratified by class; macro-F1 and balanced "
+            "accuracy reported",
+        ),
         Item("14", "Fairness", "approaches to address fairness", _fairness(inputs)),
-        Item("15", "Model output", "form of the output, thresholds and how they were chosen",
-             _output(inputs)),
-        Item("16", "Training versus evaluation", "differences between development and "
-             "evaluation data", "internal validation only: same source and population"
-             if inputs.kind == "cv" else "test split of the same source and population"),
+        Item(
+            "15",
+            "Model output",
+            "form of the output, thresholds and how they were chosen",
+            _output(inputs),
+        ),
+        Item(
+            "16",
+            "Training versus evaluation",
+            "differences between development and evaluation data",
+            "internal validation only: same source and population"
+            if inputs.kind == "cv"
+            else "test split of the same source and population",
+        ),
         Item("17", "Ethical approval", "", AUTHOR),
-        Item("18", "Open science", "funding, conflicts, protocol, registration, data and code",
-             f"code: omnifuse ({versions}); every setting in "
-             + ("cv.json and meta.csv" if inputs.kind == "cv" else "request.json and meta.csv")
-             + "; the rest: for the author"),
+        Item(
+            "18",
+            "Open science",
+            "funding, conflicts, protocol, registration, data and code",
+            f"code: omnifuse ({versions}); every setting in "
+            + ("cv.json and meta.csv" if inputs.kind == "cv" else "request.json and meta.csv")
+            + "; the rest: for the author",
+        ),
         Item("19", "Patient and public involvement", "", AUTHOR),
-        Item("20", "Participants (results)", "flow of participants, characteristics",
-             f"{n} patients in the manifest, all used (patients are never dropped; unreadable "
-             f"rows stop the run); per {inputs.group_name}: {groups}"),
-        Item("21", "Model development", "participants and outcome events in each analysis",
-             "see the cohort section and per-fold table" if inputs.kind == "cv"
-             else "see the cohort section"),
-        Item("22", "Model specification", "details to use the model",
-             "the model folder holds every weight and setting: omnifuse predict PATIENTS.csv "
-             "--run " + (f"{inputs.source}/final (with --refit)" if inputs.kind == "cv"
-                         else str(inputs.source))),
-        Item("23", "Model performance", "performance with confidence intervals, subgroups",
-             " ".join(part for part in (
-                 _performance(inputs), _calibration_result(inputs), _operating_result(inputs),
-                 _subgroup_result(inputs), "Metrics per missing pattern: see Modalities.")
-                 if part)),
+        Item(
+            "20",
+            "Participants (results)",
+            "flow of participants, characteristics",
+            f"{n} patients in the manifest, all used (patients are never dropped; unreadable "
+            f"rows stop the run); per {inputs.group_name}: {groups}",
+        ),
+        Item(
+            "21",
+            "Model development",
+            "participants and outcome events in each analysis",
+            "see the cohort section and per-fold table"
+            if inputs.kind == "cv"
+            else "see the cohort section",
+        ),
+        Item(
+            "22",
+            "Model specification",
+            "details to use the model",
+            "the model folder holds every weight and setting: omnifuse predict PATIENTS.csv "
+            "--run "
+            + (
+                f"{inputs.source}/final (with --refit)"
+                if inputs.kind == "cv"
+                else str(inputs.source)
+            ),
+        ),
+        Item(
+            "23",
+            "Model performance",
+            "performance with confidence intervals, subgroups",
+            " ".join(
+                part
+                for part in (
+                    _performance(inputs),
+                    _calibration_result(inputs),
+                    _operating_result(inputs),
+                    _subgroup_result(inputs),
+                    "Metrics per missing pattern: see Modalities.",
+                )
+                if part
+            ),
+        ),
         Item("24", "Model updating", "", AUTHOR),
         Item("25", "Interpretation", "", AUTHOR),
         Item("26", "Limitations", "", AUTHOR),
