@@ -22,8 +22,9 @@ import pytest
 import torch.multiprocessing as mp
 
 from omnifuse_cli.config import DataConfig, MethodConfig, ModalitySpec, TrainConfig
+from omnifuse_cli.engine.events import ProgressEvent
 from omnifuse_cli.engine.synthesis import CohortSpec, make_cohort
-from omnifuse_cli.engine.training import TrainEvent, TrainRequest, run_training
+from omnifuse_cli.engine.training import TrainRequest, run_training
 from omnifuse_cli.errors import TrainingInterrupted
 
 EPOCHS, BATCH = 3, 21
@@ -108,7 +109,7 @@ def _rank(
     )
     done = [0]
 
-    def on_event(event: TrainEvent) -> None:
+    def on_event(event: ProgressEvent) -> None:
         if event.kind == "epoch":
             done[0] = event.done
         elif event.kind == "batch" and stop == (done[0] + 1, event.done):

@@ -205,7 +205,8 @@ def _run(request: Any, resume: bool) -> None:
         fold_table,
         patterns_table,
     )
-    from omnifuse_cli.engine.crossval import CVEvent, run_cv
+    from omnifuse_cli.engine.crossval import run_cv
+    from omnifuse_cli.engine.events import ProgressEvent
 
     table = fold_table(
         f"cross-validation of {request.manifest}: {request.folds} folds"
@@ -215,7 +216,7 @@ def _run(request: Any, resume: bool) -> None:
     overall = progress.add_task("folds", total=None)
     inner = progress.add_task("preparing", total=None)
 
-    def on_event(event: CVEvent) -> None:
+    def on_event(event: ProgressEvent) -> None:
         if event.kind == "message":
             console.print(f"[dim]·[/] {stamp(console)}{escape(event.text)}")
             return

@@ -28,7 +28,7 @@ def synth(
     from omnifuse_cli.cli.render import add_epoch_row, epoch_table, metrics_table
     from omnifuse_cli.config import MethodConfig
     from omnifuse_cli.engine.demo import SynthConfig, run_synth
-    from omnifuse_cli.engine.training import TrainEvent
+    from omnifuse_cli.engine.events import ProgressEvent
 
     cfg = SynthConfig(
         n=n,
@@ -47,7 +47,7 @@ def synth(
     )
     table = epoch_table("loss terms per epoch (Eq. 18: fwd + λ1·bwd + λ2·dwfuse + λ3·tla)")
 
-    def on_event(event: TrainEvent) -> None:
+    def on_event(event: ProgressEvent) -> None:
         if event.kind == "epoch" and event.record is not None:
             add_epoch_row(table, event.record)
 

@@ -349,7 +349,8 @@ def train(
         split_summary_table,
     )
     from omnifuse_cli.cli.train_options import build_configs
-    from omnifuse_cli.engine.training import TrainEvent, TrainRequest, load_request, run_training
+    from omnifuse_cli.engine.events import ProgressEvent
+    from omnifuse_cli.engine.training import TrainRequest, load_request, run_training
 
     if resume is not None:
         request = load_request(resume)
@@ -383,7 +384,7 @@ def train(
     live, progress = live_progress(table, console)
     task = progress.add_task("preparing", total=None)
 
-    def on_event(event: TrainEvent) -> None:
+    def on_event(event: ProgressEvent) -> None:
         if event.kind == "message":
             console.print(f"[dim]·[/] {stamp(console)}{escape(event.text)}")
             return

@@ -32,7 +32,6 @@ import time
 import types
 import typing
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +60,7 @@ from omnifuse_cli.engine import distributed
 from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions
 from omnifuse_cli.engine.clinical import parse_subgroup
 from omnifuse_cli.engine.evaluation import pattern_table
+from omnifuse_cli.engine.events import EventFn, ProgressEvent
 from omnifuse_cli.engine.files import prepare_out_dir, write_csv, write_text_atomic
 from omnifuse_cli.engine.inference import (
     cache_frozen_features,
@@ -86,8 +86,6 @@ from omnifuse_cli.engine.posthoc import PostHoc, positive_index
 from omnifuse_cli.engine.prediction import prediction_frame
 from omnifuse_cli.engine.training import (
     CONFIG_YAML,
-    EpochRecord,
-    TrainEvent,
     TrainRequest,
     build_for_cohort,
     fit_finish,
@@ -199,19 +197,6 @@ class FoldResult:
     @property
     def label(self) -> str:
         return f"{self.variant} rep {self.repeat} fold {self.fold}"
-
-
-@dataclass
-class CVEvent:
-    kind: str  # message | encode | fold | batch | epoch | fold-done | refit
-    done: int = 0
-    total: int = 0
-    text: str = ""
-    fold: FoldResult | None = None
-    record: EpochRecord | None = None
-
-
-CVEventFn = Callable[[CVEvent], None]
 
 
 @dataclass
@@ -481,7 +466,7 @@ def _encoding_key(variant: Variant) -> str:
 
 
 def _encode(
-    cohort: Cohort, request: CVRequest, variant: Variant, device: torch.device, emit: CVEventFn
+    cohort: Cohort, request: CVRequest, variant: Variant, device: torch.device, emit: EventFn
 ) -> _Encoded:
     cfg = variant.train
     torch.manual_seed(request.base.train.seed)
@@ -492,7 +477,7 @@ def _encode(
     if not names:
         return _Encoded({}, {}, {}, {}, weights, 0.0)
     emit(
-        CVEvent(
+        ProgressEvent(
             "message", text="encoding images/notes once for every fold with the frozen backbones"
         )
     )
@@ -506,10 +491,10 @@ def _encode(
         device=device,
         batch_size=cfg.encode_batch_size,
         amp=cfg.amp,
-        progress=lambda d, t: emit(CVEvent("encode", d, t)),
+        progress=lambda d, t: emit(ProgressEvent("encode", d, t)),
         num_workers=cfg.num_workers,
         cache=feature_cache(cfg.cache_dir, cfg.cache),
-        notify=lambda text: emit(CVEvent("message", text=text)),
+        notify=lambda text: emit(ProgressEvent("message", text=text)),
     )
     states = {
         n: {
@@ -537,7 +522,7 @@ def _fit(
     train_idx: np.ndarray,
     val_idx: np.ndarray,
     device: torch.device,
-    emit: CVEventFn,
+    emit: EventFn,
     out: Path,
     unlabeled: np.ndarray | None = None,
 ) -> tuple[OmniFuse, Preprocessor, PreparedCohort, int, PostHoc]:
@@ -561,14 +546,11 @@ def _fit(
     data.text_cache.update(enc.text_cache)
     model.to(device)
 
-    def forward(event: TrainEvent) -> None:
-        emit(CVEvent(event.kind, event.done, event.total, event.text, record=event.record))
-
     def on_epoch(rows: list[dict[str, Any]]) -> None:
         write_csv(out / "metrics.csv", pd.DataFrame(rows))
 
     records, best_epoch, best_state = fit_model(
-        model, data, splits, cfg, request.num_classes, forward, on_epoch=on_epoch
+        model, data, splits, cfg, request.num_classes, emit, on_epoch=on_epoch
     )
     model.load_state_dict(best_state)
     linear = fit_linear(model, data, splits, cfg, device)
@@ -612,7 +594,7 @@ def _plan(
 
 
 def run_cv(
-    request: CVRequest, on_event: CVEventFn | None = None, *, resume: bool = False
+    request: CVRequest, on_event: EventFn | None = None, *, resume: bool = False
 ) -> CVResult:
     """Cross-validate (resume=True: continue after the last complete fold).
 
@@ -622,7 +604,7 @@ def run_cv(
         return _run_cv(request, on_event or (lambda event: None), device, resume)
 
 
-def _run_cv(request: CVRequest, emit: CVEventFn, device: torch.device, resume: bool) -> CVResult:
+def _run_cv(request: CVRequest, emit: EventFn, device: torch.device, resume: bool) -> CVResult:
     t_start = time.perf_counter()
     base = request.base
     if device.type == "cpu" or base.train.threads:
@@ -658,7 +640,7 @@ def _run_cv(request: CVRequest, emit: CVEventFn, device: torch.device, resume: b
         if main:
             _prepare_cv_dir(request, resume, folds_frame)
     for note in cohort.notes:
-        emit(CVEvent("message", text=note))
+        emit(ProgressEvent("message", text=note))
 
     class_names = [str(c) for c in range(request.num_classes)]
     total = len(plans) + int(request.refit)
@@ -674,9 +656,9 @@ def _run_cv(request: CVRequest, emit: CVEventFn, device: torch.device, resume: b
             )
             if saved is not None:
                 results.append(saved)
-                emit(CVEvent("fold-done", i + 1, total, fold=saved))
+                emit(ProgressEvent("fold-done", i + 1, total, fold=saved))
                 continue
-            emit(CVEvent("fold", i, total, text=current))
+            emit(ProgressEvent("fold", i, total, text=current))
             enc = _encoded_for(encoded, cohort, request, plan.variant, device, emit)
             cfg = dataclasses.replace(
                 plan.variant.train, seed=fold_seed(plan.variant.train, plan.repeat, plan.fold)
@@ -751,7 +733,7 @@ def _run_cv(request: CVRequest, emit: CVEventFn, device: torch.device, resume: b
                 )
                 write_text_atomic(out / FOLD_DONE, json.dumps(dataclasses.asdict(result), indent=1))
             results.append(result)
-            emit(CVEvent("fold-done", i + 1, total, fold=result))
+            emit(ProgressEvent("fold-done", i + 1, total, fold=result))
         current = "the summary"
         summary = distributed.broadcast_object(
             summarise(request, labelled_only(cohort)) if main else None
@@ -840,7 +822,7 @@ def _encoded_for(
     request: CVRequest,
     variant: Variant,
     device: torch.device,
-    emit: CVEventFn,
+    emit: EventFn,
 ) -> _Encoded:
     key = _encoding_key(variant)
     if key not in cache:
@@ -905,18 +887,18 @@ def _refit(
     groups: np.ndarray | None,
     encoded: dict[str, _Encoded],
     device: torch.device,
-    emit: CVEventFn,
+    emit: EventFn,
     total: int,
 ) -> Path:
     """The base model trained on every patient (an inner validation split picks the epoch),
     saved as a run folder for `omnifuse predict`."""
     out = Path(request.out_dir) / FINAL_DIR
     if distributed.broadcast_object((out / REFIT_DONE).is_file()):
-        emit(CVEvent("refit", total, total, text="final model (already trained)"))
+        emit(ProgressEvent("refit", total, total, text="final model (already trained)"))
         return out
     assert cohort.labels is not None
     base = request.base
-    emit(CVEvent("refit", total - 1, total, text="final model on all patients"))
+    emit(ProgressEvent("refit", total - 1, total, text="final model on all patients"))
     unlabeled = np.flatnonzero(cohort.labels < 0)
     train_idx, val_idx = inner_split(
         cohort.labels,
@@ -956,7 +938,7 @@ def _refit(
         out / REFIT_DONE,
         json.dumps({"best_epoch": best_epoch, "n_train": len(train_idx), "n_val": len(val_idx)}),
     )
-    emit(CVEvent("refit", total, total, text="final model saved"))
+    emit(ProgressEvent("refit", total, total, text="final model saved"))
     return out
 
 

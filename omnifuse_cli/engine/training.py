@@ -45,6 +45,7 @@ from omnifuse_cli.data.splits import stratified_split, training_patients
 from omnifuse_cli.engine import distributed
 from omnifuse_cli.engine.audit import split_summary
 from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions
+from omnifuse_cli.engine.events import EventFn, ProgressEvent
 from omnifuse_cli.engine.files import prepare_out_dir, write_csv, write_text_atomic
 from omnifuse_cli.engine.inference import (
     Inference,
@@ -129,18 +130,6 @@ class EpochRecord:
         out["seconds"] = self.seconds
         out["best"] = int(self.is_best)
         return out
-
-
-@dataclass
-class TrainEvent:
-    kind: str  # message | encode | batch | epoch
-    done: int = 0
-    total: int = 0
-    text: str = ""
-    record: EpochRecord | None = None
-
-
-EventFn = Callable[[TrainEvent], None]
 
 
 @dataclass
@@ -258,9 +247,9 @@ def _run_training(
             _write_split_files(request.out_dir, cohort, splits)
             write_csv(request.out_dir / "splits_summary.csv", summary)
     for note in cohort.notes:
-        emit(TrainEvent("message", text=note))
+        emit(ProgressEvent("message", text=note))
     if len(splits.get("unlabeled", ())):
-        emit(TrainEvent("message", text=unlabeled_note(splits)))
+        emit(ProgressEvent("message", text=unlabeled_note(splits)))
     _say_if_slow(emit, t_read, f"read {len(cohort):,} patients")
 
     t_prepare = time.perf_counter()
@@ -273,7 +262,7 @@ def _run_training(
         "built the model and prepared the inputs (vocabulary, tokens, standardised labs)",
     )
     if not weights_desc.startswith(("file", "ImageNet", "none")):
-        emit(TrainEvent("message", text=f"image backbone: {weights_desc}"))
+        emit(ProgressEvent("message", text=f"image backbone: {weights_desc}"))
     model.to(device)
     frozen = _backbone_names(model)
     for name in frozen:
@@ -282,7 +271,7 @@ def _run_training(
 
     t0 = time.perf_counter()
     if frozen:
-        emit(TrainEvent("message", text="encoding images/notes once with the frozen backbones"))
+        emit(ProgressEvent("message", text="encoding images/notes once with the frozen backbones"))
         with distributed.together("encoding images/notes"):
             cache_frozen_features(
                 model,
@@ -291,10 +280,10 @@ def _run_training(
                 device=device,
                 batch_size=cfg.encode_batch_size,
                 amp=cfg.amp,
-                progress=lambda d, t: emit(TrainEvent("encode", d, t)),
+                progress=lambda d, t: emit(ProgressEvent("encode", d, t)),
                 num_workers=cfg.num_workers,
                 cache=feature_cache(cfg.cache_dir, cfg.cache),
-                notify=lambda text: emit(TrainEvent("message", text=text)),
+                notify=lambda text: emit(ProgressEvent("message", text=text)),
             )
     encode_seconds = time.perf_counter() - t0
 
@@ -336,11 +325,11 @@ def _run_training(
     meta.update(reliability_meta(model, data, splits, cfg))
     linear = fit_linear(model, data, splits, cfg, device)
     if linear is not None:
-        emit(TrainEvent("message", text=linear_summary(linear)))
+        emit(ProgressEvent("message", text=linear_summary(linear)))
         meta.update(linear_meta(linear))
     posthoc = fit_finish(model, data, splits, cfg, device, class_names, linear)
     for line in posthoc.describe():
-        emit(TrainEvent("message", text=line))
+        emit(ProgressEvent("message", text=line))
     meta.update(posthoc_meta(posthoc))
     if distributed.is_main():
         save_bundle(
@@ -496,7 +485,7 @@ def _say_if_slow(emit: EventFn, started: float, what: str) -> None:
     was done and how long it took, so a log file shows where the time went."""
     seconds = time.perf_counter() - started
     if seconds >= SLOW_STEP_SECONDS:
-        emit(TrainEvent("message", text=f"{what} in {seconds:.0f} s"))
+        emit(ProgressEvent("message", text=f"{what} in {seconds:.0f} s"))
 
 
 def data_digests(request: TrainRequest) -> dict[str, str]:
@@ -562,7 +551,7 @@ def fit_model(
     plan = reliability_plan(model, data, splits, cfg.seed)
     if plan is not None and plan.messages:
         for text in plan.messages:
-            emit(TrainEvent("message", text=text))
+            emit(ProgressEvent("message", text=text))
     mining_idx = np.sort(rng.choice(train_idx, min(cfg.tla_sample, len(train_idx)), replace=False))
     generator = torch.Generator().manual_seed(cfg.seed)
     records: list[EpochRecord] = []
@@ -612,7 +601,7 @@ def fit_model(
     try:
         for epoch in range(first, cfg.epochs + 1):
             if finetune and epoch > cfg.warmup_epochs and not unfrozen:
-                emit(TrainEvent("message", text="warm-up done: fine-tuning backbones"))
+                emit(ProgressEvent("message", text="warm-up done: fine-tuning backbones"))
                 _unfreeze(model, data, cfg)
                 unfrozen = True
                 ddp = _wrap_ddp(model, device)  # DDP registers the trainable parameters anew
@@ -703,12 +692,12 @@ def fit_model(
                     },
                 )
             saved = epoch
-            emit(TrainEvent("epoch", epoch, cfg.epochs, record=record))
+            emit(ProgressEvent("epoch", epoch, cfg.epochs, record=record))
             # With fine-tuning, patience counts from the end of warm-up at the earliest: the
             # fine-tuned epochs must get their chance to beat the frozen ones.
             since = max(best_epoch, cfg.warmup_epochs if finetune else 0)
             if cfg.patience and epoch - since >= cfg.patience and epoch < cfg.epochs:
-                emit(TrainEvent("message", text=stop_reason(cfg, epoch, best_epoch)))
+                emit(ProgressEvent("message", text=stop_reason(cfg, epoch, best_epoch)))
                 break
     except KeyboardInterrupt:
         stop = TrainingInterrupted(
@@ -1158,7 +1147,7 @@ def train_epoch(
         seen += n
         for key in sums:
             sums[key] += float(terms[key].detach()) * n
-        emit(TrainEvent("batch", k + 1, len(loader_)))
+        emit(ProgressEvent("batch", k + 1, len(loader_)))
     return {k: v / max(seen, 1) for k, v in sums.items()}
 
 
@@ -1305,7 +1294,7 @@ def _train_epoch_ddp(
             value = float(terms[key].detach()) * share[key] * len(rows)
             sums[key] += value
             sums["total"] += lambdas[key] * value
-        emit(TrainEvent("batch", k + 1, len(slices)))
+        emit(ProgressEvent("batch", k + 1, len(slices)))
     totals = distributed.all_reduce_sum(np.array(list(sums.values()), dtype=np.float64))
     return {key: float(totals[i]) / max(seen, 1) for i, key in enumerate(sums)}
 

@@ -1,0 +1,41 @@
+"""The one progress event the engine emits (training, cross-validation, synthesis), and the
+callback type that receives it. The CLI renders events live; the Python API passes them to the
+user's optional callback; nothing in the engine prints."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, get_args
+
+if TYPE_CHECKING:  # only for annotations: the records live with the code that makes them
+    from omnifuse_cli.engine.crossval import FoldResult
+    from omnifuse_cli.engine.training import EpochRecord
+
+# message: a line for the user (text); encode: frozen-backbone features done/total; batch:
+# training batches done/total in this epoch; epoch: an epoch finished (record); fold: a cv fold
+# starts (text names it); fold-done: a cv fold finished (fold); refit: cv's final model (text);
+# write: files written done/total (make-data).
+EventKind = Literal["message", "encode", "batch", "epoch", "fold", "fold-done", "refit", "write"]
+EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    kind: EventKind
+    done: int = 0
+    total: int = 0
+    text: str = ""
+    record: EpochRecord | None = None
+    fold: FoldResult | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in EVENT_KINDS:
+            raise ValueError(f"unknown progress event kind {self.kind!r}")
+
+
+EventFn = Callable[[ProgressEvent], None]
+
+
+def ignore(_: ProgressEvent) -> None:
+    """The callback when nobody listens."""
