@@ -36,13 +36,14 @@ import torch
 from omnifuse_cli.config import DataConfig, ImageConfig, TrainConfig
 from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.data.splits import stratified_split
-from omnifuse_cli.engine.crossval import CVRequest, Variant, run_cv
+from omnifuse_cli.engine.cv import CVRequest, Variant, run_cv
 from omnifuse_cli.engine.evaluation import EvalRequest, evaluate_run
+from omnifuse_cli.engine.fitting import fit_model
 from omnifuse_cli.engine.inference import cache_frozen_features, infer
-from omnifuse_cli.engine.synthesis import CohortSpec, make_cohort
-from omnifuse_cli.engine.training import TrainRequest, build_for_cohort, fit_model, run_training
+from omnifuse_cli.engine.training import TrainRequest, build_for_cohort, run_training
 from omnifuse_cli.model.encoders import ImageEncoder
 from omnifuse_cli.report import build_report
+from omnifuse_cli.synthetic import CohortSpec, make_cohort
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")

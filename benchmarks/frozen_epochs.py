@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader
 from omnifuse_cli.config import DEFAULT_MODALITIES, DataConfig, ImageConfig, TrainConfig
 from omnifuse_cli.data.images import ImageFiles
 from omnifuse_cli.data.manifest import read_manifest
-from omnifuse_cli.engine.synthesis import CohortSpec, make_cohort
 from omnifuse_cli.engine.training import TrainRequest, run_training
+from omnifuse_cli.synthetic import CohortSpec, make_cohort
 
 
 def main() -> None:

@@ -83,18 +83,13 @@ from omnifuse_cli.data.prepared import move_to  # noqa: E402
 from omnifuse_cli.data.splits import training_patients  # noqa: E402
 from omnifuse_cli.data.text import tokenize  # noqa: E402
 from omnifuse_cli.engine.evaluation import simulate_missing  # noqa: E402
+from omnifuse_cli.engine.finishing import fit_finish, fit_linear  # noqa: E402
+from omnifuse_cli.engine.fitting import fit_model  # noqa: E402
 from omnifuse_cli.engine.inference import loader  # noqa: E402
 from omnifuse_cli.engine.metrics import classification_metrics  # noqa: E402
-from omnifuse_cli.engine.synthesis import CohortSpec, make_cohort  # noqa: E402
-from omnifuse_cli.engine.training import (  # noqa: E402
-    TrainRequest,
-    build_for_cohort,
-    fit_finish,
-    fit_linear,
-    fit_model,
-    reliability_plan,
-    reliability_values,
-)
+from omnifuse_cli.engine.reliability import reliability_plan, reliability_values  # noqa: E402
+from omnifuse_cli.engine.training import TrainRequest, build_for_cohort  # noqa: E402
+from omnifuse_cli.synthetic import CohortSpec, make_cohort  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 CPU = torch.device("cpu")

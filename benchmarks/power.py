@@ -52,11 +52,12 @@ from omnifuse_cli.data.cache import FeatureArray
 from omnifuse_cli.data.manifest import Cohort, read_manifest
 from omnifuse_cli.data.prepared import move_to
 from omnifuse_cli.engine.evaluation import simulate_missing
+from omnifuse_cli.engine.fitting import fit_model
 from omnifuse_cli.engine.inference import cache_frozen_features, loader
 from omnifuse_cli.engine.metrics import classification_metrics
-from omnifuse_cli.engine.synthesis import CohortSpec, make_cohort
-from omnifuse_cli.engine.training import TrainRequest, build_for_cohort, fit_model
+from omnifuse_cli.engine.training import TrainRequest, build_for_cohort
 from omnifuse_cli.model.encoders import ImageEncoder
+from omnifuse_cli.synthetic import CohortSpec, make_cohort
 
 CPU = torch.device("cpu")
 DATA_SEED = 11
@@ -185,7 +186,8 @@ def encoded_cohort(
         manifest, 3, work / "unused", data=DataConfig(image=image), train=TrainConfig(device="cpu")
     )
     torch.manual_seed(DATA_SEED)
-    model, pre, weights = build_for_cohort(cohort, np.arange(len(cohort)), request)
+    model, pre, loaded = build_for_cohort(cohort, np.arange(len(cohort)), request)
+    weights = loaded.description
     data = pre.prepare(cohort)
     names = [n for n, e in model.encoders.items() if isinstance(e, ImageEncoder)]
     t0 = time.perf_counter()

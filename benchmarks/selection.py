@@ -8,7 +8,7 @@ Design (declared before any result was looked at):
     decide which epoch is kept and where the loop stops), so one long run per seed replays every
     (rule, patience, cap) combination exactly.
   * After every epoch the validation patients' probabilities are recorded (the benchmark wraps
-    training.evaluate_split; nothing else changes). The validation patients are then halved,
+    fitting.evaluate_split; nothing else changes). The validation patients are then halved,
     stratified, 20 times per seed: the rule picks the epoch on half A, the kept epoch is scored
     on half B (and the halves swapped). The test data of no cohort is touched.
   * Added after the first analysis (the halves regime, which chose patience 5): a second
@@ -164,21 +164,21 @@ def collect(name: str, seed: int) -> None:
         print(f"skip {name}: no data", flush=True)
         return
     from omnifuse_cli.cli.app import app
-    from omnifuse_cli.engine import training
+    from omnifuse_cli.engine import fitting
 
     epochs: list[np.ndarray] = []
     labels: list[np.ndarray] = []
-    original = training.evaluate_split
+    original = fitting.evaluate_split
 
     def recording(model, data, idx, device, cfg, num_classes):  # type: ignore[no-untyped-def]
-        result = training.infer_all(
+        result = fitting.infer_all(
             model, data, idx, device=device, batch_size=max(cfg.batch_size, 256), amp=cfg.amp
         )
         epochs.append(np.exp(result.log_probs))
         labels.append(data.labels[result.index].numpy())
         return original(model, data, idx, device, cfg, num_classes)
 
-    training.evaluate_split = recording
+    fitting.evaluate_split = recording
     run_dir = WORK / "runs" / f"{name}-seed{seed}"
     try:
         app(
@@ -202,7 +202,7 @@ def collect(name: str, seed: int) -> None:
             standalone_mode=False,
         )
     finally:
-        training.evaluate_split = original
+        fitting.evaluate_split = original
     target.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(target, probs=np.stack(epochs), y=labels[0])
     print(
@@ -253,7 +253,7 @@ def check_scores() -> None:
 
 
 def pick(curve: list[dict[str, float]], rule: str, patience: int, cap: int) -> int:
-    """The epoch (0-based) the training loop would keep: training.selection_key's order, the
+    """The epoch (0-based) the training loop would keep: fitting.selection_key's order, the
     patience rule of fit_model, at most ``cap`` epochs."""
     best, best_key = 0, None
     for e in range(min(cap, len(curve))):

@@ -24,9 +24,10 @@ from sklearn.metrics import f1_score
 from omnifuse_cli.config import DEFAULT_MODALITIES, DataConfig, TrainConfig
 from omnifuse_cli.data.manifest import Cohort, read_manifest
 from omnifuse_cli.data.splits import stratified_split
+from omnifuse_cli.engine.fitting import fit_model
 from omnifuse_cli.engine.inference import cache_frozen_features, infer
-from omnifuse_cli.engine.synthesis import CohortSpec, make_cohort
-from omnifuse_cli.engine.training import TrainRequest, build_for_cohort, fit_model
+from omnifuse_cli.engine.training import TrainRequest, build_for_cohort
+from omnifuse_cli.synthetic import CohortSpec, make_cohort
 
 
 def restrict(cohort: Cohort, keep: list[int]) -> Cohort:

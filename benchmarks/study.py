@@ -58,19 +58,18 @@ from omnifuse_cli.data.cache import FeatureArray
 from omnifuse_cli.data.manifest import Cohort, read_manifest
 from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.data.text import tokenize
+from omnifuse_cli.engine.epoch import train_epoch
 from omnifuse_cli.engine.evaluation import simulate_missing
-from omnifuse_cli.engine.inference import cache_frozen_features, infer
-from omnifuse_cli.engine.metrics import classification_metrics
-from omnifuse_cli.engine.synthesis import CohortSpec, make_cohort
-from omnifuse_cli.engine.training import (
-    TrainRequest,
+from omnifuse_cli.engine.fitting import (
     _optimizer,  # the fine-tuning measurement times train_epoch exactly as fit_model sets it up
     _unfreeze,
-    build_for_cohort,
     fit_model,
-    train_epoch,
 )
+from omnifuse_cli.engine.inference import cache_frozen_features, infer
+from omnifuse_cli.engine.metrics import classification_metrics
+from omnifuse_cli.engine.training import TrainRequest, build_for_cohort
 from omnifuse_cli.model.encoders import ImageEncoder
+from omnifuse_cli.synthetic import CohortSpec, make_cohort
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_SEED = 7  # the cohorts are fixed; the study's seeds vary splits, inits and missingness
@@ -143,7 +142,8 @@ def synth_dataset(name: str, description: str, work: Path, n: int, **knobs: floa
     cohort = read_manifest(summary.manifest, DEFAULT_MODALITIES)
     request = TrainRequest(summary.manifest, 3, work / "unused", train=TrainConfig(device="cpu"))
     torch.manual_seed(DATA_SEED)
-    model, pre, weights = build_for_cohort(cohort, np.arange(len(cohort)), request)
+    model, pre, loaded = build_for_cohort(cohort, np.arange(len(cohort)), request)
+    weights = loaded.description
     data = pre.prepare(cohort)
     names = [n for n, e in model.encoders.items() if isinstance(e, ImageEncoder)]
     t0 = time.perf_counter()

@@ -1,3 +1,33 @@
-"""omnifuse: OmniFuse multimodal learning on low-quality medical data, from the command line."""
+"""omnifuse: OmniFuse multimodal learning on low-quality medical data, from the command line and
+from Python (``omnifuse_cli.api``: train, cv, make_data, Run, OmniFuseClassifier)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "OmniFuseClassifier",
+    "Run",
+    "__version__",
+    "cv",
+    "make_data",
+    "resume",
+    "resume_cv",
+    "train",
+]
+_API = frozenset(__all__) - {"__version__"}
+
+if TYPE_CHECKING:
+    from omnifuse_cli.api import OmniFuseClassifier, Run, cv, make_data, resume, resume_cv, train
+
+
+def __getattr__(name: str) -> Any:
+    # The API is imported on first use: `omnifuse --help` imports this package and must not pay
+    # for torch.
+    if name in _API:
+        from omnifuse_cli import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'omnifuse_cli' has no attribute {name!r}")

@@ -226,7 +226,7 @@ def cv_run(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     from typer.testing import CliRunner
 
     from omnifuse_cli.cli.app import app
-    from omnifuse_cli.engine import crossval
+    from omnifuse_cli.engine.cv import run as crossval
 
     out = tmp_path_factory.mktemp("cv") / "cv"
     encodes: list[int] = []

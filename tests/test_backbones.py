@@ -6,6 +6,7 @@ State dicts come from randomly initialised torchvision models saved by the tests
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +18,9 @@ import torchvision
 
 from omnifuse_cli.config import ImageConfig, MethodConfig, ModalitySpec, ModelConfig
 from omnifuse_cli.engine.bundle import load_bundle
+from omnifuse_cli.engine.fitting import load_checkpoint
 from omnifuse_cli.engine.modelling import build_model, image_feature_dim, load_image_weights
-from omnifuse_cli.engine.training import CHECKPOINT, load_checkpoint
+from omnifuse_cli.engine.training import CHECKPOINT
 from omnifuse_cli.errors import ConfigError, WeightsError
 from omnifuse_cli.model.encoders import ImageEncoder
 from omnifuse_cli.model.omnifuse import OmniFuse
@@ -88,7 +90,9 @@ def test_a_weights_file_initialises_the_trunk(
     model = image_model(image)
     assert image_feature_dim(name) == width
     assert model.encoders["us"].feature_dim == width
-    assert load_image_weights(model, image) == f"file {weights}"
+    loaded = load_image_weights(model, image)
+    assert loaded.description == f"file {weights}" and loaded.source == "file"
+    assert loaded.sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
     trunk = trunk_of(model)
     assert_trunk_holds(trunk, state, classifier)
     feats = model.encoders["us"].forward_features(torch.zeros(2, 3, 32, 32))
@@ -126,7 +130,7 @@ def test_weights_of_another_architecture(tmp_path: Path) -> None:
 def test_auto_weights_find_any_cached_imagenet_file(hub_dir: Path) -> None:
     image = ImageConfig(backbone="mobilenet_v2", image_size=32)
     model = image_model(image)
-    described = load_image_weights(model, image)
+    described = load_image_weights(model, image).description
     assert described.startswith("random init") and "mobilenet_v2" in described
 
     enum = torchvision.models.MobileNet_V2_Weights
@@ -134,12 +138,14 @@ def test_auto_weights_find_any_cached_imagenet_file(hub_dir: Path) -> None:
     v1 = hub_dir / "mobilenet_v2-b0353104.pth"
     assert Path(enum.IMAGENET1K_V1.url).name == v1.name
     state = saved_state("mobilenet_v2", v1, seed=1)
-    described = load_image_weights(model, image)
+    described = load_image_weights(model, image).description
     assert described == f"ImageNet MobileNet_V2_Weights.IMAGENET1K_V1 (cached {v1})"
     assert_trunk_holds(trunk_of(model), state, "classifier.1")
 
     default = saved_state("mobilenet_v2", hub_dir / Path(enum.DEFAULT.url).name, seed=2)
-    assert "IMAGENET1K_V2" in load_image_weights(model, image)  # DEFAULT wins when both exist
+    assert (
+        "IMAGENET1K_V2" in load_image_weights(model, image).description
+    )  # DEFAULT wins when both exist
     assert_trunk_holds(trunk_of(model), default, "classifier.1")
 
 

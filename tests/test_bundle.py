@@ -583,6 +583,8 @@ def test_image_weights_that_are_not_a_state_dict(
 
 # -- default ("auto") image weights ---------------------------------------------------------------
 def test_auto_image_weights_use_the_local_torch_cache_only(tmp_path: Path) -> None:
+    import hashlib
+
     import torchvision
 
     from omnifuse_cli.config import ImageConfig, MethodConfig, ModalitySpec, ModelConfig
@@ -593,21 +595,26 @@ def test_auto_image_weights_use_the_local_torch_cache_only(tmp_path: Path) -> No
     torch.hub.set_dir(str(tmp_path / "hub"))
     try:
         model = build_model(config, ImageConfig(backbone="resnet18"), {})
-        assert load_image_weights(model, ImageConfig(backbone="resnet18")).startswith("random init")
+        fallback = load_image_weights(model, ImageConfig(backbone="resnet18"))
+        assert fallback.description.startswith("random init")
+        assert (fallback.source, fallback.fallback, fallback.sha256) == ("random", True, "")
         reference = torchvision.models.resnet18(weights=None)
         url = torchvision.models.ResNet18_Weights.DEFAULT.url
         cached = tmp_path / "hub" / "checkpoints" / Path(url).name
         cached.parent.mkdir(parents=True)
         torch.save(reference.state_dict(), cached)
-        described = load_image_weights(model, ImageConfig(backbone="resnet18"))
+        loaded = load_image_weights(model, ImageConfig(backbone="resnet18"))
+        described = loaded.description
         assert described.startswith("ImageNet") and str(cached) in described
+        assert (loaded.source, loaded.fallback) == ("imagenet", False)
+        assert loaded.sha256 == hashlib.sha256(cached.read_bytes()).hexdigest()
         trunk = model.encoders["us"].backbone
         assert torch.equal(trunk[0].weight, reference.conv1.weight)
         assert torch.equal(trunk[7][1].conv2.weight, reference.layer4[1].conv2.weight)
         fresh = build_model(config, ImageConfig(backbone="resnet18"), {})
-        assert load_image_weights(fresh, ImageConfig(backbone="resnet18", pretrained="no")) == (
-            "random init (--no-pretrained-image)"
-        )
+        chosen = load_image_weights(fresh, ImageConfig(backbone="resnet18", pretrained="no"))
+        assert chosen.description == "random init (--no-pretrained-image)"
+        assert not chosen.fallback  # asked for: no warning
         assert not torch.equal(fresh.encoders["us"].backbone[0].weight, reference.conv1.weight)
     finally:
         torch.hub.set_dir(previous)

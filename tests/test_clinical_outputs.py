@@ -165,8 +165,8 @@ def test_with_a_linear_path_calibration_uses_its_out_of_sample_predictions() -> 
     """The path is refitted on training + validation patients; calibrating on the refitted
     model's validation predictions (in-sample) made test probabilities overconfident."""
     from omnifuse_cli.config import TrainConfig
+    from omnifuse_cli.engine.finishing import fit_finish
     from omnifuse_cli.engine.linear_path import LinearFit
-    from omnifuse_cli.engine.training import fit_finish
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 100)

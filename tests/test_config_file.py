@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner, Result
 
 from omnifuse_cli.cli.app import app
-from omnifuse_cli.engine.crossval import save_cv_request
+from omnifuse_cli.engine.cv import save_cv_request
 from omnifuse_cli.engine.training import TrainResult
 from omnifuse_cli.errors import OmnifuseError
 
@@ -73,7 +73,7 @@ def captured(monkeypatch: pytest.MonkeyPatch, target: str, *args: object) -> Any
 
 
 TRAIN = "omnifuse_cli.engine.training.run_training"
-CV = "omnifuse_cli.engine.crossval.run_cv"
+CV = "omnifuse_cli.engine.cv.run_cv"
 
 
 def test_saved_config_repeats_the_run_bit_for_bit(tiny_manifest: Path, tmp_path: Path) -> None:

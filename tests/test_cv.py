@@ -13,21 +13,15 @@ import typer
 from typer.testing import CliRunner, Result
 
 from omnifuse_cli.cli.app import app
-from omnifuse_cli.cli.train_options import (
-    DATA_READING,
-    TRAIN_ONLY,
-    route,
-    train_defaults,
-    train_parameters,
-)
-from omnifuse_cli.engine import crossval
-from omnifuse_cli.engine.crossval import (
+from omnifuse_cli.cli.train_options import TRAIN_ONLY, train_parameters
+from omnifuse_cli.engine.cv import (
     assign_folds,
     inner_split,
     load_cv_request,
     run_cv,
     save_cv_request,
 )
+from omnifuse_cli.engine.cv import run as crossval
 from omnifuse_cli.engine.metrics import (
     bootstrap_ci,
     bootstrap_draws,
@@ -35,6 +29,8 @@ from omnifuse_cli.engine.metrics import (
     paired_bootstrap_diff,
 )
 from omnifuse_cli.errors import DataError, OmnifuseError, TrainingInterrupted
+from omnifuse_cli.settings import DATA_READING, SETTINGS, route
+from omnifuse_cli.settings import defaults as train_defaults
 
 from .conftest import CV_ARGS, N_PATIENTS
 
@@ -458,7 +454,7 @@ def test_cv_and_its_variants_build_exactly_the_configs_train_builds(
         )
         cv = _captured(
             monkeypatch,
-            "omnifuse_cli.engine.crossval.run_cv",
+            "omnifuse_cli.engine.cv.run_cv",
             "cv",
             "m.csv",
             "--num-classes",
@@ -475,7 +471,7 @@ def test_cv_and_its_variants_build_exactly_the_configs_train_builds(
         quoted = " ".join(f"'{f}'" for f in flags)
         variant = _captured(
             monkeypatch,
-            "omnifuse_cli.engine.crossval.run_cv",
+            "omnifuse_cli.engine.cv.run_cv",
             "cv",
             "m.csv",
             "--num-classes",
@@ -490,8 +486,14 @@ def test_cv_and_its_variants_build_exactly_the_configs_train_builds(
         ) == built, flags
 
 
-def test_train_parameters_come_from_train() -> None:
+def test_train_parameters_come_from_settings() -> None:
     names = [p.name for p in train_parameters()]
+    assert names == [s.name for s in SETTINGS]
     assert "epochs" in names and "no_imputation" in names
     assert not set(TRAIN_ONLY) & set(names)
-    assert set(train_defaults()) == set(names)
+    # train and cv offer exactly these, with the declared flags and defaults
+    for command in ("train", "cv"):
+        params = {p.name: p for p in typer.main.get_command(app).commands[command].params}
+        for setting in SETTINGS:
+            assert params[setting.name].default == setting.default, (command, setting.name)
+            assert setting.flag.split("/")[0] in params[setting.name].opts

@@ -23,9 +23,9 @@ import torch.multiprocessing as mp
 
 from omnifuse_cli.config import DataConfig, MethodConfig, ModalitySpec, TrainConfig
 from omnifuse_cli.engine.events import ProgressEvent
-from omnifuse_cli.engine.synthesis import CohortSpec, make_cohort
 from omnifuse_cli.engine.training import TrainRequest, run_training
 from omnifuse_cli.errors import TrainingInterrupted
+from omnifuse_cli.synthetic import CohortSpec, make_cohort
 
 EPOCHS, BATCH = 3, 21
 LOSS_COLUMNS = [

@@ -27,7 +27,7 @@ from omnifuse_cli.config import (
     ModelConfig,
 )
 from omnifuse_cli.data.manifest import read_manifest
-from omnifuse_cli.engine import training
+from omnifuse_cli.engine import fitting as training
 from omnifuse_cli.engine.bundle import load_bundle
 from omnifuse_cli.engine.inference import infer
 from omnifuse_cli.engine.metrics import classification_metrics

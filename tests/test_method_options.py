@@ -24,8 +24,9 @@ from omnifuse_cli.config import (
 )
 from omnifuse_cli.data.prepared import Preprocessor
 from omnifuse_cli.engine.demo import SynthConfig, synth_cohort
+from omnifuse_cli.engine.fitting import mine_lazy, selection_key
 from omnifuse_cli.engine.modelling import build_model
-from omnifuse_cli.engine.training import estimate_reliability, mine_lazy, selection_key
+from omnifuse_cli.engine.reliability import estimate_reliability
 from omnifuse_cli.errors import ConfigError
 from omnifuse_cli.model.fusion import label_free_log_probs
 from omnifuse_cli.model.omnifuse import OmniFuse, drop_modalities

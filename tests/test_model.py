@@ -22,9 +22,9 @@ from omnifuse_cli.config import (
 from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
 from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.engine.demo import SynthConfig, synth_cohort
+from omnifuse_cli.engine.fitting import fit_model, mine_lazy
 from omnifuse_cli.engine.inference import infer
 from omnifuse_cli.engine.modelling import build_model
-from omnifuse_cli.engine.training import fit_model, mine_lazy
 from omnifuse_cli.model import laziness
 from omnifuse_cli.model.fusion import (
     dwfuse_loss,

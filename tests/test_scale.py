@@ -13,7 +13,7 @@ import pytest
 from omnifuse_cli.config import parse_modality_options
 from omnifuse_cli.data import manifest
 from omnifuse_cli.data.manifest import read_manifest
-from omnifuse_cli.engine.synthesis import CohortSpec, make_cohort
+from omnifuse_cli.synthetic import CohortSpec, make_cohort
 
 LABS_TEXT = parse_modality_options(["labs=vector", "text=text"])
 NAN = math.nan

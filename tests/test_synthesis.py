@@ -14,19 +14,19 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from omnifuse_cli import synthetic as synthesis
 from omnifuse_cli.cli.app import app
 from omnifuse_cli.config import DEFAULT_MODALITIES
 from omnifuse_cli.data.manifest import read_manifest
-from omnifuse_cli.engine import synthesis
-from omnifuse_cli.engine.synthesis import (
-    _FINDINGS,
+from omnifuse_cli.errors import ConfigError
+from omnifuse_cli.synthetic import (
     CohortSpec,
     CohortSummary,
     DrawnCohort,
     draw_cohort,
     make_cohort,
 )
-from omnifuse_cli.errors import ConfigError
+from omnifuse_cli.synthetic.notes import _FINDINGS
 
 SMALL = {"image_size": 64}
 # The signal-knob tests measure one knob's class signal alone: no within-class severity spread

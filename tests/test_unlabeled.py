@@ -22,18 +22,14 @@ from omnifuse_cli.config import (
 )
 from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.data.splits import stratified_split, training_patients
-from omnifuse_cli.engine.crossval import assign_folds, assign_folds_labelled
+from omnifuse_cli.engine.cv import assign_folds, assign_folds_labelled
+from omnifuse_cli.engine.epoch import MixedBatches, _epoch_batches
 from omnifuse_cli.engine.evaluation import simulate_missing
 from omnifuse_cli.engine.modelling import build_model
-from omnifuse_cli.engine.synthesis import CohortSpec, make_cohort
-from omnifuse_cli.engine.training import (
-    MixedBatches,
-    TrainRequest,
-    _epoch_batches,
-    reliability_plan,
-    run_training,
-)
+from omnifuse_cli.engine.reliability import reliability_plan
+from omnifuse_cli.engine.training import TrainRequest, run_training
 from omnifuse_cli.errors import ManifestError
+from omnifuse_cli.synthetic import CohortSpec, make_cohort
 from tests.test_cli import assert_ok, flat, invoke
 
 LABS_TEXT = ("--modality", "labs=vector", "--modality", "text=text")

@@ -8,7 +8,7 @@ on the command line wins over every file, even when its value is the default. Re
 read from the current directory, as on the command line.
 
 `with_config_file` gives a command the option and does the merging before the command's body
-runs, so the body sees one value per parameter wherever it came from. `settings_yaml` writes a
+runs, so the body sees one value per parameter wherever it came from. `run_settings` writes a
 run's resolved settings in the same format (train and cv save it as config.yaml) and `template`
 the commented file `omnifuse config init` prints.
 """
@@ -29,6 +29,14 @@ from typing import Annotated, Any
 import typer
 
 from omnifuse_cli.errors import ConfigError
+from omnifuse_cli.settings import (
+    BY_NAME,
+    OWN_TITLES,
+    SECTION_TITLES,
+    run_config_yaml,
+    section_of,
+    yaml_line,
+)
 
 CONFIG_FILE = "config.yaml"  # a run's resolved settings, in the --config format
 # Parameters a file cannot set: --resume takes every setting from the run it continues.
@@ -291,63 +299,16 @@ def with_config_file(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _yaml_value(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [_yaml_value(v) for v in value]
-    return value
-
-
-def _line(key: str, value: Any) -> str:
-    import yaml
-
-    return yaml.safe_dump(
-        {key: _yaml_value(value)},
-        allow_unicode=True,
-        sort_keys=False,
-        default_flow_style=False,
-        width=1000,
-    )
-
-
 def _groups(command_name: str, names: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """Parameters in sections: the command's own, then train's options by the config they
-    build (data reading, images, text, method, training)."""
-    from omnifuse_cli.cli.train_options import FOLDED, TRAIN_ONLY, route, train_defaults
-
-    shared = set(train_defaults()) if command_name in ("train", "cv") else set()
-    titles = {
-        "data": "data: which patients and values are read",
-        "image": "images",
-        "text": "notes",
-        "method": "method",
-        "train": "training",
-    }
-    own_title = {"train": "run", "cv": "cross-validation"}.get(command_name, command_name)
+    """Parameters in sections: the command's own, then the settings by the config they build."""
+    own_title = OWN_TITLES.get(command_name, command_name)
     sections: dict[str, list[str]] = {own_title: []}
-    for title in titles.values():
+    for title in SECTION_TITLES.values():
         sections[title] = []
+    shared = command_name in ("train", "cv")
     for name in names:
-        if name not in shared or name in TRAIN_ONLY:
-            sections[own_title].append(name)
-            continue
-        kind = "train" if name in FOLDED else route(name)[0]
-        sections[titles[kind]].append(name)
+        sections[section_of(name) if shared and name in BY_NAME else own_title].append(name)
     return [(title, members) for title, members in sections.items() if members]
-
-
-def settings_yaml(command_name: str, values: Mapping[str, Any], *, header: str = "") -> str:
-    """The given parameter values (by parameter name) as a --config file of ``command_name``,
-    in its sections."""
-    command = click_command(command_name)
-    names = [p.name for p in command.params if p.name in values]
-    keys = {p.name: key_of(p) for p in command.params}
-    lines = [f"# {row}" for row in header.splitlines()]
-    for title, members in _groups(command_name, names):
-        lines.append(f"\n# -- {title} --")
-        lines.extend(_line(keys[name], values[name]).rstrip("\n") for name in members)
-    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 # Where and how a run is written, not what it is: its saved settings leave them out (cv's variants
@@ -358,17 +319,13 @@ NOT_SAVED = ("out_dir", "overwrite", "resume", "manifest_opt", "variants_file")
 def run_settings(command_name: str, values: Mapping[str, Any]) -> str:
     """A run's resolved settings (every parameter, defaults included) as the config.yaml saved in
     it: `omnifuse COMMAND --config config.yaml --out-dir NEW` repeats the run."""
-    saved = {}
-    for name, value in values.items():
-        if name in NOT_SAVED:
-            continue
-        # Absolute paths, so the saved file works from any folder.
-        saved[name] = str(value.resolve()) if isinstance(value, Path) else value
-    header = (
-        f"Resolved settings of this omnifuse {command_name} run, defaults included.\n"
-        f"Repeat it: omnifuse {command_name} --config config.yaml --out-dir NEW_DIR"
-    )
-    return settings_yaml(command_name, saved, header=header)
+    command = click_command(command_name)
+    own = [
+        (key_of(p), values[p.name])
+        for p in command.params
+        if p.name in values and p.name not in NOT_SAVED and p.name not in BY_NAME
+    ]
+    return run_config_yaml(command_name, own, {n: v for n, v in values.items() if n in BY_NAME})
 
 
 # What a template shows (commented out) for a setting the command needs that has no default.
@@ -407,11 +364,11 @@ def template(command_name: str) -> str:
             for row in textwrap.wrap(help_text, 96):
                 lines.append(f"# {row}")
             if (command_name, key) in _NEEDED:
-                example = _line(key, _NEEDED[command_name, key]).rstrip()
+                example = yaml_line(key, _NEEDED[command_name, key]).rstrip()
                 lines.append(f"# {example}   (needed: here or on the command line)")
             else:
                 default = param.default
                 if isinstance(default, tuple):
                     default = list(default)
-                lines.append(_line(key, default).rstrip("\n"))
+                lines.append(yaml_line(key, default).rstrip("\n"))
     return "\n".join(lines) + "\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +16,7 @@ from omnifuse_cli.errors import ConfigError
 
 @handle_errors
 @with_config_file
-@with_train_options
+@with_train_options()
 def cv(
     manifest: Annotated[
         Path | None,
@@ -125,63 +124,47 @@ def cv(
     --val-ratio) of it) picks the epoch; the test fold chooses nothing. Frozen backbones encode
     every image once for the whole cross-validation.
     """
-    from omnifuse_cli.cli.config_file import run_settings
-    from omnifuse_cli.cli.train_options import build_configs, parse_variant
-    from omnifuse_cli.engine.crossval import BASE, CVRequest, Variant, load_cv_request
-    from omnifuse_cli.engine.outputs import DEFAULT_ALPHA
+    from omnifuse_cli.cli.train_options import parse_variant
+    from omnifuse_cli.settings import build_configs
 
-    if resume is not None:
-        request = load_cv_request(resume)
-        console.print(f"resuming {resume} (settings from its cv.json)")
-    else:
+    if resume is None:
         if manifest is None:
             raise ConfigError("no manifest given", hint="omnifuse cv MANIFEST --num-classes C")
         if num_classes is None:
             raise ConfigError(
                 "--num-classes is required", hint=f"omnifuse cv {manifest} --num-classes C"
             )
-        settings = build_configs(train_options)
-        variants = []
-        specs = [*(variant or []), *_read_variants_file(variants_file)]
-        for spec in specs:
-            name, flags, values = parse_variant(spec, train_options)
-            try:
-                made = build_configs(values)
+        variants, spelled = {}, {}
+        for spec in [*(variant or []), *_read_variants_file(variants_file)]:
+            name, flags, given = parse_variant(spec)
+            try:  # here too, so the message names the flag as the user wrote it
+                build_configs({**train_options, **given})
             except ConfigError as err:
                 raise ConfigError(f"--variant {name}: {err.message}", hint=err.hint) from None
-            variants.append(Variant(name, made.data, made.method, made.train, flags))
-        request = CVRequest(
+            variants[name], spelled[name] = given, flags
+    else:
+        console.print(f"resuming {resume} (settings from its cv.json)")
+    _run(
+        resume,
+        dict(
             manifest=manifest,
             num_classes=num_classes,
-            out_dir=out_dir or Path("runs") / datetime.now().strftime("cv-%Y%m%d-%H%M%S"),
-            base=Variant(BASE, settings.data, settings.method, settings.train),
-            variants=tuple(variants),
+            out_dir=out_dir,
             folds=folds,
             repeats=repeats,
             group_col=group_col,
+            variants=variants,
+            variant_flags=spelled,
             refit=refit,
             bootstrap=bootstrap,
             overwrite=overwrite,
             subgroup_cols=tuple(subgroup_col or ()),
-            conformal=DEFAULT_ALPHA if conformal is None else conformal,
-            config_yaml=run_settings(
-                "cv",
-                {
-                    "manifest": manifest,
-                    "num_classes": num_classes,
-                    "folds": folds,
-                    "repeats": repeats,
-                    "group_col": group_col,
-                    "variant": specs,
-                    "refit": refit,
-                    "bootstrap": bootstrap,
-                    "subgroup_col": list(subgroup_col or []),
-                    "conformal": conformal,
-                    **train_options,
-                },
-            ),
+            conformal=conformal,
+            **train_options,
         )
-    _run(request, resume is not None)
+        if resume is None
+        else {},
+    )
 
 
 def _read_variants_file(path: Path | None) -> list[str]:
@@ -193,10 +176,11 @@ def _read_variants_file(path: Path | None) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def _run(request: Any, resume: bool) -> None:
-    from rich.markup import escape
+def _run(resume: Path | None, settings: dict[str, Any]) -> None:
+    """Run (or resume) the cross-validation with a live table of folds; print the summary."""
 
-    from omnifuse_cli.cli.progress import live_progress, stamp
+    from omnifuse_cli import api
+    from omnifuse_cli.cli.progress import live_progress, say
     from omnifuse_cli.cli.render import (
         add_fold_row,
         confusion_table,
@@ -205,20 +189,20 @@ def _run(request: Any, resume: bool) -> None:
         fold_table,
         patterns_table,
     )
-    from omnifuse_cli.engine.crossval import run_cv
+    from omnifuse_cli.engine.cv import load_cv_request
     from omnifuse_cli.engine.events import ProgressEvent
 
+    shown = vars(load_cv_request(resume)) if resume is not None else settings
     table = fold_table(
-        f"cross-validation of {request.manifest}: {request.folds} folds"
-        + (f" x {request.repeats} repeats" if request.repeats > 1 else "")
+        f"cross-validation of {shown['manifest']}: {shown['folds']} folds"
+        + (f" x {shown['repeats']} repeats" if shown["repeats"] > 1 else "")
     )
     live, progress = live_progress(table, console)  # plain timestamped lines without a TTY
     overall = progress.add_task("folds", total=None)
     inner = progress.add_task("preparing", total=None)
 
     def on_event(event: ProgressEvent) -> None:
-        if event.kind == "message":
-            console.print(f"[dim]·[/] {stamp(console)}{escape(event.text)}")
+        if say(event, console):
             return
         if not live.is_started:
             live.start()
@@ -239,7 +223,10 @@ def _run(request: Any, resume: bool) -> None:
             add_fold_row(table, event.fold)
 
     try:
-        result = run_cv(request, on_event, resume=resume)
+        if resume is not None:
+            result = api.resume_cv(resume, on_progress=on_event)
+        else:
+            result = api.cv(on_progress=on_event, **settings)
     finally:
         progress.update(overall, visible=False)
         progress.update(inner, visible=False)

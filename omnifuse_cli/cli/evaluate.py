@@ -86,6 +86,7 @@ def evaluate(
     decision curves, conformal coverage, subgroups, per missing pattern, confusion matrix."""
     from rich.markup import escape
 
+    from omnifuse_cli import api
     from omnifuse_cli.cli.progress import pass_progress
     from omnifuse_cli.cli.render import (
         calibration_table,
@@ -98,34 +99,32 @@ def evaluate(
     )
     from omnifuse_cli.config import parse_modality_rates
     from omnifuse_cli.data.text import check_encoding
-    from omnifuse_cli.engine.evaluation import EvalRequest, evaluate_run
 
     if run_dir is None:
         raise ConfigError("no run directory given", hint="omnifuse evaluate RUN_DIR")
-    request = EvalRequest(
-        run_dir=run_dir,
-        manifest=manifest,
-        labs_table=labs_table,
-        labs_id_col=labs_id_col,
-        out_dir=out_dir,
-        device=device,
-        batch_size=batch_size,
-        drop_modalities=tuple(drop_modality or ()),
-        missing_rate=missing_rate,
-        modality_missing_rates=parse_modality_rates(modality_missing_rate),
-        seed=seed,
-        bootstrap=bootstrap,
-        cache=cache,
-        cache_dir=cache_dir,
-        threads=threads,
-        encoding=encoding and check_encoding(encoding),
-        labs_format=labs_format,
-        labs_agg=labs_agg,
-        subgroup_cols=tuple(subgroup_col or ()),
-        conformal=conformal,
-    )
     with pass_progress(console) as progress:
-        result = evaluate_run(request, progress)
+        result = api.Run.load(run_dir).evaluate(
+            manifest,
+            on_progress=lambda event: progress(event.text, event.done, event.total),
+            labs_table=labs_table,
+            labs_id_col=labs_id_col,
+            out_dir=out_dir,
+            device=device,
+            batch_size=batch_size,
+            drop_modalities=tuple(drop_modality or ()),
+            missing_rate=missing_rate,
+            modality_missing_rates=parse_modality_rates(modality_missing_rate),
+            seed=seed,
+            bootstrap=bootstrap,
+            cache=cache,
+            cache_dir=cache_dir,
+            threads=threads,
+            encoding=encoding and check_encoding(encoding),
+            labs_format=labs_format,
+            labs_agg=labs_agg,
+            subgroup_cols=tuple(subgroup_col or ()),
+            conformal=conformal,
+        )
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     console.print(

@@ -94,11 +94,10 @@ def make_data(
     but weaker than the fused model. Patients vary in severity within their class, partly shared
     by all their modalities (--shared-severity), and a few have one corrupted modality
     (--corrupt-rate); truth.csv records both. Every default is explained in
-    `omnifuse_cli.engine.synthesis`.
+    `omnifuse_cli.synthetic`.
     """
+    from omnifuse_cli import api
     from omnifuse_cli.cli.render import counts_table
-    from omnifuse_cli.engine.files import prepare_out_dir
-    from omnifuse_cli.engine.synthesis import CohortSpec, make_cohort
 
     knobs = {
         "labs_signal": labs_signal,
@@ -108,7 +107,7 @@ def make_data(
         "us_noise": us_noise,
         "text_noise": text_noise,
     }
-    spec = CohortSpec(
+    spec = dict(
         n=n,
         seed=seed,
         num_classes=num_classes,
@@ -126,13 +125,15 @@ def make_data(
         unlabeled=unlabeled,
         **{k: v for k, v in knobs.items() if v is not None},
     )
-    prepare_out_dir(out_dir, overwrite)
     from rich.progress import Progress
 
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("writing patients", total=n + unlabeled)
-        summary = make_cohort(
-            spec, out_dir, progress=lambda d, t: progress.update(task, completed=d, total=t)
+        summary = api.make_data(
+            out_dir,
+            overwrite=overwrite,
+            on_progress=lambda e: progress.update(task, completed=e.done, total=e.total),
+            **spec,
         )
     console.print(
         counts_table(

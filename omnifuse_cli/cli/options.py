@@ -1,113 +1,49 @@
-"""Option aliases shared by several commands (one definition, one help text)."""
+"""Options shared by several commands (one definition, one help text): settings of
+omnifuse_cli/settings.py as typer options, and the options of commands that read a run."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-LabsTable = Annotated[
-    Path | None,
-    typer.Option(
-        "--labs-table",
-        help="One CSV of lab values for all patients (id column + one "
-        "column per analyte); replaces the manifest's labs cells.",
-    ),
-]
-LabsIdCol = Annotated[
-    str | None,
-    typer.Option(
-        "--labs-id-col",
-        help="Id column of --labs-table.",
-        show_default="id; evaluate and predict: the run's",
-    ),
-]
-Modality = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--modality",
-        help="Declare a manifest column as a modality, NAME=KIND with KIND "
-        "vector, image or text; repeat for each.",
-        show_default="labs=vector us=image text=text",
-    ),
-]
-Device = Annotated[
-    str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")
-]
-BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Patients per batch.")]
-OnBadFile = Annotated[
-    str,
-    typer.Option(
-        "--on-bad-file",
-        help="Unreadable image files (missing, corrupt, truncated, "
-        "unsupported): error lists them all; skip drops them and treats the modality "
-        "as missing where none are left.",
-    ),
-]
-CacheDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--cache-dir",
-        help="Folder of the frozen-feature cache: images and hf notes "
-        "encoded once by a frozen backbone, reused by later runs, cv folds, --resume, "
-        "evaluate and predict on the same files.",
-        show_default="$OMNIFUSE_CACHE_DIR, else ~/.cache/omnifuse/features",
-    ),
-]
-Cache = Annotated[
-    bool,
-    typer.Option(
-        "--cache/--no-cache",
-        help="Keep frozen-backbone features in the cache folder "
-        "and reuse them; --no-cache encodes them again, in memory, for this run only.",
-    ),
-]
-Encoding = Annotated[
-    str,
-    typer.Option(
-        "--encoding",
-        help="Encoding of note files (and of the manifest): auto (a BOM "
-        "decides, else UTF-8, else UTF-16, Windows-1252 or GB18030 by what the text "
-        "looks like; check names every guessed file) or a name such as utf-8, "
-        "gb18030, cp1252, latin-1, utf-16.",
-    ),
-]
-LabsFormat = Annotated[
-    str,
-    typer.Option(
-        "--labs-format",
-        help="Layout of --labs-table: wide (one row per patient, a "
-        "column per analyte), long (one row per measurement: id, analyte, value, "
-        "optional time and unit) or auto (from the columns).",
-    ),
-]
-LabsAgg = Annotated[
-    str,
-    typer.Option(
-        "--labs-agg",
-        help="Long labs with several values of one analyte for a "
-        "patient: last or first (by time, else by row order), mean, min or max.",
-    ),
-]
-OnEmptyPatient = Annotated[
-    str,
-    typer.Option(
-        "--on-empty-patient",
-        help="Patients without any modality: skip leaves them "
-        "out with a warning (recorded as excluded in split_assignment.csv); error "
-        "refuses the manifest.",
-    ),
-]
-Threads = Annotated[
-    int | None,
-    typer.Option(
-        "--threads",
-        min=1,
-        help="CPU threads torch may use.",
-        show_default="the usable cores (CPU affinity, cgroup limit, OMP_NUM_THREADS)",
-    ),
-]
+from omnifuse_cli.settings import BY_NAME
+
+
+def setting_option(name: str, panel: str | None = None) -> Any:
+    """The typer option of a setting of omnifuse_cli/settings.py (its flag, type, default's
+    display and help), listed under ``panel`` in --help."""
+    setting = BY_NAME[name]
+    base: Any = list[setting.kind] if setting.many else setting.kind  # type: ignore[name-defined]
+    if setting.optional:
+        base = base | None
+    bounds = {k: v for k, v in (("min", setting.min), ("max", setting.max)) if v is not None}
+    option = typer.Option(
+        setting.flag,
+        help=setting.help or None,
+        show_default=setting.show_default,
+        rich_help_panel=panel,
+        **bounds,
+    )
+    return Annotated[base, option]
+
+
+# Settings that evaluate, predict and check take as well (same flag, type and help).
+LabsTable = setting_option("labs_table")
+LabsIdCol = setting_option("labs_id_col")
+Modality = setting_option("modality")
+Device = setting_option("device")
+BatchSize = setting_option("batch_size")
+OnBadFile = setting_option("on_bad_file")
+CacheDir = setting_option("cache_dir")
+Cache = setting_option("cache")
+Encoding = setting_option("encoding")
+LabsFormat = setting_option("labs_format")
+LabsAgg = setting_option("labs_agg")
+OnEmptyPatient = setting_option("on_empty_patient")
+Threads = setting_option("threads")
+
+
 RunEncoding = Annotated[
     str | None,
     typer.Option(

@@ -48,11 +48,11 @@ def predict(
     """Predict classes for new patients, with each modality's DWFuse weight."""
     from rich.markup import escape
 
+    from omnifuse_cli import api
     from omnifuse_cli.cli.progress import pass_progress
     from omnifuse_cli.cli.render import predictions_table
     from omnifuse_cli.data.text import check_encoding
     from omnifuse_cli.engine.files import write_csv
-    from omnifuse_cli.engine.prediction import PredictRequest, predict_patients
     from omnifuse_cli.engine.runs import find_latest_run
 
     if patients is None:
@@ -60,23 +60,22 @@ def predict(
     if run is None:
         run = find_latest_run()
         console.print(f"using the newest run: [bold]{run}[/] (choose another with --run)")
-    request = PredictRequest(
-        run_dir=run,
-        patients=patients,
-        labs_table=labs_table,
-        labs_id_col=labs_id_col,
-        device=device,
-        batch_size=batch_size,
-        cache=cache,
-        cache_dir=cache_dir,
-        threads=threads,
-        encoding=encoding and check_encoding(encoding),
-        labs_format=labs_format,
-        labs_agg=labs_agg,
-        conformal=conformal,
-    )
     with pass_progress(console) as progress:
-        result = predict_patients(request, progress)
+        result = api.Run.load(run).predict_result(
+            patients,
+            on_progress=lambda event: progress(event.text, event.done, event.total),
+            labs_table=labs_table,
+            labs_id_col=labs_id_col,
+            device=device,
+            batch_size=batch_size,
+            cache=cache,
+            cache_dir=cache_dir,
+            threads=threads,
+            encoding=encoding and check_encoding(encoding),
+            labs_format=labs_format,
+            labs_agg=labs_agg,
+            conformal=conformal,
+        )
     for note in result.notes:
         console.print(f"[dim]·[/] {escape(note)}")
     write_csv(out, result.frame)

@@ -183,3 +183,20 @@ def stamp(console: Console | None = None) -> str:
     from rich.markup import escape
 
     return escape(_timestamp())
+
+
+def say(event: Any, console: Console | None = None) -> bool:
+    """Print a message or warning event (a warning on stderr too, where logs keep it apart);
+    False for every other kind, which the command's display shows."""
+    from rich.markup import escape
+
+    from omnifuse_cli.cli.common import err_console
+
+    out = console or default_console
+    if event.kind == "message":
+        out.print(f"[dim]·[/] {stamp(out)}{escape(event.text)}")
+        return True
+    if event.kind == "warning":
+        err_console.print(f"[yellow]warning:[/] {stamp(out)}{escape(event.text)}", soft_wrap=True)
+        return True
+    return False

@@ -330,6 +330,41 @@ def split_image_cell(cell: str, base: Path) -> list[Path]:
     return paths
 
 
+def absolute_paths(
+    frame: pd.DataFrame, modalities: tuple[ModalitySpec, ...], base: Path
+) -> pd.DataFrame:
+    """A manifest table (as read from a DataFrame rather than a file) with every relative file
+    reference made absolute against ``base``, by the rules the reader applies to a manifest's own
+    folder: image cells part by part (folders and globs stay folders and globs), vector cells
+    that are not inline lists, and note cells that name an existing file. Written to any folder,
+    it then reads as if it sat in ``base``."""
+    out = frame.copy()
+    base = Path(base).absolute()
+
+    def image_cell(cell: object) -> object:
+        if _is_empty(cell):
+            return cell
+        parts = [p.strip() for p in str(cell).replace("|", ";").split(";")]
+        return ";".join(str(resolve_path(p, base)) for p in parts if p)
+
+    def vector_cell(cell: object) -> object:
+        if _is_empty(cell) or str(cell).strip().startswith("["):
+            return cell
+        return str(resolve_path(str(cell), base))
+
+    def text_cell(cell: object) -> object:
+        if _is_empty(cell) or not _PATH_LIKE.match(str(cell).strip()):
+            return cell
+        path = resolve_path(str(cell), base)
+        return str(path) if path.is_file() else cell
+
+    rewrite = {"image": image_cell, "vector": vector_cell, "text": text_cell}
+    for spec in modalities:
+        if spec.name in out.columns:
+            out[spec.name] = out[spec.name].map(rewrite[spec.kind])
+    return out
+
+
 def _visible_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".")
 

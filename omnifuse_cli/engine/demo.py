@@ -24,11 +24,11 @@ from omnifuse_cli.data.manifest import Cohort
 from omnifuse_cli.data.prepared import Preprocessor
 from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.engine.events import EventFn
+from omnifuse_cli.engine.fitting import EpochRecord, fit_model
 from omnifuse_cli.engine.inference import infer
 from omnifuse_cli.engine.machine import set_threads
 from omnifuse_cli.engine.metrics import classification_metrics
 from omnifuse_cli.engine.modelling import build_model
-from omnifuse_cli.engine.training import EpochRecord, fit_model
 from omnifuse_cli.errors import ConfigError
 
 

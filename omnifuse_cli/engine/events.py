@@ -1,6 +1,6 @@
-"""The one progress event the engine emits (training, cross-validation, synthesis), and the
-callback type that receives it. The CLI renders events live; the Python API passes them to the
-user's optional callback; nothing in the engine prints."""
+"""The one progress event the engine emits (training, cross-validation, prediction,
+make-data), and the callback type that receives it. The CLI renders events live; the Python API
+passes them to the user's optional callback; nothing in the engine prints."""
 
 from __future__ import annotations
 
@@ -9,14 +9,27 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:  # only for annotations: the records live with the code that makes them
-    from omnifuse_cli.engine.crossval import FoldResult
-    from omnifuse_cli.engine.training import EpochRecord
+    from omnifuse_cli.engine.cv import FoldResult
+    from omnifuse_cli.engine.fitting import EpochRecord
 
-# message: a line for the user (text); encode: frozen-backbone features done/total; batch:
-# training batches done/total in this epoch; epoch: an epoch finished (record); fold: a cv fold
-# starts (text names it); fold-done: a cv fold finished (fold); refit: cv's final model (text);
-# write: files written done/total (make-data).
-EventKind = Literal["message", "encode", "batch", "epoch", "fold", "fold-done", "refit", "write"]
+# message: a line for the user (text); warning: a line the user must not miss (text: a result
+# is weaker than asked, e.g. random image weights where ImageNet ones were wanted); encode:
+# frozen-backbone features done/total; batch: training batches done/total in this epoch; epoch:
+# an epoch finished (record); fold: a cv fold starts (text names it); fold-done: a cv fold
+# finished (fold); refit: cv's final model (text); score: patients scored done/total (predict,
+# evaluate); write: patients written done/total (make-data).
+EventKind = Literal[
+    "message",
+    "warning",
+    "encode",
+    "batch",
+    "epoch",
+    "fold",
+    "fold-done",
+    "refit",
+    "score",
+    "write",
+]
 EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 
 

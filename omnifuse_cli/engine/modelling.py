@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -56,19 +58,50 @@ def build_model(
     return OmniFuse(config, encoders)
 
 
-def load_image_weights(model: OmniFuse, image: ImageConfig) -> str:
-    """Initialise every image trunk as asked; returns a description for meta.csv."""
+@dataclass(frozen=True)
+class ImageWeights:
+    """What initialised the image trunks, as a run records it (meta.csv, config.yaml, report)."""
+
+    description: str  # one line for people: "ImageNet ... (cached PATH)", "random init (...)"
+    source: Literal["imagenet", "file", "random", "none"]
+    path: str = ""  # the weights file loaded
+    sha256: str = ""  # of that file: which weights exactly, whatever the file is called
+    # --pretrained-image auto found no ImageNet weights and the run starts from random ones:
+    # features far weaker than the user probably expects, so the run warns.
+    fallback: bool = False
+
+    def meta(self) -> dict[str, str]:
+        return {
+            "image_weights": self.description,
+            "image_weights_source": self.source,
+            "image_weights_sha256": self.sha256,
+        }
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_image_weights(model: OmniFuse, image: ImageConfig) -> ImageWeights:
+    """Initialise every image trunk as asked; returns what was loaded."""
     trunks = [e.backbone for e in model.encoders.values() if isinstance(e, ImageEncoder)]
     if not trunks:
-        return "none (no image modality)"
+        return ImageWeights("none (no image modality)", "none")
     if image.weights_path:
-        state, source = _state_from_file(Path(image.weights_path)), f"file {image.weights_path}"
+        path = Path(image.weights_path)
+        state, source = _state_from_file(path), f"file {image.weights_path}"
+        kind: Literal["imagenet", "file"] = "file"
     elif image.pretrained == "no":
-        return "random init (--no-pretrained-image)"
+        return ImageWeights("random init (--no-pretrained-image)", "random")
     else:
-        state, source = _imagenet_state(image.backbone, download=image.pretrained == "yes")
+        state, source, found = _imagenet_state(image.backbone, download=image.pretrained == "yes")
         if state is None:
-            return source
+            return ImageWeights(source, "random", fallback=True)
+        path, kind = found, "imagenet"
     mapped = trunk_state(trunks[0], state)  # every image modality has the same backbone
     for trunk in trunks:
         try:
@@ -80,7 +113,7 @@ def load_image_weights(model: OmniFuse, image: ImageConfig) -> str:
                 hint=f"pass a state dict of torchvision's {image.backbone} (same model, same "
                 f"depth as --image-backbone {image.backbone})",
             ) from err
-    return source
+    return ImageWeights(source, kind, str(path.resolve()), file_sha256(path))
 
 
 def _state_from_file(path: Path) -> dict[str, Any]:
@@ -108,7 +141,8 @@ def _state_from_file(path: Path) -> dict[str, Any]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _imagenet_state(backbone: str, *, download: bool) -> tuple[dict[str, Any] | None, str]:
+def _imagenet_state(backbone: str, *, download: bool) -> tuple[dict[str, Any] | None, str, Path]:
+    """(state or None, description, the file in the torch cache)."""
     import torchvision
 
     available = torchvision.models.get_model_weights(backbone)
@@ -119,12 +153,14 @@ def _imagenet_state(backbone: str, *, download: bool) -> tuple[dict[str, Any] | 
         cached = folder / Path(candidate.url).name
         if cached.is_file():
             state = torch.load(cached, map_location="cpu", weights_only=True)
-            return state, f"ImageNet {candidate} (cached {cached})"
+            return state, f"ImageNet {candidate} (cached {cached})", cached
     weights = available.DEFAULT
     if not download:
-        return None, (
+        return (
+            None,
             f"random init (ImageNet weights for {backbone} not in {folder}; pass "
-            "--pretrained-image to download them or --image-weights PATH)"
+            "--pretrained-image to download them or --image-weights PATH)",
+            folder,
         )
     try:
         state = weights.get_state_dict(progress=False)
@@ -134,7 +170,8 @@ def _imagenet_state(backbone: str, *, download: bool) -> tuple[dict[str, Any] | 
             hint=f"offline? copy the file {Path(weights.url).name} to {folder}, pass "
             "--image-weights PATH to a local state dict, or use --no-pretrained-image",
         ) from err
-    return state, f"ImageNet {weights} (downloaded)"
+    # torchvision keeps the download in the same cache folder, where it is hashed like a cached one.
+    return state, f"ImageNet {weights} (downloaded)", folder / Path(weights.url).name
 
 
 def load_text_backbone(name: str) -> tuple[Any, nn.Module, int]:

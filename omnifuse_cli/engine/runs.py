@@ -1,8 +1,13 @@
-"""Reading what a training run left behind: its meta.csv, split assignment and bundle."""
+"""Reading what a training run left behind: its meta.csv, split assignment and bundle; and
+rebuilding the saved request of a run or cross-validation."""
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -41,3 +46,33 @@ def find_latest_run(root: Path = Path("runs")) -> Path:
             hint="train one with `omnifuse train MANIFEST --num-classes C`, or pass --run RUN_DIR",
         )
     return bundles[-1].parent.parent
+
+
+def from_primitive(cls: type, raw: Any) -> Any:
+    """Rebuild a (nested, frozen) config dataclass saved with to_primitive: lists become the
+    tuples the field types name, dicts the dataclasses."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            values[f.name] = _coerce(hints[f.name], raw[f.name])
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return from_primitive(hint, value)  # type: ignore[arg-type]
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is tuple and isinstance(value, list):
+        inner = args[0] if args else Any
+        return tuple(_coerce(inner, v) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            if arg is not type(None) and (
+                dataclasses.is_dataclass(arg) or typing.get_origin(arg) is tuple
+            ):
+                return _coerce(arg, value)
+    if hint is Path and isinstance(value, str):
+        return Path(value)
+    return value

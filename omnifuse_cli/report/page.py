@@ -1078,7 +1078,10 @@ def _page(inputs: ReportInputs, sections: list[tuple[str, str, str]]) -> str:
                 f"{METRIC_LABELS[key]} <b>{_num(row['value'])}</b>"
                 + (f" (95% CI {interval})" if interval else "")
             )
-    notes = "".join(f'<p class="note">{_e(n)}</p>' for n in inputs.notes)
+    warned = [w for w in inputs.meta.get("warnings", "").split(" | ") if w]
+    notes = "".join(
+        f'<p class="warn run-warning"><b>Warning:</b> {_e(w)}</p>' for w in warned
+    ) + "".join(f'<p class="note">{_e(n)}</p>' for n in inputs.notes)
     nav = "".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title, _ in sections)
     body = "".join(
         f'<section id="{sid}"><h2>{_e(title)}</h2>{content}</section>'

@@ -1,0 +1,471 @@
+"""Running a cross-validation: encode once with the frozen backbones, train and test every fold
+fit (writing its files as soon as it is done, so --resume continues after it), pool the results
+and train the final --refit model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from omnifuse_cli.config import TrainConfig, to_primitive
+from omnifuse_cli.data.cache import FeatureArray
+from omnifuse_cli.data.manifest import Cohort, check_trainable, read_manifest, reading_options
+from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
+from omnifuse_cli.data.splits import training_patients
+from omnifuse_cli.engine import distributed
+from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle
+from omnifuse_cli.engine.cv.folder import (
+    prepare_cv_dir,
+    read_fold,
+    run_meta,
+    write_key_values,
+    write_meta,
+    write_split,
+)
+from omnifuse_cli.engine.cv.folds import (
+    assign_folds_labelled,
+    fold_dir,
+    fold_seed,
+    folds_frame,
+    inner_split,
+    plan_folds,
+    read_groups,
+    val_share,
+)
+from omnifuse_cli.engine.cv.request import (
+    ENCODING,
+    FINAL_DIR,
+    FOLD_DONE,
+    REFIT_DONE,
+    CVRequest,
+    Variant,
+    cv_digests,
+)
+from omnifuse_cli.engine.cv.summary import CVResult, FoldResult, labelled_only, summarise
+from omnifuse_cli.engine.epoch import backbone_names
+from omnifuse_cli.engine.events import EventFn, ProgressEvent
+from omnifuse_cli.engine.files import write_csv, write_text_atomic
+from omnifuse_cli.engine.finishing import fit_finish, fit_linear, posthoc_meta
+from omnifuse_cli.engine.fitting import fit_model, infer_all
+from omnifuse_cli.engine.inference import cache_frozen_features, feature_cache, resolve_device
+from omnifuse_cli.engine.machine import set_threads
+from omnifuse_cli.engine.metrics import full_metrics
+from omnifuse_cli.engine.outputs import conformal_sets
+from omnifuse_cli.engine.posthoc import KEY as POSTHOC
+from omnifuse_cli.engine.posthoc import PostHoc
+from omnifuse_cli.engine.prediction import prediction_frame
+from omnifuse_cli.engine.training import TrainRequest, build_for_cohort, weights_warning
+from omnifuse_cli.errors import TrainingInterrupted
+from omnifuse_cli.model.omnifuse import OmniFuse
+
+
+def _train_request(
+    request: CVRequest, variant: Variant, cfg: TrainConfig | None = None
+) -> TrainRequest:
+    return TrainRequest(
+        manifest=request.manifest,
+        num_classes=request.num_classes,
+        out_dir=request.out_dir,
+        data=variant.data,
+        method=variant.method,
+        train=cfg or variant.train,
+    )
+
+
+@dataclass
+class _Encoded:
+    """Frozen backbones' weights and the features they gave, shared by every fold."""
+
+    states: dict[str, dict[str, torch.Tensor]]
+    image_cache: dict[str, FeatureArray]  # memory-mapped from the feature cache, or in memory
+    image_dims: dict[str, int]
+    text_cache: dict[str, FeatureArray]
+    weights: str
+    seconds: float
+
+
+def _encoding_key(variant: Variant) -> str:
+    text = to_primitive(variant.data.text) if variant.data.text.encoder == "hf" else None
+    return json.dumps([to_primitive(variant.data.image), text], sort_keys=True)
+
+
+def _encode(
+    cohort: Cohort, request: CVRequest, variant: Variant, device: torch.device, emit: EventFn
+) -> _Encoded:
+    cfg = variant.train
+    torch.manual_seed(request.base.train.seed)
+    model, pre, loaded = build_for_cohort(
+        cohort, np.arange(len(cohort)), _train_request(request, variant)
+    )
+    if loaded.fallback:
+        emit(ProgressEvent("warning", text=weights_warning(loaded)))
+    weights = loaded.description
+    names = backbone_names(model)
+    if not names:
+        return _Encoded({}, {}, {}, {}, weights, 0.0)
+    emit(
+        ProgressEvent(
+            "message", text="encoding images/notes once for every fold with the frozen backbones"
+        )
+    )
+    data = pre.prepare(cohort)
+    model.to(device)
+    t0 = time.perf_counter()
+    cache_frozen_features(
+        model,
+        data,
+        names,
+        device=device,
+        batch_size=cfg.encode_batch_size,
+        amp=cfg.amp,
+        progress=lambda d, t: emit(ProgressEvent("encode", d, t)),
+        num_workers=cfg.num_workers,
+        cache=feature_cache(cfg.cache_dir, cfg.cache),
+        notify=lambda text: emit(ProgressEvent("message", text=text)),
+    )
+    states = {
+        n: {
+            k: v.detach().to("cpu", copy=True)
+            for k, v in model.encoders[n].backbone.state_dict().items()
+        }
+        for n in names
+    }
+    return _Encoded(
+        states,
+        dict(data.image_cache),
+        dict(data.image_feature_dims),
+        dict(data.text_cache),
+        weights,
+        time.perf_counter() - t0,
+    )
+
+
+def _fit(
+    cohort: Cohort,
+    request: CVRequest,
+    variant: Variant,
+    enc: _Encoded,
+    cfg: TrainConfig,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    device: torch.device,
+    emit: EventFn,
+    out: Path,
+    unlabeled: np.ndarray | None = None,
+) -> tuple[OmniFuse, Preprocessor, PreparedCohort, int, PostHoc]:
+    """`train`'s model building, epoch loop and post-hoc fit (temperature, operating point,
+    conformal scores on the inner validation split) on given patients, with the shared
+    features; ``unlabeled`` patients join the training patients (fitting.fit_model)."""
+    splits = {"train": train_idx, "val": val_idx}
+    if unlabeled is not None and len(unlabeled):
+        splits["unlabeled"] = unlabeled
+    torch.manual_seed(cfg.seed)
+    model, pre, _ = build_for_cohort(
+        cohort, training_patients(splits), _train_request(request, variant, cfg)
+    )
+    data = pre.prepare(cohort)
+    for name, state in enc.states.items():
+        backbone = model.encoders[name].backbone
+        backbone.load_state_dict(state)
+        backbone.requires_grad_(False)
+    data.image_cache.update(enc.image_cache)
+    data.image_feature_dims.update(enc.image_dims)
+    data.text_cache.update(enc.text_cache)
+    model.to(device)
+
+    def on_epoch(rows: list[dict[str, Any]]) -> None:
+        write_csv(out / "metrics.csv", pd.DataFrame(rows))
+
+    records, best_epoch, best_state = fit_model(
+        model, data, splits, cfg, request.num_classes, emit, on_epoch=on_epoch
+    )
+    model.load_state_dict(best_state)
+    linear = fit_linear(model, data, splits, cfg, device)
+    posthoc = fit_finish(
+        model, data, splits, cfg, device, [str(c) for c in range(request.num_classes)], linear
+    )
+    return model, pre, data, best_epoch, posthoc
+
+
+def run_cv(
+    request: CVRequest, on_event: EventFn | None = None, *, resume: bool = False
+) -> CVResult:
+    """Cross-validate (resume=True: continue after the last complete fold).
+
+    Under torchrun every fold fit trains with DDP on all processes (engine/fitting.py); rank 0
+    alone writes files and pools the results, and the other ranks get its summary."""
+    with distributed.session(resolve_device(request.base.train.device)) as device:
+        return _run_cv(request, on_event or (lambda event: None), device, resume)
+
+
+def _run_cv(request: CVRequest, emit: EventFn, device: torch.device, resume: bool) -> CVResult:
+    t_start = time.perf_counter()
+    base = request.base
+    if device.type == "cpu" or base.train.threads:
+        set_threads(base.train.threads)
+    main = distributed.is_main()
+    with distributed.together("reading the data"):
+        cohort = read_manifest(
+            request.manifest,
+            base.data.modalities,
+            num_classes=request.num_classes,
+            allow_unlabeled=True,
+            **reading_options(base.data),
+        )
+        check_trainable(cohort, request.num_classes)
+        assert cohort.labels is not None
+        labels = cohort.labels
+        groups = (
+            read_groups(request.manifest, request.group_col, len(cohort))
+            if request.group_col
+            else None
+        )
+        assignment = assign_folds_labelled(
+            labels, request.folds, request.repeats, base.train.seed, groups, request.group_col or ""
+        )
+        plans = plan_folds(request, labels, assignment, groups)
+        for plan in plans:
+            distributed.check_world_fits(len(plan.train), plan.variant.train.batch_size)
+        digests = cv_digests(request) if distributed.active() else {}
+    distributed.check_same_data(digests)
+    folds_table = folds_frame(cohort, assignment, groups)
+    out_dir = Path(request.out_dir)
+    with distributed.together("preparing the cv folder"):
+        if main:
+            prepare_cv_dir(request, resume, folds_table)
+    for note in cohort.notes:
+        emit(ProgressEvent("message", text=note))
+
+    class_names = [str(c) for c in range(request.num_classes)]
+    total = len(plans) + int(request.refit)
+    results: list[FoldResult] = []
+    encoded: dict[str, _Encoded] = {}
+    current = ""
+    try:
+        for i, plan in enumerate(plans):
+            out = fold_dir(out_dir, plan.variant.name, plan.repeat, plan.fold)
+            current = f"{plan.variant.name} rep {plan.repeat} fold {plan.fold}"
+            saved = distributed.broadcast_object(
+                read_fold(out) if main and (out / FOLD_DONE).is_file() else None
+            )
+            if saved is not None:
+                results.append(saved)
+                emit(ProgressEvent("fold-done", i + 1, total, fold=saved))
+                continue
+            emit(ProgressEvent("fold", i, total, text=current))
+            enc = _encoded_for(encoded, cohort, request, plan.variant, device, emit)
+            cfg = dataclasses.replace(
+                plan.variant.train, seed=fold_seed(plan.variant.train, plan.repeat, plan.fold)
+            )
+            t0 = time.perf_counter()
+            model, _, data, best_epoch, posthoc = _fit(
+                cohort,
+                request,
+                plan.variant,
+                enc,
+                cfg,
+                plan.train,
+                plan.val,
+                device,
+                emit,
+                out,
+                plan.unlabeled,
+            )
+            inference = infer_all(
+                model, data, plan.test, device=device, batch_size=cfg.batch_size, amp=cfg.amp
+            )
+            raw = np.exp(inference.log_probs)
+            probs = posthoc.probabilities(inference.log_probs)
+            pred = posthoc.decide(probs)
+            y = labels[inference.index]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a small fold may miss a class: metrics say n/a
+                metrics = full_metrics(y, probs, request.num_classes, pred)
+            result = FoldResult(
+                plan.variant.name,
+                plan.repeat,
+                plan.fold,
+                len(plan.train),
+                len(plan.val),
+                len(plan.test),
+                best_epoch,
+                metrics,
+                time.perf_counter() - t0,
+            )
+            if main:
+                sets, mode = conformal_sets(posthoc.conformal, probs, request.conformal)
+                frame = prediction_frame(
+                    [cohort.ids[j] for j in inference.index],
+                    y,
+                    probs,
+                    cohort.present[inference.index],
+                    cohort.names,
+                    class_names,
+                    inference.weights,
+                    pred=pred,
+                    sets=sets,
+                    raw=raw,
+                )
+                if posthoc.threshold is not None:
+                    frame["threshold"] = posthoc.threshold
+                if sets is not None:
+                    frame["conformal_mode"] = mode
+                for position, (key, value) in enumerate(
+                    (("variant", plan.variant.name), ("repeat", plan.repeat), ("fold", plan.fold))
+                ):
+                    frame.insert(position, key, value)
+                write_csv(out / "predictions.csv", frame)
+                write_split(
+                    out,
+                    cohort,
+                    {
+                        "train": plan.train,
+                        "val": plan.val,
+                        "test": plan.test,
+                        "unlabeled": plan.unlabeled,
+                    },
+                )
+                write_text_atomic(out / FOLD_DONE, json.dumps(dataclasses.asdict(result), indent=1))
+            results.append(result)
+            emit(ProgressEvent("fold-done", i + 1, total, fold=result))
+        current = "the summary"
+        summary = distributed.broadcast_object(
+            summarise(request, labelled_only(cohort)) if main else None
+        )
+        refit_dir = None
+        if request.refit:
+            current = "the final --refit model"
+            refit_dir = _refit(cohort, request, groups, encoded, device, emit, total)
+    except (KeyboardInterrupt, TrainingInterrupted):
+        done = sum(
+            1
+            for p in plans
+            if (fold_dir(out_dir, p.variant.name, p.repeat, p.fold) / FOLD_DONE).is_file()
+        )
+        stop = TrainingInterrupted(
+            f"cross-validation stopped during {current}; {done} of {len(plans)} fold fits are "
+            f"complete and saved in {out_dir}",
+            hint=f"continue with: omnifuse cv --resume {out_dir}",
+        )
+        stop.all_ranks = True  # type: ignore[attr-defined]  # every rank got the Ctrl-C
+        raise stop from None
+    encoding = distributed.broadcast_object(_encoding_record(out_dir, encoded) if main else None)
+    encode_seconds = encoding["encode_seconds"]
+    seconds = time.perf_counter() - t_start
+    weights = encoding["image_weights"]
+    if main:
+        write_meta(out_dir, request, cohort, device, weights, encode_seconds, seconds)
+    distributed.barrier()  # no rank reports success before the last file is written
+    return CVResult(
+        out_dir=out_dir,
+        n_patients=len(cohort),
+        class_names=class_names,
+        variants=[v.name for v in request.all_variants],
+        metrics=summary["metrics"],
+        patterns=summary["patterns"],
+        confusion=summary["confusion"],
+        differences=summary["differences"],
+        folds=results,
+        encode_seconds=encode_seconds,
+        seconds=seconds,
+        refit_dir=refit_dir,
+        notes=list(cohort.notes),
+    )
+
+
+def _encoded_for(
+    cache: dict[str, _Encoded],
+    cohort: Cohort,
+    request: CVRequest,
+    variant: Variant,
+    device: torch.device,
+    emit: EventFn,
+) -> _Encoded:
+    key = _encoding_key(variant)
+    if key not in cache:
+        cache[key] = _encode(cohort, request, variant, device, emit)
+    return cache[key]
+
+
+def _encoding_record(out_dir: Path, encoded: dict[str, _Encoded]) -> dict[str, Any]:
+    """What the encoding used and cost; an invocation that encoded nothing (every fold already
+    done) keeps the record of the one that did."""
+    path = out_dir / ENCODING
+    if not encoded and path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    record = {
+        "image_weights": next(iter(encoded.values())).weights if encoded else "",
+        "encode_seconds": round(sum(e.seconds for e in encoded.values()), 3),
+    }
+    write_text_atomic(path, json.dumps(record))
+    return record
+
+
+def _refit(
+    cohort: Cohort,
+    request: CVRequest,
+    groups: np.ndarray | None,
+    encoded: dict[str, _Encoded],
+    device: torch.device,
+    emit: EventFn,
+    total: int,
+) -> Path:
+    """The base model trained on every patient (an inner validation split picks the epoch),
+    saved as a run folder for `omnifuse predict`."""
+    out = Path(request.out_dir) / FINAL_DIR
+    if distributed.broadcast_object((out / REFIT_DONE).is_file()):
+        emit(ProgressEvent("refit", total, total, text="final model (already trained)"))
+        return out
+    assert cohort.labels is not None
+    base = request.base
+    emit(ProgressEvent("refit", total - 1, total, text="final model on all patients"))
+    unlabeled = np.flatnonzero(cohort.labels < 0)
+    train_idx, val_idx = inner_split(
+        cohort.labels,
+        np.flatnonzero(cohort.labels >= 0),
+        val_share(base.train),
+        base.train.seed,
+        groups,
+        "the final model",
+    )
+    enc = _encoded_for(encoded, cohort, request, base, device, emit)
+    model, pre, _, best_epoch, posthoc = _fit(
+        cohort, request, base, enc, base.train, train_idx, val_idx, device, emit, out, unlabeled
+    )
+    if not distributed.is_main():
+        return out
+    write_split(out, cohort, {"train": train_idx, "val": val_idx, "unlabeled": unlabeled})
+    meta = run_meta(request, cohort, device, enc.weights)
+    meta.update(
+        {
+            "n_train": len(train_idx),
+            "n_val": len(val_idx),
+            "n_test": 0,
+            "n_unlabeled": len(unlabeled),
+            "best_epoch": best_epoch,
+            **posthoc_meta(posthoc),
+        }
+    )
+    save_bundle(
+        out / BUNDLE_DIR,
+        model,
+        pre,
+        class_names=[str(c) for c in range(request.num_classes)],
+        extra={"best_epoch": best_epoch, "run": meta, POSTHOC: posthoc.to_dict()},
+    )
+    write_key_values(out / "meta.csv", meta)
+    write_text_atomic(
+        out / REFIT_DONE,
+        json.dumps({"best_epoch": best_epoch, "n_train": len(train_idx), "n_val": len(val_idx)}),
+    )
+    emit(ProgressEvent("refit", total, total, text="final model saved"))
+    return out
