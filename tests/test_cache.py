@@ -20,6 +20,7 @@ from omnifuse_cli.data.cache import (
     FeatureArray,
     FeatureCache,
     default_cache_dir,
+    files_content,
 )
 from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.engine.inference import cache_frozen_features
@@ -44,6 +45,8 @@ class Encoded:
         image: ImageConfig = SMALL,
         model: Any = None,
         tamper: Any = None,
+        num_workers: int = 0,
+        watch: Any = None,
     ) -> None:
         request = tiny_request(manifest, manifest.parent / "unused", image=image)
         cohort = read_manifest(manifest, request.data.modalities, num_classes=3)
@@ -63,6 +66,8 @@ class Encoded:
 
         with monkeypatch.context() as patch:
             patch.setattr(ImageEncoder, "forward_features", counting)
+            if watch:  # patches that watch the encoding alone, not reading the manifest
+                watch(patch)
             cache_frozen_features(
                 self.model,
                 self.data,
@@ -72,6 +77,7 @@ class Encoded:
                 amp=False,
                 cache=cache,
                 notify=self.messages.append,
+                num_workers=num_workers,
             )
         self.features = self.data.image_cache["us"]
 
@@ -451,6 +457,9 @@ def test_two_processes_encode_half_each_and_share_one_entry(
     ranks = [np.load(tmp_path / "first" / f"rank{r}.npy") for r in range(2)]
     np.testing.assert_array_equal(ranks[0], ranks[1])
     np.testing.assert_allclose(ranks[0], memory.flat(), rtol=1e-5, atol=1e-6)
+    # The digests the two ranks took while encoding combine into that of the files on disk.
+    views = [v for patient in memory.data.images["us"] for v in patient]
+    assert json.loads((entry / ENTRY_FILE).read_text())["content"] == files_content(views)
     alone = Encoded(tiny_manifest, FeatureCache(cache), monkeypatch)  # one process, same entry
     assert alone.encoded == 0 and alone.said("reusing cached us features")
     again = _spawn(memory, cache, tmp_path / "again")
@@ -628,3 +637,162 @@ def test_views_per_patient_and_precision_are_part_of_the_key(
     moved = {**parts, "views": tokens_fingerprint([[1] * N_IMAGES])}  # same files, regrouped
     assert entry_key(moved) != entry_key(parts)
     assert entry_key({**parts, "precision": "bf16"}) != entry_key(parts)
+
+
+# -- the images' content decides a hit (issue: "a content hash of every image") ----------------
+
+
+def _stat_blind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stat fingerprint that cannot see a replacement (the same inode and times after a
+    restore, a filesystem without a reliable ctime, Windows' creation-time ctime): only the
+    names count, so the key finds the old entry and the content alone must tell."""
+    from omnifuse_cli.engine import inference
+
+    monkeypatch.setattr(
+        inference, "files_fingerprint", lambda paths: "|".join(os.fspath(p) for p in paths)
+    )
+
+
+def _entry_content(cache: FeatureCache) -> str:
+    (entry,) = entries(cache.root)
+    return json.loads((entry / ENTRY_FILE).read_text())["content"]
+
+
+def _views(run: Encoded) -> list:
+    return [v for patient in run.data.images["us"] for v in patient]
+
+
+def test_other_bytes_behind_the_same_stat_key_encode_again(
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _stat_blind(monkeypatch)
+    manifest, image = _copy_cohort(tiny_manifest, tmp_path)
+    cache = FeatureCache(tmp_path / "cache")
+    first = Encoded(manifest, cache, monkeypatch)
+    (entry,) = entries(cache.root)
+    _same_size_other_pixels(image)
+    again = Encoded(manifest, cache, monkeypatch)
+    assert again.encoded == N_IMAGES
+    assert again.said(f"cached us features in {entry} are damaged or stale (an image's content")
+    assert entries(cache.root) == [entry]  # the stale entry was replaced, not kept beside it
+    memory = Encoded(manifest, None, monkeypatch)
+    np.testing.assert_allclose(again.flat(), memory.flat(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(again.flat(), first.flat())
+    assert Encoded(manifest, cache, monkeypatch).encoded == 0  # the new entry is current
+
+
+def test_a_hit_reads_each_file_once_and_decodes_none(
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+
+    from omnifuse_cli.data import images
+
+    cache = FeatureCache(tmp_path / "cache")
+    first = Encoded(tiny_manifest, cache, monkeypatch)
+    files = {os.path.abspath(v) for v in _views(first)}
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def spy(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) in files:
+            opened.append(os.path.abspath(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    def no_decoding(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a cache hit decoded an image")
+
+    def watch(patch: pytest.MonkeyPatch) -> None:
+        patch.setattr(builtins, "open", spy)
+        patch.setattr(images, "load_image", no_decoding)
+
+    hit = Encoded(tiny_manifest, cache, monkeypatch, watch=watch)
+    assert hit.encoded == 0 and hit.said("reusing cached us features")
+    assert sorted(opened) == sorted(files)  # hashed: every file once, and no file twice
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_digest_taken_while_encoding_is_the_digest_of_the_files(
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, num_workers: int
+) -> None:
+    from omnifuse_cli.data import images
+
+    decoded: list[bool] = []
+    real = images.load_image
+
+    def from_memory(view: Any, transform: Any, data: bytes | None = None) -> torch.Tensor:
+        decoded.append(data is not None)
+        return real(view, transform, data)
+
+    monkeypatch.setattr(images, "load_image", from_memory)
+    cache = FeatureCache(tmp_path / "cache")
+    first = Encoded(tiny_manifest, cache, monkeypatch, num_workers=num_workers)
+    assert first.encoded == N_IMAGES
+    if num_workers == 0:  # the spy is not seen inside worker processes
+        assert decoded == [True] * N_IMAGES  # every image decoded from the bytes it hashed
+    assert _entry_content(cache) == files_content(_views(first))
+    assert Encoded(tiny_manifest, cache, monkeypatch).encoded == 0
+
+
+def test_an_entry_without_a_content_digest_is_not_served(
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = FeatureCache(tmp_path / "cache")
+    Encoded(tiny_manifest, cache, monkeypatch)
+    (entry,) = entries(cache.root)
+    info = json.loads((entry / ENTRY_FILE).read_text())
+    del info["content"]  # as an older omnifuse wrote it
+    (entry / ENTRY_FILE).write_text(json.dumps(info))
+    again = Encoded(tiny_manifest, cache, monkeypatch)
+    assert again.encoded == N_IMAGES
+    assert again.said("it records no digest of the images' content")
+    assert "content" in json.loads((entry / ENTRY_FILE).read_text())
+
+
+def test_dicom_files_are_hashed_from_the_bytes_they_are_decoded_from(
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pydicom = pytest.importorskip("pydicom")
+    from omnifuse_cli.data import images
+    from omnifuse_cli.data.images import DicomFrame
+
+    _stat_blind(monkeypatch)
+    manifest, _ = _copy_cohort(tiny_manifest, tmp_path)
+    shipped = Path(pydicom.data.__file__).with_name("test_files")
+    ct = manifest.parent / "us" / "ct.dcm"  # uncompressed: pixel bytes can be edited in place
+    shutil.copy(shipped / "CT_small.dcm", ct)
+    shutil.copy(shipped / "examples_ybr_color.dcm", manifest.parent / "us" / "cine.dcm")
+    text = manifest.read_text(encoding="utf-8")
+    assert "us/1002_0.png;us/1002_1.png" in text and "us/1004_0.png|" in text
+    text = text.replace("us/1002_0.png;us/1002_1.png", "us/cine.dcm")  # 30 frames
+    manifest.write_text(text.replace("us/1004_0.png|", "us/ct.dcm|"), encoding="utf-8")
+
+    reads: list[tuple[str, int, bool]] = []
+    real = images.read_frame
+
+    def spy(path: Path, frame: int = 0, *, data: bytes | None = None) -> Any:
+        reads.append((Path(path).name, frame, data is not None))
+        return real(path, frame, data=data)
+
+    monkeypatch.setattr(images, "read_frame", spy)
+    cache = FeatureCache(tmp_path / "cache")
+    first = Encoded(manifest, cache, monkeypatch)
+    frames = [v.index for v in _views(first) if isinstance(v, DicomFrame)]
+    assert len(frames) > 1 and first.encoded == len(_views(first))
+    # The cine file is read and hashed once, at its first frame; its other frames are read
+    # by themselves. The CT file is decoded from the bytes that were hashed.
+    assert sorted(reads) == sorted(
+        [("ct.dcm", 0, True), ("cine.dcm", frames[0], True)]
+        + [("cine.dcm", k, False) for k in frames[1:]]
+    )
+    assert _entry_content(cache) == files_content(_views(first))
+    assert Encoded(manifest, cache, monkeypatch).encoded == 0
+
+    row = next(i for i, v in enumerate(_views(first)) if Path(v) == ct)
+    raw = bytearray(ct.read_bytes())
+    raw[-4000:] = bytes(255 - b for b in raw[-4000:])  # other pixels, same size
+    ct.write_bytes(bytes(raw))
+    again = Encoded(manifest, cache, monkeypatch)
+    assert again.encoded == len(_views(first))
+    assert not np.allclose(again.flat()[row], first.flat()[row])
+    np.testing.assert_array_equal(np.delete(again.flat(), row, 0), np.delete(first.flat(), row, 0))

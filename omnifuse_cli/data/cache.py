@@ -12,6 +12,12 @@ The key hashes what decides the features: the modality, the image files (path, r
 size, mtime, inode, ctime) or the note tokens, how many views each patient has, the image size,
 the backbone's weights, the compute precision, the versions of omnifuse, its preprocessing,
 torch, torchvision, Pillow (and pydicom for DICOM inputs) and this file format's version.
+
+The key only finds a candidate: file times are no proof of content (Windows' ctime is the
+creation time, a restore may keep inode and times, some filesystems keep no reliable ctime).
+An image entry also records a digest of every image file's bytes, computed from the very bytes
+that were decoded for encoding; a candidate is served only when the files, hashed again (one
+read, no decoding), give the same digest. An image entry without a digest is never served.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,14 @@ ENTRY_FILE = "entry.json"
 FEATURES_FILE = "features.npy"
 OFFSETS_FILE = "offsets.npy"
 _CHUNK_ROWS = 8192  # rows hashed or copied at a time: memory stays bounded for any cohort
+_READ_BYTES = 1 << 20  # an image file is hashed a block at a time: any size fits in memory
+# Image bytes are hashed with sha256: CPUs with SHA instructions (most x86 and ARM servers and
+# laptops of recent years) hash it about three times as fast as blake2b, and on a cache hit
+# hashing is most of the added cost.
+DIGEST_SIZE = 32
+# One row per view: its file's length and digest_of(its bytes), or size -1 where the view was
+# not hashed (a later view of a file already hashed: a cine loop's other frames).
+RECORD = np.dtype([("size", "<i8"), ("digest", "u1", (DIGEST_SIZE,))])
 
 
 def default_cache_dir() -> Path:
@@ -52,11 +66,11 @@ def default_cache_dir() -> Path:
 
 def files_fingerprint(paths: Iterable[os.PathLike | str]) -> str:
     """Hash of each file's absolute path, the file it resolves to (a re-pointed symlink is
-    another file), its size, modification time, inode and status-change time: a replaced or
-    edited image changes the key without reading any pixels, also when the replacement has the
-    same size and a preserved modification time (a restore from backup, `cp -p`): writing a
-    file's content always sets its status-change time. A frame of a multi-frame file (an
-    os.PathLike with an ``index``, data.images.DicomFrame) is the file plus its frame number."""
+    another file), its size, modification time, inode and status-change time: most replaced or
+    edited images change the key without reading any bytes, so their stale entry is not even
+    opened. It only finds a candidate entry: the content digest decides (see the module's
+    docstring). A frame of a multi-frame file (an os.PathLike with an ``index``,
+    data.images.DicomFrame) is the file plus its frame number."""
     digest = hashlib.blake2b(digest_size=20)
     for path in paths:
         name = os.path.abspath(path)
@@ -104,6 +118,68 @@ def code_versions(images: bool = False) -> dict[str, str]:
         else:
             out["pydicom"] = pydicom.__version__
     return out
+
+
+def digest_of(data: bytes) -> bytes:
+    """The digest of one image file's bytes (what data.images.HashedImageFiles computes from
+    the bytes it decodes)."""
+    return hashlib.sha256(data).digest()
+
+
+def file_record(path: os.PathLike | str) -> tuple[int, bytes]:
+    """(length, digest_of(bytes)) of a file, read a block at a time and not decoded."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_READ_BYTES), b""):
+            digest.update(block)
+            size += len(block)
+    return size, digest.digest()
+
+
+def first_views(paths: Sequence[os.PathLike | str]) -> np.ndarray:
+    """(views,) bool: True at the first view of each file. Only those are hashed, so a file
+    shared by several views (a cine loop's frames) is read for hashing once."""
+    seen: set[str] = set()
+    first = np.zeros(len(paths), dtype=bool)
+    for i, path in enumerate(paths):
+        name = os.path.abspath(path)
+        if name not in seen:
+            seen.add(name)
+            first[i] = True
+    return first
+
+
+def new_records(rows: int) -> np.ndarray:
+    """RECORDs for ``rows`` views, none hashed yet."""
+    records = np.zeros(rows, dtype=RECORD)
+    records["size"] = -1
+    return records
+
+
+def content_digest(paths: Sequence[os.PathLike | str], records: np.ndarray) -> str:
+    """The digest of the image files' content: the per-file digests in ``records`` (one row
+    per view, RECORD), taken at each file's first view in view order and framed by that
+    position and the file's length. Files hashed in any order (DataLoader workers, several
+    ranks) give the same digest."""
+    digest = hashlib.sha256()
+    for i in np.flatnonzero(first_views(paths)):
+        size = int(records["size"][i])
+        if size < 0:
+            raise ValueError(f"the file of view {i} was not hashed")
+        digest.update(f"{i}:{size}\n".encode())
+        digest.update(records["digest"][i].tobytes())
+    return digest.hexdigest()
+
+
+def files_content(paths: Sequence[os.PathLike | str]) -> str:
+    """content_digest of the files as they are on disk now: each read once, none decoded."""
+    records = new_records(len(paths))
+    for i in np.flatnonzero(first_views(paths)):
+        size, digest = file_record(paths[int(i)])
+        records["size"][i] = size
+        records["digest"][i] = np.frombuffer(digest, dtype=np.uint8)
+    return content_digest(paths, records)
 
 
 def tokens_fingerprint(seqs: Sequence[Sequence[int]]) -> str:
@@ -235,15 +311,23 @@ class FeatureCache:
         return self.root / f"{modality}-{key[:20]}"
 
     def open(
-        self, modality: str, key: str, *, verify: bool = True
+        self,
+        modality: str,
+        key: str,
+        *,
+        verify: bool = True,
+        content: Callable[[], str] | None = None,
     ) -> tuple[FeatureArray | None, str | None]:
         """(features, None) for a complete entry; (None, None) when there is none; (None,
-        reason) when one is there but damaged or stale (the caller rebuilds it)."""
+        reason) when one is there but damaged or stale (the caller rebuilds it).
+
+        ``content`` (image entries): the inputs' content_digest now, called only once an
+        entry is found; the entry is stale unless it recorded the same digest."""
         folder = self.entry_dir(modality, key)
         if not folder.exists():
             return None, None
         try:
-            return _open_entry(folder, key, verify=verify), None
+            return _open_entry(folder, key, verify=verify, content=content), None
         except (OSError, ValueError, KeyError, TypeError) as err:
             return None, str(err) or type(err).__name__
 
@@ -265,7 +349,9 @@ class FeatureCache:
         return folder
 
 
-def _open_entry(folder: Path, key: str, *, verify: bool) -> FeatureArray:
+def _open_entry(
+    folder: Path, key: str, *, verify: bool, content: Callable[[], str] | None = None
+) -> FeatureArray:
     info_path = folder / ENTRY_FILE
     if not info_path.is_file():
         raise ValueError(f"{ENTRY_FILE} is missing (an incomplete write)")
@@ -274,6 +360,12 @@ def _open_entry(folder: Path, key: str, *, verify: bool) -> FeatureArray:
         raise ValueError(f"format {info.get('format')} is not {FORMAT_VERSION}")
     if info.get("key") != key:
         raise ValueError("its key belongs to other data or another encoder")
+    if content is not None:
+        # Before the features' checksum: a changed image makes reading the features useless.
+        if "content" not in info:
+            raise ValueError("it records no digest of the images' content (an older omnifuse)")
+        if content() != info["content"]:
+            raise ValueError("an image's content changed since it was encoded")
     arrays: dict[str, np.ndarray] = {}
     for name, want in info["files"].items():
         path = folder / name
@@ -323,10 +415,11 @@ def commit(
     key: str,
     offsets: np.ndarray | None,
     describe: Mapping[str, Any],
+    content: str | None = None,
 ) -> FeatureArray:
     """Checksum the built files, write entry.json last and move the folder into place. A
     damaged entry already there is replaced; a valid one built meanwhile by another process
-    is kept."""
+    is kept when it recorded the same ``content`` (content_digest of the encoded images)."""
     files: dict[str, dict[str, Any]] = {}
     if offsets is not None:
         np.save(build_dir / OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
@@ -342,11 +435,19 @@ def commit(
             "blake2b": _array_checksum(array),
         }
         del array
-    info = {"format": FORMAT_VERSION, "key": key, "files": files, "describe": dict(describe)}
+    info: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "files": files,
+        "describe": dict(describe),
+    }
+    if content is not None:
+        info["content"] = content
     (build_dir / ENTRY_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
     final = cache.entry_dir(modality, key)
     if final.exists():
-        found, _ = cache.open(modality, key)  # checked in full: it may be the damaged one
+        # Checked in full: it may be the damaged or stale one this build replaces.
+        found, _ = cache.open(modality, key, content=None if content is None else (lambda: content))
         if found is not None:
             shutil.rmtree(build_dir, ignore_errors=True)
             return _open_entry(final, key, verify=False)
@@ -359,6 +460,21 @@ def commit(
         # Another process moved its complete copy into place first: use that one.
         shutil.rmtree(build_dir, ignore_errors=True)
     return _open_entry(final, key, verify=False)
+
+
+def assemble_records(build_dir: Path, shard_rows: Sequence[int]) -> np.ndarray:
+    """Interleave per-rank RECORD shards (rank r hashed for items r, r+W, r+2W, ...) into one
+    array in view order (40 bytes a view: read whole), then remove the shards."""
+    world = len(shard_rows)
+    records = new_records(int(sum(shard_rows)))
+    for r in range(world):
+        shard = np.load(records_path(build_dir, r))
+        if shard.dtype != RECORD or shard.shape != (shard_rows[r],):
+            raise ValueError(f"digests of rank {r} are {shard.dtype} {list(shard.shape)}")
+        records[r::world] = shard
+    for r in range(world):
+        records_path(build_dir, r).unlink()
+    return records
 
 
 def assemble_shards(build_dir: Path, shard_rows: Sequence[int], dim: int) -> None:
@@ -386,6 +502,11 @@ def assemble_shards(build_dir: Path, shard_rows: Sequence[int], dim: int) -> Non
 
 def shard_path(build_dir: Path, rank: int) -> Path:
     return build_dir / f"shard-{rank}.npy"
+
+
+def records_path(build_dir: Path, rank: int) -> Path:
+    """Where rank ``rank`` leaves the RECORDs of the image files it hashed while encoding."""
+    return build_dir / f"records-{rank}.npy"
 
 
 def discard(build_dir: Path) -> None:

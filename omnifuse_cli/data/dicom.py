@@ -15,6 +15,7 @@ instant and most runs never see a DICOM file.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import warnings
@@ -22,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -127,7 +128,12 @@ def is_dicom(path: Path) -> bool:
             head = f.read(_PREAMBLE + len(_MAGIC))
     except OSError:
         return False
-    return head[_PREAMBLE:] == _MAGIC
+    return has_dicom_marker(head)
+
+
+def has_dicom_marker(head: bytes) -> bool:
+    """:func:`is_dicom` on a file's first bytes (or all of them), already read."""
+    return head[_PREAMBLE : _PREAMBLE + len(_MAGIC)] == _MAGIC
 
 
 def dicom_info(path: Path) -> DicomInfo:
@@ -160,8 +166,11 @@ def dicom_problem(path: Path) -> str | None:
     return None
 
 
-def read_frame(path: Path, frame: int = 0) -> Image.Image:
+def read_frame(path: Path, frame: int = 0, *, data: bytes | None = None) -> Image.Image:
     """Frame ``frame`` (from 0) of a DICOM file as an 8-bit RGB image; only it is decoded.
+
+    ``data``: the file's bytes, already read (the feature cache hashes the very bytes that are
+    decoded); the file itself is then read again only to explain a failure.
 
     Grey images go through the modality LUT (rescale slope/intercept), then the header's VOI LUT
     or window (the frame's own, in enhanced objects), else the frame's min..max; MONOCHROME1 is
@@ -177,7 +186,7 @@ def read_frame(path: Path, frame: int = 0) -> Image.Image:
     try:
         with _quiet():
             try:
-                pixels, header = _decode(path, frame)
+                pixels, header = _decode(path if data is None else io.BytesIO(data), frame)
             except Exception as err:  # noqa: BLE001 - explained from the header just below
                 pixels, header = _decode_after_failure(path, frame, err)
             rgb = _to_rgb(pixels, header, frame)
@@ -370,17 +379,17 @@ def _name_key(path: Path) -> tuple[str, str]:
 # --- decoding --------------------------------------------------------------------------------
 
 
-def _decode(src: Path | Dataset, frame: int) -> tuple[np.ndarray, Dataset]:
+def _decode(src: Path | BinaryIO | Dataset, frame: int) -> tuple[np.ndarray, Dataset]:
     """One decoded frame and the header it needs; from a path only that frame's bytes are read."""
     import pydicom
 
-    if isinstance(src, Path):
-        header = pydicom.Dataset()
-        pixels = pydicom.pixels.pixel_array(
-            src, index=frame, ds_out=header, specific_tags=list(_FUNCTIONAL_GROUPS)
-        )
-        return pixels, header
-    return pydicom.pixels.pixel_array(src, index=frame), src
+    if isinstance(src, pydicom.Dataset):
+        return pydicom.pixels.pixel_array(src, index=frame), src
+    header = pydicom.Dataset()
+    pixels = pydicom.pixels.pixel_array(
+        src, index=frame, ds_out=header, specific_tags=list(_FUNCTIONAL_GROUPS)
+    )
+    return pixels, header
 
 
 def _usable_header(path: Path) -> tuple[DicomInfo, Any, Path | Dataset]:

@@ -6,6 +6,7 @@ DICOM (an ultrasound cine loop), named by a DicomFrame.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +15,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from omnifuse_cli.data.dicom import dicom_info, dicom_problem, frame_indices, is_dicom, read_frame
+from omnifuse_cli.data.cache import DIGEST_SIZE, digest_of
+from omnifuse_cli.data.dicom import (
+    dicom_info,
+    dicom_problem,
+    frame_indices,
+    has_dicom_marker,
+    is_dicom,
+    read_frame,
+)
 
 # Bump whenever the code that turns a file into pixels changes (decoding, LUTs, windowing,
 # colour handling, the transform): cached features of the old code are then never served.
@@ -71,16 +80,19 @@ def select_views(views: Sequence[View], max_views: int) -> list[View]:
     return [views[k] for k in frame_indices(len(views), max_views)]
 
 
-def load_image(view: View, transform) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def load_image(  # type: ignore[no-untyped-def]
+    view: View, transform, data: bytes | None = None
+) -> torch.Tensor:
     """One view as a normalised (3, S, S) tensor; grayscale is replicated to RGB and DICOM
-    pixels go through their header's LUTs and window first (data.dicom.read_frame)."""
+    pixels go through their header's LUTs and window first (data.dicom.read_frame).
+    ``data``: the view's file, already read; it is then decoded from memory."""
     from PIL import Image
 
     if isinstance(view, DicomFrame):
-        return transform(read_frame(view.path, view.index))
-    if is_dicom(view):
-        return transform(read_frame(view, 0))
-    with Image.open(view) as img:
+        return transform(read_frame(view.path, view.index, data=data))
+    if has_dicom_marker(data) if data is not None else is_dicom(view):
+        return transform(read_frame(view, 0, data=data))
+    with Image.open(view if data is None else io.BytesIO(data)) as img:
         return transform(img.convert("RGB"))
 
 
@@ -114,3 +126,30 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return load_image(self.paths[i], self.transform)
+
+
+class HashedImageFiles(Dataset):
+    """ImageFiles that also hash the file of each view marked in ``hashed`` (the first view of
+    each file: a cine loop is hashed once, not once per frame). Such a file is read once, and
+    the bytes that are hashed are the bytes that are decoded, so the digest stored with the
+    features describes exactly what was encoded. An item is (pixels, the file's length in
+    bytes, its data.cache.digest_of), with length -1 and a zero digest for views not hashed.
+    """
+
+    def __init__(self, paths: list[View], size: int, hashed: Sequence[bool]) -> None:
+        self.paths = paths
+        self.transform = image_transform(size)
+        self.hashed = hashed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        view = self.paths[i]
+        if not self.hashed[i]:
+            unhashed = torch.zeros(DIGEST_SIZE, dtype=torch.uint8)
+            return load_image(view, self.transform), -1, unhashed
+        with open(view, "rb") as handle:
+            data = handle.read()
+        digest = torch.frombuffer(bytearray(digest_of(data)), dtype=torch.uint8)
+        return load_image(view, self.transform, data), len(data), digest

@@ -16,20 +16,26 @@ from omnifuse_cli.data.cache import (
     FEATURES_FILE,
     FeatureArray,
     FeatureCache,
+    assemble_records,
     assemble_shards,
     code_versions,
     commit,
+    content_digest,
     create_rows,
     default_cache_dir,
     discard,
     entry_key,
+    files_content,
     files_fingerprint,
+    first_views,
+    new_records,
     offsets_from_sizes,
+    records_path,
     shard_path,
     state_fingerprint,
     tokens_fingerprint,
 )
-from omnifuse_cli.data.images import ImageFiles
+from omnifuse_cli.data.images import HashedImageFiles, View
 from omnifuse_cli.data.prepared import (
     PatientDataset,
     PreparedCohort,
@@ -138,7 +144,21 @@ class _Job:
     dim: int
     offsets: np.ndarray | None  # images: where each patient's rows start
     parts: dict[str, Any]  # the cache key's ingredients
-    encode: Callable[[range, np.ndarray, ProgressFn | None], None]  # rows -> out, in order
+    # (rows, out, report, hashing) fills out in row order; with hashing (an entry will record
+    # the digest) images also return the RECORDs of the files they hashed
+    encode: Callable[[range, np.ndarray, ProgressFn | None, bool], np.ndarray | None]
+    files: list[View] | None = None  # images: the views, whose files' bytes decide a hit
+
+    def content(self, records: np.ndarray | None) -> str | None:
+        """The digest an entry records: of the image bytes encode read, None for notes."""
+        if self.files is None or records is None:
+            return None
+        return content_digest(self.files, records)
+
+    def content_now(self) -> Callable[[], str] | None:
+        """What a found entry's digest must equal: the image files as they are now."""
+        files = self.files
+        return None if files is None else (lambda: files_content(files))
 
 
 @torch.no_grad()
@@ -159,7 +179,9 @@ def cache_frozen_features(
     """Encode every image and hf note once with the frozen backbones (streamed from disk).
 
     With a ``cache`` the features are written to, or reused from, an entry keyed by the data and
-    the backbone's weights, and read memory-mapped; without, they are held in memory. Under
+    the backbone's weights, and read memory-mapped; without, they are held in memory. An image
+    entry is reused only while its files' bytes hash to the digest taken when they were
+    encoded. Under
     torchrun each rank encodes every world_size-th item and rank 0 assembles the entry.
     The global random state is left as it was (a DataLoader draws its seed from it): a run that
     reuses the cache trains exactly like one that encoded. ``reuse_only``: take complete
@@ -225,24 +247,34 @@ def _cache_frozen_features(
                 items: range,
                 out: np.ndarray,
                 report: ProgressFn | None,
+                hashing: bool,
                 encoder: ImageEncoder = encoder,
                 paths: list = paths,
-            ) -> None:
+            ) -> np.ndarray:
+                # Which views hash their file is decided on the whole list, so that under
+                # torchrun each file is hashed once, by whichever rank encodes its first view.
+                first = first_views(paths) if hashing else np.zeros(len(paths), dtype=bool)
                 files = DataLoader(
-                    ImageFiles([paths[i] for i in items], data.image_size),
+                    HashedImageFiles(
+                        [paths[i] for i in items], data.image_size, [bool(first[i]) for i in items]
+                    ),
                     batch_size=batch_size,
                     num_workers=num_workers,
                 )
+                records = new_records(len(items))
                 row = 0
-                for k, pixels in enumerate(files):
+                for k, (pixels, sizes, digests) in enumerate(files):
                     with autocast(device, amp):
                         feats = encoder.forward_features(pixels.to(device))
                     out[row : row + len(feats)] = feats.float().cpu().numpy()
+                    records["size"][row : row + len(feats)] = sizes.numpy()
+                    records["digest"][row : row + len(feats)] = digests.numpy()
                     row += len(feats)
                     if report:
                         report(k + 1, len(files))
+                return records
 
-            job = _Job(name, len(paths), encoder.feature_dim, offsets, parts, encode_images)
+            job = _Job(name, len(paths), encoder.feature_dim, offsets, parts, encode_images, paths)
             feats = _features(job, cache, say, progress, reuse_only)
             if feats is not None:
                 data.image_cache[name] = feats
@@ -261,6 +293,7 @@ def _cache_frozen_features(
                 items: range,
                 out: np.ndarray,
                 report: ProgressFn | None,
+                hashing: bool,  # notes' content is their tokens, already in the key
                 encoder: HFTextEncoder = encoder,
                 seqs: list = seqs,
                 pad: int = pad,
@@ -282,7 +315,7 @@ def _cache_frozen_features(
 
 def _in_memory(job: _Job, progress: ProgressFn | None) -> FeatureArray:
     out = np.empty((job.rows, job.dim), dtype=np.float32)
-    job.encode(range(job.rows), out, progress)
+    job.encode(range(job.rows), out, progress, False)
     return FeatureArray(out, job.offsets)
 
 
@@ -319,7 +352,7 @@ def _features(
     if cache is None or job.rows == 0:
         return _in_memory(job, progress)
     folder = cache.entry_dir(job.name, key)
-    found, damaged = cache.open(job.name, key)
+    found, damaged = cache.open(job.name, key, content=job.content_now())
     if found is not None:
         say(f"reusing cached {job.name} features from {folder}")
         return found
@@ -341,10 +374,12 @@ def _features(
     build = cache.new_build_dir(job.name, key)
     try:
         out = create_rows(build / FEATURES_FILE, job.rows, job.dim)
-        job.encode(range(job.rows), out, progress)
+        records = job.encode(range(job.rows), out, progress, True)
         out.flush()
         del out
-        entry = commit(cache, build, job.name, key, job.offsets, _describe(job))
+        entry = commit(
+            cache, build, job.name, key, job.offsets, _describe(job), job.content(records)
+        )
     except OSError as err:
         discard(build)
         raise _write_failed(cache, err) from err
@@ -366,8 +401,10 @@ def _features_distributed(
     rank 0 interleaves the shards into the entry and every rank then maps it.
 
     Rank 0's key names the entry (nodes may mount the same files under other paths; that the
-    ranks read the same data is checked before, by distributed.check_same_data). A failure on
-    any rank is raised on every rank, so none waits in a collective for the others.
+    ranks read the same data is checked before, by distributed.check_same_data). Rank 0 alone
+    hashes the image files to check a found entry; on a build each rank hashes the files of
+    the views it encodes and rank 0 combines their digests. A failure on any rank is raised
+    on every rank, so none waits in a collective for the others.
     """
     world, rank = distributed.world_size(), distributed.rank()
     key = distributed.broadcast_object(key)
@@ -377,7 +414,7 @@ def _features_distributed(
         return _in_memory(job, progress)
     decision: list[Any] = [None, None, None]
     if rank == 0:
-        found, damaged = cache.open(job.name, key)
+        found, damaged = cache.open(job.name, key, content=job.content_now())
         problem = None if found is not None else cache.unwritable()
         if found is not None:
             decision = ["hit", None, None]
@@ -409,19 +446,23 @@ def _features_distributed(
         error: Exception | None = None
         try:
             shard = create_rows(shard_path(build, rank), len(mine), job.dim)
-            job.encode(mine, shard, progress)
+            records = job.encode(mine, shard, progress, True)
             shard.flush()
             del shard
+            if records is not None:
+                np.save(records_path(build, rank), records)
         except Exception as err:  # reported to every rank below, then raised
             error = err
         failures = distributed.all_gather_object(None if error is None else str(error))
         failed = [f"rank {r}: {f}" for r, f in enumerate(failures) if f]
         if rank == 0 and not failed:
             try:
-                assemble_shards(
-                    build, [len(range(r, job.rows, world)) for r in range(world)], job.dim
+                shard_rows = [len(range(r, job.rows, world)) for r in range(world)]
+                assemble_shards(build, shard_rows, job.dim)
+                records = assemble_records(build, shard_rows) if job.files is not None else None
+                commit(
+                    cache, build, job.name, key, job.offsets, _describe(job), job.content(records)
                 )
-                commit(cache, build, job.name, key, job.offsets, _describe(job))
             except (OSError, ValueError) as err:
                 failed.append(f"rank 0: {err}")
         if rank == 0 and failed:
