@@ -10,6 +10,7 @@ from omnifuse_cli import __version__
 from omnifuse_cli.cli import check, cv, evaluate, make_data, predict, report, synth, train
 from omnifuse_cli.cli.common import set_debug
 from omnifuse_cli.cli.config_commands import config_app
+from omnifuse_cli.cli.help import command_options
 
 app = typer.Typer(
     name="omnifuse",
@@ -42,14 +43,18 @@ def root(
     set_debug(debug)
 
 
-app.command("synth")(synth.synth)
-app.command("make-data")(make_data.make_data)
-app.command("check")(check.check)
-app.command("train")(train.train)
-app.command("evaluate")(evaluate.evaluate)
-app.command("predict")(predict.predict)
-app.command("cv")(cv.cv)
-app.command("report")(report.report)
+COMMANDS = {
+    "synth": synth.synth,
+    "make-data": make_data.make_data,
+    "check": check.check,
+    "train": train.train,
+    "evaluate": evaluate.evaluate,
+    "predict": predict.predict,
+    "cv": cv.cv,
+    "report": report.report,
+}
+for _name, _function in COMMANDS.items():
+    app.command(_name, **command_options(_name, _function))(_function)
 app.add_typer(config_app, name="config")
 
 

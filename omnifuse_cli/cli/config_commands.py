@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from omnifuse_cli.cli.common import console, handle_errors
+from omnifuse_cli.cli.help import epilog
 from omnifuse_cli.errors import BundleError, ConfigError
 
 COMMANDS = ("train", "cv", "evaluate", "predict")  # the commands that take --config
@@ -19,7 +20,7 @@ config_app = typer.Typer(
 )
 
 
-@config_app.command("init")
+@config_app.command("init", epilog=epilog("config init"))
 @handle_errors
 def init(
     path: Annotated[
@@ -51,7 +52,7 @@ def init(
     console.print(f"written to [bold]{path}[/]  ·  next: omnifuse {command} --config {path}")
 
 
-@config_app.command("show")
+@config_app.command("show", epilog=epilog("config show"))
 @handle_errors
 def show(
     run: Annotated[Path, typer.Argument(help="A run or cv folder.")],
