@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from omnifuse_cli.config import TrainConfig
@@ -30,16 +32,23 @@ def backbone_names(model: OmniFuse) -> list[str]:
     return [n for n, e in model.encoders.items() if isinstance(e, (ImageEncoder, HFTextEncoder))]
 
 
+def backbone(model: OmniFuse, name: str) -> torch.nn.Module:
+    """The pretrained backbone of modality ``name``, one of ``backbone_names(model)``."""
+    encoder = model.encoders[name]
+    assert isinstance(encoder, (ImageEncoder, HFTextEncoder)), name
+    return encoder.backbone
+
+
 def _set_train_mode(model: OmniFuse) -> None:
     model.train()
     # Backbone BatchNorm statistics stay frozen: patient batches are far too small to re-estimate
     # ImageNet-scale statistics, and frozen features must match the cached ones.
     for name in backbone_names(model):
-        for module in model.encoders[name].backbone.modules():
+        for module in backbone(model, name).modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
         if isinstance(model.encoders[name], HFTextEncoder):
-            model.encoders[name].backbone.eval()
+            backbone(model, name).eval()
 
 
 def train_epoch(
@@ -161,7 +170,7 @@ class MixedBatches:
     def __len__(self) -> int:
         return len(self.labelled)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[list[int]]:
         order = self.rng.permutation(self.n_u)
         at = 0
         for batch in self.labelled:
@@ -197,8 +206,9 @@ def _train_epoch_ddp(
     """The DDP epoch: the global batch of ``--batch-size`` patients is cut into one slice per
     rank (sizes differ by at most one), and each loss term is weighted by this rank's share of
     the rows it averages over (share of the batch; for TLA, share of the batch's patients who
-    have the lazy combination), times the world size: DDP's gradient average is then the
-    gradient of the global batch's loss, as in one process. A rank left without patients (last
+    have the lazy combination; for the paper's L_forward, share of the batch's present slots),
+    times the world size: DDP's gradient average is then the gradient of the global batch's
+    loss, as in one process. A rank left without patients (last
     batch smaller than the world) repeats one patient with weight 0, so every rank still joins
     the gradient all-reduce. The normalized imputation loss averages over dropped slots, which
     depend on rank-local draws: it is weighted like a batch mean (exact without modality
@@ -234,6 +244,13 @@ def _train_epoch_ddp(
         if lazy is not None and method.use_tla
         else None
     )
+    # The paper's L_forward averages over the batch's present slots (a held-out patient's are
+    # no targets), not its rows: each training patient's count of them, looked up per batch.
+    slots: np.ndarray | None = None
+    if method.imputation_loss == "paper":
+        slots = data.present[indices].sum(dim=1).numpy()
+        if holdout is not None:
+            slots = slots * ~holdout[indices]
     held = None if holdout is None else torch.from_numpy(holdout)
     seen = 0  # rows of the global batches (unlabeled patients may come round twice)
     for k, batch in enumerate(loader_):
@@ -249,6 +266,10 @@ def _train_epoch_ddp(
             has = has_lazy[rows]
             mine = has[part].sum() if n else 0
             share["tla"] = float(mine) / max(float(has.sum()), 1.0)
+        if slots is not None:
+            share["forward"] = (float(slots[rows][part].sum()) if n else 0.0) / max(
+                float(slots[rows].sum()), 1.0
+            )
         rows_held = None if held is None else held[batch["index"]].to(device)
         batch = move_to(batch, device)
         with autocast(device, cfg.amp):
@@ -286,7 +307,7 @@ class _RankSlices:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[list[int]]:
         for batch in self.batches:
             rows = np.asarray(batch)
             part = rows[_rank_part(len(rows), self.world, self.rank)]
@@ -324,8 +345,6 @@ def wrap_ddp(model: OmniFuse, device: torch.device) -> torch.nn.Module | None:
     loss, so each gets a gradient (zero where unused) on every rank."""
     if not distributed.active():
         return None
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(
         _LossModule(model), device_ids=[device.index] if device.type == "cuda" else None
     )
