@@ -3,9 +3,9 @@
 
 Creates a virtual environment in .venv (or $OMNIFUSE_VENV), installs omnifuse with its test
 dependencies into it, then runs the demo (make-data -> train -> evaluate -> predict -> report)
-or the tests, or the evidence study (benchmarks/study.py, which writes benchmarks/RESULTS.md). Only
-the standard library is used here, so it runs on Linux, macOS and Windows with any
-Python >= 3.10.
+or the checks and tests (ruff, ruff format --check, mypy, then pytest), or the evidence study
+(benchmarks/study.py, which writes benchmarks/RESULTS.md). Only the standard library is used
+here, so it runs on Linux, macOS and Windows with any Python >= 3.10.
 """
 
 from __future__ import annotations
@@ -121,7 +121,36 @@ def _one_row_csv(path: Path) -> dict[str, str]:
     return dict(zip(header.split(","), row.split(","), strict=True))
 
 
+LINTED = ("omnifuse_cli", "tests", "benchmarks", "dev.py")
+
+
+def tool(name: str) -> Path:
+    return BIN / (f"{name}.exe" if os.name == "nt" else name)
+
+
+def checks() -> None:
+    """ruff (lint, then the format check) and mypy (pyproject.toml's [tool.mypy]: the package),
+    in that order; the first that fails stops `dev.py test` before pytest."""
+    steps = (
+        ("ruff check", [tool("ruff"), "check", *LINTED], "`ruff check --fix` fixes many"),
+        (
+            "ruff format --check",
+            [tool("ruff"), "format", "--check", *LINTED],
+            f"`ruff format {' '.join(LINTED)}` rewrites them",
+        ),
+        ("mypy", [tool("mypy")], "fix the types (a `# type: ignore[code]` needs a reason)"),
+    )
+    for name, args, hint in steps:
+        print("$", " ".join(str(a) for a in args), flush=True)
+        start = time.perf_counter()
+        code = subprocess.run([str(a) for a in args], cwd=ROOT).returncode
+        print(f"{name}: {time.perf_counter() - start:.2f} s", flush=True)
+        if code != 0:
+            sys.exit(f"dev.py test: {name} failed (exit code {code}); {hint}. Tests not run.")
+
+
 def test(extra: list[str]) -> None:
+    checks()
     run(PYTHON, "-m", "pytest", *extra)
 
 

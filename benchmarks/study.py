@@ -971,6 +971,7 @@ OTHER_RESULTS = {
     "selection_blend.md": "python benchmarks/selection_blend.py",
     "clinical.md": "python benchmarks/clinical.py all",
     "imputation.md": "python benchmarks/imputation.py",
+    "startup.md": "python benchmarks/startup.py",
 }
 
 

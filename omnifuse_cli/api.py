@@ -32,14 +32,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import NotFittedError
 
+from omnifuse_cli import synthetic
 from omnifuse_cli.config import ModalitySpec
 from omnifuse_cli.data.manifest import absolute_paths
 from omnifuse_cli.engine import cv as crossval
 from omnifuse_cli.engine import training
+from omnifuse_cli.engine.bundle import BUNDLE_DIR, bundle_folder
 from omnifuse_cli.engine.cv import BASE, CVRequest, CVResult, Variant
 from omnifuse_cli.engine.evaluation import EvalRequest, EvalResult, evaluate_run
-from omnifuse_cli.engine.events import EventFn, ProgressEvent, ignore
+from omnifuse_cli.engine.events import EventFn, EventKind, ProgressEvent, ignore
 from omnifuse_cli.engine.files import prepare_out_dir, write_csv
 from omnifuse_cli.engine.outputs import DEFAULT_ALPHA
 from omnifuse_cli.engine.prediction import (
@@ -60,7 +63,7 @@ from omnifuse_cli.settings import (
     defaults,
     run_config_yaml,
 )
-from omnifuse_cli.synthetic import CohortSpec, CohortSummary, make_cohort
+from omnifuse_cli.synthetic import CohortSpec, CohortSummary
 
 ManifestInput = str | os.PathLike[str] | pd.DataFrame
 INPUT_MANIFEST = "input_manifest.csv"  # a DataFrame given to train/cv, as the run read it
@@ -108,7 +111,7 @@ def _pass_progress(on_progress: EventFn | None) -> PassProgress | None:
     callback = on_progress
 
     def progress(phase: str, done: int, total: int) -> None:
-        kind = "encode" if phase == "encoding" else "score"
+        kind: EventKind = "encode" if phase == "encoding" else "score"
         callback(ProgressEvent(kind, done, total, text=phase))
 
     return progress
@@ -137,7 +140,7 @@ def make_data(
     folder = Path(out_dir)
     prepare_out_dir(folder, overwrite)
     emit = on_progress or ignore
-    return make_cohort(
+    return synthetic.make_cohort(  # looked up here, so tests can watch it
         cohort, folder, progress=lambda done, total: emit(ProgressEvent("write", done, total))
     )
 
@@ -295,8 +298,6 @@ class Run:
     def load(cls, path: str | os.PathLike[str]) -> Run:
         """Open a finished run folder (or its model/ bundle); a BundleError says what is
         missing."""
-        from omnifuse_cli.engine.bundle import BUNDLE_DIR, bundle_folder
-
         folder = bundle_folder(Path(path))
         return cls(folder.parent if folder.name == BUNDLE_DIR else folder)
 
@@ -316,8 +317,6 @@ class Run:
 
     def _modalities(self) -> tuple[ModalitySpec, ...]:
         """The model's modalities, from its bundle (an interrupted run has no meta.csv)."""
-        from omnifuse_cli.engine.bundle import bundle_folder
-
         saved = json.loads((bundle_folder(self.path) / "bundle.json").read_text("utf-8"))
         return tuple(ModalitySpec(**m) for m in saved["model_config"]["modalities"])
 
@@ -455,8 +454,6 @@ class OmniFuseClassifier(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X: pd.DataFrame) -> np.ndarray:  # noqa: N803 (sklearn's name)
         """(n_patients, n_classes) probabilities in ``classes_`` order."""
         if not hasattr(self, "run_"):
-            from sklearn.exceptions import NotFittedError
-
             raise NotFittedError("OmniFuseClassifier is not fitted yet: call fit(X, y) first")
         frame = _as_manifest(X)
         out = self.run_.predict(

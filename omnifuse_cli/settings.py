@@ -31,6 +31,7 @@ from omnifuse_cli.config import (
     TextConfig,
     TrainConfig,
     parse_modality_options,
+    parse_widths,
 )
 from omnifuse_cli.errors import ConfigError
 
@@ -618,20 +619,19 @@ DATA_READING = (
 
 
 def _widths(value: Any, _: Mapping[str, Any]) -> tuple[int, ...]:
-    from omnifuse_cli import config
-
     if isinstance(value, str):
-        return config.parse_widths(value)  # type: ignore[attr-defined]
+        return parse_widths(value)
     return tuple(int(v) for v in value)
 
 
 def _encoding(value: str) -> str:
-    from omnifuse_cli.data.text import check_encoding
+    from omnifuse_cli.data.text import check_encoding  # numpy: not at `omnifuse --help`
 
     return check_encoding(value)
 
 
 def _threshold(value: str, _: Mapping[str, Any]) -> str:
+    # Here: engine.clinical loads sklearn, scipy and pandas, which `omnifuse --help` must not.
     from omnifuse_cli.engine.clinical import parse_threshold_rule
 
     return str(parse_threshold_rule(value))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
@@ -43,7 +44,7 @@ def root(
     set_debug(debug)
 
 
-COMMANDS = {
+COMMANDS: dict[str, Callable[..., Any]] = {
     "synth": synth.synth,
     "make-data": make_data.make_data,
     "check": check.check,

@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from omnifuse_cli.cli import options
 from omnifuse_cli.cli.common import console, err_console, handle_errors
+from omnifuse_cli.config import DataConfig, TrainConfig, parse_modality_options
 
 
 @handle_errors
@@ -37,10 +39,8 @@ def check(
     seed: Annotated[int, typer.Option("--seed")] = 42,
 ) -> None:
     """Validate a manifest without training and print a data audit (exit 0 when trainable)."""
-    from rich.markup import escape
-
+    # Here, not at the top: these load numpy, pandas and torch, which `omnifuse --help` must not.
     from omnifuse_cli.cli.render import audit_tables
-    from omnifuse_cli.config import DataConfig, TrainConfig, parse_modality_options
     from omnifuse_cli.data.text import check_encoding
     from omnifuse_cli.engine.audit import audit_manifest
 

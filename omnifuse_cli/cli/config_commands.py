@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from omnifuse_cli.cli.common import console, handle_errors
+from omnifuse_cli.cli.config_file import CONFIG_FILE, template
 from omnifuse_cli.cli.help import epilog
 from omnifuse_cli.errors import BundleError, ConfigError
 
@@ -35,8 +36,7 @@ def init(
     ] = False,
 ) -> None:
     """Write a commented template of every setting with its default, for --config."""
-    from omnifuse_cli.cli.config_file import template
-    from omnifuse_cli.engine.files import write_text_atomic
+    from omnifuse_cli.engine.files import write_text_atomic  # pandas: not at `omnifuse --help`
 
     if command not in COMMANDS:
         raise ConfigError(
@@ -59,8 +59,6 @@ def show(
 ) -> None:
     """Print the resolved settings a run or cross-validation was started with (its config.yaml,
     which --config accepts)."""
-    from omnifuse_cli.cli.config_file import CONFIG_FILE
-
     path = run / CONFIG_FILE
     if not path.is_file():
         if not run.is_dir():

@@ -76,14 +76,14 @@ def file_keys(command: Any) -> dict[str, list[Any]]:
 
 def click_command(name: str) -> Any:
     """The click command behind `omnifuse NAME` (for its parameters' flags, help and defaults)."""
-    from omnifuse_cli.cli.app import app
+    from omnifuse_cli.cli.app import app  # a cycle: app imports the commands, which import us
 
     return typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
 
 
 def _loader() -> Any:
     """yaml.SafeLoader that refuses a key given twice (PyYAML would keep the last silently)."""
-    import yaml
+    import yaml  # ~15 ms that `omnifuse --help` need not pay: only --config files need it
 
     class UniqueKeys(yaml.SafeLoader):
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
@@ -102,7 +102,7 @@ def _loader() -> Any:
 
 def read_files(paths: Sequence[Path]) -> dict[str, tuple[Any, Path]]:
     """Every file's keys (normalised to kebab-case) merged in order: key -> (value, file)."""
-    import yaml
+    import yaml  # ~15 ms that `omnifuse --help` need not pay: only --config files need it
 
     merged: dict[str, tuple[Any, Path]] = {}
     for path in paths:

@@ -10,8 +10,11 @@ import typer
 from omnifuse_cli.cli import options
 from omnifuse_cli.cli.common import console, handle_errors
 from omnifuse_cli.cli.config_file import with_config_file
-from omnifuse_cli.cli.train_options import with_train_options
+from omnifuse_cli.cli.progress import live_progress, say
+from omnifuse_cli.cli.train_options import parse_variant, with_train_options
+from omnifuse_cli.engine.events import ProgressEvent
 from omnifuse_cli.errors import ConfigError
+from omnifuse_cli.settings import build_configs
 
 
 @handle_errors
@@ -124,9 +127,6 @@ def cv(
     --val-ratio) of it) picks the epoch; the test fold chooses nothing. Frozen backbones encode
     every image once for the whole cross-validation.
     """
-    from omnifuse_cli.cli.train_options import parse_variant
-    from omnifuse_cli.settings import build_configs
-
     if resume is None:
         if manifest is None:
             raise ConfigError("no manifest given", hint="omnifuse cv MANIFEST --num-classes C")
@@ -178,9 +178,8 @@ def _read_variants_file(path: Path | None) -> list[str]:
 
 def _run(resume: Path | None, settings: dict[str, Any]) -> None:
     """Run (or resume) the cross-validation with a live table of folds; print the summary."""
-
+    # Here, not at the top: these load torch and pandas, which `omnifuse --help` must not.
     from omnifuse_cli import api
-    from omnifuse_cli.cli.progress import live_progress, say
     from omnifuse_cli.cli.render import (
         add_fold_row,
         confusion_table,
@@ -190,7 +189,6 @@ def _run(resume: Path | None, settings: dict[str, Any]) -> None:
         patterns_table,
     )
     from omnifuse_cli.engine.cv import load_cv_request
-    from omnifuse_cli.engine.events import ProgressEvent
 
     shown = vars(load_cv_request(resume)) if resume is not None else settings
     table = fold_table(

@@ -6,10 +6,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from omnifuse_cli.cli import options
 from omnifuse_cli.cli.common import console, handle_errors
 from omnifuse_cli.cli.config_file import with_config_file
+from omnifuse_cli.cli.progress import pass_progress
+from omnifuse_cli.config import parse_modality_rates
 from omnifuse_cli.errors import ConfigError
 
 
@@ -84,10 +87,8 @@ def evaluate(
 ) -> None:
     """Metrics with 95% bootstrap intervals, calibration before/after, the operating point,
     decision curves, conformal coverage, subgroups, per missing pattern, confusion matrix."""
-    from rich.markup import escape
-
+    # Here, not at the top: these load torch and pandas, which `omnifuse --help` must not.
     from omnifuse_cli import api
-    from omnifuse_cli.cli.progress import pass_progress
     from omnifuse_cli.cli.render import (
         calibration_table,
         confusion_table,
@@ -97,7 +98,6 @@ def evaluate(
         patterns_table,
         subgroup_gaps_table,
     )
-    from omnifuse_cli.config import parse_modality_rates
     from omnifuse_cli.data.text import check_encoding
 
     if run_dir is None:

@@ -3,6 +3,7 @@ omnifuse_cli/settings.py as typer options, and the options of commands that read
 
 from __future__ import annotations
 
+from types import GenericAlias
 from typing import Annotated, Any
 
 import typer
@@ -14,16 +15,17 @@ def setting_option(name: str, panel: str | None = None) -> Any:
     """The typer option of a setting of omnifuse_cli/settings.py (its flag, type, default's
     display and help), listed under ``panel`` in --help."""
     setting = BY_NAME[name]
-    base: Any = list[setting.kind] if setting.many else setting.kind  # type: ignore[name-defined]
+    # GenericAlias(list, kind) is list[kind], built from a runtime value
+    base: Any = GenericAlias(list, setting.kind) if setting.many else setting.kind
     if setting.optional:
         base = base | None
-    bounds = {k: v for k, v in (("min", setting.min), ("max", setting.max)) if v is not None}
     option = typer.Option(
         setting.flag,
         help=setting.help or None,
         show_default=setting.show_default,
         rich_help_panel=panel,
-        **bounds,
+        min=setting.min,
+        max=setting.max,
     )
     return Annotated[base, option]
 

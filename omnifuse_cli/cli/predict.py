@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from omnifuse_cli.cli import options
 from omnifuse_cli.cli.common import console, err_console, handle_errors
 from omnifuse_cli.cli.config_file import with_config_file
+from omnifuse_cli.cli.progress import pass_progress
 from omnifuse_cli.errors import ConfigError
 
 
@@ -46,10 +48,8 @@ def predict(
     conformal: options.Conformal = None,
 ) -> None:
     """Predict classes for new patients, with each modality's DWFuse weight."""
-    from rich.markup import escape
-
+    # Here, not at the top: these load torch and pandas, which `omnifuse --help` must not.
     from omnifuse_cli import api
-    from omnifuse_cli.cli.progress import pass_progress
     from omnifuse_cli.cli.render import predictions_table
     from omnifuse_cli.data.text import check_encoding
     from omnifuse_cli.engine.files import write_csv

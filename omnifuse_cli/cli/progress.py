@@ -15,9 +15,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.table import Table
 
 from omnifuse_cli.cli.common import console as default_console
+from omnifuse_cli.cli.common import err_console
 
 MODES = ("auto", "live", "plain")
 INTERVAL_SECONDS = 30.0  # a progress line at most this often ...
@@ -37,7 +39,7 @@ def live_progress(table: Table, console: Console | None = None) -> tuple[Any, An
     if plain_wanted(out):
         plain = PlainProgress(out, table)
         return plain, plain
-    from rich.live import Live
+    from rich.live import Live  # ~15 ms with rich.progress that `omnifuse --help` need not pay
 
     progress = _bars(out)
     return Live(Group(table, progress), console=out, refresh_per_second=4), progress
@@ -45,6 +47,7 @@ def live_progress(table: Table, console: Console | None = None) -> tuple[Any, An
 
 def _bars(console: Console) -> Any:
     """The terminal's transient progress bars: description, bar, done/total, elapsed time."""
+    # ~15 ms with rich.live that `omnifuse --help` (which imports this module) need not pay.
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
@@ -180,18 +183,12 @@ def stamp(console: Console | None = None) -> str:
     a log file tells when each step happened; nothing in a terminal."""
     if not plain_wanted(console or default_console):
         return ""
-    from rich.markup import escape
-
     return escape(_timestamp())
 
 
 def say(event: Any, console: Console | None = None) -> bool:
     """Print a message or warning event (a warning on stderr too, where logs keep it apart);
     False for every other kind, which the command's display shows."""
-    from rich.markup import escape
-
-    from omnifuse_cli.cli.common import err_console
-
     out = console or default_console
     if event.kind == "message":
         out.print(f"[dim]·[/] {stamp(out)}{escape(event.text)}")

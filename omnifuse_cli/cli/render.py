@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from rich.cells import cell_len
 from rich.markup import escape
 from rich.table import Table
+
+if TYPE_CHECKING:  # the engine (and torch) load only when a command runs, never for --help
+    from omnifuse_cli.engine.audit import AuditReport
+    from omnifuse_cli.engine.cv.summary import FoldResult
+    from omnifuse_cli.engine.fitting import EpochRecord
 
 METRIC_LABELS = {
     "acc": "accuracy",
@@ -24,7 +29,7 @@ METRIC_LABELS = {
 }
 
 
-def fmt(value: float, digits: int = 3) -> str:
+def fmt(value: float | None, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.{digits}f}"
@@ -58,7 +63,7 @@ def epoch_table(title: str = "training") -> Table:
     return table
 
 
-def add_epoch_row(table: Table, record) -> None:  # type: ignore[no-untyped-def]
+def add_epoch_row(table: Table, record: EpochRecord) -> None:
     losses = record.losses
     mark = ("*" if record.is_best else "") + (" ft" if record.phase == "finetune" else "")
     table.add_row(
@@ -177,7 +182,7 @@ def predictions_table(
     return table
 
 
-def audit_tables(report) -> list[Table]:  # type: ignore[no-untyped-def]
+def audit_tables(report: AuditReport) -> list[Table]:
     """The data audit of `omnifuse check`."""
     n = report.n_patients
     tables = []
@@ -270,7 +275,7 @@ def fold_table(title: str) -> Table:
     return table
 
 
-def add_fold_row(table: Table, fold) -> None:  # type: ignore[no-untyped-def]
+def add_fold_row(table: Table, fold: FoldResult) -> None:
     table.add_row(
         fold.variant,
         str(fold.repeat),

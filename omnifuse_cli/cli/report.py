@@ -28,7 +28,7 @@ def report(
     ] = None,
 ) -> None:
     """One self-contained HTML page (figures embedded) plus the figures as PNG and PDF."""
-    from omnifuse_cli.report import build_report
+    from omnifuse_cli.report import build_report  # matplotlib: not at `omnifuse --help`
 
     result = build_report(source, out)
     for note in result.notes:

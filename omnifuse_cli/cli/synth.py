@@ -8,6 +8,8 @@ import typer
 
 from omnifuse_cli.cli import options
 from omnifuse_cli.cli.common import console, handle_errors
+from omnifuse_cli.config import MethodConfig
+from omnifuse_cli.engine.events import ProgressEvent
 
 
 @handle_errors
@@ -25,10 +27,9 @@ def synth(
     threads: options.Threads = None,
 ) -> None:
     """Feature-level demo in memory: watch every term of the OmniFuse objective fall."""
+    # Here, not at the top: these load torch and pandas, which `omnifuse --help` must not.
     from omnifuse_cli.cli.render import add_epoch_row, epoch_table, metrics_table
-    from omnifuse_cli.config import MethodConfig
     from omnifuse_cli.engine.demo import SynthConfig, run_synth
-    from omnifuse_cli.engine.events import ProgressEvent
 
     cfg = SynthConfig(
         n=n,
@@ -51,7 +52,7 @@ def synth(
         if event.kind == "epoch" and event.record is not None:
             add_epoch_row(table, event.record)
 
-    from rich.live import Live
+    from rich.live import Live  # ~15 ms with rich.progress that `omnifuse --help` need not pay
 
     with Live(table, console=console, refresh_per_second=4):
         result = run_synth(cfg, method, on_event)

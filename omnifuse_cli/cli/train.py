@@ -9,7 +9,9 @@ import typer
 
 from omnifuse_cli.cli.common import console, handle_errors
 from omnifuse_cli.cli.config_file import with_config_file
+from omnifuse_cli.cli.progress import live_progress, say
 from omnifuse_cli.cli.train_options import with_train_options
+from omnifuse_cli.engine.events import ProgressEvent
 from omnifuse_cli.errors import ConfigError
 
 _RUNS_HELP = "Run directory for metrics, split and model."
@@ -56,6 +58,7 @@ def train(
     **train_options: Any,
 ) -> None:
     """Train OmniFuse on a manifest: stratified split, best-on-validation model, test metrics."""
+    # Here, not at the top: these load torch and pandas, which `omnifuse --help` must not.
     from omnifuse_cli import api
     from omnifuse_cli.cli.render import (
         add_epoch_row,
@@ -64,7 +67,6 @@ def train(
         metrics_table,
         split_summary_table,
     )
-    from omnifuse_cli.engine.events import ProgressEvent
 
     if resume is not None:
         console.print(f"resuming {resume} (settings from its request.json)")
@@ -76,9 +78,6 @@ def train(
                 "--num-classes is required", hint=f"omnifuse train {path} --num-classes C"
             )
         title = f"training on {path}"
-
-
-    from omnifuse_cli.cli.progress import live_progress, say
 
     table = epoch_table(title)
     # The live display starts with the first progress event, so input errors (raised before any
@@ -104,6 +103,7 @@ def train(
         if resume is not None:
             run = api.resume(resume, on_progress=on_event)
         else:
+            assert num_classes is not None  # a ConfigError above otherwise
             run = api.train(
                 path,
                 num_classes=num_classes,

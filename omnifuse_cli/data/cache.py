@@ -28,13 +28,19 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+import PIL
 import torch
+
+from omnifuse_cli import __version__
+
+if TYPE_CHECKING:  # prepared builds on this module; the import is for annotations only
+    from omnifuse_cli.data.prepared import Ragged
 
 FORMAT_VERSION = 1  # bump when the layout or the meaning of stored features changes
 ENV_VAR = "OMNIFUSE_CACHE_DIR"
@@ -64,7 +70,7 @@ def default_cache_dir() -> Path:
 # -- fingerprints -------------------------------------------------------------------------------
 
 
-def files_fingerprint(paths: Iterable[os.PathLike | str]) -> str:
+def files_fingerprint(paths: Iterable[os.PathLike[str] | str]) -> str:
     """Hash of each file's absolute path, the file it resolves to (a re-pointed symlink is
     another file), its size, modification time, inode and status-change time: most replaced or
     edited images change the key without reading any bytes, so their stale entry is not even
@@ -95,11 +101,9 @@ def code_versions(images: bool = False) -> dict[str, str]:
     and pydicom when it is installed (finding out whether a cohort holds DICOM files would
     mean opening every file). Part of every cache key: upgrading any of them encodes again
     rather than serving features another version computed."""
-    from omnifuse_cli import __version__
-
     out = {"omnifuse": __version__, "torch": torch.__version__}
     if images:
-        import PIL
+        # Here: torchvision is heavy (images only), and data.images imports this module.
         import torchvision
 
         from omnifuse_cli.data.images import PREPROCESSING_VERSION
@@ -112,7 +116,7 @@ def code_versions(images: bool = False) -> dict[str, str]:
             }
         )
         try:
-            import pydicom
+            import pydicom  # heavy: only its version, and only for images
         except ImportError:  # the dicom extra is not installed: no DICOM input can be read
             pass
         else:
@@ -126,7 +130,7 @@ def digest_of(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def file_record(path: os.PathLike | str) -> tuple[int, bytes]:
+def file_record(path: os.PathLike[str] | str) -> tuple[int, bytes]:
     """(length, digest_of(bytes)) of a file, read a block at a time and not decoded."""
     digest = hashlib.sha256()
     size = 0
@@ -137,7 +141,7 @@ def file_record(path: os.PathLike | str) -> tuple[int, bytes]:
     return size, digest.digest()
 
 
-def first_views(paths: Sequence[os.PathLike | str]) -> np.ndarray:
+def first_views(paths: Sequence[os.PathLike[str] | str]) -> np.ndarray:
     """(views,) bool: True at the first view of each file. Only those are hashed, so a file
     shared by several views (a cine loop's frames) is read for hashing once."""
     seen: set[str] = set()
@@ -157,7 +161,7 @@ def new_records(rows: int) -> np.ndarray:
     return records
 
 
-def content_digest(paths: Sequence[os.PathLike | str], records: np.ndarray) -> str:
+def content_digest(paths: Sequence[os.PathLike[str] | str], records: np.ndarray) -> str:
     """The digest of the image files' content: the per-file digests in ``records`` (one row
     per view, RECORD), taken at each file's first view in view order and framed by that
     position and the file's length. Files hashed in any order (DataLoader workers, several
@@ -172,7 +176,7 @@ def content_digest(paths: Sequence[os.PathLike | str], records: np.ndarray) -> s
     return digest.hexdigest()
 
 
-def files_content(paths: Sequence[os.PathLike | str]) -> str:
+def files_content(paths: Sequence[os.PathLike[str] | str]) -> str:
     """content_digest of the files as they are on disk now: each read once, none decoded."""
     records = new_records(len(paths))
     for i in np.flatnonzero(first_views(paths)):
@@ -182,13 +186,13 @@ def files_content(paths: Sequence[os.PathLike | str]) -> str:
     return content_digest(paths, records)
 
 
-def tokens_fingerprint(seqs: Sequence[Sequence[int]]) -> str:
+def tokens_fingerprint(seqs: Sequence[Sequence[int]] | Ragged) -> str:
     """Hash of every note's token ids (content, cheap: they are already in memory), a block of
     notes at a time so a million notes never become one huge array."""
     digest = hashlib.blake2b(digest_size=20)
     offsets = getattr(seqs, "offsets", None)
     if offsets is not None:  # data.prepared.Ragged: the same bytes straight from its arrays
-        values = seqs.values  # type: ignore[attr-defined]
+        values = cast("Ragged", seqs).values
         for start in range(0, len(seqs), _CHUNK_ROWS):
             bounds = offsets[start : start + _CHUNK_ROWS + 1]
             digest.update(np.diff(bounds).astype(np.int64).tobytes())
@@ -272,7 +276,7 @@ class FeatureArray:
         start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
         return torch.from_numpy(np.array(self.array[start:stop], dtype=np.float32))
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[torch.Tensor]:
         return (self[i] for i in range(len(self)))
 
     def rows(self, patients: Iterable[int]) -> torch.Tensor:

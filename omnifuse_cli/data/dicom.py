@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from omnifuse_cli.errors import DataError
 
 if TYPE_CHECKING:
-    from PIL import Image
     from pydicom.dataset import Dataset
 
 EXTRA_HINT = 'pip install "omnifuse[dicom]"'
@@ -178,8 +178,6 @@ def read_frame(path: Path, frame: int = 0, *, data: bytes | None = None) -> Imag
     PALETTE COLOR goes through its colour LUT; YBR arrives from pydicom already as RGB. Raises
     DataError with the reason :func:`dicom_problem` would give.
     """
-    from PIL import Image
-
     path = Path(path)
     if frame < 0:
         raise ValueError(f"frame must be >= 0, got {frame}")
@@ -241,8 +239,6 @@ def describe(path: Path) -> dict[str, str | int]:
             "frames": info.frames,
             "size": f"{info.rows} x {info.columns}" if info.has_pixels else "-",
         }
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as img:
             return {

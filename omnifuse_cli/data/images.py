@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from omnifuse_cli.data.cache import DIGEST_SIZE, digest_of
@@ -32,8 +33,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def image_transform(size: int):  # type: ignore[no-untyped-def]
-    from torchvision import transforms
+def image_transform(size: int) -> Callable[[Image.Image], torch.Tensor]:
+    from torchvision import transforms  # heavy: loaded only when images are read
 
     return transforms.Compose(
         [
@@ -80,14 +81,12 @@ def select_views(views: Sequence[View], max_views: int) -> list[View]:
     return [views[k] for k in frame_indices(len(views), max_views)]
 
 
-def load_image(  # type: ignore[no-untyped-def]
-    view: View, transform, data: bytes | None = None
+def load_image(
+    view: View, transform: Callable[[Image.Image], torch.Tensor], data: bytes | None = None
 ) -> torch.Tensor:
     """One view as a normalised (3, S, S) tensor; grayscale is replicated to RGB and DICOM
     pixels go through their header's LUTs and window first (data.dicom.read_frame).
     ``data``: the view's file, already read; it is then decoded from memory."""
-    from PIL import Image
-
     if isinstance(view, DicomFrame):
         return transform(read_frame(view.path, view.index, data=data))
     if has_dicom_marker(data) if data is not None else is_dicom(view):
@@ -98,8 +97,6 @@ def load_image(  # type: ignore[no-untyped-def]
 
 def image_problem(path: Path) -> str | None:
     """Why ``path`` cannot be used as an image, or None when it decodes completely."""
-    from PIL import Image, UnidentifiedImageError
-
     if not path.is_file():
         return "does not exist"
     if is_dicom(path):
@@ -114,7 +111,7 @@ def image_problem(path: Path) -> str | None:
     return None
 
 
-class ImageFiles(Dataset):
+class ImageFiles(Dataset[torch.Tensor]):
     """A flat list of views, streamed (never all held in memory)."""
 
     def __init__(self, paths: list[View], size: int) -> None:
@@ -128,7 +125,7 @@ class ImageFiles(Dataset):
         return load_image(self.paths[i], self.transform)
 
 
-class HashedImageFiles(Dataset):
+class HashedImageFiles(Dataset[tuple[torch.Tensor, int, torch.Tensor]]):
     """ImageFiles that also hash the file of each view marked in ``hashed`` (the first view of
     each file: a cine loop is hashed once, not once per frame). Such a file is read once, and
     the bytes that are hashed are the bytes that are decoded, so the digest stored with the

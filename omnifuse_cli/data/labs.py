@@ -288,7 +288,7 @@ def _numeric_column(cells: pd.Series, column: str, problems: _Problems) -> np.nd
     empty = (text == "").to_numpy()
     parsed = np.array(pd.to_numeric(text.where(~empty, None), errors="coerce"), np.float64)
     for i in np.flatnonzero(~empty & ~np.isfinite(parsed)):
-        cell = cells.iat[i]
+        cell = cells.iat[int(i)]
         try:
             parsed[i] = _as_vector([cell])[0]
         except BadValue as err:

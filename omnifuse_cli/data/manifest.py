@@ -18,6 +18,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
+from typing import Any, TypedDict, cast
 
 import numpy as np
 import pandas as pd
@@ -186,7 +187,8 @@ def read_table(path: Path, what: str, encoding: str = AUTO) -> pd.DataFrame:
     wide = head.startswith((b"\xff\xfe", b"\xfe\xff")) or encoding.startswith(("utf-16", "utf-32"))
     if b"\x00" in head and not wide:
         raise ManifestError(f"{what} {path} is a binary file, not a CSV")
-    options = {"dtype": str, "keep_default_na": False, "skipinitialspace": True}
+    options: dict[str, Any] = {"dtype": str, "keep_default_na": False, "skipinitialspace": True}
+    frame: pd.DataFrame
     try:
         if encoding == AUTO:
             try:
@@ -263,7 +265,7 @@ def parse_vector_cell(cell: str, base: Path) -> np.ndarray:
     return _as_vector(list(rows[0]))
 
 
-def _numeric_row(row: tuple) -> bool:
+def _numeric_row(row: tuple[Any, ...]) -> bool:
     try:
         [float(v) for v in row if str(v).strip()]
     except ValueError:
@@ -282,7 +284,7 @@ class BadValue(ValueError):
         self.detail = detail
 
 
-def _as_vector(values: list) -> np.ndarray:
+def _as_vector(values: list[Any]) -> np.ndarray:
     out = np.empty(len(values), dtype=np.float64)
     for j, v in enumerate(values):
         if isinstance(v, str) and v.strip() == "":
@@ -456,7 +458,7 @@ def read_manifest(
     for column in frame.columns:
         hits = frame[column].str.contains(VSCODE_MARKER, regex=False).to_numpy()
         for i in np.flatnonzero(hits).tolist():
-            cell = frame[column].iat[i]
+            cell = cast(str, frame[column].iat[i])  # dtype=str: every cell is a str
             if VSCODE_MARKER in cell:
                 problems.add(
                     _row(i),
@@ -524,7 +526,19 @@ def read_manifest(
     return cohort
 
 
-def reading_options(data: DataConfig) -> dict[str, object]:
+class ReadingOptions(TypedDict):
+    """read_manifest's keyword arguments that a DataConfig decides."""
+
+    labs_table: Path | None
+    labs_id_col: str
+    on_bad_file: str
+    encoding: str
+    on_empty_patient: str
+    labs_format: str
+    labs_agg: str
+
+
+def reading_options(data: DataConfig) -> ReadingOptions:
     """read_manifest's keyword arguments for a DataConfig (train, cv, check read alike)."""
     return {
         "labs_table": Path(data.labs_table) if data.labs_table else None,
@@ -604,7 +618,7 @@ def _read_labels(
     labels[good] = values[good].astype(np.int64)
     # The rest (empty, not a number, out of range) one by one, for the messages.
     for i in np.flatnonzero(~good).tolist():
-        _read_label(text.iat[i], i, labels, problems, required, num_classes)
+        _read_label(cast(str, text.iat[i]), i, labels, problems, required, num_classes)
     if not required and not keep_column and (labels < 0).all():
         return None
     return labels
@@ -654,7 +668,7 @@ def _fill_vectors(
     per_cell[block_idx] = False
     for i in np.flatnonzero(per_cell).tolist():
         try:
-            rows[i] = parse_vector_cell(cells.iat[i], base)
+            rows[i] = parse_vector_cell(cast(str, cells.iat[i]), base)
         except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
             problems.add(_row(i), name, str(err))
     lengths = {len(v) for v in rows.values()} | ({block.shape[1]} if len(block_idx) else set())
@@ -700,7 +714,7 @@ def _parse_inline_block(cells: np.ndarray) -> np.ndarray | None:
     (k, dim) float32, or None when any cell is not a flat JSON list of numbers and nulls of one
     common length (then the per-cell rules decide, with their messages). A million cells take
     seconds instead of a minute of json.loads and per-value float()."""
-    parts = []
+    parts: list[np.ndarray] = []
     for start in range(0, len(cells), _BLOCK):
         part = _parse_cells(cells[start : start + _BLOCK])
         if part is None or (parts and part.shape[1] != parts[0].shape[1]):
@@ -879,10 +893,10 @@ def _fill_texts(
     stats.empty = int(((cells != "") & ~filled).sum())  # whitespace only
     # Cells that look like a path (usually all or none) are note files when the file exists.
     candidates = filled & text.str.match(_PATH_LIKE).to_numpy()
-    texts: list[str | None] = np.where(filled, text.to_numpy(), None).tolist()
+    texts: list[str | None] = np.where(filled, text.to_numpy(), np.array(None)).tolist()
     cohort.present[:, m_idx] = filled
     for i in np.flatnonzero(candidates).tolist():
-        path = resolve_path(text.iat[i], base)
+        path = resolve_path(cast(str, text.iat[i]), base)
         if not os.path.isfile(path):
             stats.path_like.append(f"{row_name(i, cohort.ids)}: {text.iat[i]!r}")
             continue

@@ -7,6 +7,7 @@ model inputs, and ``PatientDataset`` + ``collate`` batch them with explicit mask
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ class Preprocessor:
     image: ImageConfig
     text: TextConfig
     # vector modality -> {"columns": [...], "mean": [...], "std": [...]}
-    vector_stats: dict[str, dict[str, list]] = field(default_factory=dict)
+    vector_stats: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     vocabularies: dict[str, list[str]] = field(default_factory=dict)  # simple text modality
     idf: dict[str, list[float]] = field(default_factory=dict)  # simple text: per vocabulary entry
     tokenizers: dict[str, Any] = field(default_factory=dict)  # hf text modality -> tokenizer
@@ -189,7 +190,7 @@ class Ragged:
         self.offsets = np.asarray(offsets, dtype=np.int64)
 
     @classmethod
-    def from_lists(cls, rows: list, dtype: Any) -> Ragged:
+    def from_lists(cls, rows: Sequence[Sequence[Any]], dtype: Any) -> Ragged:
         flat = [v for r in rows for v in r]
         return cls(np.array(flat, dtype=dtype), offsets_from_sizes([len(r) for r in rows]))
 
@@ -201,7 +202,7 @@ class Ragged:
             return [self[k] for k in range(*i.indices(len(self)))]
         return self.values[self.offsets[i] : self.offsets[i + 1]]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[np.ndarray]:
         return (self[i] for i in range(len(self)))
 
     def lengths(self, rows: np.ndarray) -> np.ndarray:
@@ -248,7 +249,7 @@ class PreparedCohort:
         return len(self.ids)
 
 
-class PatientDataset(Dataset):
+class PatientDataset(Dataset[dict[str, Any]]):
     """Patients of a PreparedCohort by index; images are read from disk unless cached."""
 
     def __init__(self, data: PreparedCohort, indices: np.ndarray | list[int]) -> None:
@@ -315,6 +316,7 @@ class PatientDataset(Dataset):
                 if name in d.image_cache:
                     item[name] = ("feats", d.image_cache[name][i])
                 else:
+                    assert self.transform is not None  # set: the cohort has an image modality
                     pixels = [load_image(p, self.transform) for p in d.images[name][i]]
                     item[name] = ("pixels", pixels)
             elif name in d.text_cache:
@@ -326,7 +328,9 @@ class PatientDataset(Dataset):
         return item
 
 
-def make_collate(data: PreparedCohort):  # type: ignore[no-untyped-def]
+def make_collate(
+    data: PreparedCohort,
+) -> Callable[[list[dict[str, Any]] | dict[str, Any]], dict[str, Any]]:
     """Batch patient items into the nested input dict the model takes, with explicit masks."""
 
     def collate(items: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
@@ -372,6 +376,7 @@ def _batch_image_features(
 ) -> dict[str, torch.Tensor]:
     """Cached image features of a batch: (B, n_max, F) and the (B, n_max) view mask."""
     cache = data.image_cache[name]
+    assert cache.offsets is not None  # an image cache always has each patient's view offsets
     position, mask = Ragged(cache.array, cache.offsets).positions(rows)  # rows of the views
     feats = np.zeros((*mask.shape, cache.array.shape[1]), dtype=np.float32)
     feats[mask] = cache.array[position[mask]]
@@ -379,8 +384,10 @@ def _batch_image_features(
 
 
 def _collate_images(
-    per_patient: list, mode: str, size: int, feature_dim: int
+    per_patient: Sequence[Any], mode: str, size: int, feature_dim: int
 ) -> dict[str, torch.Tensor]:
+    """``per_patient``: an (n_i, F) feature tensor each ("feats") or a list of n_i (3, S, S)
+    pixel tensors each ("pixels")."""
     n_max = max(1, max(len(p) for p in per_patient))
     mask = torch.zeros(len(per_patient), n_max, dtype=torch.bool)
     for b, p in enumerate(per_patient):

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+from charset_normalizer import from_bytes
 
 from omnifuse_cli.errors import ConfigError
 
@@ -169,8 +170,6 @@ def _looks_chinese(text: str) -> bool:
 
 def _detector_choice(raw: bytes, names: list[str]) -> str:
     """charset-normalizer's pick between readings that both look plausible (short notes)."""
-    from charset_normalizer import from_bytes  # only needed for this tie-break
-
     best = from_bytes(raw, cp_isolation=names).best()
     if best is None:
         raise ValueError(f"could be {' or '.join(names)} text; name its encoding with --encoding")

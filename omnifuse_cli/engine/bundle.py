@@ -14,9 +14,12 @@ import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+import numpy
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from omnifuse_cli import __version__
 from omnifuse_cli.config import (
@@ -29,10 +32,14 @@ from omnifuse_cli.config import (
     to_primitive,
 )
 from omnifuse_cli.data.prepared import Preprocessor
+from omnifuse_cli.engine.epoch import backbone
 from omnifuse_cli.engine.files import temp_file_beside, write_text_atomic
 from omnifuse_cli.engine.modelling import build_model, text_backbone_from_folder
 from omnifuse_cli.errors import BundleError
 from omnifuse_cli.model.omnifuse import OmniFuse
+
+if TYPE_CHECKING:  # transformers is heavy: imported for annotations only
+    from transformers import PreTrainedModel
 
 FORMAT = "omnifuse-bundle"
 FORMAT_VERSION = 1
@@ -48,7 +55,7 @@ class LoadedBundle:
 
 
 def versions() -> dict[str, str]:
-    import numpy
+    # Heavy, and loaded nowhere else in this module: only writing a bundle needs them.
     import sklearn
     import torchvision
 
@@ -72,8 +79,6 @@ def save_bundle(
     state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the bundle into ``folder`` (created/replaced atomically file by file)."""
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {
         k: v.detach().to("cpu").contiguous().clone()
@@ -93,7 +98,8 @@ def save_bundle(
         if text_dir.exists():
             shutil.rmtree(text_dir)  # an overwritten run may hold another model's files
         tokenizer.save_pretrained(text_dir)
-        model.encoders[name].backbone.config.save_pretrained(text_dir)
+        # a modality with a tokenizer has a Hugging Face text model as its backbone
+        cast("PreTrainedModel", backbone(model, name)).config.save_pretrained(text_dir)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -124,9 +130,6 @@ def bundle_folder(run_or_bundle: Path) -> Path:
 
 
 def load_bundle(run_or_bundle: Path, device: torch.device | str = "cpu") -> LoadedBundle:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = bundle_folder(run_or_bundle)
     try:
         meta = json.loads((folder / "bundle.json").read_text(encoding="utf-8"))

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 from scipy.optimize import brentq, minimize_scalar
 from scipy.special import expit, log_softmax, logit
 from sklearn.linear_model import LogisticRegression
@@ -172,7 +173,7 @@ def parse_threshold_rule(text: str) -> ThresholdRule:
     raise ConfigError(f"--threshold {text!r} is not a threshold rule", hint=f"use {_RULE_FORMS}")
 
 
-def _rates(tp: np.ndarray, fp: np.ndarray, n_pos: float, n_neg: float) -> dict[str, np.ndarray]:
+def _rates(tp: ArrayLike, fp: ArrayLike, n_pos: float, n_neg: float) -> dict[str, np.ndarray]:
     """sensitivity, specificity, ppv, npv, f1 from counts (NaN where a denominator is 0)."""
     tp = np.asarray(tp, dtype=float)
     fp = np.asarray(fp, dtype=float)

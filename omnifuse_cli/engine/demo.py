@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from omnifuse_cli.config import (
     ImageConfig,
@@ -86,8 +87,6 @@ def synth_cohort(cfg: SynthConfig) -> Cohort:
 def run_synth(
     cfg: SynthConfig, method: MethodConfig, on_event: EventFn | None = None
 ) -> SynthResult:
-    import torch
-
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     cohort = synth_cohort(cfg)

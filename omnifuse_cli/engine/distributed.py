@@ -13,6 +13,7 @@ torchrun kills them, with the message lost among tracebacks. Setup work therefor
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from omnifuse_cli import errors
 from omnifuse_cli.errors import ConfigError, DataError, OmnifuseError
 
 T = TypeVar("T")
@@ -207,8 +209,6 @@ def _describe(error: Exception) -> tuple[str, str, str | None]:
 
 
 def _known_errors() -> dict[str, type[OmnifuseError]]:
-    from omnifuse_cli import errors
-
     return {
         name: obj
         for name, obj in vars(errors).items()
@@ -235,8 +235,6 @@ def digests(
     settings, given without paths (nodes may mount the same files under different names).
     Files the manifest points to (images, notes) are not read: hashing every image would cost
     as much as encoding it."""
-    import json
-
     parts = {"the manifest": file_digest(manifest)}
     if labs_table:
         parts["the labs table"] = file_digest(labs_table)

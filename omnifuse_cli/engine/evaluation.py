@@ -139,7 +139,9 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
     meta = read_meta(run_dir) if (run_dir / "meta.csv").is_file() else bundle.meta["run"]
     num_classes = bundle.model.config.num_classes
     external = request.manifest is not None
-    manifest = Path(request.manifest) if external else Path(meta.get("manifest", ""))
+    manifest = (
+        Path(request.manifest) if request.manifest is not None else Path(meta.get("manifest", ""))
+    )
     if not manifest.is_file():
         raise BundleError(
             f"the run's manifest {manifest} is not on this machine",

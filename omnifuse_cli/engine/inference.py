@@ -6,12 +6,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from omnifuse_cli import __version__
 from omnifuse_cli.data.cache import (
     FEATURES_FILE,
     FeatureArray,
@@ -39,6 +40,7 @@ from omnifuse_cli.data.images import HashedImageFiles, View
 from omnifuse_cli.data.prepared import (
     PatientDataset,
     PreparedCohort,
+    Ragged,
     collate_tokens,
     make_collate,
     move_to,
@@ -62,7 +64,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, enabled: bool):  # type: ignore[no-untyped-def]
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     """bf16 autocast on CUDA; CPU stays fp32 (bf16 matmuls are slow on most laptop CPUs)."""
     return torch.autocast(
         device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda"
@@ -71,13 +73,13 @@ def autocast(device: torch.device, enabled: bool):  # type: ignore[no-untyped-de
 
 def loader(
     data: PreparedCohort,
-    indices,
+    indices: np.ndarray | list[int],
     *,
     batch_size: int,
     shuffle: bool = False,
     generator: torch.Generator | None = None,
     num_workers: int = 0,
-) -> DataLoader:
+) -> DataLoader[dict[str, Any]]:
     return DataLoader(
         PatientDataset(data, indices),
         batch_size=batch_size,
@@ -99,7 +101,7 @@ class Inference:
 def infer(
     model: OmniFuse,
     data: PreparedCohort,
-    indices,
+    indices: np.ndarray | list[int],
     *,
     device: torch.device,
     batch_size: int = 32,
@@ -221,7 +223,8 @@ def _cache_frozen_features(
     say = notify or (lambda text: None)
     precision = "bf16" if amp and device.type == "cuda" else "fp32"
     for name in names:
-        encoder = model.encoders[name]
+        # names are the frozen (cacheable) encoders: image trunks and hf text models.
+        encoder = cast(ImageEncoder | HFTextEncoder, model.encoders[name])
         common = {
             "modality": name,
             "backbone": type(encoder.backbone).__name__,
@@ -249,7 +252,7 @@ def _cache_frozen_features(
                 report: ProgressFn | None,
                 hashing: bool,
                 encoder: ImageEncoder = encoder,
-                paths: list = paths,
+                paths: list[View] = paths,
             ) -> np.ndarray:
                 # Which views hash their file is decided on the whole list, so that under
                 # torchrun each file is hashed once, by whichever rank encodes its first view.
@@ -295,7 +298,7 @@ def _cache_frozen_features(
                 report: ProgressFn | None,
                 hashing: bool,  # notes' content is their tokens, already in the key
                 encoder: HFTextEncoder = encoder,
-                seqs: list = seqs,
+                seqs: Ragged = seqs,
                 pad: int = pad,
             ) -> None:
                 chosen = [seqs[i] for i in items]
@@ -320,8 +323,6 @@ def _in_memory(job: _Job, progress: ProgressFn | None) -> FeatureArray:
 
 
 def _describe(job: _Job) -> dict[str, Any]:
-    from omnifuse_cli import __version__
-
     keep = ("modality", "kind", "backbone", "feature_dim", "image_size", "precision")
     return {
         **{k: job.parts[k] for k in keep if k in job.parts},

@@ -48,7 +48,7 @@ def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> int | None:
 
 def set_threads(threads: int | None) -> int:
     """Give torch ``threads`` CPU threads (None: usable_cpus()); returns the number set."""
-    import torch  # here: the CLI imports this module before it needs torch
+    import torch  # heavy, and usable_cpus() and cgroup_cpu_quota() need none of it
 
     count = threads or usable_cpus()
     if torch.get_num_threads() != count:

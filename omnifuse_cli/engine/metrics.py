@@ -9,7 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import (
     accuracy_score,
+    average_precision_score,
     balanced_accuracy_score,
+    brier_score_loss,
     confusion_matrix,
     f1_score,
     log_loss,
@@ -56,8 +58,6 @@ def confusion(y: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
 
 def auprc(y: np.ndarray, probs: np.ndarray) -> float:
     """Average precision, one-vs-rest macro over the classes present in y (NaN if none)."""
-    from sklearn.metrics import average_precision_score
-
     if probs.shape[1] == 2:
         return float(average_precision_score(y, probs[:, 1])) if len(set(y)) == 2 else math.nan
     present = [c for c in range(probs.shape[1]) if (y == c).any()]
@@ -84,8 +84,6 @@ def full_metrics(
     y: np.ndarray, probs: np.ndarray, num_classes: int, pred: np.ndarray | None = None
 ) -> dict[str, float]:
     """classification_metrics plus AUPRC, expected calibration error and Brier score."""
-    from sklearn.metrics import brier_score_loss
-
     out = classification_metrics(y, probs, num_classes, pred)
     out["auprc"] = auprc(y, probs)
     out["ece"] = expected_calibration_error(y, probs)
@@ -114,8 +112,6 @@ def metric_value(
     if name == "ece":
         return expected_calibration_error(y, probs)
     if name == "brier":
-        from sklearn.metrics import brier_score_loss
-
         return float(brier_score_loss(y, probs, labels=labels))
     raise KeyError(f"unknown metric {name!r}")
 
@@ -150,6 +146,7 @@ def bootstrap_draws(
         for b in range(n):
             idx = rng.integers(0, len(y), len(y))
             for s, repeats in enumerate(sets):
+                dec = decided[s]
                 for k, name in enumerate(names):
                     out[b, s, k] = np.mean(
                         [
@@ -158,7 +155,7 @@ def bootstrap_draws(
                                 y[idx],
                                 p[idx],
                                 num_classes,
-                                None if decided[s] is None else decided[s][r][idx],
+                                None if dec is None else dec[r][idx],
                             )
                             for r, p in enumerate(repeats)
                         ]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from omnifuse_cli.config import ImageConfig, ModelConfig
@@ -91,6 +92,7 @@ def load_image_weights(model: OmniFuse, image: ImageConfig) -> ImageWeights:
     trunks = [e.backbone for e in model.encoders.values() if isinstance(e, ImageEncoder)]
     if not trunks:
         return ImageWeights("none (no image modality)", "none")
+    state: dict[str, Any] | None
     if image.weights_path:
         path = Path(image.weights_path)
         state, source = _state_from_file(path), f"file {image.weights_path}"
@@ -124,8 +126,6 @@ def _state_from_file(path: Path) -> dict[str, Any]:
         )
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state: Any = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -143,7 +143,7 @@ def _state_from_file(path: Path) -> dict[str, Any]:
 
 def _imagenet_state(backbone: str, *, download: bool) -> tuple[dict[str, Any] | None, str, Path]:
     """(state or None, description, the file in the torch cache)."""
-    import torchvision
+    import torchvision  # heavy: loaded only when an image backbone is built
 
     available = torchvision.models.get_model_weights(backbone)
     folder = Path(torch.hub.get_dir()) / "checkpoints"
@@ -176,7 +176,7 @@ def _imagenet_state(backbone: str, *, download: bool) -> tuple[dict[str, Any] | 
 
 def load_text_backbone(name: str) -> tuple[Any, nn.Module, int]:
     """Tokenizer, AutoModel and hidden size from a local folder or a hub name (cached)."""
-    try:
+    try:  # transformers is heavy: loaded only for --text-encoder hf
         from transformers import AutoModel, AutoTokenizer
     except ImportError as err:  # pragma: no cover - transformers is a dependency
         raise WeightsError("--text-encoder hf needs the transformers package") from err
@@ -194,7 +194,7 @@ def load_text_backbone(name: str) -> tuple[Any, nn.Module, int]:
 
 def text_backbone_from_folder(folder: Path) -> tuple[Any, nn.Module, int]:
     """Rebuild a bundle's text model skeleton (weights come from the bundle's state dict)."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer  # heavy: hf text models only
 
     config = AutoConfig.from_pretrained(folder)
     model = AutoModel.from_config(config)

@@ -156,6 +156,7 @@ def coverage_frame(
 
 def read_subgroups(manifest: Path, specs: tuple[str, ...], ids: list[str]) -> dict[str, pd.Series]:
     """Each --subgroup-col's band per patient of ``ids`` (manifest order by id)."""
+    # Here: data.manifest loads torch, which this module otherwise does without.
     from omnifuse_cli.data.manifest import normalize_ids, read_table
 
     if not specs:

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sklearn.utils.class_weight import compute_class_weight
 
-from omnifuse_cli.config import TrainConfig
+from omnifuse_cli.config import TrainConfig, parse_class_weight
 from omnifuse_cli.engine.clinical import (
     ConformalCalibration,
     apply_temperature,
@@ -24,6 +25,7 @@ from omnifuse_cli.engine.clinical import (
     fit_temperature,
     parse_threshold_rule,
 )
+from omnifuse_cli.engine.metrics import metric_value
 from omnifuse_cli.errors import ConfigError
 
 MIN_CALIBRATION_PATIENTS = 30  # fewer validation patients: no temperature (a note says so)
@@ -155,8 +157,6 @@ def fit_posthoc(
 ) -> PostHoc:
     """Temperature, operating point and conformal scores from the validation patients'
     log-probabilities (after the best epoch and the linear path)."""
-    from omnifuse_cli.engine.metrics import metric_value
-
     num_classes = len(class_names)
     log_probs = np.asarray(log_probs, dtype=np.float64)
     notes: list[str] = []
@@ -214,15 +214,11 @@ def fit_posthoc(
 def class_weights(spec: str, labels: np.ndarray, num_classes: int) -> np.ndarray | None:
     """--class-weight as one weight per class, scaled so the average training patient weighs 1
     (None: every patient 1). balanced: n / (C n_c), scikit-learn's rule."""
-    from omnifuse_cli.config import parse_class_weight
-
     parsed = parse_class_weight(spec, num_classes)
     if parsed is None:
         return None
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     if parsed == "balanced":
-        from sklearn.utils.class_weight import compute_class_weight
-
         present = np.flatnonzero(counts)
         weights = np.ones(num_classes)
         weights[present] = compute_class_weight("balanced", classes=present, y=labels)

@@ -61,7 +61,7 @@ def from_primitive(cls: type, raw: Any) -> Any:
 
 def _coerce(hint: Any, value: Any) -> Any:
     if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        return from_primitive(hint, value)  # type: ignore[arg-type]
+        return from_primitive(hint, value)  # type: ignore[arg-type]  # a hint is a class
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is tuple and isinstance(value, list):

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from safetensors.torch import load_file
 
 from omnifuse_cli import __version__
 from omnifuse_cli.config import (
@@ -36,7 +37,7 @@ from omnifuse_cli.data.splits import stratified_split, training_patients
 from omnifuse_cli.engine import distributed
 from omnifuse_cli.engine.audit import split_summary
 from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions
-from omnifuse_cli.engine.epoch import backbone_names
+from omnifuse_cli.engine.epoch import backbone, backbone_names
 from omnifuse_cli.engine.events import EventFn, ProgressEvent
 from omnifuse_cli.engine.files import prepare_out_dir, write_csv, write_text_atomic
 from omnifuse_cli.engine.finishing import (
@@ -227,7 +228,7 @@ def _run_training(
     model.to(device)
     frozen = backbone_names(model)
     for name in frozen:
-        for p in model.encoders[name].backbone.parameters():
+        for p in backbone(model, name).parameters():
             p.requires_grad = False
 
     t0 = time.perf_counter()
@@ -364,8 +365,6 @@ def data_digests(request: TrainRequest) -> dict[str, str]:
 
 
 def _load_resume_state(run_dir: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
     path = run_dir / CHECKPOINT
     if not path.is_file():
         raise BundleError(

@@ -112,6 +112,9 @@ class ImageEncoder(nn.Module):
     over a patient's views."""
 
     cacheable = True
+    # Buffers registered in __init__, declared so type checkers see tensors, not Module | Tensor.
+    feat_mean: torch.Tensor
+    feat_std: torch.Tensor
 
     def __init__(
         self, *, trunk: nn.Module, feature_dim: int, embed_dim: int, dropout: float
@@ -200,7 +203,7 @@ def image_trunk(name: str) -> tuple[nn.Module, int]:
     structure and key names, its last Linear layer replaced by a DroppedClassifier; the feature
     width is that layer's in_features.
     """
-    import torchvision
+    import torchvision  # heavy: loaded only when an image modality is built
 
     net = torchvision.models.get_model(name, weights=None)
     if isinstance(net, torchvision.models.ResNet):

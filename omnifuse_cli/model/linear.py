@@ -22,6 +22,12 @@ from torch import nn
 
 
 class LinearPath(nn.Module):
+    # Buffers registered in __init__, declared so type checkers see tensors, not Module | Tensor.
+    presence: torch.Tensor
+    intercept: torch.Tensor
+    blend: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(
         self, *, names: list[str], kinds: list[str], dims: list[int], num_classes: int
     ) -> None:

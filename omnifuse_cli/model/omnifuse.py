@@ -8,6 +8,8 @@ some present ones to supervise imputation; TLA and mining restrict it to a combi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import cast
 
 import numpy as np
 import torch
@@ -41,6 +43,10 @@ class Prediction:
 
 
 class OmniFuse(nn.Module):
+    # Buffers registered in __init__, declared so type checkers see tensors, not Module | Tensor.
+    reliability: torch.Tensor
+    class_weight: torch.Tensor | None
+
     def __init__(self, config: ModelConfig, encoders: dict[str, nn.Module]) -> None:
         super().__init__()
         self.config = config
@@ -60,15 +66,16 @@ class OmniFuse(nn.Module):
         # Per-class loss weights (--class-weight), set by training; not part of the bundle.
         self.register_buffer("class_weight", None, persistent=False)
         if method.use_imputation:
-            kwargs = {
-                "in_dim": m * d,
-                "layers": method.ra_layers,
-                "num_ra": method.num_ra,
-                "dropout": method.cra_dropout,
-            }
-            self.cra_forward = CascadeResidualAutoencoder(**kwargs)
-            self.cra_backward = (
-                CascadeResidualAutoencoder(**kwargs) if method.use_backward else None
+            make_cra = partial(
+                CascadeResidualAutoencoder,
+                in_dim=m * d,
+                layers=method.ra_layers,
+                num_ra=method.num_ra,
+                dropout=method.cra_dropout,
+            )
+            self.cra_forward: CascadeResidualAutoencoder | None = make_cra()
+            self.cra_backward: CascadeResidualAutoencoder | None = (
+                make_cra() if method.use_backward else None
             )
             latent_dim = self.cra_forward.latent_dim
             joint_in = {"latents": latent_dim, "slots": m * d, "both": latent_dim + m * d}[
@@ -81,7 +88,9 @@ class OmniFuse(nn.Module):
         h, p = method.head_hidden, method.dropout
         if method.use_dwfuse:
             head_in = d + 1 if method.slot_flags else d
-            self.modality_heads = nn.ModuleList(classifier(head_in, h, c, p) for _ in names)
+            self.modality_heads: nn.ModuleList | None = nn.ModuleList(
+                classifier(head_in, h, c, p) for _ in names
+            )
             self.joint_head = classifier(joint_in, h, c, p)
         else:
             # Concat fusion: one classifier on the concatenated (imputed) representation.
@@ -257,7 +266,8 @@ class OmniFuse(nn.Module):
             terms["tla"] = zero if tla is None else tla
         else:  # a batch of unlabeled patients only: the graph still reaches every head
             terms["dwfuse"] = zero + 0.0 * out.joint_log_probs.sum()
-        terms["total"] = sum(w * terms[k] for k, w in cfg.loss_weights.items())
+        # loss_weights always has its four terms, so the sum is a tensor, never sum()'s start 0.
+        terms["total"] = cast(torch.Tensor, sum(w * terms[k] for k, w in cfg.loss_weights.items()))
         return terms
 
     def _label_terms(
@@ -364,17 +374,14 @@ class OmniFuse(nn.Module):
 def _rows(out: FuseOutput, index: slice | torch.Tensor) -> FuseOutput:
     """The patients ``index`` of a fuse output (every field is batch-first)."""
     return FuseOutput(
-        *(
-            None if f is None else f[index]
-            for f in (
-                out.v_in,
-                out.v_fwd,
-                out.h,
-                out.gate,
-                out.modality_log_probs,
-                out.joint_log_probs,
-            )
-        )
+        v_in=out.v_in[index],
+        v_fwd=None if out.v_fwd is None else out.v_fwd[index],
+        h=out.h[index],
+        gate=out.gate[index],
+        modality_log_probs=(
+            None if out.modality_log_probs is None else out.modality_log_probs[index]
+        ),
+        joint_log_probs=out.joint_log_probs[index],
     )
 
 

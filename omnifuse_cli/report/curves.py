@@ -4,6 +4,7 @@ percentile bootstrap bands, and a reliability diagram with quantile bins (scikit
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,9 +40,9 @@ def _band(
     y: np.ndarray,
     probs: np.ndarray,
     cls: int,
-    fn,
+    fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
     n: int,
-    seed: int,  # type: ignore[no-untyped-def]
+    seed: int,
 ) -> Curve:
     positive = y == cls
     main = fn(positive, probs[:, cls])

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -87,7 +88,7 @@ def missing_patterns(patterns: pd.Series, modalities: Sequence[str]) -> Figure:
     x = np.arange(len(patterns))
     bars.bar(x, patterns.to_numpy(), color="#444444")
     for xi, n in zip(x, patterns.to_numpy(), strict=True):
-        bars.text(xi, n, str(int(n)), ha="center", va="bottom", fontsize=8)
+        bars.text(float(xi), n, str(int(n)), ha="center", va="bottom", fontsize=8)
     bars.set_ylabel("patients")
     bars.set_title("missing patterns: modalities present")
     bars.tick_params(labelbottom=False)
@@ -120,7 +121,7 @@ def missing_patterns(patterns: pd.Series, modalities: Sequence[str]) -> Figure:
     return fig
 
 
-def _curves(ax, curves: dict[int, Curve], class_names: Sequence[str], label: str) -> None:  # type: ignore[no-untyped-def]
+def _curves(ax: Axes, curves: dict[int, Curve], class_names: Sequence[str], label: str) -> None:
     for c, curve in curves.items():
         color = _color(c)
         ax.plot(
@@ -256,7 +257,7 @@ def training(curves: dict[str, pd.DataFrame]) -> Figure:
     frames = list(curves.values())
     several = len(frames) > 1
 
-    def draw(ax, column: str, k: int) -> None:  # type: ignore[no-untyped-def]
+    def draw(ax: Axes, column: str, k: int) -> None:
         series = [f.set_index("epoch")[column] for f in frames if column in f]
         if not series:
             return

@@ -7,15 +7,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from omnifuse_cli.errors import BundleError
-
-if TYPE_CHECKING:
-    from omnifuse_cli.engine.posthoc import PostHoc
+from omnifuse_cli.config import ModalitySpec
+from omnifuse_cli.engine.posthoc import PostHoc
+from omnifuse_cli.errors import BundleError, OmnifuseError
 
 SMALL_SUBGROUP = 30  # engine.clinical's: fewer patients make a subgroup's metrics imprecise
 
@@ -317,8 +316,6 @@ def _read_clinical(folder: Path, clinical: Clinical) -> None:
 
 def _posthoc(bundle: dict[str, Any]) -> PostHoc:
     """PostHoc of a bundle's meta (engine.posthoc imports no torch)."""
-    from omnifuse_cli.engine.posthoc import PostHoc
-
     return PostHoc.from_bundle(bundle)
 
 
@@ -362,9 +359,8 @@ def _run_cohort(
             "is shown for evaluated patients only"
         )
         return frame
-    from omnifuse_cli.config import ModalitySpec
+    # Here: data.manifest loads torch, which a report otherwise never needs.
     from omnifuse_cli.data.manifest import read_manifest
-    from omnifuse_cli.errors import OmnifuseError
 
     specs = tuple(
         ModalitySpec(*part.split("=", 1)) for part in meta.get("modalities", "").split(",") if part

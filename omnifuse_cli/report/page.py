@@ -7,14 +7,17 @@ import base64
 import html
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from omnifuse_cli import __version__
+from omnifuse_cli.engine.files import write_text_atomic
 from omnifuse_cli.report import figures
 from omnifuse_cli.report.curves import pr_curves, reliability_bins, roc_curves
 from omnifuse_cli.report.inputs import (
@@ -25,6 +28,12 @@ from omnifuse_cli.report.inputs import (
     load_inputs,
 )
 from omnifuse_cli.report.tripod import checklist
+
+if TYPE_CHECKING:  # figures.py imports matplotlib; here it is only a type
+    from matplotlib.figure import Figure
+
+# _sections' ``add``: renders a figure (None: none to show) and returns its HTML.
+AddFigure = Callable[["Figure | None", str, str, str], str]
 
 METRIC_LABELS = {
     "acc": "accuracy",
@@ -126,7 +135,7 @@ def _num(value: object) -> str:
     if value is None:
         return "n/a"
     try:
-        number = float(value)  # type: ignore[arg-type]
+        number = float(value)  # type: ignore[arg-type]  # what float() refuses is caught
     except (TypeError, ValueError):
         return html.escape(str(value))
     return "n/a" if not np.isfinite(number) else f"{number:.3f}"
@@ -140,7 +149,7 @@ def _e(text: object) -> str:
     return html.escape(str(text))
 
 
-def _render(fig, name: str, title: str, caption: str) -> RenderedFigure:  # type: ignore[no-untyped-def]
+def _render(fig: Figure, name: str, title: str, caption: str) -> RenderedFigure:
     png, pdf = io.BytesIO(), io.BytesIO()
     fig.savefig(png, format="png", dpi=PNG_DPI)
     fig.savefig(pdf, format="pdf")
@@ -206,8 +215,6 @@ def build_report(source: Path, out: Path | None = None) -> ReportResult:
     sections = _sections(inputs, rendered)
     page = _page(inputs, sections)
     figures_dir.mkdir(parents=True, exist_ok=True)
-    from omnifuse_cli.engine.files import write_text_atomic
-
     for fig in rendered.values():
         (figures_dir / f"{fig.name}.png").write_bytes(fig.png)
         (figures_dir / f"{fig.name}.pdf").write_bytes(fig.pdf)
@@ -225,7 +232,7 @@ def _sections(
 ) -> list[tuple[str, str, str]]:
     """(id, title, html) of every section; figures are added to ``rendered``."""
 
-    def add(fig, name: str, title: str, caption: str) -> str:  # type: ignore[no-untyped-def]
+    def add(fig: Figure | None, name: str, title: str, caption: str) -> str:
         assert name in FIGURE_NAMES, name
         if fig is None:
             return ""
@@ -366,7 +373,7 @@ def _calibration_label(metric: str) -> str:
     return METRIC_LABELS.get(metric, metric)
 
 
-def _calibration(inputs: ReportInputs, add) -> str:  # type: ignore[no-untyped-def]
+def _calibration(inputs: ReportInputs, add: AddFigure) -> str:
     cv = inputs.kind == "cv"
     clinical = inputs.clinical
     parts = [_metrics_table("metrics-calibration", inputs.metrics, CALIBRATION, cv)]
@@ -574,7 +581,7 @@ def _operating(inputs: ReportInputs) -> str:
     return "".join(parts)
 
 
-def _decision(inputs: ReportInputs, add) -> str:  # type: ignore[no-untyped-def]
+def _decision(inputs: ReportInputs, add: AddFigure) -> str:
     clinical = inputs.clinical
     frame = clinical.decision
     if frame is None or not len(frame):
@@ -697,7 +704,7 @@ def _coverage(inputs: ReportInputs) -> str:
     return "".join(parts)
 
 
-def _subgroups(inputs: ReportInputs, add) -> str:  # type: ignore[no-untyped-def]
+def _subgroups(inputs: ReportInputs, add: AddFigure) -> str:
     clinical = inputs.clinical
     frame = clinical.subgroups
     if frame is None or not len(frame):
@@ -839,7 +846,7 @@ def _subgroups(inputs: ReportInputs, add) -> str:  # type: ignore[no-untyped-def
     return "".join(parts)
 
 
-def _cohort(inputs: ReportInputs, add) -> str:  # type: ignore[no-untyped-def]
+def _cohort(inputs: ReportInputs, add: AddFigure) -> str:
     parts = []
     cohort = inputs.cohort
     n = inputs.meta.get("n_patients", str(len(cohort)) if cohort is not None else "?")
@@ -891,7 +898,7 @@ def _cohort(inputs: ReportInputs, add) -> str:  # type: ignore[no-untyped-def]
     return "".join(parts)
 
 
-def _training(inputs: ReportInputs, add) -> str:  # type: ignore[no-untyped-def]
+def _training(inputs: ReportInputs, add: AddFigure) -> str:
     if not inputs.curves:
         return '<p class="note">No per-epoch metrics were found.</p>'
     several = len(inputs.curves) > 1
@@ -917,7 +924,7 @@ def _training(inputs: ReportInputs, add) -> str:  # type: ignore[no-untyped-def]
     return best + add(figures.training(inputs.curves), "training", "Training curves", caption)
 
 
-def _modalities(inputs: ReportInputs, add) -> str:  # type: ignore[no-untyped-def]
+def _modalities(inputs: ReportInputs, add: AddFigure) -> str:
     parts = []
     if inputs.predictions is not None:
         parts.append(
@@ -997,7 +1004,7 @@ def _folds(inputs: ReportInputs) -> str:
     )
 
 
-def _variants(inputs: ReportInputs, add) -> str:  # type: ignore[no-untyped-def]
+def _variants(inputs: ReportInputs, add: AddFigure) -> str:
     assert inputs.differences is not None
     flags = "".join(
         f"<li><b>{_e(name)}</b>: <code>{_e(f)}</code></li>" for name, f in inputs.variants.items()

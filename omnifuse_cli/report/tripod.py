@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -320,7 +321,10 @@ def checklist(inputs: ReportInputs) -> list[Item]:
     counts = ""
     if inputs.cohort is not None:
         per = inputs.cohort["label"].value_counts().sort_index()
-        counts = ", ".join(f"class {inputs.class_names[int(c)]}: {int(k)}" for c, k in per.items())
+        # labels are ints (read with astype(int)); pandas' stubs type an index label as Hashable
+        counts = ", ".join(
+            f"class {inputs.class_names[int(cast(int, c))]}: {int(k)}" for c, k in per.items()
+        )
     kinds = meta.get("modalities", "").replace(",", ", ")
     image = (
         f"images resized and centre-cropped to {meta.get('image_image_size', '?')} px, at "

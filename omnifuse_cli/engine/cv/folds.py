@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from omnifuse_cli.config import TrainConfig
 from omnifuse_cli.data.manifest import Cohort, read_table
@@ -50,8 +51,6 @@ def assign_folds(
     group_col: str = "",
 ) -> np.ndarray:
     """Fold number (1..folds) of every patient in every repeat: (repeats, N)."""
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-
     counts = np.bincount(labels)
     present = np.flatnonzero(counts)
     smallest = int(present[np.argmin(counts[present])])
@@ -118,8 +117,6 @@ def inner_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) patients of a training fold; validation stratified by label (and
     whole groups with ``groups``)."""
-    from sklearn.model_selection import StratifiedGroupKFold, train_test_split
-
     y = labels[idx]
     if groups is not None:
         g = groups[idx]

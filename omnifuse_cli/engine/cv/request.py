@@ -94,7 +94,7 @@ class CVRequest:
         return (self.base, *self.variants)
 
 
-def _reading(data: DataConfig) -> tuple:
+def _reading(data: DataConfig) -> tuple[object, ...]:
     """What decides which patients and values are read (the manifest's reading options)."""
     return (data.modalities, *reading_options(data).items())
 

@@ -51,7 +51,7 @@ from omnifuse_cli.engine.cv.request import (
     cv_digests,
 )
 from omnifuse_cli.engine.cv.summary import CVResult, FoldResult, labelled_only, summarise
-from omnifuse_cli.engine.epoch import backbone_names
+from omnifuse_cli.engine.epoch import backbone, backbone_names
 from omnifuse_cli.engine.events import EventFn, ProgressEvent
 from omnifuse_cli.engine.files import write_csv, write_text_atomic
 from omnifuse_cli.engine.finishing import fit_finish, fit_linear, posthoc_meta
@@ -133,10 +133,7 @@ def _encode(
         notify=lambda text: emit(ProgressEvent("message", text=text)),
     )
     states = {
-        n: {
-            k: v.detach().to("cpu", copy=True)
-            for k, v in model.encoders[n].backbone.state_dict().items()
-        }
+        n: {k: v.detach().to("cpu", copy=True) for k, v in backbone(model, n).state_dict().items()}
         for n in names
     }
     return _Encoded(
@@ -174,9 +171,9 @@ def _fit(
     )
     data = pre.prepare(cohort)
     for name, state in enc.states.items():
-        backbone = model.encoders[name].backbone
-        backbone.load_state_dict(state)
-        backbone.requires_grad_(False)
+        trunk = backbone(model, name)
+        trunk.load_state_dict(state)
+        trunk.requires_grad_(False)
     data.image_cache.update(enc.image_cache)
     data.image_feature_dims.update(enc.image_dims)
     data.text_cache.update(enc.text_cache)
@@ -319,9 +316,12 @@ def _run_cv(request: CVRequest, emit: EventFn, device: torch.device, resume: boo
                     frame["threshold"] = posthoc.threshold
                 if sets is not None:
                     frame["conformal_mode"] = mode
-                for position, (key, value) in enumerate(
-                    (("variant", plan.variant.name), ("repeat", plan.repeat), ("fold", plan.fold))
-                ):
+                columns: tuple[tuple[str, str | int], ...] = (
+                    ("variant", plan.variant.name),
+                    ("repeat", plan.repeat),
+                    ("fold", plan.fold),
+                )
+                for position, (key, value) in enumerate(columns):
                     frame.insert(position, key, value)
                 write_csv(out / "predictions.csv", frame)
                 write_split(
@@ -341,6 +341,7 @@ def _run_cv(request: CVRequest, emit: EventFn, device: torch.device, resume: boo
         summary = distributed.broadcast_object(
             summarise(request, labelled_only(cohort)) if main else None
         )
+        assert summary is not None  # rank 0's, on every rank
         refit_dir = None
         if request.refit:
             current = "the final --refit model"
@@ -359,6 +360,7 @@ def _run_cv(request: CVRequest, emit: EventFn, device: torch.device, resume: boo
         stop.all_ranks = True  # type: ignore[attr-defined]  # every rank got the Ctrl-C
         raise stop from None
     encoding = distributed.broadcast_object(_encoding_record(out_dir, encoded) if main else None)
+    assert encoding is not None  # rank 0's, on every rank
     encode_seconds = encoding["encode_seconds"]
     seconds = time.perf_counter() - t_start
     weights = encoding["image_weights"]

@@ -8,7 +8,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -133,7 +133,7 @@ def summarise(request: CVRequest, cohort: Cohort) -> dict[str, Any]:
                 for k in range(1, request.folds + 1):
                     part = oof[(oof["variant"] == n) & (oof["repeat"] == r) & (oof["fold"] == k)]
                     yk = part["label"].to_numpy(dtype=np.int64)
-                    m = full_metrics(
+                    scores = full_metrics(
                         yk,
                         part[prob_cols].to_numpy(dtype=float),
                         c,
@@ -146,7 +146,7 @@ def summarise(request: CVRequest, cohort: Cohort) -> dict[str, Any]:
                             "repeat": r,
                             "fold": k,
                             "n": len(part),
-                            **{key: m[key] for key in METRICS},
+                            **{key: scores[key] for key in METRICS},
                             "best_epoch": done["best_epoch"],
                             "seconds": round(done["seconds"], 3),
                         }
@@ -217,7 +217,8 @@ def summarise(request: CVRequest, cohort: Cohort) -> dict[str, Any]:
             patterns["n"] = patterns["n"] // request.repeats
             patterns.insert(0, "variant", n)
             pattern_frames.append(patterns)
-            confusions[n] = sum(confusion(y, d, c) for d in decided[n])
+            # one matrix per repeat (at least one), so the sum is an array, never sum()'s 0
+            confusions[n] = cast(np.ndarray, sum(confusion(y, d, c) for d in decided[n]))
     metrics = pd.DataFrame(metric_rows)
     differences = pd.DataFrame(
         diff_rows,
