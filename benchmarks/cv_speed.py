@@ -39,8 +39,10 @@ from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.engine.cv import CVRequest, Variant, run_cv
 from omnifuse_cli.engine.evaluation import EvalRequest, evaluate_run
 from omnifuse_cli.engine.fitting import fit_model
-from omnifuse_cli.engine.inference import cache_frozen_features, infer
-from omnifuse_cli.engine.training import TrainRequest, build_for_cohort, run_training
+from omnifuse_cli.engine.frozen_features import cache_frozen_features
+from omnifuse_cli.engine.inference import infer
+from omnifuse_cli.engine.runs import TrainRequest
+from omnifuse_cli.engine.training import build_for_cohort, run_training
 from omnifuse_cli.model.encoders import ImageEncoder
 from omnifuse_cli.report import build_report
 from omnifuse_cli.synthetic import CohortSpec, make_cohort

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 from omnifuse_cli.config import DEFAULT_MODALITIES, DataConfig, ImageConfig, TrainConfig
 from omnifuse_cli.data.images import ImageFiles
 from omnifuse_cli.data.manifest import read_manifest
-from omnifuse_cli.engine.training import TrainRequest, run_training
+from omnifuse_cli.engine.runs import TrainRequest
+from omnifuse_cli.engine.training import run_training
 from omnifuse_cli.synthetic import CohortSpec, make_cohort
 
 

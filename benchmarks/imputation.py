@@ -78,7 +78,7 @@ from omnifuse_cli.config import (  # noqa: E402
     TrainConfig,
 )
 from omnifuse_cli.data.cache import FeatureArray  # noqa: E402
-from omnifuse_cli.data.manifest import Cohort  # noqa: E402
+from omnifuse_cli.data.cohort import Cohort  # noqa: E402
 from omnifuse_cli.data.prepared import move_to  # noqa: E402
 from omnifuse_cli.data.splits import training_patients  # noqa: E402
 from omnifuse_cli.data.text import tokenize  # noqa: E402
@@ -88,7 +88,8 @@ from omnifuse_cli.engine.fitting import fit_model  # noqa: E402
 from omnifuse_cli.engine.inference import loader  # noqa: E402
 from omnifuse_cli.engine.metrics import classification_metrics  # noqa: E402
 from omnifuse_cli.engine.reliability import reliability_plan, reliability_values  # noqa: E402
-from omnifuse_cli.engine.training import TrainRequest, build_for_cohort  # noqa: E402
+from omnifuse_cli.engine.runs import TrainRequest
+from omnifuse_cli.engine.training import build_for_cohort  # noqa: E402
 from omnifuse_cli.synthetic import CohortSpec, make_cohort  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent

@@ -49,13 +49,16 @@ from omnifuse_cli.config import (
     TrainConfig,
 )
 from omnifuse_cli.data.cache import FeatureArray
-from omnifuse_cli.data.manifest import Cohort, read_manifest
+from omnifuse_cli.data.cohort import Cohort
+from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.data.prepared import move_to
 from omnifuse_cli.engine.evaluation import simulate_missing
 from omnifuse_cli.engine.fitting import fit_model
-from omnifuse_cli.engine.inference import cache_frozen_features, loader
+from omnifuse_cli.engine.frozen_features import cache_frozen_features
+from omnifuse_cli.engine.inference import loader
 from omnifuse_cli.engine.metrics import classification_metrics
-from omnifuse_cli.engine.training import TrainRequest, build_for_cohort
+from omnifuse_cli.engine.runs import TrainRequest
+from omnifuse_cli.engine.training import build_for_cohort
 from omnifuse_cli.model.encoders import ImageEncoder
 from omnifuse_cli.synthetic import CohortSpec, make_cohort
 

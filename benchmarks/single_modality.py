@@ -22,11 +22,14 @@ import torch
 from sklearn.metrics import f1_score
 
 from omnifuse_cli.config import DEFAULT_MODALITIES, DataConfig, TrainConfig
-from omnifuse_cli.data.manifest import Cohort, read_manifest
+from omnifuse_cli.data.cohort import Cohort
+from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.engine.fitting import fit_model
-from omnifuse_cli.engine.inference import cache_frozen_features, infer
-from omnifuse_cli.engine.training import TrainRequest, build_for_cohort
+from omnifuse_cli.engine.frozen_features import cache_frozen_features
+from omnifuse_cli.engine.inference import infer
+from omnifuse_cli.engine.runs import TrainRequest
+from omnifuse_cli.engine.training import build_for_cohort
 from omnifuse_cli.synthetic import CohortSpec, make_cohort
 
 

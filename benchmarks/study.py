@@ -55,7 +55,8 @@ from omnifuse_cli.config import (
     TrainConfig,
 )
 from omnifuse_cli.data.cache import FeatureArray
-from omnifuse_cli.data.manifest import Cohort, read_manifest
+from omnifuse_cli.data.cohort import Cohort
+from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.data.text import tokenize
 from omnifuse_cli.engine.epoch import train_epoch
@@ -65,9 +66,11 @@ from omnifuse_cli.engine.fitting import (
     _unfreeze,
     fit_model,
 )
-from omnifuse_cli.engine.inference import cache_frozen_features, infer
+from omnifuse_cli.engine.frozen_features import cache_frozen_features
+from omnifuse_cli.engine.inference import infer
 from omnifuse_cli.engine.metrics import classification_metrics
-from omnifuse_cli.engine.training import TrainRequest, build_for_cohort
+from omnifuse_cli.engine.runs import TrainRequest
+from omnifuse_cli.engine.training import build_for_cohort
 from omnifuse_cli.model.encoders import ImageEncoder
 from omnifuse_cli.synthetic import CohortSpec, make_cohort
 

@@ -36,10 +36,9 @@ from sklearn.exceptions import NotFittedError
 
 from omnifuse_cli import synthetic
 from omnifuse_cli.config import ModalitySpec
-from omnifuse_cli.data.manifest import absolute_paths
+from omnifuse_cli.data.cells import absolute_paths
 from omnifuse_cli.engine import cv as crossval
-from omnifuse_cli.engine import training
-from omnifuse_cli.engine.bundle import BUNDLE_DIR, bundle_folder
+from omnifuse_cli.engine import runs, training
 from omnifuse_cli.engine.cv import BASE, CVRequest, CVResult, Variant
 from omnifuse_cli.engine.evaluation import EvalRequest, EvalResult, evaluate_run
 from omnifuse_cli.engine.events import EventFn, EventKind, ProgressEvent, ignore
@@ -51,8 +50,8 @@ from omnifuse_cli.engine.prediction import (
     PredictResult,
     predict_patients,
 )
-from omnifuse_cli.engine.runs import read_meta
-from omnifuse_cli.engine.training import TrainRequest, TrainResult
+from omnifuse_cli.engine.runs import BUNDLE_DIR, TrainRequest, bundle_folder, read_meta
+from omnifuse_cli.engine.training import TrainResult
 from omnifuse_cli.errors import ConfigError
 from omnifuse_cli.settings import (
     BY_NAME,
@@ -185,7 +184,7 @@ def train(
 def resume(run_dir: str | os.PathLike[str], *, on_progress: EventFn | None = None) -> Run:
     """Continue an interrupted training run from its last complete epoch (every setting comes
     from the run's request.json)."""
-    request = training.load_request(Path(run_dir))
+    request = runs.load_train_request(Path(run_dir))
     result = training.run_training(request, on_progress or ignore, resume=True)
     return Run(result.out_dir, result)
 
@@ -309,7 +308,7 @@ class Run:
     @property
     def test_metrics(self) -> dict[str, float]:
         """Metrics on the run's internal test split (empty without one)."""
-        path = self.path / "test.csv"
+        path = self.path / runs.TEST
         if not path.is_file():
             return {}
         row = pd.read_csv(path).iloc[0]

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, get_args
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args
 
 from omnifuse_cli.errors import ConfigError
 
@@ -21,20 +24,25 @@ IMAGE_BACKBONES = ("resnet18", "resnet34", "resnet50")
 # Linear layer to drop); googlenet and inception_v3 are built differently for ImageNet weights
 # (auxiliary heads, an input transform).
 _NOT_IMAGE_TRUNKS = ("googlenet", "inception_v3", "squeezenet1_0", "squeezenet1_1")
-FINETUNE_IMAGE_SCOPES = ("none", "layer4", "layer3+", "all")
-TEXT_ENCODERS = ("simple", "hf")
-INFERENCE_RULES = ("label-free", "joint", "mean")
-JOINT_INPUTS = ("latents", "slots", "both")
-IMPUTATION_LOSSES = ("normalized", "paper")
-SELECT_METRICS = ("macro_f1", "loss", "auroc")
-PRETRAINED_CHOICES = ("auto", "yes", "no")
-ON_BAD_FILE = ("error", "skip")
-ON_EMPTY_PATIENT = ("skip", "error")
-CALIBRATIONS = ("temperature", "none")
+# Closed sets of choices are Literal types: a config checks its value once, when it is built, and
+# mypy checks every comparison deep inside against the set.
+FinetuneImageScope = Literal["none", "layer4", "layer3+", "all"]
+TextEncoderKind = Literal["simple", "hf"]
+InferenceRule = Literal["label-free", "joint", "mean"]
+JointInput = Literal["latents", "slots", "both"]
+ImputationLoss = Literal["normalized", "paper"]
+SelectMetric = Literal["macro_f1", "loss", "auroc"]
+Pretrained = Literal["auto", "yes", "no"]
+OnBadFile = Literal["error", "skip"]
+OnEmptyPatient = Literal["skip", "error"]
+Calibration = Literal["temperature", "none"]
+ON_BAD_FILE: tuple[str, ...] = get_args(OnBadFile)
+ON_EMPTY_PATIENT: tuple[str, ...] = get_args(OnEmptyPatient)
 LabsLayout = Literal["auto", "wide", "long"]  # --labs-format (data/labs.py)
 LabsAgg = Literal["last", "first", "mean", "min", "max"]  # --labs-agg
 LABS_FORMATS: tuple[str, ...] = get_args(LabsLayout)
 LABS_AGGS: tuple[str, ...] = get_args(LabsAgg)
+T = TypeVar("T")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
@@ -43,8 +51,10 @@ def _check(condition: bool, message: str, hint: str | None = None) -> None:
         raise ConfigError(message, hint=hint)
 
 
-def check_choice(value: str, choices: tuple[str, ...], option: str) -> None:
-    """A ConfigError naming the option and its choices when ``value`` is not one of them."""
+def check_choice(value: str, choices: Any, option: str) -> None:
+    """A ConfigError naming the option and its choices (a tuple or a Literal type) when
+    ``value`` is not one of them."""
+    choices = get_args(choices) or choices
     _check(
         value in choices,
         f"{option} {value!r} is not supported",
@@ -116,7 +126,7 @@ class ImageConfig:
     backbone: str = "resnet34"  # torchvision classification model without its classifier
     image_size: int = 224  # Resize(size) + CenterCrop(size), as the seed
     max_images: int = 4  # views kept per patient (the first ones in the cell)
-    pretrained: str = "auto"  # auto: ImageNet weights if cached locally, else random init
+    pretrained: Pretrained = "auto"  # auto: ImageNet weights if cached locally, else random init
     weights_path: str | None = None  # local state dict, for offline hospital machines
 
     def __post_init__(self) -> None:
@@ -124,14 +134,16 @@ class ImageConfig:
             check_choice(self.backbone, image_backbones(), "--image-backbone")
         _check(self.image_size >= 16, f"--image-size must be >= 16, got {self.image_size}")
         _check(self.max_images >= 1, f"--max-us-images must be >= 1, got {self.max_images}")
-        check_choice(self.pretrained, PRETRAINED_CHOICES, "pretrained")
+        check_choice(self.pretrained, Pretrained, "pretrained")
 
 
 @dataclass(frozen=True)
 class TextConfig:
     """How text modalities are tokenised and encoded."""
 
-    encoder: str = "simple"  # simple: offline char/word n-grams; hf: transformers AutoModel
+    encoder: TextEncoderKind = (
+        "simple"  # simple: offline char/word n-grams; hf: transformers AutoModel
+    )
     model: str = "bert-base-chinese"  # hf: local folder or hub name
     max_length: int = 256  # hf: tokens per note
     # simple: tf-idf over word 1..ngrams-grams and Chinese character 1..ngrams+1-grams with
@@ -144,30 +156,12 @@ class TextConfig:
     max_ngrams: int = 4096
 
     def __post_init__(self) -> None:
-        check_choice(self.encoder, TEXT_ENCODERS, "--text-encoder")
+        check_choice(self.encoder, TextEncoderKind, "--text-encoder")
         _check(self.max_length >= 8, f"--text-max-length must be >= 8, got {self.max_length}")
         _check(self.vocab_size >= 10, f"text vocabulary size must be >= 10, got {self.vocab_size}")
         _check(1 <= self.ngrams <= 4, f"--text-ngrams must be in 1..4, got {self.ngrams}")
         _check(self.min_freq >= 1, f"--text-min-df must be >= 1, got {self.min_freq}")
         _check(self.max_ngrams >= 8, f"max_ngrams must be >= 8, got {self.max_ngrams}")
-
-
-def parse_modality_rates(values: list[str] | None) -> tuple[tuple[str, float], ...]:
-    """--modality-missing-rate NAME=RATE (repeatable) as (name, rate) pairs; the rates are
-    checked against [0, 1) where they are used."""
-    out: dict[str, float] = {}
-    for value in values or ():
-        name, sep, rate = str(value).partition("=")
-        try:
-            if not sep or not name.strip():
-                raise ValueError
-            out[name.strip()] = float(rate)
-        except ValueError:
-            raise ConfigError(
-                f"--modality-missing-rate must be NAME=RATE, got {value!r}",
-                hint="e.g. --modality-missing-rate us=0.8",
-            ) from None
-    return tuple(out.items())
 
 
 def parse_class_weight(text: str, num_classes: int | None) -> tuple[float, ...] | str | None:
@@ -217,17 +211,19 @@ class MethodConfig:
     lambda3: float = 0.5  # TLA loss
     modality_drop: float = 0.3  # training-time drop rate (every variant; supervises imputation)
     drop_full_view: bool = True  # also supervise the undropped view of each batch
-    imputation_loss: str = "normalized"  # normalized: dropped slots, standardised; paper: Eq. 7
+    imputation_loss: ImputationLoss = (
+        "normalized"  # normalized: dropped slots, standardised; paper: Eq. 7
+    )
     reliability: str = "auto"  # gate of imputed slots: auto (estimated) or a fixed 0..1
     slot_flags: bool = True  # heads see whether their slot is observed or imputed
-    joint_input: str = "latents"  # joint head on CRA latents, fused slots, or both (without
+    joint_input: JointInput = "latents"  # joint head on CRA latents, fused slots, or both (without
     # imputation there are no latents: the joint head always takes the slots)
     tla_min_patients: int = 20  # fewer patients with a combination: TLA may not pick it
     use_imputation: bool = True
     use_backward: bool = True
     use_dwfuse: bool = True
     use_tla: bool = True
-    inference_rule: str = "label-free"
+    inference_rule: InferenceRule = "label-free"
     # A logistic regression on the sparse inputs (tf-idf n-grams, labs), fitted after training
     # and blended with OmniFuse's output on validation (method.md Sec. 5.6, model/linear.py).
     linear_path: bool = True
@@ -254,9 +250,9 @@ class MethodConfig:
         _check(0.0 <= self.cra_dropout < 1.0, "--cra-dropout must be in [0, 1)")
         for name in ("alpha", "beta", "lambda0", "lambda1", "lambda2", "lambda3"):
             _check(getattr(self, name) >= 0, f"--{name} must be >= 0")
-        check_choice(self.inference_rule, INFERENCE_RULES, "--inference-rule")
-        check_choice(self.joint_input, JOINT_INPUTS, "--joint-input")
-        check_choice(self.imputation_loss, IMPUTATION_LOSSES, "--imputation-loss")
+        check_choice(self.inference_rule, InferenceRule, "--inference-rule")
+        check_choice(self.joint_input, JointInput, "--joint-input")
+        check_choice(self.imputation_loss, ImputationLoss, "--imputation-loss")
         _check(self.tla_min_patients >= 1, "--tla-min-patients must be >= 1")
         _check(
             self.reliability == "auto" or _unit_number(self.reliability),
@@ -271,20 +267,6 @@ class MethodConfig:
             "without DWFuse the concatenation's classifier is the joint head: "
             "--inference-rule joint or label-free",
         )
-
-
-def parse_widths(text: str) -> tuple[int, ...]:
-    """``--ra-layers 128,32`` -> (128, 32)."""
-    try:
-        widths = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        widths = ()
-    _check(
-        bool(widths) and all(w >= 1 for w in widths),
-        f"--ra-layers {text!r} is not a list of positive widths",
-        "write e.g. --ra-layers 128,32",
-    )
-    return widths
 
 
 def _unit_number(text: str) -> bool:
@@ -309,17 +291,6 @@ PAPER_OPTIONS: dict[str, Any] = {
 # What bundles and run requests written before these options existed were trained with
 # (cra_dropout None: the model's dropout, which the CRA used then).
 LEGACY_METHOD: dict[str, Any] = {**PAPER_OPTIONS, "cra_dropout": None}
-
-
-def method_config_from_dict(raw: Mapping[str, Any]) -> MethodConfig:
-    """Rebuild a MethodConfig saved with to_primitive; older files get the settings they were
-    trained with, not today's defaults."""
-    method = dict(raw)
-    for key, value in LEGACY_METHOD.items():
-        if key not in method:
-            method[key] = method.get("dropout", 0.1) if value is None else value
-    method["ra_layers"] = tuple(int(v) for v in method["ra_layers"])
-    return MethodConfig(**method)
 
 
 @dataclass(frozen=True)
@@ -349,7 +320,9 @@ class TrainConfig:
     lr: float = 3e-4  # heads, encoders trained from scratch, CRA (chosen on validation)
     weight_decay: float = 1e-4
     warmup_epochs: int = 5  # backbones frozen (features cached); then fine-tuning if asked
-    finetune_image_scope: str = "none"  # none keeps the image backbone frozen for the whole run
+    finetune_image_scope: FinetuneImageScope = (
+        "none"  # none keeps the image backbone frozen for the whole run
+    )
     finetune_text_last_n: int = 0  # hf text: transformer layers unfrozen after warm-up
     lr_image: float = 1e-4
     lr_text: float = 2e-5
@@ -362,14 +335,16 @@ class TrainConfig:
     tla_sample: int = 512  # training patients used to mine the lazy combination each epoch
     # Validation score that picks the best epoch, and early stopping; both chosen on validation
     # data (benchmarks/results/selection.md).
-    select_metric: str = "macro_f1"
+    select_metric: SelectMetric = "macro_f1"
     patience: int = 0  # stop after this many epochs without a better score (0: never)
     # Loss weight of each class: none, balanced (n / (C * n_c) on the training patients) or
     # explicit weights "1,2.5" (one per class, in class order).
     class_weight: str = "none"
-    calibrate: str = "temperature"  # one temperature fitted on validation (engine/posthoc.py)
+    calibrate: Calibration = (
+        "temperature"  # one temperature fitted on validation (engine/posthoc.py)
+    )
     positive_class: str | None = None  # binary: the last class; C > 2: one-vs-rest if given
-    threshold: str = "youden"  # operating point rule (engine/clinical.parse_threshold_rule)
+    threshold: str = "youden"  # operating point rule (engine/thresholds.parse_threshold_rule)
     encode_batch_size: int = 32
     num_workers: int = 0
     cache: bool = True  # frozen features on disk (data/cache.py), reused by later runs
@@ -384,7 +359,7 @@ class TrainConfig:
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         _check(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
-        check_choice(self.finetune_image_scope, FINETUNE_IMAGE_SCOPES, "--finetune-image-scope")
+        check_choice(self.finetune_image_scope, FinetuneImageScope, "--finetune-image-scope")
         _check(
             self.finetune_text_last_n >= 0,
             f"--finetune-text-last-n must be >= 0, got {self.finetune_text_last_n}",
@@ -410,8 +385,8 @@ class TrainConfig:
         )
         _check(self.tla_sample >= 1, "tla_sample must be >= 1")
         _check(self.patience >= 0, f"--patience must be >= 0, got {self.patience}")
-        check_choice(self.select_metric, SELECT_METRICS, "--select-by")
-        check_choice(self.calibrate, CALIBRATIONS, "--calibrate")
+        check_choice(self.select_metric, SelectMetric, "--select-by")
+        check_choice(self.calibrate, Calibration, "--calibrate")
         parse_class_weight(self.class_weight, None)
 
 
@@ -422,11 +397,15 @@ class DataConfig:
     modalities: tuple[ModalitySpec, ...] = DEFAULT_MODALITIES
     labs_table: str | None = None
     labs_id_col: str = "id"
-    on_bad_file: str = "error"  # unreadable image files: error, or skip (modality missing)
-    labs_format: str = "auto"  # labs table layout: wide (a column per analyte), long, or auto
-    labs_agg: str = "last"  # long labs: one value per patient and analyte (last by time, ...)
+    on_bad_file: OnBadFile = "error"  # unreadable image files: error, or skip (modality missing)
+    labs_format: LabsLayout = (
+        "auto"  # labs table layout: wide (a column per analyte), long, or auto
+    )
+    labs_agg: LabsAgg = "last"  # long labs: one value per patient and analyte (last by time, ...)
     encoding: str = "auto"  # note files and the manifest: auto (BOM, UTF-8, detected) or a name
-    on_empty_patient: str = "skip"  # patients without any modality: skip (left out) or error
+    on_empty_patient: OnEmptyPatient = (
+        "skip"  # patients without any modality: skip (left out) or error
+    )
     image: ImageConfig = field(default_factory=ImageConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
@@ -454,27 +433,61 @@ def _listify(value: Any) -> Any:
     return value
 
 
-def model_config_from_dict(raw: Mapping[str, Any]) -> ModelConfig:
-    """Rebuild a ModelConfig saved with to_primitive."""
-    return ModelConfig(
-        modalities=tuple(ModalitySpec(**m) for m in raw["modalities"]),
-        num_classes=int(raw["num_classes"]),
-        input_dims=tuple(int(v) for v in raw["input_dims"]),
-        method=method_config_from_dict(raw["method"]),
-    )
-
-
-def image_config_from_dict(raw: Mapping[str, Any]) -> ImageConfig:
-    return ImageConfig(**dict(raw))
-
-
 # What bundles and run requests written before the n-gram tf-idf existed were trained with:
 # words, Chinese characters and pairs, binary term frequency, max_length n-grams per note.
 LEGACY_TEXT: dict[str, Any] = {"ngrams": 1, "sublinear_tf": False}
 
 
-def text_config_from_dict(raw: Mapping[str, Any]) -> TextConfig:
-    """Rebuild a TextConfig saved with to_primitive; older files keep their tokenizer."""
-    text = {**LEGACY_TEXT, **dict(raw)}
+def _legacy_method(raw: dict[str, Any]) -> dict[str, Any]:
+    """Older files get the method settings they were trained with, not today's defaults."""
+    for key, value in LEGACY_METHOD.items():
+        if key not in raw:
+            raw[key] = raw.get("dropout", 0.1) if value is None else value
+    return raw
+
+
+def _legacy_text(raw: dict[str, Any]) -> dict[str, Any]:
+    """Older files keep their tokenizer."""
+    text = {**LEGACY_TEXT, **raw}
     text.setdefault("max_ngrams", text.get("max_length", 256))
-    return TextConfig(**text)
+    return text
+
+
+# How a saved config written before a setting existed reads today: the setting it was used with.
+_LEGACY: dict[type, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    MethodConfig: _legacy_method,
+    TextConfig: _legacy_text,
+}
+
+
+def from_primitive(cls: type[T], raw: Mapping[str, Any]) -> T:
+    """The one way back from to_primitive: rebuild a (nested, frozen) dataclass from saved
+    JSON primitives (lists become the tuples the field types name, dicts the dataclasses, str
+    the Paths), with the settings older files were written under (_LEGACY). Requests, cv
+    requests and bundles are all read with it."""
+    fill = _LEGACY.get(cls)
+    values = fill(dict(raw)) if fill else dict(raw)
+    hints = typing.get_type_hints(cls)
+    kwargs = {
+        f.name: _coerce(hints[f.name], values[f.name])
+        for f in fields(cls)  # type: ignore[arg-type]
+        if f.name in values
+    }
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    if isinstance(hint, type) and is_dataclass(hint) and isinstance(value, dict):
+        return from_primitive(hint, value)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple and isinstance(value, list):
+        return tuple(_coerce(args[0] if args else Any, v) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            if arg is not type(None) and (
+                is_dataclass(arg) or typing.get_origin(arg) is tuple or arg is Path
+            ):
+                return _coerce(arg, value)
+    if hint is Path and isinstance(value, str):
+        return Path(value)
+    return value

@@ -31,7 +31,6 @@ from omnifuse_cli.config import (
     TextConfig,
     TrainConfig,
     parse_modality_options,
-    parse_widths,
 )
 from omnifuse_cli.errors import ConfigError
 
@@ -631,8 +630,8 @@ def _encoding(value: str) -> str:
 
 
 def _threshold(value: str, _: Mapping[str, Any]) -> str:
-    # Here: engine.clinical loads sklearn, scipy and pandas, which `omnifuse --help` must not.
-    from omnifuse_cli.engine.clinical import parse_threshold_rule
+    # Here: engine.thresholds loads sklearn, scipy and pandas, which `omnifuse --help` must not.
+    from omnifuse_cli.engine.thresholds import parse_threshold_rule
 
     return str(parse_threshold_rule(value))
 
@@ -752,6 +751,38 @@ def check_names(values: Mapping[str, Any], where: str = "train") -> None:
                 + "omnifuse_cli.settings.SETTINGS lists every setting (the flags of omnifuse "
                 "train without dashes, with _ for -)",
             )
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """``--ra-layers 128,32`` -> (128, 32)."""
+    try:
+        widths = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        widths = ()
+    if not widths or any(w < 1 for w in widths):
+        raise ConfigError(
+            f"--ra-layers {text!r} is not a list of positive widths",
+            hint="write e.g. --ra-layers 128,32",
+        )
+    return widths
+
+
+def parse_modality_rates(values: list[str] | None) -> tuple[tuple[str, float], ...]:
+    """--modality-missing-rate NAME=RATE (repeatable) as (name, rate) pairs; the rates are
+    checked against [0, 1) where they are used."""
+    out: dict[str, float] = {}
+    for value in values or ():
+        name, sep, rate = str(value).partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(rate)
+        except ValueError:
+            raise ConfigError(
+                f"--modality-missing-rate must be NAME=RATE, got {value!r}",
+                hint="e.g. --modality-missing-rate us=0.8",
+            ) from None
+    return tuple(out.items())
 
 
 def as_flags(values: Mapping[str, Any]) -> list[str]:

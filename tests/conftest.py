@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from omnifuse_cli.config import DataConfig, ImageConfig, MethodConfig, TrainConfig
-from omnifuse_cli.engine.training import TrainRequest, TrainResult, run_training
+from omnifuse_cli.engine.runs import TrainRequest
+from omnifuse_cli.engine.training import TrainResult, run_training
 
 # The models here are tiny: one intra-op thread is as fast, and it keeps the suite quick when
 # other processes share the CPU (two spinning OpenMP threads on two busy cores slow it 10x+).

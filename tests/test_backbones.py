@@ -20,7 +20,7 @@ from omnifuse_cli.config import ImageConfig, MethodConfig, ModalitySpec, ModelCo
 from omnifuse_cli.engine.bundle import load_bundle
 from omnifuse_cli.engine.fitting import load_checkpoint
 from omnifuse_cli.engine.modelling import build_model, image_feature_dim, load_image_weights
-from omnifuse_cli.engine.training import CHECKPOINT
+from omnifuse_cli.engine.runs import CHECKPOINT
 from omnifuse_cli.errors import ConfigError, WeightsError
 from omnifuse_cli.model.encoders import ImageEncoder
 from omnifuse_cli.model.omnifuse import OmniFuse

@@ -13,12 +13,15 @@ import pytest
 import torch
 
 from omnifuse_cli.config import ImageConfig, TextConfig
-from omnifuse_cli.data.manifest import normalize_id, read_manifest
+from omnifuse_cli.data.manifest import read_manifest
+from omnifuse_cli.data.tables import normalize_id
 from omnifuse_cli.engine.bundle import FORMAT_VERSION, load_bundle
 from omnifuse_cli.engine.evaluation import EvalRequest, evaluate_run
-from omnifuse_cli.engine.inference import cache_frozen_features, infer
+from omnifuse_cli.engine.frozen_features import cache_frozen_features
+from omnifuse_cli.engine.inference import infer
 from omnifuse_cli.engine.prediction import PredictRequest, predict_patients
-from omnifuse_cli.engine.training import TrainRequest, TrainResult, run_training
+from omnifuse_cli.engine.runs import TrainRequest
+from omnifuse_cli.engine.training import TrainResult, run_training
 from omnifuse_cli.errors import BundleError, DataError, WeightsError
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder, resnet_state_for_trunk
 

@@ -1,4 +1,4 @@
-"""The on-disk frozen-feature cache (data/cache.py, engine/inference.cache_frozen_features)."""
+"""The on-disk frozen-feature cache (data/cache.py, engine/frozen_features.py)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from omnifuse_cli.data.cache import (
     FeatureArray,
     FeatureCache,
     default_cache_dir,
-    files_content,
 )
+from omnifuse_cli.data.fingerprints import files_content
 from omnifuse_cli.data.manifest import read_manifest
-from omnifuse_cli.engine.inference import cache_frozen_features
+from omnifuse_cli.engine.frozen_features import cache_frozen_features
 from omnifuse_cli.engine.training import build_for_cohort
 from omnifuse_cli.model.encoders import ImageEncoder
 from tests.conftest import tiny_request
@@ -511,7 +511,7 @@ def test_hf_notes_are_cached_one_row_per_patient(tiny_manifest: Path, tmp_path: 
 
 
 def test_token_fingerprint_of_flat_storage_equals_the_list_form():
-    from omnifuse_cli.data.cache import tokens_fingerprint
+    from omnifuse_cli.data.fingerprints import tokens_fingerprint
     from omnifuse_cli.data.prepared import Ragged
 
     rows = [[3, 1, 4], [], [1, 5, 9, 2, 6], [5]]
@@ -617,22 +617,23 @@ def test_another_preprocessing_version_encodes_again(
 def test_views_per_patient_and_precision_are_part_of_the_key(
     tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from omnifuse_cli.engine import inference
+    from omnifuse_cli.engine import frozen_features
 
     cache = FeatureCache(tmp_path / "cache")
     assert Encoded(tiny_manifest, cache, monkeypatch).encoded == N_IMAGES
     keys: list[dict] = []
-    real = inference._features
+    real = frozen_features._features
 
     def spy(job, *args, **kwargs):  # type: ignore[no-untyped-def]
         keys.append(dict(job.parts))
         return real(job, *args, **kwargs)
 
-    monkeypatch.setattr(inference, "_features", spy)
+    monkeypatch.setattr(frozen_features, "_features", spy)
     Encoded(tiny_manifest, cache, monkeypatch)
     parts = keys[-1]
     assert {"views", "precision", "versions", "files"} <= set(parts)
-    from omnifuse_cli.data.cache import entry_key, tokens_fingerprint
+    from omnifuse_cli.data.cache import entry_key
+    from omnifuse_cli.data.fingerprints import tokens_fingerprint
 
     moved = {**parts, "views": tokens_fingerprint([[1] * N_IMAGES])}  # same files, regrouped
     assert entry_key(moved) != entry_key(parts)
@@ -646,10 +647,10 @@ def _stat_blind(monkeypatch: pytest.MonkeyPatch) -> None:
     """A stat fingerprint that cannot see a replacement (the same inode and times after a
     restore, a filesystem without a reliable ctime, Windows' creation-time ctime): only the
     names count, so the key finds the old entry and the content alone must tell."""
-    from omnifuse_cli.engine import inference
+    from omnifuse_cli.engine import frozen_features
 
     monkeypatch.setattr(
-        inference, "files_fingerprint", lambda paths: "|".join(os.fspath(p) for p in paths)
+        frozen_features, "files_fingerprint", lambda paths: "|".join(os.fspath(p) for p in paths)
     )
 
 

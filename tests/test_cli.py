@@ -14,7 +14,7 @@ from typer.testing import CliRunner, Result
 
 from omnifuse_cli import __version__
 from omnifuse_cli.cli.app import app
-from omnifuse_cli.data.manifest import normalize_id
+from omnifuse_cli.data.tables import normalize_id
 from omnifuse_cli.errors import ManifestError
 
 MODALITIES = ("labs", "us", "text")

@@ -1,6 +1,6 @@
-"""engine/clinical.py: temperature scaling, calibration, operating points, decision curves,
-conformal prediction sets and subgroup tables, checked against hand values, scikit-learn and
-simulations whose answer is known."""
+"""engine/calibration.py, thresholds.py, conformal.py and subgroups.py: temperature scaling,
+calibration, operating points, decision curves, conformal prediction sets and subgroup tables,
+checked against hand values, scikit-learn and simulations whose answer is known."""
 
 from __future__ import annotations
 
@@ -15,29 +15,32 @@ from scipy.special import expit, log_softmax, logit, softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score
 
-from omnifuse_cli.engine.clinical import (
-    DEFAULT_THRESHOLDS,
-    SMALL_SUBGROUP,
-    THRESHOLD_RULES,
-    ConformalCalibration,
-    SubgroupSpec,
-    ThresholdRule,
+from omnifuse_cli.engine.calibration import (
     apply_temperature,
-    band,
     calibration_slope_intercept,
     calibration_summary,
-    choose_threshold,
-    coverage_table,
-    decision_curve,
     fit_temperature,
-    operating_point,
-    operating_point_ci,
+)
+from omnifuse_cli.engine.conformal import ConformalCalibration, coverage_table
+from omnifuse_cli.engine.metrics import expected_calibration_error, full_metrics, metric_value
+from omnifuse_cli.engine.subgroups import (
+    SMALL_SUBGROUP,
+    SubgroupSpec,
+    band,
     parse_subgroup,
-    parse_threshold_rule,
     subgroup_gaps,
     subgroup_table,
 )
-from omnifuse_cli.engine.metrics import expected_calibration_error, full_metrics, metric_value
+from omnifuse_cli.engine.thresholds import (
+    DEFAULT_THRESHOLDS,
+    THRESHOLD_RULES,
+    ThresholdRule,
+    choose_threshold,
+    decision_curve,
+    operating_point,
+    operating_point_ci,
+    parse_threshold_rule,
+)
 from omnifuse_cli.errors import ConfigError
 
 

@@ -16,15 +16,11 @@ import torch
 from typer.testing import CliRunner
 
 from omnifuse_cli.cli.app import app
-from omnifuse_cli.engine.clinical import (
-    ConformalCalibration,
-    choose_threshold,
-    decision_curve,
-    fit_temperature,
-    parse_threshold_rule,
-)
+from omnifuse_cli.engine.calibration import fit_temperature
+from omnifuse_cli.engine.conformal import ConformalCalibration
 from omnifuse_cli.engine.metrics import expected_calibration_error
 from omnifuse_cli.engine.posthoc import PostHoc, class_weights, fit_posthoc
+from omnifuse_cli.engine.thresholds import choose_threshold, decision_curve, parse_threshold_rule
 
 N = 320
 COMMON = [

@@ -28,14 +28,11 @@ from pydicom.pixels import get_decoder  # noqa: E402
 from pydicom.tag import Tag  # noqa: E402
 from pydicom.uid import JPEGLSLossless  # noqa: E402
 
-from omnifuse_cli.data.dicom import (  # noqa: E402
+from omnifuse_cli.data.dicom import describe, dicom_info, is_dicom, order_files  # noqa: E402
+from omnifuse_cli.data.dicom_pixels import (  # noqa: E402
     EXTRA_HINT,
-    describe,
-    dicom_info,
     dicom_problem,
     frame_indices,
-    is_dicom,
-    order_files,
     read_frame,
 )
 from omnifuse_cli.errors import DataError  # noqa: E402
@@ -354,7 +351,7 @@ def test_a_missing_decoder_names_the_extra(tmp_path: Path) -> None:
         for name in ("pylibjpeg", "libjpeg", "openjpeg", "rle", "gdcm", "jpeg_ls"):
             sys.modules[name] = None  # import of these now raises ImportError
         from pathlib import Path
-        from omnifuse_cli.data.dicom import dicom_problem, read_frame
+        from omnifuse_cli.data.dicom_pixels import dicom_problem, read_frame
         from omnifuse_cli.errors import DataError
         for arg in sys.argv[1:]:
             print(dicom_problem(Path(arg)))

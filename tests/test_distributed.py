@@ -32,7 +32,8 @@ import omnifuse_cli
 from omnifuse_cli.config import DataConfig, MethodConfig, ModalitySpec, TrainConfig
 from omnifuse_cli.engine import fitting
 from omnifuse_cli.engine.events import ProgressEvent
-from omnifuse_cli.engine.training import TrainRequest, run_training
+from omnifuse_cli.engine.runs import TrainRequest
+from omnifuse_cli.engine.training import run_training
 from omnifuse_cli.errors import TrainingInterrupted
 from omnifuse_cli.model.omnifuse import OmniFuse
 from omnifuse_cli.synthetic import CohortSpec, make_cohort
@@ -578,7 +579,8 @@ def test_data_digests_see_the_data_and_settings_not_the_paths(
     from dataclasses import replace
 
     from omnifuse_cli.config import DataConfig, ModalitySpec, TrainConfig
-    from omnifuse_cli.engine.training import TrainRequest, data_digests
+    from omnifuse_cli.engine.runs import TrainRequest
+    from omnifuse_cli.engine.training import data_digests
 
     data = DataConfig(modalities=(ModalitySpec("labs", "vector"), ModalitySpec("text", "text")))
     base = TrainRequest(manifest, 3, tmp_path / "a", data=data)

@@ -32,13 +32,9 @@ from omnifuse_cli.engine.bundle import load_bundle
 from omnifuse_cli.engine.inference import infer
 from omnifuse_cli.engine.metrics import classification_metrics
 from omnifuse_cli.engine.modelling import build_model
-from omnifuse_cli.engine.runs import read_split_assignment
-from omnifuse_cli.engine.training import (
-    TrainRequest,
-    TrainResult,
-    load_request,
-    run_training,
-)
+from omnifuse_cli.engine.runs import TrainRequest, read_split_assignment
+from omnifuse_cli.engine.runs import load_train_request as load_request
+from omnifuse_cli.engine.training import TrainResult, run_training
 from omnifuse_cli.errors import TrainingInterrupted
 from omnifuse_cli.model.omnifuse import FuseOutput, OmniFuse, drop_modalities
 

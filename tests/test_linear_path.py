@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from omnifuse_cli.config import method_config_from_dict, to_primitive
+from omnifuse_cli.config import MethodConfig, from_primitive, to_primitive
 from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.engine.bundle import load_bundle
 from omnifuse_cli.engine.inference import infer
@@ -105,11 +105,10 @@ def test_the_blend_never_uses_a_part_against_its_own_prediction() -> None:
 
 
 def test_runs_written_before_the_path_load_without_it() -> None:
-    from omnifuse_cli.config import MethodConfig
 
     raw = to_primitive(MethodConfig())
     del raw["linear_path"]
-    assert method_config_from_dict(raw).linear_path is False
+    assert from_primitive(MethodConfig, raw).linear_path is False
 
 
 def test_predict_uses_the_blend(runs: dict[bool, Path], tiny_manifest: Path) -> None:

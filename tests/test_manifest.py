@@ -16,8 +16,10 @@ from omnifuse_cli.config import (
     TextConfig,
     parse_modality_options,
 )
-from omnifuse_cli.data.manifest import Cohort, normalize_id, read_manifest
+from omnifuse_cli.data.cohort import Cohort
+from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.data.prepared import Preprocessor
+from omnifuse_cli.data.tables import normalize_id
 from omnifuse_cli.data.text import PAD, UNK, encode, encode_many, fit_vocabulary, tokenize
 from omnifuse_cli.errors import ConfigError, ManifestError
 

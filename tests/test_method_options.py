@@ -18,8 +18,7 @@ from omnifuse_cli.config import (
     ModalitySpec,
     ModelConfig,
     TextConfig,
-    method_config_from_dict,
-    parse_widths,
+    from_primitive,
     to_primitive,
 )
 from omnifuse_cli.data.prepared import Preprocessor
@@ -30,6 +29,7 @@ from omnifuse_cli.engine.reliability import estimate_reliability
 from omnifuse_cli.errors import ConfigError
 from omnifuse_cli.model.fusion import label_free_log_probs
 from omnifuse_cli.model.omnifuse import OmniFuse, drop_modalities
+from omnifuse_cli.settings import parse_widths
 from tests.test_cli import TRAIN_ARGS, assert_ok, assert_user_error, invoke
 
 NAMES, DIMS = ("m1", "m2", "m3"), (4, 5, 6)  # synth_cohort's names
@@ -291,11 +291,11 @@ def test_old_bundles_keep_the_papers_settings() -> None:
         "linear_path",
     ):
         del raw[key]
-    rebuilt = method_config_from_dict(raw)
+    rebuilt = from_primitive(MethodConfig, raw)
     for key, value in PAPER_OPTIONS.items():
         assert getattr(rebuilt, key) == value, key
     assert rebuilt.cra_dropout == 0.2
-    assert method_config_from_dict(to_primitive(MethodConfig())) == MethodConfig()
+    assert from_primitive(MethodConfig, to_primitive(MethodConfig())) == MethodConfig()
 
 
 @pytest.mark.parametrize("value", ["auto", "0", "0.5", "1"])

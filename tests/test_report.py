@@ -24,8 +24,8 @@ from typer.testing import CliRunner, Result
 
 from omnifuse_cli.cli.app import app
 from omnifuse_cli.report import build_report, figures
+from omnifuse_cli.report.clinical_inputs import LEGACY, recovered_temperature
 from omnifuse_cli.report.curves import pr_curves, reliability_bins, roc_curves
-from omnifuse_cli.report.inputs import LEGACY, recovered_temperature
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 RUN_SECTIONS = [
@@ -792,7 +792,7 @@ def test_recovered_temperature() -> None:
 
 def test_decision_curve_figure_by_hand() -> None:
     """One panel per class, the y-axis from -0.05 to a little above the largest prevalence."""
-    from omnifuse_cli.engine.clinical import decision_curve
+    from omnifuse_cli.engine.thresholds import decision_curve
 
     y = np.array([0, 0, 0, 1, 1, 2, 0, 1, 0, 0])
     score = np.linspace(0.05, 0.95, 10)
@@ -810,10 +810,10 @@ def test_the_clinical_reading_needs_no_torch(op_run: tuple[Path, Path, dict[str,
     code = (
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from omnifuse_cli.report import inputs, page\n"
+        "from omnifuse_cli.report import clinical_inputs, page\n"
         f"run = Path({str(run)!r})\n"
         "bundle = json.loads((run / 'model' / 'bundle.json').read_text(encoding='utf-8'))\n"
-        "c = inputs._run_clinical(run, bundle, ['0', '1', '2'], run / 'eval' / 'test')\n"
+        "c = clinical_inputs.run_clinical(run, bundle, ['0', '1', '2'], run / 'eval' / 'test')\n"
         "assert c.threshold == 0.3 and c.operating is not None and c.subgroups is not None\n"
         "assert 'torch' not in sys.modules, 'the report imported torch'\n"
     )

@@ -102,7 +102,7 @@ def row(i: int) -> int:
 
 def where(manifest: Path, i: int) -> str:
     """How messages name patient i of a manifest: its spreadsheet row and its (normalised) id."""
-    from omnifuse_cli.data.manifest import normalize_id
+    from omnifuse_cli.data.tables import normalize_id
 
     ids = pd.read_csv(manifest, dtype=str, keep_default_na=False)["id"]
     return f"row {row(i)} (id {normalize_id(ids[i])})"

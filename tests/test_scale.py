@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from omnifuse_cli.config import parse_modality_options
-from omnifuse_cli.data import manifest
+from omnifuse_cli.data import manifest, vectors
 from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.synthetic import CohortSpec, make_cohort
 
@@ -89,7 +89,7 @@ def test_fast_inline_parse_equals_the_per_cell_path(
         CohortSpec(n=60, seed=2, ultrasound=False, inline_notes=True, labs_dim=24), tmp_path / "c"
     )
     fast = read_manifest(summary.manifest, LABS_TEXT, num_classes=3)
-    monkeypatch.setattr(manifest, "_parse_inline_block", lambda cells: None)
+    monkeypatch.setattr(vectors, "_parse_inline_block", lambda cells: None)
     slow = read_manifest(summary.manifest, LABS_TEXT, num_classes=3)
     assert np.array_equal(fast.vectors["labs"], slow.vectors["labs"], equal_nan=True)
     assert np.isnan(fast.vectors["labs"]).any()  # nulls were in the cells

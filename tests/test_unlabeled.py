@@ -27,7 +27,8 @@ from omnifuse_cli.engine.epoch import MixedBatches, _epoch_batches
 from omnifuse_cli.engine.evaluation import simulate_missing
 from omnifuse_cli.engine.modelling import build_model
 from omnifuse_cli.engine.reliability import reliability_plan
-from omnifuse_cli.engine.training import TrainRequest, run_training
+from omnifuse_cli.engine.runs import TrainRequest
+from omnifuse_cli.engine.training import run_training
 from omnifuse_cli.errors import ManifestError
 from omnifuse_cli.synthetic import CohortSpec, make_cohort
 from tests.test_cli import assert_ok, flat, invoke

@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 
 from omnifuse_cli.cli.common import console, handle_errors
-from omnifuse_cli.cli.config_file import CONFIG_FILE, template
+from omnifuse_cli.cli.config_file import template
 from omnifuse_cli.cli.help import epilog
+from omnifuse_cli.engine.runs import CONFIG_YAML
 from omnifuse_cli.errors import BundleError, ConfigError
 
 COMMANDS = ("train", "cv", "evaluate", "predict")  # the commands that take --config
@@ -59,12 +60,12 @@ def show(
 ) -> None:
     """Print the resolved settings a run or cross-validation was started with (its config.yaml,
     which --config accepts)."""
-    path = run / CONFIG_FILE
+    path = run / CONFIG_YAML
     if not path.is_file():
         if not run.is_dir():
             raise BundleError(f"{run} is not a folder")
         raise BundleError(
-            f"{run} has no {CONFIG_FILE}",
+            f"{run} has no {CONFIG_YAML}",
             hint="runs started before config files keep their settings in "
             "request.json (cv.json for cv)",
         )

@@ -38,7 +38,6 @@ from omnifuse_cli.settings import (
     yaml_line,
 )
 
-CONFIG_FILE = "config.yaml"  # a run's resolved settings, in the --config format
 # Parameters a file cannot set: --resume takes every setting from the run it continues.
 NOT_IN_FILE = ("resume",)
 ConfigOption = Annotated[

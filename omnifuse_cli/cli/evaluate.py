@@ -12,8 +12,8 @@ from omnifuse_cli.cli import options
 from omnifuse_cli.cli.common import console, handle_errors
 from omnifuse_cli.cli.config_file import with_config_file
 from omnifuse_cli.cli.progress import pass_progress
-from omnifuse_cli.config import parse_modality_rates
 from omnifuse_cli.errors import ConfigError
+from omnifuse_cli.settings import parse_modality_rates
 
 
 @handle_errors

@@ -1,13 +1,14 @@
-"""DICOM files as images: detection, header facts, and any frame as an 8-bit RGB picture.
+"""DICOM files: detection, header facts, viewing order, and error text cleared of PHI.
 
-PHI never leaves this module. Headers are read with ``specific_tags`` naming only image and
-file-structure elements, so identifying elements (names, IDs, dates, accession numbers) are not
-even parsed on the normal paths. The whole header is read only by :func:`_clean`, which uses
-its text values to withhold any error text that echoes one of them, and for the rare deflated
-files, which pydicom decodes only from a complete dataset. Messages and
-return values carry transfer syntaxes, SOP classes, photometric interpretations, sizes and
-exception types, never header text; pydicom's own warnings and log lines (which can quote
-element values) are silenced while it works for us.
+PHI never leaves this module and data/dicom_pixels.py (which decodes the pixels). Headers are
+read with ``specific_tags`` naming only image and file-structure elements, so identifying
+elements (names, IDs, dates, accession numbers) are not even parsed on the normal paths. The
+whole header is read only by :func:`clean_error`, which uses its text values to withhold any
+error text that echoes one of them, and for the rare deflated files, which pydicom decodes only
+from a complete dataset. Messages and return values carry transfer syntaxes, SOP classes,
+photometric interpretations, sizes and exception types, never header text; pydicom's own
+warnings and log lines (which can quote element values) are silenced (:func:`quiet`) while it
+works for us.
 
 pydicom is imported inside the functions that need it, because ``omnifuse --help`` must stay
 instant and most runs never see a DICOM file.
@@ -15,7 +16,6 @@ instant and most runs never see a DICOM file.
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 import warnings
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -32,8 +32,6 @@ from omnifuse_cli.errors import DataError
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
-
-EXTRA_HINT = 'pip install "omnifuse[dicom]"'
 
 _PREAMBLE = 128
 _MAGIC = b"DICM"
@@ -49,18 +47,9 @@ _INFO_TAGS = (
     "Rows",
     "Columns",
 )
-# Enhanced (multi-frame) objects keep rescale and window per frame in functional groups.
-# As tag numbers: pixel_array's specific_tags does not translate keywords.
-_FUNCTIONAL_GROUPS = (0x52009229, 0x52009230)  # Shared-, PerFrameFunctionalGroupsSequence
-_FRAME_MACROS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
-
-_GREY = ("MONOCHROME1", "MONOCHROME2")
-# What pixel_array(raw=False) returns as RGB: pydicom converts YBR_FULL(_422) itself and the
-# JPEG 2000 decoders undo the YBR_ICT/YBR_RCT component transform.
-_DECODED_AS_RGB = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 
 # Value representations that never hold a person's details (codes, numbers) are not checked
-# against error text; everything else is (see _clean).
+# against error text; everything else is (see clean_error).
 _CODED_VRS = frozenset(
     {
         "CS",
@@ -102,7 +91,7 @@ class DicomInfo:
     instance_number: int | None
 
 
-class _Unusable(Exception):
+class Unusable(Exception):
     """Why a file cannot be used, phrased to follow its path; public functions translate it."""
 
     def __init__(self, reason: str, hint: str | None = None) -> None:
@@ -143,66 +132,10 @@ def dicom_info(path: Path) -> DicomInfo:
     """
     path = Path(path)
     try:
-        with _quiet():
-            return _info(*_read_header(path))
-    except _Unusable as bad:
+        with quiet():
+            return header_info(*read_header(path))
+    except Unusable as bad:
         raise bad.error(path) from None
-
-
-def dicom_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be used as an image, or None when all of its frames decode.
-
-    Every frame is decoded (one at a time, so memory holds one frame), because truncation and
-    codec damage often spare frame 0; frame 0 also goes through :func:`read_frame`'s conversion.
-    The other frames skip the colour conversion, which cannot fail but costs more than decoding.
-    Raises DataError only when pydicom itself is missing.
-    """
-    path = Path(path)
-    try:
-        with _quiet():
-            _check_all_frames(path)
-    except _Unusable as bad:
-        return bad.problem()
-    return None
-
-
-def read_frame(path: Path, frame: int = 0, *, data: bytes | None = None) -> Image.Image:
-    """Frame ``frame`` (from 0) of a DICOM file as an 8-bit RGB image; only it is decoded.
-
-    ``data``: the file's bytes, already read (the feature cache hashes the very bytes that are
-    decoded); the file itself is then read again only to explain a failure.
-
-    Grey images go through the modality LUT (rescale slope/intercept), then the header's VOI LUT
-    or window (the frame's own, in enhanced objects), else the frame's min..max; MONOCHROME1 is
-    inverted so bright means the same as in MONOCHROME2; grey is replicated to three channels.
-    PALETTE COLOR goes through its colour LUT; YBR arrives from pydicom already as RGB. Raises
-    DataError with the reason :func:`dicom_problem` would give.
-    """
-    path = Path(path)
-    if frame < 0:
-        raise ValueError(f"frame must be >= 0, got {frame}")
-    try:
-        with _quiet():
-            try:
-                pixels, header = _decode(path if data is None else io.BytesIO(data), frame)
-            except Exception as err:  # noqa: BLE001 - explained from the header just below
-                pixels, header = _decode_after_failure(path, frame, err)
-            rgb = _to_rgb(pixels, header, frame)
-    except _Unusable as bad:
-        raise bad.error(path) from None
-    return Image.fromarray(rgb)  # (rows, columns, 3) uint8 is RGB
-
-
-def frame_indices(n_frames: int, max_views: int) -> list[int]:
-    """Up to ``max_views`` evenly spaced frames of ``n_frames``, first and last included.
-
-    >>> frame_indices(30, 4)
-    [0, 10, 19, 29]
-    """
-    if n_frames < 1 or max_views < 1:
-        raise ValueError(f"need n_frames >= 1 and max_views >= 1, got {n_frames}, {max_views}")
-    spaced = np.rint(np.linspace(0, n_frames - 1, min(n_frames, max_views)))
-    return sorted({int(i) for i in spaced})
 
 
 def order_files(paths: Iterable[Path]) -> list[Path]:
@@ -256,7 +189,8 @@ def describe(path: Path) -> dict[str, str | int]:
 # --- reading headers -------------------------------------------------------------------------
 
 
-def _require_pydicom() -> Any:
+def require_pydicom() -> Any:
+    """The pydicom module (3 or newer), or a DataError saying how to install it."""
     try:
         import pydicom
         import pydicom.pixels
@@ -273,7 +207,7 @@ def _require_pydicom() -> Any:
 
 
 @contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """Silence pydicom's warnings and log lines: some quote element values, which may be PHI."""
     log = logging.getLogger("pydicom")  # its modules log to children of this one
     level = log.level
@@ -286,30 +220,30 @@ def _quiet() -> Iterator[None]:
         log.setLevel(level)
 
 
-def _read_header(path: Path) -> tuple[Dataset, bool]:
+def read_header(path: Path) -> tuple[Dataset, bool]:
     """The non-identifying header elements, and whether pixel data follows them."""
     if not path.is_file():
-        raise _Unusable("does not exist")
+        raise Unusable("does not exist")
     if not is_dicom(path):
-        raise _Unusable("is not a DICOM file (no DICM marker after the 128-byte preamble)")
-    pydicom = _require_pydicom()
+        raise Unusable("is not a DICOM file (no DICM marker after the 128-byte preamble)")
+    pydicom = require_pydicom()
     try:
         with open(path, "rb") as f:
             ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=list(_INFO_TAGS))
             has_pixels = _at_pixel_data(f, ds)
-        if _is_deflated(ds):
+        if is_deflated(ds):
             # The dataset was inflated in memory, so the file position says nothing: look.
             full = pydicom.dcmread(path, specific_tags=sorted(_PIXEL_TAGS), defer_size=1024)
             has_pixels = any(tag in full for tag in _PIXEL_TAGS)
     except Exception as err:  # noqa: BLE001 - any parse failure means an unusable header
-        raise _unreadable_header(err) from None
+        raise unreadable_header(err) from None
     return ds, has_pixels
 
 
-def _unreadable_header(err: Exception) -> _Unusable:
+def unreadable_header(err: Exception) -> Unusable:
     # The header did not parse, so its values are unknown and cannot be checked against the
     # message: name the exception type only.
-    return _Unusable(f"is a DICOM whose header could not be read ({type(err).__name__})")
+    return Unusable(f"is a DICOM whose header could not be read ({type(err).__name__})")
 
 
 def _at_pixel_data(f: Any, ds: Dataset) -> bool:
@@ -322,13 +256,15 @@ def _at_pixel_data(f: Any, ds: Dataset) -> bool:
     return (int(group) << 16 | int(element)) in _PIXEL_TAGS
 
 
-def _is_deflated(ds: Dataset) -> bool:
+def is_deflated(ds: Dataset) -> bool:
+    """True for the deflated transfer syntax, whose dataset pydicom inflates in memory."""
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     return bool(ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian)
 
 
-def _info(ds: Dataset, has_pixels: bool) -> DicomInfo:
+def header_info(ds: Dataset, has_pixels: bool) -> DicomInfo:
+    """The facts of a header that read_header returned."""
     sop = ds.get("SOPClassUID")
     return DicomInfo(
         frames=max(_int(ds, "NumberOfFrames") or 1, 1) if has_pixels else 0,
@@ -362,9 +298,9 @@ def _syntax_name(syntax: Any) -> str:
 
 def _instance_number(path: Path) -> int | None:
     try:
-        with _quiet():
-            return _info(*_read_header(path)).instance_number
-    except _Unusable:
+        with quiet():
+            return header_info(*read_header(path)).instance_number
+    except Unusable:
         return None
 
 
@@ -372,110 +308,10 @@ def _name_key(path: Path) -> tuple[str, str]:
     return (path.name, str(path))
 
 
-# --- decoding --------------------------------------------------------------------------------
+# --- error text without PHI --------------------------------------------------------------------
 
 
-def _decode(src: Path | BinaryIO | Dataset, frame: int) -> tuple[np.ndarray, Dataset]:
-    """One decoded frame and the header it needs; from a path only that frame's bytes are read."""
-    import pydicom
-
-    if isinstance(src, pydicom.Dataset):
-        return pydicom.pixels.pixel_array(src, index=frame), src
-    header = pydicom.Dataset()
-    pixels = pydicom.pixels.pixel_array(
-        src, index=frame, ds_out=header, specific_tags=list(_FUNCTIONAL_GROUPS)
-    )
-    return pixels, header
-
-
-def _usable_header(path: Path) -> tuple[DicomInfo, Any, Path | Dataset]:
-    """Header facts, decoder and pixel source, or _Unusable for a reason seen in the header."""
-    pydicom = _require_pydicom()
-    ds, has_pixels = _read_header(path)
-    info = _info(ds, has_pixels)
-    if not has_pixels:
-        of = f" ({info.sop_class})" if info.sop_class else ""
-        # A header that ends before its pixel data is silent in pydicom: an image SOP class or
-        # image size without pixels is the sign of a truncated copy.
-        if info.rows or "Image" in info.sop_class.split():
-            of += ", though its header describes an image (truncated?)"
-        raise _Unusable(f"is a DICOM without pixel data{of}")
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    if not syntax:
-        raise _Unusable("is a DICOM without a transfer syntax, so its pixels cannot be decoded")
-    compressed = f"is a DICOM compressed with {info.transfer_syntax}"
-    try:
-        decoder = pydicom.pixels.get_decoder(syntax)
-    except NotImplementedError:
-        raise _Unusable(
-            f"{compressed}, which omnifuse cannot decode (export its frames as PNG or as "
-            "uncompressed DICOM)"
-        ) from None
-    if not decoder.is_available:
-        if _extra_would_decode(decoder):
-            raise _Unusable(f"{compressed}, which needs the optional decoders", EXTRA_HINT)
-        raise _Unusable(f"{compressed}, for which no decoder is installed")
-    if info.photometric not in (*_GREY, "PALETTE COLOR", *_DECODED_AS_RGB):
-        raise _Unusable(
-            f"is a DICOM with photometric interpretation {info.photometric or '(none)'}, "
-            "which omnifuse does not read"
-        )
-    if not _is_deflated(ds):
-        return info, decoder, path
-    # pydicom reads frames straight from a file only when its dataset is not deflated.
-    try:
-        return info, decoder, pydicom.dcmread(path)
-    except Exception as err:  # noqa: BLE001 - the inflated dataset does not parse
-        raise _unreadable_header(err) from None
-
-
-def _check_all_frames(path: Path) -> None:
-    from pydicom.pixels import iter_pixels
-
-    info, decoder, src = _usable_header(path)
-    frame = 0
-    try:
-        pixels, header = _decode(src, 0)
-        rest = iter_pixels(src, indices=range(1, info.frames), raw=True)
-        for frame in range(1, info.frames):
-            if next(rest, None) is None:
-                raise ValueError(f"only {frame} of {info.frames} frames are present")
-    except Exception as err:  # noqa: BLE001 - a decoder may raise anything on damaged data
-        raise _decode_failure(path, err, frame, info.frames, decoder) from None
-    _to_rgb(pixels, header, 0)
-
-
-def _decode_after_failure(path: Path, frame: int, err: Exception) -> tuple[np.ndarray, Dataset]:
-    """Why read_frame's direct decode failed (as _Unusable), or the frame from a deflated file."""
-    info, decoder, src = _usable_header(path)
-    if frame >= info.frames:
-        raise _Unusable(
-            f"has {info.frames} frame(s); frame index {frame} is out of range "
-            f"(0..{info.frames - 1})"
-        )
-    if not isinstance(src, Path):
-        try:
-            return _decode(src, frame)
-        except Exception as again:  # noqa: BLE001 - reported like the first failure
-            err = again
-    raise _decode_failure(path, err, frame, info.frames, decoder)
-
-
-def _decode_failure(path: Path, err: Exception, frame: int, frames: int, decoder: Any) -> _Unusable:
-    at = f"at frame {frame + 1} of {frames}: " if frames > 1 else ""
-    reason = f"is a DICOM whose pixel data could not be decoded ({at}{_clean(path, err)})"
-    if _extra_would_decode(decoder):
-        # An installed fallback (Pillow) failed where the optional decoders may succeed.
-        return _Unusable(f"{reason}; the optional decoders may read it", EXTRA_HINT)
-    return _Unusable(reason)
-
-
-def _extra_would_decode(decoder: Any) -> bool:
-    """True when pylibjpeg (what the ``dicom`` extra installs) decodes this syntax but is absent."""
-    return any(dep.startswith("pylibjpeg ") for dep in decoder.missing_dependencies)
-
-
-def _clean(path: Path, err: Exception) -> str:
+def clean_error(path: Path, err: Exception) -> str:
     """The exception as one short line, or only its type if it echoes any header text value."""
     import pydicom
 
@@ -514,86 +350,3 @@ def _text_values(ds: Dataset) -> Iterator[str]:
             yield text
             if elem.VR == "PN":
                 yield from (part for part in re.split(r"[\^=\s]+", text) if part)
-
-
-# --- pixels to RGB ---------------------------------------------------------------------------
-
-
-def _to_rgb(pixels: np.ndarray, ds: Dataset, frame: int) -> np.ndarray:
-    """One decoded frame as (rows, columns, 3) uint8."""
-    from pydicom.pixels import apply_color_lut
-
-    photometric = str(ds.get("PhotometricInterpretation") or "").strip()
-    if photometric == "PALETTE COLOR" and pixels.ndim == 2:
-        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-        return _to_uint8(apply_color_lut(pixels, ds), 0.0, float(2**bits - 1))
-    if photometric in _DECODED_AS_RGB and pixels.ndim == 3:
-        bits = int(ds.get("BitsStored") or pixels.dtype.itemsize * 8)
-        if pixels.dtype == np.uint8 and bits == 8:
-            return np.ascontiguousarray(pixels)
-        return _to_uint8(pixels, 0.0, float(2**bits - 1))
-    if photometric in _GREY and pixels.ndim == 2:
-        grey = _grey(pixels, _frame_header(ds, frame))
-        if photometric == "MONOCHROME1":
-            grey = 255 - grey
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    raise _Unusable(
-        f"is a DICOM with photometric interpretation {photometric or '(none)'} and frames of "
-        f"shape {pixels.shape}, which omnifuse does not read"
-    )
-
-
-def _grey(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Modality LUT, then the header's VOI LUT or window, else min..max; to uint8."""
-    from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
-
-    values = apply_modality_lut(pixels, ds)
-    voi = ds.get("VOILUTSequence")
-    if voi and "LUTDescriptor" in voi[0] and "LUTData" in voi[0]:
-        # A VOI LUT is indexed by integers; its own entries bound the output.
-        descriptor = voi[0].LUTDescriptor
-        first, count = int(descriptor[1]), int(descriptor[0]) or 2**16
-        entries = apply_voi(np.arange(first, first + count, dtype=np.int64), ds)
-        mapped = apply_voi(np.rint(values).astype(np.int64), ds)
-        return _to_uint8(mapped, float(entries.min()), float(entries.max()))
-    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
-        try:
-            windowed = apply_windowing(values, ds)
-            # Values far outside the window land on its output limits.
-            low, high = apply_windowing(np.array([-np.inf, np.inf]), ds)
-            return _to_uint8(windowed, float(low), float(high))
-        except (ValueError, TypeError, IndexError):
-            pass  # an unusable window (width < 1, unknown function): min..max shows the image
-    finite = np.nan_to_num(np.asarray(values, dtype=np.float64))
-    return _to_uint8(finite, float(finite.min()), float(finite.max()))
-
-
-def _frame_header(ds: Dataset, frame: int) -> Dataset:
-    """``ds`` with the frame's rescale and window from functional groups (enhanced objects)."""
-    groups = []
-    if shared := ds.get("SharedFunctionalGroupsSequence"):
-        groups.append(shared[0])
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and frame < len(per_frame):
-        groups.append(per_frame[frame])  # after shared: a frame's own values win
-    macros = [g[m].value[0] for g in groups for m in _FRAME_MACROS if m in g and g[m].value]
-    if not macros:
-        return ds
-    from pydicom.dataset import Dataset
-
-    view = Dataset()
-    view.update(ds)
-    view.file_meta = ds.file_meta
-    for item in macros:
-        for elem in item:
-            view[elem.tag] = elem
-    return view
-
-
-def _to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    if not high > low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    scaled = (np.asarray(values, dtype=np.float32) - np.float32(low)) * np.float32(
-        255.0 / (high - low)
-    )
-    return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)

@@ -16,15 +16,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from omnifuse_cli.data.cache import DIGEST_SIZE, digest_of
-from omnifuse_cli.data.dicom import (
-    dicom_info,
-    dicom_problem,
-    frame_indices,
-    has_dicom_marker,
-    is_dicom,
-    read_frame,
-)
+from omnifuse_cli.data.dicom import dicom_info, has_dicom_marker, is_dicom
+from omnifuse_cli.data.dicom_pixels import dicom_problem, frame_indices, read_frame
+from omnifuse_cli.data.fingerprints import DIGEST_SIZE, digest_of
 
 # Bump whenever the code that turns a file into pixels changes (decoding, LUTs, windowing,
 # colour handling, the transform): cached features of the old code are then never served.
@@ -85,7 +79,7 @@ def load_image(
     view: View, transform: Callable[[Image.Image], torch.Tensor], data: bytes | None = None
 ) -> torch.Tensor:
     """One view as a normalised (3, S, S) tensor; grayscale is replicated to RGB and DICOM
-    pixels go through their header's LUTs and window first (data.dicom.read_frame).
+    pixels go through their header's LUTs and window first (data.dicom_pixels.read_frame).
     ``data``: the view's file, already read; it is then decoded from memory."""
     if isinstance(view, DicomFrame):
         return transform(read_frame(view.path, view.index, data=data))
@@ -130,7 +124,7 @@ class HashedImageFiles(Dataset[tuple[torch.Tensor, int, torch.Tensor]]):
     each file: a cine loop is hashed once, not once per frame). Such a file is read once, and
     the bytes that are hashed are the bytes that are decoded, so the digest stored with the
     features describes exactly what was encoded. An item is (pixels, the file's length in
-    bytes, its data.cache.digest_of), with length -1 and a zero digest for views not hashed.
+    bytes, its data.fingerprints.digest_of), with length -1 and a zero digest for views not hashed.
     """
 
     def __init__(self, paths: list[View], size: int, hashed: Sequence[bool]) -> None:

@@ -18,8 +18,8 @@ from torch.utils.data import Dataset
 from omnifuse_cli.config import ImageConfig, ModalitySpec, TextConfig
 from omnifuse_cli.data import text as simple_text
 from omnifuse_cli.data.cache import FeatureArray, offsets_from_sizes
+from omnifuse_cli.data.cohort import Cohort
 from omnifuse_cli.data.images import View, image_transform, load_image, select_views
-from omnifuse_cli.data.manifest import Cohort
 from omnifuse_cli.errors import DataError
 
 

@@ -11,15 +11,10 @@ import numpy as np
 import pandas as pd
 
 from omnifuse_cli.config import DataConfig, TrainConfig
+from omnifuse_cli.data.cohort import Cohort, NoteStats, check_trainable
 from omnifuse_cli.data.dicom import describe
 from omnifuse_cli.data.images import View
-from omnifuse_cli.data.manifest import (
-    Cohort,
-    NoteStats,
-    check_trainable,
-    read_manifest,
-    reading_options,
-)
+from omnifuse_cli.data.manifest import read_manifest, reading_options
 from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.errors import DataError
 

@@ -26,15 +26,14 @@ from omnifuse_cli.config import (
     ImageConfig,
     ModelConfig,
     TextConfig,
-    image_config_from_dict,
-    model_config_from_dict,
-    text_config_from_dict,
+    from_primitive,
     to_primitive,
 )
 from omnifuse_cli.data.prepared import Preprocessor
 from omnifuse_cli.engine.epoch import backbone
 from omnifuse_cli.engine.files import temp_file_beside, write_text_atomic
 from omnifuse_cli.engine.modelling import build_model, text_backbone_from_folder
+from omnifuse_cli.engine.runs import bundle_folder
 from omnifuse_cli.errors import BundleError
 from omnifuse_cli.model.omnifuse import OmniFuse
 
@@ -43,7 +42,6 @@ if TYPE_CHECKING:  # transformers is heavy: imported for annotations only
 
 FORMAT = "omnifuse-bundle"
 FORMAT_VERSION = 1
-BUNDLE_DIR = "model"
 
 
 @dataclass
@@ -114,21 +112,6 @@ def save_bundle(
     write_text_atomic(folder / "bundle.json", json.dumps(meta, ensure_ascii=False, indent=1))
 
 
-def bundle_folder(run_or_bundle: Path) -> Path:
-    """Accept a run directory or the bundle folder itself."""
-    path = Path(run_or_bundle)
-    if (path / "bundle.json").is_file():
-        return path
-    if (path / BUNDLE_DIR / "bundle.json").is_file():
-        return path / BUNDLE_DIR
-    if not path.exists():
-        raise BundleError(f"run directory {path} does not exist")
-    raise BundleError(
-        f"{path} is not an omnifuse run (no {BUNDLE_DIR}/bundle.json inside)",
-        hint="pass the folder that `omnifuse train --out-dir` wrote",
-    )
-
-
 def load_bundle(run_or_bundle: Path, device: torch.device | str = "cpu") -> LoadedBundle:
     folder = bundle_folder(run_or_bundle)
     try:
@@ -144,9 +127,9 @@ def load_bundle(run_or_bundle: Path, device: torch.device | str = "cpu") -> Load
             hint="upgrade omnifuse: pip install --upgrade omnifuse",
         )
     try:
-        config: ModelConfig = model_config_from_dict(meta["model_config"])
-        image: ImageConfig = image_config_from_dict(meta["image_config"])
-        text: TextConfig = text_config_from_dict(meta["text_config"])
+        config = from_primitive(ModelConfig, meta["model_config"])
+        image = from_primitive(ImageConfig, meta["image_config"])
+        text = from_primitive(TextConfig, meta["text_config"])
     except (KeyError, TypeError, ValueError) as err:
         raise BundleError(f"{folder / 'bundle.json'} has an invalid config: {err}") from err
     tokenizers: dict[str, Any] = {}

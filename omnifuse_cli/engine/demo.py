@@ -21,7 +21,7 @@ from omnifuse_cli.config import (
     TextConfig,
     TrainConfig,
 )
-from omnifuse_cli.data.manifest import Cohort
+from omnifuse_cli.data.cohort import Cohort
 from omnifuse_cli.data.prepared import Preprocessor
 from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.engine.events import EventFn

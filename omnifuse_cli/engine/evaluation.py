@@ -11,15 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from omnifuse_cli.data.manifest import read_manifest, row_name
+from omnifuse_cli.data.manifest import read_manifest
+from omnifuse_cli.data.tables import row_name
 from omnifuse_cli.engine.bundle import load_bundle
 from omnifuse_cli.engine.files import write_csv
-from omnifuse_cli.engine.inference import (
-    feature_cache,
-    infer,
-    resolve_device,
-    reuse_frozen_features,
-)
+from omnifuse_cli.engine.frozen_features import feature_cache, reuse_frozen_features
+from omnifuse_cli.engine.inference import infer, resolve_device
 from omnifuse_cli.engine.machine import set_threads
 from omnifuse_cli.engine.metrics import (
     bootstrap_ci,
@@ -44,7 +41,14 @@ from omnifuse_cli.engine.prediction import (
     prediction_frame,
     run_reading,
 )
-from omnifuse_cli.engine.runs import read_meta, read_split_assignment
+from omnifuse_cli.engine.runs import (
+    META,
+    METRICS,
+    PREDICTIONS,
+    SPLIT_ASSIGNMENT,
+    read_meta,
+    read_split_assignment,
+)
 from omnifuse_cli.errors import BundleError, ConfigError, DataError
 
 
@@ -136,7 +140,7 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
     if device.type == "cpu" or request.threads:
         set_threads(request.threads)
     bundle = load_bundle(run_dir, device)
-    meta = read_meta(run_dir) if (run_dir / "meta.csv").is_file() else bundle.meta["run"]
+    meta = read_meta(run_dir) if (run_dir / META).is_file() else bundle.meta["run"]
     num_classes = bundle.model.config.num_classes
     external = request.manifest is not None
     manifest = (
@@ -152,7 +156,7 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
         labs_table = Path(meta["labs_table"])
     if (
         not external
-        and (run_dir / "split_assignment.csv").is_file()
+        and (run_dir / SPLIT_ASSIGNMENT).is_file()
         and not (read_split_assignment(run_dir)["split"] == "test").any()
     ):
         raise ConfigError(
@@ -307,7 +311,7 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
     notes.extend(clinical.notes)
     out_dir = Path(request.out_dir) if request.out_dir else run_dir / "eval" / tag
     write_csv(
-        out_dir / "metrics.csv",
+        out_dir / METRICS,
         pd.DataFrame(
             {
                 "metric": list(metrics),
@@ -334,7 +338,7 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
         sets=sets,
         raw=raw,
     )
-    write_csv(out_dir / "predictions.csv", frame)
+    write_csv(out_dir / PREDICTIONS, frame)
     return EvalResult(
         source,
         len(rows),

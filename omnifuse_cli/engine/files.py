@@ -6,8 +6,10 @@ import io
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # only annotated: run files are named where pandas is not loaded yet
+    import pandas as pd
 
 from omnifuse_cli.errors import ConfigError
 

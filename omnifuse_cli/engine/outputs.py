@@ -24,20 +24,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from omnifuse_cli.engine.clinical import (
+from omnifuse_cli.data.tables import normalize_ids, read_table
+from omnifuse_cli.engine.calibration import calibration_summary
+from omnifuse_cli.engine.conformal import ConformalCalibration, coverage_table
+from omnifuse_cli.engine.files import write_csv
+from omnifuse_cli.engine.subgroups import (
     SMALL_SUBGROUP,
-    ConformalCalibration,
     band,
-    calibration_summary,
-    coverage_table,
-    decision_curve,
-    operating_point,
-    operating_point_ci,
     parse_subgroup,
     subgroup_gaps,
     subgroup_table,
 )
-from omnifuse_cli.engine.files import write_csv
+from omnifuse_cli.engine.thresholds import decision_curve, operating_point, operating_point_ci
 from omnifuse_cli.errors import DataError
 
 DEFAULT_ALPHA = 0.1  # conformal miscoverage evaluate reports when none is asked for
@@ -156,9 +154,6 @@ def coverage_frame(
 
 def read_subgroups(manifest: Path, specs: tuple[str, ...], ids: list[str]) -> dict[str, pd.Series]:
     """Each --subgroup-col's band per patient of ``ids`` (manifest order by id)."""
-    # Here: data.manifest loads torch, which this module otherwise does without.
-    from omnifuse_cli.data.manifest import normalize_ids, read_table
-
     if not specs:
         return {}
     frame = read_table(Path(manifest), "manifest")

@@ -18,14 +18,10 @@ import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
 from omnifuse_cli.config import TrainConfig, parse_class_weight
-from omnifuse_cli.engine.clinical import (
-    ConformalCalibration,
-    apply_temperature,
-    choose_threshold,
-    fit_temperature,
-    parse_threshold_rule,
-)
+from omnifuse_cli.engine.calibration import apply_temperature, fit_temperature
+from omnifuse_cli.engine.conformal import ConformalCalibration
 from omnifuse_cli.engine.metrics import metric_value
+from omnifuse_cli.engine.thresholds import choose_threshold, parse_threshold_rule
 from omnifuse_cli.errors import ConfigError
 
 MIN_CALIBRATION_PATIENTS = 30  # fewer validation patients: no temperature (a note says so)

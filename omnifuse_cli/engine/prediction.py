@@ -10,15 +10,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from omnifuse_cli.data.manifest import NO_MODALITY, Cohort, read_manifest, row_name
+from omnifuse_cli.data.cohort import NO_MODALITY, Cohort
+from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.data.prepared import Preprocessor
+from omnifuse_cli.data.tables import row_name
 from omnifuse_cli.engine.bundle import load_bundle
-from omnifuse_cli.engine.inference import (
-    feature_cache,
-    infer,
-    resolve_device,
-    reuse_frozen_features,
-)
+from omnifuse_cli.engine.frozen_features import feature_cache, reuse_frozen_features
+from omnifuse_cli.engine.inference import infer, resolve_device
 from omnifuse_cli.engine.machine import set_threads
 from omnifuse_cli.engine.posthoc import PostHoc
 from omnifuse_cli.errors import BundleError, ConfigError, DataError

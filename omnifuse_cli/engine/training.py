@@ -8,9 +8,8 @@ fitting.py's; what follows it (linear path, post-hoc fit) is finishing.py's.
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +20,16 @@ from safetensors.torch import load_file
 
 from omnifuse_cli import __version__
 from omnifuse_cli.config import (
-    DataConfig,
-    ImageConfig,
-    MethodConfig,
-    ModalitySpec,
     ModelConfig,
-    TrainConfig,
-    method_config_from_dict,
-    text_config_from_dict,
     to_primitive,
 )
-from omnifuse_cli.data.manifest import Cohort, check_trainable, read_manifest, reading_options
+from omnifuse_cli.data.cohort import Cohort, check_trainable
+from omnifuse_cli.data.manifest import read_manifest, reading_options
 from omnifuse_cli.data.prepared import Preprocessor
 from omnifuse_cli.data.splits import stratified_split, training_patients
 from omnifuse_cli.engine import distributed
 from omnifuse_cli.engine.audit import split_summary
-from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle, versions
+from omnifuse_cli.engine.bundle import save_bundle, versions
 from omnifuse_cli.engine.epoch import backbone, backbone_names
 from omnifuse_cli.engine.events import EventFn, ProgressEvent
 from omnifuse_cli.engine.files import prepare_out_dir, write_csv, write_text_atomic
@@ -55,7 +48,8 @@ from omnifuse_cli.engine.fitting import (
     load_checkpoint,
     stop_reason,
 )
-from omnifuse_cli.engine.inference import cache_frozen_features, feature_cache, resolve_device
+from omnifuse_cli.engine.frozen_features import cache_frozen_features, feature_cache
+from omnifuse_cli.engine.inference import resolve_device
 from omnifuse_cli.engine.machine import set_threads
 from omnifuse_cli.engine.metrics import classification_metrics, confusion
 from omnifuse_cli.engine.modelling import (
@@ -68,22 +62,22 @@ from omnifuse_cli.engine.modelling import (
 from omnifuse_cli.engine.posthoc import KEY as POSTHOC
 from omnifuse_cli.engine.posthoc import PENDING, positive_index
 from omnifuse_cli.engine.reliability import reliability_meta
+from omnifuse_cli.engine.runs import (
+    BUNDLE_DIR,
+    CHECKPOINT,
+    CONFIG_YAML,
+    CONFUSION,
+    METRICS,
+    SPLIT,
+    SPLIT_ASSIGNMENT,
+    SPLITS_SUMMARY,
+    TEST,
+    TrainRequest,
+    save_request,
+    write_meta,
+)
 from omnifuse_cli.errors import BundleError, TrainingInterrupted
 from omnifuse_cli.model.omnifuse import OmniFuse
-
-
-@dataclass(frozen=True)
-class TrainRequest:
-    manifest: Path
-    num_classes: int
-    out_dir: Path
-    data: DataConfig = field(default_factory=DataConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    overwrite: bool = False
-    # The CLI's resolved settings as YAML, saved beside request.json as config.yaml (the
-    # --config format, so a run can be repeated from it); None writes no config.yaml.
-    config_yaml: str | None = None
 
 
 @dataclass
@@ -102,55 +96,6 @@ class TrainResult:
     # Patients per class and per missing pattern in each split (engine.audit.split_summary).
     split_summary: pd.DataFrame | None = None
     select_metric: str = "macro_f1"  # the validation score that picked best_epoch
-
-
-CHECKPOINT = "checkpoint.pt"  # state after the last complete epoch, for --resume
-REQUEST = "request.json"  # every setting of the run, so --resume needs nothing else
-CONFIG_YAML = "config.yaml"  # the same settings in the CLI's --config format
-
-
-def save_request(request: TrainRequest) -> None:
-    if request.config_yaml is not None:
-        write_text_atomic(request.out_dir / CONFIG_YAML, request.config_yaml)
-    raw = to_primitive(request)
-    del raw["config_yaml"]
-    raw["manifest"] = str(Path(request.manifest).resolve())
-    if request.data.labs_table:
-        raw["data"]["labs_table"] = str(Path(request.data.labs_table).resolve())
-    write_text_atomic(
-        request.out_dir / REQUEST, json.dumps(raw, ensure_ascii=False, indent=1, default=str)
-    )
-
-
-def load_request(run_dir: Path) -> TrainRequest:
-    """The request a run was started with (for --resume)."""
-    path = Path(run_dir) / REQUEST
-    if not path.is_file():
-        raise BundleError(
-            f"{run_dir} is not a resumable run (no {REQUEST})",
-            hint="pass the folder that `omnifuse train --out-dir` wrote",
-        )
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        data = raw["data"]
-        return TrainRequest(
-            manifest=Path(raw["manifest"]),
-            num_classes=int(raw["num_classes"]),
-            out_dir=Path(run_dir),
-            data=DataConfig(
-                **{
-                    **data,
-                    "modalities": tuple(ModalitySpec(**m) for m in data["modalities"]),
-                    "image": ImageConfig(**data["image"]),
-                    "text": text_config_from_dict(data["text"]),
-                }
-            ),
-            method=method_config_from_dict(raw["method"]),
-            train=TrainConfig(**raw["train"]),
-            overwrite=True,
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        raise BundleError(f"{path} is damaged: {err}") from err
 
 
 def run_training(
@@ -200,7 +145,7 @@ def _run_training(
             prepare_out_dir(request.out_dir, request.overwrite)
             save_request(request)
             _write_split_files(request.out_dir, cohort, splits)
-            write_csv(request.out_dir / "splits_summary.csv", summary)
+            write_csv(request.out_dir / SPLITS_SUMMARY, summary)
     for note in cohort.notes:
         emit(ProgressEvent("message", text=note))
     if len(splits.get("unlabeled", ())):
@@ -264,7 +209,7 @@ def _run_training(
         )
 
     def on_epoch(rows: list[dict[str, Any]]) -> None:
-        write_csv(request.out_dir / "metrics.csv", pd.DataFrame(rows))
+        write_csv(request.out_dir / METRICS, pd.DataFrame(rows))
 
     try:
         records, best_epoch, best_state = fit_model(
@@ -448,13 +393,11 @@ def split_assignment(cohort: Cohort, splits: dict[str, np.ndarray]) -> pd.DataFr
 def _write_split_files(out_dir: Path, cohort: Cohort, splits: dict[str, np.ndarray]) -> None:
     """Each patient's split; patients left out for having no modality are listed as
     ``excluded`` (with their label, -1 when they have none)."""
-    write_csv(out_dir / "split_assignment.csv", split_assignment(cohort, splits))
+    write_csv(out_dir / SPLIT_ASSIGNMENT, split_assignment(cohort, splits))
     counts = {name: len(idx) for name, idx in splits.items()}
     if cohort.excluded:
         counts["excluded"] = len(cohort.excluded)
-    write_csv(
-        out_dir / "split.csv", pd.DataFrame({"split": list(counts), "n": list(counts.values())})
-    )
+    write_csv(out_dir / SPLIT, pd.DataFrame({"split": list(counts), "n": list(counts.values())}))
 
 
 def _meta(
@@ -501,12 +444,8 @@ def _write_results(
 ) -> None:
     """meta.csv, and the test split's metrics and confusion matrix when there is one."""
     if cm is not None:
-        write_csv(out_dir / "test.csv", pd.DataFrame([{f"test_{k}": v for k, v in test.items()}]))
+        write_csv(out_dir / TEST, pd.DataFrame([{f"test_{k}": v for k, v in test.items()}]))
         frame = pd.DataFrame(cm, columns=[f"pred_{c}" for c in class_names])
         frame.insert(0, "true", class_names)
-        write_csv(out_dir / "confusion_matrix.csv", frame)
-    rows = {**meta, **timings}
-    write_csv(
-        out_dir / "meta.csv",
-        pd.DataFrame({"key": list(rows), "value": [str(v) for v in rows.values()]}),
-    )
+        write_csv(out_dir / CONFUSION, frame)
+    write_meta(out_dir, {**meta, **timings})

@@ -1,5 +1,6 @@
 """What a report shows, read from the files a run (`train` + `evaluate`) or a cross-validation
-(`cv`) folder holds. Nothing here trains or predicts."""
+(`cv`) folder holds (the clinical files and the post-hoc fit: clinical_inputs.py). Nothing here
+trains or predicts."""
 
 from __future__ import annotations
 
@@ -7,74 +8,15 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from omnifuse_cli.config import ModalitySpec
-from omnifuse_cli.engine.posthoc import PostHoc
+from omnifuse_cli.engine import runs
 from omnifuse_cli.errors import BundleError, OmnifuseError
-
-SMALL_SUBGROUP = 30  # engine.clinical's: fewer patients make a subgroup's metrics imprecise
-
-KINDS = ("run", "cv")
-
-
-@dataclass
-class Clinical:
-    """The clinical reading of the evaluated predictions (engine/outputs.py writes the files)
-    and the post-hoc fit behind them; each table is None when its file is absent."""
-
-    folder: Path | None = None  # where the files were looked for (None: nothing evaluated)
-    calibration: pd.DataFrame | None = None  # metric, before, after
-    operating: pd.DataFrame | None = None  # positive_class, rule, metric, value, ci_low, ci_high
-    decision: pd.DataFrame | None = None  # class, threshold, net_benefit, treat_all, ...
-    coverage: pd.DataFrame | None = None  # alpha, mode, by, group, n, coverage, ...
-    subgroups: pd.DataFrame | None = None  # column, group, n, class_counts, metrics, small
-    gaps: pd.DataFrame | None = None  # column, metric, gap, best_group, worst_group, ...
-    legacy: bool = False  # the model predates calibration and operating points
-    calibrated: bool = False  # a temperature was fitted (run) / asked for (cv)
-    temperature: float | None = None  # the run's (None for cv: one per fold)
-    posthoc_lines: list[str] = field(default_factory=list)  # PostHoc.describe()
-    posthoc_source: str = ""  # whose post-hoc fit posthoc_lines describe, in words
-    positive_class: str | None = None  # the operating point's positive class
-    threshold: float | None = None
-    rule: str | None = None
-    fold_posthoc: pd.DataFrame | None = None  # cv: fold, patients, temperature, threshold
-    rerun: str = ""  # the command that writes the files (evaluate again / cv again)
-    subgroup_command: str = ""  # the command that writes subgroups.csv
-
-    @property
-    def evaluated(self) -> bool:
-        return self.calibration is not None
-
-
-LEGACY = (
-    "trained before calibration: probabilities are uncalibrated (temperature 1), no operating point"
-)
-CLINICAL_FILES = {
-    "calibration": "calibration.csv",
-    "operating": "operating_point.csv",
-    "decision": "decision_curve.csv",
-    "coverage": "coverage.csv",
-    "subgroups": "subgroups.csv",
-    "gaps": "subgroup_gaps.csv",
-}
-_CLINICAL_TEXT = (
-    "class",
-    "group",
-    "column",
-    "by",
-    "mode",
-    "rule",
-    "positive_class",
-    "best_group",
-    "worst_group",
-    "class_counts",
-    "small",
-    "includes_small",
-)
+from omnifuse_cli.report.clinical_inputs import LEGACY, Clinical, cv_clinical, run_clinical
+from omnifuse_cli.report.result_csv import read_result_csv
 
 
 @dataclass
@@ -123,50 +65,12 @@ class ReportInputs:
         return frame[columns].to_numpy(dtype=float)
 
 
-_TEXT = (
-    "id",
-    "pred",
-    "present",
-    "modalities",
-    "variant",
-    "split",
-    "phase",
-    "lazy_combo",
-    "metric",
-    "true",
-    "label",
-    "set",
-    "conformal_mode",
-)
-
-
 def group_order(groups: pd.Series) -> list[str]:
     """Splits in the order train, val, test; folds by number."""
     splits = ["train", "val", "test"]
     return sorted(
         {str(g) for g in groups}, key=lambda g: (splits.index(g) if g in splits else 3, len(g), g)
     )
-
-
-def _csv(path: Path, text: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A result CSV: text columns as written, the others numeric with empty cells as NaN (the
-    files write an undefined metric as an empty cell)."""
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    for column in frame.columns:
-        if column in _TEXT or column in text:
-            continue
-        filled = frame[column] != ""
-        numbers = pd.to_numeric(frame[column].where(filled), errors="coerce")
-        if int(numbers.notna().sum()) == int(filled.sum()):
-            frame[column] = numbers
-    return frame
-
-
-def _key_values(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        return {}
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    return dict(zip(frame["key"], frame["value"], strict=True))
 
 
 def load_inputs(source: Path) -> ReportInputs:
@@ -182,21 +86,21 @@ def load_inputs(source: Path) -> ReportInputs:
             f"{source} is a file, not a run or cross-validation folder",
             hint="pass a folder written by omnifuse train or omnifuse cv",
         )
-    if (source / "cv.json").is_file():
-        if not (source / "metrics.csv").is_file():
+    if (source / runs.CV_FILE).is_file():
+        if not (source / runs.METRICS).is_file():
             raise BundleError(
                 f"the cross-validation in {source} has not finished (no metrics.csv)",
                 hint=f"finish it: omnifuse cv --resume {source}",
             )
         return _load_cv(source)
-    if (source / "model" / "bundle.json").is_file() and (source / "metrics.csv").is_file():
-        if (source.parent / "cv.json").is_file():
+    if (source / runs.BUNDLE_DIR / "bundle.json").is_file() and (source / runs.METRICS).is_file():
+        if (source.parent / runs.CV_FILE).is_file():
             raise BundleError(
                 f"{source} is the final model of a cross-validation; its results "
                 "are in the cross-validation folder",
                 hint=f"omnifuse report {source.parent}",
             )
-        if not (source / "meta.csv").is_file():
+        if not (source / runs.META).is_file():
             raise BundleError(
                 f"the run in {source} has not finished (no meta.csv)",
                 hint=f"finish it: omnifuse train --resume {source}",
@@ -215,18 +119,18 @@ def _modality_names(meta: dict[str, str]) -> list[str]:
 
 
 def _load_run(source: Path) -> ReportInputs:
-    meta = _key_values(source / "meta.csv")
-    bundle = json.loads((source / "model" / "bundle.json").read_text(encoding="utf-8"))
+    meta = runs.read_key_values(source / runs.META)
+    bundle = json.loads((source / runs.BUNDLE_DIR / "bundle.json").read_text(encoding="utf-8"))
     class_names = [str(c) for c in bundle.get("class_names", [])] or [
         str(c) for c in range(int(meta.get("num_classes", 2)))
     ]
     notes: list[str] = []
     eval_dir = source / "eval" / "test"
     evaluated_on = "the run's test split"
-    if not (source / "test.csv").is_file():  # --test-ratio 0: an external cohort's evaluation
+    if not (source / runs.TEST).is_file():  # --test-ratio 0: an external cohort's evaluation
         external = sorted(
-            (d for d in (source / "eval").glob("*") if (d / "metrics.csv").is_file()),
-            key=lambda d: (d / "metrics.csv").stat().st_mtime,
+            (d for d in (source / "eval").glob("*") if (d / runs.METRICS).is_file()),
+            key=lambda d: (d / runs.METRICS).stat().st_mtime,
         )
         if not external:
             raise BundleError(
@@ -236,10 +140,10 @@ def _load_run(source: Path) -> ReportInputs:
             )
         eval_dir = external[-1]
         evaluated_on = f"the external cohort {eval_dir.name} (the newest evaluation)"
-    if (eval_dir / "metrics.csv").is_file():
-        metrics = _csv(eval_dir / "metrics.csv")
+    if (eval_dir / runs.METRICS).is_file():
+        metrics = read_result_csv(eval_dir / runs.METRICS)
     else:
-        test = _csv(source / "test.csv")
+        test = read_result_csv(source / runs.TEST)
         metrics = pd.DataFrame(
             {
                 "metric": [c.removeprefix("test_") for c in test.columns],
@@ -254,22 +158,28 @@ def _load_run(source: Path) -> ReportInputs:
             "weights and metrics per missing pattern"
         )
     predictions = (
-        _csv(eval_dir / "predictions.csv") if (eval_dir / "predictions.csv").is_file() else None
+        read_result_csv(eval_dir / runs.PREDICTIONS)
+        if (eval_dir / runs.PREDICTIONS).is_file()
+        else None
     )
-    if predictions is None and (eval_dir / "metrics.csv").is_file():
+    if predictions is None and (eval_dir / runs.METRICS).is_file():
         notes.append(
             f"{eval_dir} has no predictions.csv (evaluated by an older omnifuse): "
             f"run `omnifuse evaluate {source}` again for the curves"
         )
     cm_path = eval_dir / "confusion_matrix.csv"
     cm_path = cm_path if cm_path.is_file() else source / "confusion_matrix.csv"
-    confusion = _csv(cm_path).drop(columns=["true"]).to_numpy(dtype=np.int64)
-    patterns = _csv(eval_dir / "patterns.csv") if (eval_dir / "patterns.csv").is_file() else None
+    confusion = read_result_csv(cm_path).drop(columns=["true"]).to_numpy(dtype=np.int64)
+    patterns = (
+        read_result_csv(eval_dir / "patterns.csv")
+        if (eval_dir / "patterns.csv").is_file()
+        else None
+    )
     modalities = _modality_names(meta)
     cohort = _run_cohort(source, meta, modalities, notes)
-    curves = {"run": _csv(source / "metrics.csv")}
-    clinical = _run_clinical(
-        source, bundle, class_names, eval_dir if (eval_dir / "metrics.csv").is_file() else None
+    curves = {"run": read_result_csv(source / runs.METRICS)}
+    clinical = run_clinical(
+        source, bundle, class_names, eval_dir if (eval_dir / runs.METRICS).is_file() else None
     )
     if clinical.legacy:
         notes.append(f"the run was {LEGACY}")
@@ -292,63 +202,15 @@ def _load_run(source: Path) -> ReportInputs:
     )
 
 
-def _read_clinical(folder: Path, clinical: Clinical) -> None:
-    """The clinical files in ``folder`` (engine/outputs.py), each left None when absent."""
-    clinical.folder = folder
-    for attr, name in CLINICAL_FILES.items():
-        if (folder / name).is_file():
-            setattr(clinical, attr, _csv(folder / name, _CLINICAL_TEXT))
-    for frame, column in ((clinical.subgroups, "small"), (clinical.gaps, "includes_small")):
-        if frame is None:
-            continue
-        if column in frame:
-            frame[column] = frame[column].astype(str).str.lower().isin(("true", "1"))
-        elif column == "small":
-            frame[column] = frame["n"] < SMALL_SUBGROUP
-    if clinical.operating is not None and len(clinical.operating):
-        first = clinical.operating.iloc[0]
-        clinical.positive_class = str(first["positive_class"])
-        clinical.rule = str(first["rule"])
-        values = clinical.operating.set_index("metric")["value"]
-        if "threshold" in values.index:
-            clinical.threshold = float(values["threshold"])
-
-
-def _posthoc(bundle: dict[str, Any]) -> PostHoc:
-    """PostHoc of a bundle's meta (engine.posthoc imports no torch)."""
-    return PostHoc.from_bundle(bundle)
-
-
-def _run_clinical(
-    source: Path, bundle: dict[str, Any], class_names: list[str], eval_dir: Path | None
-) -> Clinical:
-    posthoc = _posthoc(bundle)
-    clinical = Clinical(
-        legacy=posthoc.legacy,
-        calibrated=posthoc.calibration == "temperature",
-        temperature=float(posthoc.temperature),
-        posthoc_lines=posthoc.describe(),
-        posthoc_source="the run's model (fitted on its validation split)",
-        rerun=f"omnifuse evaluate {source}",
-        subgroup_command=f"omnifuse evaluate {source} --subgroup-col COL",
-    )
-    if posthoc.positive is not None and posthoc.positive < len(class_names):
-        clinical.positive_class = class_names[posthoc.positive]
-    clinical.threshold, clinical.rule = posthoc.threshold, posthoc.rule
-    if eval_dir is not None:
-        _read_clinical(eval_dir, clinical)
-    return clinical
-
-
 def _run_cohort(
     source: Path, meta: dict[str, str], modalities: list[str], notes: list[str]
 ) -> pd.DataFrame | None:
     """split_assignment.csv plus each patient's modalities, read from the run's manifest when it
     is on this machine (without decoding images)."""
-    path = source / "split_assignment.csv"
+    path = source / runs.SPLIT_ASSIGNMENT
     if not path.is_file():
         return None
-    frame = _csv(path)
+    frame = read_result_csv(path)
     frame["label"] = frame["label"].astype(int)
     frame = frame.rename(columns={"split": "group"})
     frame["modalities"] = ""
@@ -386,26 +248,26 @@ def _run_cohort(
 
 
 def _load_cv(source: Path) -> ReportInputs:
-    request = json.loads((source / "cv.json").read_text(encoding="utf-8"))
-    meta = _key_values(source / "meta.csv")
+    request = json.loads((source / runs.CV_FILE).read_text(encoding="utf-8"))
+    meta = runs.read_key_values(source / runs.META)
     num_classes = int(request["num_classes"])
     class_names = [str(c) for c in range(num_classes)]
     base = "base"
     variants = {v["name"]: v.get("flags", "") for v in request.get("variants", [])}
-    all_metrics = _csv(source / "metrics.csv")
+    all_metrics = read_result_csv(source / runs.METRICS)
     metrics = all_metrics[all_metrics["variant"] == base].drop(columns=["variant"])
-    predictions = _csv(source / "predictions.csv")
+    predictions = read_result_csv(source / runs.PREDICTIONS)
     predictions = predictions[predictions["variant"] == base]
     notes = []
     repeats = int(request.get("repeats", 1))
     if repeats > 1:
         predictions = predictions[predictions["repeat"].astype(int) == 1]
         notes.append(f"curves show repeat 1 of {repeats}; metrics are means over the repeats")
-    cm = _csv(source / "confusion_matrix.csv")
+    cm = read_result_csv(source / "confusion_matrix.csv")
     confusion = cm[cm["variant"] == base].drop(columns=["variant", "true"]).to_numpy(np.int64)
-    patterns = _csv(source / "patterns.csv")
+    patterns = read_result_csv(source / "patterns.csv")
     patterns = patterns[patterns["variant"] == base].drop(columns=["variant"])
-    folds = _csv(source / "folds.csv")
+    folds = read_result_csv(source / "folds.csv")
     folds = folds[folds["repeat"].astype(int) == 1]
     fold = folds["fold"].astype(str)  # fold 0: unlabeled patients, in every training fold
     cohort = pd.DataFrame(
@@ -418,15 +280,15 @@ def _load_cv(source: Path) -> ReportInputs:
     )
     curves = {}
     for path in sorted((source / "folds" / base).glob("rep*-fold*/metrics.csv")):
-        curves[path.parent.name] = _csv(path)
-    fold_metrics = _csv(source / "fold_metrics.csv")
+        curves[path.parent.name] = read_result_csv(path)
+    fold_metrics = read_result_csv(source / "fold_metrics.csv")
     diff_path = source / "differences.csv"
-    differences = _csv(diff_path) if diff_path.is_file() else None
+    differences = read_result_csv(diff_path) if diff_path.is_file() else None
     spec = ",".join(f"{m['name']}={m['kind']}" for m in request["base"]["data"]["modalities"])
     meta.setdefault("modalities", spec)
     meta.setdefault("manifest", request.get("manifest", ""))
     meta.setdefault("n_patients", str(len(cohort)))
-    clinical = _cv_clinical(source, meta, predictions, class_names)
+    clinical = cv_clinical(source, meta, predictions, class_names)
     if clinical.legacy:
         notes.append(f"the cross-validation was {LEGACY}")
     return ReportInputs(
@@ -450,58 +312,3 @@ def _load_cv(source: Path) -> ReportInputs:
         notes=notes,
         clinical=clinical,
     )
-
-
-def _cv_clinical(
-    source: Path, meta: dict[str, str], predictions: pd.DataFrame, class_names: list[str]
-) -> Clinical:
-    """The pooled clinical files of a cv folder, each fold's temperature and threshold, and the
-    --refit model's post-hoc fit."""
-    raw = [f"raw_prob_{c}" for c in class_names]
-    has_raw = set(raw) <= set(predictions.columns)
-    clinical = Clinical(
-        legacy=not has_raw and not (source / "calibration.csv").is_file(),
-        calibrated=meta.get("calibrate", "") == "temperature",  # refined by the folds below
-        rerun="omnifuse cv again with this omnifuse (the files are written when it finishes)",
-        subgroup_command="omnifuse cv MANIFEST ... --subgroup-col COL",
-    )
-    _read_clinical(source, clinical)
-    rows = []
-    for fold, part in predictions.groupby("fold", sort=True):
-        labelled = part[part["label"].astype(str) != ""]
-        row: dict[str, object] = {"fold": str(fold), "patients": len(part)}
-        if has_raw:
-            row["temperature"] = recovered_temperature(
-                labelled[raw].to_numpy(dtype=float),
-                labelled[[f"prob_{c}" for c in class_names]].to_numpy(dtype=float),
-            )
-        if "threshold" in part:
-            values = pd.to_numeric(part["threshold"], errors="coerce").dropna()
-            row["threshold"] = float(values.iloc[0]) if len(values) else math.nan
-        rows.append(row)
-    if has_raw and rows:
-        clinical.fold_posthoc = pd.DataFrame(rows)
-        temperatures = clinical.fold_posthoc["temperature"].to_numpy(dtype=float)
-        clinical.calibrated = bool((np.abs(temperatures - 1.0) > 1e-3).any())
-    final = source / "final" / "model" / "bundle.json"
-    if final.is_file():
-        posthoc = _posthoc(json.loads(final.read_text(encoding="utf-8")))
-        clinical.posthoc_lines = posthoc.describe()
-        clinical.posthoc_source = (
-            "the final model refitted on every patient (--refit; its validation split)"
-        )
-    return clinical
-
-
-def recovered_temperature(raw: np.ndarray, calibrated: np.ndarray) -> float:
-    """The temperature T with calibrated = softmax(log(raw) / T), recovered by least squares on
-    the centred log-probabilities of every patient (a cv fold's temperature is not stored; its
-    predictions before and after calibration are). NaN when the probabilities say nothing (all
-    uniform)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a, b = np.log(raw), np.log(calibrated)
-    keep = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
-    a = a[keep] - a[keep].mean(axis=1, keepdims=True)
-    b = b[keep] - b[keep].mean(axis=1, keepdims=True)
-    product = float((a * b).sum())
-    return float((a * a).sum() / product) if product > 1e-12 else math.nan

@@ -10,7 +10,8 @@ from typing import cast
 
 import numpy as np
 
-from omnifuse_cli.report.inputs import LEGACY, SMALL_SUBGROUP, ReportInputs
+from omnifuse_cli.report.clinical_inputs import LEGACY, SMALL_SUBGROUP
+from omnifuse_cli.report.inputs import ReportInputs
 
 AUTHOR = ""  # an item only the author can fill
 

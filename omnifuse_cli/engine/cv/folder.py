@@ -13,12 +13,13 @@ import pandas as pd
 import torch
 
 from omnifuse_cli.config import to_primitive
-from omnifuse_cli.data.manifest import Cohort
+from omnifuse_cli.data.cohort import Cohort
 from omnifuse_cli.engine.bundle import versions
 from omnifuse_cli.engine.cv.folds import val_share
 from omnifuse_cli.engine.cv.request import FOLD_DONE, CVRequest, save_cv_request
 from omnifuse_cli.engine.cv.summary import FoldResult
 from omnifuse_cli.engine.files import prepare_out_dir, write_csv
+from omnifuse_cli.engine.runs import SPLIT_ASSIGNMENT, write_meta
 from omnifuse_cli.engine.training import split_assignment
 from omnifuse_cli.errors import BundleError
 
@@ -54,7 +55,7 @@ def _as_csv(frame: pd.DataFrame) -> io.StringIO:
 def write_split(out: Path, cohort: Cohort, parts: dict[str, np.ndarray]) -> None:
     """Which patients a model learned from (train), picked its epoch with (val) and was scored
     on (test): the audit trail that the test fold chose nothing."""
-    write_csv(out / "split_assignment.csv", split_assignment(cohort, parts))
+    write_csv(out / SPLIT_ASSIGNMENT, split_assignment(cohort, parts))
 
 
 def read_fold(out: Path) -> FoldResult:
@@ -99,11 +100,7 @@ def run_meta(
     }
 
 
-def write_key_values(path: Path, values: dict[str, Any]) -> None:
-    write_csv(path, pd.DataFrame({"key": list(values), "value": [str(v) for v in values.values()]}))
-
-
-def write_meta(
+def write_cv_meta(
     out_dir: Path,
     request: CVRequest,
     cohort: Cohort,
@@ -114,4 +111,4 @@ def write_meta(
 ) -> None:
     meta = run_meta(request, cohort, device, weights)
     meta.update({"encode_seconds": round(encode_seconds, 3), "seconds": round(seconds, 3)})
-    write_key_values(out_dir / "meta.csv", meta)
+    write_meta(out_dir, meta)

@@ -11,7 +11,8 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from omnifuse_cli.config import TrainConfig
-from omnifuse_cli.data.manifest import Cohort, read_table
+from omnifuse_cli.data.cohort import Cohort
+from omnifuse_cli.data.tables import read_table
 from omnifuse_cli.engine.cv.request import FOLDS_DIR, CVRequest, Variant
 from omnifuse_cli.errors import DataError
 

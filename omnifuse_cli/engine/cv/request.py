@@ -1,9 +1,9 @@
 """What `omnifuse cv` is asked to do (the base model, its variants, folds and repeats), the
-cv.json that keeps it for --resume, and the names of the files a cv folder holds."""
+cv.json that keeps it for --resume (through engine/runs.py), and the names of the files a cv
+folder holds beyond a run's."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,18 +11,14 @@ from pathlib import Path
 from omnifuse_cli.config import DataConfig, MethodConfig, TrainConfig, to_primitive
 from omnifuse_cli.data.manifest import reading_options
 from omnifuse_cli.engine import distributed
-from omnifuse_cli.engine.clinical import parse_subgroup
-from omnifuse_cli.engine.files import write_text_atomic
 from omnifuse_cli.engine.outputs import DEFAULT_ALPHA
-from omnifuse_cli.engine.runs import from_primitive
-from omnifuse_cli.engine.training import CONFIG_YAML
-from omnifuse_cli.errors import BundleError, ConfigError
+from omnifuse_cli.engine.runs import CV_FILE, load_request, save_request
+from omnifuse_cli.engine.subgroups import parse_subgroup
+from omnifuse_cli.errors import ConfigError
 
-CV_FILE = "cv.json"  # the request (for --resume); also what marks a folder as cv output
 BASE = "base"
 FOLDS_DIR = "folds"
 FOLD_DONE = "fold.json"  # written last: a fold with this file is complete
-FINAL_DIR = "final"
 REFIT_DONE = "refit.json"
 ENCODING = "encoding.json"  # image weights used and encoding time, kept across --resume
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]*$")
@@ -100,36 +96,11 @@ def _reading(data: DataConfig) -> tuple[object, ...]:
 
 
 def save_cv_request(request: CVRequest) -> None:
-    if request.config_yaml is not None:
-        write_text_atomic(Path(request.out_dir) / CONFIG_YAML, request.config_yaml)
-    raw = to_primitive(request)
-    del raw["config_yaml"]
-    raw["manifest"] = str(Path(request.manifest).resolve())
-    for part in (raw["base"], *raw["variants"]):
-        if part["data"]["labs_table"]:
-            part["data"]["labs_table"] = str(Path(part["data"]["labs_table"]).resolve())
-    raw["out_dir"] = str(request.out_dir)
-    raw["kind"] = "omnifuse-cv"
-    write_text_atomic(
-        Path(request.out_dir) / CV_FILE, json.dumps(raw, ensure_ascii=False, indent=1, default=str)
-    )
+    save_request(request, CV_FILE, kind="omnifuse-cv")
 
 
 def load_cv_request(out_dir: Path) -> CVRequest:
-    path = Path(out_dir) / CV_FILE
-    if not path.is_file():
-        raise BundleError(
-            f"{out_dir} is not a resumable cross-validation (no {CV_FILE})",
-            hint="pass the folder that `omnifuse cv --out-dir` wrote",
-        )
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        raw.pop("kind", None)
-        raw["out_dir"] = str(out_dir)
-        raw["overwrite"] = True
-        return from_primitive(CVRequest, raw)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise BundleError(f"{path} is damaged: {err}") from err
+    return load_request(CVRequest, out_dir, CV_FILE, what="cross-validation", command="cv")
 
 
 def cv_digests(request: CVRequest) -> dict[str, str]:

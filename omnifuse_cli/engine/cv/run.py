@@ -18,17 +18,17 @@ import torch
 
 from omnifuse_cli.config import TrainConfig, to_primitive
 from omnifuse_cli.data.cache import FeatureArray
-from omnifuse_cli.data.manifest import Cohort, check_trainable, read_manifest, reading_options
+from omnifuse_cli.data.cohort import Cohort, check_trainable
+from omnifuse_cli.data.manifest import read_manifest, reading_options
 from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
 from omnifuse_cli.data.splits import training_patients
 from omnifuse_cli.engine import distributed
-from omnifuse_cli.engine.bundle import BUNDLE_DIR, save_bundle
+from omnifuse_cli.engine.bundle import save_bundle
 from omnifuse_cli.engine.cv.folder import (
     prepare_cv_dir,
     read_fold,
     run_meta,
-    write_key_values,
-    write_meta,
+    write_cv_meta,
     write_split,
 )
 from omnifuse_cli.engine.cv.folds import (
@@ -43,7 +43,6 @@ from omnifuse_cli.engine.cv.folds import (
 )
 from omnifuse_cli.engine.cv.request import (
     ENCODING,
-    FINAL_DIR,
     FOLD_DONE,
     REFIT_DONE,
     CVRequest,
@@ -56,14 +55,23 @@ from omnifuse_cli.engine.events import EventFn, ProgressEvent
 from omnifuse_cli.engine.files import write_csv, write_text_atomic
 from omnifuse_cli.engine.finishing import fit_finish, fit_linear, posthoc_meta
 from omnifuse_cli.engine.fitting import fit_model, infer_all
-from omnifuse_cli.engine.inference import cache_frozen_features, feature_cache, resolve_device
+from omnifuse_cli.engine.frozen_features import cache_frozen_features, feature_cache
+from omnifuse_cli.engine.inference import resolve_device
 from omnifuse_cli.engine.machine import set_threads
 from omnifuse_cli.engine.metrics import full_metrics
 from omnifuse_cli.engine.outputs import conformal_sets
 from omnifuse_cli.engine.posthoc import KEY as POSTHOC
 from omnifuse_cli.engine.posthoc import PostHoc
 from omnifuse_cli.engine.prediction import prediction_frame
-from omnifuse_cli.engine.training import TrainRequest, build_for_cohort, weights_warning
+from omnifuse_cli.engine.runs import (
+    BUNDLE_DIR,
+    FINAL_DIR,
+    METRICS,
+    PREDICTIONS,
+    TrainRequest,
+    write_meta,
+)
+from omnifuse_cli.engine.training import build_for_cohort, weights_warning
 from omnifuse_cli.errors import TrainingInterrupted
 from omnifuse_cli.model.omnifuse import OmniFuse
 
@@ -180,7 +188,7 @@ def _fit(
     model.to(device)
 
     def on_epoch(rows: list[dict[str, Any]]) -> None:
-        write_csv(out / "metrics.csv", pd.DataFrame(rows))
+        write_csv(out / METRICS, pd.DataFrame(rows))
 
     records, best_epoch, best_state = fit_model(
         model, data, splits, cfg, request.num_classes, emit, on_epoch=on_epoch
@@ -323,7 +331,7 @@ def _run_cv(request: CVRequest, emit: EventFn, device: torch.device, resume: boo
                 )
                 for position, (key, value) in enumerate(columns):
                     frame.insert(position, key, value)
-                write_csv(out / "predictions.csv", frame)
+                write_csv(out / PREDICTIONS, frame)
                 write_split(
                     out,
                     cohort,
@@ -365,7 +373,7 @@ def _run_cv(request: CVRequest, emit: EventFn, device: torch.device, resume: boo
     seconds = time.perf_counter() - t_start
     weights = encoding["image_weights"]
     if main:
-        write_meta(out_dir, request, cohort, device, weights, encode_seconds, seconds)
+        write_cv_meta(out_dir, request, cohort, device, weights, encode_seconds, seconds)
     distributed.barrier()  # no rank reports success before the last file is written
     return CVResult(
         out_dir=out_dir,
@@ -464,7 +472,7 @@ def _refit(
         class_names=[str(c) for c in range(request.num_classes)],
         extra={"best_epoch": best_epoch, "run": meta, POSTHOC: posthoc.to_dict()},
     )
-    write_key_values(out / "meta.csv", meta)
+    write_meta(out, meta)
     write_text_atomic(
         out / REFIT_DONE,
         json.dumps({"best_epoch": best_epoch, "n_train": len(train_idx), "n_val": len(val_idx)}),

@@ -13,7 +13,8 @@ from typing import Any, cast
 import numpy as np
 import pandas as pd
 
-from omnifuse_cli.data.manifest import Cohort
+from omnifuse_cli.data.cohort import Cohort
+from omnifuse_cli.engine import runs
 from omnifuse_cli.engine.cv.folds import fold_dir
 from omnifuse_cli.engine.cv.request import BASE, FOLD_DONE, CVRequest
 from omnifuse_cli.engine.evaluation import pattern_table
@@ -79,7 +80,7 @@ def read_oof(out_dir: Path, request: CVRequest) -> pd.DataFrame:
     for variant in request.all_variants:
         for r in range(1, request.repeats + 1):
             for k in range(1, request.folds + 1):
-                path = fold_dir(out_dir, variant.name, r, k) / "predictions.csv"
+                path = fold_dir(out_dir, variant.name, r, k) / runs.PREDICTIONS
                 frames.append(
                     pd.read_csv(path, dtype={"id": str, "pred": str}, keep_default_na=False)
                 )
@@ -117,7 +118,7 @@ def summarise(request: CVRequest, cohort: Cohort) -> dict[str, Any]:
             "p": oof["id"].map(position),
         }
     )
-    write_csv(out_dir / "predictions.csv", oof.loc[order.sort_values(["v", "r", "p"]).index])
+    write_csv(out_dir / runs.PREDICTIONS, oof.loc[order.sort_values(["v", "r", "p"]).index])
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # folds and patterns may miss a class: metrics say n/a
@@ -225,7 +226,7 @@ def summarise(request: CVRequest, cohort: Cohort) -> dict[str, Any]:
         columns=["variant", "metric", "difference", "ci_low", "ci_high", "fold_mean", "fold_sd"],
     )
     patterns_all = pd.concat(pattern_frames, ignore_index=True)
-    write_csv(out_dir / "metrics.csv", metrics)
+    write_csv(out_dir / runs.METRICS, metrics)
     write_csv(out_dir / "fold_metrics.csv", fold_metrics)
     write_csv(out_dir / "patterns.csv", patterns_all)
     cm_frames = []
