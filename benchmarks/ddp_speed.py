@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import common
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent
@@ -132,13 +133,7 @@ def main() -> None:
     frame = measure(args.n, args.epochs, args.batch_size)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(RESULTS, index=False)
-    print(markdown(frame))
-
-
-def markdown(frame: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(False)]
-    return "\n".join(lines)
+    print(common.markdown(frame))
 
 
 if __name__ == "__main__":

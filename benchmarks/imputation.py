@@ -67,6 +67,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import fair_baselines as fb  # noqa: E402
 import stats  # noqa: E402
 
@@ -86,7 +87,6 @@ from omnifuse_cli.engine.evaluation import simulate_missing  # noqa: E402
 from omnifuse_cli.engine.finishing import fit_finish, fit_linear  # noqa: E402
 from omnifuse_cli.engine.fitting import fit_model  # noqa: E402
 from omnifuse_cli.engine.inference import loader  # noqa: E402
-from omnifuse_cli.engine.metrics import classification_metrics  # noqa: E402
 from omnifuse_cli.engine.reliability import reliability_plan, reliability_values  # noqa: E402
 from omnifuse_cli.engine.runs import TrainRequest
 from omnifuse_cli.engine.training import build_for_cohort  # noqa: E402
@@ -199,7 +199,7 @@ def synthetic(name: str, work: Path, quick: bool) -> Pool:
     from power import encoded_cohort
 
     cohort, image_cache, _, _ = encoded_cohort(folder / "manifest.csv", work, IMAGE)
-    dev, test = _pools(cohort, dev_n)
+    dev, test = common.dev_test_pools(cohort, dev_n, DATA_SEED)
     knobs = f"--shared-severity {COHORTS[name]:g}"
     return Pool(
         name,
@@ -220,18 +220,8 @@ def wdbc() -> Pool:
 
     ds = wdbc_dataset()
     dev_n, _, n_train, n_val, _ = SIZES["wdbc"]
-    dev, test = _pools(ds.cohort, dev_n)
+    dev, test = common.dev_test_pools(ds.cohort, dev_n, DATA_SEED)
     return Pool("wdbc", ds.description, ds.cohort, 2, dev, test, (n_train, n_val, 0), {})
-
-
-def _pools(cohort: Cohort, dev_n: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(cohort))
-    dev, test = train_test_split(
-        idx, train_size=dev_n, stratify=cohort.labels, random_state=DATA_SEED
-    )
-    return np.sort(dev), np.sort(test)
 
 
 # -- one seed's patients and masks ------------------------------------------------------------
@@ -311,11 +301,6 @@ def _predict(
     return posthoc.probabilities(torch.cat(out).numpy())
 
 
-def _scores(y: np.ndarray, probs: np.ndarray, c: int) -> dict[str, float]:
-    m = classification_metrics(y, probs, c)
-    return {"auroc": m["auroc"], "macro_f1": m["macro_f1"], "loss": m["loss"]}
-
-
 def omnifuse_run(pool: Pool, regime: str, method: str, seed: int) -> tuple[list[dict], list[dict]]:
     from study import use_cached_images
 
@@ -355,7 +340,7 @@ def omnifuse_run(pool: Pool, regime: str, method: str, seed: int) -> tuple[list[
     assert cohort.labels is not None
     y = cohort.labels
     val = _predict(model, data, splits["val"], cohort.present, posthoc)
-    base["val_auroc"] = _scores(y[splits["val"]], val, pool.num_classes)["auroc"]
+    base["val_auroc"] = common.auroc_f1_loss(y[splits["val"]], val, pool.num_classes)["auroc"]
     rows, preds = [], []
     for name, shown in test_masks(pool, seed, regime).items():
         probs = _predict(model, data, splits["test"], shown, posthoc)
@@ -363,7 +348,7 @@ def omnifuse_run(pool: Pool, regime: str, method: str, seed: int) -> tuple[list[
             {
                 "test": name,
                 "n": len(splits["test"]),
-                **_scores(y[splits["test"]], probs, pool.num_classes),
+                **common.auroc_f1_loss(y[splits["test"]], probs, pool.num_classes),
                 **base,
             }
         )
@@ -425,13 +410,18 @@ def classical_run(pool: Pool, regime: str, method: str, seed: int) -> tuple[list
         "chosen": json.dumps(model.chosen, default=str),
     }
     val = model.predict_proba(blocks, splits["val"])
-    base["val_auroc"] = _scores(y[splits["val"]], val, pool.num_classes)["auroc"]
+    base["val_auroc"] = common.auroc_f1_loss(y[splits["val"]], val, pool.num_classes)["auroc"]
     rows, preds = [], []
     for name, shown in test_masks(pool, seed, regime).items():
         idx = splits["test"]
         probs = model.predict_proba(blocks, idx, shown[idx] & blocks.present[idx])
         rows.append(
-            {"test": name, "n": len(idx), **_scores(y[idx], probs, pool.num_classes), **base}
+            {
+                "test": name,
+                "n": len(idx),
+                **common.auroc_f1_loss(y[idx], probs, pool.num_classes),
+                **base,
+            }
         )
         preds.append({"test": name, "ids": np.asarray(idx), "y": y[idx], "probs": probs})
     return rows, preds

@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import common
 import numpy as np
 import pandas as pd
 import torch
@@ -56,7 +57,6 @@ from omnifuse_cli.engine.evaluation import simulate_missing
 from omnifuse_cli.engine.fitting import fit_model
 from omnifuse_cli.engine.frozen_features import cache_frozen_features
 from omnifuse_cli.engine.inference import loader
-from omnifuse_cli.engine.metrics import classification_metrics
 from omnifuse_cli.engine.runs import TrainRequest
 from omnifuse_cli.engine.training import build_for_cohort
 from omnifuse_cli.model.encoders import ImageEncoder
@@ -162,7 +162,7 @@ def synthetic(name: str, work: Path, quick: bool) -> PowerData:
     if not (folder / "manifest.csv").is_file():
         make_cohort(spec, folder)
     cohort, image_cache, weights, seconds = encoded_cohort(folder / "manifest.csv", work, IMAGE)
-    dev_idx, test_idx = _pools(cohort, dev_n)
+    dev_idx, test_idx = common.dev_test_pools(cohort, dev_n, DATA_SEED)
     return PowerData(
         name,
         f"make-data --n {dev_n + test_n} --seed {DATA_SEED} --image-size "
@@ -203,19 +203,8 @@ def wdbc() -> PowerData:
 
     ds = wdbc_dataset()
     dev_n, _, n_train, n_val = SIZES["wdbc"]
-    dev_idx, test_idx = _pools(ds.cohort, dev_n)
+    dev_idx, test_idx = common.dev_test_pools(ds.cohort, dev_n, DATA_SEED)
     return PowerData("wdbc", ds.description, ds.cohort, 2, dev_idx, test_idx, (n_train, n_val), {})
-
-
-def _pools(cohort: Cohort, dev_n: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
-
-    assert cohort.labels is not None
-    idx = np.arange(len(cohort))
-    dev, test = train_test_split(
-        idx, train_size=dev_n, stratify=cohort.labels, random_state=DATA_SEED
-    )
-    return np.sort(dev), np.sort(test)
 
 
 def build(work: Path, quick: bool) -> dict[str, PowerData]:
@@ -251,11 +240,6 @@ def cohort_for(ds: PowerData, regime: str, seed: int) -> Cohort:
 def test_masks(present: np.ndarray, names: list[str], seed: int) -> dict[float, np.ndarray]:
     """Nested masks per rate: the same draw for every rate and variant of one seed."""
     return {r: simulate_missing(present, names, (), r, 50_000 + seed)[0] for r in RATES}
-
-
-def _scores(y: np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str, float]:
-    m = classification_metrics(y, probs, num_classes)
-    return {"auroc": m["auroc"], "macro_f1": m["macro_f1"], "loss": m["loss"]}
 
 
 @torch.no_grad()
@@ -309,7 +293,7 @@ def omnifuse_run(ds: PowerData, regime: str, variant: str, seed: int) -> list[di
             "split": "val",
             "rate": rate,
             "n": len(splits["val"]),
-            **_scores(y[splits["val"]], val[rate], ds.num_classes),
+            **common.auroc_f1_loss(y[splits["val"]], val[rate], ds.num_classes),
             **base,
         }
     ]
@@ -323,7 +307,7 @@ def omnifuse_run(ds: PowerData, regime: str, variant: str, seed: int) -> list[di
                 "split": "test",
                 "rate": r,
                 "n": len(splits["test"]),
-                **_scores(y[splits["test"]], probs, ds.num_classes),
+                **common.auroc_f1_loss(y[splits["test"]], probs, ds.num_classes),
                 **base,
             }
         )
@@ -372,7 +356,7 @@ def classical_run(ds: PowerData, regime: str, variant: str, seed: int) -> list[d
                 "split": "test",
                 "rate": r,
                 "n": len(shown),
-                **_scores(
+                **common.auroc_f1_loss(
                     y[splits["test"]],
                     model.predict_proba(shown),  # type: ignore[attr-defined]
                     ds.num_classes,
@@ -860,8 +844,6 @@ def report_lines(out: Path, rel: str, meta: dict) -> list[str]:
     csv = out / "power.csv"
     if not csv.is_file():
         return []
-    from study import _md
-
     runs = pd.read_csv(csv)
     datasets = [d for d in (*COHORTS, "wdbc") if d in set(runs.dataset)]
     seeds = sorted(set(runs.seed))
@@ -917,7 +899,7 @@ def report_lines(out: Path, rel: str, meta: dict) -> list[str]:
             shown[col] = shown[col].map(lambda v: f"{v:+.4f}")
         for col in ("p", "p_one", "p_holm"):
             shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
-        lines += [_md(shown), ""]
+        lines += [common.markdown(shown), ""]
     lines += [
         "## Missing-rate curves (trained at the cohort's own missingness)",
         "",
@@ -938,12 +920,12 @@ def report_lines(out: Path, rel: str, meta: dict) -> list[str]:
         wide = wide[[v for v in CURVES if v in wide.columns]].reset_index()
         wide = wide.rename(columns=CLASSICAL)
         wide["rate"] = wide["rate"].map(lambda r: f"{r:.1f}")
-        lines += [f"### {d}", "", _md(wide), ""]
+        lines += [f"### {d}", "", common.markdown(wide), ""]
         if d in ("independent", "wdbc", "shared"):
             lines += [
                 f"Full minus no imputation, per rate ({d}):",
                 "",
-                _md(per_rate_table(runs, d, "full", NO_IMP)),
+                common.markdown(per_rate_table(runs, d, "full", NO_IMP)),
                 "",
             ]
     lines += [
@@ -955,7 +937,7 @@ def report_lines(out: Path, rel: str, meta: dict) -> list[str]:
         "",
     ]
     for d in datasets:
-        lines += [f"### {d}", "", _md(ablation_table(runs, d)), ""]
+        lines += [f"### {d}", "", common.markdown(ablation_table(runs, d)), ""]
     high = runs[(runs.regime == "high") & (runs.split == "test")]
     if not high.empty:
         g = high.groupby(["dataset", "variant"]).auroc
@@ -965,7 +947,7 @@ def report_lines(out: Path, rel: str, meta: dict) -> list[str]:
         ).reset_index()
         wide = wide.pivot(index="variant", columns="dataset", values="v").reset_index()
         wide["variant"] = wide["variant"].map(lambda v: CLASSICAL.get(v, v))
-        lines += ["## Trained and tested at missing rate 0.8", "", _md(wide), ""]
+        lines += ["## Trained and tested at missing rate 0.8", "", common.markdown(wide), ""]
     tuning, verdicts = tuning_table(runs)
     if not tuning.empty:
         lines += [
@@ -975,7 +957,7 @@ def report_lines(out: Path, rel: str, meta: dict) -> list[str]:
             "difference to the default paired by cohort and seed (mean ± SE). The test "
             "pool chooses nothing.",
             "",
-            _md(tuning),
+            common.markdown(tuning),
             "",
         ]
         lines += [f"- {v}" for v in verdicts] + [""]

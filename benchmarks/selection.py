@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import os
 
-for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_v, "1")
+from common import one_thread_per_process
+
+one_thread_per_process()  # before numpy loads
 
 import argparse  # noqa: E402
 import subprocess  # noqa: E402

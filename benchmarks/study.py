@@ -42,6 +42,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+import common
 import numpy as np
 import pandas as pd
 import torch
@@ -706,18 +707,6 @@ def _pm(values: pd.Series) -> str:
     return f"{values.mean():.3f} ± {values.std(ddof=0):.3f}"
 
 
-def _md(frame: pd.DataFrame) -> str:
-    cols = list(frame.columns)
-    lines = [
-        "| " + " | ".join(str(c) for c in cols) + " |",
-        "|" + "|".join("---" for _ in cols) + "|",
-    ]
-    lines += [
-        "| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)
-    ]
-    return "\n".join(lines)
-
-
 def _default_rule_rows(runs: pd.DataFrame, rule: str = "label-free") -> pd.DataFrame:
     """Each run's row under the model's own rule (label-free for DWFuse models, joint
     otherwise, the only output concat has; the classical baselines have no rule)."""
@@ -1059,7 +1048,7 @@ def write_report(out: Path, report: Path) -> None:
         "",
     ]
     for d in datasets:
-        lines += [f"### {d}", "", _md(ablation_table(runs, d, "test")), ""]
+        lines += [f"### {d}", "", common.markdown(ablation_table(runs, d, "test")), ""]
     lines += [
         "## Missing-rate curves",
         "",
@@ -1092,11 +1081,11 @@ def write_report(out: Path, report: Path) -> None:
             "",
             "Test AUROC:",
             "",
-            _md(shown),
+            common.markdown(shown),
             "",
             "Test macro-F1 (means):",
             "",
-            _md(f1),
+            common.markdown(f1),
             "",
         ]
         goal = goal_table(curves)
@@ -1111,7 +1100,7 @@ def write_report(out: Path, report: Path) -> None:
         "",
     ]
     for d in datasets:
-        lines += [f"### {d}", "", _md(rules_table(runs, d)), ""]
+        lines += [f"### {d}", "", common.markdown(rules_table(runs, d)), ""]
     table, verdicts = defaults_table(runs)
     lines += [
         "## Defaults chosen on validation data",
@@ -1122,7 +1111,7 @@ def write_report(out: Path, report: Path) -> None:
         "chooses nothing. An option replaces the default only when it wins by more than "
         "two standard errors.",
         "",
-        _md(table),
+        common.markdown(table),
         "",
     ]
     lines += [f"- {v}" for v in verdicts] + [""]
@@ -1145,7 +1134,7 @@ def write_report(out: Path, report: Path) -> None:
             f"beats concat clearly at {int((beats == 'yes').sum())} of "
             f"{int(beats.isin(['yes', 'NO']).sum())} rates ≥ 0.5.",
             "",
-            _md(goal),
+            common.markdown(goal),
             "",
         ]
     findings = out / "findings.md"
@@ -1158,7 +1147,7 @@ def write_report(out: Path, report: Path) -> None:
             "",
             f"All on this machine's CPU ({os.cpu_count()} threads), one process.",
             "",
-            _md(speed),
+            common.markdown(speed),
             "",
         ]
     report.write_text("\n".join(lines), encoding="utf-8")

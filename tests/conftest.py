@@ -25,6 +25,8 @@ from omnifuse_cli.config import DataConfig, ImageConfig, MethodConfig, TrainConf
 from omnifuse_cli.engine.runs import TrainRequest
 from omnifuse_cli.engine.training import TrainResult, run_training
 
+from .helpers import TINY_RUN, assert_ok, invoke
+
 # The models here are tiny: one intra-op thread is as fast, and it keeps the suite quick when
 # other processes share the CPU (two spinning OpenMP threads on two busy cores slow it 10x+).
 torch.set_num_threads(1)
@@ -188,33 +190,7 @@ def trained_run(
     return out, result
 
 
-CV_ARGS = [
-    "--num-classes",
-    "3",
-    "--folds",
-    "3",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "8",
-    "--image-backbone",
-    "resnet18",
-    "--image-size",
-    "32",
-    "--device",
-    "cpu",
-    "--no-pretrained-image",
-    "--train-ratio",
-    "0.6",
-    "--val-ratio",
-    "0.2",
-    "--test-ratio",
-    "0.2",
-    "--seed",
-    "0",
-    "--bootstrap",
-    "50",
-]
+CV_ARGS = ["--num-classes", "3", "--folds", "3", "--epochs", "2", *TINY_RUN, "--bootstrap", "50"]
 
 
 @pytest.fixture(scope="session")
@@ -224,9 +200,6 @@ def cv_run(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     Returns the folder ("dir", read-only), the CLI result ("result"), how often frozen features
     were encoded ("encodes") and the patients each model's preprocessing was fitted on
     ("fitted": one index array per build_for_cohort call, in call order)."""
-    from typer.testing import CliRunner
-
-    from omnifuse_cli.cli.app import app
     from omnifuse_cli.engine.cv import run as crossval
 
     out = tmp_path_factory.mktemp("cv") / "cv"
@@ -245,28 +218,29 @@ def cv_run(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(crossval, "cache_frozen_features", cache)
         patch.setattr(crossval, "build_for_cohort", build)
-        result = CliRunner().invoke(
-            app,
-            [
-                "cv",
-                str(tiny_manifest),
-                "--out-dir",
-                str(out),
-                *CV_ARGS,
-                "--refit",
-                "--variant",
-                "nodw=--no-dwfuse",
-            ],
-            env={"COLUMNS": "200"},
+        result = invoke(
+            "cv",
+            tiny_manifest,
+            "--out-dir",
+            out,
+            *CV_ARGS,
+            "--refit",
+            "--variant",
+            "nodw=--no-dwfuse",
         )
-    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert_ok(result)
     return {"dir": out, "result": result, "encodes": len(encodes), "fitted": fitted}
 
 
 def load_benchmark(name: str, module_name: str) -> ModuleType:
     """benchmarks/<name>.py imported as ``module_name`` (the benchmarks are scripts, not a
     package); registered in sys.modules before it runs, so its dataclasses pickle."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    # The scripts import each other by name (`import common`, `from study import ...`), as
+    # running one as `python benchmarks/x.py` allows: its folder must be on sys.path here too.
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    path = folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

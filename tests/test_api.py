@@ -22,7 +22,7 @@ from omnifuse_cli.errors import BundleError, ConfigError
 from omnifuse_cli.settings import BY_NAME, as_flags
 
 from .conftest import NUM_CLASSES
-from .test_cli import assert_ok, invoke
+from .helpers import assert_ok, invoke
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tiny cohort's settings, by flag name (as tests/conftest.tiny_request builds them).

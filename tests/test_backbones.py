@@ -26,7 +26,7 @@ from omnifuse_cli.model.encoders import ImageEncoder
 from omnifuse_cli.model.omnifuse import OmniFuse
 
 from .conftest import NUM_CLASSES
-from .test_cli import assert_ok, assert_user_error, invoke
+from .helpers import assert_ok, assert_user_error, invoke
 
 
 def image_model(image: ImageConfig) -> OmniFuse:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from typer.testing import Result
 
 from omnifuse_cli.config import ImageConfig
 from omnifuse_cli.data.cache import (
@@ -26,7 +27,9 @@ from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.engine.frozen_features import cache_frozen_features
 from omnifuse_cli.engine.training import build_for_cohort
 from omnifuse_cli.model.encoders import ImageEncoder
+from tests import helpers
 from tests.conftest import tiny_request
+from tests.helpers import TINY_RUN, assert_ok
 
 CPU = torch.device("cpu")
 SMALL = ImageConfig(backbone="resnet18", image_size=32, pretrained="no")
@@ -247,40 +250,14 @@ def test_default_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
 
 # -- the commands -------------------------------------------------------------------------------
 
-TRAIN_ARGS = [
-    "--num-classes",
-    "3",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "8",
-    "--image-backbone",
-    "resnet18",
-    "--image-size",
-    "32",
-    "--device",
-    "cpu",
-    "--no-pretrained-image",
-    "--train-ratio",
-    "0.6",
-    "--val-ratio",
-    "0.2",
-    "--test-ratio",
-    "0.2",
-    "--seed",
-    "0",
-    "--tla-min-patients",
-    "1",
-]
+TRAIN_ARGS = ["--num-classes", "3", "--epochs", "2", *TINY_RUN, "--tla-min-patients", "1"]
 
 
-def invoke(*args: str) -> Any:
-    from typer.testing import CliRunner
-
-    from omnifuse_cli.cli.app import app
-
-    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "250"})
-    assert result.exit_code == 0, result.output + repr(result.exception)
+def invoke(*args: str) -> Result:
+    """`omnifuse ARGS`, which must succeed. 250 columns, not helpers' 200: the cache lines name
+    long tmp paths that rich would wrap."""
+    result = helpers.invoke(*args, width=250)
+    assert_ok(result)
     return result
 
 

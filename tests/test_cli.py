@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner, Result
 
 from omnifuse_cli import __version__
-from omnifuse_cli.cli.app import app
 from omnifuse_cli.data.tables import normalize_id
 from omnifuse_cli.errors import ManifestError
+
+from .helpers import assert_ok, assert_user_error, flat, invoke
 
 MODALITIES = ("labs", "us", "text")
 PRED_COLUMNS = [
@@ -43,35 +43,6 @@ TRAIN_ARGS = [
     "cpu",
     "--no-pretrained-image",
 ]
-
-
-def invoke(*args: object) -> Result:
-    """Run `omnifuse ARGS` with a wide terminal so rich never wraps what we assert on."""
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-
-
-def flat(text: str) -> str:
-    """Output with rich's wrapping undone (narrow table titles wrap at the table's width)."""
-    return " ".join(text.split())
-
-
-def assert_ok(result: Result) -> None:
-    assert result.exit_code == 0, result.output + repr(result.exception)
-
-
-def assert_user_error(result: Result, *fragments: str) -> list[str]:
-    """Exit code 2, no traceback, and on stderr one `error:` line first (a manifest error
-    lists its problems indented below it) and an optional hint. Returns the stderr lines."""
-    assert result.exit_code == 2, result.output + repr(result.exception)
-    assert isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines and lines[0].startswith("error: "), result.stderr
-    assert sum(line.startswith("error:") for line in lines) == 1, result.stderr
-    assert all(line.startswith(("error: ", "hint: ", "  ")) for line in lines), result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
-    return lines
 
 
 @pytest.fixture(scope="module")

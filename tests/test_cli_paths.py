@@ -13,9 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner, Result
 
-from omnifuse_cli.cli.app import app
 from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.engine.bundle import load_bundle
 from omnifuse_cli.engine.evaluation import simulate_missing
@@ -25,42 +23,11 @@ from omnifuse_cli.engine.training import TrainResult
 from omnifuse_cli.model.fusion import dwfuse_weights
 
 from .conftest import N_PATIENTS, NUM_CLASSES, save_png
+from .helpers import TINY_RUN, assert_ok, invoke
 
 Run = tuple[Path, TrainResult]
 CPU = torch.device("cpu")
-TINY = [
-    "--num-classes",
-    "3",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "8",
-    "--image-backbone",
-    "resnet18",
-    "--image-size",
-    "32",
-    "--device",
-    "cpu",
-    "--no-pretrained-image",
-    "--train-ratio",
-    "0.6",
-    "--val-ratio",
-    "0.2",
-    "--test-ratio",
-    "0.2",
-    "--seed",
-    "0",
-    "--tla-min-patients",
-    "1",
-]
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-
-
-def assert_ok(result: Result) -> None:
-    assert result.exit_code == 0, result.output + repr(result.exception)
+TINY = ["--num-classes", "3", "--epochs", "2", *TINY_RUN, "--tla-min-patients", "1"]
 
 
 def read_predictions(path: Path) -> pd.DataFrame:

@@ -13,14 +13,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
+from typer.testing import Result
 
-from omnifuse_cli.cli.app import app
 from omnifuse_cli.engine.calibration import fit_temperature
 from omnifuse_cli.engine.conformal import ConformalCalibration
 from omnifuse_cli.engine.metrics import expected_calibration_error
 from omnifuse_cli.engine.posthoc import PostHoc, class_weights, fit_posthoc
 from omnifuse_cli.engine.thresholds import choose_threshold, decision_curve, parse_threshold_rule
+
+from .helpers import assert_ok, invoke
 
 N = 320
 COMMON = [
@@ -40,14 +41,9 @@ COMMON = [
 SPLIT = ["--train-ratio", "0.5", "--val-ratio", "0.25", "--test-ratio", "0.25"]
 
 
-def invoke(*args: str) -> Any:
-    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-    return result
-
-
-def ok(*args: str) -> Any:
+def ok(*args: object) -> Result:
     result = invoke(*args)
-    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert_ok(result)
     return result
 
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from typer.testing import CliRunner, Result
 
-from omnifuse_cli.cli.app import app
 from omnifuse_cli.engine.cv import save_cv_request
 from omnifuse_cli.engine.training import TrainResult
 from omnifuse_cli.errors import OmnifuseError
+
+from .helpers import assert_user_error, invoke
 
 # Small and fast: resnet18 at 32 px from random weights on the CPU, a 60/20/20 split.
 TINY = {
@@ -35,22 +35,9 @@ TINY = {
 }
 
 
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-
-
 def write_yaml(path: Path, values: dict[str, Any] | str) -> Path:
     path.write_text(values if isinstance(values, str) else yaml.safe_dump(values), encoding="utf-8")
     return path
-
-
-def assert_user_error(result: Result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output + repr(result.exception)
-    assert "Traceback" not in result.output
-    text = " ".join(result.stderr.split())
-    assert text.startswith("error: "), text
-    for fragment in fragments:
-        assert fragment in text, text
 
 
 class _Captured(OmnifuseError):

@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import typer
-from typer.testing import CliRunner, Result
 
 from omnifuse_cli.cli.app import app
 from omnifuse_cli.cli.train_options import TRAIN_ONLY, train_parameters
@@ -33,20 +32,9 @@ from omnifuse_cli.settings import DATA_READING, SETTINGS, route
 from omnifuse_cli.settings import defaults as train_defaults
 
 from .conftest import CV_ARGS, N_PATIENTS
+from .helpers import assert_user_error, invoke
 
 METRICS = ["acc", "macro_f1", "balanced_acc", "auroc", "auprc", "loss", "ece", "brier"]
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-
-
-def assert_user_error(result: Result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output + repr(result.exception)
-    assert "Traceback" not in result.output
-    assert result.stderr.startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in " ".join(result.stderr.split()), result.stderr
 
 
 def read(path: Path) -> pd.DataFrame:

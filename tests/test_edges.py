@@ -14,22 +14,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner, Result
 
 from omnifuse_cli.cli.app import app
 from omnifuse_cli.engine.training import TrainResult, run_training
 
 from .conftest import N_PATIENTS, tiny_request
+from .helpers import flat, invoke
 
 Run = tuple[Path, TrainResult]
-
-
-def invoke(*args: object, width: int = 200) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": str(width)})
-
-
-def one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def read(path: Path) -> pd.DataFrame:
@@ -63,7 +55,7 @@ def test_predict_scores_every_patient_it_can(
     out = tmp_path / "predictions.csv"
     result = invoke("predict", data, "--run", run, "--out", out, "--device", "cpu")
     assert result.exit_code == 0, result.output + result.stderr
-    warning = one_line(result.stderr)
+    warning = flat(result.stderr)
     assert warning.startswith(f"warning: 2 of {N_PATIENTS} patient(s) could not be scored")
     assert "row 3 (id 0000001002): no modality present" in warning
     assert "row 5 (id 0000001004): row 5, column 'us': image" in warning
@@ -78,7 +70,7 @@ def test_predict_scores_every_patient_it_can(
     good = preds.drop(index=[1, 3])
     assert (good["reason"] == "").all()
     pd.testing.assert_frame_equal(good, reference.drop(index=[1, 3]))
-    assert f"predictions ({N_PATIENTS} patients, 2 not scored, first 20 shown)" in one_line(
+    assert f"predictions ({N_PATIENTS} patients, 2 not scored, first 20 shown)" in flat(
         result.output
     )
 
@@ -89,7 +81,7 @@ def test_predict_fails_only_when_no_patient_can_be_scored(trained_run: Run, tmp_
     out = tmp_path / "predictions.csv"
     result = invoke("predict", patients, "--run", trained_run[0], "--out", out, "--device", "cpu")
     assert result.exit_code == 2, result.output
-    message = one_line(result.stderr)
+    message = flat(result.stderr)
     assert (
         "none of the 2 patient(s) can be scored: row 2 (id A1): no modality present; "
         "row 3 (id A2): row 3, column 'us': image" in message
@@ -130,7 +122,7 @@ def test_predict_names_the_labs_table_a_run_was_trained_with(
     out = tmp_path / "predictions.csv"
     result = invoke("predict", manifest, "--run", run, "--out", out, "--device", "cpu")
     assert result.exit_code == 0, result.output + result.stderr
-    stderr = one_line(result.stderr)
+    stderr = flat(result.stderr)
     flags = f"this run was trained with --labs-table {table.resolve()} --labs-id-col pid"
     assert flags in stderr
     assert "pass --labs-table LABS.csv --labs-id-col pid" in stderr
@@ -176,7 +168,7 @@ def test_evaluate_excludes_patients_without_a_modality_and_says_so(
         0,
     )
     assert result.exit_code == 0, result.output + result.stderr
-    output = one_line(result.output)
+    output = flat(result.output)
     labs_only = [i for i in range(N_PATIENTS) if i % 8 == 5]
     assert (
         f"{len(labs_only)} patient(s) have no modality and are not scored: "
@@ -204,11 +196,11 @@ def test_help_shows_every_help_text_whole(name: str) -> None:
     help text must come out as written, and every default be shown."""
     result = invoke(name, "--help", width=1000)
     assert result.exit_code == 0, result.output
-    output = one_line(result.output)
+    output = flat(result.output)
     assert not re.search(r"\s[.,;](\s|$)", output), "text dropped before a full stop"
     for param in _commands()[name].params:
         if getattr(param, "help", None):
-            assert one_line(param.help) in output, (name, param.name)
+            assert flat(param.help) in output, (name, param.name)
 
 
 def test_help_shows_the_defaults() -> None:
@@ -230,7 +222,7 @@ def test_help_shows_the_defaults() -> None:
         "cv": ["[default: 5]"],
     }
     for name, fragments in cases.items():
-        output = one_line(invoke(name, "--help", width=1000).output)
+        output = flat(invoke(name, "--help", width=1000).output)
         for fragment in fragments:
             assert fragment in output, (name, fragment)
 

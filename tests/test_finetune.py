@@ -16,9 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner, Result
 
-from omnifuse_cli.cli.app import app
 from omnifuse_cli.config import (
     PAPER_OPTIONS,
     ImageConfig,
@@ -39,6 +37,7 @@ from omnifuse_cli.errors import TrainingInterrupted
 from omnifuse_cli.model.omnifuse import FuseOutput, OmniFuse, drop_modalities
 
 from .conftest import NUM_CLASSES, tiny_bert, tiny_request
+from .helpers import TINY_RUN, invoke
 
 IMAGE_BACKBONE = "encoders.us.backbone."
 TEXT_BACKBONE = "encoders.text.backbone."
@@ -188,33 +187,7 @@ def test_resume_across_the_finetune_switch_equals_an_uninterrupted_run(
 
 # -- text fine-tuning and --freeze-text through the CLI -----------------------------------------
 
-TINY = [
-    "--num-classes",
-    "3",
-    "--image-backbone",
-    "resnet18",
-    "--image-size",
-    "32",
-    "--device",
-    "cpu",
-    "--no-pretrained-image",
-    "--train-ratio",
-    "0.6",
-    "--val-ratio",
-    "0.2",
-    "--test-ratio",
-    "0.2",
-    "--seed",
-    "0",
-    "--batch-size",
-    "8",
-    "--tla-min-patients",
-    "1",
-]
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+TINY = ["--num-classes", "3", *TINY_RUN, "--tla-min-patients", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,17 @@ import shlex
 
 import pytest
 import typer
-from typer.testing import CliRunner
 
 from omnifuse_cli.cli.app import app
 from omnifuse_cli.cli.help import EXAMPLES, paragraphs
+
+from .helpers import invoke
 
 COMMANDS = sorted(EXAMPLES)
 
 
 def help_text(name: str, width: int) -> str:
-    result = CliRunner().invoke(app, [*name.split(), "--help"], env={"COLUMNS": str(width)})
+    result = invoke(*name.split(), "--help", width=width)
     assert result.exit_code == 0, result.output
     return result.output
 

@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
-from omnifuse_cli.cli.app import app
 from omnifuse_cli.config import parse_modality_options
 from omnifuse_cli.data.images import DicomFrame, select_views
 from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.data.text import decode_note
 from omnifuse_cli.engine.machine import cgroup_cpu_quota, usable_cpus
+
+from .helpers import assert_ok, invoke
 
 pydicom = pytest.importorskip("pydicom")
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -46,17 +47,14 @@ FAST = [
 PHI = ("Doe^Jane", "MRN-884-221", "19700101", "ACC-55501")
 
 
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-
-
+# Not helpers.flat: this one takes the result and also drops rich's box-drawing characters.
 def flat(result: Result) -> str:
     """The output as one line of words: rich's table borders and line breaks removed."""
     return " ".join(re.sub(r"[\u2500-\u257f]", " ", result.output).split())
 
 
 def ok(result: Result) -> Result:
-    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert_ok(result)
     return result
 
 

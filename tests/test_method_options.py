@@ -30,7 +30,8 @@ from omnifuse_cli.errors import ConfigError
 from omnifuse_cli.model.fusion import label_free_log_probs
 from omnifuse_cli.model.omnifuse import OmniFuse, drop_modalities
 from omnifuse_cli.settings import parse_widths
-from tests.test_cli import TRAIN_ARGS, assert_ok, assert_user_error, invoke
+from tests.helpers import assert_ok, assert_user_error, invoke
+from tests.test_cli import TRAIN_ARGS
 
 NAMES, DIMS = ("m1", "m2", "m3"), (4, 5, 6)  # synth_cohort's names
 B, M, D, C = 24, 3, 8, 3

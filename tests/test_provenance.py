@@ -16,7 +16,7 @@ import yaml
 from omnifuse_cli import __version__
 from omnifuse_cli.report.page import build_report
 
-from .test_cli import assert_ok, invoke
+from .helpers import assert_ok, invoke
 
 FAST = [
     "--num-classes",

@@ -20,12 +20,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from typer.testing import CliRunner, Result
 
-from omnifuse_cli.cli.app import app
 from omnifuse_cli.report import build_report, figures
 from omnifuse_cli.report.clinical_inputs import LEGACY, recovered_temperature
 from omnifuse_cli.report.curves import pr_curves, reliability_bins, roc_curves
+
+from .helpers import invoke
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 RUN_SECTIONS = [
@@ -50,10 +50,6 @@ CLINICAL_FILES = (
     "subgroup_gaps",
 )
 SUBGROUPS = ("--subgroup-col", "sex", "--subgroup-col", "age:q2")
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
 
 
 class Page(HTMLParser):

@@ -29,15 +29,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner, Result
 
-from omnifuse_cli.cli.app import app
 from omnifuse_cli.config import DEFAULT_MODALITIES
 from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.engine.training import TrainResult, run_training
 from omnifuse_cli.errors import ManifestError, TrainingInterrupted
 
 from .conftest import N_PATIENTS, tiny_request
+from .helpers import assert_ok, assert_user_error, invoke
 
 Run = tuple[Path, TrainResult]
 MODEL_ARGS = [
@@ -64,30 +63,6 @@ def train_args(epochs: int = 1, seed: int = 0) -> list[str]:
         "--seed",
         str(seed),
     ]
-
-
-def invoke(*args: object, env: dict[str, str] | None = None) -> Result:
-    """Run `omnifuse ARGS` with a wide terminal so rich never wraps what we assert on."""
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200", **(env or {})})
-
-
-def assert_ok(result: Result) -> None:
-    assert result.exit_code == 0, result.output + repr(result.exception)
-
-
-def assert_user_error(result: Result, *fragments: str) -> str:
-    """Exit code 2, no traceback, one `error:` line first on stderr (a manifest error lists its
-    problems indented below it) and an optional hint; every fragment on stderr. Returns it."""
-    assert result.exit_code == 2, result.output + repr(result.exception)
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines and lines[0].startswith("error: "), result.stderr
-    assert sum(line.startswith("error:") for line in lines) == 1, result.stderr
-    assert all(line.startswith(("error: ", "hint: ", "  ")) for line in lines), result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, f"{fragment!r} not in:\n{result.stderr}"
-    return result.stderr
 
 
 def squash(text: str) -> str:
@@ -315,8 +290,8 @@ def test_bad_lab_vectors(data: Path, tmp_path: Path, cell: str, expected: str) -
     edit(data, 2, "labs", cell)
     result = invoke("train", data, "--out-dir", tmp_path / "run", *train_args())
     where = "row 4 (id 0000001003), column 'labs': "
-    stderr = assert_user_error(result, str(data), where)
-    line = next(x for x in stderr.splitlines() if where in x)
+    lines = assert_user_error(result, str(data), where)
+    line = next(x for x in lines if where in x)
     # The bad value itself (or what is wrong with it) is named, not only a parser position.
     assert expected in line.split(where, 1)[1], line
 

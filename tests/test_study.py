@@ -3,17 +3,12 @@ classical baselines, one OmniFuse run on cached features, and the goal verdicts.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
 from omnifuse_cli.config import TrainConfig
 from tests.conftest import load_benchmark
-
-STUDY_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "study.py"
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +104,6 @@ def test_goal_table_says_no_when_omnifuse_falls_behind(study):
 
 @pytest.fixture(scope="module")
 def power(study):
-    sys.path.insert(0, str(STUDY_PATH.parent))  # power imports study's helpers by name
     return load_benchmark("power", "omnifuse_power")
 
 

@@ -31,7 +31,7 @@ from omnifuse_cli.engine.runs import TrainRequest
 from omnifuse_cli.engine.training import run_training
 from omnifuse_cli.errors import ManifestError
 from omnifuse_cli.synthetic import CohortSpec, make_cohort
-from tests.test_cli import assert_ok, flat, invoke
+from tests.helpers import assert_ok, flat, invoke
 
 LABS_TEXT = ("--modality", "labs=vector", "--modality", "text=text")
 
