@@ -86,3 +86,15 @@ def test_chosen_random_weights_do_not_warn_and_files_are_pinned_by_hash(
     assert (meta["image_weights_source"], meta["image_weights_sha256"]) == ("file", digest)
     config = (pinned / "config.yaml").read_text(encoding="utf-8")
     assert f"image weights: file {weights} (sha256 {digest})" in config
+
+
+def test_cv_records_the_fallback_warning_too(
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-cache"))
+    out = tmp_path / "cv"
+    result = invoke("cv", tiny_manifest, "--out-dir", out, *FAST, "--folds", 2, "--bootstrap", 0)
+    assert_ok(result)
+    assert "warning:" in result.stderr and "random init" in result.stderr
+    assert "far weaker" in meta_of(out)["warnings"]
+    assert "far weaker" in build_report(out).html.read_text(encoding="utf-8")

@@ -19,7 +19,7 @@ from omnifuse_cli.engine.cv.folds import val_share
 from omnifuse_cli.engine.cv.request import FOLD_DONE, CVRequest, save_cv_request
 from omnifuse_cli.engine.cv.summary import FoldResult
 from omnifuse_cli.engine.files import prepare_out_dir, write_csv
-from omnifuse_cli.engine.runs import SPLIT_ASSIGNMENT, write_meta
+from omnifuse_cli.engine.runs import SPLIT_ASSIGNMENT
 from omnifuse_cli.engine.training import split_assignment
 from omnifuse_cli.errors import BundleError
 
@@ -64,7 +64,7 @@ def read_fold(out: Path) -> FoldResult:
 
 
 def run_meta(
-    request: CVRequest, cohort: Cohort, device: torch.device, weights: str
+    request: CVRequest, cohort: Cohort, device: torch.device, weights: str, warnings: str = ""
 ) -> dict[str, Any]:
     """meta.csv's settings (the base model's): of the cv folder and of the --refit run."""
     base = request.base
@@ -91,6 +91,7 @@ def run_meta(
         "bootstrap": request.bootstrap,
         "device": str(device),
         "image_weights": weights,
+        "warnings": warnings,
         **{f"image_{k}": v for k, v in to_primitive(data.image).items()},
         **{f"text_{k}": v for k, v in to_primitive(data.text).items()},
         **to_primitive(base.method),
@@ -98,17 +99,3 @@ def run_meta(
         "notes": " | ".join(cohort.notes),
         **{f"version_{k}": v for k, v in versions().items()},
     }
-
-
-def write_cv_meta(
-    out_dir: Path,
-    request: CVRequest,
-    cohort: Cohort,
-    device: torch.device,
-    weights: str,
-    encode_seconds: float,
-    seconds: float,
-) -> None:
-    meta = run_meta(request, cohort, device, weights)
-    meta.update({"encode_seconds": round(encode_seconds, 3), "seconds": round(seconds, 3)})
-    write_meta(out_dir, meta)

@@ -28,7 +28,6 @@ from omnifuse_cli.engine.cv.folder import (
     prepare_cv_dir,
     read_fold,
     run_meta,
-    write_cv_meta,
     write_split,
 )
 from omnifuse_cli.engine.cv.folds import (
@@ -99,6 +98,7 @@ class _Encoded:
     text_cache: dict[str, FeatureArray]
     weights: str
     seconds: float
+    warning: str = ""  # random image weights where ImageNet ones were wanted (meta, report)
 
 
 def _encoding_key(variant: Variant) -> str:
@@ -114,12 +114,13 @@ def _encode(
     model, pre, loaded = build_for_cohort(
         cohort, np.arange(len(cohort)), _train_request(request, variant)
     )
-    if loaded.fallback:
-        emit(ProgressEvent("warning", text=weights_warning(loaded)))
+    warning = weights_warning(loaded) if loaded.fallback else ""
+    if warning:
+        emit(ProgressEvent("warning", text=warning))
     weights = loaded.description
     names = backbone_names(model)
     if not names:
-        return _Encoded({}, {}, {}, {}, weights, 0.0)
+        return _Encoded({}, {}, {}, {}, weights, 0.0, warning)
     emit(
         ProgressEvent(
             "message", text="encoding images/notes once for every fold with the frozen backbones"
@@ -151,6 +152,7 @@ def _encode(
         dict(data.text_cache),
         weights,
         time.perf_counter() - t0,
+        warning,
     )
 
 
@@ -373,7 +375,9 @@ def _run_cv(request: CVRequest, emit: EventFn, device: torch.device, resume: boo
     seconds = time.perf_counter() - t_start
     weights = encoding["image_weights"]
     if main:
-        write_cv_meta(out_dir, request, cohort, device, weights, encode_seconds, seconds)
+        meta = run_meta(request, cohort, device, weights, encoding.get("warnings", ""))
+        meta.update({"encode_seconds": round(encode_seconds, 3), "seconds": round(seconds, 3)})
+        write_meta(out_dir, meta)
     distributed.barrier()  # no rank reports success before the last file is written
     return CVResult(
         out_dir=out_dir,
@@ -415,6 +419,7 @@ def _encoding_record(out_dir: Path, encoded: dict[str, _Encoded]) -> dict[str, A
     record = {
         "image_weights": next(iter(encoded.values())).weights if encoded else "",
         "encode_seconds": round(sum(e.seconds for e in encoded.values()), 3),
+        "warnings": " | ".join(sorted({e.warning for e in encoded.values() if e.warning})),
     }
     write_text_atomic(path, json.dumps(record))
     return record
@@ -454,7 +459,7 @@ def _refit(
     if not distributed.is_main():
         return out
     write_split(out, cohort, {"train": train_idx, "val": val_idx, "unlabeled": unlabeled})
-    meta = run_meta(request, cohort, device, enc.weights)
+    meta = run_meta(request, cohort, device, enc.weights, enc.warning)
     meta.update(
         {
             "n_train": len(train_idx),
