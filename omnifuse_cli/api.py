@@ -419,10 +419,6 @@ class OmniFuseClassifier(ClassifierMixin, BaseEstimator):
             "base_dir": None,
         }
 
-    @classmethod
-    def _get_param_names(cls) -> list[str]:
-        return sorted(cls._param_defaults())
-
     def _settings(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in BY_NAME}
 
