@@ -200,12 +200,13 @@ def cv_run(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     Returns the folder ("dir", read-only), the CLI result ("result"), how often frozen features
     were encoded ("encodes") and the patients each model's preprocessing was fitted on
     ("fitted": one index array per build_for_cohort call, in call order)."""
+    from omnifuse_cli.engine import frozen_features
     from omnifuse_cli.engine.cv import run as crossval
 
     out = tmp_path_factory.mktemp("cv") / "cv"
     encodes: list[int] = []
     fitted: list[np.ndarray] = []
-    real_cache, real_build = crossval.cache_frozen_features, crossval.build_for_cohort
+    real_cache, real_build = frozen_features.cache_frozen_features, crossval.build_for_cohort
 
     def cache(*args: Any, **kwargs: Any) -> None:
         encodes.append(1)
@@ -216,7 +217,7 @@ def cv_run(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
         return real_build(cohort, train_idx, request)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(crossval, "cache_frozen_features", cache)
+        patch.setattr(frozen_features, "cache_frozen_features", cache)
         patch.setattr(crossval, "build_for_cohort", build)
         result = invoke(
             "cv",

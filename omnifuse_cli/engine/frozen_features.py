@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from omnifuse_cli import __version__
+from omnifuse_cli.config import TrainConfig
 from omnifuse_cli.data.cache import (
     FEATURES_FILE,
     FeatureArray,
@@ -42,6 +43,7 @@ from omnifuse_cli.data.fingerprints import (
 from omnifuse_cli.data.images import HashedImageFiles, View
 from omnifuse_cli.data.prepared import PreparedCohort, Ragged, collate_tokens, move_to
 from omnifuse_cli.engine import distributed
+from omnifuse_cli.engine.events import EventFn, ProgressEvent
 from omnifuse_cli.engine.inference import ProgressFn, autocast
 from omnifuse_cli.errors import DataError
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder
@@ -121,6 +123,30 @@ def cache_frozen_features(
             notify=notify,
             reuse_only=reuse_only,
         )
+
+
+def encode_frozen(
+    model: OmniFuse,
+    data: PreparedCohort,
+    names: list[str],
+    cfg: TrainConfig,
+    device: torch.device,
+    emit: EventFn,
+) -> None:
+    """cache_frozen_features with a run's settings (batch size, precision, workers, cache
+    folder), its progress and messages as events: what train and cv both do before fitting."""
+    cache_frozen_features(
+        model,
+        data,
+        names,
+        device=device,
+        batch_size=cfg.encode_batch_size,
+        amp=cfg.amp,
+        progress=lambda d, t: emit(ProgressEvent("encode", d, t)),
+        num_workers=cfg.num_workers,
+        cache=feature_cache(cfg.cache_dir, cfg.cache),
+        notify=lambda text: emit(ProgressEvent("message", text=text)),
+    )
 
 
 def _cache_frozen_features(

@@ -48,7 +48,7 @@ from omnifuse_cli.engine.fitting import (
     load_checkpoint,
     stop_reason,
 )
-from omnifuse_cli.engine.frozen_features import cache_frozen_features, feature_cache
+from omnifuse_cli.engine.frozen_features import encode_frozen
 from omnifuse_cli.engine.inference import resolve_device
 from omnifuse_cli.engine.machine import set_threads
 from omnifuse_cli.engine.metrics import classification_metrics, confusion
@@ -180,18 +180,7 @@ def _run_training(
     if frozen:
         emit(ProgressEvent("message", text="encoding images/notes once with the frozen backbones"))
         with distributed.together("encoding images/notes"):
-            cache_frozen_features(
-                model,
-                data,
-                frozen,
-                device=device,
-                batch_size=cfg.encode_batch_size,
-                amp=cfg.amp,
-                progress=lambda d, t: emit(ProgressEvent("encode", d, t)),
-                num_workers=cfg.num_workers,
-                cache=feature_cache(cfg.cache_dir, cfg.cache),
-                notify=lambda text: emit(ProgressEvent("message", text=text)),
-            )
+            encode_frozen(model, data, frozen, cfg, device, emit)
     encode_seconds = time.perf_counter() - t0
 
     class_names = [str(c) for c in range(request.num_classes)]

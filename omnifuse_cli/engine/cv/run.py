@@ -54,7 +54,7 @@ from omnifuse_cli.engine.events import EventFn, ProgressEvent
 from omnifuse_cli.engine.files import write_csv, write_text_atomic
 from omnifuse_cli.engine.finishing import fit_finish, fit_linear, posthoc_meta
 from omnifuse_cli.engine.fitting import fit_model, infer_all
-from omnifuse_cli.engine.frozen_features import cache_frozen_features, feature_cache
+from omnifuse_cli.engine.frozen_features import encode_frozen
 from omnifuse_cli.engine.inference import resolve_device
 from omnifuse_cli.engine.machine import set_threads
 from omnifuse_cli.engine.metrics import full_metrics
@@ -129,18 +129,7 @@ def _encode(
     data = pre.prepare(cohort)
     model.to(device)
     t0 = time.perf_counter()
-    cache_frozen_features(
-        model,
-        data,
-        names,
-        device=device,
-        batch_size=cfg.encode_batch_size,
-        amp=cfg.amp,
-        progress=lambda d, t: emit(ProgressEvent("encode", d, t)),
-        num_workers=cfg.num_workers,
-        cache=feature_cache(cfg.cache_dir, cfg.cache),
-        notify=lambda text: emit(ProgressEvent("message", text=text)),
-    )
+    encode_frozen(model, data, names, cfg, device, emit)
     states = {
         n: {k: v.detach().to("cpu", copy=True) for k, v in backbone(model, n).state_dict().items()}
         for n in names
