@@ -1,5 +1,6 @@
 """omnifuse: OmniFuse multimodal learning on low-quality medical data, from the command line and
-from Python (``omnifuse_cli.api``: train, cv, make_data, Run, OmniFuseClassifier)."""
+from Python (``omnifuse_cli.api``: train, cv, make_data, Run, OmniFuseClassifier; and
+``omnifuse_cli.tune``, the hyperparameter search of omnifuse_cli.tuning)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ __all__ = [
     "resume",
     "resume_cv",
     "train",
+    "tune",
 ]
-_API = frozenset(__all__) - {"__version__"}
+_API = frozenset(__all__) - {"__version__", "tune"}
 
 if TYPE_CHECKING:
     from omnifuse_cli.api import OmniFuseClassifier, Run, cv, make_data, resume, resume_cv, train
+    from omnifuse_cli.tuning.front import tune
 
 
 def __getattr__(name: str) -> Any:
@@ -30,4 +33,8 @@ def __getattr__(name: str) -> Any:
         from omnifuse_cli import api
 
         return getattr(api, name)
+    if name == "tune":  # the search is built on the API, one layer above it
+        from omnifuse_cli.tuning.front import tune
+
+        return tune
     raise AttributeError(f"module 'omnifuse_cli' has no attribute {name!r}")

@@ -12,6 +12,7 @@ from omnifuse_cli.cli import check, cv, evaluate, make_data, predict, report, sy
 from omnifuse_cli.cli.common import set_debug
 from omnifuse_cli.cli.config_commands import config_app
 from omnifuse_cli.cli.help import command_options
+from omnifuse_cli.cli.tune import tune_app
 
 app = typer.Typer(
     name="omnifuse",
@@ -57,6 +58,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
 for _name, _function in COMMANDS.items():
     app.command(_name, **command_options(_name, _function))(_function)
 app.add_typer(config_app, name="config")
+app.add_typer(tune_app, name="tune")
 
 
 def main() -> None:

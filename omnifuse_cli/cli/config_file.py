@@ -278,17 +278,20 @@ def with_config_file(command: Callable[..., Any]) -> Callable[..., Any]:
     """Give ``command`` a repeatable ``--config FILE.yaml``; its body receives every parameter
     with the files' values filled in where the command line gives none."""
     own = inspect.signature(command, eval_str=True)
+    wants_ctx = "ctx" in own.parameters  # a command may take the click context too
     keyword = inspect.Parameter.KEYWORD_ONLY
     params = [
         inspect.Parameter("ctx", keyword, annotation=typer.Context),
         inspect.Parameter("config", keyword, default=None, annotation=ConfigOption),
-        *(p.replace(kind=keyword) for p in own.parameters.values()),
+        *(p.replace(kind=keyword) for p in own.parameters.values() if p.name != "ctx"),
     ]
 
     @functools.wraps(command)
     def wrapper(ctx: typer.Context, config: list[Path] | None = None, **values: Any) -> Any:
         if config:
             values = resolve(ctx, own, values, config)
+        if wants_ctx:
+            values["ctx"] = ctx
         return command(**values)
 
     wrapper.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]

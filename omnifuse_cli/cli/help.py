@@ -48,6 +48,18 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "omnifuse report runs/demo",
         "omnifuse report runs/cv --out report.html",
     ),
+    "tune init": (
+        "omnifuse tune init space.yaml",
+        "omnifuse tune init",
+    ),
+    "tune run": (
+        "omnifuse tune run data_synth_raw/manifest.csv --num-classes 3 --trials 30 --refit",
+        "omnifuse tune run m.csv --num-classes 2 --space space.yaml --folds 5 --metric log_loss",
+        "omnifuse tune run m.csv --num-classes 3 --storage sqlite:///shared/study.db "
+        "--study-name s1 --out-dir runs/tune-a",
+        "omnifuse tune run m.csv --num-classes 3 --trials 20 --nested-cv 5 "
+        "--image-backbone resnet18",
+    ),
     "config init": (
         "omnifuse config init study.yaml",
         "omnifuse config init cv.yaml --command cv",

@@ -398,3 +398,14 @@ def subgroup_gaps_table(frame: pd.DataFrame) -> Table:
             str(row["worst_group"]),
         )
     return table
+
+
+def trial_table(title: str) -> Table:
+    """One row per finished tune trial: number, state, objective value, seconds, parameters."""
+    table = titled(title, box=None, padding=(0, 1, 0, 0), header_style="bold underline")
+    table.add_column("trial", justify="right")
+    table.add_column("state")
+    table.add_column("value", justify="right")
+    table.add_column("s", justify="right")
+    table.add_column("parameters", overflow="fold")
+    return table

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:  # only for annotations: the records live with the code that makes them
     from omnifuse_cli.engine.cv import FoldResult
@@ -16,8 +16,9 @@ if TYPE_CHECKING:  # only for annotations: the records live with the code that m
 # is weaker than asked, e.g. random image weights where ImageNet ones were wanted); encode:
 # frozen-backbone features done/total; batch: training batches done/total in this epoch; epoch:
 # an epoch finished (record); fold: a cv fold starts (text names it); fold-done: a cv fold
-# finished (fold); refit: cv's final model (text); score: patients scored done/total (predict,
-# evaluate); write: patients written done/total (make-data).
+# finished (fold); refit: cv's or tune's final model (text); score: patients scored done/total
+# (predict, evaluate); write: patients written done/total (make-data); trial: a tune trial
+# starts (done = its number, text its parameters); trial-done: it ended (trial).
 EventKind = Literal[
     "message",
     "warning",
@@ -29,8 +30,21 @@ EventKind = Literal[
     "refit",
     "score",
     "write",
+    "trial",
+    "trial-done",
 ]
 EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    """A tune trial that ended: state COMPLETE, PRUNED or FAIL; value NaN when none."""
+
+    number: int
+    state: str
+    value: float
+    params: dict[str, Any]
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,7 @@ class ProgressEvent:
     text: str = ""
     record: EpochRecord | None = None
     fold: FoldResult | None = None
+    trial: TrialSummary | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in EVENT_KINDS:

@@ -17,11 +17,12 @@ from omnifuse_cli.engine import runs
 from omnifuse_cli.errors import BundleError, OmnifuseError
 from omnifuse_cli.report.clinical_inputs import LEGACY, Clinical, cv_clinical, run_clinical
 from omnifuse_cli.report.result_csv import read_result_csv
+from omnifuse_cli.report.tuning import Tuning, from_meta
 
 
 @dataclass
 class ReportInputs:
-    kind: str  # run | cv
+    kind: str  # run | cv | tune (a tune folder without a refit run: the checklist's stand-in)
     source: Path
     meta: dict[str, str]
     class_names: list[str]
@@ -40,6 +41,7 @@ class ReportInputs:
     variants: dict[str, str] = field(default_factory=dict)  # cv: name -> flags
     notes: list[str] = field(default_factory=list)
     clinical: Clinical = field(default_factory=Clinical)
+    tuning: Tuning | None = None  # the search that chose the settings (omnifuse tune)
 
     @property
     def num_classes(self) -> int:
@@ -79,12 +81,12 @@ def load_inputs(source: Path) -> ReportInputs:
     if not source.exists():
         raise BundleError(
             f"{source} does not exist",
-            hint="pass a folder written by omnifuse train or omnifuse cv",
+            hint="pass a folder written by omnifuse train, omnifuse cv or omnifuse tune",
         )
     if not source.is_dir():
         raise BundleError(
             f"{source} is a file, not a run or cross-validation folder",
-            hint="pass a folder written by omnifuse train or omnifuse cv",
+            hint="pass a folder written by omnifuse train, omnifuse cv or omnifuse tune",
         )
     if (source / runs.CV_FILE).is_file():
         if not (source / runs.METRICS).is_file():
@@ -109,7 +111,7 @@ def load_inputs(source: Path) -> ReportInputs:
     raise BundleError(
         f"{source} is not an omnifuse run or cross-validation folder (neither model/bundle.json "
         "with metrics.csv nor cv.json inside)",
-        hint="pass a folder written by omnifuse train or omnifuse cv",
+        hint="pass a folder written by omnifuse train, omnifuse cv or omnifuse tune",
     )
 
 
@@ -199,6 +201,7 @@ def _load_run(source: Path) -> ReportInputs:
         curves=curves,
         notes=notes,
         clinical=clinical,
+        tuning=from_meta(meta),
     )
 
 

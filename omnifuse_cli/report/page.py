@@ -1,7 +1,8 @@
 """The report page: one self-contained HTML file (CSS inline, figures embedded as base64 PNG) and
 the figures as PNG and PDF in a folder beside it. Here: the page's skeleton (header, navigation,
 sections in order, the discrimination section) and the figures' rendering; the other sections
-are built in sections_run.py, sections_clinical.py and sections_subgroups.py."""
+are built in sections_run.py, sections_clinical.py and sections_subgroups.py, and a tune
+folder's in sections_tune.py."""
 
 from __future__ import annotations
 
@@ -15,10 +16,26 @@ from typing import TYPE_CHECKING
 
 from omnifuse_cli import __version__
 from omnifuse_cli.engine.files import write_text_atomic
-from omnifuse_cli.report import figures, sections_clinical, sections_run, sections_subgroups
+from omnifuse_cli.report import (
+    figures,
+    sections_clinical,
+    sections_run,
+    sections_subgroups,
+    sections_tune,
+)
 from omnifuse_cli.report.curves import pr_curves, roc_curves
 from omnifuse_cli.report.inputs import ReportInputs, load_inputs
-from omnifuse_cli.report.markup import METRIC_LABELS, ci_range, esc, metrics_table, num, table
+from omnifuse_cli.report.markup import (
+    METRIC_LABELS,
+    AddFigure,
+    ci_range,
+    esc,
+    metrics_table,
+    num,
+    table,
+)
+from omnifuse_cli.report.tune_inputs import TuneInputs, is_tune_folder, load_tune
+from omnifuse_cli.report.tuning import METRIC_WORDS, origin
 
 if TYPE_CHECKING:  # figures.py imports matplotlib; here it is only a type
     from matplotlib.figure import Figure
@@ -37,6 +54,10 @@ FIGURE_NAMES = (
     "weights",
     "patterns",
     "forest",
+    "tune_history",
+    "tune_intermediate",
+    "tune_importance",
+    "tune_slices",
 )  # every file stem
 BAND_RESAMPLES = 200  # bootstrap resamples for the ROC/PR bands (the metrics' CIs have more)
 PNG_DPI = 130
@@ -57,6 +78,7 @@ figcaption{font-size:12px;color:#555}
 .note{background:#f7f7f7;border-left:3px solid #999;padding:6px 10px;font-size:13px}
 .author{color:#888;font-style:italic}.meta{color:#555;font-size:13px}
 .warn{background:#fff4e5;border-left:3px solid #e08a00;padding:6px 10px;font-size:13px}
+pre{background:#f7f7f7;padding:8px 10px;font-size:12px;overflow-x:auto}
 """
 
 
@@ -99,15 +121,21 @@ def _figure_html(fig: RenderedFigure) -> str:
 
 
 def build_report(source: Path, out: Path | None = None) -> ReportResult:
-    """Read a run or cv folder and write the page and its figures (nothing is written when the
-    folder is not a run or cv output)."""
+    """Read a run, cv or tune folder and write the page and its figures (nothing is written when
+    the folder is none of them)."""
     t0 = time.perf_counter()
-    inputs = load_inputs(Path(source))
     html_path = Path(out) if out is not None else Path(source) / "report.html"
     figures_dir = html_path.with_name(f"{html_path.stem}-figures")
     rendered: dict[str, RenderedFigure] = {}
-    sections = _sections(inputs, rendered)
-    page = _page(inputs, sections)
+    add = _adder(rendered)
+    if is_tune_folder(Path(source)):
+        tune = load_tune(Path(source))
+        notes = tune.notes
+        page = _tune_page(tune, sections_tune.sections(tune, add))
+    else:
+        inputs = load_inputs(Path(source))
+        notes = inputs.notes
+        page = _page(inputs, _sections(inputs, add))
     figures_dir.mkdir(parents=True, exist_ok=True)
     for fig in rendered.values():
         (figures_dir / f"{fig.name}.png").write_bytes(fig.png)
@@ -117,14 +145,12 @@ def build_report(source: Path, out: Path | None = None) -> ReportResult:
             (figures_dir / f"{name}{suffix}").unlink(missing_ok=True)
     write_text_atomic(html_path, page)
     return ReportResult(
-        html_path, figures_dir, list(rendered), time.perf_counter() - t0, list(inputs.notes)
+        html_path, figures_dir, list(rendered), time.perf_counter() - t0, list(notes)
     )
 
 
-def _sections(
-    inputs: ReportInputs, rendered: dict[str, RenderedFigure]
-) -> list[tuple[str, str, str]]:
-    """(id, title, html) of every section; figures are added to ``rendered``."""
+def _adder(rendered: dict[str, RenderedFigure]) -> AddFigure:
+    """The sections' ``add``: renders a figure into ``rendered`` and returns its HTML."""
 
     def add(fig: Figure | None, name: str, title: str, caption: str) -> str:
         assert name in FIGURE_NAMES, name
@@ -133,6 +159,11 @@ def _sections(
         rendered[name] = _render(fig, name, title, caption)
         return _figure_html(rendered[name])
 
+    return add
+
+
+def _sections(inputs: ReportInputs, add: AddFigure) -> list[tuple[str, str, str]]:
+    """(id, title, html) of every section; ``add`` renders the figures."""
     cv = inputs.kind == "cv"
     out = [("cohort", "Cohort", sections_run.cohort(inputs, add))]
     scored = inputs.probabilities()
@@ -214,10 +245,52 @@ def _page(inputs: ReportInputs, sections: list[tuple[str, str, str]]) -> str:
                 f"{METRIC_LABELS[key]} <b>{num(row['value'])}</b>"
                 + (f" (95% CI {interval})" if interval else "")
             )
+    lead = f"<p>{'; '.join(headline)} on {esc(inputs.evaluated_on)}.</p>"
+    if inputs.tuning is not None:
+        lead += f'<p class="meta" id="tuned">{esc(origin(inputs.tuning))}</p>'
     warned = [w for w in inputs.meta.get("warnings", "").split(" | ") if w]
-    notes = "".join(
+    return _document(inputs.source, kind, lead, warned, inputs.notes, sections)
+
+
+def _tune_page(tune: TuneInputs, sections: list[tuple[str, str, str]]) -> str:
+    tuning = tune.tuning
+    label = METRIC_WORDS.get(tuning.metric, tuning.metric)
+    parts = [
+        f"{tuning.trials} trials of study {esc(tuning.study)}; best trial "
+        + (
+            f"#{tuning.best_number}: {esc(label)} <b>{num(tuning.best_value)}</b> on "
+            f"{esc(tuning.scored_on)} (optimistic)"
+            if tuning.best_number is not None
+            else "none yet"
+        )
+    ]
+    scored = sections_tune.refit_score(tune)
+    if scored is not None:
+        interval = f" (95% CI {scored[1]})" if scored[1] else ""
+        parts.append(f"held-out test {esc(label)} <b>{scored[0]}</b>{interval} (refit)")
+    if tuning.nested is not None:
+        parts.append(
+            f"nested cross-validation {esc(label)} <b>{num(tuning.nested.outer_mean)}</b> "
+            f"(95% CI {ci_range(tuning.nested.outer_ci_low, tuning.nested.outer_ci_high)})"
+        )
+    return _document(
+        tune.source, "tuning search", f"<p>{'; '.join(parts)}.</p>", [], tune.notes, sections
+    )
+
+
+def _document(
+    source: Path,
+    kind: str,
+    lead: str,
+    warned: list[str],
+    notes: list[str],
+    sections: list[tuple[str, str, str]],
+) -> str:
+    """The page around its sections: header (``lead``: the headline's HTML), warnings, notes,
+    navigation."""
+    notices = "".join(
         f'<p class="warn run-warning"><b>Warning:</b> {esc(w)}</p>' for w in warned
-    ) + "".join(f'<p class="note">{esc(n)}</p>' for n in inputs.notes)
+    ) + "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
     nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title, _ in sections)
     body = "".join(
         f'<section id="{sid}"><h2>{esc(title)}</h2>{content}</section>'
@@ -225,10 +298,9 @@ def _page(inputs: ReportInputs, sections: list[tuple[str, str, str]]) -> str:
     )
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>omnifuse report: {esc(inputs.source.name)}</title><style>{CSS}</style></head>"
+        f"<title>omnifuse report: {esc(source.name)}</title><style>{CSS}</style></head>"
         f"<body><main><header><h1>omnifuse report: {esc(kind)}</h1>"
-        f'<p class="meta">{esc(inputs.source.resolve())} · omnifuse {esc(__version__)} · '
+        f'<p class="meta">{esc(source.resolve())} · omnifuse {esc(__version__)} · '
         f"{datetime.now():%Y-%m-%d %H:%M}</p>"
-        f"<p>{'; '.join(headline)} on {esc(inputs.evaluated_on)}.</p>"
-        f"<nav>{nav}</nav></header>{notes}{body}</main></body></html>"
+        f"{lead}<nav>{nav}</nav></header>{notices}{body}</main></body></html>"
     )

@@ -222,14 +222,16 @@ def variants(inputs: ReportInputs, add: AddFigure) -> str:
     return "".join(parts)
 
 
-def tripod(inputs: ReportInputs) -> str:
+def tripod(inputs: ReportInputs, subject: str | None = None) -> str:
+    """The checklist's table; ``subject``: what the page calls the output (default: run or
+    cross-validation)."""
     rows = []
     for item in checklist(inputs):
         known = esc(item.known) if item.known else '<span class="author">for the author</span>'
         rows.append((item.number, [esc(item.number), esc(item.topic), esc(item.asks), known]))
     return (
         "<p>What this "
-        + ("cross-validation" if inputs.kind == "cv" else "run")
+        + (subject or ("cross-validation" if inputs.kind == "cv" else "run"))
         + " knows, item by item; the rest is for the author.</p>"
         + table("tripod", ["item", "topic", "asks for", "from this output"], rows, numeric_from=99)
     )

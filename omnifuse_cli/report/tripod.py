@@ -4,16 +4,21 @@ statement's main checklist (check them against the published table before submis
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
-import numpy as np
-
-from omnifuse_cli.report.clinical_inputs import LEGACY, SMALL_SUBGROUP
+from omnifuse_cli.report import tripod_results
+from omnifuse_cli.report.clinical_inputs import LEGACY
 from omnifuse_cli.report.inputs import ReportInputs
+from omnifuse_cli.report.tripod_results import fmt as _fmt
+from omnifuse_cli.report.tuning import describe
 
 AUTHOR = ""  # an item only the author can fill
+NO_MODEL = (
+    "no model was trained from the chosen settings in this folder (tune without --refit): "
+    "train one (omnifuse train MANIFEST --config best.yaml) and report that run"
+)
+MODEL_ITEMS = ("7", "9", "11", "13", "14", "15", "16", "21", "22", "23")  # need a trained model
 
 
 @dataclass
@@ -22,10 +27,6 @@ class Item:
     topic: str
     asks: str
     known: str  # what the run or cross-validation says; AUTHOR when nothing
-
-
-def _fmt(value: float) -> str:
-    return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
 
 
 def _validation(inputs: ReportInputs) -> str:
@@ -73,165 +74,6 @@ def _missing(inputs: ReportInputs) -> str:
             f"modality; {len(counts)} missing patterns (see Cohort)."
         )
     return text
-
-
-def _subgroup_result(inputs: ReportInputs) -> str:
-    frame = inputs.clinical.subgroups
-    if frame is None or not len(frame):
-        return "Subgroups: none examined (see item 14)."
-    columns = ", ".join(dict.fromkeys(frame["column"].astype(str)))
-    return (
-        f"Subgroups: {len(frame)} subgroups of {columns} with 95% intervals (see Subgroups "
-        "and fairness; gaps in item 14)."
-    )
-
-
-def _performance(inputs: ReportInputs) -> str:
-    rows = inputs.metrics.set_index("metric")
-    parts = []
-    for key, label in (
-        ("macro_f1", "macro-F1"),
-        ("auroc", "AUROC"),
-        ("acc", "accuracy"),
-        ("brier", "Brier"),
-        ("ece", "ECE"),
-    ):
-        if key not in rows.index:
-            continue
-        row = rows.loc[key]
-        interval = (
-            ""
-            if not np.isfinite(row.get("ci_low", np.nan))
-            else f" (95% CI {_fmt(row['ci_low'])}-{_fmt(row['ci_high'])})"
-        )
-        parts.append(f"{label} {_fmt(row['value'])}{interval}")
-    return "; ".join(parts) + f", on {inputs.evaluated_on}."
-
-
-GAP_METRICS = (
-    ("auroc", "AUROC"),
-    ("macro_f1", "macro-F1"),
-    ("ece", "ECE"),
-    ("sensitivity", "sensitivity"),
-    ("specificity", "specificity"),
-)
-
-
-def _subgroup_hint(inputs: ReportInputs) -> str:
-    return (
-        f"`{inputs.clinical.subgroup_command}` (e.g. --subgroup-col sex --subgroup-col "
-        "age:q4) reports every metric per subgroup with 95% intervals and the largest gap"
-    )
-
-
-def _fairness(inputs: ReportInputs) -> str:
-    """Item 14: what the subgroup files say, or which flag writes them."""
-    clinical = inputs.clinical
-    frame = clinical.subgroups
-    if frame is None or not len(frame):
-        return (
-            f"no subgroup analysis in this output: {_subgroup_hint(inputs)}; approaches "
-            "and rationale: for the author"
-        )
-    columns = list(dict.fromkeys(frame["column"].astype(str)))
-    groups = "; ".join(
-        f"{c}: "
-        + ", ".join(
-            f"{r['group']} (n={int(r['n'])})"
-            for _, r in frame[frame["column"].astype(str) == c].iterrows()
-        )
-        for c in columns
-    )
-    text = (
-        f"performance examined by subgroup of {', '.join(columns)} ({groups}): every "
-        "metric per subgroup with 95% bootstrap intervals (see Subgroups and fairness); no "
-        "fairness constraint in training"
-    )
-    gaps = clinical.gaps
-    if gaps is not None and len(gaps):
-        found = []
-        for column in columns:
-            part = gaps[gaps["column"].astype(str) == column].set_index("metric")
-            for key, label in GAP_METRICS:
-                if key in part.index and np.isfinite(float(part.loc[key, "gap"])):
-                    row = part.loc[key]
-                    found.append(
-                        f"{column} {label} {_fmt(float(row['gap']))} (best "
-                        f"{row['best_group']}, worst {row['worst_group']})"
-                    )
-        if found:
-            text += "; largest gaps: " + ", ".join(found)
-    small = frame[frame["small"].astype(bool)]
-    if len(small):
-        text += (
-            f"; {len(small)} of {len(frame)} subgroups have fewer than {SMALL_SUBGROUP} "
-            "patients (imprecise)"
-        )
-    return text + ". Rationale and mitigation: for the author."
-
-
-def _calibration_result(inputs: ReportInputs) -> str:
-    """Calibration before and after the temperature: ECE, slope and intercept."""
-    clinical = inputs.clinical
-    if clinical.legacy:
-        return f"Calibration: {LEGACY}."
-    frame = clinical.calibration
-    if frame is None or not len(frame):
-        return ""
-    rows = frame.set_index("metric")
-
-    def change(metric: str) -> str:
-        before, after = (float(rows.loc[metric, k]) for k in ("before", "after"))
-        return f"{_fmt(before)} -> {_fmt(after)}"
-
-    parts = []
-    if "ece" in rows.index:
-        parts.append(f"ECE {change('ece')}")
-    for key, label in (("cal_slope", "slope"), ("cal_intercept", "intercept")):
-        if key in rows.index:
-            parts.append(f"calibration {label} {change(key)}")
-        else:
-            per = [m for m in rows.index if str(m).startswith(key + "_")]
-            if per:
-                parts.append(
-                    f"calibration {label} (one-vs-rest) "
-                    + ", ".join(f"class {m[len(key) + 1 :]} {change(m)}" for m in per)
-                )
-    how = (
-        "each fold's temperature"
-        if inputs.kind == "cv"
-        else f"temperature {clinical.temperature:.3f}"
-        if clinical.calibrated
-        else "not calibrated, temperature 1"
-    )
-    return f"Calibration before -> after ({how}): " + "; ".join(parts) + "."
-
-
-def _operating_result(inputs: ReportInputs) -> str:
-    clinical = inputs.clinical
-    frame = clinical.operating
-    if frame is None or not len(frame):
-        return ""
-    rows = frame.set_index("metric")
-    parts = []
-    for key, label in (
-        ("sensitivity", "sensitivity"),
-        ("specificity", "specificity"),
-        ("ppv", "PPV"),
-        ("npv", "NPV"),
-    ):
-        if key in rows.index:
-            row = rows.loc[key]
-            interval = (
-                ""
-                if not np.isfinite(float(row["ci_low"]))
-                else f" ({_fmt(float(row['ci_low']))}-{_fmt(float(row['ci_high']))})"
-            )
-            parts.append(f"{label} {_fmt(float(row['value']))}{interval}")
-    return (
-        f"Operating point (class {clinical.positive_class} positive at probability >= "
-        f"{_fmt(clinical.threshold or math.nan)}, rule {clinical.rule}): " + ", ".join(parts) + "."
-    )
 
 
 def _output(inputs: ReportInputs) -> str:
@@ -347,7 +189,8 @@ def checklist(inputs: ReportInputs) -> list[Item]:
     versions = ", ".join(
         f"{k.removeprefix('version_')} {v}" for k, v in meta.items() if k.startswith("version_")
     )
-    return [
+    tuning = "" if inputs.tuning is None else f" Settings: {describe(inputs.tuning)}."
+    items = [
         Item(
             "1",
             "Title",
@@ -407,7 +250,7 @@ def checklist(inputs: ReportInputs) -> list[Item]:
             "12",
             "Analytical methods",
             "data use, model, tuning, internal validation, performance measures",
-            f"{method}. Validation: {_validation(inputs).rstrip('.')}. Measures: accuracy, "
+            f"{method}. Validation: {_validation(inputs).rstrip('.')}.{tuning} Measures: accuracy, "
             "macro-F1, balanced accuracy, AUROC and AUPRC (one-vs-rest macro), log loss, ECE, "
             "Brier score, with percentile bootstrap 95% intervals over patients"
             + (f" ({meta['bootstrap']} resamples)" if meta.get("bootstrap") else "")
@@ -421,7 +264,7 @@ def checklist(inputs: ReportInputs) -> list[Item]:
             "no resampling or class weights; splits stratified by class; macro-F1 and balanced "
             "accuracy reported",
         ),
-        Item("14", "Fairness", "approaches to address fairness", _fairness(inputs)),
+        Item("14", "Fairness", "approaches to address fairness", tripod_results.fairness(inputs)),
         Item(
             "15",
             "Model output",
@@ -480,10 +323,10 @@ def checklist(inputs: ReportInputs) -> list[Item]:
             " ".join(
                 part
                 for part in (
-                    _performance(inputs),
-                    _calibration_result(inputs),
-                    _operating_result(inputs),
-                    _subgroup_result(inputs),
+                    tripod_results.performance(inputs),
+                    tripod_results.calibration_result(inputs),
+                    tripod_results.operating_result(inputs),
+                    tripod_results.subgroup_result(inputs),
                     "Metrics per missing pattern: see Modalities.",
                 )
                 if part
@@ -493,4 +336,29 @@ def checklist(inputs: ReportInputs) -> list[Item]:
         Item("25", "Interpretation", "", AUTHOR),
         Item("26", "Limitations", "", AUTHOR),
         Item("27", "Usability", "use in context, implications", AUTHOR),
+    ]
+    return items if inputs.kind != "tune" else _without_model(inputs, items, versions)
+
+
+def _without_model(inputs: ReportInputs, items: list[Item], versions: str) -> list[Item]:
+    """A tune folder without a refit run: the search and its patients, no model."""
+    tuning = inputs.tuning
+    assert tuning is not None
+    n = inputs.meta.get("n_patients", "?")
+    known = {
+        "4": "choice of the training settings of a multimodal classification model by a "
+        "search (no model is trained or evaluated in this folder)",
+        "10": f"{n} patients: {tuning.n_pool} for the search, {tuning.n_test} held out; "
+        "justification: for the author",
+        "12": f"Settings: {describe(tuning)}. The chosen settings are in best.yaml.",
+        "18": f"code: omnifuse ({versions}); every setting in tune.json, trials.csv and "
+        "best.yaml; the rest: for the author",
+        "20": f"{n} patients in the manifest: {tuning.n_pool} searched over, {tuning.n_test} "
+        "held out",
+    }
+    return [
+        replace(item, known=NO_MODEL)
+        if item.number in MODEL_ITEMS
+        else replace(item, known=known.get(item.number, item.known))
+        for item in items
     ]

@@ -1,0 +1,197 @@
+"""The Optuna study behind `omnifuse tune run`, shared by every process that names it.
+
+A study holds a fixed number of trials. The process that creates it enqueues them all as
+WAITING trials; every process (this one, another started with the same ``--study-name`` and
+``--storage``, on this machine or another) claims WAITING trials one at a time by moving one to
+RUNNING, which the storage lets exactly one process do. So N trials run exactly once between
+however many processes, and nobody runs an (N+1)-th. A trial interrupted by Ctrl-C is marked
+failed and a WAITING copy with the same parameters takes its place, so rerunning the command
+completes the study; a process killed outright stops sending heartbeats and the next process to
+start fails its trial the same way (Optuna's heartbeat, ``HEARTBEAT_SECONDS``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+from omnifuse_cli.errors import ConfigError
+
+if TYPE_CHECKING:  # only for annotations: optuna is imported by the functions that use it
+    import optuna
+
+Direction = Literal["minimize", "maximize"]
+HEARTBEAT_SECONDS = 60  # a RUNNING trial without a heartbeat for GRACE_SECONDS is failed
+GRACE_SECONDS = 180
+TARGET = "omnifuse_trials"  # study user attribute: the number of trials the study holds
+SIGNATURE = "omnifuse_search"  # study user attribute: what every process must search alike
+INTERRUPTED = "omnifuse_interrupted"  # trial user attribute: failed by Ctrl-C or a lost process
+WAIT_FOR_CREATOR_SECONDS = 60.0
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """An RDB storage (SQLite, PostgreSQL, MySQL: any SQLAlchemy URL) with heartbeats; SQLite
+    waits for a lock instead of failing while another process writes."""
+    import optuna  # ~0.5 s of SQLAlchemy: only when a study is opened
+
+    # Optuna's INFO lines (a study created, each trial's value) would print from below the CLI;
+    # the CLI shows trials itself.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=_replace_failed,
+            **kwargs,
+        )
+    except Exception as err:  # SQLAlchemy's many errors: a bad URL, a missing driver, no server
+        raise ConfigError(
+            f"cannot open the study storage {url}: {type(err).__name__}: {err}",
+            hint="--storage takes an SQLAlchemy URL, e.g. sqlite:///runs/tune/study.db or "
+            "postgresql://user:password@host/db (with its driver installed)",
+        ) from None
+
+
+def open_study(
+    storage: optuna.storages.RDBStorage,
+    name: str,
+    *,
+    direction: str,
+    trials: int,
+    signature: Mapping[str, Any],
+) -> tuple[optuna.Study, bool]:
+    """(study, created): the named study, created with ``trials`` WAITING trials when it does not
+    exist. Joining a study checks that it searches the same thing (``signature``); a larger
+    ``trials`` than the study holds adds the difference."""
+    import optuna  # only when a study is opened (see open_storage)
+
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=name, direction=cast(Direction, direction)
+        )
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(storage=storage, study_name=name)
+        created = False
+    if created:
+        study.set_user_attr(SIGNATURE, json.dumps(signature, sort_keys=True, default=str))
+        _enqueue(study, trials)
+        study.set_user_attr(TARGET, trials)  # last: joiners wait for it
+        return study, True
+    _wait_for_creator(study, name)
+    theirs = json.loads(study.user_attrs[SIGNATURE])
+    mine = json.loads(json.dumps(signature, sort_keys=True, default=str))
+    differs = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+    if differs:
+        key = differs[0]
+        raise ConfigError(
+            f"study {name!r} in this storage searches something else: {key} is "
+            f"{theirs.get(key)!r} there, {mine.get(key)!r} here",
+            hint="give the same manifest, metric, folds and search space as the process that "
+            "started it, or another --study-name",
+        )
+    if study.direction.name.lower() != direction:
+        raise ConfigError(f"study {name!r} is {study.direction.name.lower()}d, not {direction}d")
+    target = int(study.user_attrs[TARGET])
+    if trials > target:
+        _enqueue(study, trials - target)
+        study.set_user_attr(TARGET, trials)
+    return study, False
+
+
+def _wait_for_creator(study: optuna.Study, name: str) -> None:
+    """A process that joins a study another one is still filling waits until its trials exist."""
+    deadline = time.monotonic() + WAIT_FOR_CREATOR_SECONDS
+    while TARGET not in study.user_attrs:
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"study {name!r} exists but was never set up by omnifuse tune (no "
+                f"{TARGET} attribute after {WAIT_FOR_CREATOR_SECONDS:.0f} s)",
+                hint="give another --study-name",
+            )
+        time.sleep(0.5)
+
+
+def _enqueue(study: optuna.Study, n: int, params: Mapping[str, Any] | None = None) -> None:
+    for _ in range(n):
+        study.enqueue_trial(dict(params or {}))
+
+
+def _replace_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Optuna's callback for a trial whose process died (no heartbeat): run it again. (Optuna
+    hands the callback the study alone; its storage is the study's.)"""
+    requeue(study._storage, study, trial._trial_id, trial.params)
+
+
+def requeue(
+    storage: optuna.storages.BaseStorage,
+    study: optuna.Study,
+    trial_id: int,
+    params: Mapping[str, Any],
+) -> None:
+    """Mark an interrupted trial and enqueue a WAITING copy with the same parameters."""
+    storage.set_trial_user_attr(trial_id, INTERRUPTED, True)
+    _enqueue(study, 1, params)
+
+
+def claim(storage: optuna.storages.BaseStorage, study: optuna.Study) -> int | None:
+    """The id of a WAITING trial this process now owns (moved to RUNNING), or None when the
+    study has none left. The storage moves a trial to RUNNING for one caller only (what
+    Optuna's own ask() does with an enqueued trial; FrozenTrial keeps the id private)."""
+    import optuna  # only when a study is opened (see open_storage)
+
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    for frozen in sorted(waiting, key=lambda t: t.number):
+        if storage.set_trial_state_values(frozen._trial_id, optuna.trial.TrialState.RUNNING):
+            return frozen._trial_id
+    return None
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail (and requeue, through the storage's callback) trials whose process stopped sending
+    heartbeats: a machine that died mid-trial."""
+    import optuna  # only when a study is opened (see open_storage)
+
+    with warnings.catch_warnings():  # experimental since Optuna 2.9, unchanged since
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+@contextmanager
+def heartbeat(storage: optuna.storages.RDBStorage, trial_id: int) -> Iterator[None]:
+    """Send the trial's heartbeat every HEARTBEAT_SECONDS while the block runs."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(HEARTBEAT_SECONDS):
+                return
+
+    thread = threading.Thread(target=beat, name=f"omnifuse-heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    """Trials by state (lower case), interrupted-and-requeued trials apart as ``interrupted``."""
+    out = {"complete": 0, "pruned": 0, "fail": 0, "running": 0, "waiting": 0, "interrupted": 0}
+    for trial in study.get_trials(deepcopy=False):
+        if trial.user_attrs.get(INTERRUPTED):
+            out["interrupted"] += 1
+        else:
+            out[trial.state.name.lower()] += 1
+    return out
