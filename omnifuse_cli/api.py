@@ -38,7 +38,7 @@ from omnifuse_cli import synthetic
 from omnifuse_cli.config import ModalitySpec
 from omnifuse_cli.data.cells import absolute_paths
 from omnifuse_cli.engine import cv as crossval
-from omnifuse_cli.engine import runs, training
+from omnifuse_cli.engine import runs, tracking, training
 from omnifuse_cli.engine.cv import BASE, CVRequest, CVResult, Variant
 from omnifuse_cli.engine.evaluation import EvalRequest, EvalResult, evaluate_run
 from omnifuse_cli.engine.events import EventFn, EventKind, ProgressEvent, ignore
@@ -152,11 +152,15 @@ def train(
     overwrite: bool = False,
     base_dir: str | os.PathLike[str] | None = None,
     on_progress: EventFn | None = None,
+    track: str | None = None,
+    track_uri: str | None = None,
     **settings: Any,
 ) -> Run:
     """Train OmniFuse on a manifest (stratified split, best epoch on validation, test metrics
     when the test split is not empty) and return the run. ``settings`` by flag name, e.g.
-    ``epochs=10, image_backbone="resnet18", no_imputation=True``; unknown names are refused."""
+    ``epochs=10, image_backbone="resnet18", no_imputation=True``; unknown names are refused.
+    ``track``: "mlflow" or "tensorboard" logs the settings, epochs, test scores, the report and
+    the model to ``track_uri`` (engine/tracking.py)."""
     made = build_configs(settings)
     folder = Path(out_dir) if out_dir is not None else _timestamped("run")
     if isinstance(manifest, pd.DataFrame):
@@ -177,8 +181,33 @@ def train(
             {**defaults(), **settings},
         ),
     )
-    result = training.run_training(request, on_progress or ignore)
+    values = {**defaults(), **settings}
+    with tracking.tracked(
+        track,
+        track_uri,
+        run_name=folder.name,
+        out_dir=folder,
+        params=values,
+        tags={"omnifuse.command": "train", "omnifuse.manifest": str(path)},
+        on_progress=on_progress,
+    ) as (tracker, emit):
+        result = training.run_training(request, emit)
+        if tracker is not None:
+            files = _report_files(result.out_dir, evaluate=bool(result.test))
+            tracking.log_results(tracker, {f"test_{k}": v for k, v in result.test.items()}, files)
     return Run(result.out_dir, result)
+
+
+def _report_files(folder: Path, *, evaluate: bool) -> list[Path]:
+    """What a tracked run logs: its report (a run's needs `evaluate` first), the model, the
+    settings and the per-epoch metrics."""
+    from omnifuse_cli.report import build_report  # matplotlib: only when a run is tracked
+
+    if evaluate:
+        evaluate_run(EvalRequest(run_dir=folder), None)
+    page = build_report(folder)
+    names = (runs.METRICS, runs.CONFIG_YAML, runs.META, BUNDLE_DIR, runs.FINAL_DIR)
+    return [page.html, page.figures_dir, *(folder / name for name in names)]
 
 
 def resume(run_dir: str | os.PathLike[str], *, on_progress: EventFn | None = None) -> Run:
@@ -229,6 +258,8 @@ def cv(
     overwrite: bool = False,
     base_dir: str | os.PathLike[str] | None = None,
     on_progress: EventFn | None = None,
+    track: str | None = None,
+    track_uri: str | None = None,
     **settings: Any,
 ) -> CVResult:
     """Cross-validate (k folds by patient, ``repeats`` times; pooled out-of-fold metrics with
@@ -274,7 +305,24 @@ def cv(
         conformal=DEFAULT_ALPHA if conformal is None else conformal,
         config_yaml=run_config_yaml("cv", own, {**defaults(), **settings}),
     )
-    return crossval.run_cv(request, on_progress, resume=False)
+    with tracking.tracked(
+        track,
+        track_uri,
+        run_name=folder.name,
+        out_dir=folder,
+        params={**defaults(), **settings, "folds": folds, "repeats": repeats},
+        tags={"omnifuse.command": "cv", "omnifuse.manifest": str(path)},
+        on_progress=on_progress,
+    ) as (tracker, emit):
+        result = crossval.run_cv(request, emit, resume=False)
+        if tracker is not None:
+            base = result.metrics[result.metrics["variant"] == result.variants[0]]
+            scores = {
+                f"cv_{m}": float(v) for m, v in zip(base["metric"], base["value"], strict=True)
+            }
+            files = [*_report_files(folder, evaluate=False), folder / runs.PREDICTIONS]
+            tracking.log_results(tracker, scores, files)
+    return result
 
 
 def resume_cv(out_dir: str | os.PathLike[str], *, on_progress: EventFn | None = None) -> CVResult:

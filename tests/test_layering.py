@@ -53,7 +53,7 @@ LAYERS: dict[str, int] = {
 # __getattr__ (PEP 562) imports the API on first use; nothing is imported at package import.
 ALLOWED_UPWARD: dict[tuple[str, str], str] = {
     (PACKAGE, f"{PACKAGE}.api"): "lazy re-export of the API in omnifuse_cli.__getattr__",
-    (PACKAGE, f"{PACKAGE}.tuning"): "lazy re-export of tune in omnifuse_cli.__getattr__",
+    (PACKAGE, f"{PACKAGE}.tuning.front"): "lazy re-export of tune in omnifuse_cli.__getattr__",
 }
 
 UI_LIBRARIES = frozenset({"typer", "rich", "click"})

@@ -10,6 +10,7 @@ import typer
 from omnifuse_cli.cli import options
 from omnifuse_cli.cli.common import console, handle_errors
 from omnifuse_cli.cli.config_file import with_config_file
+from omnifuse_cli.cli.options import TrackOption, TrackUriOption
 from omnifuse_cli.cli.progress import live_progress, say
 from omnifuse_cli.cli.train_options import parse_variant, with_train_options
 from omnifuse_cli.engine.events import ProgressEvent
@@ -118,6 +119,8 @@ def cv(
     ] = False,
     subgroup_col: options.SubgroupCol = None,
     conformal: options.Conformal = None,
+    track: TrackOption = None,
+    track_uri: TrackUriOption = None,
     **train_options: Any,
 ) -> None:
     """Cross-validate: k folds by patient, pooled out-of-fold metrics with 95% intervals, per-fold
@@ -160,6 +163,8 @@ def cv(
             overwrite=overwrite,
             subgroup_cols=tuple(subgroup_col or ()),
             conformal=conformal,
+            track=track,
+            track_uri=track_uri,
             **train_options,
         )
         if resume is None

@@ -94,3 +94,23 @@ Conformal = Annotated[
         show_default=False,
     ),
 ]
+
+# --track / --track-uri of train, cv and tune run (engine/tracking.py).
+TrackOption = Annotated[
+    str | None,
+    typer.Option(
+        "--track",
+        help="Log settings, per-epoch metrics, final metrics, the report and the model to "
+        "mlflow or tensorboard (pip install 'omnifuse[mlflow]' / 'omnifuse[tensorboard]').",
+        show_default=False,
+    ),
+]
+TrackUriOption = Annotated[
+    str | None,
+    typer.Option(
+        "--track-uri",
+        help="MLflow tracking URI (http://..., sqlite:///...) or TensorBoard log dir.",
+        show_default="mlflow: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db; tensorboard: "
+        "OUT_DIR/tensorboard",
+    ),
+]

@@ -9,6 +9,7 @@ import typer
 
 from omnifuse_cli.cli.common import console, handle_errors
 from omnifuse_cli.cli.config_file import with_config_file
+from omnifuse_cli.cli.options import TrackOption, TrackUriOption
 from omnifuse_cli.cli.progress import live_progress, say
 from omnifuse_cli.cli.train_options import with_train_options
 from omnifuse_cli.engine.events import ProgressEvent
@@ -55,6 +56,8 @@ def train(
         bool,
         typer.Option("--overwrite", help="Write into a non-empty --out-dir, replacing its files."),
     ] = False,
+    track: TrackOption = None,
+    track_uri: TrackUriOption = None,
     **train_options: Any,
 ) -> None:
     """Train OmniFuse on a manifest: stratified split, best-on-validation model, test metrics."""
@@ -110,6 +113,8 @@ def train(
                 out_dir=out_dir,
                 overwrite=overwrite,
                 on_progress=on_event,
+                track=track,
+                track_uri=track_uri,
                 **train_options,
             )
     finally:

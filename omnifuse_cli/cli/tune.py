@@ -11,6 +11,7 @@ import typer
 from omnifuse_cli.cli.common import console, handle_errors
 from omnifuse_cli.cli.config_file import with_config_file
 from omnifuse_cli.cli.help import epilog, paragraphs
+from omnifuse_cli.cli.options import TrackOption, TrackUriOption
 from omnifuse_cli.cli.progress import live_progress, say
 from omnifuse_cli.cli.train_options import with_train_options
 from omnifuse_cli.engine.events import ProgressEvent
@@ -147,13 +148,16 @@ def run(
             "--overwrite", help="Start again: empty --out-dir and delete the study first."
         ),
     ] = False,
+    track: TrackOption = None,
+    track_uri: TrackUriOption = None,
     **train_options: Any,
 ) -> None:
     """Search training settings with Optuna on the manifest's training patients; the test
     patients (the split omnifuse train makes with the same --seed and ratios) are never seen.
     Model and training options given here are fixed for every trial and leave the search.
     Rerun the same command to continue an interrupted search."""
-    from omnifuse_cli import tune as run_tune  # torch: not at `omnifuse --help`
+    # Here, not at the top: these load torch and pandas, which `omnifuse --help` must not.
+    from omnifuse_cli import tune as run_tune
     from omnifuse_cli.cli.render import metrics_table, trial_table
 
     if metric not in METRICS:
@@ -200,6 +204,8 @@ def run(
             nested_cv=nested_cv,
             overwrite=overwrite,
             on_progress=on_event,
+            track=track,
+            track_uri=track_uri,
             **fixed,
         )
     finally:

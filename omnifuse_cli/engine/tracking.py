@@ -28,13 +28,15 @@ import os
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 from omnifuse_cli import __version__
-from omnifuse_cli.engine.events import ProgressEvent
+from omnifuse_cli.engine import distributed
+from omnifuse_cli.engine.events import EventFn, ProgressEvent, ignore
 from omnifuse_cli.errors import ConfigError, TrainingInterrupted
 
 if TYPE_CHECKING:  # only annotated: both are optional extras, imported when a tracker opens
@@ -98,12 +100,13 @@ class Tracker(ABC):
 
     @abstractmethod
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Settings, each value as text (param_text)."""
+        """Settings, each value as text (param_text). MLflow refuses a second, different value
+        for a name it already holds."""
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Numbers at ``step``; without a step they are the run's final scores. NaN and
         infinite values are left out (an AUROC undefined on a small split)."""
-        finite = {k: float(v) for k, v in metrics.items() }
+        finite = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
         if finite:
             self._log_metrics(finite, step)
 
@@ -208,7 +211,9 @@ class MlflowTracker(Tracker):
         self._out_dir = out_dir
 
     @classmethod
-    def open(cls, uri: str | None, *, run_name: str, out_dir: Path, experiment: str) -> Tracker:
+    def open(
+        cls, uri: str | None, *, run_name: str, out_dir: Path, experiment: str
+    ) -> MlflowTracker:
         try:  # optional extra: imported only when tracking to MLflow
             import mlflow
             from mlflow.exceptions import MlflowException
@@ -343,7 +348,7 @@ class TensorBoardTracker(Tracker):
         self.set_tags({**_base_tags(out_dir), "omnifuse.run_name": run_name})
 
     @classmethod
-    def open(cls, uri: str | None, *, run_name: str, out_dir: Path) -> Tracker:
+    def open(cls, uri: str | None, *, run_name: str, out_dir: Path) -> TensorBoardTracker:
         log_dir = uri or str(out_dir / "tensorboard")
         return cls(_summary_writer(log_dir), log_dir, run_name, out_dir)
 
@@ -407,3 +412,39 @@ def _markdown_table(header: tuple[str, str], rows: Mapping[str, str]) -> str:
     lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
     lines += [f"| {cell(k)} | {cell(v)} |" for k, v in rows.items()]
     return "\n".join(lines)
+
+
+@contextmanager
+def tracked(
+    kind: str | None,
+    uri: str | None,
+    *,
+    run_name: str,
+    out_dir: Path,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    on_progress: EventFn | None,
+) -> Iterator[tuple[Tracker | None, EventFn]]:
+    """(tracker, on_progress): with ``kind`` a tracker that receives ``params``, ``tags`` and
+    every progress event before ``on_progress`` does, finished when the block ends (FAILED or
+    KILLED when it raises); without ``kind`` (or on a torchrun rank other than 0) no tracker,
+    and the callback unchanged."""
+    user = on_progress or ignore
+    if not kind or not distributed.is_main():
+        yield None, user
+        return
+    with open_tracker(kind, uri=uri, run_name=run_name, out_dir=out_dir) as tracker:
+        tracker.log_params(params)
+        tracker.set_tags(tags)
+
+        def both(event: ProgressEvent) -> None:
+            tracker.on_event(event)
+            user(event)
+
+        yield tracker, both
+
+
+def log_results(tracker: Tracker, metrics: Mapping[str, float], files: Sequence[Path]) -> None:
+    """A run's final scores (no step) and its files (those that exist)."""
+    tracker.log_metrics(metrics)
+    tracker.log_artifacts([f for f in files if f.exists()])

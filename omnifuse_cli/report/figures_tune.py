@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from omnifuse_cli.report.figures import COLORS
 from omnifuse_cli.report.tune_inputs import PARAM, best_so_far
@@ -76,6 +77,7 @@ def history(
             zorder=4,
         )
     ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"{metric} ({'higher' if maximize else 'lower'} is better)")
     ax.set_title("optimisation history")
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -107,7 +109,8 @@ def intermediate(frame: pd.DataFrame, states: dict[int, str], metric: str) -> Fi
         )
         labelled.add(label)
     ax.set_xlabel("step (epoch)")
-    ax.set_ylabel(f"validation {metric}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(f"reported {metric}")
     ax.set_title("intermediate scores")
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
@@ -127,9 +130,17 @@ def importances(values: dict[str, float]) -> Figure:
     return fig
 
 
+def _label(value: Any) -> str:
+    """A category as its tick shows it: 32, not 32.0 (a column with a gap is read as floats)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def _categories(column: pd.Series, spec: dict[str, Any]) -> list[str]:
-    seen = [str(v) for v in column.dropna().unique()]
-    declared = [str(c) for c in spec.get("choices", [])]
+    """The categories seen, in the order the space declares them."""
+    seen = [_label(v) for v in column.dropna().unique()]
+    declared = [_label(c) for c in spec.get("choices", [])]
     return [c for c in declared if c in seen] + sorted(c for c in seen if c not in declared)
 
 
@@ -165,7 +176,7 @@ def slices(
         numeric = pd.to_numeric(values, errors="coerce")
         if spec.get("type") == "categorical" or numeric.isna().any():
             names = _categories(values, spec)
-            x = np.array([names.index(str(v)) for v in values], dtype=float)
+            x = np.array([names.index(_label(v)) for v in values], dtype=float)
             x += rng.uniform(-JITTER, JITTER, len(x))
             ax.set_xticks(range(len(names)), names, fontsize=8)
             ax.set_xlim(-0.5, len(names) - 0.5)

@@ -137,7 +137,7 @@ def numbers(tune: TuneInputs) -> str:
                 "",
                 f"{esc(tuning.n_pool)} (pool)",
                 f"optimistic: the best of {tuning.complete} complete trials, chosen on the "
-                f"same {esc(tuning.scored_on)} it is scored on",
+                f"same {esc(tuning.split)} it is scored on",
             ],
         )
     ]
@@ -187,7 +187,7 @@ def numbers(tune: TuneInputs) -> str:
     honest = [name for name, _ in rows if name in ("nested", "refit")]
     text = (
         f"<p>The best trial's score is optimistic: it was chosen as the best of "
-        f"{tuning.complete} complete trials on the very {esc(tuning.scored_on)} it is scored "
+        f"{tuning.complete} complete trials on the same {esc(tuning.split)} it is scored "
         "on, so part of its lead is luck. "
         + (
             "The honest numbers are the ones below it: the held-out test score of the refit "

@@ -274,9 +274,10 @@ def _importances(tune: TuneInputs) -> None:
     # Any failure of a storage (driver missing, host unreachable, schema of another optuna,
     # study absent) leaves the report to the files: a page is always written.
     except Exception as err:
+        first_line = (str(err).splitlines() or [""])[0]
         tune.notes.append(
             f"the study {name} could not be opened from {hide_password(url)} "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): {fallback}"
+            f"({type(err).__name__}: {hide_password(first_line)}): {fallback}"
         )
         return
     tune.study_opened = True

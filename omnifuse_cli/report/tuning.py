@@ -49,11 +49,16 @@ class Tuning:
         return METRIC_WORDS.get(self.metric, self.metric)
 
     @property
-    def scored_on(self) -> str:
-        """What the objective was computed on, in words."""
+    def split(self) -> str:
+        """What the objective was computed on: inner validation split, K-fold cross-validation."""
         if self.objective == "cv":
             return f"{self.folds}-fold cross-validation"
-        return "an inner validation split"
+        return "inner validation split"
+
+    @property
+    def scored_on(self) -> str:
+        """split, with its article where it needs one."""
+        return self.split if self.objective == "cv" else f"an {self.split}"
 
 
 def _int(value: object, default: int = 0) -> int:

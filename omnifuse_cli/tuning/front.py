@@ -37,6 +37,8 @@ def tune(
     nested_cv: int = 0,
     overwrite: bool = False,
     on_progress: EventFn | None = None,
+    track: str | None = None,
+    track_uri: str | None = None,
     **settings: Any,
 ) -> TuneResult:
     """Search training settings on ``manifest``'s training patients (its test patients, the
@@ -50,7 +52,9 @@ def tune(
     SQLAlchemy URL; default sqlite:///OUT_DIR/study.db) under ``study_name`` (default the out
     dir's name): processes that give the same pair share its ``trials``, and rerunning after an
     interruption completes it. ``refit`` trains the best settings like `omnifuse train` into
-    OUT_DIR/refit; ``nested_cv`` K estimates the whole procedure by nested cross-validation."""
+    OUT_DIR/refit; ``nested_cv`` K estimates the whole procedure by nested cross-validation.
+    ``track`` ("mlflow" or "tensorboard", at ``track_uri``): the search as one tracked run with a
+    child run per trial."""
     check_names(settings, "tune")
     searched = _space(space)
     fixed_here = sorted(set(settings) & set(searched.names))
@@ -80,7 +84,7 @@ def tune(
         if space is None
         else "mapping",
     )
-    return run_tune(request, on_progress)
+    return run_tune(request, on_progress, track=track, track_uri=track_uri)
 
 
 def _space(space: str | os.PathLike[str] | Mapping[str, Any] | None) -> SearchSpace:

@@ -24,16 +24,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omnifuse_cli import api
-from omnifuse_cli.engine.events import EventFn, ProgressEvent, TrialSummary, ignore
+from omnifuse_cli.engine import tracking
+from omnifuse_cli.engine.events import EventFn, ProgressEvent, TrialSummary
 from omnifuse_cli.engine.files import prepare_out_dir
 from omnifuse_cli.engine.runs import CHECKPOINT, read_key_values, write_meta
-from omnifuse_cli.errors import ConfigError, OmnifuseError
+from omnifuse_cli.errors import ConfigError, OmnifuseError, TrainingInterrupted
 from omnifuse_cli.settings import defaults
 from omnifuse_cli.tuning import study as studies
 from omnifuse_cli.tuning.outputs import TuneResult, write_outputs
 from omnifuse_cli.tuning.request import (
+    BEST_JSON,
+    BEST_YAML,
+    INTERMEDIATE_CSV,
     METRIC_SOURCES,
+    NESTED_CSV,
     REFIT_DIR,
+    TRIALS_CSV,
     TRIALS_DIR,
     Pool,
     TuneRequest,
@@ -45,53 +51,97 @@ from omnifuse_cli.tuning.request import (
 if TYPE_CHECKING:  # only for annotations: optuna is imported when a study opens
     import optuna
 
+
+class TuneInterrupted(TrainingInterrupted):
+    """Ctrl-C during a tune: the study keeps every finished trial; the interrupted one is
+    queued again."""
+
+
 PRUNE_STARTUP_TRIALS = 5  # MedianPruner: no pruning before this many trials finished ...
 PRUNE_WARMUP_EPOCHS = 5  # ... or before this epoch (early epochs are noisy)
 TPE_STARTUP_TRIALS = 10  # random sampling first, then TPE
 
 
-def run_tune(request: TuneRequest, on_progress: EventFn | None = None) -> TuneResult:
+def run_tune(
+    request: TuneRequest,
+    on_progress: EventFn | None = None,
+    *,
+    track: str | None = None,
+    track_uri: str | None = None,
+) -> TuneResult:
     """Run the study's trials (joining the study when another process has started it), then
-    write the outputs; rerunning the same command after an interruption completes the study."""
-    emit = on_progress or ignore
+    write the outputs; rerunning the same command after an interruption completes the study.
+    ``track``: the search as one tracked run (MLflow or TensorBoard) with a child per trial."""
     t0 = time.perf_counter()
     _prepare_folder(request)
     made = request.configs()  # every fixed setting checked before anything runs
     pool = split_pool(request, made)
     save_tune_json(request, pool.n_pool, pool.n_test)
-    storage = studies.open_storage(request.storage_url)
+    rdb = studies.open_storage(request.storage_url)
     study, created = studies.open_study(
-        storage,
+        rdb,
         request.name,
         direction=request.direction,
         trials=request.trials,
         signature=request.signature(),
     )
     studies.fail_stale(study)
-    emit(
-        ProgressEvent(
-            "message",
-            text=f"study {request.name!r} ({'new' if created else 'joined'}) in "
-            f"{request.storage_url}: {pool.n_pool} patients searched, {pool.n_test} test "
-            f"patients set aside; objective {request.metric} on {request.objective}",
+    params = {
+        **request.trial_settings(),
+        "tune_trials": request.trials,
+        "tune_metric": request.metric,
+        "tune_folds": request.folds,
+        "tune_space": json.dumps(request.space.as_dict()),
+    }
+    with tracking.tracked(
+        track,
+        track_uri,
+        run_name=request.name,
+        out_dir=request.out_dir,
+        params=params,
+        tags={"omnifuse.command": "tune", "omnifuse.manifest": str(request.manifest)},
+        on_progress=on_progress,
+    ) as (tracker, emit):
+        emit(
+            ProgressEvent(
+                "message",
+                text=f"study {request.name!r} ({'new' if created else 'joined'}) in "
+                f"{request.storage_url}: {pool.n_pool} patients searched, {pool.n_test} test "
+                f"patients set aside; objective {request.metric} on {request.objective}",
+            )
         )
-    )
-    ran = 0
-    while True:
-        trial_id = studies.claim(storage, study)
-        if trial_id is None:
-            break
-        _run_trial(request, pool, storage, study, trial_id, emit)
-        ran += 1
-    result = write_outputs(request, study, ran, time.perf_counter() - t0)
-    if request.refit:
-        _refit(request, result, emit)
-    if request.nested_cv:
-        from omnifuse_cli.tuning.nested import run_nested  # a cycle: nested runs run_tune
+        ran = 0
+        while True:
+            trial_id = studies.claim(study, rdb)
+            if trial_id is None:
+                break
+            _run_trial(request, pool, study, trial_id, emit, tracker)
+            ran += 1
+        result = write_outputs(request, study, ran, time.perf_counter() - t0)
+        if request.refit:
+            _refit(request, result, emit)
+        if request.nested_cv:
+            from omnifuse_cli.tuning.nested import run_nested  # a cycle: nested runs run_tune
 
-        run_nested(request, pool, result, emit)
-    result.seconds = time.perf_counter() - t0
+            run_nested(request, pool, result, emit)
+        result.seconds = time.perf_counter() - t0
+        if tracker is not None:
+            _log_search(tracker, result)
     return result
+
+
+def _log_search(tracker: tracking.Tracker, result: TuneResult) -> None:
+    from omnifuse_cli.report import build_report  # matplotlib: only when a search is tracked
+
+    scores = {f"refit_test_{k}": v for k, v in result.refit_test.items()}
+    if result.best_value is not None:
+        scores["best_value"] = result.best_value
+    if result.nested_summary:
+        scores["nested_outer_mean"] = float(result.nested_summary["outer_mean"])
+    page = build_report(result.out_dir)
+    names = (TRIALS_CSV, INTERMEDIATE_CSV, BEST_JSON, BEST_YAML, NESTED_CSV, REFIT_DIR)
+    files = [page.html, page.figures_dir, *(result.out_dir / name for name in names)]
+    tracking.log_results(tracker, scores, files)
 
 
 def _prepare_folder(request: TuneRequest) -> None:
@@ -134,43 +184,45 @@ def _delete_study(request: TuneRequest) -> None:
         pass
 
 
-def _sampler_study(
-    request: TuneRequest, storage: optuna.storages.BaseStorage, number: int
-) -> optuna.Study:
-    """The study seen through this trial's sampler and pruner. The sampler is seeded by the
-    trial's number: one process reruns a study identically, and processes sharing it never draw
-    the same random start (constant_liar keeps TPE off the running trials' points)."""
+def _use_sampler(request: TuneRequest, study: optuna.Study, number: int) -> None:
+    """This trial's sampler and pruner on the process's study object (one object per process:
+    its storage cache knows the trials this process has listed or queued). The sampler is
+    seeded by the trial's number: one process reruns a study identically, and processes sharing
+    it never draw the same random start (constant_liar keeps TPE off the running trials'
+    points)."""
     import optuna  # only when a study is opened
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(
+        study.sampler = optuna.samplers.TPESampler(
             seed=request.seed * 100_003 + number,
             n_startup_trials=TPE_STARTUP_TRIALS,
             constant_liar=True,
         )
-    pruner: optuna.pruners.BasePruner = (
+    study.pruner = (
         optuna.pruners.MedianPruner(
-            n_startup_trials=PRUNE_STARTUP_TRIALS, n_warmup_steps=PRUNE_WARMUP_EPOCHS
+            # steps are 1-based epochs; Optuna prunes from step n_warmup_steps on
+            n_startup_trials=PRUNE_STARTUP_TRIALS,
+            n_warmup_steps=PRUNE_WARMUP_EPOCHS + 1,
         )
         if request.pruning
         else optuna.pruners.NopPruner()
     )
-    return optuna.Study(request.name, storage, sampler=sampler, pruner=pruner)
 
 
 def _run_trial(
     request: TuneRequest,
     pool: Pool,
-    storage: optuna.storages.RDBStorage,
-    shared: optuna.Study,
+    study: optuna.Study,
     trial_id: int,
     emit: EventFn,
+    tracker: tracking.Tracker | None,
 ) -> None:
     import optuna  # only when a study is opened
 
+    storage = studies.storage_of(study)
     number = storage.get_trial_number_from_id(trial_id)
-    study = _sampler_study(request, storage, number)
+    _use_sampler(request, study, number)
     trial = optuna.Trial(study, trial_id)
     settings = request.space.suggest(trial)
     settings = {**request.trial_settings(), **settings}
@@ -179,21 +231,32 @@ def _run_trial(
     trial.set_user_attr("settings", json.dumps(_non_default(settings), default=str))
     params = dict(trial.params)
     emit(ProgressEvent("trial", number, request.trials, text=_describe(params)))
+    child = tracker.child(f"trial-{number}") if tracker is not None else None
+    if child is not None:
+        child.log_params(settings)
+    watch = _both(emit, child.on_event) if child is not None else emit
     t0 = time.perf_counter()
     state, value, error = "COMPLETE", float("nan"), ""
     with studies.heartbeat(storage, trial_id):
         try:
-            value = _objective(request, pool, trial, settings, folder, emit)
+            value = _objective(request, pool, trial, settings, folder, watch)
         except optuna.TrialPruned as pruned:
             state, error = "PRUNED", str(pruned)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, TrainingInterrupted):  # Ctrl-C: this trial runs again
             studies.requeue(storage, study, trial_id, params)
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
+            if child is not None:
+                child.finish("KILLED")
+            raise TuneInterrupted(
+                f"tune interrupted during trial {number}; it will run again",
+                hint=f"rerun the same command to complete the study ({request.out_dir})",
+            ) from None
         except OmnifuseError as err:  # this trial's settings cannot train (a reason, not a bug)
             state, error = "FAIL", err.message
         except BaseException:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            if child is not None:
+                child.finish("FAILED")
             raise
         finally:
             _slim(folder)
@@ -205,6 +268,10 @@ def _run_trial(
         study.tell(trial, value)
     else:
         study.tell(trial, state=getattr(optuna.trial.TrialState, state))
+    if child is not None:
+        child.set_tags({"omnifuse.trial_state": state})
+        child.log_metrics({"objective": value})
+        child.finish("FAILED" if state == "FAIL" else "FINISHED")
     emit(
         ProgressEvent(
             "trial-done",
@@ -273,8 +340,8 @@ def _pruning_reporter(
         nonlocal folds_started
         if event.kind == "fold":
             folds_started += 1
-        if event.kind in ("encode", "warning"):
-            emit(event)
+        if event.kind in ("encode", "warning", "epoch", "fold", "fold-done"):
+            emit(event)  # the CLI shows encoding and warnings; a trial's tracker the epochs
         if event.kind != "epoch" or event.record is None or folds_started > 1:
             return
         value = float(getattr(event.record, field_name))
@@ -341,6 +408,14 @@ def _refit(request: TuneRequest, result: TuneResult, emit: EventFn) -> None:
     write_meta(folder, meta)
     result.refit_dir = folder
     result.refit_test = dict(run.test_metrics)
+
+
+def _both(first: EventFn, second: EventFn) -> EventFn:
+    def both(event: ProgressEvent) -> None:
+        second(event)
+        first(event)
+
+    return both
 
 
 def _passing(emit: EventFn) -> Callable[[ProgressEvent], None]:

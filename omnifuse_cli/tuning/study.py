@@ -16,8 +16,9 @@ import json
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from omnifuse_cli.errors import ConfigError
@@ -129,7 +130,7 @@ def _enqueue(study: optuna.Study, n: int, params: Mapping[str, Any] | None = Non
 def _replace_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Optuna's callback for a trial whose process died (no heartbeat): run it again. (Optuna
     hands the callback the study alone; its storage is the study's.)"""
-    requeue(study._storage, study, trial._trial_id, trial.params)
+    requeue(storage_of(study), study, trial._trial_id, trial.params)
 
 
 def requeue(
@@ -143,16 +144,34 @@ def requeue(
     _enqueue(study, 1, params)
 
 
-def claim(storage: optuna.storages.BaseStorage, study: optuna.Study) -> int | None:
-    """The id of a WAITING trial this process now owns (moved to RUNNING), or None when the
-    study has none left. The storage moves a trial to RUNNING for one caller only (what
-    Optuna's own ask() does with an enqueued trial; FrozenTrial keeps the id private)."""
-    import optuna  # only when a study is opened (see open_storage)
+def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The study's own storage object: Optuna wraps an RDB storage in a cache, and a trial must
+    be claimed, told and beaten through the same object that listed it."""
+    return study._storage
 
+
+def claim(study: optuna.Study, rdb: optuna.storages.RDBStorage) -> int | None:
+    """The id of a WAITING trial this process now owns (moved to RUNNING), or None when the
+    study has none left.
+
+    The move is one conditional UPDATE (``... WHERE state = 'WAITING'``), which the database
+    applies for exactly one caller. Optuna's own set_trial_state_values reads the state, then
+    writes it: under SQLite (no row locks) two processes can both read WAITING and both run the
+    trial, which tests/test_tune.py caught. The table and column names are Optuna's schema."""
+    import optuna  # only when a study is opened (see open_storage)
+    import sqlalchemy  # Optuna's own dependency
+
+    update = sqlalchemy.text(
+        "UPDATE trials SET state = 'RUNNING', datetime_start = :now "
+        "WHERE trial_id = :trial_id AND state = 'WAITING'"
+    )
     waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
     for frozen in sorted(waiting, key=lambda t: t.number):
-        if storage.set_trial_state_values(frozen._trial_id, optuna.trial.TrialState.RUNNING):
-            return frozen._trial_id
+        trial_id = frozen._trial_id  # FrozenTrial keeps the storage id private
+        with rdb.engine.begin() as connection:
+            taken = connection.execute(update, {"now": datetime.now(), "trial_id": trial_id})
+        if taken.rowcount == 1:
+            return trial_id
     return None
 
 
@@ -167,13 +186,15 @@ def fail_stale(study: optuna.Study) -> None:
 
 
 @contextmanager
-def heartbeat(storage: optuna.storages.RDBStorage, trial_id: int) -> Iterator[None]:
+def heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[None]:
     """Send the trial's heartbeat every HEARTBEAT_SECONDS while the block runs."""
+    # RDB storages and Optuna's cache around them implement its (private) heartbeat base class.
+    record: Callable[[int], None] = storage.record_heartbeat  # type: ignore[attr-defined]
     stop = threading.Event()
 
     def beat() -> None:
         while True:
-            storage.record_heartbeat(trial_id)
+            record(trial_id)
             if stop.wait(HEARTBEAT_SECONDS):
                 return
 
