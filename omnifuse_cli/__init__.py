@@ -1,6 +1,6 @@
 """omnifuse: OmniFuse multimodal learning on low-quality medical data, from the command line and
-from Python (``omnifuse_cli.api``: train, cv, make_data, Run, OmniFuseClassifier; and
-``omnifuse_cli.tune``, the hyperparameter search of omnifuse_cli.tuning)."""
+from Python (``omnifuse_cli.api``: train, cv, make_data, Run; ``OmniFuseClassifier`` of
+omnifuse_cli.estimator; ``tune``, the hyperparameter search of omnifuse_cli.tuning)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ __all__ = [
     "train",
     "tune",
 ]
-_API = frozenset(__all__) - {"__version__", "tune"}
+_API = frozenset(__all__) - {"__version__", "tune", "OmniFuseClassifier"}
 
 if TYPE_CHECKING:
-    from omnifuse_cli.api import OmniFuseClassifier, Run, cv, make_data, resume, resume_cv, train
+    from omnifuse_cli.api import Run, cv, make_data, resume, resume_cv, train
+    from omnifuse_cli.estimator import OmniFuseClassifier
     from omnifuse_cli.tuning.front import tune
 
 
@@ -33,6 +34,10 @@ def __getattr__(name: str) -> Any:
         from omnifuse_cli import api
 
         return getattr(api, name)
+    if name == "OmniFuseClassifier":  # the estimator is built on the API, one layer above it
+        from omnifuse_cli.estimator import OmniFuseClassifier
+
+        return OmniFuseClassifier
     if name == "tune":  # the search is built on the API, one layer above it
         from omnifuse_cli.tuning.front import tune
 

@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
     "report": 4,
     "api": 5,  # omnifuse_cli/api.py
     "tuning": 6,  # omnifuse_cli/tuning/: `omnifuse tune`, built on the API
+    "estimator": 6,  # omnifuse_cli/estimator.py: OmniFuseClassifier, built on the API
     "cli": 7,  # omnifuse_cli/cli/ and omnifuse_cli/__main__.py
 }
 
@@ -54,6 +55,7 @@ LAYERS: dict[str, int] = {
 ALLOWED_UPWARD: dict[tuple[str, str], str] = {
     (PACKAGE, f"{PACKAGE}.api"): "lazy re-export of the API in omnifuse_cli.__getattr__",
     (PACKAGE, f"{PACKAGE}.tuning.front"): "lazy re-export of tune in omnifuse_cli.__getattr__",
+    (PACKAGE, f"{PACKAGE}.estimator"): "lazy re-export in omnifuse_cli.__getattr__",
 }
 
 UI_LIBRARIES = frozenset({"typer", "rich", "click"})

@@ -476,7 +476,7 @@ def test_nested_cv_estimates_the_procedure(cohort: Path, tmp_path: Path) -> None
     )
     nested = pd.read_csv(tmp_path / "t" / "nested.csv")
     assert list(nested["outer_fold"]) == [1, 2]
-    assert nested["n_test"].sum() == 48  # the 48 pool patients, each scored once by an outer fold
+    assert nested["n_test"].sum() == 54  # the 54 pool patients, each scored once by an outer fold
     assert nested["outer_auroc"].between(0, 1).all()
     summary = json.loads((tmp_path / "t" / "nested.json").read_text())
     assert summary["outer_mean"] == pytest.approx(nested["outer_auroc"].mean())
@@ -484,3 +484,15 @@ def test_nested_cv_estimates_the_procedure(cohort: Path, tmp_path: Path) -> None
     # Each outer fold's search is its own study in the same storage; the main study ran too.
     names = {s.study_name for s in optuna.get_all_study_summaries(result.storage)}
     assert names == {"t", "t-outer1", "t-outer2"}
+
+
+def test_report_of_a_real_tune_folder(tuned: Any) -> None:
+    """`omnifuse report` on the folder a real search wrote (test_report_tune.py covers the page
+    on hand-built folders): the trials, the best trial and the refit's held-out score."""
+    result = invoke("report", tuned.out_dir)
+    assert_ok(result)
+    page = (tuned.out_dir / "report.html").read_text(encoding="utf-8")
+    assert tuned.study_name in page and "optimistic" in page
+    assert f"{tuned.refit_test['auroc']:.3f}" in page
+    figures = {p.name for p in (tuned.out_dir / "report-figures").glob("*.png")}
+    assert figures, "no figure drawn"

@@ -9,6 +9,7 @@ from typing import Any, TypeVar, cast
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from omnifuse_cli.errors import OmnifuseError
 
@@ -42,10 +43,13 @@ def report_error(error: OmnifuseError) -> None:
             return  # rank 0 prints the same error
         label = f"{label} (rank {os.environ['RANK']})"
     err_console.print(
-        f"[bold red]{label}:[/] {error.message}", markup=True, soft_wrap=True, highlight=False
+        f"[bold red]{label}:[/] {escape(error.message)}",
+        markup=True,
+        soft_wrap=True,
+        highlight=False,
     )
-    if error.hint:
-        err_console.print(f"[yellow]hint:[/] {error.hint}", soft_wrap=True)
+    if error.hint:  # escaped: a hint like pip install 'omnifuse[mlflow]' is text, not markup
+        err_console.print(f"[yellow]hint:[/] {escape(error.hint)}", soft_wrap=True)
 
 
 def handle_errors(fn: F) -> F:

@@ -42,6 +42,15 @@ SPLITS_SUMMARY = "splits_summary.csv"  # patients per class and missing pattern 
 TEST = "test.csv"  # the internal test split's metrics (test_<metric>)
 CONFUSION = "confusion_matrix.csv"
 PREDICTIONS = "predictions.csv"
+# A tune folder (omnifuse_cli/tuning writes it, report/ reads it; tuning/request.py has the rest)
+TUNE_JSON = "tune.json"  # the search; it is also what marks a folder as tune output
+TRIALS_CSV = "trials.csv"  # one row per trial (param_<name> columns)
+INTERMEDIATE_CSV = "intermediate.csv"  # every trial's per-epoch validation score
+BEST_JSON = "best.json"
+BEST_YAML = "best.yaml"  # the best settings as a --config file of train
+REFIT_DIR = "refit"  # tune --refit's model: a run folder inside the tune folder
+NESTED_CSV = "nested.csv"
+NESTED_JSON = "nested.json"
 
 
 @dataclass(frozen=True)

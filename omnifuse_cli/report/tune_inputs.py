@@ -24,15 +24,15 @@ from omnifuse_cli.report.inputs import ReportInputs, load_inputs
 from omnifuse_cli.report.result_csv import read_result_csv
 from omnifuse_cli.report.tuning import Nested, Tuning
 
-# The tune folder's files (written by omnifuse tune; the report may not import tune/).
-TUNE_FILE = "tune.json"
-TRIALS = "trials.csv"
-INTERMEDIATE = "intermediate.csv"
-BEST_JSON = "best.json"
-BEST_YAML = "best.yaml"
-NESTED = "nested.csv"
-NESTED_JSON = "nested.json"
-REFIT_DIR = "refit"
+# The tune folder's files (engine/runs.py names them for omnifuse_cli/tuning and the report).
+TUNE_FILE = runs.TUNE_JSON
+TRIALS = runs.TRIALS_CSV
+INTERMEDIATE = runs.INTERMEDIATE_CSV
+BEST_JSON = runs.BEST_JSON
+BEST_YAML = runs.BEST_YAML
+NESTED = runs.NESTED_CSV
+NESTED_JSON = runs.NESTED_JSON
+REFIT_DIR = runs.REFIT_DIR
 PARAM = "param_"  # trials.csv's column prefix of a searched setting
 TEXT_COLUMNS = ("state", "datetime_start", "datetime_complete", "run_dir", "params", "error")
 

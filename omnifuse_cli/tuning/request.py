@@ -19,6 +19,16 @@ from omnifuse_cli.data.manifest import read_manifest, reading_options
 from omnifuse_cli.data.splits import stratified_split
 from omnifuse_cli.data.tables import normalize_ids, read_table
 from omnifuse_cli.engine.files import write_csv, write_text_atomic
+from omnifuse_cli.engine.runs import (  # noqa: F401 (re-exported for tuning/'s modules)
+    BEST_JSON,
+    BEST_YAML,
+    INTERMEDIATE_CSV,
+    NESTED_CSV,
+    NESTED_JSON,
+    REFIT_DIR,
+    TRIALS_CSV,
+    TUNE_JSON,
+)
 from omnifuse_cli.errors import ConfigError
 from omnifuse_cli.settings import TrainSettings, build_configs
 from omnifuse_cli.tuning.space import SearchSpace
@@ -34,20 +44,13 @@ METRIC_SOURCES: dict[str, tuple[str, str, str, str]] = {
 
 SAMPLER = "TPESampler"  # multivariate=False, constant_liar=True: see tuning/run.py
 
-# The tune folder (report/ reads these names too; docs in README "omnifuse tune").
-TUNE_JSON = "tune.json"
+# The tune folder: the files the report reads are named in engine/runs.py (imported here for
+# tuning/'s modules), the rest here; README "tune" lists them all.
 STUDY_DB = "study.db"
 POOL_MANIFEST = "pool.csv"  # the patients the search sees, file references absolute
 SPLIT = "split.csv"  # id, split (pool | test | excluded)
-TRIALS_CSV = "trials.csv"
-INTERMEDIATE_CSV = "intermediate.csv"
-BEST_JSON = "best.json"
-BEST_YAML = "best.yaml"
 TRIALS_DIR = "trials"
-REFIT_DIR = "refit"
 NESTED_DIR = "nested"
-NESTED_CSV = "nested.csv"
-NESTED_JSON = "nested.json"
 
 
 @dataclass(frozen=True)

@@ -47,13 +47,15 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
     try:
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=_replace_failed,
-            **kwargs,
-        )
+        with warnings.catch_warnings():  # heartbeats: "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=_replace_failed,
+                **kwargs,
+            )
     except Exception as err:  # SQLAlchemy's many errors: a bad URL, a missing driver, no server
         raise ConfigError(
             f"cannot open the study storage {url}: {type(err).__name__}: {err}",
