@@ -41,6 +41,10 @@ class WeightsError(OmnifuseError):
     """Pretrained weights were asked for but cannot be had (offline, wrong file, wrong shape)."""
 
 
+class TrainingDiverged(OmnifuseError):
+    """The loss or the predictions became NaN or infinite: these settings do not train."""
+
+
 class TrainingInterrupted(OmnifuseError):
     """Ctrl-C during training: the run directory holds everything up to the last full epoch."""
 

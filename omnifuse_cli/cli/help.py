@@ -47,6 +47,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "report": (
         "omnifuse report runs/demo",
         "omnifuse report runs/cv --out report.html",
+        "omnifuse report runs/tune",
     ),
     "tune init": (
         "omnifuse tune init space.yaml",

@@ -15,7 +15,8 @@ def report(
     source: Annotated[
         Path,
         typer.Argument(
-            help="A run folder (omnifuse train) or a cross-validation folder (omnifuse cv)."
+            help="A run folder (omnifuse train), a cross-validation folder (omnifuse cv) or a "
+            "tune folder (omnifuse tune run)."
         ),
     ],
     out: Annotated[

@@ -25,7 +25,7 @@ from omnifuse_cli.engine.inference import Inference, autocast, infer, loader
 from omnifuse_cli.engine.metrics import classification_metrics
 from omnifuse_cli.engine.posthoc import class_weights
 from omnifuse_cli.engine.reliability import reliability_plan, reliability_values
-from omnifuse_cli.errors import BundleError, TrainingInterrupted
+from omnifuse_cli.errors import BundleError, TrainingDiverged, TrainingInterrupted
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder
 from omnifuse_cli.model.laziness import combinations, combo_mask, combo_name, pick_lazy
 from omnifuse_cli.model.omnifuse import OmniFuse
@@ -184,6 +184,20 @@ def fit_model(
                 epoch=epoch,
                 holdout=None if plan is None else plan.mask,
             )
+            if not distributed.broadcast_object(math.isfinite(losses["total"])):
+                # Diverged (lr too high for these settings): keep the best epoch so far, as
+                # early stopping would; with none yet, these settings cannot train.
+                if not best_state:
+                    check_finite(float("nan"), epoch, cfg)
+                emit(
+                    ProgressEvent(
+                        "warning",
+                        text=f"training diverged in epoch {epoch} (the loss is NaN or "
+                        f"infinite at --lr {cfg.lr:g}): stopped, the best epoch so far "
+                        f"({best_epoch}) is kept; a lower --lr avoids this",
+                    )
+                )
+                break
             if plan is not None:
                 plan.update(model, data, device=device, batch_size=cfg.batch_size, amp=cfg.amp)
                 model.reliability.copy_(distributed.broadcast_object(model.reliability.cpu()))
@@ -404,8 +418,23 @@ def evaluate_split(
         model, data, idx, device=device, batch_size=max(cfg.batch_size, 256), amp=cfg.amp
     )
     assert data.labels is not None
-    return classification_metrics(
-        data.labels[result.index].numpy(), np.exp(result.log_probs), num_classes
+    probs = np.exp(result.log_probs)
+    if not np.isfinite(probs).all():
+        check_finite(float("nan"), None, cfg)
+    return classification_metrics(data.labels[result.index].numpy(), probs, num_classes)
+
+
+def check_finite(loss: float, epoch: int | None, cfg: TrainConfig) -> None:
+    """A TrainingDiverged error (a known error: exit 2, a hint) when the loss is NaN or
+    infinite, rather than a ValueError from deep inside the metrics."""
+    if math.isfinite(loss):
+        return
+    where = f"in epoch {epoch}" if epoch is not None else "on validation"
+    raise TrainingDiverged(
+        f"training diverged {where}: the {'loss' if epoch else 'prediction'} is {loss} "
+        f"(--lr {cfg.lr:g}, --batch-size {cfg.batch_size})",
+        hint=f"lower --lr (e.g. {cfg.lr / 3:.1g}); a smaller --lambda0 or a larger --batch-size "
+        "also steadies training",
     )
 
 
