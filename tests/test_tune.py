@@ -383,7 +383,7 @@ def test_ctrl_c_then_rerun_completes_the_study(cohort: Path, tmp_path: Path) -> 
     study = optuna.load_study(study_name="t", storage=storage)
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(done) == 3
-    interrupted = [t for t in study.trials if t.user_attrs.get(studies.INTERRUPTED)]
+    interrupted = [t for t in study.trials if t.number in studies.interrupted(study)]
     assert len(interrupted) == 1
     # The interrupted trial ran again with its own parameters.
     assert any(t.params == interrupted[0].params for t in done)
@@ -496,3 +496,24 @@ def test_report_of_a_real_tune_folder(tuned: Any) -> None:
     assert f"{tuned.refit_test['auroc']:.3f}" in page
     figures = {p.name for p in (tuned.out_dir / "report-figures").glob("*.png")}
     assert figures, "no figure drawn"
+
+
+def test_a_dead_processs_trial_is_queued_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process killed outright (no Ctrl-C handler ran) leaves its trial RUNNING; once its
+    heartbeat is older than the grace period the next process fails it and queues a copy."""
+    monkeypatch.setattr(studies, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(studies, "GRACE_SECONDS", 1)
+    rdb = studies.open_storage(f"sqlite:///{tmp_path / 'h.db'}")
+    study, _ = studies.open_study(rdb, "h", direction="maximize", trials=2, signature={})
+    trial_id = studies.claim(study, rdb)
+    assert trial_id is not None
+    with studies.heartbeat(studies.storage_of(study), trial_id):
+        pass  # one beat, then the process "dies"
+    studies.fail_stale(study)
+    assert studies.counts(study)["running"] == 1  # still within the grace period
+    time.sleep(2.2)
+    studies.fail_stale(study)
+    counts = studies.counts(study)
+    assert counts == {**counts, "running": 0, "interrupted": 1, "waiting": 2}

@@ -55,8 +55,9 @@ def trials_table(study: optuna.Study, out_dir: Path) -> tuple[pd.DataFrame, pd.D
     rows: list[dict[str, Any]] = []
     steps: list[dict[str, Any]] = []
     names: list[str] = []
+    rerun = studies.interrupted(study)
     for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get(studies.INTERRUPTED):
+        if t.number in rerun:
             continue
         for name in t.params:
             if name not in names:

@@ -60,6 +60,7 @@ class TuneInterrupted(TrainingInterrupted):
 PRUNE_STARTUP_TRIALS = 5  # MedianPruner: no pruning before this many trials finished ...
 PRUNE_WARMUP_EPOCHS = 5  # ... or before this epoch (early epochs are noisy)
 TPE_STARTUP_TRIALS = 10  # random sampling first, then TPE
+WAIT_SECONDS = 5.0  # how often a process without trials checks the others' running ones
 
 
 def run_tune(
@@ -111,12 +112,28 @@ def run_tune(
             )
         )
         ran = 0
+        waiting_said = False
         while True:
             trial_id = studies.claim(study, rdb)
-            if trial_id is None:
+            if trial_id is not None:
+                _run_trial(request, pool, study, trial_id, emit, tracker)
+                ran += 1
+                continue
+            running = studies.counts(study)["running"]
+            if not running:
                 break
-            _run_trial(request, pool, study, trial_id, emit, tracker)
-            ran += 1
+            # Other processes' trials: wait, so every process ends with the whole study (the
+            # tables, the refit); a dead process's trial is queued again after GRACE_SECONDS.
+            if not waiting_said:
+                emit(
+                    ProgressEvent(
+                        "message",
+                        text=f"waiting for {running} trial(s) running in other processes",
+                    )
+                )
+                waiting_said = True
+            _wait(request)
+            studies.fail_stale(study)
         result = write_outputs(request, study, ran, time.perf_counter() - t0)
         if request.refit:
             _refit(request, result, emit)
@@ -128,6 +145,16 @@ def run_tune(
         if tracker is not None:
             _log_search(tracker, result)
     return result
+
+
+def _wait(request: TuneRequest) -> None:
+    try:
+        time.sleep(WAIT_SECONDS)
+    except KeyboardInterrupt:
+        raise TuneInterrupted(
+            "tune interrupted while other processes' trials were running",
+            hint=f"rerun the same command to collect the study's results ({request.out_dir})",
+        ) from None
 
 
 def _log_search(tracker: tracking.Tracker, result: TuneResult) -> None:
@@ -243,7 +270,7 @@ def _run_trial(
         except optuna.TrialPruned as pruned:
             state, error = "PRUNED", str(pruned)
         except (KeyboardInterrupt, TrainingInterrupted):  # Ctrl-C: this trial runs again
-            studies.requeue(storage, study, trial_id, params)
+            studies.requeue(study, number, params)
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             if child is not None:
                 child.finish("KILLED")

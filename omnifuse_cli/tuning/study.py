@@ -31,7 +31,9 @@ HEARTBEAT_SECONDS = 60  # a RUNNING trial without a heartbeat for GRACE_SECONDS 
 GRACE_SECONDS = 180
 TARGET = "omnifuse_trials"  # study user attribute: the number of trials the study holds
 SIGNATURE = "omnifuse_search"  # study user attribute: what every process must search alike
-INTERRUPTED = "omnifuse_interrupted"  # trial user attribute: failed by Ctrl-C or a lost process
+# Trial user attribute of a queued copy: the number of the trial it reruns (interrupted by Ctrl-C
+# or lost with its process). The copy carries it because a finished trial cannot be changed.
+RETRY_OF = "omnifuse_retry_of"
 WAIT_FOR_CREATOR_SECONDS = 60.0
 
 
@@ -132,18 +134,12 @@ def _enqueue(study: optuna.Study, n: int, params: Mapping[str, Any] | None = Non
 def _replace_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Optuna's callback for a trial whose process died (no heartbeat): run it again. (Optuna
     hands the callback the study alone; its storage is the study's.)"""
-    requeue(storage_of(study), study, trial._trial_id, trial.params)
+    requeue(study, trial.number, trial.params)
 
 
-def requeue(
-    storage: optuna.storages.BaseStorage,
-    study: optuna.Study,
-    trial_id: int,
-    params: Mapping[str, Any],
-) -> None:
-    """Mark an interrupted trial and enqueue a WAITING copy with the same parameters."""
-    storage.set_trial_user_attr(trial_id, INTERRUPTED, True)
-    _enqueue(study, 1, params)
+def requeue(study: optuna.Study, number: int, params: Mapping[str, Any]) -> None:
+    """Queue a WAITING copy of an interrupted trial, with its parameters."""
+    study.enqueue_trial(dict(params), user_attrs={RETRY_OF: number})
 
 
 def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
@@ -209,11 +205,21 @@ def heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[N
         thread.join(timeout=5)
 
 
+def interrupted(study: optuna.Study) -> set[int]:
+    """Numbers of the trials that were interrupted and queued again."""
+    return {
+        int(t.user_attrs[RETRY_OF])
+        for t in study.get_trials(deepcopy=False)
+        if RETRY_OF in t.user_attrs
+    }
+
+
 def counts(study: optuna.Study) -> dict[str, int]:
     """Trials by state (lower case), interrupted-and-requeued trials apart as ``interrupted``."""
     out = {"complete": 0, "pruned": 0, "fail": 0, "running": 0, "waiting": 0, "interrupted": 0}
+    rerun = interrupted(study)
     for trial in study.get_trials(deepcopy=False):
-        if trial.user_attrs.get(INTERRUPTED):
+        if trial.number in rerun:
             out["interrupted"] += 1
         else:
             out[trial.state.name.lower()] += 1
