@@ -364,7 +364,14 @@ def test_ctrl_c_then_rerun_completes_the_study(cohort: Path, tmp_path: Path) -> 
         *flags,
     ]
     proc = subprocess.Popen(
-        _cli(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        _cli(*args),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # A shell's background job starts with SIGINT ignored, and Python then never turns it
+        # into KeyboardInterrupt: give the child the default disposition, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300
     while not (out / "trials" / "0001" / "metrics.csv").is_file():  # trial 1 is training

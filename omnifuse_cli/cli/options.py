@@ -101,7 +101,7 @@ TrackOption = Annotated[
     typer.Option(
         "--track",
         help="Log settings, per-epoch metrics, final metrics, the report and the model to "
-        "mlflow or tensorboard (pip install 'omnifuse[mlflow]' / 'omnifuse[tensorboard]').",
+        "mlflow or tensorboard (each an optional extra of omnifuse, named alike).",
         show_default=False,
     ),
 ]
