@@ -21,8 +21,11 @@ def _runs(uri: str) -> list:  # type: ignore[type-arg]
 
 
 def test_train_tracked_in_mlflow_holds_settings_curves_scores_report_and_model(
-    tiny_manifest: Path, tmp_path: Path
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
     out = tmp_path / "run"
     result = invoke(
@@ -39,6 +42,9 @@ def test_train_tracked_in_mlflow_holds_settings_curves_scores_report_and_model(
     assert run.data.metrics["test_auroc"] == pytest.approx(saved["test_auroc"])
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.html", "report-figures", "model", "metrics.csv", "config.yaml"} <= names
+    # The files sit beside the database, not in the folder the command ran from.
+    assert list(tmp_path.glob("mlruns/*/*/artifacts/report.html"))
+    assert not any(elsewhere.iterdir())
 
 
 def test_cv_tracked_in_tensorboard_has_one_curve_per_fold(

@@ -234,7 +234,7 @@ class MlflowTracker(Tracker):
                 hint="give a database, e.g. --track-uri sqlite:///mlflow.db, "
                 "or set MLFLOW_ALLOW_FILE_STORE=true",
             ) from exc
-        experiment_id = _experiment_id(client, experiment)
+        experiment_id = _experiment_id(client, experiment, _artifact_root(tracking_uri, experiment))
         tags = {**_base_tags(out_dir), "mlflow.runName": run_name}
         run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         run_id = run.info.run_id
@@ -295,7 +295,18 @@ class MlflowTracker(Tracker):
         self._client.set_terminated(self.run_id, status)
 
 
-def _experiment_id(client: MlflowClient, name: str) -> str:
+def _artifact_root(tracking_uri: str, experiment: str) -> str | None:
+    """Files of a new experiment tracked to a local SQLite database go beside the database
+    (``mlruns/EXPERIMENT/RUN_ID/artifacts`` in its folder), not into whatever folder the command
+    ran from (MLflow's default); other stores keep MLflow's choice."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    database = Path(tracking_uri[len(prefix) :])
+    return (database.absolute().parent / "mlruns" / _mlflow_name(experiment)).as_uri()
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
     """The id of experiment ``name``, created when absent (another process may create it at the
     same moment: then create fails and the second look finds theirs)."""
     # optional extra: imported only when tracking to MLflow (already loaded by open)
@@ -304,7 +315,7 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is None:
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, artifact_location=artifact_root)
         except MlflowException:
             found = client.get_experiment_by_name(name)
             if found is None:
