@@ -69,7 +69,9 @@ def test_default_space_parses_and_tune_init_writes_it(tmp_path: Path) -> None:
     assert {"lr", "lambda0", "modality_drop", "image_backbone", "image_size"} <= set(space.names)
     assert_ok(invoke("tune", "init", tmp_path / "space.yaml"))
     assert (tmp_path / "space.yaml").read_text(encoding="utf-8") == DEFAULT_SPACE_YAML
-    assert_user_error(invoke("tune", "init", tmp_path / "space.yaml"), "exists")
+    assert_user_error(
+        invoke("tune", "init", tmp_path / "space.yaml"), "already exists", "--overwrite"
+    )
 
 
 @pytest.mark.parametrize(

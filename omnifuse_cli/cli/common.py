@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from omnifuse_cli.errors import OmnifuseError
+from omnifuse_cli.errors import ConfigError, OmnifuseError
 
 
 def _other_rank() -> bool:
@@ -66,3 +67,18 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(code=error.exit_code) from None
 
     return cast(F, wrapper)  # functools.wraps keeps fn's signature
+
+
+def write_or_print(path: Path | None, text: str, overwrite: bool) -> bool:
+    """``text`` on stdout (no ``path``), or written to ``path``, which must not exist unless
+    ``overwrite``; True when written (`config init`, `tune init`)."""
+    if path is None:
+        typer.echo(text, nl=False)
+        return False
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} already exists", hint="pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return True

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from omnifuse_cli.cli.common import console, handle_errors
+from omnifuse_cli.cli.common import console, handle_errors, write_or_print
 from omnifuse_cli.cli.config_file import template
 from omnifuse_cli.cli.help import epilog
 from omnifuse_cli.engine.runs import CONFIG_YAML
@@ -37,19 +37,12 @@ def init(
     ] = False,
 ) -> None:
     """Write a commented template of every setting with its default, for --config."""
-    from omnifuse_cli.engine.files import write_text_atomic  # pandas: not at `omnifuse --help`
-
     if command not in COMMANDS:
         raise ConfigError(
             f"--command {command!r} takes no config file", hint=f"one of {', '.join(COMMANDS)}"
         )
-    text = template(command)
-    if path is None:
-        typer.echo(text, nl=False)
+    if not write_or_print(path, template(command), overwrite):
         return
-    if path.exists() and not overwrite:
-        raise ConfigError(f"{path} already exists", hint="pass --overwrite to replace it")
-    write_text_atomic(path, text)
     console.print(f"written to [bold]{path}[/]  ·  next: omnifuse {command} --config {path}")
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
-from omnifuse_cli.cli.common import console, handle_errors
+from omnifuse_cli.cli.common import console, handle_errors, write_or_print
 from omnifuse_cli.cli.config_file import with_config_file
 from omnifuse_cli.cli.help import epilog, paragraphs
 from omnifuse_cli.cli.options import TrackOption, TrackUriOption
@@ -43,17 +43,11 @@ def init(
     """Write the default search space, commented, for `omnifuse tune run --space`."""
     from omnifuse_cli.tuning.space import DEFAULT_SPACE_YAML  # yaml: not at `omnifuse --help`
 
-    if path is None:
-        console.print(DEFAULT_SPACE_YAML, markup=False, highlight=False, end="")
-        return
-    if path.exists() and not overwrite:
-        raise ConfigError(f"{path} exists", hint="give --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(DEFAULT_SPACE_YAML, encoding="utf-8")
-    console.print(
-        f"search space written to [bold]{path}[/]; edit it, then: omnifuse tune run "
-        f"MANIFEST --num-classes C --space {path}"
-    )
+    if write_or_print(path, DEFAULT_SPACE_YAML, overwrite):
+        console.print(
+            f"search space written to [bold]{path}[/]  ·  next: omnifuse tune run MANIFEST "
+            f"--num-classes C --space {path}"
+        )
 
 
 @handle_errors
