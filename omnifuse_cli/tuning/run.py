@@ -446,8 +446,11 @@ def _both(first: EventFn, second: EventFn) -> EventFn:
 
 
 def _passing(emit: EventFn) -> Callable[[ProgressEvent], None]:
+    """The refit's events a search shows: warnings and encoding progress, not the lines a
+    train run prints about itself (the refit folder holds its metrics and settings)."""
+
     def forward(event: ProgressEvent) -> None:
-        if event.kind in ("message", "warning", "encode", "epoch"):
+        if event.kind in ("warning", "encode"):
             emit(event)
 
     return forward
