@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from omnifuse_cli.report.figures import COLORS
 from omnifuse_cli.report.tune_inputs import PARAM, best_so_far
@@ -184,6 +184,10 @@ def slices(
             x = numeric.to_numpy(dtype=float)
             if spec.get("log"):
                 ax.set_xscale("log")
+                # minor ticks unlabelled: a range under one decade would print overlapping labels
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            elif spec.get("type") == "int":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         mappable = ax.scatter(
             x,
             shown["value"].to_numpy(dtype=float),
