@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from omnifuse_cli.config import TrainConfig
 from omnifuse_cli.errors import DataError
 
 
@@ -65,6 +66,14 @@ def stratified_split(
                 f"--test-ratio {share:.2f}, or add patients to class {c}",
             )
     return splits
+
+
+def train_split(labels: np.ndarray, cfg: TrainConfig) -> dict[str, np.ndarray]:
+    """The split `omnifuse train` makes with ``cfg``'s ratios and seed (check's audit and tune's
+    held-out test patients use it too, so all three agree patient for patient)."""
+    return stratified_split(
+        labels, train=cfg.train_ratio, val=cfg.val_ratio, test=cfg.test_ratio, seed=cfg.seed
+    )
 
 
 def training_patients(splits: dict[str, np.ndarray]) -> np.ndarray:

@@ -15,7 +15,7 @@ from omnifuse_cli.data.cohort import Cohort, NoteStats, check_trainable
 from omnifuse_cli.data.dicom import describe
 from omnifuse_cli.data.images import View
 from omnifuse_cli.data.manifest import read_manifest, reading_options
-from omnifuse_cli.data.splits import stratified_split
+from omnifuse_cli.data.splits import train_split
 from omnifuse_cli.errors import DataError
 
 
@@ -104,13 +104,7 @@ def audit_manifest(
     cfg = split or TrainConfig()
     try:
         check_trainable(cohort, classes)
-        splits = stratified_split(
-            cohort.labels,
-            train=cfg.train_ratio,
-            val=cfg.val_ratio,
-            test=cfg.test_ratio,
-            seed=cfg.seed,
-        )
+        splits = train_split(cohort.labels, cfg)
     except DataError as err:
         report.problems.append(err.message + (f" ({err.hint})" if err.hint else ""))
         return report

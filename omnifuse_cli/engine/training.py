@@ -26,7 +26,7 @@ from omnifuse_cli.config import (
 from omnifuse_cli.data.cohort import Cohort, check_trainable
 from omnifuse_cli.data.manifest import read_manifest, reading_options
 from omnifuse_cli.data.prepared import Preprocessor
-from omnifuse_cli.data.splits import stratified_split, training_patients
+from omnifuse_cli.data.splits import train_split, training_patients
 from omnifuse_cli.engine import distributed
 from omnifuse_cli.engine.audit import split_summary
 from omnifuse_cli.engine.bundle import save_bundle, versions
@@ -129,13 +129,7 @@ def _run_training(
         )
         check_trainable(cohort, request.num_classes)
         assert cohort.labels is not None
-        splits = stratified_split(
-            cohort.labels,
-            train=cfg.train_ratio,
-            val=cfg.val_ratio,
-            test=cfg.test_ratio,
-            seed=cfg.seed,
-        )
+        splits = train_split(cohort.labels, cfg)
         distributed.check_world_fits(len(splits["train"]), cfg.batch_size)
         summary = split_summary(cohort, splits, [str(c) for c in range(request.num_classes)])
         digests = data_digests(request) if distributed.active() else {}

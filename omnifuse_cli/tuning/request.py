@@ -16,7 +16,7 @@ import pandas as pd
 from omnifuse_cli import __version__
 from omnifuse_cli.data.cells import absolute_paths
 from omnifuse_cli.data.manifest import read_manifest, reading_options
-from omnifuse_cli.data.splits import stratified_split
+from omnifuse_cli.data.splits import train_split
 from omnifuse_cli.data.tables import normalize_ids, read_table
 from omnifuse_cli.engine.files import write_csv, write_text_atomic
 from omnifuse_cli.engine.runs import (  # noqa: F401 (re-exported for tuning/'s modules)
@@ -195,13 +195,7 @@ def split_pool(request: TuneRequest, made: TrainSettings) -> Pool:
         **reading_options(data),
     )
     assert cohort.labels is not None
-    splits = stratified_split(
-        cohort.labels,
-        train=cfg.train_ratio,
-        val=cfg.val_ratio,
-        test=cfg.test_ratio,
-        seed=cfg.seed,
-    )
+    splits = train_split(cohort.labels, cfg)
     ids = np.asarray(cohort.ids, dtype=object)
     test_ids = set(ids[splits["test"]].tolist())
     pool_ids = set(ids.tolist()) - test_ids
