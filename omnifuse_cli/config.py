@@ -31,7 +31,12 @@ TextEncoderKind = Literal["simple", "hf"]
 InferenceRule = Literal["label-free", "joint", "mean"]
 JointInput = Literal["latents", "slots", "both"]
 ImputationLoss = Literal["normalized", "paper"]
-SelectMetric = Literal["macro_f1", "loss", "auroc"]
+# --eval-metric: "auto" is AUROC for two classes and log loss for more (engine/presets.py);
+# "loss" is the older spelling of log_loss.
+SelectMetric = Literal[
+    "auto", "auroc", "log_loss", "loss", "macro_f1", "balanced_accuracy", "accuracy"
+]
+Preset = Literal["fast", "medium", "best"]
 Pretrained = Literal["auto", "yes", "no"]
 OnBadFile = Literal["error", "skip"]
 OnEmptyPatient = Literal["skip", "error"]
@@ -333,10 +338,17 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA only; CPU always runs fp32
     tla_sample: int = 512  # training patients used to mine the lazy combination each epoch
-    # Validation score that picks the best epoch, and early stopping; both chosen on validation
-    # data (benchmarks/results/selection.md).
-    select_metric: SelectMetric = "macro_f1"
+    # --eval-metric: the score that picks the best epoch, stops early, weighs the ensemble and
+    # is reported first ("auto": AUROC for two classes, log loss for more; engine/presets.py).
+    select_metric: SelectMetric = "auto"
     patience: int = 0  # stop after this many epochs without a better score (0: never)
+    preset: Preset = "medium"  # what set the defaults (settings.PRESETS); recorded in meta.csv
+    # Settings left to the cohort-size rule (engine/presets.adapt_to_cohort): batch_size, lr,
+    # epochs, patience when neither the user nor the preset gave them.
+    cohort_defaults: tuple[str, ...] = ()
+    bag_folds: int = 0  # >= 2: K models on K stratified folds of the training patients
+    ensemble: bool = False  # greedy ensemble of the bag and classical members (engine/ensemble)
+    time_limit: float = 0.0  # seconds of wall clock for the whole run (0: none)
     # Loss weight of each class: none, balanced (n / (C * n_c) on the training patients) or
     # explicit weights "1,2.5" (one per class, in class order).
     class_weight: str = "none"
@@ -385,7 +397,18 @@ class TrainConfig:
         )
         _check(self.tla_sample >= 1, "tla_sample must be >= 1")
         _check(self.patience >= 0, f"--patience must be >= 0, got {self.patience}")
-        check_choice(self.select_metric, SelectMetric, "--select-by")
+        check_choice(self.select_metric, SelectMetric, "--eval-metric")
+        check_choice(self.preset, Preset, "--preset")
+        _check(
+            self.bag_folds == 0 or self.bag_folds >= 2,
+            f"--bag-folds must be 0 (no bagging) or >= 2, got {self.bag_folds}",
+        )
+        _check(self.time_limit >= 0, f"--time-limit must be >= 0, got {self.time_limit}")
+        _check(
+            not self.ensemble or self.bag_folds >= 2,
+            "--ensemble weighs models on out-of-fold predictions: it needs --bag-folds K >= 2",
+            "add --bag-folds 5, or --no-ensemble",
+        )
         check_choice(self.calibrate, Calibration, "--calibrate")
         parse_class_weight(self.class_weight, None)
 

@@ -35,6 +35,7 @@ from omnifuse_cli.engine.files import temp_file_beside, write_text_atomic
 from omnifuse_cli.engine.modelling import build_model, text_backbone_from_folder
 from omnifuse_cli.engine.runs import bundle_folder
 from omnifuse_cli.errors import BundleError
+from omnifuse_cli.model.bag import BaggedOmniFuse
 from omnifuse_cli.model.omnifuse import OmniFuse
 
 if TYPE_CHECKING:  # transformers is heavy: imported for annotations only
@@ -46,10 +47,11 @@ FORMAT_VERSION = 1
 
 @dataclass
 class LoadedBundle:
-    model: OmniFuse
+    model: OmniFuse | BaggedOmniFuse  # a bag: bundle.json's "bag" (--bag-folds)
     preprocessor: Preprocessor
     class_names: list[str]
     meta: dict[str, Any]
+    folder: Path | None = None  # where it was loaded from (the ensemble's members live there)
 
 
 def versions() -> dict[str, str]:
@@ -69,7 +71,7 @@ def versions() -> dict[str, str]:
 
 def save_bundle(
     folder: Path,
-    model: OmniFuse,
+    model: OmniFuse | BaggedOmniFuse,
     preprocessor: Preprocessor,
     *,
     class_names: list[str],
@@ -138,7 +140,14 @@ def load_bundle(run_or_bundle: Path, device: torch.device | str = "cpu") -> Load
         text_dir = folder / f"text_{spec.name}"
         if spec.kind == "text" and text_dir.is_dir():
             tokenizers[spec.name], backbones[spec.name], _ = text_backbone_from_folder(text_dir)
-    model = build_model(config, image, backbones)
+    bag = meta.get("bag")
+    model: OmniFuse | BaggedOmniFuse
+    if bag:
+        model = BaggedOmniFuse(
+            [build_model(config, image, backbones) for _ in range(int(bag["members"]))]
+        )
+    else:
+        model = build_model(config, image, backbones)
     try:
         state = load_file(str(folder / "model.safetensors"))
     except (SafetensorError, OSError, ValueError) as err:
@@ -147,7 +156,10 @@ def load_bundle(run_or_bundle: Path, device: torch.device | str = "cpu") -> Load
             hint="re-run training, or copy the run folder again",
         ) from err
     try:
-        model.load_state_dict(state, strict=True)
+        if isinstance(model, BaggedOmniFuse):
+            model.load_bag_state(state)
+        else:
+            model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise BundleError(
             f"{folder / 'model.safetensors'} does not match its bundle.json: "
@@ -157,4 +169,4 @@ def load_bundle(run_or_bundle: Path, device: torch.device | str = "cpu") -> Load
     preprocessor = Preprocessor.from_state(
         config.modalities, image, text, meta["preprocessor"], tokenizers
     )
-    return LoadedBundle(model, preprocessor, list(meta["class_names"]), meta)
+    return LoadedBundle(model, preprocessor, list(meta["class_names"]), meta, folder)

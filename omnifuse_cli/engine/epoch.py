@@ -19,6 +19,7 @@ from omnifuse_cli.data.prepared import PatientDataset, PreparedCohort, make_coll
 from omnifuse_cli.engine import distributed
 from omnifuse_cli.engine.events import EventFn, ProgressEvent
 from omnifuse_cli.engine.inference import autocast
+from omnifuse_cli.model.bag import BaggedOmniFuse
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder
 from omnifuse_cli.model.laziness import available, combo_mask
 from omnifuse_cli.model.omnifuse import OmniFuse
@@ -26,13 +27,13 @@ from omnifuse_cli.model.omnifuse import OmniFuse
 LOSS_TERMS = ("forward", "backward", "dwfuse", "tla")
 
 
-def backbone_names(model: OmniFuse) -> list[str]:
+def backbone_names(model: OmniFuse | BaggedOmniFuse) -> list[str]:
     """Modalities whose encoder wraps a pretrained backbone (image network, Hugging Face text
     model): frozen until fine-tuning, their features cached."""
     return [n for n, e in model.encoders.items() if isinstance(e, (ImageEncoder, HFTextEncoder))]
 
 
-def backbone(model: OmniFuse, name: str) -> torch.nn.Module:
+def backbone(model: OmniFuse | BaggedOmniFuse, name: str) -> torch.nn.Module:
     """The pretrained backbone of modality ``name``, one of ``backbone_names(model)``."""
     encoder = model.encoders[name]
     assert isinstance(encoder, (ImageEncoder, HFTextEncoder)), name

@@ -13,6 +13,7 @@ import pandas as pd
 
 from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.data.tables import row_name
+from omnifuse_cli.engine.bagged_run import scorer
 from omnifuse_cli.engine.bundle import load_bundle
 from omnifuse_cli.engine.files import write_csv
 from omnifuse_cli.engine.frozen_features import feature_cache, reuse_frozen_features
@@ -268,10 +269,11 @@ def evaluate_run(request: EvalRequest, progress: PassProgress | None = None) -> 
         batch_size=request.batch_size,
         progress=phase(progress, "scoring"),
     )
+    log_probs = scorer(bundle).log_probs(cohort.subset(result.index), result.log_probs)
     posthoc = PostHoc.from_bundle(bundle.meta)
     notes.extend(posthoc.describe())
-    raw = np.exp(result.log_probs)
-    probs = posthoc.probabilities(result.log_probs)
+    raw = np.exp(log_probs)
+    probs = posthoc.probabilities(log_probs)
     pred = posthoc.decide(probs)
     y = cohort.labels[result.index]
     metrics = full_metrics(y, probs, num_classes, pred)

@@ -26,6 +26,7 @@ from omnifuse_cli.engine.metrics import classification_metrics
 from omnifuse_cli.engine.posthoc import class_weights
 from omnifuse_cli.engine.reliability import reliability_plan, reliability_values
 from omnifuse_cli.errors import BundleError, TrainingDiverged, TrainingInterrupted
+from omnifuse_cli.model.bag import BaggedOmniFuse
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder
 from omnifuse_cli.model.laziness import combinations, combo_mask, combo_name, pick_lazy
 from omnifuse_cli.model.omnifuse import OmniFuse
@@ -80,6 +81,8 @@ def fit_model(
     on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
     checkpoint: Path | None = None,
     resume: dict[str, Any] | None = None,
+    deadline: float | None = None,
+    status: dict[str, Any] | None = None,
 ) -> tuple[list[EpochRecord], int, dict[str, torch.Tensor]]:
     """The epoch loop: train, validate, mine the lazy combination, keep the best state.
 
@@ -91,6 +94,9 @@ def fit_model(
     saved there; ``resume`` (a loaded checkpoint plus the best state so far) continues from it
     exactly as if the run had never stopped. Ctrl-C raises TrainingInterrupted after the last
     complete epoch's files are on disk.
+    ``deadline`` (a time.monotonic() value, --time-limit): no epoch starts that the slowest one
+    so far says would end after it (the first epoch always runs); ``status["time_limit"]`` is
+    then set, for the run's records.
     Under torchrun the model trains as DistributedDataParallel on each rank's share of every
     global batch (train_epoch); validation, reliability and mining see the full sets on every
     rank, rank 0's decisions are broadcast, and only rank 0 calls ``on_best``/``on_epoch`` and
@@ -157,6 +163,16 @@ def fit_model(
     saved = first - 1  # last epoch whose checkpoint is on disk
     try:
         for epoch in range(first, cfg.epochs + 1):
+            if out_of_time(deadline, records, epoch > first):
+                if status is not None:
+                    status["time_limit"] = True
+                emit(
+                    ProgressEvent(
+                        "message",
+                        text=f"time limit: stopped before epoch {epoch} (best: epoch {best_epoch})",
+                    )
+                )
+                break
             if finetune and epoch > cfg.warmup_epochs and not unfrozen:
                 emit(ProgressEvent("message", text="warm-up done: fine-tuning backbones"))
                 _unfreeze(model, data, cfg)
@@ -281,8 +297,24 @@ def fit_model(
     return records, best_epoch, best_state
 
 
-def stop_reason(cfg: TrainConfig, last_epoch: int, best_epoch: int) -> str:
+def out_of_time(deadline: float | None, records: list[EpochRecord], started: bool) -> bool:
+    """Whether the next epoch, as long as the slowest so far, would end after ``deadline``
+    (rank 0 decides under torchrun, so every rank stops at the same epoch)."""
+    if deadline is None or not started or not records:
+        return False
+    slowest = max(r.seconds for r in records)
+    return bool(distributed.broadcast_object(time.monotonic() + slowest > deadline))
+
+
+def stop_reason(
+    cfg: TrainConfig, last_epoch: int, best_epoch: int, time_limit: bool = False
+) -> str:
     """Why training ended, for the run's records."""
+    if time_limit:
+        return (
+            f"time limit after epoch {last_epoch} of {cfg.epochs} (best: epoch {best_epoch}; "
+            f"--time-limit {cfg.time_limit:g} s)"
+        )
     if last_epoch < cfg.epochs:
         return (
             f"early stopping after epoch {last_epoch} of {cfg.epochs}: no better validation "
@@ -298,12 +330,18 @@ def _rank_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, distributed.rank()]).generate_state(1)[0])
 
 
+# --eval-metric -> its key in engine.metrics.classification_metrics
+_METRIC_KEYS = {"accuracy": "acc", "balanced_accuracy": "balanced_acc"}
+
+
 def selection_key(val: dict[str, float], metric: str) -> tuple[float, ...]:
-    """Larger is better. Log loss and AUROC vary less between epochs on small validation
-    splits than macro-F1, whose every patient moves it by a step."""
-    if metric == "loss":
+    """Larger is better; ties (and an undefined score: AUROC on a split missing a class) go to
+    the lower log loss. Log loss and AUROC vary less between epochs on small validation splits
+    than macro-F1, whose every patient moves it by a step."""
+    if metric in ("loss", "log_loss"):
         return (-val["loss"],)
-    return (val[metric], -val["loss"])
+    score = val[_METRIC_KEYS.get(metric, metric)]
+    return (score if math.isfinite(score) else -math.inf, -val["loss"])
 
 
 def _frozen_prefixes(model: OmniFuse) -> tuple[str, ...]:
@@ -380,7 +418,7 @@ def _unfreeze(model: OmniFuse, data: PreparedCohort, cfg: TrainConfig) -> None:
 
 
 def infer_all(
-    model: OmniFuse,
+    model: OmniFuse | BaggedOmniFuse,
     data: PreparedCohort,
     indices: np.ndarray,
     *,

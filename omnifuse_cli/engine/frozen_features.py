@@ -46,6 +46,7 @@ from omnifuse_cli.engine import distributed
 from omnifuse_cli.engine.events import EventFn, ProgressEvent
 from omnifuse_cli.engine.inference import ProgressFn, autocast
 from omnifuse_cli.errors import DataError
+from omnifuse_cli.model.bag import BaggedOmniFuse
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder
 from omnifuse_cli.model.omnifuse import OmniFuse
 
@@ -85,7 +86,7 @@ class _Job:
 
 @torch.no_grad()
 def cache_frozen_features(
-    model: OmniFuse,
+    model: OmniFuse | BaggedOmniFuse,
     data: PreparedCohort,
     names: list[str],
     *,
@@ -150,7 +151,7 @@ def encode_frozen(
 
 
 def _cache_frozen_features(
-    model: OmniFuse,
+    model: OmniFuse | BaggedOmniFuse,
     data: PreparedCohort,
     names: list[str],
     *,
@@ -435,7 +436,7 @@ def _features_distributed(
 
 
 def reuse_frozen_features(
-    model: OmniFuse,
+    model: OmniFuse | BaggedOmniFuse,
     data: PreparedCohort,
     rows: np.ndarray,
     *,

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from omnifuse_cli.data.prepared import PatientDataset, PreparedCohort, make_collate, move_to
 from omnifuse_cli.errors import ConfigError
+from omnifuse_cli.model.bag import BaggedOmniFuse
 from omnifuse_cli.model.omnifuse import OmniFuse
 
 ProgressFn = Callable[[int, int], None]
@@ -64,7 +65,7 @@ class Inference:
 
 @torch.no_grad()
 def infer(
-    model: OmniFuse,
+    model: OmniFuse | BaggedOmniFuse,
     data: PreparedCohort,
     indices: np.ndarray | list[int],
     *,

@@ -14,6 +14,7 @@ from omnifuse_cli.data.cohort import NO_MODALITY, Cohort
 from omnifuse_cli.data.manifest import read_manifest
 from omnifuse_cli.data.prepared import Preprocessor
 from omnifuse_cli.data.tables import row_name
+from omnifuse_cli.engine.bagged_run import scorer
 from omnifuse_cli.engine.bundle import load_bundle
 from omnifuse_cli.engine.frozen_features import feature_cache, reuse_frozen_features
 from omnifuse_cli.engine.inference import infer, resolve_device
@@ -194,7 +195,8 @@ def predict_patients(
     rows = ok[result.index]
     notes.extend(posthoc.describe())
     probs = np.full((len(cohort), len(bundle.class_names)), np.nan, dtype=np.float64)
-    probs[rows] = posthoc.probabilities(result.log_probs)
+    log_probs = scorer(bundle).log_probs(scored.subset(result.index), result.log_probs)
+    probs[rows] = posthoc.probabilities(log_probs)
     pred = np.zeros(len(cohort), dtype=np.int64)
     pred[rows] = posthoc.decide(probs[rows])
     sets = None

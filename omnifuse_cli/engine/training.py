@@ -8,6 +8,7 @@ fitting.py's; what follows it (linear path, post-hoc fit) is finishing.py's.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +22,17 @@ from safetensors.torch import load_file
 from omnifuse_cli import __version__
 from omnifuse_cli.config import (
     ModelConfig,
+    TrainConfig,
     to_primitive,
 )
 from omnifuse_cli.data.cohort import Cohort, check_trainable
 from omnifuse_cli.data.manifest import read_manifest, reading_options
-from omnifuse_cli.data.prepared import Preprocessor
+from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
 from omnifuse_cli.data.splits import train_split, training_patients
 from omnifuse_cli.engine import distributed
 from omnifuse_cli.engine.audit import split_summary
+from omnifuse_cli.engine.bagged_run import Scorer, fit_bagged, save_outcome_members
+from omnifuse_cli.engine.bagging import check_baggable
 from omnifuse_cli.engine.bundle import save_bundle, versions
 from omnifuse_cli.engine.epoch import backbone, backbone_names
 from omnifuse_cli.engine.events import EventFn, ProgressEvent
@@ -61,6 +65,7 @@ from omnifuse_cli.engine.modelling import (
 )
 from omnifuse_cli.engine.posthoc import KEY as POSTHOC
 from omnifuse_cli.engine.posthoc import PENDING, positive_index
+from omnifuse_cli.engine.presets import Budget, adapt_to_cohort
 from omnifuse_cli.engine.reliability import reliability_meta
 from omnifuse_cli.engine.runs import (
     BUNDLE_DIR,
@@ -113,6 +118,7 @@ def run_training(
 def _run_training(
     request: TrainRequest, emit: EventFn, device: torch.device, resume: bool
 ) -> TrainResult:
+    started = time.monotonic()
     cfg, data_cfg = request.train, request.data
     if device.type == "cpu" or cfg.threads:
         set_threads(cfg.threads)
@@ -130,6 +136,14 @@ def _run_training(
         check_trainable(cohort, request.num_classes)
         assert cohort.labels is not None
         splits = train_split(cohort.labels, cfg)
+        check_baggable(cfg)
+        if resume and cfg.bag_folds >= 2:
+            raise BundleError(
+                "a bagged run (--bag-folds) cannot be resumed: it keeps no checkpoint",
+                hint="start it again with --overwrite",
+            )
+        cfg, settings_line = adapt_to_cohort(cfg, _n_training(splits, cfg), request.num_classes)
+        request = dataclasses.replace(request, train=cfg)
         distributed.check_world_fits(len(splits["train"]), cfg.batch_size)
         summary = split_summary(cohort, splits, [str(c) for c in range(request.num_classes)])
         digests = data_digests(request) if distributed.active() else {}
@@ -140,6 +154,7 @@ def _run_training(
             save_request(request)
             _write_split_files(request.out_dir, cohort, splits)
             write_csv(request.out_dir / SPLITS_SUMMARY, summary)
+    emit(ProgressEvent("message", text=settings_line))
     for note in cohort.notes:
         emit(ProgressEvent("message", text=note))
     if len(splits.get("unlabeled", ())):
@@ -180,6 +195,12 @@ def _run_training(
     class_names = [str(c) for c in range(request.num_classes)]
     positive_index(cfg, class_names)  # a wrong --positive-class fails before training
     meta = _meta(request, cohort, device, weights, splits, warnings)
+    meta["settings_rule"] = settings_line
+    budget = Budget(started, cfg.time_limit, ensemble=cfg.ensemble)
+    if cfg.bag_folds >= 2:
+        return _finish_bagged(
+            request, cohort, model, pre, data, splits, meta, device, emit, budget, summary
+        )
 
     def on_best(epoch: int, state: dict[str, torch.Tensor]) -> None:
         save_bundle(
@@ -194,6 +215,7 @@ def _run_training(
     def on_epoch(rows: list[dict[str, Any]]) -> None:
         write_csv(request.out_dir / METRICS, pd.DataFrame(rows))
 
+    status: dict[str, Any] = {}
     try:
         records, best_epoch, best_state = fit_model(
             model,
@@ -206,12 +228,16 @@ def _run_training(
             on_epoch=on_epoch,
             checkpoint=request.out_dir / CHECKPOINT,
             resume=resume_state,
+            deadline=budget.models,
+            status=status,
         )
     except TrainingInterrupted as stop:
         stop.hint = f"continue with: omnifuse train --resume {request.out_dir}"
         raise
     model.load_state_dict(best_state)
-    meta["stopped"] = stop_reason(cfg, records[-1].epoch if records else 0, best_epoch)
+    meta["stopped"] = stop_reason(
+        cfg, records[-1].epoch if records else 0, best_epoch, bool(status.get("time_limit"))
+    )
     meta.update(reliability_meta(model, data, splits, cfg))
     linear = fit_linear(model, data, splits, cfg, device)
     if linear is not None:
@@ -269,6 +295,121 @@ def _run_training(
         notes=list(cohort.notes),
         split_summary=summary,
         select_metric=request.train.select_metric,
+    )
+
+
+def _n_training(splits: dict[str, np.ndarray], cfg: TrainConfig) -> int:
+    """Training patients of one model: with --bag-folds K, (K-1)/K of train + validation."""
+    if cfg.bag_folds >= 2:
+        pool = len(splits["train"]) + len(splits["val"])
+        return pool * (cfg.bag_folds - 1) // cfg.bag_folds
+    return len(splits["train"])
+
+
+def _finish_bagged(
+    request: TrainRequest,
+    cohort: Cohort,
+    model: OmniFuse,
+    pre: Preprocessor,
+    data: PreparedCohort,
+    splits: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    device: torch.device,
+    emit: EventFn,
+    budget: Budget,
+    summary: pd.DataFrame,
+) -> TrainResult:
+    """--bag-folds: the bag, the ensemble and the post-hoc fit on out-of-fold predictions
+    (engine/bagged_run.py), then the bundle and the test split, as a single model's run."""
+    cfg = request.train
+    class_names = [str(c) for c in range(request.num_classes)]
+    outcome = fit_bagged(
+        model,
+        request.data.image,
+        cohort,
+        data,
+        splits,
+        cfg,
+        request.num_classes,
+        class_names,
+        emit,
+        device,
+        deadline=budget.models,
+        members_deadline=budget.members,
+    )
+    for line in outcome.lines + outcome.posthoc.describe():
+        emit(ProgressEvent("message", text=line))
+    bag = outcome.model
+    meta.update(reliability_meta(bag.first, data, splits, cfg))
+    meta.update(outcome.meta())
+    meta.update(posthoc_meta(outcome.posthoc))
+    meta["stopped"] = outcome.bag.describe()
+    folder = request.out_dir / BUNDLE_DIR
+    if distributed.is_main():
+        save_bundle(
+            folder,
+            bag,
+            pre,
+            class_names=class_names,
+            extra={
+                "best_epoch": 0,
+                "run": meta,
+                POSTHOC: outcome.posthoc.to_dict(),
+                **outcome.bundle_extra(),
+            },
+            state=bag.bag_state(),
+        )
+        save_outcome_members(folder, outcome)
+    test: dict[str, float] = {}
+    cm = None
+    if len(splits["test"]):
+        result = infer_all(
+            bag, data, splits["test"], device=device, batch_size=cfg.batch_size, amp=cfg.amp
+        )
+        scorer = Scorer(folder, outcome.bundle_extra()) if outcome.members else None
+        log_probs = (
+            scorer.log_probs(cohort.subset(result.index), result.log_probs)
+            if scorer is not None
+            else result.log_probs
+        )
+        probs = outcome.posthoc.probabilities(log_probs)
+        pred = outcome.posthoc.decide(probs)
+        assert cohort.labels is not None
+        y_test = cohort.labels[result.index]
+        test = classification_metrics(y_test, probs, request.num_classes, pred)
+        cm = confusion(y_test, pred, request.num_classes)
+    records = [r for fit in outcome.bag.fits for r in fit.records]
+    if distributed.is_main():
+        rows = [{"fold": f.fold + 1, **r.row()} for f in outcome.bag.fits for r in f.records]
+        write_csv(request.out_dir / METRICS, pd.DataFrame(rows))
+        _write_results(
+            request.out_dir,
+            test,
+            cm,
+            class_names,
+            meta,
+            {
+                "best_epoch": 0,
+                "encode_seconds": 0.0,
+                "train_seconds": round(sum(r.seconds for r in records), 3),
+                **budget.meta(time.monotonic()),
+            },
+        )
+    distributed.barrier()
+    return TrainResult(
+        out_dir=request.out_dir,
+        records=records,
+        best_epoch=0,
+        test=test,
+        confusion=cm,
+        split_counts={k: len(v) for k, v in splits.items()},
+        class_names=class_names,
+        encode_seconds=0.0,
+        device=str(device),
+        image_weights=str(meta.get("image_weights", "")),
+        notes=list(cohort.notes),
+        split_summary=summary,
+        select_metric=cfg.select_metric,
     )
 
 

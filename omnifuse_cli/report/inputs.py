@@ -179,7 +179,7 @@ def _load_run(source: Path) -> ReportInputs:
     )
     modalities = _modality_names(meta)
     cohort = _run_cohort(source, meta, modalities, notes)
-    curves = {"run": read_result_csv(source / runs.METRICS)}
+    curves = _curves(read_result_csv(source / runs.METRICS))
     clinical = run_clinical(
         source, bundle, class_names, eval_dir if (eval_dir / runs.METRICS).is_file() else None
     )
@@ -315,3 +315,13 @@ def _load_cv(source: Path) -> ReportInputs:
         notes=notes,
         clinical=clinical,
     )
+
+
+def _curves(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """A run's epochs; a bagged run's (--bag-folds) by fold, drawn like cv's folds."""
+    if "fold" not in frame:
+        return {"run": frame}
+    return {
+        f"fold {k}": part.drop(columns="fold").reset_index(drop=True)
+        for k, part in frame.groupby("fold")
+    }

@@ -223,6 +223,9 @@ def _sections(inputs: ReportInputs, add: AddFigure) -> list[tuple[str, str, str]
     out.append(("decision-curve", "Decision curve", sections_clinical.decision(inputs, add)))
     out.append(("coverage", "Conformal prediction sets", sections_clinical.coverage(inputs)))
     out.append(("subgroups", "Subgroups and fairness", sections_subgroups.subgroups(inputs, add)))
+    bag = sections_run.bagging(inputs)
+    if bag:
+        out.append(("ensemble", "Bagging and ensemble", bag))
     out.append(("training", "Training", sections_run.training(inputs, add)))
     out.append(("modalities", "Modalities", sections_run.modalities(inputs, add)))
     if cv:

@@ -235,3 +235,45 @@ def tripod(inputs: ReportInputs, subject: str | None = None) -> str:
         + " knows, item by item; the rest is for the author.</p>"
         + table("tripod", ["item", "topic", "asks for", "from this output"], rows, numeric_from=99)
     )
+
+
+def bagging(inputs: ReportInputs) -> str:
+    """--bag-folds / --ensemble: the folds that finished and each ensemble member's weight and
+    out-of-fold score, so a reader sees how much the fusion model contributes."""
+    meta = inputs.meta
+    if not meta.get("bag_folds_planned"):
+        return ""
+    parts = [
+        f"<p>{esc(meta.get('bag_folds_finished', ''))} of {esc(meta['bag_folds_planned'])} "
+        "bagged OmniFuse models, each trained on the other folds of the training patients and "
+        "early-stopped on its own fold (best epochs "
+        f"{esc(meta.get('bag_best_epochs', ''))}); prediction averages them. Calibration and "
+        f"the operating point were fitted on {esc(meta.get('bag_oof_patients', ''))} "
+        "out-of-fold predictions.</p>"
+    ]
+    names = [k[len("ensemble_weight_") :] for k in meta if k.startswith("ensemble_weight_")]
+    if names:
+        metric = meta.get("ensemble_metric", "")
+        rows = [
+            (
+                name,
+                [
+                    esc(name),
+                    esc(meta[f"ensemble_weight_{name}"]),
+                    esc(meta.get(f"ensemble_oof_{name}", "")),
+                ],
+            )
+            for name in names
+        ]
+        parts.append(
+            "<p>Weighted ensemble (greedy selection with replacement, Caruana et al. 2004) on "
+            f"the out-of-fold {esc(metric)}; ensemble out-of-fold score "
+            f"{esc(meta.get('ensemble_oof_score', ''))}.</p>"
+        )
+        parts.append(table("ensemble", ["member", "weight", f"out-of-fold {metric}"], rows))
+    if meta.get("time_limit"):
+        parts.append(
+            f"<p>Time limit {esc(meta['time_limit'])} s; used {esc(meta.get('time_used', ''))} "
+            f"s. {esc(meta.get('stopped', ''))}</p>"
+        )
+    return "".join(parts)
