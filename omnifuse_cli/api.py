@@ -55,8 +55,8 @@ from omnifuse_cli.settings import (
     as_flags,
     build_configs,
     check_names,
-    defaults,
     run_config_yaml,
+    with_preset,
 )
 from omnifuse_cli.synthetic import CohortSpec, CohortSummary
 
@@ -174,10 +174,10 @@ def train(
         config_yaml=run_config_yaml(
             "train",
             [("manifest", path), ("num-classes", num_classes)],
-            {**defaults(), **settings},
+            with_preset(settings),
         ),
     )
-    values = {**defaults(), **settings}
+    values = with_preset(settings)
     with tracking.tracked(
         track,
         track_uri,
@@ -299,14 +299,14 @@ def cv(
         overwrite=overwrite,
         subgroup_cols=tuple(subgroup_cols),
         conformal=DEFAULT_ALPHA if conformal is None else conformal,
-        config_yaml=run_config_yaml("cv", own, {**defaults(), **settings}),
+        config_yaml=run_config_yaml("cv", own, with_preset(settings)),
     )
     with tracking.tracked(
         track,
         track_uri,
         run_name=folder.name,
         out_dir=folder,
-        params={**defaults(), **settings, "folds": folds, "repeats": repeats},
+        params={**with_preset(settings), "folds": folds, "repeats": repeats},
         tags={"omnifuse.command": "cv", "omnifuse.manifest": str(path)},
         on_progress=on_progress,
     ) as (tracker, emit):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from omnifuse_cli.config import TrainConfig
@@ -55,10 +56,16 @@ class BaggedOutcome:
     members: list[FittedMember] = field(default_factory=list)
     ensemble: EnsembleFit | None = None
     lines: list[str] = field(default_factory=list)
+    # The run's out-of-fold log-probabilities (the ensemble's, else the bag's) on bag.oof_index,
+    # before calibration: what the post-hoc fit saw.
+    oof_log_probs: np.ndarray | None = None
 
     @property
     def model(self) -> BaggedOmniFuse:
         return self.bag.model
+
+    def scorer(self) -> Scorer:
+        return Scorer(self.ensemble, self.members)
 
     def bundle_extra(self) -> dict[str, Any]:
         out: dict[str, Any] = {BAG: {"members": len(self.bag.fits), **self.bag.meta()}}
@@ -129,7 +136,7 @@ def fit_bagged(
             log_probs = np.log(np.clip(probs, 1e-12, None))
             lines.append(describe_ensemble(ensemble))
     posthoc = fit_posthoc(log_probs, y, cfg, class_names)
-    return BaggedOutcome(bag, posthoc, members, ensemble, lines)
+    return BaggedOutcome(bag, posthoc, members, ensemble, lines, log_probs)
 
 
 def _oof(member: FittedMember) -> np.ndarray:
@@ -191,21 +198,52 @@ def describe_ensemble(fit: EnsembleFit) -> str:
     return f"ensemble ({fit.metric}, out-of-fold {fit.ensemble_score:.4f}): {parts}"
 
 
+def oof_frame(outcome: BaggedOutcome, cohort: Cohort, class_names: list[str]) -> pd.DataFrame:
+    """oof_predictions.csv: each training patient's out-of-fold probabilities (uncalibrated:
+    what the calibration, the operating point and the ensemble weights were fitted on), with
+    the fold that scored them; with an ensemble also the bag's own."""
+    bag = outcome.bag
+    assert cohort.labels is not None and outcome.oof_log_probs is not None
+    frame = pd.DataFrame(
+        {
+            "id": [cohort.ids[i] for i in bag.oof_index],
+            "label": cohort.labels[bag.oof_index],
+            "fold": bag.folds[np.searchsorted(bag.pool, bag.oof_index)] + 1,
+        }
+    )
+    probs = np.exp(outcome.oof_log_probs)
+    for c, name in enumerate(class_names):
+        frame[f"prob_{name}"] = probs[:, c]
+    if outcome.ensemble is not None:
+        own = np.exp(bag.oof_log_probs)
+        for c, name in enumerate(class_names):
+            frame[f"{OMNIFUSE}_prob_{name}"] = own[:, c]
+    return frame
+
+
 def save_outcome_members(folder: Path, outcome: BaggedOutcome) -> None:
     if outcome.members:
         save_members(folder / MEMBERS_DIR, outcome.members)
 
 
 class Scorer:
-    """How a saved run turns the network's log-probabilities into its own: the identity for
-    a single model or a bag alone, the weighted ensemble with the classical members otherwise."""
+    """How a run turns the network's log-probabilities into its own: the identity for a single
+    model or a bag alone, the weighted ensemble with the classical members otherwise."""
 
-    def __init__(self, bundle_folder: Path, meta: dict[str, Any]) -> None:
+    def __init__(
+        self, ensemble: EnsembleFit | None = None, members: list[FittedMember] | None = None
+    ) -> None:
+        self.ensemble = ensemble
+        self.members = {m.name: m for m in members or ()}
+
+    @classmethod
+    def from_bundle(cls, bundle_folder: Path, meta: dict[str, Any]) -> Scorer:
         raw = meta.get(ENSEMBLE)
-        self.ensemble = EnsembleFit.from_dict(raw) if raw else None
-        self.members: dict[str, FittedMember] = {}
-        if self.ensemble is not None and (bundle_folder / MEMBERS_DIR).is_dir():
-            self.members = {m.name: m for m in load_members(bundle_folder / MEMBERS_DIR)}
+        if not raw:
+            return cls()
+        ensemble = EnsembleFit.from_dict(raw)
+        folder = bundle_folder / MEMBERS_DIR
+        return cls(ensemble, load_members(folder) if folder.is_dir() else [])
 
     def log_probs(self, cohort: Cohort, omnifuse_log_probs: np.ndarray) -> np.ndarray:
         """``cohort``: the scored patients, in the order of ``omnifuse_log_probs``' rows."""
@@ -227,4 +265,4 @@ class Scorer:
 def scorer(bundle: LoadedBundle) -> Scorer:
     """The Scorer of a loaded bundle."""
     assert bundle.folder is not None
-    return Scorer(bundle.folder, bundle.meta)
+    return Scorer.from_bundle(bundle.folder, bundle.meta)

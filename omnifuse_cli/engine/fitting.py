@@ -24,6 +24,7 @@ from omnifuse_cli.engine.events import EventFn, ProgressEvent
 from omnifuse_cli.engine.inference import Inference, autocast, infer, loader
 from omnifuse_cli.engine.metrics import classification_metrics
 from omnifuse_cli.engine.posthoc import class_weights
+from omnifuse_cli.engine.presets import resolve_metric
 from omnifuse_cli.engine.reliability import reliability_plan, reliability_values
 from omnifuse_cli.errors import BundleError, TrainingDiverged, TrainingInterrupted
 from omnifuse_cli.model.bag import BaggedOmniFuse
@@ -251,7 +252,7 @@ def fit_model(
                 seconds=time.perf_counter() - t_epoch,
                 reliability=reliability_values(model),
             )
-            key = selection_key(val, cfg.select_metric)
+            key = selection_key(val, resolve_metric(cfg.select_metric, num_classes))
             if best_key is None or key > best_key:
                 best_key, best_epoch, record.is_best = key, epoch, True
                 best_state = {

@@ -42,6 +42,7 @@ SPLITS_SUMMARY = "splits_summary.csv"  # patients per class and missing pattern 
 TEST = "test.csv"  # the internal test split's metrics (test_<metric>)
 CONFUSION = "confusion_matrix.csv"
 PREDICTIONS = "predictions.csv"
+OOF = "oof_predictions.csv"  # --bag-folds: each training patient's out-of-fold probabilities
 # A tune folder (omnifuse_cli/tuning writes it, report/ reads it; tuning/request.py has the rest)
 TUNE_JSON = "tune.json"  # the search; it is also what marks a folder as tune output
 TRIALS_CSV = "trials.csv"  # one row per trial (param_<name> columns)

@@ -31,7 +31,7 @@ from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
 from omnifuse_cli.data.splits import train_split, training_patients
 from omnifuse_cli.engine import distributed
 from omnifuse_cli.engine.audit import split_summary
-from omnifuse_cli.engine.bagged_run import Scorer, fit_bagged, save_outcome_members
+from omnifuse_cli.engine.bagged_run import fit_bagged, oof_frame, save_outcome_members
 from omnifuse_cli.engine.bagging import check_baggable
 from omnifuse_cli.engine.bundle import save_bundle, versions
 from omnifuse_cli.engine.epoch import backbone, backbone_names
@@ -73,6 +73,7 @@ from omnifuse_cli.engine.runs import (
     CONFIG_YAML,
     CONFUSION,
     METRICS,
+    OOF,
     SPLIT,
     SPLIT_ASSIGNMENT,
     SPLITS_SUMMARY,
@@ -125,6 +126,11 @@ def _run_training(
     torch.manual_seed(cfg.seed)
     t_read = time.perf_counter()
     with distributed.together("reading the data"):
+        if resume and cfg.bag_folds >= 2:
+            raise BundleError(
+                "a bagged run (--bag-folds) cannot be resumed: it keeps no checkpoint",
+                hint="start it again with --overwrite",
+            )
         resume_state = _load_resume_state(request.out_dir) if resume else None
         cohort = read_manifest(
             request.manifest,
@@ -137,11 +143,6 @@ def _run_training(
         assert cohort.labels is not None
         splits = train_split(cohort.labels, cfg)
         check_baggable(cfg)
-        if resume and cfg.bag_folds >= 2:
-            raise BundleError(
-                "a bagged run (--bag-folds) cannot be resumed: it keeps no checkpoint",
-                hint="start it again with --overwrite",
-            )
         cfg, settings_line = adapt_to_cohort(cfg, _n_training(splits, cfg), request.num_classes)
         request = dataclasses.replace(request, train=cfg)
         distributed.check_world_fits(len(splits["train"]), cfg.batch_size)
@@ -366,12 +367,7 @@ def _finish_bagged(
         result = infer_all(
             bag, data, splits["test"], device=device, batch_size=cfg.batch_size, amp=cfg.amp
         )
-        scorer = Scorer(folder, outcome.bundle_extra()) if outcome.members else None
-        log_probs = (
-            scorer.log_probs(cohort.subset(result.index), result.log_probs)
-            if scorer is not None
-            else result.log_probs
-        )
+        log_probs = outcome.scorer().log_probs(cohort.subset(result.index), result.log_probs)
         probs = outcome.posthoc.probabilities(log_probs)
         pred = outcome.posthoc.decide(probs)
         assert cohort.labels is not None
@@ -382,6 +378,7 @@ def _finish_bagged(
     if distributed.is_main():
         rows = [{"fold": f.fold + 1, **r.row()} for f in outcome.bag.fits for r in f.records]
         write_csv(request.out_dir / METRICS, pd.DataFrame(rows))
+        write_csv(request.out_dir / OOF, oof_frame(outcome, cohort, class_names))
         _write_results(
             request.out_dir,
             test,

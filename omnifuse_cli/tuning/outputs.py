@@ -16,7 +16,7 @@ import pandas as pd
 from omnifuse_cli import __version__
 from omnifuse_cli.engine.files import write_csv, write_text_atomic
 from omnifuse_cli.engine.runs import write_meta
-from omnifuse_cli.settings import defaults, run_config_yaml
+from omnifuse_cli.settings import run_config_yaml, with_preset
 from omnifuse_cli.tuning import study as studies
 from omnifuse_cli.tuning.request import (
     BEST_JSON,
@@ -134,7 +134,7 @@ def write_outputs(
             + run_config_yaml(
                 "train",
                 [("manifest", request.manifest), ("num-classes", request.num_classes)],
-                {**defaults(), **settings},
+                with_preset(settings),
             ),
         )
     else:

@@ -23,6 +23,12 @@ from omnifuse_cli.data.manifest import read_manifest, reading_options
 from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
 from omnifuse_cli.data.splits import training_patients
 from omnifuse_cli.engine import distributed
+from omnifuse_cli.engine.bagged_run import (
+    BaggedOutcome,
+    Scorer,
+    fit_bagged,
+    save_outcome_members,
+)
 from omnifuse_cli.engine.bundle import save_bundle
 from omnifuse_cli.engine.cv.folder import (
     prepare_cv_dir,
@@ -62,6 +68,7 @@ from omnifuse_cli.engine.outputs import conformal_sets
 from omnifuse_cli.engine.posthoc import KEY as POSTHOC
 from omnifuse_cli.engine.posthoc import PostHoc
 from omnifuse_cli.engine.prediction import prediction_frame
+from omnifuse_cli.engine.presets import adapt_to_cohort
 from omnifuse_cli.engine.runs import (
     BUNDLE_DIR,
     FINAL_DIR,
@@ -72,6 +79,7 @@ from omnifuse_cli.engine.runs import (
 )
 from omnifuse_cli.engine.training import build_for_cohort, weights_warning
 from omnifuse_cli.errors import TrainingInterrupted
+from omnifuse_cli.model.bag import BaggedOmniFuse
 from omnifuse_cli.model.omnifuse import OmniFuse
 
 
@@ -157,10 +165,14 @@ def _fit(
     emit: EventFn,
     out: Path,
     unlabeled: np.ndarray | None = None,
-) -> tuple[OmniFuse, Preprocessor, PreparedCohort, int, PostHoc]:
+) -> tuple[
+    OmniFuse | BaggedOmniFuse, Preprocessor, PreparedCohort, int, PostHoc, BaggedOutcome | None
+]:
     """`train`'s model building, epoch loop and post-hoc fit (temperature, operating point,
     conformal scores on the inner validation split) on given patients, with the shared
-    features; ``unlabeled`` patients join the training patients (fitting.fit_model)."""
+    features; ``unlabeled`` patients join the training patients (fitting.fit_model). With
+    --bag-folds, the bag and its ensemble on the same patients (engine/bagged_run.py), whose
+    outcome is returned too."""
     splits = {"train": train_idx, "val": val_idx}
     if unlabeled is not None and len(unlabeled):
         splits["unlabeled"] = unlabeled
@@ -181,6 +193,22 @@ def _fit(
     def on_epoch(rows: list[dict[str, Any]]) -> None:
         write_csv(out / METRICS, pd.DataFrame(rows))
 
+    if cfg.bag_folds >= 2:  # a bag (and its ensemble) on this fold's training patients
+        outcome = fit_bagged(
+            model,
+            variant.data.image,
+            cohort,
+            data,
+            {**splits, "test": train_idx[:0]},
+            cfg,
+            request.num_classes,
+            [str(c) for c in range(request.num_classes)],
+            emit,
+            device,
+        )
+        rows = [{"fold": f.fold + 1, **r.row()} for f in outcome.bag.fits for r in f.records]
+        write_csv(out / METRICS, pd.DataFrame(rows))
+        return outcome.model, pre, data, 0, outcome.posthoc, outcome
     records, best_epoch, best_state = fit_model(
         model, data, splits, cfg, request.num_classes, emit, on_epoch=on_epoch
     )
@@ -189,7 +217,7 @@ def _fit(
     posthoc = fit_finish(
         model, data, splits, cfg, device, [str(c) for c in range(request.num_classes)], linear
     )
-    return model, pre, data, best_epoch, posthoc
+    return model, pre, data, best_epoch, posthoc, None
 
 
 def run_cv(
@@ -262,8 +290,9 @@ def _run_cv(request: CVRequest, emit: EventFn, device: torch.device, resume: boo
             cfg = dataclasses.replace(
                 plan.variant.train, seed=fold_seed(plan.variant.train, plan.repeat, plan.fold)
             )
+            cfg, _ = adapt_to_cohort(cfg, len(plan.train), request.num_classes)
             t0 = time.perf_counter()
-            model, _, data, best_epoch, posthoc = _fit(
+            model, _, data, best_epoch, posthoc, bagged = _fit(
                 cohort,
                 request,
                 plan.variant,
@@ -279,8 +308,10 @@ def _run_cv(request: CVRequest, emit: EventFn, device: torch.device, resume: boo
             inference = infer_all(
                 model, data, plan.test, device=device, batch_size=cfg.batch_size, amp=cfg.amp
             )
-            raw = np.exp(inference.log_probs)
-            probs = posthoc.probabilities(inference.log_probs)
+            scorer = bagged.scorer() if bagged is not None else Scorer()
+            log_probs = scorer.log_probs(cohort.subset(inference.index), inference.log_probs)
+            raw = np.exp(log_probs)
+            probs = posthoc.probabilities(log_probs)
             pred = posthoc.decide(probs)
             y = labels[inference.index]
             with warnings.catch_warnings():
@@ -442,8 +473,9 @@ def _refit(
         "the final model",
     )
     enc = _encoded_for(encoded, cohort, request, base, device, emit)
-    model, pre, _, best_epoch, posthoc = _fit(
-        cohort, request, base, enc, base.train, train_idx, val_idx, device, emit, out, unlabeled
+    cfg, _ = adapt_to_cohort(base.train, len(train_idx), request.num_classes)
+    model, pre, _, best_epoch, posthoc, bagged = _fit(
+        cohort, request, base, enc, cfg, train_idx, val_idx, device, emit, out, unlabeled
     )
     if not distributed.is_main():
         return out
@@ -457,6 +489,7 @@ def _refit(
             "n_unlabeled": len(unlabeled),
             "best_epoch": best_epoch,
             **posthoc_meta(posthoc),
+            **(bagged.meta() if bagged is not None else {}),
         }
     )
     save_bundle(
@@ -464,8 +497,16 @@ def _refit(
         model,
         pre,
         class_names=[str(c) for c in range(request.num_classes)],
-        extra={"best_epoch": best_epoch, "run": meta, POSTHOC: posthoc.to_dict()},
+        extra={
+            "best_epoch": best_epoch,
+            "run": meta,
+            POSTHOC: posthoc.to_dict(),
+            **(bagged.bundle_extra() if bagged is not None else {}),
+        },
+        state=model.bag_state() if isinstance(model, BaggedOmniFuse) else None,
     )
+    if bagged is not None:
+        save_outcome_members(out / BUNDLE_DIR, bagged)
     write_meta(out, meta)
     write_text_atomic(
         out / REFIT_DONE,
