@@ -2,6 +2,9 @@
 
 The CLI builds these from options, the engine consumes them and the bundle stores their
 ``asdict()`` so a model can be rebuilt from primitives alone (no pickled objects).
+
+Over 500 lines because it declares every config (data, images, notes, method, training) with
+the checks of each field, one place for what a valid setting is; the code around them is short.
 """
 
 from __future__ import annotations

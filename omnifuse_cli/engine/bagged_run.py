@@ -171,6 +171,7 @@ def _fit_members(
                 num_classes,
                 seed=cfg.seed,
                 metric=metric,
+                threads=torch.get_num_threads(),
                 class_weight=None if weights is None else dict(enumerate(weights)),
                 deadline=deadline,
             )
@@ -256,7 +257,9 @@ class Scorer:
                 probs.append(np.exp(omnifuse_log_probs))
             elif weight > 0:
                 assert inputs is not None
-                probs.append(self.members[name].predict_proba(inputs))
+                probs.append(
+                    self.members[name].predict_proba(inputs, threads=torch.get_num_threads())
+                )
             else:
                 probs.append(np.zeros_like(omnifuse_log_probs))
         return np.log(np.clip(_mix(probs, self.ensemble.weights), 1e-12, None))

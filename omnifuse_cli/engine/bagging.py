@@ -29,7 +29,8 @@ from omnifuse_cli.config import TrainConfig
 from omnifuse_cli.data.prepared import PreparedCohort
 from omnifuse_cli.engine.events import EventFn, ProgressEvent
 from omnifuse_cli.engine.finishing import fit_linear
-from omnifuse_cli.engine.fitting import EpochRecord, fit_model, infer_all, stop_reason
+from omnifuse_cli.engine.fitting import EpochRecord, fit_model, infer_all
+from omnifuse_cli.engine.stopping import stop_reason
 from omnifuse_cli.errors import ConfigError
 from omnifuse_cli.model.bag import BaggedOmniFuse
 from omnifuse_cli.model.omnifuse import OmniFuse
@@ -130,9 +131,13 @@ def train_bag(
         started = time.monotonic()
         fold_deadline = None
         if deadline is not None:
-            share = (deadline - started) / (cfg.bag_folds - k)
-            slowest = max((f.seconds for f in fits), default=0.0)
-            if k and slowest > deadline - started:
+            # Each fold gets an equal share of what is left, less what the last fold spent
+            # after its epochs (the linear path's fit); a fold that could not train two epochs
+            # and finish in what is left is not started.
+            left = deadline - started
+            overhead = max((f.seconds - sum(r.seconds for r in f.records) for f in fits), default=0)
+            epoch = max((r.seconds for f in fits for r in f.records), default=0.0)
+            if k and left < overhead + 2 * epoch:
                 emit(
                     ProgressEvent(
                         "message",
@@ -140,7 +145,7 @@ def train_bag(
                     )
                 )
                 break
-            fold_deadline = started + max(share, slowest)
+            fold_deadline = started + max(left / (cfg.bag_folds - k) - overhead, 0.0)
         model = first if k == 0 else new_member(k)
         model.to(device)
         fold_splits = {

@@ -42,6 +42,7 @@ from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from omnifuse_cli.data.cohort import Cohort
 from omnifuse_cli.engine.ensemble import Metric, score
@@ -95,11 +96,7 @@ class MemberInputs:
 
     def subset(self, rows: np.ndarray) -> MemberInputs:
         rows = np.asarray(rows, dtype=np.int64)
-        return MemberInputs(
-            texts=[self.texts[i] for i in rows],
-            numbers=self.numbers[rows],
-            number_names=self.number_names,
-        )
+        return MemberInputs([self.texts[i] for i in rows], self.numbers[rows], self.number_names)
 
 
 def member_inputs(cohort: Cohort) -> MemberInputs:
@@ -178,14 +175,16 @@ class FittedMember:
     def name(self) -> str:
         return NAMES[self.kind]
 
-    def predict_proba(self, inputs: MemberInputs) -> np.ndarray:
-        """The mean of the fold models' probabilities, (N, C) float64."""
+    def predict_proba(self, inputs: MemberInputs, threads: int | None = None) -> np.ndarray:
+        """The mean of the fold models' probabilities, (N, C) float64 (``threads``: as in
+        fit_bagged_member)."""
         if inputs.numbers.shape[1] != self.number_count:
             raise DataError(
                 f"{self.name} was fitted on {self.number_count} numbers, "
                 f"these patients have {inputs.numbers.shape[1]}"
             )
-        probs = [fold.predict_proba(inputs, self.num_classes) for fold in self.folds]
+        with threadpool_limits(limits=threads):
+            probs = [fold.predict_proba(inputs, self.num_classes) for fold in self.folds]
         return np.mean(probs, axis=0)
 
     def meta(self) -> dict[str, object]:
@@ -215,13 +214,16 @@ def fit_bagged_member(
     metric: Metric = "auroc",
     class_weight: ClassWeight = None,
     deadline: float | None = None,
+    threads: int | None = None,
 ) -> FittedMember:
     """Fit ``kind`` once per fold: ``folds`` (N,) gives each patient's fold 0..K-1; fold k's
     model is fitted on the other folds and predicts fold k into the OOF probabilities.
 
     ``metric`` scores the logistic regression's choice of C; ``class_weight`` weighs patients
     as --class-weight weighs the network's losses. ``deadline`` (a time.monotonic() value):
-    OutOfTime when it has passed as a fold is about to start."""
+    OutOfTime when it has passed as a fold is about to start. ``threads`` caps scikit-learn's
+    OpenMP and BLAS pools (the run's --threads): on a shared machine the boosting's threads
+    otherwise spin for cores they never get (a hundred times slower on 2 busy cores)."""
     started = time.monotonic()
     y = np.asarray(y, dtype=np.int64)
     folds = np.asarray(folds, dtype=np.int64)
@@ -232,8 +234,7 @@ def fit_bagged_member(
     k_folds = int(folds.max()) + 1 if len(folds) else 0
     if k_folds < 2 or folds.min() < 0 or len(np.unique(folds)) != k_folds:
         raise ValueError(f"folds must number 0..K-1 with K >= 2, got {np.unique(folds)}")
-    # Plain ints and floats: numpy scalars would be one more type for skops to trust.
-    weights = class_weight
+    weights = class_weight  # as plain ints and floats: numpy scalars are one more type to trust
     if isinstance(class_weight, dict):
         weights = {int(c): float(w) for c, w in class_weight.items()}
     oof = np.zeros((len(y), num_classes))
@@ -245,9 +246,9 @@ def fit_bagged_member(
         if len(np.unique(y[train])) < 2:
             raise DataError(f"{NAMES[kind]}: fold {k + 1}'s training part has a single class")
         task = _Task(num_classes, seed + k, metric, weights)
-        model = _FITTERS[kind](inputs.subset(train), y[train], task)
-        model = replace(model, trained_on=train)
-        oof[held] = model.predict_proba(inputs.subset(held), num_classes)
+        with threadpool_limits(limits=threads):
+            model = replace(_FITTERS[kind](inputs.subset(train), y[train], task), trained_on=train)
+            oof[held] = model.predict_proba(inputs.subset(held), num_classes)
         models.append(model)
     return FittedMember(
         kind=kind,
@@ -389,8 +390,8 @@ def _expand(probs: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndar
 def save_members(folder: Path, members: list[FittedMember]) -> None:
     """One ``<name>.skops`` per member and ``members.json`` listing them, atomically each."""
     # skops only writes and reads bundles of the best preset: imported where it is needed.
-    import skops  # type: ignore[import-untyped]
-    import skops.io as sio  # type: ignore[import-untyped]
+    import skops
+    import skops.io as sio
 
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -407,12 +408,9 @@ def save_members(folder: Path, members: list[FittedMember]) -> None:
                 "meta": member.meta(),
             }
         )
-    document = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "versions": {"scikit-learn": sklearn.__version__, "skops": skops.__version__},
-        "members": entries,
-    }
+    versions = {"scikit-learn": sklearn.__version__, "skops": skops.__version__}
+    document = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions}
+    document["members"] = entries
     write_text_atomic(folder / MEMBERS_FILE, json.dumps(document, indent=2) + "\n")
 
 
@@ -421,7 +419,7 @@ def load_members(folder: Path) -> list[FittedMember]:
     types; BundleError naming the file for anything else, or a missing or damaged file."""
     # skops only writes and reads bundles of the best preset: imported where it is needed.
     import skops.io as sio
-    from skops.io.exceptions import UntrustedTypesFoundException  # type: ignore[import-untyped]
+    from skops.io.exceptions import UntrustedTypesFoundException
 
     listing = folder / MEMBERS_FILE
     try:

@@ -162,9 +162,9 @@ def greedy_selection(
     """Caruana's ensemble selection with replacement on the members' OOF probabilities.
 
     Each of ``iterations`` steps adds the member that makes the running average score best
-    (ties go to the lower index, so the result does not depend on floating-point noise between
-    equal members). The weights are the addition counts of the best-scoring prefix of the steps
-    (its first occurrence), divided by the prefix's length."""
+    (ties go to the lower index, so equal members give the same choice on every run). The
+    weights are the addition counts of the best-scoring prefix of the steps (its first
+    occurrence), divided by the prefix's length."""
     if not oof:
         raise ValueError("ensemble selection needs at least one member")
     if iterations < 1:

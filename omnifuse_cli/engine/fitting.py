@@ -26,6 +26,7 @@ from omnifuse_cli.engine.metrics import classification_metrics
 from omnifuse_cli.engine.posthoc import class_weights
 from omnifuse_cli.engine.presets import resolve_metric
 from omnifuse_cli.engine.reliability import reliability_plan, reliability_values
+from omnifuse_cli.engine.stopping import out_of_time, selection_key, stop_reason
 from omnifuse_cli.errors import BundleError, TrainingDiverged, TrainingInterrupted
 from omnifuse_cli.model.bag import BaggedOmniFuse
 from omnifuse_cli.model.encoders import HFTextEncoder, ImageEncoder
@@ -164,7 +165,7 @@ def fit_model(
     saved = first - 1  # last epoch whose checkpoint is on disk
     try:
         for epoch in range(first, cfg.epochs + 1):
-            if out_of_time(deadline, records, epoch > first):
+            if out_of_time(deadline, [r.seconds for r in records], epoch > first):
                 if status is not None:
                     status["time_limit"] = True
                 emit(
@@ -298,51 +299,10 @@ def fit_model(
     return records, best_epoch, best_state
 
 
-def out_of_time(deadline: float | None, records: list[EpochRecord], started: bool) -> bool:
-    """Whether the next epoch, as long as the slowest so far, would end after ``deadline``
-    (rank 0 decides under torchrun, so every rank stops at the same epoch)."""
-    if deadline is None or not started or not records:
-        return False
-    slowest = max(r.seconds for r in records)
-    return bool(distributed.broadcast_object(time.monotonic() + slowest > deadline))
-
-
-def stop_reason(
-    cfg: TrainConfig, last_epoch: int, best_epoch: int, time_limit: bool = False
-) -> str:
-    """Why training ended, for the run's records."""
-    if time_limit:
-        return (
-            f"time limit after epoch {last_epoch} of {cfg.epochs} (best: epoch {best_epoch}; "
-            f"--time-limit {cfg.time_limit:g} s)"
-        )
-    if last_epoch < cfg.epochs:
-        return (
-            f"early stopping after epoch {last_epoch} of {cfg.epochs}: no better validation "
-            f"{cfg.select_metric.replace('_', '-')} for {cfg.patience} epochs (best: epoch "
-            f"{best_epoch})"
-        )
-    return f"all {cfg.epochs} epochs (best: epoch {best_epoch})"
-
-
 def _rank_seed(seed: int, epoch: int) -> int:
     """A seed per (run, epoch, rank): random draws that are rank-local under DDP (modality
     dropout, nn.Dropout) are then reproducible on --resume without saving every rank's state."""
     return int(np.random.SeedSequence([seed, epoch, distributed.rank()]).generate_state(1)[0])
-
-
-# --eval-metric -> its key in engine.metrics.classification_metrics
-_METRIC_KEYS = {"accuracy": "acc", "balanced_accuracy": "balanced_acc"}
-
-
-def selection_key(val: dict[str, float], metric: str) -> tuple[float, ...]:
-    """Larger is better; ties (and an undefined score: AUROC on a split missing a class) go to
-    the lower log loss. Log loss and AUROC vary less between epochs on small validation splits
-    than macro-F1, whose every patient moves it by a step."""
-    if metric in ("loss", "log_loss"):
-        return (-val["loss"],)
-    score = val[_METRIC_KEYS.get(metric, metric)]
-    return (score if math.isfinite(score) else -math.inf, -val["loss"])
 
 
 def _frozen_prefixes(model: OmniFuse) -> tuple[str, ...]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from omnifuse_cli import __version__
 from omnifuse_cli.config import (
     ModelConfig,
     TrainConfig,
@@ -27,13 +25,13 @@ from omnifuse_cli.config import (
 )
 from omnifuse_cli.data.cohort import Cohort, check_trainable
 from omnifuse_cli.data.manifest import read_manifest, reading_options
-from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
+from omnifuse_cli.data.prepared import Preprocessor
 from omnifuse_cli.data.splits import train_split, training_patients
 from omnifuse_cli.engine import distributed
 from omnifuse_cli.engine.audit import split_summary
-from omnifuse_cli.engine.bagged_run import fit_bagged, oof_frame, save_outcome_members
+from omnifuse_cli.engine.bagged_train import finish_bagged
 from omnifuse_cli.engine.bagging import check_baggable
-from omnifuse_cli.engine.bundle import save_bundle, versions
+from omnifuse_cli.engine.bundle import save_bundle
 from omnifuse_cli.engine.epoch import backbone, backbone_names
 from omnifuse_cli.engine.events import EventFn, ProgressEvent
 from omnifuse_cli.engine.files import prepare_out_dir, write_csv, write_text_atomic
@@ -46,7 +44,6 @@ from omnifuse_cli.engine.finishing import (
     posthoc_meta,
 )
 from omnifuse_cli.engine.fitting import (
-    EpochRecord,
     fit_model,
     infer_all,
     load_checkpoint,
@@ -67,41 +64,26 @@ from omnifuse_cli.engine.posthoc import KEY as POSTHOC
 from omnifuse_cli.engine.posthoc import PENDING, positive_index
 from omnifuse_cli.engine.presets import Budget, adapt_to_cohort
 from omnifuse_cli.engine.reliability import reliability_meta
+from omnifuse_cli.engine.run_record import (
+    TrainResult,
+    pinned_config,
+    run_meta,
+    unlabeled_note,
+    weights_warning,
+    write_results,
+    write_split_files,
+)
 from omnifuse_cli.engine.runs import (
     BUNDLE_DIR,
     CHECKPOINT,
     CONFIG_YAML,
-    CONFUSION,
     METRICS,
-    OOF,
-    SPLIT,
-    SPLIT_ASSIGNMENT,
     SPLITS_SUMMARY,
-    TEST,
     TrainRequest,
     save_request,
-    write_meta,
 )
 from omnifuse_cli.errors import BundleError, TrainingInterrupted
 from omnifuse_cli.model.omnifuse import OmniFuse
-
-
-@dataclass
-class TrainResult:
-    out_dir: Path
-    records: list[EpochRecord]
-    best_epoch: int
-    test: dict[str, float]  # empty without a test split (--test-ratio 0)
-    confusion: np.ndarray | None
-    split_counts: dict[str, int]
-    class_names: list[str]
-    encode_seconds: float
-    device: str
-    image_weights: str
-    notes: list[str]
-    # Patients per class and per missing pattern in each split (engine.audit.split_summary).
-    split_summary: pd.DataFrame | None = None
-    select_metric: str = "macro_f1"  # the validation score that picked best_epoch
 
 
 def run_training(
@@ -153,7 +135,7 @@ def _run_training(
         if not resume and distributed.is_main():
             prepare_out_dir(request.out_dir, request.overwrite)
             save_request(request)
-            _write_split_files(request.out_dir, cohort, splits)
+            write_split_files(request.out_dir, cohort, splits)
             write_csv(request.out_dir / SPLITS_SUMMARY, summary)
     emit(ProgressEvent("message", text=settings_line))
     for note in cohort.notes:
@@ -195,11 +177,11 @@ def _run_training(
 
     class_names = [str(c) for c in range(request.num_classes)]
     positive_index(cfg, class_names)  # a wrong --positive-class fails before training
-    meta = _meta(request, cohort, device, weights, splits, warnings)
+    meta = run_meta(request, cohort, device, weights, splits, warnings)
     meta["settings_rule"] = settings_line
     budget = Budget(started, cfg.time_limit, ensemble=cfg.ensemble)
     if cfg.bag_folds >= 2:
-        return _finish_bagged(
+        return finish_bagged(
             request, cohort, model, pre, data, splits, meta, device, emit, budget, summary
         )
 
@@ -269,7 +251,7 @@ def _run_training(
         test = classification_metrics(y_test, probs, request.num_classes, pred)
         cm = confusion(y_test, pred, request.num_classes)
     if distributed.is_main():
-        _write_results(
+        write_results(
             request.out_dir,
             test,
             cm,
@@ -307,109 +289,6 @@ def _n_training(splits: dict[str, np.ndarray], cfg: TrainConfig) -> int:
     return len(splits["train"])
 
 
-def _finish_bagged(
-    request: TrainRequest,
-    cohort: Cohort,
-    model: OmniFuse,
-    pre: Preprocessor,
-    data: PreparedCohort,
-    splits: dict[str, np.ndarray],
-    meta: dict[str, Any],
-    device: torch.device,
-    emit: EventFn,
-    budget: Budget,
-    summary: pd.DataFrame,
-) -> TrainResult:
-    """--bag-folds: the bag, the ensemble and the post-hoc fit on out-of-fold predictions
-    (engine/bagged_run.py), then the bundle and the test split, as a single model's run."""
-    cfg = request.train
-    class_names = [str(c) for c in range(request.num_classes)]
-    outcome = fit_bagged(
-        model,
-        request.data.image,
-        cohort,
-        data,
-        splits,
-        cfg,
-        request.num_classes,
-        class_names,
-        emit,
-        device,
-        deadline=budget.models,
-        members_deadline=budget.members,
-    )
-    for line in outcome.lines + outcome.posthoc.describe():
-        emit(ProgressEvent("message", text=line))
-    bag = outcome.model
-    meta.update(reliability_meta(bag.first, data, splits, cfg))
-    meta.update(outcome.meta())
-    meta.update(posthoc_meta(outcome.posthoc))
-    meta["stopped"] = outcome.bag.describe()
-    folder = request.out_dir / BUNDLE_DIR
-    if distributed.is_main():
-        save_bundle(
-            folder,
-            bag,
-            pre,
-            class_names=class_names,
-            extra={
-                "best_epoch": 0,
-                "run": meta,
-                POSTHOC: outcome.posthoc.to_dict(),
-                **outcome.bundle_extra(),
-            },
-            state=bag.bag_state(),
-        )
-        save_outcome_members(folder, outcome)
-    test: dict[str, float] = {}
-    cm = None
-    if len(splits["test"]):
-        result = infer_all(
-            bag, data, splits["test"], device=device, batch_size=cfg.batch_size, amp=cfg.amp
-        )
-        log_probs = outcome.scorer().log_probs(cohort.subset(result.index), result.log_probs)
-        probs = outcome.posthoc.probabilities(log_probs)
-        pred = outcome.posthoc.decide(probs)
-        assert cohort.labels is not None
-        y_test = cohort.labels[result.index]
-        test = classification_metrics(y_test, probs, request.num_classes, pred)
-        cm = confusion(y_test, pred, request.num_classes)
-    records = [r for fit in outcome.bag.fits for r in fit.records]
-    if distributed.is_main():
-        rows = [{"fold": f.fold + 1, **r.row()} for f in outcome.bag.fits for r in f.records]
-        write_csv(request.out_dir / METRICS, pd.DataFrame(rows))
-        write_csv(request.out_dir / OOF, oof_frame(outcome, cohort, class_names))
-        _write_results(
-            request.out_dir,
-            test,
-            cm,
-            class_names,
-            meta,
-            {
-                "best_epoch": 0,
-                "encode_seconds": 0.0,
-                "train_seconds": round(sum(r.seconds for r in records), 3),
-                **budget.meta(time.monotonic()),
-            },
-        )
-    distributed.barrier()
-    return TrainResult(
-        out_dir=request.out_dir,
-        records=records,
-        best_epoch=0,
-        test=test,
-        confusion=cm,
-        split_counts={k: len(v) for k, v in splits.items()},
-        class_names=class_names,
-        encode_seconds=0.0,
-        device=str(device),
-        image_weights=str(meta.get("image_weights", "")),
-        notes=list(cohort.notes),
-        split_summary=summary,
-        select_metric=cfg.select_metric,
-    )
-
-
 SLOW_STEP_SECONDS = 10.0  # steps before training that took longer are reported with their time
 
 
@@ -442,35 +321,6 @@ def _load_resume_state(run_dir: Path) -> dict[str, Any]:
     return state
 
 
-def unlabeled_note(splits: dict[str, np.ndarray]) -> str:
-    return (
-        f"{len(splits['unlabeled']):,} unlabeled patient(s) (empty label) train the "
-        "imputation and fit the normalisation and vocabulary beside the "
-        f"{len(splits['train']):,} labelled training patients; no label loss, validation "
-        "score or test metric uses them"
-    )
-
-
-def weights_warning(weights: ImageWeights) -> str:
-    return (
-        f"image backbone: {weights.description}. Random image features are far weaker than "
-        "ImageNet ones: this run's image results say little about what the images can do."
-    )
-
-
-def pinned_config(config_yaml: str, weights: ImageWeights) -> str:
-    """The run's config.yaml with what it actually used in its header: omnifuse's version and
-    the image weights loaded (their sha256, or random init). Comments, so the file still
-    repeats the run as a --config file."""
-    lines = config_yaml.splitlines(keepends=True)
-    head = 0
-    while head < len(lines) and lines[head].startswith("#"):
-        head += 1
-    used = weights.description + (f" (sha256 {weights.sha256})" if weights.sha256 else "")
-    pinned = [f"# omnifuse {__version__}; image weights: {used}\n"]
-    return "".join(lines[:head] + pinned + lines[head:])
-
-
 def build_for_cohort(
     cohort: Cohort, train_idx: np.ndarray, request: TrainRequest
 ) -> tuple[OmniFuse, Preprocessor, ImageWeights]:
@@ -495,78 +345,3 @@ def build_for_cohort(
     config = ModelConfig(cohort.modalities, request.num_classes, tuple(dims), request.method)
     model = build_model(config, data_cfg.image, backbones)
     return model, pre, load_image_weights(model, data_cfg.image)
-
-
-def split_assignment(cohort: Cohort, splits: dict[str, np.ndarray]) -> pd.DataFrame:
-    """id, label and split of every patient (empty split for patients in none), then the
-    patients left out for having no modality (split ``excluded``)."""
-    assert cohort.labels is not None
-    assignment = np.full(len(cohort), "", dtype=object)
-    for name, idx in splits.items():
-        assignment[idx] = name
-    frame = pd.DataFrame({"id": cohort.ids, "label": cohort.labels, "split": assignment})
-    if not cohort.excluded:
-        return frame
-    excluded = pd.DataFrame(cohort.excluded, columns=["id", "label"]).assign(split="excluded")
-    return pd.concat([frame, excluded], ignore_index=True)
-
-
-def _write_split_files(out_dir: Path, cohort: Cohort, splits: dict[str, np.ndarray]) -> None:
-    """Each patient's split; patients left out for having no modality are listed as
-    ``excluded`` (with their label, -1 when they have none)."""
-    write_csv(out_dir / SPLIT_ASSIGNMENT, split_assignment(cohort, splits))
-    counts = {name: len(idx) for name, idx in splits.items()}
-    if cohort.excluded:
-        counts["excluded"] = len(cohort.excluded)
-    write_csv(out_dir / SPLIT, pd.DataFrame({"split": list(counts), "n": list(counts.values())}))
-
-
-def _meta(
-    request: TrainRequest,
-    cohort: Cohort,
-    device: torch.device,
-    weights: ImageWeights,
-    splits: dict[str, np.ndarray],
-    warnings: list[str],
-) -> dict[str, Any]:
-    data_cfg = request.data
-    return {
-        "manifest": str(Path(request.manifest).resolve()),
-        "labs_table": str(Path(data_cfg.labs_table).resolve()) if data_cfg.labs_table else "",
-        "labs_id_col": data_cfg.labs_id_col,
-        "labs_format": data_cfg.labs_format,
-        "labs_agg": data_cfg.labs_agg,
-        "encoding": data_cfg.encoding,
-        "on_empty_patient": data_cfg.on_empty_patient,
-        "n_excluded": len(cohort.excluded),
-        "num_classes": request.num_classes,
-        "modalities": ",".join(f"{m.name}={m.kind}" for m in data_cfg.modalities),
-        "n_patients": len(cohort),
-        **{f"n_{k}": len(v) for k, v in splits.items()},
-        "device": str(device),
-        "processes": distributed.world_size(),
-        **weights.meta(),
-        "warnings": " | ".join(warnings),
-        **{f"image_{k}": v for k, v in to_primitive(data_cfg.image).items()},
-        **{f"text_{k}": v for k, v in to_primitive(data_cfg.text).items()},
-        **to_primitive(request.method),
-        **to_primitive(request.train),
-        **{f"version_{k}": v for k, v in versions().items()},
-    }
-
-
-def _write_results(
-    out_dir: Path,
-    test: dict[str, float],
-    cm: np.ndarray | None,
-    class_names: list[str],
-    meta: dict[str, Any],
-    timings: dict[str, Any],
-) -> None:
-    """meta.csv, and the test split's metrics and confusion matrix when there is one."""
-    if cm is not None:
-        write_csv(out_dir / TEST, pd.DataFrame([{f"test_{k}": v for k, v in test.items()}]))
-        frame = pd.DataFrame(cm, columns=[f"pred_{c}" for c in class_names])
-        frame.insert(0, "true", class_names)
-        write_csv(out_dir / CONFUSION, frame)
-    write_meta(out_dir, {**meta, **timings})

@@ -19,8 +19,8 @@ from omnifuse_cli.engine.cv.folds import val_share
 from omnifuse_cli.engine.cv.request import FOLD_DONE, CVRequest, save_cv_request
 from omnifuse_cli.engine.cv.summary import FoldResult
 from omnifuse_cli.engine.files import prepare_out_dir, write_csv
+from omnifuse_cli.engine.run_record import split_assignment
 from omnifuse_cli.engine.runs import SPLIT_ASSIGNMENT
-from omnifuse_cli.engine.training import split_assignment
 from omnifuse_cli.errors import BundleError
 
 

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from omnifuse_cli.config import TrainConfig, to_primitive
-from omnifuse_cli.data.cache import FeatureArray
+from omnifuse_cli.config import TrainConfig
 from omnifuse_cli.data.cohort import Cohort, check_trainable
 from omnifuse_cli.data.manifest import read_manifest, reading_options
 from omnifuse_cli.data.prepared import PreparedCohort, Preprocessor
@@ -30,6 +28,12 @@ from omnifuse_cli.engine.bagged_run import (
     save_outcome_members,
 )
 from omnifuse_cli.engine.bundle import save_bundle
+from omnifuse_cli.engine.cv.encoding import (
+    Encoded,
+    encoded_for,
+    encoding_record,
+    train_request,
+)
 from omnifuse_cli.engine.cv.folder import (
     prepare_cv_dir,
     read_fold,
@@ -47,7 +51,6 @@ from omnifuse_cli.engine.cv.folds import (
     val_share,
 )
 from omnifuse_cli.engine.cv.request import (
-    ENCODING,
     FOLD_DONE,
     REFIT_DONE,
     CVRequest,
@@ -55,12 +58,11 @@ from omnifuse_cli.engine.cv.request import (
     cv_digests,
 )
 from omnifuse_cli.engine.cv.summary import CVResult, FoldResult, labelled_only, summarise
-from omnifuse_cli.engine.epoch import backbone, backbone_names
+from omnifuse_cli.engine.epoch import backbone
 from omnifuse_cli.engine.events import EventFn, ProgressEvent
 from omnifuse_cli.engine.files import write_csv, write_text_atomic
 from omnifuse_cli.engine.finishing import fit_finish, fit_linear, posthoc_meta
 from omnifuse_cli.engine.fitting import fit_model, infer_all
-from omnifuse_cli.engine.frozen_features import encode_frozen
 from omnifuse_cli.engine.inference import resolve_device
 from omnifuse_cli.engine.machine import set_threads
 from omnifuse_cli.engine.metrics import full_metrics
@@ -74,90 +76,19 @@ from omnifuse_cli.engine.runs import (
     FINAL_DIR,
     METRICS,
     PREDICTIONS,
-    TrainRequest,
     write_meta,
 )
-from omnifuse_cli.engine.training import build_for_cohort, weights_warning
+from omnifuse_cli.engine.training import build_for_cohort
 from omnifuse_cli.errors import TrainingInterrupted
 from omnifuse_cli.model.bag import BaggedOmniFuse
 from omnifuse_cli.model.omnifuse import OmniFuse
-
-
-def _train_request(
-    request: CVRequest, variant: Variant, cfg: TrainConfig | None = None
-) -> TrainRequest:
-    return TrainRequest(
-        manifest=request.manifest,
-        num_classes=request.num_classes,
-        out_dir=request.out_dir,
-        data=variant.data,
-        method=variant.method,
-        train=cfg or variant.train,
-    )
-
-
-@dataclass
-class _Encoded:
-    """Frozen backbones' weights and the features they gave, shared by every fold."""
-
-    states: dict[str, dict[str, torch.Tensor]]
-    image_cache: dict[str, FeatureArray]  # memory-mapped from the feature cache, or in memory
-    image_dims: dict[str, int]
-    text_cache: dict[str, FeatureArray]
-    weights: str
-    seconds: float
-    warning: str = ""  # random image weights where ImageNet ones were wanted (meta, report)
-
-
-def _encoding_key(variant: Variant) -> str:
-    text = to_primitive(variant.data.text) if variant.data.text.encoder == "hf" else None
-    return json.dumps([to_primitive(variant.data.image), text], sort_keys=True)
-
-
-def _encode(
-    cohort: Cohort, request: CVRequest, variant: Variant, device: torch.device, emit: EventFn
-) -> _Encoded:
-    cfg = variant.train
-    torch.manual_seed(request.base.train.seed)
-    model, pre, loaded = build_for_cohort(
-        cohort, np.arange(len(cohort)), _train_request(request, variant)
-    )
-    warning = weights_warning(loaded) if loaded.fallback else ""
-    if warning:
-        emit(ProgressEvent("warning", text=warning))
-    weights = loaded.description
-    names = backbone_names(model)
-    if not names:
-        return _Encoded({}, {}, {}, {}, weights, 0.0, warning)
-    emit(
-        ProgressEvent(
-            "message", text="encoding images/notes once for every fold with the frozen backbones"
-        )
-    )
-    data = pre.prepare(cohort)
-    model.to(device)
-    t0 = time.perf_counter()
-    encode_frozen(model, data, names, cfg, device, emit)
-    states = {
-        n: {k: v.detach().to("cpu", copy=True) for k, v in backbone(model, n).state_dict().items()}
-        for n in names
-    }
-    return _Encoded(
-        states,
-        dict(data.image_cache),
-        dict(data.image_feature_dims),
-        dict(data.text_cache),
-        weights,
-        time.perf_counter() - t0,
-        warning,
-    )
 
 
 def _fit(
     cohort: Cohort,
     request: CVRequest,
     variant: Variant,
-    enc: _Encoded,
+    enc: Encoded,
     cfg: TrainConfig,
     train_idx: np.ndarray,
     val_idx: np.ndarray,
@@ -178,7 +109,7 @@ def _fit(
         splits["unlabeled"] = unlabeled
     torch.manual_seed(cfg.seed)
     model, pre, _ = build_for_cohort(
-        cohort, training_patients(splits), _train_request(request, variant, cfg)
+        cohort, training_patients(splits), train_request(request, variant, cfg)
     )
     data = pre.prepare(cohort)
     for name, state in enc.states.items():
@@ -272,7 +203,7 @@ def _run_cv(request: CVRequest, emit: EventFn, device: torch.device, resume: boo
     class_names = [str(c) for c in range(request.num_classes)]
     total = len(plans) + int(request.refit)
     results: list[FoldResult] = []
-    encoded: dict[str, _Encoded] = {}
+    encoded: dict[str, Encoded] = {}
     current = ""
     try:
         for i, plan in enumerate(plans):
@@ -286,7 +217,7 @@ def _run_cv(request: CVRequest, emit: EventFn, device: torch.device, resume: boo
                 emit(ProgressEvent("fold-done", i + 1, total, fold=saved))
                 continue
             emit(ProgressEvent("fold", i, total, text=current))
-            enc = _encoded_for(encoded, cohort, request, plan.variant, device, emit)
+            enc = encoded_for(encoded, cohort, request, plan.variant, device, emit)
             cfg = dataclasses.replace(
                 plan.variant.train, seed=fold_seed(plan.variant.train, plan.repeat, plan.fold)
             )
@@ -389,7 +320,7 @@ def _run_cv(request: CVRequest, emit: EventFn, device: torch.device, resume: boo
         )
         stop.all_ranks = True  # type: ignore[attr-defined]  # every rank got the Ctrl-C
         raise stop from None
-    encoding = distributed.broadcast_object(_encoding_record(out_dir, encoded) if main else None)
+    encoding = distributed.broadcast_object(encoding_record(out_dir, encoded) if main else None)
     assert encoding is not None  # rank 0's, on every rank
     encode_seconds = encoding["encode_seconds"]
     seconds = time.perf_counter() - t_start
@@ -416,40 +347,11 @@ def _run_cv(request: CVRequest, emit: EventFn, device: torch.device, resume: boo
     )
 
 
-def _encoded_for(
-    cache: dict[str, _Encoded],
-    cohort: Cohort,
-    request: CVRequest,
-    variant: Variant,
-    device: torch.device,
-    emit: EventFn,
-) -> _Encoded:
-    key = _encoding_key(variant)
-    if key not in cache:
-        cache[key] = _encode(cohort, request, variant, device, emit)
-    return cache[key]
-
-
-def _encoding_record(out_dir: Path, encoded: dict[str, _Encoded]) -> dict[str, Any]:
-    """What the encoding used and cost; an invocation that encoded nothing (every fold already
-    done) keeps the record of the one that did."""
-    path = out_dir / ENCODING
-    if not encoded and path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    record = {
-        "image_weights": next(iter(encoded.values())).weights if encoded else "",
-        "encode_seconds": round(sum(e.seconds for e in encoded.values()), 3),
-        "warnings": " | ".join(sorted({e.warning for e in encoded.values() if e.warning})),
-    }
-    write_text_atomic(path, json.dumps(record))
-    return record
-
-
 def _refit(
     cohort: Cohort,
     request: CVRequest,
     groups: np.ndarray | None,
-    encoded: dict[str, _Encoded],
+    encoded: dict[str, Encoded],
     device: torch.device,
     emit: EventFn,
     total: int,
@@ -472,7 +374,7 @@ def _refit(
         groups,
         "the final model",
     )
-    enc = _encoded_for(encoded, cohort, request, base, device, emit)
+    enc = encoded_for(encoded, cohort, request, base, device, emit)
     cfg, _ = adapt_to_cohort(base.train, len(train_idx), request.num_classes)
     model, pre, _, best_epoch, posthoc, bagged = _fit(
         cohort, request, base, enc, cfg, train_idx, val_idx, device, emit, out, unlabeled
