@@ -213,6 +213,7 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         int,
         "--epochs",
+        help="Passes over the training patients.",
         optional=True,
         show_default="auto: 30, fewer past 20,000 training patients",
         min=1,

@@ -162,9 +162,9 @@ def test_the_classifier_is_a_scikit_learn_estimator(tmp_path: Path) -> None:
     )
     params = model.get_params()
     assert set(params) == set(BY_NAME) | {"out_dir", "base_dir"}
-    assert params["epochs"] == 3 and params["test_ratio"] == 0.0 and params["lr"] == 3e-4
+    assert params["epochs"] == 3 and params["test_ratio"] == 0.0 and params["lr"] is None  # auto
     twin = clone(model).set_params(lr=1e-3)
-    assert twin.get_params()["lr"] == 1e-3 and model.get_params()["lr"] == 3e-4
+    assert twin.get_params()["lr"] == 1e-3 and model.get_params()["lr"] is None
     assert "epochs=3" in repr(model)
     with pytest.raises(ConfigError, match="unknown setting 'epoch'") as err:
         omnifuse.OmniFuseClassifier(epoch=3)

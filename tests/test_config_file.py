@@ -175,9 +175,13 @@ def test_config_init_template_is_accepted_unchanged(
     result = invoke("config", "init", path, "--command", command)
     assert result.exit_code == 0, result.output
     text = path.read_text(encoding="utf-8")
-    assert "# -- " in text and "# Patients per batch." in text and "batch-size: 32" in text
+    assert "# -- " in text and "# Patients per batch." in text
+    if command in ("evaluate", "predict"):
+        assert "batch-size: 32" in text
     if command in ("train", "cv"):
-        assert "lr: 0.0003" in text and "# num-classes: 3" in text  # needed: commented out
+        # null: the cohort-size rule chooses (README "Presets")
+        assert "batch-size: null" in text and "auto: 32, larger past 20,000" in text
+        assert "lr: null" in text and "# num-classes: 3" in text  # needed: commented out
         assert "# -- method --" in text and "no-imputation: false" in text
         engine = TRAIN if command == "train" else CV
         plain = captured(monkeypatch, engine, command, "m.csv", "--num-classes", "3")

@@ -350,13 +350,13 @@ def test_cli_options_reach_the_run(tiny_manifest: Path, tmp_path: Path) -> None:
         "1",
     )
     assert_ok(result)
-    assert "best validation loss" in " ".join(result.output.split())
+    assert "best validation log-loss" in " ".join(result.output.split())
     meta = dict(
         line.split(",", 1)
         for line in (run / "meta.csv").read_text(encoding="utf-8").splitlines()[1:]
     )
     assert meta["reliability"] == "0.5" and meta["joint_input"] == "both"
-    assert meta["select_metric"] == "loss" and meta["ra_layers"] == '"[32, 8]"'
+    assert meta["select_metric"] == "log_loss" and meta["ra_layers"] == '"[32, 8]"'
     bad = invoke(
         "train", tiny_manifest, "--out-dir", tmp_path / "bad", *TRAIN_ARGS, "--reliability", "2"
     )

@@ -126,14 +126,26 @@ def test_train_logs_the_settings_and_records_the_preset(
 ) -> None:
     out = tmp_path / "run"
     result = invoke(
-        "train", tiny_manifest, *BAG_ARGS, "--preset", "fast", "--epochs", "2", "--out-dir", out
+        "train",
+        tiny_manifest,
+        *BAG_ARGS,
+        "--preset",
+        "fast",
+        "--epochs",
+        "2",
+        "--eval-metric",
+        "macro_f1",
+        "--out-dir",
+        out,
     )
     assert_ok(result)
-    assert "settings for 18 training patients: eval metric log_loss" in result.output
+    assert "settings for 18 training patients: eval metric macro_f1" in result.output
     meta = pd.read_csv(out / "meta.csv").set_index("key")["value"]
     assert meta["preset"] == "fast" and meta["epochs"] == "2"  # the flag won over fast's 10
     assert meta["use_tla"] == "False" and meta["use_dwfuse"] == "False"
-    assert meta["select_metric"] == "log_loss"
+    assert meta["select_metric"] == "macro_f1"
+    table = result.output[result.output.index("test metrics") :]
+    assert table.index("macro-F1") < table.index("log loss")  # the eval metric first
     config = (out / "config.yaml").read_text(encoding="utf-8")
     assert "preset: fast" in config and "no-tla: true" in config
 
@@ -292,6 +304,9 @@ def test_the_time_limit_stops_cleanly_and_the_model_loads(
     assert float(meta["time_limit"]) == 4.0
     preds = tmp_path / "p.csv"
     assert_ok(invoke("predict", tiny_manifest, "--run", out, "--out", preds))
+    assert_ok(invoke("report", out))
+    page = " ".join((out / "report.html").read_text(encoding="utf-8").split())
+    assert "Training ended: time limit after epoch" in page and "Time limit 4.0 s" in page
 
 
 def test_the_time_limit_keeps_the_finished_folds_of_a_bag(

@@ -85,13 +85,18 @@ def metrics_table(
     metrics: Mapping[str, float],
     title: str,
     intervals: Mapping[str, tuple[float, float]] | None = None,
+    first: str | None = None,
 ) -> Table:
+    """``first``: the run's --eval-metric, listed first."""
     table = titled(title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     if intervals:
         table.add_column("95% CI (bootstrap)", justify="right")
-    for key, value in metrics.items():
+    key_of = {"log_loss": "loss", "accuracy": "acc", "balanced_accuracy": "balanced_acc"}
+    lead = key_of.get(first or "", first)
+    order = sorted(metrics, key=lambda k: k != lead)  # stable: the rest keep their order
+    for key, value in ((k, metrics[k]) for k in order):
         cells = [METRIC_LABELS.get(key, key), fmt(value)]
         if intervals:
             low, high = intervals.get(key, (None, None))

@@ -123,9 +123,14 @@ def train(
     result = run.result
     assert result is not None  # train and resume return the training summary
     console.print()
+    chosen = (
+        result.bag
+        if result.bag
+        else f"best epoch: {result.best_epoch} (best validation "
+        f"{result.select_metric.replace('_', '-')})"
+    )
     console.print(
-        f"best epoch: {result.best_epoch} (best validation "
-        f"{result.select_metric.replace('_', '-')}); "
+        f"{chosen}; "
         f"split train/val/test = {result.split_counts['train']}/"
         f"{result.split_counts['val']}/{result.split_counts['test']}; "
         f"device {result.device}"
@@ -138,7 +143,9 @@ def train(
             f"with omnifuse evaluate {result.out_dir} --manifest TEST.csv"
         )
     else:
-        console.print(metrics_table(result.test, "test metrics (best checkpoint)"))
+        console.print(
+            metrics_table(result.test, "test metrics (best checkpoint)", first=result.select_metric)
+        )
         console.print(
             confusion_table(
                 result.confusion, result.class_names, "test confusion matrix (rows = true)"

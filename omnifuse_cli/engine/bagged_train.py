@@ -130,4 +130,5 @@ def finish_bagged(
         notes=list(cohort.notes),
         split_summary=summary,
         select_metric=cfg.select_metric,
+        bag=outcome.bag.describe(),
     )

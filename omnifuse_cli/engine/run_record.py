@@ -46,6 +46,7 @@ class TrainResult:
     # Patients per class and per missing pattern in each split (engine.audit.split_summary).
     split_summary: pd.DataFrame | None = None
     select_metric: str = "macro_f1"  # the validation score that picked best_epoch
+    bag: str = ""  # --bag-folds: what the bag finished (engine/bagging.BagFit.describe)
 
 
 def unlabeled_note(splits: dict[str, np.ndarray]) -> str:

@@ -261,6 +261,7 @@ def _run_training(
                 "best_epoch": best_epoch,
                 "encode_seconds": round(encode_seconds, 3),
                 "train_seconds": round(sum(r.seconds for r in records), 3),
+                **budget.meta(time.monotonic()),
             },
         )
     distributed.barrier()  # no rank reports success before the run's last file is written

@@ -85,7 +85,24 @@ def training(inputs: ReportInputs, add: AddFigure) -> str:
                     f"<p>Best epoch (kept): {int(picked.iloc[-1])} of {len(frame)}, chosen "
                     "on the validation split.</p>"
                 )
-    return best + add(figures.training(inputs.curves), "training", "Training curves", caption)
+    return (
+        best
+        + _stopped(inputs.meta)
+        + add(figures.training(inputs.curves), "training", "Training curves", caption)
+    )
+
+
+def _stopped(meta: dict[str, str]) -> str:
+    """Why training ended and, under --time-limit, the budget and what it used."""
+    parts = []
+    if meta.get("stopped"):
+        parts.append(f"Training ended: {esc(meta['stopped'])}.")
+    if float(meta.get("time_limit") or 0) > 0:
+        parts.append(
+            f"Time limit {esc(meta['time_limit'])} s (--time-limit); the run used "
+            f"{esc(meta.get('time_used', ''))} s."
+        )
+    return f"<p>{' '.join(parts)}</p>" if parts else ""
 
 
 def modalities(inputs: ReportInputs, add: AddFigure) -> str:
@@ -271,9 +288,4 @@ def bagging(inputs: ReportInputs) -> str:
             f"{esc(meta.get('ensemble_oof_score', ''))}.</p>"
         )
         parts.append(table("ensemble", ["member", "weight", f"out-of-fold {metric}"], rows))
-    if meta.get("time_limit"):
-        parts.append(
-            f"<p>Time limit {esc(meta['time_limit'])} s; used {esc(meta.get('time_used', ''))} "
-            f"s. {esc(meta.get('stopped', ''))}</p>"
-        )
     return "".join(parts)

@@ -1,0 +1,110 @@
+"""Issue 22's goals on the real cohorts: `--preset best --time-limit 300` against AutoGluon 1.6
+`medium_quality` (time_limit 300, eval_metric roc_auc) and `--preset medium` against TF-IDF +
+logistic regression (C by cross-validation), on the same stratified 70/30 splits.
+
+Reads the rows compare.py wrote (results/<cohort>-issue22.csv: lr, ag and omnifuse with its
+defaults = medium; results/<cohort>-issue22-best.csv: omnifuse --preset best --time-limit 300)
+and writes results/presets-real.md. The contrasts were declared before the runs: best - ag and
+medium - lr per cohort (goal: mean >= 0), with a 95% t-interval over the split seeds (paired by
+seed); best - medium and best - lr are reported beside them as secondary.
+
+    python benchmarks/real/presets_compare.py --cohorts drugreview,slo-opinion
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+HERE = Path(__file__).resolve().parent
+CONTRASTS = [  # (a, b, declared before the runs)
+    ("best", "ag", True),
+    ("medium", "lr", True),
+    ("best", "medium", False),
+    ("best", "lr", False),
+]
+
+
+def load(results: Path, cohort: str) -> pd.DataFrame:
+    base = pd.read_csv(results / f"{cohort}-issue22.csv")
+    base["method"] = base["method"].replace({"omnifuse": "medium"})
+    best = pd.read_csv(results / f"{cohort}-issue22-best.csv")
+    best["method"] = best["method"].replace({"omnifuse": "best"})
+    return pd.concat([base, best], ignore_index=True)
+
+
+def interval(d: np.ndarray) -> tuple[float, float, float]:
+    m = float(np.mean(d))
+    if len(d) < 2:
+        return m, float("nan"), float("nan")
+    h = float(stats.t.ppf(0.975, len(d) - 1) * np.std(d, ddof=1) / np.sqrt(len(d)))
+    return m, m - h, m + h
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cohorts", default="drugreview,slo-opinion")
+    ap.add_argument("--results", type=Path, default=HERE / "results")
+    args = ap.parse_args()
+    lines = [
+        "# Presets on the real cohorts (issue 22)",
+        "",
+        "Test AUROC on stratified 70/30 splits (one row per split seed), every method on the same",
+        "patients: lr = TF-IDF (1-2-grams) + numbers + LogisticRegression (C by 5-fold CV);",
+        "ag = AutoGluon 1.6 `TabularPredictor(eval_metric='roc_auc').fit(train,",
+        "presets='medium_quality', time_limit=300)` (note as a text column, numbers as columns);",
+        "medium = `omnifuse train` with its defaults; best = `omnifuse train --preset best",
+        "--time-limit 300`. 2 shared CPU cores, one torch thread.",
+        "",
+    ]
+    for cohort in args.cohorts.split(","):
+        frame = load(args.results, cohort)
+        piv = frame.pivot_table(index="seed", columns="method", values="auroc")
+        secs = frame.pivot_table(index="seed", columns="method", values="seconds")
+        methods = [m for m in ("lr", "ag", "medium", "best") if m in piv]
+        lines += [f"## {cohort}", "", "| seed | " + " | ".join(methods) + " |"]
+        lines.append("|---" * (len(methods) + 1) + "|")
+        for seed, row in piv.iterrows():
+            lines.append(
+                f"| {seed} | "
+                + " | ".join("" if pd.isna(row[m]) else f"{row[m]:.4f}" for m in methods)
+                + " |"
+            )
+        lines += [
+            "",
+            "| method | seeds | AUROC mean | SD | log loss | s per split |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m in methods:
+            rows = frame[frame["method"] == m]
+            lines.append(
+                f"| {m} | {len(rows)} | {rows['auroc'].mean():.4f} | {rows['auroc'].std():.4f} | "
+                f"{rows['logloss'].mean():.3f} | {secs[m].mean():.0f} |"
+            )
+        lines += [
+            "",
+            "| contrast | declared | seeds | mean | 95% CI | goal met (mean >= 0) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for a, b, declared in CONTRASTS:
+            if a not in piv or b not in piv:
+                continue
+            both = piv[[a, b]].dropna()
+            d = (both[a] - both[b]).to_numpy()
+            m, lo, hi = interval(d)
+            lines.append(
+                f"| {a} - {b} | {'yes' if declared else 'no'} | {len(d)} | {m:+.4f} | "
+                f"[{lo:+.4f}, {hi:+.4f}] | {'yes' if m >= 0 else 'NO'} |"
+            )
+        lines.append("")
+    out = args.results / "presets-real.md"
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
