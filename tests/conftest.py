@@ -201,6 +201,7 @@ def cv_run(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     were encoded ("encodes") and the patients each model's preprocessing was fitted on
     ("fitted": one index array per build_for_cohort call, in call order)."""
     from omnifuse_cli.engine import frozen_features
+    from omnifuse_cli.engine.cv import encoding
     from omnifuse_cli.engine.cv import run as crossval
 
     out = tmp_path_factory.mktemp("cv") / "cv"
@@ -218,7 +219,8 @@ def cv_run(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(frozen_features, "cache_frozen_features", cache)
-        patch.setattr(crossval, "build_for_cohort", build)
+        patch.setattr(crossval, "build_for_cohort", build)  # each fold's model
+        patch.setattr(encoding, "build_for_cohort", build)  # the frozen encoder's
         result = invoke(
             "cv",
             tiny_manifest,

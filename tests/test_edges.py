@@ -215,7 +215,7 @@ def test_help_shows_the_defaults() -> None:
             "[default: (runs/run-YYYYmmdd-HHMMSS)]",
             "[default: resnet34]",
             "[default: (labs=vector us=image text=text)]",
-            "[default: 30]",
+            "[default: (auto: 30, fewer past 20,000 training patients)]",
         ],
         "evaluate": ["[default: (RUN_DIR/eval/<test|manifest>)]", "[default: 1000]"],
         "check": ["[default: (from the data)]"],

@@ -35,7 +35,11 @@ LabsTable = setting_option("labs_table")
 LabsIdCol = setting_option("labs_id_col")
 Modality = setting_option("modality")
 Device = setting_option("device")
-BatchSize = setting_option("batch_size")
+# Scoring's batch is a plain 32 (train's follows the cohort-size rule).
+BatchSize = Annotated[
+    int,
+    typer.Option("--batch-size", help="Patients per batch.", show_default=True, min=1),
+]
 OnBadFile = setting_option("on_bad_file")
 CacheDir = setting_option("cache_dir")
 Cache = setting_option("cache")
