@@ -338,3 +338,19 @@ def test_the_time_limit_keeps_the_finished_folds_of_a_bag(
 def test_train_config_defaults_are_unchanged_for_old_requests() -> None:
     """An old request.json says which metric it selected by; a new one resolves auto."""
     assert TrainConfig(select_metric="macro_f1").select_metric == "macro_f1"
+
+
+def test_classical_members_see_the_presence_mask(tiny_manifest: Path) -> None:
+    """evaluate --drop-modality hides a modality through the presence mask: the ensemble's
+    scikit-learn members must not read the hidden notes or labs either."""
+    from omnifuse_cli.config import DEFAULT_MODALITIES
+    from omnifuse_cli.data.manifest import read_manifest
+    from omnifuse_cli.engine.classical import member_inputs
+
+    cohort = read_manifest(tiny_manifest, DEFAULT_MODALITIES)
+    before = member_inputs(cohort)
+    assert any(before.texts) and np.isfinite(before.numbers).any()
+    cohort.present[:, cohort.names.index("text")] = False
+    cohort.present[:, cohort.names.index("labs")] = False
+    after = member_inputs(cohort)
+    assert not any(after.texts) and np.isnan(after.numbers).all()

@@ -106,11 +106,17 @@ def member_inputs(cohort: Cohort) -> MemberInputs:
     vector_names = [
         m.name for m in cohort.modalities if m.kind == "vector" and m.name in cohort.vectors
     ]
+    # A modality the presence mask hides (evaluate --drop-modality/--missing-rate) is missing
+    # for the members too.
+    shown = {name: cohort.present[:, cohort.names.index(name)] for name in cohort.names}
     texts = [
-        "\n".join(note for name in text_names if (note := cohort.texts[name][i]))
+        "\n".join(note for name in text_names if shown[name][i] and (note := cohort.texts[name][i]))
         for i in range(len(cohort))
     ]
-    blocks = [np.asarray(cohort.vectors[name], dtype=np.float64) for name in vector_names]
+    blocks = [
+        np.where(shown[name][:, None], np.asarray(cohort.vectors[name], dtype=np.float64), np.nan)
+        for name in vector_names
+    ]
     numbers = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(cohort), 0))
     columns = {n: range(cohort.vectors[n].shape[1]) for n in vector_names} | cohort.vector_columns
     names = [f"{name}:{column}" for name in vector_names for column in columns[name]]
