@@ -20,12 +20,10 @@ from omnifuse_cli.engine.bundle import save_bundle
 from omnifuse_cli.engine.events import EventFn, ProgressEvent
 from omnifuse_cli.engine.files import write_csv
 from omnifuse_cli.engine.finishing import posthoc_meta
-from omnifuse_cli.engine.fitting import infer_all
-from omnifuse_cli.engine.metrics import classification_metrics, confusion
 from omnifuse_cli.engine.posthoc import KEY as POSTHOC
 from omnifuse_cli.engine.presets import Budget
 from omnifuse_cli.engine.reliability import reliability_meta
-from omnifuse_cli.engine.run_record import TrainResult, write_results
+from omnifuse_cli.engine.run_record import TrainResult, score_test, write_results
 from omnifuse_cli.engine.runs import BUNDLE_DIR, METRICS, OOF, TrainRequest
 from omnifuse_cli.model.omnifuse import OmniFuse
 
@@ -42,6 +40,7 @@ def finish_bagged(
     emit: EventFn,
     budget: Budget,
     summary: pd.DataFrame,
+    encode_seconds: float,
 ) -> TrainResult:
     """--bag-folds: the bag, the ensemble and the post-hoc fit on out-of-fold predictions
     (engine/bagged_run.py), then the bundle and the test split, as a single model's run."""
@@ -84,19 +83,10 @@ def finish_bagged(
             state=bag.bag_state(),
         )
         save_outcome_members(folder, outcome)
-    test: dict[str, float] = {}
-    cm = None
-    if len(splits["test"]):
-        result = infer_all(
-            bag, data, splits["test"], device=device, batch_size=cfg.batch_size, amp=cfg.amp
-        )
-        log_probs = outcome.scorer().log_probs(cohort.subset(result.index), result.log_probs)
-        probs = outcome.posthoc.probabilities(log_probs)
-        pred = outcome.posthoc.decide(probs)
-        assert cohort.labels is not None
-        y_test = cohort.labels[result.index]
-        test = classification_metrics(y_test, probs, request.num_classes, pred)
-        cm = confusion(y_test, pred, request.num_classes)
+    scorer = outcome.scorer()
+    test, cm = score_test(
+        bag, data, cohort, splits["test"], cfg, outcome.posthoc, combine=scorer.log_probs
+    )
     records = [r for fit in outcome.bag.fits for r in fit.records]
     if distributed.is_main():
         rows = [{"fold": f.fold + 1, **r.row()} for f in outcome.bag.fits for r in f.records]
@@ -110,7 +100,7 @@ def finish_bagged(
             meta,
             {
                 "best_epoch": 0,
-                "encode_seconds": 0.0,
+                "encode_seconds": round(encode_seconds, 3),
                 "train_seconds": round(sum(r.seconds for r in records), 3),
                 **budget.meta(time.monotonic()),
             },
@@ -124,7 +114,7 @@ def finish_bagged(
         confusion=cm,
         split_counts={k: len(v) for k, v in splits.items()},
         class_names=class_names,
-        encode_seconds=0.0,
+        encode_seconds=encode_seconds,
         device=str(device),
         image_weights=str(meta.get("image_weights", "")),
         notes=list(cohort.notes),

@@ -4,6 +4,7 @@ Shared by a single model's run (training.py) and a bagged one (bagged_train.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,16 @@ import pandas as pd
 import torch
 
 from omnifuse_cli import __version__
-from omnifuse_cli.config import to_primitive
+from omnifuse_cli.config import TrainConfig, to_primitive
 from omnifuse_cli.data.cohort import Cohort
+from omnifuse_cli.data.prepared import PreparedCohort
 from omnifuse_cli.engine import distributed
 from omnifuse_cli.engine.bundle import versions
 from omnifuse_cli.engine.files import write_csv
-from omnifuse_cli.engine.fitting import EpochRecord
+from omnifuse_cli.engine.fitting import EpochRecord, infer_all
+from omnifuse_cli.engine.metrics import classification_metrics, confusion
 from omnifuse_cli.engine.modelling import ImageWeights
+from omnifuse_cli.engine.posthoc import PostHoc
 from omnifuse_cli.engine.runs import (
     CONFUSION,
     SPLIT,
@@ -28,6 +32,8 @@ from omnifuse_cli.engine.runs import (
     TrainRequest,
     write_meta,
 )
+from omnifuse_cli.model.bag import BaggedOmniFuse
+from omnifuse_cli.model.omnifuse import OmniFuse
 
 
 @dataclass
@@ -151,3 +157,35 @@ def write_results(
         frame.insert(0, "true", class_names)
         write_csv(out_dir / CONFUSION, frame)
     write_meta(out_dir, {**meta, **timings})
+
+
+def score_test(
+    model: OmniFuse | BaggedOmniFuse,
+    data: PreparedCohort,
+    cohort: Cohort,
+    test_idx: np.ndarray,
+    cfg: TrainConfig,
+    posthoc: PostHoc,
+    combine: Callable[[Cohort, np.ndarray], np.ndarray] | None = None,
+) -> tuple[dict[str, float], np.ndarray | None]:
+    """The test split's metrics and confusion matrix from the calibrated probabilities and the
+    operating point's decisions (empty and None under --test-ratio 0). ``combine``: the
+    weighted ensemble (bagged_run.Scorer.log_probs) of the scored patients."""
+    if not len(test_idx):  # --test-ratio 0: the user evaluates an external cohort
+        return {}, None
+    assert cohort.labels is not None
+    result = infer_all(
+        model, data, test_idx, device=_device(model), batch_size=cfg.batch_size, amp=cfg.amp
+    )
+    log_probs = result.log_probs
+    if combine is not None:
+        log_probs = combine(cohort.subset(result.index), log_probs)
+    probs = posthoc.probabilities(log_probs)
+    pred = posthoc.decide(probs)
+    y = cohort.labels[result.index]
+    num_classes = probs.shape[1]
+    return classification_metrics(y, probs, num_classes, pred), confusion(y, pred, num_classes)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device

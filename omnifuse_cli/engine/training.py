@@ -45,14 +45,12 @@ from omnifuse_cli.engine.finishing import (
 )
 from omnifuse_cli.engine.fitting import (
     fit_model,
-    infer_all,
     load_checkpoint,
     stop_reason,
 )
 from omnifuse_cli.engine.frozen_features import encode_frozen
 from omnifuse_cli.engine.inference import resolve_device
 from omnifuse_cli.engine.machine import set_threads
-from omnifuse_cli.engine.metrics import classification_metrics, confusion
 from omnifuse_cli.engine.modelling import (
     ImageWeights,
     build_model,
@@ -68,6 +66,7 @@ from omnifuse_cli.engine.run_record import (
     TrainResult,
     pinned_config,
     run_meta,
+    score_test,
     unlabeled_note,
     weights_warning,
     write_results,
@@ -182,7 +181,18 @@ def _run_training(
     budget = Budget(started, cfg.time_limit, ensemble=cfg.ensemble)
     if cfg.bag_folds >= 2:
         return finish_bagged(
-            request, cohort, model, pre, data, splits, meta, device, emit, budget, summary
+            request,
+            cohort,
+            model,
+            pre,
+            data,
+            splits,
+            meta,
+            device,
+            emit,
+            budget,
+            summary,
+            encode_seconds,
         )
 
     def on_best(epoch: int, state: dict[str, torch.Tensor]) -> None:
@@ -239,17 +249,7 @@ def _run_training(
             extra={"best_epoch": best_epoch, "run": meta, POSTHOC: posthoc.to_dict()},
             state={**best_state, **(linear_state(model) if model.linear is not None else {})},
         )
-    test: dict[str, float] = {}
-    cm = None
-    if len(splits["test"]):  # --test-ratio 0: the user evaluates an external cohort
-        result = infer_all(
-            model, data, splits["test"], device=device, batch_size=cfg.batch_size, amp=cfg.amp
-        )
-        probs = posthoc.probabilities(result.log_probs)
-        pred = posthoc.decide(probs)
-        y_test = cohort.labels[result.index]
-        test = classification_metrics(y_test, probs, request.num_classes, pred)
-        cm = confusion(y_test, pred, request.num_classes)
+    test, cm = score_test(model, data, cohort, splits["test"], cfg, posthoc)
     if distributed.is_main():
         write_results(
             request.out_dir,
