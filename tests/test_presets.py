@@ -354,3 +354,27 @@ def test_classical_members_see_the_presence_mask(tiny_manifest: Path) -> None:
     cohort.present[:, cohort.names.index("labs")] = False
     after = member_inputs(cohort)
     assert not any(after.texts) and np.isnan(after.numbers).all()
+
+
+def test_a_config_file_and_the_api_take_the_preset(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`preset: best` in a --config file, overridden by a flag; and preset= in Python."""
+    from omnifuse_cli import api
+
+    seen: list[object] = []
+
+    def capture(request: object, *_: object, **__: object) -> None:
+        seen.append(request)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("omnifuse_cli.engine.training.run_training", capture)
+    config = tmp_path / "study.yaml"
+    config.write_text("preset: best\nbag-folds: 3\n", encoding="utf-8")
+    invoke("train", "m.csv", "--num-classes", "2", "--config", config, "--no-ensemble")
+    train = seen[-1].train  # type: ignore[attr-defined]
+    assert (train.preset, train.bag_folds, train.ensemble) == ("best", 3, False)
+    with pytest.raises(KeyboardInterrupt):
+        api.train("m.csv", num_classes=2, out_dir=tmp_path / "run", preset="fast", patience=1)
+    train = seen[-1].train  # type: ignore[attr-defined]
+    assert (train.preset, train.epochs, train.patience) == ("fast", 10, 1)
