@@ -18,18 +18,15 @@ from omnifuse_cli.config import ModalitySpec
 from omnifuse_cli.data.cohort import Cohort
 from omnifuse_cli.engine.classical import (
     KINDS,
-    MEMBERS_FILE,
-    TRUSTED,
     ClassWeight,
     FittedMember,
     MemberInputs,
     OutOfTime,
     fit_bagged_member,
-    load_members,
     member_inputs,
-    save_members,
     usable_kinds,
 )
+from omnifuse_cli.engine.classical_io import MEMBERS_FILE, TRUSTED, load_members, save_members
 from omnifuse_cli.engine.ensemble import (
     METRICS,
     EnsembleFit,

@@ -29,11 +29,10 @@ from omnifuse_cli.engine.classical import (
     FittedMember,
     OutOfTime,
     fit_bagged_member,
-    load_members,
     member_inputs,
-    save_members,
     usable_kinds,
 )
+from omnifuse_cli.engine.classical_io import load_members, save_members
 from omnifuse_cli.engine.ensemble import EnsembleFit, Metric, greedy_selection, parse_metric
 from omnifuse_cli.engine.epoch import backbone, backbone_names
 from omnifuse_cli.engine.events import EventFn, ProgressEvent

@@ -8,7 +8,8 @@ numbers (every vector modality's columns, NaN where missing):
   3-fold CV inside the training part, scored by the ensemble's metric: the strong, cheap
   baseline of clinical notes.
 - "hgb" (hist_gradient_boosting): gradient boosting on the numbers as they are (the trees route
-  NaN themselves) beside a truncated SVD of the tf-idf, so the notes reach the trees too.
+  NaN themselves) beside a truncated SVD of the tf-idf and the tf-idf of the 200 n-grams most
+  associated with the label (chi2 in the fold), so the notes reach the trees too.
 
 Bagging as AutoGluon does it: fold k's model is fitted on the other folds and predicts fold k;
 new patients get the mean of the K models, with no refit, so what the ensemble weighed is what
@@ -20,24 +21,20 @@ without the preset, and predicting without its members, never need it.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import time
 import warnings
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Literal, TypeAlias, get_args
 
 import numpy as np
 import scipy.sparse as sp
-import sklearn
 from sklearn.decomposition import TruncatedSVD
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.feature_selection import chi2
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, train_test_split
@@ -46,8 +43,7 @@ from threadpoolctl import threadpool_limits
 
 from omnifuse_cli.data.cohort import Cohort
 from omnifuse_cli.engine.ensemble import Metric, score
-from omnifuse_cli.engine.files import temp_file_beside, write_text_atomic
-from omnifuse_cli.errors import BundleError, DataError
+from omnifuse_cli.errors import DataError
 
 MemberKind = Literal["linear", "hgb"]
 KINDS: tuple[MemberKind, ...] = get_args(MemberKind)
@@ -55,22 +51,11 @@ NAMES: dict[MemberKind, str] = {"linear": "tfidf_logistic", "hgb": "hist_gradien
 ClassWeight = dict[int, float] | Literal["balanced"] | None
 Features: TypeAlias = np.ndarray | sp.csr_matrix  # dense, or sparse with tf-idf
 
-MEMBERS_FILE = "members.json"
-FORMAT = "omnifuse-classical-members"
-FORMAT_VERSION = 1
-
-# What skops.io.get_untrusted_types reports for fitted members beyond the types skops trusts
-# itself (tests/test_ensemble.py checks every kind against it, so a scikit-learn release that
-# stores a new type fails there, not in a user's bundle). Nothing else is ever built on load.
-TRUSTED: tuple[str, ...] = (
-    "numpy.dtype",
-    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
-)
-
 TOKEN_PATTERN = r"(?u)\b\w+\b"  # one-character words too: Chinese runs and "x" in "3 x 2"
 MAX_TEXT_FEATURES = 200_000
 MIN_DOCS_FOR_MIN_DF = 20  # fewer notes: a word seen once is kept (min_df=1), or none may be
 SVD_COMPONENTS = 100
+SELECTED_NGRAMS = 200  # hgb: the strongest n-grams by chi2, as columns of their own
 C_GRID = (0.1, 1.0, 10.0, 100.0)
 C_SEARCH_FOLDS = 3
 C_SEARCH_PATIENTS = 5_000  # C is chosen on a stratified sample: a decade of C is all it decides
@@ -139,6 +124,10 @@ class FoldModel:
     estimator: LogisticRegression | HistGradientBoostingClassifier
     tfidf: TfidfVectorizer | None = None
     svd: TruncatedSVD | None = None  # hgb: the tf-idf as dense components
+    # hgb: the tf-idf columns of the n-grams most associated with the label (chi2 on the fold's
+    # training part), read as they are beside the SVD: a few words carry most of a short note's
+    # signal, and the SVD blurs them.
+    selected: np.ndarray | None = None
     imputer: SimpleImputer | None = None  # linear: median + missing indicators
     scaler: StandardScaler | None = None
     raw_numbers: bool = False  # hgb: the numbers as they are, NaN included
@@ -151,6 +140,8 @@ class FoldModel:
         if self.tfidf is not None:
             text = self.tfidf.transform(inputs.texts)
             blocks.append(text if self.svd is None else self.svd.transform(text))
+            if self.selected is not None:
+                blocks.append(text[:, self.selected].toarray())
         if self.imputer is not None and self.scaler is not None:
             blocks.append(self.scaler.transform(self.imputer.transform(inputs.numbers)))
         elif self.raw_numbers:
@@ -304,10 +295,16 @@ def _fit_hgb(inputs: MemberInputs, y: np.ndarray, task: _Task) -> FoldModel:
             svd = TruncatedSVD(n_components=components, random_state=task.seed).fit(text)
         else:
             tfidf = None  # a vocabulary of one word: nothing to decompose, and nothing to learn
+    selected = None
+    if svd is not None and text is not None:
+        strength = np.nan_to_num(chi2(text, y)[0])
+        keep = min(SELECTED_NGRAMS, text.shape[1])
+        selected = np.sort(np.argsort(-strength, kind="stable")[:keep]).astype(np.int64)
     pieces = FoldModel(
         estimator=HistGradientBoostingClassifier(),  # replaced by the fitted one below
         tfidf=tfidf,
         svd=svd,
+        selected=selected,
         raw_numbers=inputs.numbers.shape[1] > 0,
     )
     estimator = HistGradientBoostingClassifier(
@@ -391,110 +388,3 @@ def _expand(probs: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndar
     out = np.zeros((probs.shape[0], num_classes))
     out[:, np.asarray(classes, dtype=np.int64)] = probs
     return out
-
-
-def save_members(folder: Path, members: list[FittedMember]) -> None:
-    """One ``<name>.skops`` per member and ``members.json`` listing them, atomically each."""
-    # skops only writes and reads bundles of the best preset: imported where it is needed.
-    import skops
-    import skops.io as sio
-
-    folder.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for member in members:
-        folds = [{k: v for k, v in f.__dict__.items() if k != "trained_on"} for f in member.folds]
-        payload = sio.dumps({"kind": member.kind, "folds": folds})
-        _write_bytes_atomic(folder / f"{member.name}.skops", payload)
-        entries.append(
-            {
-                "name": member.name,
-                "kind": member.kind,
-                "classes": list(range(member.num_classes)),
-                "numbers": member.number_count,
-                "meta": member.meta(),
-            }
-        )
-    versions = {"scikit-learn": sklearn.__version__, "skops": skops.__version__}
-    document = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions}
-    document["members"] = entries
-    write_text_atomic(folder / MEMBERS_FILE, json.dumps(document, indent=2) + "\n")
-
-
-def load_members(folder: Path) -> list[FittedMember]:
-    """The members save_members wrote, built from nothing but TRUSTED and skops' own safe
-    types; BundleError naming the file for anything else, or a missing or damaged file."""
-    # skops only writes and reads bundles of the best preset: imported where it is needed.
-    import skops.io as sio
-    from skops.io.exceptions import UntrustedTypesFoundException
-
-    listing = folder / MEMBERS_FILE
-    try:
-        document = json.loads(listing.read_text(encoding="utf-8"))
-        if document.get("format") != FORMAT:
-            raise ValueError("not an omnifuse members file")
-        entries = [
-            (e["kind"], e["name"], len(e["classes"]), int(e["numbers"]), e.get("meta"))
-            for e in document["members"]
-        ]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise BundleError(f"cannot read {listing}: {exc}") from exc
-    members = []
-    for kind, name, num_classes, number_count, meta in entries:
-        if kind not in KINDS or name != NAMES[kind]:  # names a file: never a path from the JSON
-            raise BundleError(f"{listing} lists an unknown member {name!r}")
-        path = folder / f"{NAMES[kind]}.skops"
-        try:
-            payload = sio.load(path, trusted=list(TRUSTED))
-        except UntrustedTypesFoundException as exc:
-            raise BundleError(
-                f"{path} holds types a bundle may not contain: {exc}",
-                hint="loading would build objects beyond scikit-learn's; use a bundle you trust",
-            ) from exc
-        except (OSError, zipfile.BadZipFile, ValueError, KeyError, TypeError) as exc:
-            raise BundleError(f"cannot read {path}: {exc}") from exc
-        folds = _fold_models(payload, kind, path)
-        seconds = float(meta.get("seconds", 0.0)) if isinstance(meta, dict) else 0.0
-        members.append(FittedMember(kind, num_classes, number_count, folds, seconds))
-    return members
-
-
-_PIECES: dict[str, type[object]] = {
-    "tfidf": TfidfVectorizer,
-    "svd": TruncatedSVD,
-    "imputer": SimpleImputer,
-    "scaler": StandardScaler,
-}
-_ESTIMATORS: dict[MemberKind, type[object]] = {
-    "linear": LogisticRegression,
-    "hgb": HistGradientBoostingClassifier,
-}
-
-
-def _fold_models(payload: object, kind: MemberKind, path: Path) -> tuple[FoldModel, ...]:
-    """The fold models of a loaded payload, each piece checked to be what it claims."""
-    folds = payload.get("folds") if isinstance(payload, dict) else None
-    if not isinstance(payload, dict) or payload.get("kind") != kind or not folds:
-        raise BundleError(f"{path} does not hold a {NAMES[kind]} member")
-    wanted = {**_PIECES, "estimator": _ESTIMATORS[kind]}
-    models = []
-    for fold in folds:
-        if not isinstance(fold, dict) or not isinstance(fold.get("estimator"), wanted["estimator"]):
-            raise BundleError(f"{path}: a fold model is not a {wanted['estimator'].__name__}")
-        wrong = [k for k, t in wanted.items() if not isinstance(fold.get(k), (t, type(None)))]
-        try:
-            if wrong:
-                raise TypeError(", ".join(wrong))
-            models.append(FoldModel(**fold))
-        except TypeError as exc:
-            raise BundleError(f"{path}: a fold model has unexpected parts ({exc})") from exc
-    return tuple(models)
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = temp_file_beside(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
