@@ -34,8 +34,8 @@ TextEncoderKind = Literal["simple", "hf"]
 InferenceRule = Literal["label-free", "joint", "mean"]
 JointInput = Literal["latents", "slots", "both"]
 ImputationLoss = Literal["normalized", "paper"]
-# --eval-metric: "auto" is AUROC for two classes and log loss for more (engine/presets.py);
-# "loss" is the older spelling of log_loss.
+# --eval-metric: "auto" is macro-F1 for one model, AUROC (two classes) or log loss (more) for a
+# bagged one (engine/presets.resolve_metric); "loss" is the older spelling of log_loss.
 SelectMetric = Literal[
     "auto", "auroc", "log_loss", "loss", "macro_f1", "balanced_accuracy", "accuracy"
 ]
@@ -342,7 +342,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA only; CPU always runs fp32
     tla_sample: int = 512  # training patients used to mine the lazy combination each epoch
     # --eval-metric: the score that picks the best epoch, stops early, weighs the ensemble and
-    # is reported first ("auto": AUROC for two classes, log loss for more; engine/presets.py).
+    # is reported first ("auto": engine/presets.resolve_metric).
     select_metric: SelectMetric = "auto"
     patience: int = 0  # stop after this many epochs without a better score (0: never)
     preset: Preset = "medium"  # what set the defaults (settings.PRESETS); recorded in meta.csv

@@ -165,7 +165,8 @@ SETTINGS: tuple[Setting, ...] = (
         help=(
             "The score that picks the best epoch, stops early, weighs the ensemble and is "
             "reported first: auroc, log_loss, macro_f1, balanced_accuracy, accuracy, or auto "
-            "(auroc for two classes, log_loss for more)."
+            "(macro_f1 for one model; with --bag-folds auroc for two classes, log_loss "
+            "for more)."
         ),
     ),
     Setting(

@@ -87,8 +87,14 @@ def test_bad_presets_and_contradictions_are_refused() -> None:
 
 
 def test_eval_metric_auto_and_the_older_spelling() -> None:
-    assert resolve_metric("auto", 2) == "auroc" and resolve_metric("auto", 3) == "log_loss"
-    assert resolve_metric("loss", 2) == "log_loss"
+    # one model on its small validation split: macro-F1 (the validation evidence); a bag:
+    # AUROC for two classes, log loss for more
+    assert resolve_metric("auto", 2, bagged=False) == resolve_metric("auto", 3, False) == (
+        "macro_f1"
+    )
+    assert resolve_metric("auto", 2, bagged=True) == "auroc"
+    assert resolve_metric("auto", 3, bagged=True) == "log_loss"
+    assert resolve_metric("loss", 2, bagged=False) == "log_loss"
     assert build_configs({"eval_metric": "balanced_accuracy"}).train.select_metric == (
         "balanced_accuracy"
     )
@@ -115,7 +121,7 @@ def test_the_cohort_rule() -> None:
     cfg = build_configs({"batch_size": 64}).train
     adapted, line = adapt_to_cohort(cfg, 800_000, 2)
     assert adapted.batch_size == 64  # given: the rule leaves it alone
-    assert adapted.epochs == 5 and adapted.select_metric == "auroc"
+    assert adapted.epochs == 5 and adapted.select_metric == "macro_f1"
     assert adapted.cohort_defaults == ()  # resolved once: request.json repeats the same run
     assert "800,000 training patients" in line and "epochs 5" in line
     assert "batch_size" not in line
@@ -134,18 +140,18 @@ def test_train_logs_the_settings_and_records_the_preset(
         "--epochs",
         "2",
         "--eval-metric",
-        "macro_f1",
+        "balanced_accuracy",
         "--out-dir",
         out,
     )
     assert_ok(result)
-    assert "settings for 18 training patients: eval metric macro_f1" in result.output
+    assert "settings for 18 training patients: eval metric balanced_accuracy" in result.output
     meta = pd.read_csv(out / "meta.csv").set_index("key")["value"]
     assert meta["preset"] == "fast" and meta["epochs"] == "2"  # the flag won over fast's 10
     assert meta["use_tla"] == "False" and meta["use_dwfuse"] == "False"
-    assert meta["select_metric"] == "macro_f1"
+    assert meta["select_metric"] == "balanced_accuracy"
     table = result.output[result.output.index("test metrics") :]
-    assert table.index("macro-F1") < table.index("log loss")  # the eval metric first
+    assert table.index("balanced accuracy") < table.index("log loss")  # the eval metric first
     config = (out / "config.yaml").read_text(encoding="utf-8")
     assert "preset: fast" in config and "no-tla: true" in config
 

@@ -123,7 +123,7 @@ def fit_bagged(
     members: list[FittedMember] = []
     ensemble = None
     if cfg.ensemble:
-        metric = parse_metric(resolve_metric(cfg.select_metric, num_classes))
+        metric = parse_metric(resolve_metric(cfg.select_metric, num_classes, bagged=True))
         members = _fit_members(cohort, bag, cfg, num_classes, metric, emit, members_deadline)
         if members:
             where = np.searchsorted(bag.pool, bag.oof_index)

@@ -253,7 +253,9 @@ def fit_model(
                 seconds=time.perf_counter() - t_epoch,
                 reliability=reliability_values(model),
             )
-            key = selection_key(val, resolve_metric(cfg.select_metric, num_classes))
+            key = selection_key(
+                val, resolve_metric(cfg.select_metric, num_classes, cfg.bag_folds >= 2)
+            )
             if best_key is None or key > best_key:
                 best_key, best_epoch, record.is_best = key, epoch, True
                 best_state = {

@@ -27,11 +27,17 @@ MAX_BATCH = 1024
 MAX_LR = 3e-3
 
 
-def resolve_metric(metric: str, num_classes: int) -> str:
-    """--eval-metric auto: AUROC for two classes (it ranks, which is what a binary risk score is
-    judged on; +0.008 and +0.017 test AUROC over macro-F1 selection on two real cohorts), log
-    loss for more (one-vs-rest AUROC ignores how the probability is shared among classes)."""
+def resolve_metric(metric: str, num_classes: int, bagged: bool) -> str:
+    """--eval-metric auto. A bagged run (--bag-folds) judges each model on its out-of-fold part
+    (a fifth of the training patients) and the ensemble on all of them: AUROC for two classes
+    (what a binary risk score is judged on, and AutoGluon's eval_metric in the comparison), log
+    loss for more. A single model is judged on its small validation split (10%), where macro-F1
+    picked better epochs with the linear path on: on held-out validation patients of both real
+    cohorts (benchmarks/results/selection_blend.md) and on 20 real test splits of issue 22
+    (AUROC - macro-F1 -0.004 [-0.0085, +0.0005]; benchmarks/real/results/presets-real.md)."""
     if metric == "auto":
+        if not bagged:
+            return "macro_f1"
         return "auroc" if num_classes == 2 else "log_loss"
     return "log_loss" if metric == "loss" else metric
 
@@ -53,7 +59,7 @@ def adapt_to_cohort(cfg: TrainConfig, n_train: int, num_classes: int) -> tuple[T
     to the rule; and a line saying what was chosen (logged at the start of training)."""
     chosen = cohort_values(n_train)
     values = {name: chosen[name] for name in cfg.cohort_defaults if name in chosen}
-    metric = resolve_metric(cfg.select_metric, num_classes)
+    metric = resolve_metric(cfg.select_metric, num_classes, cfg.bag_folds >= 2)
     out = dataclasses.replace(cfg, select_metric=metric, cohort_defaults=(), **values)  # type: ignore[arg-type]
     said = ", ".join(f"{k} {v:g}" for k, v in values.items())
     line = f"settings for {n_train:,} training patients: eval metric {metric}" + (
