@@ -89,9 +89,8 @@ def test_bad_presets_and_contradictions_are_refused() -> None:
 def test_eval_metric_auto_and_the_older_spelling() -> None:
     # one model on its small validation split: macro-F1 (the validation evidence); a bag:
     # AUROC for two classes, log loss for more
-    assert resolve_metric("auto", 2, bagged=False) == resolve_metric("auto", 3, False) == (
-        "macro_f1"
-    )
+    assert resolve_metric("auto", 2, bagged=False) == "macro_f1"
+    assert resolve_metric("auto", 3, bagged=False) == "macro_f1"
     assert resolve_metric("auto", 2, bagged=True) == "auroc"
     assert resolve_metric("auto", 3, bagged=True) == "log_loss"
     assert resolve_metric("loss", 2, bagged=False) == "log_loss"
