@@ -39,6 +39,8 @@ ImputationLoss = Literal["normalized", "paper"]
 SelectMetric = Literal[
     "auto", "auroc", "log_loss", "loss", "macro_f1", "balanced_accuracy", "accuracy"
 ]
+# An --eval-metric's key in the metrics dicts (engine.metrics.classification_metrics).
+METRIC_KEYS = {"log_loss": "loss", "accuracy": "acc", "balanced_accuracy": "balanced_acc"}
 Preset = Literal["fast", "medium", "best"]
 Pretrained = Literal["auto", "yes", "no"]
 OnBadFile = Literal["error", "skip"]

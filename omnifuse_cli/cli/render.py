@@ -12,6 +12,8 @@ from rich.cells import cell_len
 from rich.markup import escape
 from rich.table import Table
 
+from omnifuse_cli.config import METRIC_KEYS
+
 if TYPE_CHECKING:  # the engine (and torch) load only when a command runs, never for --help
     from omnifuse_cli.engine.audit import AuditReport
     from omnifuse_cli.engine.cv.summary import FoldResult
@@ -93,8 +95,7 @@ def metrics_table(
     table.add_column("value", justify="right")
     if intervals:
         table.add_column("95% CI (bootstrap)", justify="right")
-    key_of = {"log_loss": "loss", "accuracy": "acc", "balanced_accuracy": "balanced_acc"}
-    lead = key_of.get(first or "", first)
+    lead = METRIC_KEYS.get(first or "", first)
     order = sorted(metrics, key=lambda k: k != lead)  # stable: the rest keep their order
     for key, value in ((k, metrics[k]) for k in order):
         cells = [METRIC_LABELS.get(key, key), fmt(value)]

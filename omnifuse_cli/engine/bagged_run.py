@@ -1,7 +1,8 @@
 """`omnifuse train` with --bag-folds (and --ensemble): the bag (engine/bagging.py), the classical
 members on the same folds (engine/classical.py), the greedy ensemble weights
 (engine/ensemble.py) and the post-hoc fit, all on out-of-fold predictions; then how a saved
-bagged run scores new patients (``score``), shared by train's test split, evaluate and predict.
+bagged run scores new patients (``Scorer``), shared by train's test split, evaluate, predict
+and cv.
 
 The ensemble's probability is sum_i w_i p_i over its members: the bag (mean of its OmniFuse
 models, each blended with its linear path) and each classical member (mean of its fold models).
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from omnifuse_cli.config import TrainConfig
+from omnifuse_cli.config import ImageConfig, TrainConfig
 from omnifuse_cli.data.cohort import Cohort
 from omnifuse_cli.data.prepared import PreparedCohort
 from omnifuse_cli.engine.bagging import BagFit, train_bag
@@ -33,7 +34,13 @@ from omnifuse_cli.engine.classical import (
     usable_kinds,
 )
 from omnifuse_cli.engine.classical_io import load_members, save_members
-from omnifuse_cli.engine.ensemble import EnsembleFit, Metric, greedy_selection, parse_metric
+from omnifuse_cli.engine.ensemble import (
+    EnsembleFit,
+    Metric,
+    combine,
+    greedy_selection,
+    parse_metric,
+)
 from omnifuse_cli.engine.epoch import backbone, backbone_names
 from omnifuse_cli.engine.events import EventFn, ProgressEvent
 from omnifuse_cli.engine.modelling import build_model
@@ -90,7 +97,7 @@ class BaggedOutcome:
 
 def fit_bagged(
     model: OmniFuse,
-    image_cfg: Any,
+    image_cfg: ImageConfig,
     cohort: Cohort,
     data: PreparedCohort,
     splits: dict[str, np.ndarray],
@@ -112,8 +119,7 @@ def fit_bagged(
 
     def new_member(k: int) -> OmniFuse:
         torch.manual_seed(cfg.seed + 1009 * k)
-        member = build_model(model.config, image_cfg, text_backbones)
-        return member
+        return build_model(model.config, image_cfg, text_backbones)
 
     bag = train_bag(model, new_member, data, splits, cfg, num_classes, emit, device, deadline)
     lines = [bag.describe()]
@@ -131,8 +137,7 @@ def fit_bagged(
             ensemble = greedy_selection(
                 oof, y, metric, names=[OMNIFUSE] + [m.name for m in members]
             )
-            probs = _mix(oof, ensemble.weights)
-            log_probs = np.log(np.clip(probs, 1e-12, None))
+            log_probs = np.log(np.clip(combine(oof, ensemble.weights), 1e-12, None))
             lines.append(describe_ensemble(ensemble))
     posthoc = fit_posthoc(log_probs, y, cfg, class_names)
     return BaggedOutcome(bag, posthoc, members, ensemble, lines, log_probs)
@@ -179,14 +184,6 @@ def _fit_members(
             continue
         emit(ProgressEvent("message", text=f"{member.name}: {time.monotonic() - t0:.0f} s"))
         out.append(member)
-    return out
-
-
-def _mix(probs: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
-    out = np.zeros_like(probs[0], dtype=np.float64)
-    for p, w in zip(probs, weights, strict=True):
-        if w > 0:
-            out += float(w) * np.asarray(p, dtype=np.float64)
     return out
 
 
@@ -250,7 +247,7 @@ class Scorer:
         if self.ensemble is None:
             return omnifuse_log_probs
         inputs = member_inputs(cohort) if len(self.members) else None
-        probs: list[np.ndarray] = []
+        probs: list[np.ndarray | None] = []
         for name, weight in zip(self.ensemble.names, self.ensemble.weights, strict=True):
             if name == OMNIFUSE:
                 probs.append(np.exp(omnifuse_log_probs))
@@ -260,8 +257,8 @@ class Scorer:
                     self.members[name].predict_proba(inputs, threads=torch.get_num_threads())
                 )
             else:
-                probs.append(np.zeros_like(omnifuse_log_probs))
-        return np.log(np.clip(_mix(probs, self.ensemble.weights), 1e-12, None))
+                probs.append(None)  # weight 0: never predicted
+        return np.log(np.clip(combine(probs, self.ensemble.weights), 1e-12, None))
 
 
 def scorer(bundle: LoadedBundle) -> Scorer:

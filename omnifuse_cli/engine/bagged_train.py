@@ -89,8 +89,7 @@ def finish_bagged(
     )
     records = [r for fit in outcome.bag.fits for r in fit.records]
     if distributed.is_main():
-        rows = [{"fold": f.fold + 1, **r.row()} for f in outcome.bag.fits for r in f.records]
-        write_csv(request.out_dir / METRICS, pd.DataFrame(rows))
+        write_csv(request.out_dir / METRICS, outcome.bag.metrics_frame())
         write_csv(request.out_dir / OOF, oof_frame(outcome, cohort, class_names))
         write_results(
             request.out_dir,

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedKFold
 
@@ -68,6 +69,10 @@ class BagFit:
             f"bag: {done} trained on {len(self.pool):,} training patients (best epochs {epochs}); "
             f"{len(self.oof_index):,} out-of-fold predictions"
         )
+
+    def metrics_frame(self) -> pd.DataFrame:
+        """metrics.csv of a bagged run: every fold's epochs, with the fold (1..K) first."""
+        return pd.DataFrame([{"fold": f.fold + 1, **r.row()} for f in self.fits for r in f.records])
 
     def meta(self) -> dict[str, object]:
         return {

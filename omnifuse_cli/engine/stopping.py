@@ -6,11 +6,8 @@ from __future__ import annotations
 import math
 import time
 
-from omnifuse_cli.config import TrainConfig
+from omnifuse_cli.config import METRIC_KEYS, TrainConfig
 from omnifuse_cli.engine import distributed
-
-# --eval-metric -> its key in engine.metrics.classification_metrics
-_METRIC_KEYS = {"accuracy": "acc", "balanced_accuracy": "balanced_acc"}
 
 
 def selection_key(val: dict[str, float], metric: str) -> tuple[float, ...]:
@@ -19,7 +16,7 @@ def selection_key(val: dict[str, float], metric: str) -> tuple[float, ...]:
     than macro-F1, whose every patient moves it by a step."""
     if metric in ("loss", "log_loss"):
         return (-val["loss"],)
-    score = val[_METRIC_KEYS.get(metric, metric)]
+    score = val[METRIC_KEYS.get(metric, metric)]
     return (score if math.isfinite(score) else -math.inf, -val["loss"])
 
 

@@ -137,8 +137,7 @@ def _fit(
             emit,
             device,
         )
-        rows = [{"fold": f.fold + 1, **r.row()} for f in outcome.bag.fits for r in f.records]
-        write_csv(out / METRICS, pd.DataFrame(rows))
+        write_csv(out / METRICS, outcome.bag.metrics_frame())
         return outcome.model, pre, data, 0, outcome.posthoc, outcome
     records, best_epoch, best_state = fit_model(
         model, data, splits, cfg, request.num_classes, emit, on_epoch=on_epoch
